@@ -1,0 +1,211 @@
+//! `skybridge`: the command line. Thin by design: it reads files, calls the
+//! pure core (validate, plan) and the renderers, prints, and writes files.
+
+mod keys;
+mod load;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use skybridge_core::{State, plan, table};
+use skybridge_render::Format;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "skybridge",
+    version,
+    about = "One Kubernetes cluster across VMs of several cloud providers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check a cluster file and report every problem with its line and column.
+    Validate {
+        /// The cluster file (YAML).
+        file: PathBuf,
+    },
+    /// Show what every node will get: tunnels, peers, routes, sysctls, firewall rules.
+    Plan {
+        file: PathBuf,
+        /// Only this node.
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        /// Public keys collected from the nodes [default: <file>.state.yaml beside the cluster file].
+        #[arg(long)]
+        state: Option<PathBuf>,
+    },
+    /// Write per-node artifacts for applying the plan by hand.
+    Render {
+        file: PathBuf,
+        #[arg(long, value_enum)]
+        format: RenderFormat,
+        /// Output folder; one sub-folder per node.
+        #[arg(long)]
+        out: PathBuf,
+        /// Only this node.
+        #[arg(long)]
+        node: Option<String>,
+        /// WireGuard: generate every node's key pair into the output folder (mode 0600)
+        /// instead of leaving a placeholder for the node's own key.
+        #[arg(long)]
+        generate_keys: bool,
+        #[arg(long)]
+        state: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum RenderFormat {
+    Script,
+    Networkd,
+    Nftables,
+    Wireguard,
+}
+
+impl From<RenderFormat> for Format {
+    fn from(f: RenderFormat) -> Self {
+        match f {
+            RenderFormat::Script => Format::Script,
+            RenderFormat::Networkd => Format::Networkd,
+            RenderFormat::Nftables => Format::Nftables,
+            RenderFormat::Wireguard => Format::WireGuard,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Validate { file } => {
+            let Some(cluster) = load::cluster(&file)? else {
+                return Ok(ExitCode::FAILURE);
+            };
+            let nodes = cluster.nodes().count();
+            println!(
+                "{}: valid: cluster {}, {} site(s), {nodes} node(s), transport {}",
+                file.display(),
+                cluster.name,
+                cluster.sites.len(),
+                cluster.network.transport.as_str()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plan {
+            file,
+            node,
+            output,
+            state,
+        } => {
+            let Some(cluster) = load::cluster(&file)? else {
+                return Ok(ExitCode::FAILURE);
+            };
+            let state = load::state(&file, state.as_deref())?;
+            let plan = plan(&cluster, &state);
+            if let Some(n) = &node {
+                load::require_node(&plan, n)?;
+            }
+            match output {
+                Output::Table => print!("{}", table::render(&plan, node.as_deref())),
+                Output::Json => {
+                    let json = match &node {
+                        Some(n) => serde_json::to_string_pretty(plan.node(n).expect("checked")),
+                        None => serde_json::to_string_pretty(&plan),
+                    }?;
+                    println!("{json}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Render {
+            file,
+            format,
+            out,
+            node,
+            generate_keys,
+            state,
+        } => {
+            let Some(cluster) = load::cluster(&file)? else {
+                return Ok(ExitCode::FAILURE);
+            };
+            let mut state = load::state(&file, state.as_deref())?;
+            let private = if generate_keys {
+                if !matches!(
+                    format,
+                    RenderFormat::Wireguard | RenderFormat::Networkd | RenderFormat::Script
+                ) {
+                    bail!("--generate-keys applies to the wireguard, networkd and script formats");
+                }
+                let (private, public) = keys::generate_for(&cluster);
+                state = State {
+                    public_keys: public,
+                };
+                Some(private)
+            } else {
+                None
+            };
+            let plan = plan(&cluster, &state);
+            if let Some(n) = &node {
+                load::require_node(&plan, n)?;
+            }
+            let files = skybridge_render::render(&plan, format.into(), private.as_ref())?;
+            let written = write_files(&out, &files, node.as_deref())?;
+            println!("wrote {written} file(s) under {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn write_files(out: &Path, files: &[skybridge_render::File], node: Option<&str>) -> Result<usize> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut n = 0;
+    for f in files {
+        if let Some(node) = node
+            && !f.path.starts_with(&format!("{node}/"))
+        {
+            continue;
+        }
+        let path = out.join(&f.path);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        // Create with the final mode so a private key is never readable by others, not even briefly.
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(f.mode)
+            .open(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        file.set_permissions(std::fs::Permissions::from_mode(f.mode))?;
+        file.write_all(f.contents.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+        n += 1;
+    }
+    Ok(n)
+}

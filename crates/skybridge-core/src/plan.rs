@@ -1,0 +1,653 @@
+//! The plan: a pure, deterministic function from a validated cluster (and the
+//! public keys collected so far) to what every node must have.
+//!
+//! Every node can compute the whole cluster's plan and gets the same answer;
+//! the agent applies its own [`NodePlan`], `render` turns it into files, and
+//! `plan` prints it for review.
+//!
+//! Addressing: every tunnel end (gateway candidates; in a node mesh also every
+//! node with a public endpoint) gets one address from the tunnel pool, in
+//! declaration order, so the first site's gateway is `.1` and the second's `.2`
+//! as in the manual procedure. Point-to-point tunnels (GRE, VXLAN) reuse that
+//! address on each of a node's tunnels, with the far end's as peer.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use ipnet::Ipv4Net;
+use serde::Serialize;
+
+use crate::model::{Cluster, Granularity, Nat, Node, Site, Transport};
+use crate::state::State;
+use crate::validate::is_member;
+
+/// Prefix of every network interface Skybridge creates.
+pub const IFACE_PREFIX: &str = "sb-";
+/// The single WireGuard interface of a node.
+pub const WG_IFACE: &str = "sb-wg0";
+/// Metric of Skybridge's routes: an operator's own route to the same network
+/// (metric 0) keeps precedence instead of colliding.
+pub const ROUTE_METRIC: u32 = 100;
+/// Name of the nftables table and prefix of the iptables chains Skybridge owns.
+pub const FIREWALL_TABLE: &str = "skybridge";
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterPlan {
+    pub cluster: String,
+    pub transport: Transport,
+    pub granularity: Granularity,
+    pub tunnel_pool: Ipv4Net,
+    pub sites: Vec<SitePlan>,
+    pub nodes: Vec<NodePlan>,
+}
+
+impl ClusterPlan {
+    pub fn node(&self, name: &str) -> Option<&NodePlan> {
+        self.nodes.iter().find(|n| n.node == name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SitePlan {
+    pub name: String,
+    pub cidrs: Vec<Ipv4Net>,
+    /// Gateway candidates, most preferred first. Agents fail over down this list.
+    pub gateway_candidates: Vec<String>,
+    /// The candidate in use while all are healthy.
+    pub active_gateway: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NodeRole {
+    /// Carries its site's cross-site traffic.
+    ActiveGateway,
+    /// A gateway candidate waiting to take over: tunnels up, routes through the active one.
+    StandbyGateway,
+    /// Node mesh only: reaches other sites over its own tunnels.
+    MeshMember,
+    /// Reaches other sites through its site's active gateway.
+    Internal,
+}
+
+impl fmt::Display for NodeRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NodeRole::ActiveGateway => "active gateway",
+            NodeRole::StandbyGateway => "standby gateway",
+            NodeRole::MeshMember => "mesh member",
+            NodeRole::Internal => "internal",
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodePlan {
+    pub node: String,
+    pub site: String,
+    pub private_ip: Ipv4Addr,
+    pub role: NodeRole,
+    /// This node's address in the tunnel pool, when it ends tunnels.
+    pub tunnel_address: Option<Ipv4Addr>,
+    pub tunnels: Vec<Tunnel>,
+    pub routes: Vec<Route>,
+    pub sysctls: Vec<Sysctl>,
+    pub firewall: Vec<FirewallRule>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Tunnel {
+    #[serde(rename = "wireguard")]
+    WireGuard(WireGuardTunnel),
+    Gre(PointToPoint),
+    Vxlan(PointToPoint),
+}
+
+impl Tunnel {
+    pub fn name(&self) -> &str {
+        match self {
+            Tunnel::WireGuard(t) => &t.name,
+            Tunnel::Gre(t) | Tunnel::Vxlan(t) => &t.name,
+        }
+    }
+
+    pub fn mtu(&self) -> u32 {
+        match self {
+            Tunnel::WireGuard(t) => t.mtu,
+            Tunnel::Gre(t) | Tunnel::Vxlan(t) => t.mtu,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WireGuardTunnel {
+    pub name: String,
+    /// The node's tunnel address with the pool's prefix length.
+    pub address: Ipv4Net,
+    pub listen_port: u16,
+    pub mtu: u32,
+    pub peers: Vec<WireGuardPeer>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WireGuardPeer {
+    pub node: String,
+    /// `None` until the peer's agent has generated its key and it was collected.
+    pub public_key: Option<String>,
+    /// `None` when the peer has no public endpoint: it connects to us.
+    pub endpoint: Option<SocketAddrV4>,
+    pub allowed_ips: Vec<Ipv4Net>,
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// A GRE or VXLAN tunnel to one peer.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PointToPoint {
+    pub name: String,
+    pub peer: String,
+    /// Underlay source: this node's private IP (the provider NATs it to the public one).
+    pub local: Ipv4Addr,
+    /// Underlay destination: the peer's public IP.
+    pub remote: Ipv4Addr,
+    pub address: Ipv4Addr,
+    pub peer_address: Ipv4Addr,
+    pub mtu: u32,
+    /// VXLAN only: network identifier, the same on both ends.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vni: Option<u32>,
+    /// VXLAN only: UDP destination port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Route {
+    pub destination: Ipv4Net,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub via: Option<Ipv4Addr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Preferred source: the node's private IP, so that traffic a gateway
+    /// originates is answerable from every site.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<Ipv4Addr>,
+    /// Path MTU of the tunnel behind this route, set on routes through a
+    /// gateway so the node's own TCP picks a fitting MSS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    pub metric: u32,
+    /// Why the route exists: the site or node it leads to.
+    pub to: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Sysctl {
+    pub key: String,
+    pub value: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Packets forwarded in from a tunnel.
+    In,
+    /// Packets forwarded out into a tunnel.
+    Out,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "protocol", rename_all = "lowercase")]
+pub enum TunnelProtocol {
+    Udp { port: u16 },
+    Gre,
+}
+
+/// Firewall rules, all matching Skybridge's own interfaces (`sb-*`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "rule", rename_all = "kebab-case")]
+pub enum FirewallRule {
+    /// Accept forwarded traffic entering or leaving a tunnel.
+    ForwardAccept { direction: Direction },
+    /// SNAT local traffic leaving through a tunnel to the tunnel address.
+    MasqueradeIntoTunnels { sources: Vec<Ipv4Net> },
+    /// SNAT traffic from a tunnel entering the local VPC to the gateway's private IP.
+    MasqueradeFromTunnels { destinations: Vec<Ipv4Net> },
+    /// Lower the MSS of TCP SYNs leaving through a tunnel so segments fit it.
+    ClampMss { mss: u32 },
+    /// Accept the tunnel protocol from the known peer endpoints (`None`: from
+    /// anywhere, because a peer behind NAT has no known address; WireGuard
+    /// authenticates every packet).
+    AcceptTunnel {
+        transport: TunnelProtocol,
+        sources: Option<Vec<Ipv4Addr>>,
+    },
+}
+
+/// A tunnel end and its pool address.
+struct Member<'c> {
+    site: usize,
+    node: &'c Node,
+    address: Ipv4Addr,
+}
+
+/// Plans every node of the cluster.
+///
+/// `cluster` must come from [`crate::validate::load`]; the planner relies on
+/// its guarantees (gateways present, pool large enough).
+pub fn plan(cluster: &Cluster, state: &State) -> ClusterPlan {
+    let net = &cluster.network;
+    let mut pool_hosts = pool_addresses(net.tunnel_pool);
+    let mut members: Vec<Member<'_>> = Vec::new();
+    let mut member_of: HashMap<&str, usize> = HashMap::new();
+    for (si, site) in cluster.sites.iter().enumerate() {
+        for (ni, node) in site.nodes.iter().enumerate() {
+            if is_member(net.granularity, site, ni, node) {
+                member_of.insert(&node.name, members.len());
+                members.push(Member {
+                    site: si,
+                    node,
+                    address: pool_hosts.next().expect("validated: pool is large enough"),
+                });
+            }
+        }
+    }
+    let site_members: Vec<Vec<usize>> = {
+        let mut v = vec![Vec::new(); cluster.sites.len()];
+        for (mi, m) in members.iter().enumerate() {
+            v[m.site].push(mi);
+        }
+        v
+    };
+    let ctx = Ctx {
+        cluster,
+        state,
+        members: &members,
+        member_of: &member_of,
+        site_members: &site_members,
+        wg_mtu: wg_mtus(cluster, &site_members),
+    };
+
+    let sites = cluster
+        .sites
+        .iter()
+        .map(|s| SitePlan {
+            name: s.name.clone(),
+            cidrs: s.cidrs.clone(),
+            gateway_candidates: s
+                .gateways
+                .iter()
+                .map(|&i| s.nodes[i].name.clone())
+                .collect(),
+            active_gateway: s.preferred_gateway().map(|n| n.name.clone()),
+        })
+        .collect();
+    let nodes = cluster
+        .sites
+        .iter()
+        .enumerate()
+        .flat_map(|(si, s)| s.nodes.iter().enumerate().map(move |(ni, _)| (si, ni)))
+        .map(|(si, ni)| ctx.node_plan(si, ni))
+        .collect();
+    ClusterPlan {
+        cluster: cluster.name.clone(),
+        transport: net.transport,
+        granularity: net.granularity,
+        tunnel_pool: net.tunnel_pool,
+        sites,
+        nodes,
+    }
+}
+
+fn pool_addresses(pool: Ipv4Net) -> impl Iterator<Item = Ipv4Addr> {
+    let skip_edges = pool.prefix_len() <= 30;
+    let first = u32::from(pool.network()) + u32::from(skip_edges);
+    let last = u32::from(pool.broadcast()) - u32::from(skip_edges);
+    (first..=last).map(Ipv4Addr::from)
+}
+
+/// MTU of each site's WireGuard interface: one interface talks to every other
+/// site, so it must fit the narrowest path.
+fn wg_mtus(cluster: &Cluster, site_members: &[Vec<usize>]) -> Vec<u32> {
+    let overhead = cluster.network.transport.overhead();
+    let narrowest_other = |si: usize| {
+        cluster
+            .sites
+            .iter()
+            .enumerate()
+            .filter(|(ti, _)| *ti != si && !site_members[*ti].is_empty())
+            .map(|(_, t)| t.mtu)
+            .min()
+    };
+    cluster
+        .sites
+        .iter()
+        .enumerate()
+        .map(|(si, s)| narrowest_other(si).map_or(s.mtu, |m| m.min(s.mtu)) - overhead)
+        .collect()
+}
+
+struct Ctx<'c> {
+    cluster: &'c Cluster,
+    state: &'c State,
+    members: &'c [Member<'c>],
+    member_of: &'c HashMap<&'c str, usize>,
+    site_members: &'c [Vec<usize>],
+    wg_mtu: Vec<u32>,
+}
+
+impl Ctx<'_> {
+    fn transport(&self) -> Transport {
+        self.cluster.network.transport
+    }
+
+    fn ptp_mtu(&self, a: usize, b: usize) -> u32 {
+        let (sa, sb) = (&self.cluster.sites[a], &self.cluster.sites[b]);
+        sa.mtu.min(sb.mtu) - self.transport().overhead()
+    }
+
+    /// Whether member `mi` of site `si` is that site's active gateway.
+    fn is_active(&self, mi: usize) -> bool {
+        let m = &self.members[mi];
+        self.cluster.sites[m.site]
+            .preferred_gateway()
+            .is_some_and(|g| g.name == m.node.name)
+    }
+
+    /// The networks reached through member `mi`, as seen from another site:
+    /// a site's CIDRs and the pod CIDRs of the nodes behind it go to its active
+    /// gateway; in a node mesh, every member also takes its own address and pods.
+    fn networks_behind(&self, mi: usize) -> Vec<Ipv4Net> {
+        let m = &self.members[mi];
+        let site = &self.cluster.sites[m.site];
+        let mesh = self.cluster.network.granularity == Granularity::Node;
+        let mut nets = Vec::new();
+        if self.is_active(mi) {
+            nets.extend(site.cidrs.iter().copied());
+            for (ni, n) in site.nodes.iter().enumerate() {
+                let own_tunnel =
+                    mesh && is_member(Granularity::Node, site, ni, n) && n.name != m.node.name;
+                if !own_tunnel {
+                    nets.extend(n.pod_cidr);
+                }
+            }
+        } else if mesh {
+            nets.push(Ipv4Net::from(m.node.private_ip));
+            nets.extend(m.node.pod_cidr);
+        }
+        nets
+    }
+
+    fn tunnel_name(&self, peer: usize) -> String {
+        let host = u32::from(self.members[peer].address)
+            - u32::from(self.cluster.network.tunnel_pool.network());
+        match self.transport() {
+            Transport::WireGuard => WG_IFACE.to_owned(),
+            Transport::Gre => format!("{IFACE_PREFIX}gre-{host}"),
+            Transport::Vxlan => format!("{IFACE_PREFIX}vx-{host}"),
+        }
+    }
+
+    /// The VNI of the tunnel between two members: a triangular index of the
+    /// pair, the same when computed from either end.
+    fn vni(a: usize, b: usize) -> u32 {
+        let (lo, hi) = if a < b {
+            (a as u32, b as u32)
+        } else {
+            (b as u32, a as u32)
+        };
+        hi * (hi - 1) / 2 + lo + 1
+    }
+
+    fn node_plan(&self, si: usize, ni: usize) -> NodePlan {
+        let site = &self.cluster.sites[si];
+        let node = &site.nodes[ni];
+        let me = self.member_of.get(node.name.as_str()).copied();
+        let role = match me {
+            Some(mi) if self.is_active(mi) => NodeRole::ActiveGateway,
+            Some(_) if self.cluster.network.granularity == Granularity::Node => {
+                NodeRole::MeshMember
+            }
+            Some(_) => NodeRole::StandbyGateway,
+            None => NodeRole::Internal,
+        };
+        let mut plan = NodePlan {
+            node: node.name.clone(),
+            site: site.name.clone(),
+            private_ip: node.private_ip,
+            role,
+            tunnel_address: me.map(|mi| self.members[mi].address),
+            tunnels: Vec::new(),
+            routes: Vec::new(),
+            sysctls: Vec::new(),
+            firewall: Vec::new(),
+        };
+        if let Some(mi) = me {
+            self.plan_member(&mut plan, mi);
+        }
+        // Nodes that do not carry the site's traffic themselves go through the active gateway.
+        if matches!(role, NodeRole::Internal | NodeRole::StandbyGateway) {
+            self.plan_via_gateway(&mut plan, si, role);
+        }
+        plan
+    }
+
+    fn peers(&self, mi: usize) -> impl Iterator<Item = usize> + '_ {
+        let my_site = self.members[mi].site;
+        (0..self.members.len()).filter(move |&p| self.members[p].site != my_site)
+    }
+
+    fn plan_member(&self, plan: &mut NodePlan, mi: usize) {
+        let me = &self.members[mi];
+        let site = &self.cluster.sites[me.site];
+        let net = &self.cluster.network;
+        let routes_own_traffic =
+            matches!(plan.role, NodeRole::ActiveGateway | NodeRole::MeshMember);
+        let mut peer_ips: Vec<Ipv4Addr> = Vec::new();
+        let mut any_peer_hidden = false;
+        if self.peers(mi).next().is_none() {
+            // A single-site cluster: nothing to tunnel to.
+            return;
+        }
+
+        match self.transport() {
+            Transport::WireGuard => {
+                let mut peers = Vec::new();
+                for p in self.peers(mi) {
+                    let peer = &self.members[p];
+                    let behind = self.networks_behind(p);
+                    if routes_own_traffic {
+                        for dest in &behind {
+                            plan.routes.push(Route {
+                                destination: *dest,
+                                via: None,
+                                device: Some(WG_IFACE.to_owned()),
+                                source: Some(me.node.private_ip),
+                                mtu: None,
+                                metric: ROUTE_METRIC,
+                                to: route_target(&self.cluster.sites[peer.site], peer.node),
+                            });
+                        }
+                    }
+                    let mut allowed = vec![Ipv4Net::from(peer.address)];
+                    allowed.extend(behind);
+                    match peer.node.public {
+                        Some(ep) => peer_ips.push(ep.ip),
+                        None => any_peer_hidden = true,
+                    }
+                    peers.push(WireGuardPeer {
+                        node: peer.node.name.clone(),
+                        public_key: self.state.public_keys.get(&peer.node.name).cloned(),
+                        endpoint: peer.node.public.map(|ep| ep.socket(net.listen_port)),
+                        allowed_ips: allowed,
+                        persistent_keepalive: (net.persistent_keepalive > 0)
+                            .then_some(net.persistent_keepalive),
+                    });
+                }
+                plan.tunnels.push(Tunnel::WireGuard(WireGuardTunnel {
+                    name: WG_IFACE.to_owned(),
+                    address: Ipv4Net::new(me.address, net.tunnel_pool.prefix_len())
+                        .expect("pool prefix is valid"),
+                    listen_port: me
+                        .node
+                        .public
+                        .and_then(|ep| ep.port)
+                        .unwrap_or(net.listen_port),
+                    mtu: self.wg_mtu[me.site],
+                    peers,
+                }));
+            }
+            Transport::Gre | Transport::Vxlan => {
+                for p in self.peers(mi) {
+                    let peer = &self.members[p];
+                    let name = self.tunnel_name(p);
+                    let remote = peer
+                        .node
+                        .public
+                        .expect("validated: gre/vxlan ends have public IPs")
+                        .ip;
+                    peer_ips.push(remote);
+                    if routes_own_traffic {
+                        for dest in self.networks_behind(p) {
+                            plan.routes.push(Route {
+                                destination: dest,
+                                via: None,
+                                device: Some(name.clone()),
+                                source: Some(me.node.private_ip),
+                                mtu: None,
+                                metric: ROUTE_METRIC,
+                                to: route_target(&self.cluster.sites[peer.site], peer.node),
+                            });
+                        }
+                    }
+                    let vxlan = self.transport() == Transport::Vxlan;
+                    let t = PointToPoint {
+                        name,
+                        peer: peer.node.name.clone(),
+                        local: me.node.private_ip,
+                        remote,
+                        address: me.address,
+                        peer_address: peer.address,
+                        mtu: self.ptp_mtu(me.site, peer.site),
+                        vni: vxlan.then(|| Self::vni(mi, p)),
+                        port: vxlan.then_some(net.listen_port),
+                    };
+                    plan.tunnels.push(if vxlan {
+                        Tunnel::Vxlan(t)
+                    } else {
+                        Tunnel::Gre(t)
+                    });
+                }
+            }
+        }
+        plan.sysctls.push(Sysctl {
+            key: "net.ipv4.ip_forward".into(),
+            value: "1".into(),
+        });
+        plan.firewall.push(FirewallRule::ForwardAccept {
+            direction: Direction::In,
+        });
+        plan.firewall.push(FirewallRule::ForwardAccept {
+            direction: Direction::Out,
+        });
+        if site.nat == Nat::Masquerade {
+            let mut local: Vec<Ipv4Net> = site.cidrs.clone();
+            local.extend(site.nodes.iter().filter_map(|n| n.pod_cidr));
+            plan.firewall.push(FirewallRule::MasqueradeIntoTunnels {
+                sources: local.clone(),
+            });
+            plan.firewall.push(FirewallRule::MasqueradeFromTunnels {
+                destinations: local,
+            });
+        }
+        let min_mtu = plan.tunnels.iter().map(Tunnel::mtu).min().unwrap_or(1500);
+        plan.firewall
+            .push(FirewallRule::ClampMss { mss: min_mtu - 40 });
+        peer_ips.sort();
+        peer_ips.dedup();
+        let transport = match self.transport() {
+            Transport::WireGuard => TunnelProtocol::Udp {
+                port: net.listen_port,
+            },
+            Transport::Vxlan => TunnelProtocol::Udp {
+                port: net.listen_port,
+            },
+            Transport::Gre => TunnelProtocol::Gre,
+        };
+        plan.firewall.push(FirewallRule::AcceptTunnel {
+            transport,
+            sources: (!any_peer_hidden).then_some(peer_ips),
+        });
+    }
+
+    /// Routes of a node that reaches other sites through its site's active gateway.
+    fn plan_via_gateway(&self, plan: &mut NodePlan, si: usize, role: NodeRole) {
+        let site = &self.cluster.sites[si];
+        let Some(gw) = site.preferred_gateway() else {
+            return;
+        };
+        let Some(&gmi) = self.member_of.get(gw.name.as_str()) else {
+            return;
+        };
+        if gw.name == plan.node {
+            return;
+        }
+        let mut route = |destination: Ipv4Net, mtu: u32, to: String| {
+            plan.routes.push(Route {
+                destination,
+                via: Some(gw.private_ip),
+                device: None,
+                source: None,
+                mtu: Some(mtu),
+                metric: ROUTE_METRIC,
+                to,
+            });
+        };
+        for p in self.peers(gmi) {
+            let peer = &self.members[p];
+            let mtu = match self.transport() {
+                Transport::WireGuard => self.wg_mtu[si],
+                _ => self.ptp_mtu(si, peer.site),
+            };
+            for dest in self.networks_behind(p) {
+                route(
+                    dest,
+                    mtu,
+                    route_target(&self.cluster.sites[peer.site], peer.node),
+                );
+            }
+        }
+        // Traffic a masquerading site sends into its tunnels carries a pool
+        // address; a standby gateway has the pool on its own tunnels already.
+        if role == NodeRole::Internal {
+            let mtu = match self.transport() {
+                Transport::WireGuard => self.wg_mtu[si],
+                _ => self
+                    .site_members
+                    .iter()
+                    .enumerate()
+                    .filter(|(t, m)| *t != si && !m.is_empty())
+                    .map(|(t, _)| self.ptp_mtu(si, t))
+                    .min()
+                    .unwrap_or(site.mtu),
+            };
+            route(
+                self.cluster.network.tunnel_pool,
+                mtu,
+                "tunnel pool".to_owned(),
+            );
+        }
+    }
+}
+
+fn route_target(site: &Site, node: &Node) -> String {
+    format!("site {} via {}", site.name, node.name)
+}

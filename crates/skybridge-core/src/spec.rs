@@ -1,0 +1,193 @@
+//! The cluster file as written: serde types that mirror the YAML one to one.
+//!
+//! Values that validation must check (addresses, CIDRs, names) are kept as
+//! spanned strings so that every problem can be reported with its line and
+//! column, and so that all of them can be reported at once instead of serde
+//! stopping at the first. [`crate::validate`] turns this into [`crate::model`].
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+pub type S<T> = Spanned<T>;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ClusterDoc {
+    pub api_version: S<String>,
+    pub kind: S<String>,
+    pub metadata: Metadata,
+    pub spec: SpecDoc,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    pub name: S<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpecDoc {
+    #[serde(default)]
+    pub network: NetworkDoc,
+    pub sites: S<Vec<SiteDoc>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NetworkDoc {
+    #[serde(default)]
+    pub transport: Option<S<Transport>>,
+    #[serde(default)]
+    pub granularity: Option<S<Granularity>>,
+    #[serde(default)]
+    pub tunnel_pool: Option<S<String>>,
+    #[serde(default)]
+    pub listen_port: Option<S<u16>>,
+    /// Seconds between WireGuard keepalives; 0 turns them off.
+    #[serde(default)]
+    pub persistent_keepalive: Option<S<u16>>,
+    /// Seconds between data-path probes of gateway candidates.
+    #[serde(default)]
+    pub probe_interval: Option<S<u32>>,
+}
+
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    #[serde(rename = "wireguard")]
+    WireGuard,
+    Gre,
+    Vxlan,
+}
+
+impl Transport {
+    /// Bytes of encapsulation over IPv4, subtracted from the underlay MTU.
+    pub fn overhead(self) -> u32 {
+        match self {
+            Transport::WireGuard => 60,
+            Transport::Gre => 24,
+            Transport::Vxlan => 50,
+        }
+    }
+
+    pub fn is_encrypted(self) -> bool {
+        self == Transport::WireGuard
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::WireGuard => "wireguard",
+            Transport::Gre => "gre",
+            Transport::Vxlan => "vxlan",
+        }
+    }
+}
+
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Granularity {
+    /// One active gateway per site carries all of the site's cross-site traffic.
+    Site,
+    /// Every node with a public endpoint peers with every other; the rest go through their site's gateway.
+    Node,
+}
+
+impl Granularity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Granularity::Site => "site",
+            Granularity::Node => "node",
+        }
+    }
+}
+
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Nat {
+    Masquerade,
+    None,
+}
+
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    ControlPlane,
+    Worker,
+    Gateway,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SiteDoc {
+    pub name: S<String>,
+    pub provider: S<String>,
+    #[serde(default)]
+    pub region: Option<S<String>>,
+    pub cidrs: S<Vec<S<String>>>,
+    #[serde(default)]
+    pub mtu: Option<S<u32>>,
+    #[serde(default)]
+    pub nat: Option<S<Nat>>,
+    /// Gateway candidates in order of preference (node names). Without it, the
+    /// nodes with the `gateway` role, in the order they are declared.
+    #[serde(default)]
+    pub gateways: Option<S<Vec<S<String>>>>,
+    #[serde(default)]
+    pub costs: Option<CostsDoc>,
+    pub nodes: S<Vec<NodeDoc>>,
+}
+
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CostsDoc {
+    /// Price of one vCPU for one hour.
+    #[serde(default)]
+    pub vcpu_hour: Option<f64>,
+    /// Price of one GB of memory for one hour.
+    #[serde(default)]
+    pub gb_hour: Option<f64>,
+    /// Price of one GB of egress to the internet.
+    #[serde(default)]
+    pub egress_gb: Option<f64>,
+    #[serde(default)]
+    pub currency: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeDoc {
+    pub name: S<String>,
+    #[serde(rename = "privateIP")]
+    pub private_ip: S<String>,
+    #[serde(rename = "publicIP", default)]
+    pub public_ip: Option<S<String>>,
+    #[serde(default)]
+    pub roles: Vec<S<Role>>,
+    #[serde(rename = "podCIDR", default)]
+    pub pod_cidr: Option<S<String>>,
+    #[serde(default)]
+    pub ssh: Option<S<SshDoc>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SshDoc {
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub identity_file: Option<String>,
+    /// `[user@]host[:port]` or the name of another node of the cluster.
+    #[serde(default)]
+    pub jump_host: Option<String>,
+}

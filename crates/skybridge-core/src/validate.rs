@@ -1,0 +1,884 @@
+//! Validation: from the cluster file's text to a [`Cluster`] that the planner
+//! can trust, or to every problem found, each with its line and column.
+//!
+//! Parsing stops at the first YAML or schema error (serde cannot go on after
+//! it), but every semantic check runs over the whole file, so one run of
+//! `skybridge validate` lists everything that needs fixing.
+
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+
+use crate::diag::{Diagnostic, Pos};
+use crate::model::{
+    Cluster, DEFAULT_KEEPALIVE, DEFAULT_LISTEN_PORT, DEFAULT_MTU, DEFAULT_PROBE_INTERVAL,
+    MIN_TUNNEL_MTU, Network, Node, PublicEndpoint, Site, Ssh,
+};
+use crate::spec::{ClusterDoc, Granularity, Nat, Role, S, SiteDoc, Transport};
+
+pub const API_VERSION: &str = "skybridge.dev/v1alpha1";
+pub const KIND: &str = "Cluster";
+
+/// A cluster that passed validation, with the warnings found on the way.
+#[derive(Debug)]
+pub struct Validated {
+    pub cluster: Cluster,
+    pub warnings: Vec<Diagnostic>,
+}
+
+/// Parses and validates a cluster file.
+///
+/// # Errors
+/// Every diagnostic found (errors and warnings, in file order) when at least
+/// one of them is an error.
+pub fn load(source: &str) -> Result<Validated, Vec<Diagnostic>> {
+    let doc: ClusterDoc = match serde_saphyr::from_str(source) {
+        Ok(doc) => doc,
+        Err(e) => return Err(vec![yaml_error(&e)]),
+    };
+    validate(&doc)
+}
+
+fn yaml_error(e: &serde_saphyr::Error) -> Diagnostic {
+    let pos = e.location().map(|l| Pos::of(&l)).unwrap_or(Pos::UNKNOWN);
+    let text = e.without_snippet().to_string();
+    // serde-saphyr prefixes its message with "error: line L column C: "; we print our own.
+    let message = text
+        .strip_prefix("error: ")
+        .and_then(|rest| {
+            rest.split_once(": ")
+                .filter(|(p, _)| p.starts_with("line "))
+        })
+        .map(|(_, m)| m.to_owned())
+        .unwrap_or(text);
+    let hint = if message.starts_with("unknown field") {
+        "remove or correct the field; field names are case-sensitive (privateIP, publicIP, podCIDR, tunnelPool, listenPort); examples/seed.yaml shows every common field"
+    } else if message.starts_with("missing field") {
+        "add the field; examples/seed.yaml shows a complete cluster file"
+    } else if message.starts_with("unknown variant") {
+        "use one of the values listed"
+    } else {
+        "fix the YAML at this position (indentation, brackets, quoting)"
+    };
+    Diagnostic::error(pos, message).with_hint(hint)
+}
+
+fn pos<T>(s: &S<T>) -> Pos {
+    Pos::of(&s.referenced)
+}
+
+struct Checker {
+    diags: Vec<Diagnostic>,
+}
+
+impl Checker {
+    fn error(&mut self, pos: Pos, message: impl Into<String>, hint: impl Into<String>) {
+        self.diags
+            .push(Diagnostic::error(pos, message).with_hint(hint));
+    }
+
+    fn ipv4(&mut self, value: &S<String>, what: &str) -> Option<Ipv4Addr> {
+        let text = value.value.trim();
+        match text.parse::<Ipv4Addr>() {
+            Ok(ip) => Some(ip),
+            Err(_) if text.parse::<std::net::Ipv6Addr>().is_ok() => {
+                self.error(
+                    pos(value),
+                    format!("{what} {text} is an IPv6 address; Skybridge plans IPv4 only for now"),
+                    "use the node's IPv4 address",
+                );
+                None
+            }
+            Err(_) => {
+                self.error(
+                    pos(value),
+                    format!("{what} '{text}' is not an IPv4 address"),
+                    "write a dotted quad such as 192.168.0.10",
+                );
+                None
+            }
+        }
+    }
+
+    fn cidr(&mut self, value: &S<String>, what: &str) -> Option<Ipv4Net> {
+        let text = value.value.trim();
+        let Ok(net) = text.parse::<Ipv4Net>() else {
+            let hint = if text.parse::<Ipv4Addr>().is_ok() {
+                format!("add the prefix length, e.g. {text}/24")
+            } else {
+                "write an IPv4 network such as 192.168.0.0/24".to_owned()
+            };
+            self.error(
+                pos(value),
+                format!("{what} '{text}' is not an IPv4 CIDR"),
+                hint,
+            );
+            return None;
+        };
+        if net.trunc() != net {
+            self.error(
+                pos(value),
+                format!("{what} {net} has host bits set"),
+                format!("did you mean {}?", net.trunc()),
+            );
+            return None;
+        }
+        Some(net)
+    }
+
+    fn endpoint(&mut self, value: &S<String>, what: &str) -> Option<PublicEndpoint> {
+        let text = value.value.trim();
+        if let Ok(ip) = text.parse::<Ipv4Addr>() {
+            return Some(PublicEndpoint { ip, port: None });
+        }
+        if let Ok(sa) = text.parse::<std::net::SocketAddrV4>() {
+            if sa.port() == 0 {
+                self.error(
+                    pos(value),
+                    format!("{what} {text} has port 0"),
+                    "give the UDP port the provider maps, or leave the port out",
+                );
+                return None;
+            }
+            return Some(PublicEndpoint {
+                ip: *sa.ip(),
+                port: Some(sa.port()),
+            });
+        }
+        self.error(
+            pos(value),
+            format!("{what} '{text}' is neither an IPv4 address nor address:port"),
+            "write the elastic IP, e.g. 203.0.113.7, or 203.0.113.7:51820 when the provider maps another port; host names are not resolved",
+        );
+        None
+    }
+
+    fn name(&mut self, value: &S<String>, what: &str) -> bool {
+        let n = &value.value;
+        let ok = !n.is_empty()
+            && n.len() <= 63
+            && n.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !n.starts_with('-')
+            && !n.ends_with('-');
+        if !ok {
+            self.error(
+                pos(value),
+                format!("{what} '{n}' is not a valid name"),
+                "use 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit (as Kubernetes node names)",
+            );
+        }
+        ok
+    }
+}
+
+/// One address range that must not overlap any other, and who declared it.
+struct Claim {
+    net: Ipv4Net,
+    owner: String,
+    pos: Pos,
+}
+
+fn validate(doc: &ClusterDoc) -> Result<Validated, Vec<Diagnostic>> {
+    let mut c = Checker { diags: Vec::new() };
+
+    if doc.api_version.value != API_VERSION {
+        c.error(
+            pos(&doc.api_version),
+            format!("apiVersion '{}' is not supported", doc.api_version.value),
+            format!("write apiVersion: {API_VERSION}"),
+        );
+    }
+    if doc.kind.value != KIND {
+        c.error(
+            pos(&doc.kind),
+            format!("kind '{}' is not supported", doc.kind.value),
+            format!("write kind: {KIND}"),
+        );
+    }
+    c.name(&doc.metadata.name, "cluster name");
+
+    let net = &doc.spec.network;
+    let transport = net
+        .transport
+        .as_ref()
+        .map_or(Transport::WireGuard, |t| t.value);
+    let granularity = net
+        .granularity
+        .as_ref()
+        .map_or(Granularity::Site, |g| g.value);
+    let tunnel_pool = match &net.tunnel_pool {
+        Some(p) => c.cidr(p, "tunnelPool"),
+        None => Some(Ipv4Net::new(Ipv4Addr::new(100, 96, 0, 0), 24).unwrap()),
+    };
+    let listen_port = net
+        .listen_port
+        .as_ref()
+        .map_or(DEFAULT_LISTEN_PORT, |p| p.value);
+    if let Some(p) = &net.listen_port
+        && p.value == 0
+    {
+        c.error(
+            pos(p),
+            "listenPort 0 is not a usable port",
+            "use the default 51820 or another free UDP port",
+        );
+    }
+    let probe_interval = net
+        .probe_interval
+        .as_ref()
+        .map_or(DEFAULT_PROBE_INTERVAL, |p| p.value);
+    if let Some(p) = &net.probe_interval
+        && p.value == 0
+    {
+        c.error(
+            pos(p),
+            "probeInterval must be at least 1 second",
+            "leave it out for the default of 1 s",
+        );
+    }
+    if let Some(t) = &net.transport
+        && !t.value.is_encrypted()
+    {
+        c.diags.push(
+            Diagnostic::warning(
+                pos(t),
+                format!(
+                    "transport {} carries cluster traffic in cleartext over the public internet",
+                    t.value.as_str()
+                ),
+            )
+            .with_hint("use transport: wireguard unless the sites are joined by a private line"),
+        );
+    }
+
+    if doc.spec.sites.value.is_empty() {
+        c.error(
+            pos(&doc.spec.sites),
+            "the cluster has no sites",
+            "list at least one site with its nodes",
+        );
+    }
+
+    let mut claims: Vec<Claim> = Vec::new();
+    if let Some(pool) = tunnel_pool {
+        let p = net.tunnel_pool.as_ref().map_or(Pos::UNKNOWN, pos);
+        claims.push(Claim {
+            net: pool,
+            owner: "tunnelPool".into(),
+            pos: p,
+        });
+    }
+    let mut site_names: HashMap<&str, Pos> = HashMap::new();
+    let mut node_names: HashMap<&str, Pos> = HashMap::new();
+    let mut private_ips: HashMap<Ipv4Addr, (&str, Pos)> = HashMap::new();
+    let mut public_ips: HashMap<Ipv4Addr, (&str, Pos)> = HashMap::new();
+    let mut sites = Vec::with_capacity(doc.spec.sites.value.len());
+
+    for sd in &doc.spec.sites.value {
+        if c.name(&sd.name, "site name")
+            && let Some(first) = site_names.insert(&sd.name.value, pos(&sd.name))
+        {
+            c.error(
+                pos(&sd.name),
+                format!(
+                    "site name '{}' is used twice (first at line {})",
+                    sd.name.value, first.line
+                ),
+                "give every site its own name",
+            );
+        }
+        sites.push(site(
+            &mut c,
+            sd,
+            transport,
+            &mut claims,
+            &mut node_names,
+            &mut private_ips,
+            &mut public_ips,
+        ));
+    }
+
+    check_overlaps(&mut c, claims);
+
+    // Gateways and tunnels: only meaningful between two or more sites.
+    let mut members_total = 0usize;
+    let mut unreachable: Vec<(&SiteDoc, &Site, &Node)> = Vec::new();
+    for (sd, s) in doc.spec.sites.value.iter().zip(&sites) {
+        let has_internal = s
+            .nodes
+            .iter()
+            .enumerate()
+            .any(|(i, n)| !is_member(granularity, s, i, n));
+        if s.gateways.is_empty()
+            && !s.nodes.is_empty()
+            && (granularity == Granularity::Site || has_internal)
+        {
+            let why = if granularity == Granularity::Site {
+                "granularity: site routes every site through a gateway".to_owned()
+            } else {
+                "its nodes without a publicIP need a gateway to reach other sites".to_owned()
+            };
+            c.error(
+                pos(&sd.name),
+                format!("site {} has no gateway candidate; {why}", s.name),
+                "add `gateway` to the roles of a node that has a publicIP, or list candidates in `gateways:`",
+            );
+        }
+        for (i, n) in s.nodes.iter().enumerate() {
+            if is_member(granularity, s, i, n) {
+                members_total += 1;
+                if n.public.is_none() {
+                    unreachable.push((sd, s, n));
+                }
+            }
+        }
+    }
+    let sites_with_members = sites
+        .iter()
+        .filter(|s| {
+            s.nodes
+                .iter()
+                .enumerate()
+                .any(|(i, n)| is_member(granularity, s, i, n))
+        })
+        .count();
+    if sites_with_members >= 2 {
+        match transport {
+            Transport::WireGuard => {
+                // A WireGuard tunnel needs one end the other can send to.
+                let mut seen_site: HashSet<&str> = HashSet::new();
+                let firsts: Vec<_> = unreachable
+                    .iter()
+                    .filter(|(_, s, _)| seen_site.insert(&s.name))
+                    .collect();
+                for (i, (sd_a, a, na)) in firsts.iter().enumerate() {
+                    for (_, b, nb) in &firsts[i + 1..] {
+                        c.error(
+                            node_pos(sd_a, &na.name),
+                            format!(
+                                "the tunnel between {} (site {}) and {} (site {}) has no reachable end: neither has a publicIP",
+                                na.name, a.name, nb.name, b.name
+                            ),
+                            "give one of the two gateways a publicIP (its elastic IP)",
+                        );
+                    }
+                }
+            }
+            Transport::Gre | Transport::Vxlan => {
+                for (sd, s, n) in &unreachable {
+                    c.error(
+                        node_pos(sd, &n.name),
+                        format!(
+                            "{} (site {}) is a tunnel end without a publicIP; {} cannot cross NAT without a 1:1 mapping",
+                            n.name,
+                            s.name,
+                            transport.as_str()
+                        ),
+                        "give the node its elastic IP as publicIP, or use transport: wireguard, which works with one end behind NAT",
+                    );
+                }
+            }
+        }
+    }
+    if let (Some(pool), Some(pp)) = (tunnel_pool, &net.tunnel_pool) {
+        let available = pool_capacity(pool);
+        if (members_total as u64) > available {
+            c.error(
+                pos(pp),
+                format!(
+                    "tunnelPool {pool} has {available} usable addresses but {members_total} tunnel ends need one each"
+                ),
+                format!("use a larger pool, e.g. a /{}", needed_prefix(members_total as u64)),
+            );
+        }
+    } else if let Some(pool) = tunnel_pool {
+        let available = pool_capacity(pool);
+        if (members_total as u64) > available {
+            c.error(
+                Pos::UNKNOWN,
+                format!(
+                    "the default tunnelPool {pool} is too small for {members_total} tunnel ends"
+                ),
+                format!(
+                    "set spec.network.tunnelPool to a /{} that no site uses",
+                    needed_prefix(members_total as u64)
+                ),
+            );
+        }
+    }
+    if transport == Transport::Vxlan && members_total > 5000 {
+        c.error(
+            net.transport.as_ref().map_or(Pos::UNKNOWN, pos),
+            format!("{members_total} VXLAN tunnel ends need more distinct VNIs than 24 bits hold"),
+            "use transport: wireguard or granularity: site",
+        );
+    }
+
+    c.diags.sort_by_key(|d| (d.pos, d.severity));
+    if c.diags.iter().any(Diagnostic::is_error) {
+        return Err(c.diags);
+    }
+    let cluster = Cluster {
+        name: doc.metadata.name.value.clone(),
+        network: Network {
+            transport,
+            granularity,
+            tunnel_pool: tunnel_pool.expect("checked above"),
+            listen_port,
+            persistent_keepalive: net
+                .persistent_keepalive
+                .as_ref()
+                .map_or(DEFAULT_KEEPALIVE, |k| k.value),
+            probe_interval,
+        },
+        sites,
+    };
+    Ok(Validated {
+        cluster,
+        warnings: c.diags,
+    })
+}
+
+/// Whether the node ends tunnels: every gateway candidate, and in a node mesh
+/// also every node the internet can reach.
+pub fn is_member(granularity: Granularity, site: &Site, index: usize, node: &Node) -> bool {
+    site.is_gateway_candidate(index) || (granularity == Granularity::Node && node.public.is_some())
+}
+
+/// Addresses of the pool that can be handed out (network and broadcast
+/// excluded where the prefix has them).
+pub fn pool_capacity(pool: Ipv4Net) -> u64 {
+    match pool.prefix_len() {
+        32 => 1,
+        31 => 2,
+        p => (1u64 << (32 - p)) - 2,
+    }
+}
+
+fn needed_prefix(ends: u64) -> u8 {
+    (1..=30u8)
+        .rev()
+        .find(|&p| (1u64 << (32 - p)) - 2 >= ends)
+        .unwrap_or(8)
+}
+
+fn node_pos(sd: &SiteDoc, name: &str) -> Pos {
+    sd.nodes
+        .value
+        .iter()
+        .find(|n| n.name.value == name)
+        .map_or(pos(&sd.name), |n| pos(&n.name))
+}
+
+fn site<'d>(
+    c: &mut Checker,
+    sd: &'d SiteDoc,
+    transport: Transport,
+    claims: &mut Vec<Claim>,
+    node_names: &mut HashMap<&'d str, Pos>,
+    private_ips: &mut HashMap<Ipv4Addr, (&'d str, Pos)>,
+    public_ips: &mut HashMap<Ipv4Addr, (&'d str, Pos)>,
+) -> Site {
+    let site_name = &sd.name.value;
+    if sd.cidrs.value.is_empty() {
+        c.error(
+            pos(&sd.cidrs),
+            format!("site {site_name} has no cidrs"),
+            "list the VPC's private networks, e.g. cidrs: [192.168.0.0/24]",
+        );
+    }
+    let mut cidrs = Vec::new();
+    for raw in &sd.cidrs.value {
+        if let Some(net) = c.cidr(raw, &format!("site {site_name} cidr")) {
+            claims.push(Claim {
+                net,
+                owner: format!("site {site_name}"),
+                pos: pos(raw),
+            });
+            cidrs.push(net);
+        }
+    }
+    let mtu = sd.mtu.as_ref().map_or(DEFAULT_MTU, |m| m.value);
+    let mtu_pos = sd.mtu.as_ref().map_or(pos(&sd.name), pos);
+    if !(576..=65535).contains(&mtu) {
+        c.error(
+            mtu_pos,
+            format!("site {site_name}: mtu {mtu} is out of range"),
+            "the underlay MTU is usually 1500 (some providers use 1450 or 1400)",
+        );
+    } else if mtu < MIN_TUNNEL_MTU + transport.overhead() {
+        c.error(
+            mtu_pos,
+            format!(
+                "site {site_name}: underlay mtu {mtu} leaves {} bytes inside a {} tunnel, less than the {MIN_TUNNEL_MTU} IPv6 and many workloads require",
+                mtu.saturating_sub(transport.overhead()),
+                transport.as_str()
+            ),
+            format!("the underlay needs an MTU of at least {}", MIN_TUNNEL_MTU + transport.overhead()),
+        );
+    }
+    if let Some(costs) = &sd.costs {
+        for (field, v) in [
+            ("vcpuHour", costs.vcpu_hour),
+            ("gbHour", costs.gb_hour),
+            ("egressGb", costs.egress_gb),
+        ] {
+            if let Some(v) = v
+                && !(v.is_finite() && v >= 0.0)
+            {
+                c.error(
+                    pos(&sd.name),
+                    format!("site {site_name}: costs.{field} {v} is not a price"),
+                    "write a non-negative number",
+                );
+            }
+        }
+    }
+    if sd.nodes.value.is_empty() {
+        c.error(
+            pos(&sd.nodes),
+            format!("site {site_name} has no nodes"),
+            "list the site's VMs under nodes:",
+        );
+    }
+
+    let mut nodes = Vec::with_capacity(sd.nodes.value.len());
+    for nd in &sd.nodes.value {
+        let name = &nd.name.value;
+        if c.name(&nd.name, "node name")
+            && let Some(first) = node_names.insert(name, pos(&nd.name))
+        {
+            c.error(
+                pos(&nd.name),
+                format!(
+                    "node name '{name}' is used twice (first at line {})",
+                    first.line
+                ),
+                "node names are cluster-wide (they become Kubernetes node names): rename one",
+            );
+        }
+        let private_ip = c.ipv4(&nd.private_ip, &format!("node {name}: privateIP"));
+        if let Some(ip) = private_ip {
+            if let Some((other, p)) = private_ips.insert(ip, (name, pos(&nd.private_ip))) {
+                c.error(
+                    pos(&nd.private_ip),
+                    format!(
+                        "node {name}: privateIP {ip} is also the privateIP of {other} (line {})",
+                        p.line
+                    ),
+                    "every node needs its own private address",
+                );
+            }
+            if !cidrs.is_empty() && !cidrs.iter().any(|n| n.contains(&ip)) {
+                let list = cidrs
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                c.error(
+                    pos(&nd.private_ip),
+                    format!("node {name}: privateIP {ip} is outside site {site_name}'s cidrs ({list})"),
+                    "put the node in the site whose VPC holds its address, or add the VPC's network to cidrs",
+                );
+            }
+        }
+        let public = nd.public_ip.as_ref().and_then(|p| {
+            let ep = c.endpoint(p, &format!("node {name}: publicIP"))?;
+            if let Some((other, first)) = public_ips.insert(ep.ip, (name, pos(p))) {
+                c.error(
+                    pos(p),
+                    format!(
+                        "node {name}: publicIP {} is also the publicIP of {other} (line {})",
+                        ep.ip, first.line
+                    ),
+                    "each elastic IP maps to one VM",
+                );
+            }
+            Some(ep)
+        });
+        let pod_cidr = nd.pod_cidr.as_ref().and_then(|p| {
+            let net = c.cidr(p, &format!("node {name}: podCIDR"))?;
+            claims.push(Claim {
+                net,
+                owner: format!("node {name} podCIDR"),
+                pos: pos(p),
+            });
+            Some(net)
+        });
+        let ssh = nd.ssh.as_ref().map(|s| {
+            if s.value.port == Some(0) {
+                c.error(
+                    pos(s),
+                    format!("node {name}: ssh port 0 is not a usable port"),
+                    "leave port out for 22",
+                );
+            }
+            Ssh {
+                user: s.value.user.clone(),
+                port: s.value.port,
+                identity_file: s.value.identity_file.clone(),
+                jump_host: s.value.jump_host.clone(),
+            }
+        });
+        let mut roles: Vec<Role> = nd.roles.iter().map(|r| r.value).collect();
+        roles.sort();
+        roles.dedup();
+        nodes.push(Node {
+            name: name.clone(),
+            private_ip: private_ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
+            public,
+            roles,
+            pod_cidr,
+            ssh,
+        });
+    }
+
+    let gateways = match &sd.gateways {
+        None => nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.has_role(Role::Gateway))
+            .map(|(i, _)| i)
+            .collect(),
+        Some(list) => {
+            let mut out: Vec<usize> = Vec::new();
+            for g in &list.value {
+                match nodes.iter().position(|n| n.name == g.value) {
+                    None => c.error(
+                        pos(g),
+                        format!(
+                            "site {site_name}: gateway candidate '{}' is not a node of this site",
+                            g.value
+                        ),
+                        "list names of nodes declared under this site's nodes:",
+                    ),
+                    Some(i) if out.contains(&i) => c.error(
+                        pos(g),
+                        format!(
+                            "site {site_name}: gateway candidate '{}' is listed twice",
+                            g.value
+                        ),
+                        "list each candidate once, most preferred first",
+                    ),
+                    Some(i) => out.push(i),
+                }
+            }
+            for (i, n) in nodes.iter().enumerate() {
+                if n.has_role(Role::Gateway) && !out.contains(&i) {
+                    c.error(
+                        node_pos(sd, &n.name),
+                        format!("node {} has the gateway role but is missing from site {site_name}'s gateways list", n.name),
+                        "add it to gateways: (in order of preference) or drop the role",
+                    );
+                }
+            }
+            out
+        }
+    };
+
+    Site {
+        name: site_name.clone(),
+        provider: sd.provider.value.clone(),
+        region: sd.region.as_ref().map(|r| r.value.clone()),
+        cidrs,
+        mtu,
+        nat: sd.nat.as_ref().map_or(Nat::Masquerade, |n| n.value),
+        gateways,
+        costs: sd.costs.clone(),
+        nodes,
+    }
+}
+
+/// Reports every range that overlaps one declared before it (in address
+/// order): sort by start, sweep while remembering the range reaching furthest.
+fn check_overlaps(c: &mut Checker, mut claims: Vec<Claim>) {
+    claims.sort_by_key(|cl| (cl.net.network(), cl.net.prefix_len()));
+    let mut widest: Option<usize> = None;
+    for i in 0..claims.len() {
+        if let Some(w) = widest {
+            let (a, b) = (&claims[w], &claims[i]);
+            if b.net.network() <= a.net.broadcast() {
+                let (first, second) = if a.pos <= b.pos { (a, b) } else { (b, a) };
+                let msg = if first.owner == second.owner {
+                    format!(
+                        "{} lists overlapping networks {} and {}",
+                        first.owner, first.net, second.net
+                    )
+                } else {
+                    format!(
+                        "{} {} overlaps {} {} (line {})",
+                        second.owner, second.net, first.owner, first.net, first.pos.line
+                    )
+                };
+                let hint = "every site's VPC, the tunnelPool and every podCIDR need their own address range: routes to overlapping networks are ambiguous";
+                c.error(second.pos, msg, hint);
+                if b.net.broadcast() <= a.net.broadcast() {
+                    continue;
+                }
+            }
+        }
+        widest = Some(i);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &str = include_str!("../../../examples/seed.yaml");
+
+    fn errors(src: &str) -> Vec<String> {
+        match load(src) {
+            Ok(_) => vec![],
+            Err(d) => d
+                .iter()
+                .filter(|d| d.is_error())
+                .map(ToString::to_string)
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn seed_is_valid_with_a_cleartext_warning() {
+        let v = load(SEED).unwrap();
+        assert_eq!(v.cluster.sites.len(), 2);
+        assert_eq!(v.warnings.len(), 1);
+        assert!(
+            v.warnings[0].message.contains("cleartext"),
+            "{:?}",
+            v.warnings
+        );
+        assert_eq!(v.warnings[0].pos.line, 7);
+    }
+
+    #[test]
+    fn unknown_field_is_reported_with_position() {
+        let src = SEED.replace("privateIP: 192.168.0.11", "privateIp: 192.168.0.11");
+        let e = errors(&src);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("21:"), "{e:?}");
+        assert!(e[0].contains("unknown field `privateIp`"), "{e:?}");
+    }
+
+    #[test]
+    fn all_semantic_errors_are_reported_at_once() {
+        let src = SEED
+            .replace("cidrs: [172.26.32.0/24]", "cidrs: [192.168.0.128/25]")
+            .replace("privateIP: 192.168.0.11,", "privateIP: 192.168.0.10,")
+            .replace("name: k8s-node4", "name: k8s-node3");
+        let e = errors(&src);
+        assert!(
+            e.iter()
+                .any(|m| m.contains("overlaps site huawei 192.168.0.0/24")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|m| m.contains("privateIP 192.168.0.10 is also the privateIP of k8s-master1")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|m| m.contains("node name 'k8s-node3' is used twice")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|m| m.contains("privateIP 172.26.32.235 is outside site aliyun")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn bad_addresses_each_get_an_error() {
+        let src = SEED
+            .replace("privateIP: 192.168.0.10,", "privateIP: 192.168.0.300,")
+            .replace("publicIP: 112.124.59.21", "publicIP: 2001:db8::1")
+            .replace("cidrs: [172.26.32.0/24]", "cidrs: [172.26.32.1/24]");
+        let e = errors(&src);
+        assert!(
+            e.iter()
+                .any(|m| m.contains("'192.168.0.300' is not an IPv4 address")),
+            "{e:?}"
+        );
+        assert!(e.iter().any(|m| m.contains("2001:db8::1")), "{e:?}");
+        assert!(
+            e.iter()
+                .any(|m| m.contains("172.26.32.1/24 has host bits set")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn site_without_gateway_is_rejected() {
+        let src = SEED.replace("roles: [worker, gateway]", "roles: [worker]");
+        let e = errors(&src);
+        assert!(
+            e.iter()
+                .any(|m| m.contains("site aliyun has no gateway candidate")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn gre_needs_public_ips_on_both_ends() {
+        let src = SEED.replace(", publicIP: 114.116.84.123", "");
+        let e = errors(&src);
+        assert!(
+            e.iter()
+                .any(|m| m.contains("k8s-node2 (site aliyun) is a tunnel end without a publicIP")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn wireguard_needs_one_reachable_end() {
+        let one = SEED
+            .replace("transport: gre", "transport: wireguard")
+            .replace(", publicIP: 114.116.84.123", "");
+        assert!(errors(&one).is_empty(), "{:?}", errors(&one));
+        let none = one.replace(", publicIP: 112.124.59.21", "");
+        let e = errors(&none);
+        assert!(
+            e.iter().any(|m| m.contains("has no reachable end")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn small_pool_and_small_mtu_are_rejected() {
+        let src = SEED
+            .replace("192.168.100.0/24", "192.168.100.0/32")
+            .replace("mtu: 1500", "mtu: 1300");
+        let e = errors(&src);
+        assert!(
+            e.iter().any(|m| m
+                .contains("tunnelPool 192.168.100.0/32 has 1 usable addresses but 2 tunnel ends")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter().any(|m| m.contains("mtu 1300 leaves 1276 bytes")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn pool_overlapping_a_site_is_rejected() {
+        let src = SEED.replace("192.168.100.0/24", "192.168.0.0/16");
+        let e = errors(&src);
+        assert!(
+            e.iter()
+                .any(|m| m.contains("overlaps tunnelPool 192.168.0.0/16")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn syntax_error_has_a_position() {
+        let e = load("apiVersion: [\n").unwrap_err();
+        assert_eq!(e.len(), 1);
+        assert!(e[0].pos.line >= 1, "{e:?}");
+    }
+}
