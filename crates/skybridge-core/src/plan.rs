@@ -89,6 +89,7 @@ impl fmt::Display for NodeRole {
 pub struct NodePlan {
     pub node: String,
     pub site: String,
+    #[serde(rename = "privateIP")]
     pub private_ip: Ipv4Addr,
     pub role: NodeRole,
     /// This node's address in the tunnel pool, when it ends tunnels.
