@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs every Skybridge test: formatting, lints, unit, snapshot, property, CLI
+# and (as root) the tests that use real network namespaces and nftables.
+# On Debian it first installs the system packages those tests need.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# System packages the tests use: real nftables/iproute2 in throwaway `sbt-`
+# network namespaces.
+PACKAGES=(iproute2 nftables)
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    echo "installing: ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "warning: missing packages ${missing[*]}; tests that need them will skip (run as root on Debian to install them)" >&2
+  fi
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
