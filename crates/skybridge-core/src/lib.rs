@@ -11,6 +11,7 @@
 //! ```
 
 pub mod diag;
+pub mod diff;
 pub mod model;
 pub mod plan;
 pub mod spec;
