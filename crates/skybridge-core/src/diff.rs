@@ -91,8 +91,9 @@ pub struct Live {
     pub routes: Vec<Route>,
     /// Current values of the sysctls the plan names.
     pub sysctls: BTreeMap<String, String>,
-    /// The rules in Skybridge's firewall table; `None` when the table is absent.
-    pub firewall: Option<Vec<FirewallRule>>,
+    /// Fingerprints ([`FirewallRule::fingerprint`]) of the rules in
+    /// Skybridge's firewall table, in order; `None` when the table is absent.
+    pub firewall: Option<Vec<String>>,
     /// Configuration of the WireGuard interface, when it exists.
     pub wireguard: Option<WireGuardConfig>,
 }
@@ -462,9 +463,10 @@ pub fn diff(plan: &NodePlan, live: &Live) -> Vec<Change> {
             },
             "table missing",
         )),
-        (Some(have), false) if have != &plan.firewall => {
-            let missing = plan.firewall.iter().filter(|r| !have.contains(r)).count();
-            let extra = have.iter().filter(|r| !plan.firewall.contains(r)).count();
+        (Some(have), false) if *have != fingerprints(&plan.firewall) => {
+            let want = fingerprints(&plan.firewall);
+            let missing = want.iter().filter(|r| !have.contains(r)).count();
+            let extra = have.iter().filter(|r| !want.contains(r)).count();
             out.push(Change::new(
                 Op::ReplaceFirewall {
                     rules: plan.firewall.clone(),
@@ -475,6 +477,10 @@ pub fn diff(plan: &NodePlan, live: &Live) -> Vec<Change> {
         (Some(_), false) => {}
     }
     out
+}
+
+pub fn fingerprints(rules: &[FirewallRule]) -> Vec<String> {
+    rules.iter().map(FirewallRule::fingerprint).collect()
 }
 
 fn peer_difference(have: &[PeerConfig], want: &[PeerConfig]) -> String {
@@ -546,7 +552,7 @@ mod tests {
                 .iter()
                 .map(|s| (s.key.clone(), s.value.clone()))
                 .collect(),
-            firewall: (!plan.firewall.is_empty()).then(|| plan.firewall.clone()),
+            firewall: (!plan.firewall.is_empty()).then(|| fingerprints(&plan.firewall)),
             wireguard: desired_wireguard(plan),
         }
     }

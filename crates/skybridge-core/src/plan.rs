@@ -233,6 +233,19 @@ pub enum FirewallRule {
     },
 }
 
+impl FirewallRule {
+    /// A short stable identifier of the rule's content (FNV-1a of its text),
+    /// stored as the rule's comment in the live firewall so that the agent can
+    /// tell which of its rules are present without parsing the ruleset back.
+    pub fn fingerprint(&self) -> String {
+        let text = crate::table::RuleLine(self).to_string();
+        let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        format!("sb:{hash:016x}")
+    }
+}
+
 /// A tunnel end and its pool address.
 struct Member<'c> {
     site: usize,

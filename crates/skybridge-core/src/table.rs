@@ -164,7 +164,8 @@ fn nets(list: &[ipnet::Ipv4Net]) -> String {
         .join(", ")
 }
 
-struct RuleLine<'a>(&'a FirewallRule);
+/// One firewall rule as a line of text; also the input of its fingerprint.
+pub(crate) struct RuleLine<'a>(pub(crate) &'a FirewallRule);
 
 impl fmt::Display for RuleLine<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
