@@ -3,11 +3,44 @@
 //! files, an nftables ruleset, and wg-quick configurations.
 //!
 //! Pure: [`render`] returns files (relative path, mode, contents) and writes
-//! nothing; the CLI decides where they go.
+//! nothing; the CLI decides where they go. The same plan always renders to
+//! byte-identical files: no timestamps, no hash-map order.
+//!
+//! Every file lives under `<node>/` and starts with a comment header naming the
+//! cluster and node (the one exception is `private.key`, which must hold the
+//! key alone). A node that gets nothing from a format (an internal node in the
+//! `wireguard` or `nftables` format, a node whose plan is empty) gets no files
+//! for it rather than an empty one or a note.
+//!
+//! | format | per node |
+//! |---|---|
+//! | `script` | `skybridge-net.sh` (`up`/`down`, idempotent), `skybridge-net.service` |
+//! | `networkd` | `90-sb-*.netdev` + `.network` per tunnel, `skybridge-uplink.network.d/50-skybridge.conf` for routes via the gateway, `90-skybridge.conf` (sysctl.d), `skybridge.nft` |
+//! | `nftables` | `skybridge.nft` (tunnel ends only: internal nodes have no rules) |
+//! | `wireguard` | `sb-wg0.conf` for wg-quick (WireGuard tunnel ends only) |
+//!
+//! With generated keys, every node with a WireGuard tunnel also gets
+//! `private.key` (0600) for [`KEY_PATH`].
+//!
+//! The firewall translations are public ([`nftables::ruleset`],
+//! [`iptables::rules`]) so that the agent installs exactly the rules that
+//! the rendered files hold, tagged with the plan rules' fingerprints.
+
+mod common;
+pub mod iptables;
+mod networkd;
+pub mod nftables;
+mod script;
+mod wireguard;
 
 use std::collections::BTreeMap;
 
 use skybridge_core::ClusterPlan;
+
+/// Where every format expects a node's WireGuard private key to be installed.
+pub const KEY_PATH: &str = "/etc/skybridge/private.key";
+/// Where the `script` format's unit expects the script to be installed.
+pub const SCRIPT_PATH: &str = "/usr/local/sbin/skybridge-net.sh";
 
 /// Which artifacts to produce.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,6 +75,11 @@ pub enum RenderError {
 
 /// Renders every node's files in `format`.
 ///
+/// `keys`, when given, are written out as `<node>/private.key` (0600) for the
+/// nodes that end a WireGuard tunnel (and inline into wg-quick files);
+/// without them every artifact refers to the key the node keeps at
+/// [`KEY_PATH`]. Keys are ignored by the `nftables` format.
+///
 /// # Errors
 /// [`RenderError::WrongTransport`] when the format does not apply to the
 /// cluster's transport (wg-quick files for a GRE cluster).
@@ -50,6 +88,10 @@ pub fn render(
     format: Format,
     keys: Option<&PrivateKeys>,
 ) -> Result<Vec<File>, RenderError> {
-    let _ = (plan, format, keys);
-    Ok(Vec::new())
+    Ok(match format {
+        Format::Script => script::render(plan, keys),
+        Format::Networkd => networkd::render(plan, keys),
+        Format::Nftables => nftables::render(plan),
+        Format::WireGuard => wireguard::render(plan, keys)?,
+    })
 }

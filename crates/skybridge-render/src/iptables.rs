@@ -1,0 +1,175 @@
+//! The plan's firewall rules as `iptables` rule specifications in chains of
+//! Skybridge's own (`SKYBRIDGE-*`), each jumped to from one built-in chain.
+//!
+//! Pure: the `script` format writes these as `rule_add` lines, and the agent's
+//! iptables backend (hosts without nftables) runs them. Rules come out in the
+//! order of [`CHAINS`], which is the order the planner lists rule kinds in,
+//! so a listing of the chains reads back in plan order.
+
+use skybridge_core::plan::{Direction, FirewallRule, TunnelProtocol};
+
+/// Skybridge's chains: (table, chain, built-in chain that jumps to it).
+///
+/// The MSS clamp has a chain of its own in `mangle`, where clamping
+/// traditionally happens: it runs before any filter verdict, so no accept
+/// can bypass it.
+pub const CHAINS: [(&str, &str, &str); 4] = [
+    (FORWARD.0, FORWARD.1, "FORWARD"),
+    (POSTROUTING.0, POSTROUTING.1, "POSTROUTING"),
+    (MSS.0, MSS.1, "FORWARD"),
+    (INPUT.0, INPUT.1, "INPUT"),
+];
+
+const FORWARD: (&str, &str) = ("filter", "SKYBRIDGE-FWD");
+const POSTROUTING: (&str, &str) = ("nat", "SKYBRIDGE-POST");
+const MSS: (&str, &str) = ("mangle", "SKYBRIDGE-MSS");
+const INPUT: (&str, &str) = ("filter", "SKYBRIDGE-IN");
+
+/// Skybridge's interfaces as an iptables wildcard.
+const OURS: &str = "sb-+";
+
+/// Every rule as (table, chain, arguments after `-A CHAIN`), in the order of
+/// [`CHAINS`]. One plan rule may give several (iptables matches one network
+/// or source per rule) or none (an empty list matches nothing).
+///
+/// With `fingerprints`, every specification ends with
+/// `-m comment --comment <fingerprint>` of the plan rule it came from, which
+/// is how the agent tells which of its rules are installed.
+pub fn rules(
+    rules: &[FirewallRule],
+    fingerprints: bool,
+) -> Vec<(&'static str, &'static str, Vec<String>)> {
+    let all: Vec<((&'static str, &'static str), Vec<String>)> = rules
+        .iter()
+        .flat_map(|r| {
+            let tag = fingerprints.then(|| r.fingerprint());
+            rule(r).into_iter().map(move |(chain, spec)| {
+                let mut args: Vec<String> = spec.split(' ').map(str::to_owned).collect();
+                if let Some(fp) = &tag {
+                    args.extend(["-m", "comment", "--comment", fp].map(str::to_owned));
+                }
+                (chain, args)
+            })
+        })
+        .collect();
+    CHAINS
+        .iter()
+        .flat_map(|&(table, chain, _)| {
+            all.iter()
+                .filter(move |(c, _)| *c == (table, chain))
+                .map(move |(_, args)| (table, chain, args.clone()))
+        })
+        .collect()
+}
+
+/// One plan rule as rule specifications (space-separated words, none with
+/// spaces or shell metacharacters) and the chain each belongs in.
+fn rule(r: &FirewallRule) -> Vec<((&'static str, &'static str), String)> {
+    match r {
+        FirewallRule::ForwardAccept {
+            direction: Direction::In,
+        } => vec![(FORWARD, format!("-i {OURS} -j ACCEPT"))],
+        FirewallRule::ForwardAccept {
+            direction: Direction::Out,
+        } => vec![(FORWARD, format!("-o {OURS} -j ACCEPT"))],
+        // Only SYNs whose MSS is too large: a smaller one is left as it is.
+        FirewallRule::ClampMss { mss } => vec![(
+            MSS,
+            format!(
+                "-o {OURS} -p tcp --tcp-flags SYN,RST SYN -m tcpmss --mss {}:65535 -j TCPMSS --set-mss {mss}",
+                mss + 1
+            ),
+        )],
+        FirewallRule::MasqueradeIntoTunnels { sources } => sources
+            .iter()
+            .map(|n| (POSTROUTING, format!("-o {OURS} -s {n} -j MASQUERADE")))
+            .collect(),
+        // iptables refuses -i in the built-in POSTROUTING chain but not in
+        // ours; the kernel knows the input interface of forwarded packets there.
+        FirewallRule::MasqueradeFromTunnels { destinations } => destinations
+            .iter()
+            .map(|n| (POSTROUTING, format!("-i {OURS} -d {n} -j MASQUERADE")))
+            .collect(),
+        FirewallRule::AcceptTunnel { transport, sources } => {
+            let what = match transport {
+                TunnelProtocol::Udp { port } => format!("-p udp --dport {port}"),
+                TunnelProtocol::Gre => "-p gre".to_owned(),
+            };
+            match sources {
+                None => vec![(INPUT, format!("{what} -j ACCEPT"))],
+                Some(ips) => ips
+                    .iter()
+                    .map(|ip| (INPUT, format!("{what} -s {ip} -j ACCEPT")))
+                    .collect(),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use skybridge_core::plan::FIREWALL_TABLE;
+
+    use super::*;
+
+    #[test]
+    fn chains_are_named_after_the_firewall_table() {
+        let prefix = format!("{}-", FIREWALL_TABLE.to_uppercase());
+        for (_, chain, _) in CHAINS {
+            assert!(chain.starts_with(&prefix), "{chain}");
+        }
+    }
+
+    #[test]
+    fn clamp_only_touches_larger_mss() {
+        let r = rules(&[FirewallRule::ClampMss { mss: 1436 }], false);
+        assert_eq!(
+            r,
+            [(
+                "mangle",
+                "SKYBRIDGE-MSS",
+                "-o sb-+ -p tcp --tcp-flags SYN,RST SYN -m tcpmss --mss 1437:65535 -j TCPMSS --set-mss 1436"
+                    .split(' ')
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            )]
+        );
+    }
+
+    #[test]
+    fn one_rule_per_network_each_tagged_with_the_plan_rule() {
+        let rule = FirewallRule::MasqueradeIntoTunnels {
+            sources: vec![
+                "10.0.0.0/24".parse().unwrap(),
+                "10.1.0.0/24".parse().unwrap(),
+            ],
+        };
+        let r = rules(std::slice::from_ref(&rule), true);
+        assert_eq!(r.len(), 2);
+        for (table, chain, args) in &r {
+            assert_eq!((*table, *chain), ("nat", "SKYBRIDGE-POST"));
+            assert_eq!(
+                args[args.len() - 2..],
+                ["--comment".to_owned(), rule.fingerprint()]
+            );
+        }
+    }
+
+    #[test]
+    fn rules_come_out_in_chain_order() {
+        let r = rules(
+            &[
+                FirewallRule::AcceptTunnel {
+                    transport: TunnelProtocol::Gre,
+                    sources: None,
+                },
+                FirewallRule::ForwardAccept {
+                    direction: Direction::In,
+                },
+            ],
+            false,
+        );
+        let chains: Vec<&str> = r.iter().map(|(_, c, _)| *c).collect();
+        assert_eq!(chains, ["SKYBRIDGE-FWD", "SKYBRIDGE-IN"]);
+    }
+}
