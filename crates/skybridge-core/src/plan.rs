@@ -533,7 +533,9 @@ impl Ctx<'_> {
                         for dest in self.networks_behind(p) {
                             plan.routes.push(Route {
                                 destination: dest,
-                                via: None,
+                                // VXLAN is an Ethernet link: without a next hop the kernel
+                                // would ARP for every remote host and nobody answers.
+                                via: (self.transport() == Transport::Vxlan).then_some(peer.address),
                                 device: Some(name.clone()),
                                 source: Some(me.node.private_ip),
                                 mtu: None,
@@ -641,7 +643,7 @@ impl Ctx<'_> {
         }
         // Traffic a masquerading site sends into its tunnels carries a pool
         // address; a standby gateway has the pool on its own tunnels already.
-        if role == NodeRole::Internal {
+        if role == NodeRole::Internal && self.peers(gmi).next().is_some() {
             let mtu = match self.transport() {
                 Transport::WireGuard => self.wg_mtu[si],
                 _ => self

@@ -19,8 +19,8 @@ pub fn render(plan: &ClusterPlan, only: Option<&str>) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<16} {:<32} {}",
-        "SITE", "CIDRS", "GATEWAYS (preferred first)"
+        "{:<16} {:<32} GATEWAYS (preferred first)",
+        "SITE", "CIDRS"
     );
     for s in &plan.sites {
         let cidrs = s
