@@ -97,9 +97,11 @@ fn rule(r: &FirewallRule) -> Vec<((&'static str, &'static str), String)> {
             };
             match sources {
                 None => vec![(INPUT, format!("{what} -j ACCEPT"))],
+                // From the known peers only: the rest of the tunnel's traffic is dropped.
                 Some(ips) => ips
                     .iter()
                     .map(|ip| (INPUT, format!("{what} -s {ip} -j ACCEPT")))
+                    .chain([(INPUT, format!("{what} -j DROP"))])
                     .collect(),
             }
         }

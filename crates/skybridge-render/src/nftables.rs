@@ -70,14 +70,15 @@ pub fn ruleset(rules: &[FirewallRule], fingerprints: bool) -> String {
     for chain in Chain::ALL {
         let lines: Vec<String> = rules
             .iter()
-            .filter_map(|r| {
-                let (c, line) = rule(r)?;
+            .filter_map(|r| rule(r).map(|(c, lines)| (r, c, lines)))
+            .filter(|(_, c, _)| *c == chain)
+            .flat_map(|(r, _, lines)| {
                 let tag = if fingerprints {
                     format!(" comment \"{}\"", r.fingerprint())
                 } else {
                     String::new()
                 };
-                (c == chain).then(|| format!("{line}{tag}"))
+                lines.into_iter().map(move |l| format!("{l}{tag}"))
             })
             .collect();
         if lines.is_empty() {
@@ -149,32 +150,38 @@ fn set<T: Display>(items: &[T]) -> String {
 /// One plan rule as an nft statement and the chain it belongs to; `None`
 /// when there is nothing to match (an empty list of networks or peers: an
 /// empty set is a syntax error, and matching nothing is what it means).
-fn rule(r: &FirewallRule) -> Option<(Chain, String)> {
+fn rule(r: &FirewallRule) -> Option<(Chain, Vec<String>)> {
     let ours = ours();
     Some(match r {
         FirewallRule::ForwardAccept {
             direction: Direction::In,
-        } => (Chain::Forward, format!("iifname {ours} accept")),
+        } => (Chain::Forward, vec![format!("iifname {ours} accept")]),
         FirewallRule::ForwardAccept {
             direction: Direction::Out,
-        } => (Chain::Forward, format!("oifname {ours} accept")),
+        } => (Chain::Forward, vec![format!("oifname {ours} accept")]),
         // Only SYNs (not RSTs) whose MSS is too large, as iptables'
         // `--tcp-flags SYN,RST SYN -m tcpmss --mss N+1:65535`.
         FirewallRule::ClampMss { mss } => (
             Chain::Clamp,
-            format!(
+            vec![format!(
                 "oifname {ours} tcp flags & (syn | rst) == syn tcp option maxseg size > {mss} tcp option maxseg size set {mss}"
-            ),
+            )],
         ),
         FirewallRule::MasqueradeIntoTunnels { sources } if !sources.is_empty() => (
             Chain::Postrouting,
-            format!("oifname {ours} ip saddr {} masquerade", set(sources)),
+            vec![format!(
+                "oifname {ours} ip saddr {} masquerade",
+                set(sources)
+            )],
         ),
         // In postrouting the input interface is known for forwarded packets
         // (and unset for local ones, which is right: they do not come from a tunnel).
         FirewallRule::MasqueradeFromTunnels { destinations } if !destinations.is_empty() => (
             Chain::Postrouting,
-            format!("iifname {ours} ip daddr {} masquerade", set(destinations)),
+            vec![format!(
+                "iifname {ours} ip daddr {} masquerade",
+                set(destinations)
+            )],
         ),
         FirewallRule::MasqueradeIntoTunnels { .. } | FirewallRule::MasqueradeFromTunnels { .. } => {
             return None;
@@ -184,12 +191,16 @@ fn rule(r: &FirewallRule) -> Option<(Chain, String)> {
                 TunnelProtocol::Udp { port } => format!("udp dport {port}"),
                 TunnelProtocol::Gre => "ip protocol gre".to_owned(),
             };
-            let line = match sources {
-                None => format!("{what} accept"),
+            // From the known peers only: the rest of the tunnel's traffic is dropped.
+            let lines = match sources {
+                None => vec![format!("{what} accept")],
                 Some(ips) if ips.is_empty() => return None,
-                Some(ips) => format!("{what} ip saddr {} accept", set(ips)),
+                Some(ips) => vec![
+                    format!("{what} ip saddr {} accept", set(ips)),
+                    format!("{what} drop"),
+                ],
             };
-            (Chain::Input, line)
+            (Chain::Input, lines)
         }
     })
 }
@@ -256,7 +267,7 @@ mod tests {
                 transport: TunnelProtocol::Udp { port: 51820 },
                 sources: None,
             }),
-            Some((Chain::Input, "udp dport 51820 accept".to_owned()))
+            Some((Chain::Input, vec!["udp dport 51820 accept".to_owned()]))
         );
     }
 
@@ -388,11 +399,13 @@ mod tests {
                 nft(&["-f", "-"], Some(&text));
                 nft(&["-f", "-"], Some(&text));
                 let listing = nft(&["list", "table", "ip", FIREWALL_TABLE], None);
-                let have: Vec<&str> = listing
+                let mut have: Vec<&str> = listing
                     .split("comment \"")
                     .skip(1)
                     .filter_map(|s| s.split('"').next())
                     .collect();
+                // One plan rule may become several nft rules (accept + drop), all tagged alike.
+                have.dedup();
                 let want: Vec<String> = n.firewall.iter().map(FirewallRule::fingerprint).collect();
                 assert_eq!(have, want, "{}:\n{listing}", n.node);
             }
