@@ -1,6 +1,7 @@
 //! `skybridge`: the command line. Thin by design: it reads files, calls the
 //! pure core (validate, plan) and the renderers, prints, and writes files.
 
+mod agent;
 mod keys;
 mod load;
 
@@ -25,6 +26,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the node agent: reconcile this node's network onto its plan and keep it there.
+    Agent(agent::AgentArgs),
     /// Check a cluster file and report every problem with its line and column.
     Validate {
         /// The cluster file (YAML).
@@ -100,6 +103,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Agent(args) => agent::main(args),
         Command::Validate { file } => {
             let Some(cluster) = load::cluster(&file)? else {
                 return Ok(ExitCode::FAILURE);

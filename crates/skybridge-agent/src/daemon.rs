@@ -1,0 +1,115 @@
+//! The long-running agent: reconcile at start, on a timer, and whenever the
+//! kernel reports a change to links, addresses, routes or the nftables
+//! ruleset; stop on SIGTERM/SIGINT leaving the network as it is.
+
+use std::time::Duration;
+
+use netlink_sys::{AsyncSocket as _, AsyncSocketExt as _, SocketAddr, TokioSocket, protocols};
+use skybridge_core::NodePlan;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::host::{Host, HostError};
+use crate::reconcile::{Report, reconcile};
+
+// Multicast groups (linux/rtnetlink.h, linux/netfilter/nfnetlink.h).
+const RTNLGRP_LINK: u32 = 1;
+const RTNLGRP_IPV4_IFADDR: u32 = 5;
+const RTNLGRP_IPV4_ROUTE: u32 = 7;
+const NFNLGRP_NFTABLES: u32 = 7;
+/// Changes usually come in bursts (a link and its routes): wait this long for the rest.
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// A netlink socket subscribed to change notifications; its content is not
+/// read, only the fact that something changed.
+struct Watch(TokioSocket);
+
+impl Watch {
+    fn new(protocol: isize, groups: &[u32]) -> std::io::Result<Self> {
+        let mut s = TokioSocket::new(protocol)?;
+        s.socket_mut().bind(&SocketAddr::new(0, 0))?;
+        for g in groups {
+            s.socket_ref().add_membership(*g)?;
+        }
+        Ok(Watch(s))
+    }
+
+    /// Waits for a notification, then drains whatever else is already queued.
+    async fn changed(&self) -> std::io::Result<()> {
+        let mut buf = Vec::with_capacity(65536);
+        match self.0.recv(&mut buf).await {
+            // ENOBUFS: events were missed; a reconcile reads everything anyway.
+            Err(e) if e.raw_os_error() != Some(105) => return Err(e),
+            _ => {}
+        }
+        loop {
+            buf.clear();
+            match self.0.socket_ref().recv(&mut buf, libc_dontwait()) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(105) => {}
+                Err(_) => return Ok(()),
+            }
+        }
+    }
+}
+
+/// `MSG_DONTWAIT`: drain without blocking.
+const fn libc_dontwait() -> i32 {
+    0x40
+}
+
+async fn changed(w: Option<&Watch>) {
+    match w {
+        Some(w) => {
+            if w.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
+/// Runs until SIGTERM or SIGINT. `load` is called before every reconcile so
+/// that a new cluster file (or state file) takes effect without a restart; a
+/// file that fails to load keeps the last good plan.
+///
+/// # Errors
+/// When the signal handlers cannot be installed.
+pub async fn run<H: Host>(
+    host: &mut H,
+    mut load: impl FnMut() -> Result<NodePlan, String>,
+    interval: Duration,
+    mut report: impl FnMut(&Result<Report, HostError>),
+) -> std::io::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let routes = Watch::new(
+        protocols::NETLINK_ROUTE,
+        &[RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV4_ROUTE],
+    )
+    .inspect_err(|e| {
+        tracing::warn!("not watching netlink route events ({e}); relying on the timer")
+    })
+    .ok();
+    let nft = Watch::new(protocols::NETLINK_NETFILTER, &[NFNLGRP_NFTABLES])
+        .inspect_err(|e| tracing::warn!("not watching nftables events ({e}); relying on the timer"))
+        .ok();
+    let mut plan: Option<NodePlan> = None;
+    loop {
+        match load() {
+            Ok(p) => plan = Some(p),
+            Err(e) => tracing::error!("{e}; keeping the last good plan"),
+        }
+        if let Some(p) = &plan {
+            report(&reconcile(host, p, false).await);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            () = changed(routes.as_ref()) => tokio::time::sleep(SETTLE).await,
+            () = changed(nft.as_ref()) => tokio::time::sleep(SETTLE).await,
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    tracing::info!("stopping; the network stays as it is");
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! The firewall backends: nftables (one table, replaced in one atomic
+//! transaction) and iptables (own chains, for hosts without nftables), chosen
+//! once at start-up by [`detect`].
+//!
+//! Every rule carries its fingerprint as a comment; reading the live firewall
+//! means listing those comments, which is enough to know whether the rules
+//! the plan asks for are all there and nothing else is.
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+use skybridge_core::plan::{FIREWALL_TABLE, FirewallRule};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FirewallError {
+    #[error("running {program}: {source}")]
+    Spawn {
+        program: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} failed: {stderr}")]
+    Failed { what: String, stderr: String },
+    #[error("reading the nftables listing: {0}")]
+    Parse(#[from] serde_json::Error),
+    #[error("neither nft nor iptables is installed: install nftables (apt-get install nftables)")]
+    NoBackend,
+}
+
+pub trait Firewall: std::fmt::Debug + Send {
+    fn name(&self) -> &'static str;
+    /// Fingerprints of the rules in Skybridge's table/chains; `None` when absent.
+    fn read(&self) -> Result<Option<Vec<String>>, FirewallError>;
+    /// Replaces all of Skybridge's rules with `rules`, atomically where the backend can.
+    fn replace(&self, rules: &[FirewallRule]) -> Result<(), FirewallError>;
+    /// Removes Skybridge's table/chains and nothing else.
+    fn remove(&self) -> Result<(), FirewallError>;
+}
+
+/// Picks nftables when `nft` works here, iptables otherwise.
+pub fn detect() -> Result<Box<dyn Firewall>, FirewallError> {
+    if run("nft", &["list", "tables"], None).is_ok() {
+        return Ok(Box::new(Nftables));
+    }
+    if run("iptables", &["-w", "-S", "FORWARD"], None).is_ok() {
+        return Ok(Box::new(Iptables));
+    }
+    Err(FirewallError::NoBackend)
+}
+
+fn run(program: &'static str, args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| FirewallError::Spawn { program, source })?;
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(input.as_bytes())
+            .map_err(|source| FirewallError::Spawn { program, source })?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|source| FirewallError::Spawn { program, source })?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(FirewallError::Failed {
+            what: format!("{program} {}", args.join(" ")),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
+#[derive(Debug)]
+pub struct Nftables;
+
+impl Firewall for Nftables {
+    fn name(&self) -> &'static str {
+        "nftables"
+    }
+
+    fn read(&self) -> Result<Option<Vec<String>>, FirewallError> {
+        let out = match run("nft", &["-j", "list", "table", "ip", FIREWALL_TABLE], None) {
+            Ok(out) => out,
+            Err(FirewallError::Failed { stderr, .. }) if stderr.contains("No such file") => {
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        let comments = v["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|item| item.get("rule"))
+            .filter_map(|rule| rule.get("comment").and_then(|c| c.as_str()))
+            .map(str::to_owned);
+        Ok(Some(dedup_in_order(comments)))
+    }
+
+    fn replace(&self, rules: &[FirewallRule]) -> Result<(), FirewallError> {
+        let text = skybridge_render::nftables::ruleset(rules, true);
+        run("nft", &["-f", "-"], Some(&text)).map(drop)
+    }
+
+    fn remove(&self) -> Result<(), FirewallError> {
+        match run("nft", &["delete", "table", "ip", FIREWALL_TABLE], None) {
+            Err(FirewallError::Failed { stderr, .. }) if stderr.contains("No such file") => Ok(()),
+            r => r.map(drop),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Iptables;
+
+impl Firewall for Iptables {
+    fn name(&self) -> &'static str {
+        "iptables"
+    }
+
+    fn read(&self) -> Result<Option<Vec<String>>, FirewallError> {
+        let mut found = false;
+        let mut fps = Vec::new();
+        for (table, chain, _) in skybridge_render::iptables::CHAINS {
+            let Ok(out) = run("iptables", &["-w", "-t", table, "-S", chain], None) else {
+                continue;
+            };
+            found = true;
+            for line in out.lines() {
+                if let Some(rest) = line.split("--comment ").nth(1) {
+                    fps.push(
+                        rest.split_whitespace()
+                            .next()
+                            .unwrap_or_default()
+                            .trim_matches('"')
+                            .to_owned(),
+                    );
+                }
+            }
+        }
+        Ok(found.then(|| dedup_in_order(fps.into_iter())))
+    }
+
+    fn replace(&self, rules: &[FirewallRule]) -> Result<(), FirewallError> {
+        // iptables has no transaction across chains: build the new rules in
+        // the (flushed) own chains, then make sure the jumps exist.
+        self.ensure_chains()?;
+        for (table, chain, _) in skybridge_render::iptables::CHAINS {
+            run("iptables", &["-w", "-t", table, "-F", chain], None)?;
+        }
+        for (table, chain, args) in skybridge_render::iptables::rules(rules, true) {
+            let mut a = vec!["-w", "-t", table, "-A", chain];
+            a.extend(args.iter().map(String::as_str));
+            run("iptables", &a, None)?;
+        }
+        Ok(())
+    }
+
+    fn remove(&self) -> Result<(), FirewallError> {
+        for (table, chain, parent) in skybridge_render::iptables::CHAINS {
+            while run(
+                "iptables",
+                &["-w", "-t", table, "-D", parent, "-j", chain],
+                None,
+            )
+            .is_ok()
+            {}
+            let _ = run("iptables", &["-w", "-t", table, "-F", chain], None);
+            let _ = run("iptables", &["-w", "-t", table, "-X", chain], None);
+        }
+        Ok(())
+    }
+}
+
+impl Iptables {
+    fn ensure_chains(&self) -> Result<(), FirewallError> {
+        for (table, chain, parent) in skybridge_render::iptables::CHAINS {
+            if run("iptables", &["-w", "-t", table, "-S", chain], None).is_err() {
+                run("iptables", &["-w", "-t", table, "-N", chain], None)?;
+            }
+            if run(
+                "iptables",
+                &["-w", "-t", table, "-C", parent, "-j", chain],
+                None,
+            )
+            .is_err()
+            {
+                run(
+                    "iptables",
+                    &["-w", "-t", table, "-I", parent, "-j", chain],
+                    None,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn dedup_in_order(items: impl Iterator<Item = String>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for i in items {
+        if out.last() != Some(&i) {
+            out.push(i);
+        }
+    }
+    out
+}

@@ -1,0 +1,17 @@
+//! The Skybridge agent: makes a node's kernel match its plan, and keeps it so.
+//!
+//! [`reconcile::reconcile`] reads what the node has (only what Skybridge
+//! owns), asks the pure core for the difference, and applies exactly that
+//! through the backends chosen once at start-up ([`host::LinuxHost`]):
+//! netlink for links, addresses and routes; `/proc/sys` for sysctls;
+//! nftables or iptables for the firewall; a WireGuard backend.
+
+pub mod daemon;
+pub mod fake;
+pub mod firewall;
+pub mod host;
+pub mod keys;
+pub mod netlink;
+pub mod reconcile;
+pub mod sysctl;
+pub mod wireguard;

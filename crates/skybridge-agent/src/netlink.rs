@@ -1,0 +1,512 @@
+//! Links, addresses and routes through rtnetlink — never by running `ip`.
+//!
+//! Reads return only what Skybridge owns: links named `sb-*` (with their
+//! addresses) and IPv4 routes of the main table carrying [`ROUTE_PROTOCOL`].
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::TryStreamExt as _;
+use ipnet::Ipv4Net;
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::link::{
+    InfoData, InfoGre, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteType,
+};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use rtnetlink::{Handle, LinkGre, LinkUnspec, LinkVxlan, RouteMessageBuilder};
+use skybridge_core::diff::{Address, Link, LinkKind};
+use skybridge_core::plan::{IFACE_PREFIX, Route};
+
+/// Route protocol number that marks Skybridge's routes (`ip route show proto 83`).
+pub const ROUTE_PROTOCOL: u8 = 83;
+const MAIN_TABLE: u8 = 254;
+const EOPNOTSUPP: i32 = -95;
+const EEXIST: i32 = -17;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("opening the netlink socket: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("{what}: {source}")]
+    Request {
+        what: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error(
+        "{what}: this kernel has no {kind} support (module {module} is missing or not loaded); load it with `modprobe {module}` or use transport: wireguard"
+    )]
+    Unsupported {
+        what: String,
+        kind: &'static str,
+        module: &'static str,
+    },
+    #[error(
+        "{what}: a route to the same destination and metric exists and is not Skybridge's; remove it or change its metric"
+    )]
+    ForeignRoute { what: String },
+    #[error("link {0} does not exist")]
+    NoSuchLink(String),
+}
+
+fn request(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
+    let what = what.into();
+    move |source| NetlinkError::Request { what, source }
+}
+
+fn error_code(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => Some(m.raw_code()),
+        _ => None,
+    }
+}
+
+/// A connection to the kernel's routing netlink of the current network namespace.
+#[derive(Clone, Debug)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+/// Owned links with their kernel index.
+#[derive(Debug, Default)]
+pub struct Links {
+    pub links: Vec<Link>,
+    index: HashMap<String, u32>,
+    names: HashMap<u32, String>,
+}
+
+impl Netlink {
+    /// Opens the socket and spawns its driver on the current tokio runtime.
+    ///
+    /// # Errors
+    /// When the netlink socket cannot be opened.
+    pub fn connect() -> Result<Self, NetlinkError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Connect)?;
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+
+    /// Every link named `sb-*`, with its IPv4 addresses, plus the index of every link.
+    pub async fn links(&self) -> Result<Links, NetlinkError> {
+        let mut out = Links::default();
+        let mut stream = self.handle.link().get().execute();
+        while let Some(msg) = stream.try_next().await.map_err(request("listing links"))? {
+            let Some(name) = link_name(&msg) else {
+                continue;
+            };
+            out.index.insert(name.clone(), msg.header.index);
+            out.names.insert(msg.header.index, name.clone());
+            if name.starts_with(IFACE_PREFIX) {
+                out.links.push(parse_link(&msg, name));
+            }
+        }
+        let mut stream = self.handle.address().get().execute();
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(request("listing addresses"))?
+        {
+            let Some(name) = out.names.get(&msg.header.index) else {
+                continue;
+            };
+            if let Some(link) = out.links.iter_mut().find(|l| &l.name == name)
+                && let Some(a) = parse_address(&msg)
+            {
+                link.addresses.push(a);
+            }
+        }
+        for l in &mut out.links {
+            l.addresses.sort();
+        }
+        out.links.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// IPv4 routes of the main table that carry Skybridge's protocol.
+    pub async fn routes(&self, links: &Links) -> Result<Vec<Route>, NetlinkError> {
+        let filter = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let mut stream = self.handle.route().get(filter).execute();
+        let mut out = Vec::new();
+        while let Some(msg) = stream.try_next().await.map_err(request("listing routes"))? {
+            if msg.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)
+                && route_table(&msg) == u32::from(MAIN_TABLE)
+            {
+                out.push(parse_route(&msg, &links.names));
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn create_link(&self, link: &Link) -> Result<(), NetlinkError> {
+        let what = format!("creating link {}", link.name);
+        let msg = match &link.kind {
+            LinkKind::Gre { local, remote } => LinkGre::new(&link.name)
+                .local(*local)
+                .remote(*remote)
+                .ttl(64)
+                .mtu(link.mtu)
+                .build(),
+            LinkKind::Vxlan {
+                vni,
+                local,
+                remote,
+                port,
+            } => LinkVxlan::new(&link.name, *vni)
+                .local(*local)
+                .remote(*remote)
+                .port(*port)
+                .learning(false)
+                .mtu(link.mtu)
+                .build(),
+            LinkKind::WireGuard => rtnetlink::LinkWireguard::new(&link.name)
+                .mtu(link.mtu)
+                .build(),
+            LinkKind::Other { name } => {
+                return Err(NetlinkError::Request {
+                    what,
+                    source: rtnetlink::Error::InvalidNla(format!(
+                        "cannot create a link of kind {name}"
+                    )),
+                });
+            }
+        };
+        match self.handle.link().add(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if error_code(&e) == Some(EOPNOTSUPP) => Err(match link.kind {
+                LinkKind::Gre { .. } => NetlinkError::Unsupported {
+                    what,
+                    kind: "GRE",
+                    module: "ip_gre",
+                },
+                LinkKind::Vxlan { .. } => NetlinkError::Unsupported {
+                    what,
+                    kind: "VXLAN",
+                    module: "vxlan",
+                },
+                _ => NetlinkError::Unsupported {
+                    what,
+                    kind: "WireGuard",
+                    module: "wireguard",
+                },
+            }),
+            Err(e) => Err(request(what)(e)),
+        }
+    }
+
+    pub async fn delete_link(&self, links: &Links, name: &str) -> Result<(), NetlinkError> {
+        let index = links.index(name)?;
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(request(format!("deleting link {name}")))
+    }
+
+    pub async fn set_mtu(&self, links: &Links, name: &str, mtu: u32) -> Result<(), NetlinkError> {
+        let msg = LinkUnspec::new_with_index(links.index(name)?)
+            .mtu(mtu)
+            .build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(request(format!("setting mtu {mtu} on {name}")))
+    }
+
+    pub async fn set_up(&self, links: &Links, name: &str) -> Result<(), NetlinkError> {
+        let msg = LinkUnspec::new_with_index(links.index(name)?).up().build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(request(format!("bringing {name} up")))
+    }
+
+    pub async fn add_address(
+        &self,
+        links: &Links,
+        name: &str,
+        a: &Address,
+    ) -> Result<(), NetlinkError> {
+        let msg = address_message(links.index(name)?, a);
+        let what = format!("adding address {a} to {name}");
+        match self
+            .send(
+                RouteNetlinkMessage::NewAddress(msg),
+                NLM_F_CREATE | NLM_F_EXCL,
+            )
+            .await
+        {
+            Err(e) if error_code(&e) == Some(EEXIST) => Ok(()),
+            r => r.map_err(request(what)),
+        }
+    }
+
+    pub async fn remove_address(
+        &self,
+        links: &Links,
+        name: &str,
+        a: &Address,
+    ) -> Result<(), NetlinkError> {
+        let msg = address_message(links.index(name)?, a);
+        self.handle
+            .address()
+            .del(msg)
+            .execute()
+            .await
+            .map_err(request(format!("removing address {a} from {name}")))
+    }
+
+    pub async fn add_route(&self, links: &Links, r: &Route) -> Result<(), NetlinkError> {
+        let msg = route_message(links, r)?;
+        let what = format!("adding route {}", r.destination);
+        match self.handle.route().add(msg).execute().await {
+            Err(e) if error_code(&e) == Some(EEXIST) => Err(NetlinkError::ForeignRoute { what }),
+            r => r.map_err(request(what)),
+        }
+    }
+
+    pub async fn remove_route(&self, links: &Links, r: &Route) -> Result<(), NetlinkError> {
+        let msg = route_message(links, r)?;
+        self.handle
+            .route()
+            .del(msg)
+            .execute()
+            .await
+            .map_err(request(format!("removing route {}", r.destination)))
+    }
+
+    async fn send(&self, body: RouteNetlinkMessage, flags: u16) -> Result<(), rtnetlink::Error> {
+        let mut req = NetlinkMessage::from(body);
+        req.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+        let mut handle = self.handle.clone();
+        let mut response = handle.request(req)?;
+        use futures::StreamExt as _;
+        while let Some(msg) = response.next().await {
+            if let NetlinkPayload::Error(e) = msg.payload {
+                return Err(rtnetlink::Error::NetlinkError(e));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Links {
+    fn index(&self, name: &str) -> Result<u32, NetlinkError> {
+        self.index
+            .get(name)
+            .copied()
+            .ok_or_else(|| NetlinkError::NoSuchLink(name.to_owned()))
+    }
+
+    pub fn exists(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// Interface names by index (for reading back routes).
+    pub fn name_of(&self, index: u32) -> Option<&str> {
+        self.names.get(&index).map(String::as_str)
+    }
+}
+
+fn link_name(msg: &LinkMessage) -> Option<String> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.clone()),
+        _ => None,
+    })
+}
+
+fn parse_link(msg: &LinkMessage, name: String) -> Link {
+    let mut mtu = 0;
+    let mut kind = LinkKind::Other {
+        name: "unknown".into(),
+    };
+    for a in &msg.attributes {
+        match a {
+            LinkAttribute::Mtu(m) => mtu = *m,
+            LinkAttribute::LinkInfo(infos) => kind = parse_kind(infos),
+            _ => {}
+        }
+    }
+    Link {
+        name,
+        kind,
+        mtu,
+        up: msg.header.flags.contains(LinkFlags::Up),
+        addresses: Vec::new(),
+    }
+}
+
+fn parse_kind(infos: &[LinkInfo]) -> LinkKind {
+    let kind = infos.iter().find_map(|i| match i {
+        LinkInfo::Kind(k) => Some(k.clone()),
+        _ => None,
+    });
+    let data = infos.iter().find_map(|i| match i {
+        LinkInfo::Data(d) => Some(d),
+        _ => None,
+    });
+    match (kind, data) {
+        (Some(InfoKind::Wireguard), _) => LinkKind::WireGuard,
+        (Some(InfoKind::GreTun), Some(InfoData::GreTun(gre))) => {
+            let (mut local, mut remote) = (Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED);
+            for g in gre {
+                match g {
+                    InfoGre::Local(a) => local = *a,
+                    InfoGre::Remote(a) => remote = *a,
+                    _ => {}
+                }
+            }
+            LinkKind::Gre { local, remote }
+        }
+        (Some(InfoKind::Vxlan), Some(InfoData::Vxlan(vx))) => {
+            let (mut vni, mut local, mut remote, mut port) =
+                (0, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, 0);
+            for v in vx {
+                match v {
+                    InfoVxlan::Id(i) => vni = *i,
+                    InfoVxlan::Local(a) => local = *a,
+                    InfoVxlan::Group(a) => remote = *a,
+                    InfoVxlan::Port(p) => port = *p,
+                    _ => {}
+                }
+            }
+            LinkKind::Vxlan {
+                vni,
+                local,
+                remote,
+                port,
+            }
+        }
+        (Some(k), _) => LinkKind::Other {
+            name: k.to_string(),
+        },
+        (None, _) => LinkKind::Other {
+            name: "none".into(),
+        },
+    }
+}
+
+fn parse_address(msg: &AddressMessage) -> Option<Address> {
+    if msg.header.family != AddressFamily::Inet {
+        return None;
+    }
+    let (mut local, mut address) = (None, None);
+    for a in &msg.attributes {
+        match a {
+            AddressAttribute::Local(IpAddr::V4(ip)) => local = Some(*ip),
+            AddressAttribute::Address(IpAddr::V4(ip)) => address = Some(*ip),
+            _ => {}
+        }
+    }
+    let local = local.or(address)?;
+    let peer = address.filter(|a| *a != local);
+    Some(Address {
+        local,
+        prefix_len: msg.header.prefix_len,
+        peer,
+    })
+}
+
+fn address_message(index: u32, a: &Address) -> AddressMessage {
+    let mut msg = AddressMessage::default();
+    msg.header.family = AddressFamily::Inet;
+    msg.header.prefix_len = a.prefix_len;
+    msg.header.index = index;
+    msg.attributes
+        .push(AddressAttribute::Local(IpAddr::V4(a.local)));
+    msg.attributes.push(AddressAttribute::Address(IpAddr::V4(
+        a.peer.unwrap_or(a.local),
+    )));
+    msg
+}
+
+fn route_table(msg: &RouteMessage) -> u32 {
+    msg.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(msg.header.table))
+}
+
+fn parse_route(msg: &RouteMessage, names: &HashMap<u32, String>) -> Route {
+    let mut r = Route {
+        destination: Ipv4Net::new(Ipv4Addr::UNSPECIFIED, msg.header.destination_prefix_length)
+            .unwrap_or_default(),
+        via: None,
+        device: None,
+        source: None,
+        mtu: None,
+        metric: 0,
+        to: String::new(),
+    };
+    let mut oif = None;
+    for a in &msg.attributes {
+        match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => {
+                r.destination =
+                    Ipv4Net::new(*ip, msg.header.destination_prefix_length).unwrap_or_default();
+            }
+            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => r.via = Some(*ip),
+            RouteAttribute::PrefSource(RouteAddress::Inet(ip)) => r.source = Some(*ip),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Priority(p) => r.metric = *p,
+            RouteAttribute::Metrics(ms) => {
+                for m in ms {
+                    if let RouteMetric::Mtu(v) = m {
+                        r.mtu = Some(*v);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    // A route through a gateway in the VPC names only the gateway: the kernel's
+    // choice of uplink is not part of the plan. Routes into our own links name them.
+    let device = oif.and_then(|i| names.get(&i).cloned());
+    if r.via.is_none()
+        || device
+            .as_deref()
+            .is_some_and(|d| d.starts_with(IFACE_PREFIX))
+    {
+        r.device = device;
+    }
+    r
+}
+
+fn route_message(links: &Links, r: &Route) -> Result<RouteMessage, NetlinkError> {
+    let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(r.destination.addr(), r.destination.prefix_len())
+        .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+        .kind(RouteType::Unicast)
+        .priority(r.metric);
+    if let Some(v) = r.via {
+        b = b.gateway(v);
+    }
+    if let Some(d) = &r.device {
+        b = b.output_interface(links.index(d)?);
+    }
+    if let Some(s) = r.source {
+        b = b.pref_source(s);
+    }
+    let mut msg = b.build();
+    if r.via.is_none() && r.device.is_some() {
+        msg.header.scope = netlink_packet_route::route::RouteScope::Link;
+    }
+    if let Some(m) = r.mtu {
+        msg.attributes
+            .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(m)]));
+    }
+    Ok(msg)
+}

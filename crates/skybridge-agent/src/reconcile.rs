@@ -1,0 +1,143 @@
+//! One reconcile: read, diff, apply — and the report of what happened.
+
+use skybridge_core::NodePlan;
+use skybridge_core::diff::{Change, diff, teardown};
+
+use crate::host::{Host, HostError};
+
+/// What a reconcile found and did.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub changes: Vec<Change>,
+    pub applied: usize,
+    /// Changes that failed, with why. The rest were still attempted: a later
+    /// run converges once the cause is gone.
+    pub failed: Vec<(Change, HostError)>,
+}
+
+impl Report {
+    pub fn converged(&self) -> bool {
+        self.failed.is_empty()
+    }
+}
+
+/// Brings the node to its plan (or, with `dry_run`, only says what that takes).
+///
+/// # Errors
+/// When the live state cannot be read; failures of single changes are in the report.
+pub async fn reconcile<H: Host>(
+    host: &mut H,
+    plan: &NodePlan,
+    dry_run: bool,
+) -> Result<Report, HostError> {
+    let live = host.read(plan).await?;
+    let changes = diff(plan, &live);
+    execute(host, changes, dry_run).await
+}
+
+/// Removes everything the agent owns on the node.
+///
+/// # Errors
+/// When the live state cannot be read.
+pub async fn down<H: Host>(
+    host: &mut H,
+    plan: &NodePlan,
+    dry_run: bool,
+) -> Result<Report, HostError> {
+    let live = host.read(plan).await?;
+    execute(host, teardown(&live), dry_run).await
+}
+
+async fn execute<H: Host>(
+    host: &mut H,
+    changes: Vec<Change>,
+    dry_run: bool,
+) -> Result<Report, HostError> {
+    let mut report = Report {
+        changes,
+        ..Report::default()
+    };
+    if dry_run {
+        return Ok(report);
+    }
+    for change in &report.changes {
+        match host.apply(change).await {
+            Ok(()) => report.applied += 1,
+            Err(e) => {
+                tracing::warn!(%change, error = %e, "change failed");
+                report.failed.push((change.clone(), e));
+            }
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::FakeHost;
+    use skybridge_core::diff::Op;
+    use skybridge_core::{State, load, plan};
+
+    fn seed_plan(node: &str) -> NodePlan {
+        let v = load(include_str!("../../../examples/seed.yaml")).unwrap();
+        plan(&v.cluster, &State::default())
+            .node(node)
+            .unwrap()
+            .clone()
+    }
+
+    #[tokio::test]
+    async fn second_reconcile_changes_nothing() {
+        let p = seed_plan("k8s-node2");
+        let mut host = FakeHost::default();
+        let first = reconcile(&mut host, &p, false).await.unwrap();
+        assert!(first.converged());
+        assert!(first.applied > 0);
+        let second = reconcile(&mut host, &p, false).await.unwrap();
+        assert_eq!(second.changes, vec![]);
+    }
+
+    #[tokio::test]
+    async fn dry_run_applies_nothing() {
+        let p = seed_plan("k8s-node2");
+        let mut host = FakeHost::default();
+        let r = reconcile(&mut host, &p, true).await.unwrap();
+        assert!(!r.changes.is_empty());
+        assert!(host.applied.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failing_change_does_not_stop_the_others() {
+        let p = seed_plan("k8s-node2");
+        let mut host = FakeHost {
+            fail_routes: true,
+            ..FakeHost::default()
+        };
+        let r = reconcile(&mut host, &p, false).await.unwrap();
+        assert_eq!(r.failed.len(), 1);
+        assert!(matches!(r.failed[0].0.op, Op::AddRoute { .. }));
+        assert!(
+            host.applied
+                .iter()
+                .any(|o| matches!(o, Op::ReplaceFirewall { .. }))
+        );
+        host.fail_routes = false;
+        let again = reconcile(&mut host, &p, false).await.unwrap();
+        assert!(again.converged());
+        assert_eq!(again.applied, 1);
+    }
+
+    #[tokio::test]
+    async fn down_removes_what_was_applied() {
+        let p = seed_plan("k8s-node2");
+        let mut host = FakeHost::default();
+        reconcile(&mut host, &p, false).await.unwrap();
+        down(&mut host, &p, false).await.unwrap();
+        assert!(
+            host.live.links.is_empty()
+                && host.live.routes.is_empty()
+                && host.live.firewall.is_none()
+        );
+    }
+}

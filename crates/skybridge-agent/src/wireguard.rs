@@ -1,0 +1,271 @@
+//! WireGuard backends. A WireGuard interface is configured through the
+//! standard cross-platform configuration protocol (UAPI) on
+//! `/var/run/wireguard/<iface>.sock` for userspace implementations, or the
+//! kernel's generic netlink family; both are behind [`WireGuard`].
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::SocketAddrV4;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use ipnet::Ipv4Net;
+use skybridge_core::diff::{Link, PeerConfig, WireGuardConfig};
+
+pub const UAPI_DIR: &str = "/var/run/wireguard";
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireGuardError {
+    #[error("talking to {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} answered errno={errno} to {what}")]
+    Errno {
+        path: PathBuf,
+        what: &'static str,
+        errno: i32,
+    },
+    #[error("{path} sent an unreadable line: {line}")]
+    Protocol { path: PathBuf, line: String },
+    #[error(
+        "no WireGuard data plane is available for {0}: this kernel has no wireguard module; load it (`modprobe wireguard`) or use transport: gre/vxlan"
+    )]
+    Unavailable(String),
+}
+
+/// The WireGuard implementation serving this node, chosen once at start-up.
+#[derive(Debug)]
+pub enum WireGuard {
+    /// No data plane here: planning a WireGuard tunnel is an error that says why.
+    Unavailable,
+    /// A userspace implementation started outside the agent (wireguard-go,
+    /// boringtun-cli) serves the interface; the agent configures it over UAPI.
+    External { private_key: String },
+}
+
+impl WireGuard {
+    pub fn name(&self) -> &'static str {
+        match self {
+            WireGuard::Unavailable => "unavailable",
+            WireGuard::External { .. } => "external (UAPI)",
+        }
+    }
+
+    /// Brings the interface into existence.
+    pub async fn create(&mut self, link: &Link) -> Result<(), WireGuardError> {
+        match self {
+            WireGuard::Unavailable => Err(WireGuardError::Unavailable(link.name.clone())),
+            WireGuard::External { .. } => {
+                if Uapi::new(&link.name).exists() {
+                    Ok(())
+                } else {
+                    Err(WireGuardError::Unavailable(link.name.clone()))
+                }
+            }
+        }
+    }
+
+    /// Stops whatever serves the interface, if the agent started it.
+    pub fn stop(&mut self, _name: &str) -> Result<(), WireGuardError> {
+        Ok(())
+    }
+
+    /// The interface's configuration; `None` when it does not run with this
+    /// node's private key (not configured yet, or restarted).
+    pub fn read(&self, name: &str) -> Result<Option<WireGuardConfig>, WireGuardError> {
+        match self {
+            WireGuard::Unavailable => Ok(None),
+            WireGuard::External { private_key } => {
+                let uapi = Uapi::new(name);
+                if !uapi.exists() {
+                    return Ok(None);
+                }
+                let (have_key, cfg) = uapi.get(name)?;
+                Ok((have_key.as_deref() == Some(private_key.as_str())).then_some(cfg))
+            }
+        }
+    }
+
+    pub fn configure(&self, cfg: &WireGuardConfig) -> Result<(), WireGuardError> {
+        match self {
+            WireGuard::Unavailable => Err(WireGuardError::Unavailable(cfg.interface.clone())),
+            WireGuard::External { private_key } => Uapi::new(&cfg.interface).set(private_key, cfg),
+        }
+    }
+}
+
+fn hex(b64: &str) -> Option<String> {
+    let bytes = STANDARD.decode(b64).ok()?;
+    Some(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn b64(hex: &str) -> Option<String> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..32)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
+        .collect();
+    Some(STANDARD.encode(bytes?))
+}
+
+/// A client of one interface's UAPI socket.
+#[derive(Debug, Clone)]
+pub struct Uapi {
+    path: PathBuf,
+}
+
+impl Uapi {
+    pub fn new(iface: &str) -> Self {
+        Uapi {
+            path: PathBuf::from(UAPI_DIR).join(format!("{iface}.sock")),
+        }
+    }
+
+    pub fn exists(&self) -> bool {
+        self.path.exists()
+    }
+
+    fn exchange(
+        &self,
+        request: &str,
+        what: &'static str,
+    ) -> Result<Vec<(String, String)>, WireGuardError> {
+        let io = |source| WireGuardError::Socket {
+            path: self.path.clone(),
+            source,
+        };
+        let mut s = UnixStream::connect(&self.path).map_err(io)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(io)?;
+        s.write_all(request.as_bytes()).map_err(io)?;
+        let mut pairs = Vec::new();
+        for line in BufReader::new(s).lines() {
+            let line = line.map_err(io)?;
+            if line.is_empty() {
+                break;
+            }
+            let Some((k, v)) = line.split_once('=') else {
+                return Err(WireGuardError::Protocol {
+                    path: self.path.clone(),
+                    line,
+                });
+            };
+            if k == "errno" {
+                let errno: i32 = v.parse().unwrap_or(-1);
+                if errno != 0 {
+                    return Err(WireGuardError::Errno {
+                        path: self.path.clone(),
+                        what,
+                        errno,
+                    });
+                }
+                continue;
+            }
+            pairs.push((k.to_owned(), v.to_owned()));
+        }
+        Ok(pairs)
+    }
+
+    /// The interface's configuration, with the public key of its private key.
+    pub fn get(&self, iface: &str) -> Result<(Option<String>, WireGuardConfig), WireGuardError> {
+        let pairs = self.exchange("get=1\n\n", "get")?;
+        let mut cfg = WireGuardConfig {
+            interface: iface.to_owned(),
+            listen_port: 0,
+            peers: Vec::new(),
+        };
+        let mut private = None;
+        for (k, v) in pairs {
+            match k.as_str() {
+                "private_key" => private = b64(&v),
+                "listen_port" => cfg.listen_port = v.parse().unwrap_or(0),
+                "public_key" => cfg.peers.push(PeerConfig {
+                    public_key: b64(&v).unwrap_or_default(),
+                    endpoint: None,
+                    allowed_ips: Vec::new(),
+                    persistent_keepalive: None,
+                }),
+                "endpoint" => {
+                    if let Some(p) = cfg.peers.last_mut() {
+                        p.endpoint = v.parse::<SocketAddrV4>().ok();
+                    }
+                }
+                "persistent_keepalive_interval" => {
+                    if let Some(p) = cfg.peers.last_mut() {
+                        p.persistent_keepalive = v.parse().ok().filter(|s| *s > 0);
+                    }
+                }
+                "allowed_ip" => {
+                    if let (Some(p), Ok(net)) = (cfg.peers.last_mut(), v.parse::<Ipv4Net>()) {
+                        p.allowed_ips.push(net);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok((private, cfg))
+    }
+
+    /// Replaces the whole configuration: private key, port, and every peer.
+    pub fn set(&self, private_key: &str, cfg: &WireGuardConfig) -> Result<(), WireGuardError> {
+        let mut req = String::from("set=1\n");
+        req += &format!("private_key={}\n", hex(private_key).unwrap_or_default());
+        req += &format!("listen_port={}\nreplace_peers=true\n", cfg.listen_port);
+        for p in &cfg.peers {
+            let Some(key) = hex(&p.public_key) else {
+                continue;
+            };
+            req += &format!("public_key={key}\n");
+            if let Some(ep) = p.endpoint {
+                req += &format!("endpoint={ep}\n");
+            }
+            req += &format!(
+                "persistent_keepalive_interval={}\n",
+                p.persistent_keepalive.unwrap_or(0)
+            );
+            req += "replace_allowed_ips=true\n";
+            for a in &p.allowed_ips {
+                req += &format!("allowed_ip={a}\n");
+            }
+        }
+        req += "\n";
+        self.exchange(&req, "set").map(drop)
+    }
+}
+
+/// Endpoints learned from a peer that roams (no configured endpoint) are not
+/// part of the plan; compare without them.
+pub fn without_learned_endpoints(
+    mut have: WireGuardConfig,
+    want: &WireGuardConfig,
+) -> WireGuardConfig {
+    for p in &mut have.peers {
+        if want
+            .peers
+            .iter()
+            .any(|w| w.public_key == p.public_key && w.endpoint.is_none())
+        {
+            p.endpoint = None;
+        }
+    }
+    have
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_convert_between_base64_and_hex() {
+        let k = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
+        let h = hex(k).unwrap();
+        assert_eq!(h.len(), 64);
+        assert_eq!(b64(&h).unwrap(), k);
+    }
+}
