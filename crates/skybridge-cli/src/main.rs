@@ -77,6 +77,7 @@ enum RenderFormat {
     Networkd,
     Nftables,
     Wireguard,
+    SystemdAgent,
 }
 
 impl From<RenderFormat> for Format {
@@ -86,6 +87,7 @@ impl From<RenderFormat> for Format {
             RenderFormat::Networkd => Format::Networkd,
             RenderFormat::Nftables => Format::Nftables,
             RenderFormat::Wireguard => Format::WireGuard,
+            RenderFormat::SystemdAgent => Format::SystemdAgent,
         }
     }
 }

@@ -18,6 +18,7 @@
 //! | `networkd` | `90-sb-*.netdev` + `.network` per tunnel, `skybridge-uplink.network.d/50-skybridge.conf` for routes via the gateway, `90-skybridge.conf` (sysctl.d), `skybridge.nft` |
 //! | `nftables` | `skybridge.nft` (tunnel ends only: internal nodes have no rules) |
 //! | `wireguard` | `sb-wg0.conf` for wg-quick (WireGuard tunnel ends only) |
+//! | `systemd-agent` | `skybridge-agent.service`: runs the agent at boot, restarts it on failure |
 //!
 //! With generated keys, every node with a WireGuard tunnel also gets
 //! `private.key` (0600) for [`KEY_PATH`].
@@ -31,6 +32,7 @@ pub mod iptables;
 mod networkd;
 pub mod nftables;
 mod script;
+mod systemd;
 mod wireguard;
 
 use std::collections::BTreeMap;
@@ -41,6 +43,10 @@ use skybridge_core::ClusterPlan;
 pub const KEY_PATH: &str = "/etc/skybridge/private.key";
 /// Where the `script` format's unit expects the script to be installed.
 pub const SCRIPT_PATH: &str = "/usr/local/sbin/skybridge-net.sh";
+/// Where the `systemd-agent` unit expects the agent binary.
+pub const AGENT_BINARY: &str = "/usr/local/bin/skybridge";
+/// Where the `systemd-agent` unit expects the cluster file.
+pub const CLUSTER_PATH: &str = "/etc/skybridge/cluster.yaml";
 
 /// Which artifacts to produce.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,6 +55,8 @@ pub enum Format {
     Networkd,
     Nftables,
     WireGuard,
+    /// The systemd unit that runs `skybridge agent` at boot.
+    SystemdAgent,
 }
 
 /// One output file, relative to the output folder (`<node>/<file>`).
@@ -93,5 +101,6 @@ pub fn render(
         Format::Networkd => networkd::render(plan, keys),
         Format::Nftables => nftables::render(plan),
         Format::WireGuard => wireguard::render(plan, keys)?,
+        Format::SystemdAgent => systemd::render(plan),
     })
 }

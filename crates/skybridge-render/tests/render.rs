@@ -13,11 +13,12 @@ use skybridge_render::{File, Format, KEY_PATH, PrivateKeys, RenderError, render}
 const SEED: &str = include_str!("../../../examples/seed.yaml");
 const LAB: &str = include_str!("../../../examples/lab.yaml");
 
-const FORMATS: [(Format, &str); 4] = [
+const FORMATS: [(Format, &str); 5] = [
     (Format::Script, "script"),
     (Format::Networkd, "networkd"),
     (Format::Nftables, "nftables"),
     (Format::WireGuard, "wireguard"),
+    (Format::SystemdAgent, "systemd-agent"),
 ];
 
 fn plan_of(src: &str, state: &State) -> ClusterPlan {

@@ -1,0 +1,42 @@
+//! `systemd-agent` format: `skybridge-agent.service`, the unit that runs the
+//! agent at boot and keeps it running, so that a rebooted node converges with
+//! no operator action.
+
+use skybridge_core::ClusterPlan;
+
+use crate::common::{PUBLIC, Text, file, header};
+use crate::{AGENT_BINARY, CLUSTER_PATH, File};
+
+pub(crate) const FILE_NAME: &str = "skybridge-agent.service";
+
+pub(crate) fn render(plan: &ClusterPlan) -> Vec<File> {
+    plan.nodes
+        .iter()
+        .map(|node| {
+            let mut t = Text::default();
+            header(&mut t, plan, node);
+            t.comment(format!("Install as /etc/systemd/system/{FILE_NAME}, with the agent at {AGENT_BINARY}"));
+            t.comment(format!("and the cluster file at {CLUSTER_PATH}; then `systemctl enable --now skybridge-agent`."));
+            t.blank();
+            t.line("[Unit]");
+            t.line(format!("Description=Skybridge agent for node {} of cluster {}", node.node, plan.cluster));
+            t.line("After=network-online.target");
+            t.line("Wants=network-online.target");
+            t.line("Before=kubelet.service");
+            t.blank();
+            t.line("[Service]");
+            t.line("Type=simple");
+            t.line(format!("ExecStart={AGENT_BINARY} agent --cluster {CLUSTER_PATH} --node {}", node.node));
+            t.line("Restart=on-failure");
+            t.line("RestartSec=2");
+            // Stopping the agent must not take the network down with it.
+            t.line("KillMode=process");
+            t.line("StateDirectory=skybridge");
+            t.line("StateDirectoryMode=0700");
+            t.blank();
+            t.line("[Install]");
+            t.line("WantedBy=multi-user.target");
+            file(node, FILE_NAME, PUBLIC, t.finish())
+        })
+        .collect()
+}
