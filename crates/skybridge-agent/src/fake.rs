@@ -17,6 +17,7 @@ pub struct FakeHost {
     pub applied: Vec<Op>,
     /// Make every route addition fail, as a foreign route would.
     pub fail_routes: bool,
+    pub ssh_peers: Vec<std::net::Ipv4Addr>,
 }
 
 impl Host for FakeHost {
@@ -88,5 +89,9 @@ impl Host for FakeHost {
 
     fn original_sysctls(&self) -> BTreeMap<String, String> {
         BTreeMap::new()
+    }
+
+    fn ssh_peers(&self) -> Vec<std::net::Ipv4Addr> {
+        self.ssh_peers.clone()
     }
 }

@@ -24,6 +24,9 @@ pub enum HostError {
     Firewall(#[from] FirewallError),
     #[error("wireguard: {0}")]
     WireGuard(#[from] WireGuardError),
+    /// A change held back because it would cut the node off from its operator.
+    #[error("{0}")]
+    Refused(String),
     #[error("state file {path}: {source}")]
     State {
         path: PathBuf,
@@ -40,6 +43,8 @@ pub trait Host {
     async fn apply(&mut self, change: &Change) -> Result<(), HostError>;
     /// Values of sysctls as they were before Skybridge first changed them.
     fn original_sysctls(&self) -> BTreeMap<String, String>;
+    /// Peers of the SSH sessions into this node.
+    fn ssh_peers(&self) -> Vec<std::net::Ipv4Addr>;
 }
 
 /// What the agent remembers between runs (netavark's state idea): the values
@@ -194,6 +199,10 @@ impl Host for LinuxHost {
 
     fn original_sysctls(&self) -> BTreeMap<String, String> {
         self.remembered().sysctls
+    }
+
+    fn ssh_peers(&self) -> Vec<std::net::Ipv4Addr> {
+        crate::ssh::peers()
     }
 }
 

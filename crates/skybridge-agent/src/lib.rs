@@ -13,5 +13,6 @@ pub mod host;
 pub mod keys;
 pub mod netlink;
 pub mod reconcile;
+pub mod ssh;
 pub mod sysctl;
 pub mod wireguard;

@@ -1,7 +1,7 @@
 //! One reconcile: read, diff, apply — and the report of what happened.
 
 use skybridge_core::NodePlan;
-use skybridge_core::diff::{Change, diff, teardown};
+use skybridge_core::diff::{Change, Live, diff, protect_ssh, teardown};
 
 use crate::host::{Host, HostError};
 
@@ -32,7 +32,7 @@ pub async fn reconcile<H: Host>(
 ) -> Result<Report, HostError> {
     let live = host.read(plan).await?;
     let changes = diff(plan, &live);
-    execute(host, changes, dry_run).await
+    execute(host, &live, changes, dry_run).await
 }
 
 /// Removes everything the agent owns on the node.
@@ -45,22 +45,29 @@ pub async fn down<H: Host>(
     dry_run: bool,
 ) -> Result<Report, HostError> {
     let live = host.read(plan).await?;
-    execute(host, teardown(&live), dry_run).await
+    let changes = teardown(&live);
+    execute(host, &live, changes, dry_run).await
 }
 
 async fn execute<H: Host>(
     host: &mut H,
+    live: &Live,
     changes: Vec<Change>,
     dry_run: bool,
 ) -> Result<Report, HostError> {
+    let (safe, refused) = protect_ssh(changes.clone(), live, &host.ssh_peers());
     let mut report = Report {
         changes,
         ..Report::default()
     };
+    report.failed = refused
+        .into_iter()
+        .map(|(c, why)| (c, HostError::Refused(why)))
+        .collect();
     if dry_run {
         return Ok(report);
     }
-    for change in &report.changes {
+    for change in &safe {
         match host.apply(change).await {
             Ok(()) => report.applied += 1,
             Err(e) => {
@@ -126,6 +133,25 @@ mod tests {
         let again = reconcile(&mut host, &p, false).await.unwrap();
         assert!(again.converged());
         assert_eq!(again.applied, 1);
+    }
+
+    #[tokio::test]
+    async fn a_change_that_cuts_the_operators_ssh_session_is_refused() {
+        let p = seed_plan("k8s-node2");
+        let mut host = FakeHost::default();
+        reconcile(&mut host, &p, false).await.unwrap();
+        host.ssh_peers = vec!["192.168.0.50".parse().unwrap()];
+        let r = down(&mut host, &p, false).await.unwrap();
+        assert_eq!(r.failed.len(), 2, "{:?}", r.failed);
+        assert!(r.failed.iter().all(|(_, e)| {
+            e.to_string()
+                .contains("would cut the SSH session from 192.168.0.50")
+        }));
+        assert_eq!(
+            host.live.links.len(),
+            1,
+            "the tunnel carrying the session stays"
+        );
     }
 
     #[tokio::test]

@@ -499,6 +499,53 @@ fn peer_difference(have: &[PeerConfig], want: &[PeerConfig]) -> String {
     format!("peers: {added} new, {changed} changed, {removed} not planned")
 }
 
+/// Splits `changes` into those safe to apply and those that would cut the
+/// node off from an SSH client at one of `ssh_peers` (with why): removing or
+/// replacing the route or link that carries the session now, or adding a
+/// route that would pull a session onto a tunnel it does not use yet.
+pub fn protect_ssh(
+    changes: Vec<Change>,
+    live: &Live,
+    ssh_peers: &[Ipv4Addr],
+) -> (Vec<Change>, Vec<(Change, String)>) {
+    let carrying = |peer: &Ipv4Addr| {
+        live.routes
+            .iter()
+            .filter(|r| r.destination.contains(peer))
+            .max_by_key(|r| r.destination.prefix_len())
+    };
+    let mut safe = Vec::new();
+    let mut refused = Vec::new();
+    for c in changes {
+        let veto = ssh_peers.iter().find_map(|peer| {
+            let current = carrying(peer);
+            let why = match &c.op {
+                Op::RemoveRoute { route } if current == Some(route) => {
+                    "removing the route that carries it"
+                }
+                Op::DeleteLink { link }
+                | Op::RecreateLink {
+                    link: Link { name: link, .. },
+                } if current.is_some_and(|r| r.device.as_ref() == Some(link)) => {
+                    "removing the tunnel that carries it"
+                }
+                Op::AddRoute { route } if route.destination.contains(peer) && current.is_none() => {
+                    "moving it onto a tunnel it does not use now"
+                }
+                _ => return None,
+            };
+            Some(format!(
+                "refused: {why} would cut the SSH session from {peer}"
+            ))
+        });
+        match veto {
+            Some(why) => refused.push((c, why)),
+            None => safe.push(c),
+        }
+    }
+    (safe, refused)
+}
+
 /// What `agent down` removes: everything owned, nothing else.
 pub fn teardown(live: &Live) -> Vec<Change> {
     let mut out = Vec::new();
@@ -615,6 +662,38 @@ mod tests {
         };
         let ops: Vec<Op> = diff(&p, &live).into_iter().map(|c| c.op).collect();
         assert!(matches!(&ops[0], Op::RecreateLink { link } if link.name == "sb-gre-1"));
+    }
+
+    #[test]
+    fn changes_that_would_cut_an_ssh_session_are_refused() {
+        let p = seed_plan("k8s-node2");
+        let live = converged(&p);
+        // An operator logged in from site huawei, over the tunnel.
+        let peer: Ipv4Addr = "192.168.0.50".parse().unwrap();
+        let (safe, refused) = protect_ssh(teardown(&live), &live, &[peer]);
+        assert_eq!(refused.len(), 2, "{refused:?}");
+        assert!(refused.iter().all(|(_, why)| why.contains("192.168.0.50")));
+        assert!(safe.iter().any(|c| c.op == Op::RemoveFirewall));
+        // Nothing owned carries a session from elsewhere: everything may go.
+        let (safe, refused) =
+            protect_ssh(teardown(&live), &live, &["203.0.113.9".parse().unwrap()]);
+        assert!(refused.is_empty());
+        assert_eq!(safe.len(), teardown(&live).len());
+        // A fresh node: a new route must not pull an existing session into the tunnel.
+        let (_, refused) = protect_ssh(diff(&p, &Live::default()), &Live::default(), &[peer]);
+        assert!(
+            matches!(
+                refused[..],
+                [(
+                    Change {
+                        op: Op::AddRoute { .. },
+                        ..
+                    },
+                    _
+                )]
+            ),
+            "{refused:?}"
+        );
     }
 
     #[test]
