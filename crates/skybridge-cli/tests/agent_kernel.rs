@@ -338,7 +338,7 @@ fn running_agent_restores_a_deleted_route_and_rule_within_two_seconds() {
         ]);
         listing
             .lines()
-            .filter(|l| l.contains("masquerade"))
+            .filter(|l| l.contains("comment \"sb:"))
             .map(|l| {
                 l.rsplit("# handle ")
                     .next()

@@ -138,7 +138,7 @@ fn node_heap_bytes(n: &NodePlan) -> usize {
         .firewall
         .iter()
         .map(|r| match r {
-            FirewallRule::MasqueradeIntoTunnels { sources: v }
+            FirewallRule::MasqueradeIntoTunnels { sources: v, .. }
             | FirewallRule::MasqueradeFromTunnels { destinations: v } => buf(v),
             FirewallRule::AcceptTunnel {
                 sources: Some(v), ..

@@ -218,8 +218,10 @@ pub enum TunnelProtocol {
 pub enum FirewallRule {
     /// Accept forwarded traffic entering or leaving a tunnel.
     ForwardAccept { direction: Direction },
-    /// SNAT local traffic leaving through a tunnel to the tunnel address.
-    MasqueradeIntoTunnels { sources: Vec<Ipv4Net> },
+    /// SNAT local traffic leaving through a tunnel to the gateway's private
+    /// IP (`to`): the far site sees one address of this site, which every node
+    /// there already routes back through its gateway.
+    MasqueradeIntoTunnels { sources: Vec<Ipv4Net>, to: Ipv4Addr },
     /// SNAT traffic from a tunnel entering the local VPC to the gateway's private IP.
     MasqueradeFromTunnels { destinations: Vec<Ipv4Net> },
     /// Lower the MSS of TCP SYNs leaving through a tunnel so segments fit it.
@@ -281,14 +283,18 @@ pub fn plan(cluster: &Cluster, state: &State) -> ClusterPlan {
         }
         v
     };
-    let ctx = Ctx {
+    let mut ctx = Ctx {
         cluster,
         state,
         members: &members,
         member_of: &member_of,
-        site_members: &site_members,
         wg_mtu: wg_mtus(cluster, &site_members),
+        behind: Vec::new(),
     };
+    // What lies behind each tunnel end is the same for every node: compute it once.
+    ctx.behind = (0..members.len())
+        .map(|mi| ctx.networks_behind(mi))
+        .collect();
 
     let sites = cluster
         .sites
@@ -354,8 +360,9 @@ struct Ctx<'c> {
     state: &'c State,
     members: &'c [Member<'c>],
     member_of: &'c HashMap<&'c str, usize>,
-    site_members: &'c [Vec<usize>],
     wg_mtu: Vec<u32>,
+    /// [`Ctx::networks_behind`] of every member.
+    behind: Vec<Vec<Ipv4Net>>,
 }
 
 impl Ctx<'_> {
@@ -449,7 +456,7 @@ impl Ctx<'_> {
         }
         // Nodes that do not carry the site's traffic themselves go through the active gateway.
         if matches!(role, NodeRole::Internal | NodeRole::StandbyGateway) {
-            self.plan_via_gateway(&mut plan, si, role);
+            self.plan_via_gateway(&mut plan, si);
         }
         plan
     }
@@ -477,7 +484,7 @@ impl Ctx<'_> {
                 let mut peers = Vec::new();
                 for p in self.peers(mi) {
                     let peer = &self.members[p];
-                    let behind = self.networks_behind(p);
+                    let behind = self.behind[p].clone();
                     if routes_own_traffic {
                         for dest in &behind {
                             plan.routes.push(Route {
@@ -530,7 +537,7 @@ impl Ctx<'_> {
                         .ip;
                     peer_ips.push(remote);
                     if routes_own_traffic {
-                        for dest in self.networks_behind(p) {
+                        for &dest in &self.behind[p] {
                             plan.routes.push(Route {
                                 destination: dest,
                                 // VXLAN is an Ethernet link: without a next hop the kernel
@@ -579,6 +586,7 @@ impl Ctx<'_> {
             local.extend(site.nodes.iter().filter_map(|n| n.pod_cidr));
             plan.firewall.push(FirewallRule::MasqueradeIntoTunnels {
                 sources: local.clone(),
+                to: me.node.private_ip,
             });
             plan.firewall.push(FirewallRule::MasqueradeFromTunnels {
                 destinations: local,
@@ -605,9 +613,8 @@ impl Ctx<'_> {
     }
 
     /// Routes of a node that reaches other sites through its site's active gateway.
-    fn plan_via_gateway(&self, plan: &mut NodePlan, si: usize, role: NodeRole) {
-        let site = &self.cluster.sites[si];
-        let Some(gw) = site.preferred_gateway() else {
+    fn plan_via_gateway(&self, plan: &mut NodePlan, si: usize) {
+        let Some(gw) = self.cluster.sites[si].preferred_gateway() else {
             return;
         };
         let Some(&gmi) = self.member_of.get(gw.name.as_str()) else {
@@ -633,33 +640,13 @@ impl Ctx<'_> {
                 Transport::WireGuard => self.wg_mtu[si],
                 _ => self.ptp_mtu(si, peer.site),
             };
-            for dest in self.networks_behind(p) {
+            for &dest in &self.behind[p] {
                 route(
                     dest,
                     mtu,
                     route_target(&self.cluster.sites[peer.site], peer.node),
                 );
             }
-        }
-        // Traffic a masquerading site sends into its tunnels carries a pool
-        // address; a standby gateway has the pool on its own tunnels already.
-        if role == NodeRole::Internal && self.peers(gmi).next().is_some() {
-            let mtu = match self.transport() {
-                Transport::WireGuard => self.wg_mtu[si],
-                _ => self
-                    .site_members
-                    .iter()
-                    .enumerate()
-                    .filter(|(t, m)| *t != si && !m.is_empty())
-                    .map(|(t, _)| self.ptp_mtu(si, t))
-                    .min()
-                    .unwrap_or(site.mtu),
-            };
-            route(
-                self.cluster.network.tunnel_pool,
-                mtu,
-                "tunnel pool".to_owned(),
-            );
         }
     }
 }

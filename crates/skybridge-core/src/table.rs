@@ -176,8 +176,8 @@ impl fmt::Display for RuleLine<'_> {
             FirewallRule::ForwardAccept {
                 direction: Direction::Out,
             } => write!(f, "forward     accept to sb-*"),
-            FirewallRule::MasqueradeIntoTunnels { sources } => {
-                write!(f, "postrouting masquerade to sb-* from {}", nets(sources))
+            FirewallRule::MasqueradeIntoTunnels { sources, to } => {
+                write!(f, "postrouting snat to sb-* from {} to {to}", nets(sources))
             }
             FirewallRule::MasqueradeFromTunnels { destinations } => {
                 write!(

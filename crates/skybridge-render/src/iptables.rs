@@ -80,9 +80,14 @@ fn rule(r: &FirewallRule) -> Vec<((&'static str, &'static str), String)> {
                 mss + 1
             ),
         )],
-        FirewallRule::MasqueradeIntoTunnels { sources } => sources
+        FirewallRule::MasqueradeIntoTunnels { sources, to } => sources
             .iter()
-            .map(|n| (POSTROUTING, format!("-o {OURS} -s {n} -j MASQUERADE")))
+            .map(|n| {
+                (
+                    POSTROUTING,
+                    format!("-o {OURS} -s {n} -j SNAT --to-source {to}"),
+                )
+            })
             .collect(),
         // iptables refuses -i in the built-in POSTROUTING chain but not in
         // ours; the kernel knows the input interface of forwarded packets there.
@@ -145,6 +150,7 @@ mod tests {
                 "10.0.0.0/24".parse().unwrap(),
                 "10.1.0.0/24".parse().unwrap(),
             ],
+            to: "10.0.0.1".parse().unwrap(),
         };
         let r = rules(std::slice::from_ref(&rule), true);
         assert_eq!(r.len(), 2);

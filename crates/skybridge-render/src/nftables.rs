@@ -167,10 +167,10 @@ fn rule(r: &FirewallRule) -> Option<(Chain, Vec<String>)> {
                 "oifname {ours} tcp flags & (syn | rst) == syn tcp option maxseg size > {mss} tcp option maxseg size set {mss}"
             )],
         ),
-        FirewallRule::MasqueradeIntoTunnels { sources } if !sources.is_empty() => (
+        FirewallRule::MasqueradeIntoTunnels { sources, to } if !sources.is_empty() => (
             Chain::Postrouting,
             vec![format!(
-                "oifname {ours} ip saddr {} masquerade",
+                "oifname {ours} ip saddr {} snat to {to}",
                 set(sources)
             )],
         ),
@@ -252,7 +252,10 @@ mod tests {
     #[test]
     fn empty_lists_render_no_rule_rather_than_an_empty_set() {
         assert_eq!(
-            rule(&FirewallRule::MasqueradeIntoTunnels { sources: vec![] }),
+            rule(&FirewallRule::MasqueradeIntoTunnels {
+                sources: vec![],
+                to: "10.0.0.1".parse().unwrap()
+            }),
             None
         );
         assert_eq!(

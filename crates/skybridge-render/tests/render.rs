@@ -143,7 +143,7 @@ fn seed_script_does_what_the_manual_procedure_did() {
         "ip addr replace 192.168.100.2 peer 192.168.100.1/32 dev sb-gre-1",
         "ip route replace 192.168.0.0/24 dev sb-gre-1 src 172.26.32.235 metric 100",
         "sysctl_set net.ipv4.ip_forward 1",
-        "rule_add nat SKYBRIDGE-POST -o sb-+ -s 172.26.32.0/24 -j MASQUERADE",
+        "rule_add nat SKYBRIDGE-POST -o sb-+ -s 172.26.32.0/24 -j SNAT --to-source 172.26.32.235",
         "rule_add nat SKYBRIDGE-POST -i sb-+ -d 172.26.32.0/24 -j MASQUERADE",
         "rule_add filter SKYBRIDGE-FWD -i sb-+ -j ACCEPT",
         "rule_add filter SKYBRIDGE-FWD -o sb-+ -j ACCEPT",
