@@ -40,7 +40,7 @@ pub trait Firewall: std::fmt::Debug + Send {
 /// Picks nftables when `nft` works here, iptables otherwise.
 pub fn detect() -> Result<Box<dyn Firewall>, FirewallError> {
     if run("nft", &["list", "tables"], None).is_ok() {
-        return Ok(Box::new(Nftables));
+        return Ok(Box::new(Nftables::default()));
     }
     if run("iptables", &["-w", "-S", "FORWARD"], None).is_ok() {
         return Ok(Box::new(Iptables));
@@ -81,8 +81,16 @@ fn run(program: &'static str, args: &[&str], stdin: Option<&str>) -> Result<Stri
     }
 }
 
-#[derive(Debug)]
-pub struct Nftables;
+/// nftables through the `nft` program, which takes and gives whole batches.
+///
+/// Listing the table means starting `nft`; to keep a no-op reconcile cheap
+/// the listing is remembered with the ruleset's generation number (asked of
+/// the kernel over nfnetlink, which changes with every change to any table)
+/// and reused while it has not changed.
+#[derive(Debug, Default)]
+pub struct Nftables {
+    cache: std::sync::Mutex<Option<(u32, Option<Vec<String>>)>>,
+}
 
 impl Firewall for Nftables {
     fn name(&self) -> &'static str {
@@ -90,6 +98,33 @@ impl Firewall for Nftables {
     }
 
     fn read(&self) -> Result<Option<Vec<String>>, FirewallError> {
+        let generation = ruleset_generation().ok();
+        let mut cache = self.cache.lock().expect("not poisoned");
+        if let (Some(g), Some((cached, rules))) = (generation, cache.as_ref())
+            && g == *cached
+        {
+            return Ok(rules.clone());
+        }
+        let rules = Self::list()?;
+        *cache = generation.map(|g| (g, rules.clone()));
+        Ok(rules)
+    }
+
+    fn replace(&self, rules: &[FirewallRule]) -> Result<(), FirewallError> {
+        let text = skybridge_render::nftables::ruleset(rules, true);
+        run("nft", &["-f", "-"], Some(&text)).map(drop)
+    }
+
+    fn remove(&self) -> Result<(), FirewallError> {
+        match run("nft", &["delete", "table", "ip", FIREWALL_TABLE], None) {
+            Err(FirewallError::Failed { stderr, .. }) if stderr.contains("No such file") => Ok(()),
+            r => r.map(drop),
+        }
+    }
+}
+
+impl Nftables {
+    fn list() -> Result<Option<Vec<String>>, FirewallError> {
         let out = match run("nft", &["-j", "list", "table", "ip", FIREWALL_TABLE], None) {
             Ok(out) => out,
             Err(FirewallError::Failed { stderr, .. }) if stderr.contains("No such file") => {
@@ -107,18 +142,52 @@ impl Firewall for Nftables {
             .map(str::to_owned);
         Ok(Some(dedup_in_order(comments)))
     }
+}
 
-    fn replace(&self, rules: &[FirewallRule]) -> Result<(), FirewallError> {
-        let text = skybridge_render::nftables::ruleset(rules, true);
-        run("nft", &["-f", "-"], Some(&text)).map(drop)
+/// The nftables ruleset generation (`NFT_MSG_GETGEN`), which the kernel bumps
+/// on every committed change to any table.
+fn ruleset_generation() -> std::io::Result<u32> {
+    use netlink_sys::{Socket, protocols::NETLINK_NETFILTER};
+    const NFNL_SUBSYS_NFTABLES: u16 = 10;
+    const NFT_MSG_GETGEN: u16 = 16;
+    const NFT_MSG_NEWGEN: u16 = 15;
+    const NFTA_GEN_ID: u16 = 1;
+    const NLM_F_REQUEST: u16 = 1;
+    let mut s = Socket::new(NETLINK_NETFILTER)?;
+    s.bind_auto()?;
+    s.connect(&netlink_sys::SocketAddr::new(0, 0))?;
+    // nlmsghdr (16 bytes) + nfgenmsg (family AF_UNSPEC, version 0, res_id 0).
+    let mut req = Vec::with_capacity(20);
+    req.extend_from_slice(&20u32.to_ne_bytes());
+    req.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN).to_ne_bytes());
+    req.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.extend_from_slice(&[0, 0, 0, 0]);
+    s.send(&req, 0)?;
+    let mut buf = Vec::with_capacity(4096);
+    s.recv(&mut buf, 0)?;
+    let bad = || std::io::Error::other("unexpected nfnetlink answer to GETGEN");
+    let kind = u16::from_ne_bytes(buf.get(4..6).ok_or_else(bad)?.try_into().expect("2 bytes"));
+    if kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN {
+        return Err(bad());
     }
-
-    fn remove(&self) -> Result<(), FirewallError> {
-        match run("nft", &["delete", "table", "ip", FIREWALL_TABLE], None) {
-            Err(FirewallError::Failed { stderr, .. }) if stderr.contains("No such file") => Ok(()),
-            r => r.map(drop),
+    let len = (u32::from_ne_bytes(buf[0..4].try_into().expect("4 bytes")) as usize).min(buf.len());
+    let mut at = 20;
+    while at + 4 <= len {
+        let alen = u16::from_ne_bytes(buf[at..at + 2].try_into().expect("2 bytes")) as usize;
+        let atype = u16::from_ne_bytes(buf[at + 2..at + 4].try_into().expect("2 bytes")) & 0x3fff;
+        if alen < 4 {
+            break;
         }
+        if atype == NFTA_GEN_ID && alen >= 8 {
+            return Ok(u32::from_be_bytes(
+                buf[at + 4..at + 8].try_into().expect("4 bytes"),
+            ));
+        }
+        at += (alen + 3) & !3;
     }
+    Err(bad())
 }
 
 #[derive(Debug)]

@@ -80,6 +80,11 @@ impl LinuxHost {
         }
     }
 
+    /// Netlink requests sent and messages received so far.
+    pub fn netlink_counters(&self) -> (u64, u64) {
+        self.netlink.counters()
+    }
+
     pub fn backends(&self) -> String {
         format!(
             "netlink, {}, wireguard {}",

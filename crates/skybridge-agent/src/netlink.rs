@@ -71,6 +71,14 @@ fn error_code(e: &rtnetlink::Error) -> Option<i32> {
 #[derive(Clone, Debug)]
 pub struct Netlink {
     handle: Handle,
+    counters: std::sync::Arc<Counters>,
+}
+
+/// Netlink traffic of this connection, for the reconcile benchmark.
+#[derive(Debug, Default)]
+struct Counters {
+    requests: std::sync::atomic::AtomicU64,
+    messages: std::sync::atomic::AtomicU64,
 }
 
 /// Owned links with their kernel index.
@@ -87,16 +95,39 @@ impl Netlink {
     /// # Errors
     /// When the netlink socket cannot be opened.
     pub fn connect() -> Result<Self, NetlinkError> {
-        let (conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Connect)?;
+        // Strict checking lets the kernel filter dumps (routes by protocol and
+        // table), so a reconcile reads only what it owns.
+        let (conn, handle, _) =
+            rtnetlink::new_connection_with_strict_check().map_err(NetlinkError::Connect)?;
         tokio::spawn(conn);
-        Ok(Netlink { handle })
+        Ok(Netlink {
+            handle,
+            counters: Default::default(),
+        })
+    }
+
+    /// Requests sent and messages received so far.
+    pub fn counters(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.counters.requests.load(Relaxed),
+            self.counters.messages.load(Relaxed),
+        )
+    }
+
+    fn count(&self, requests: u64, messages: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.counters.requests.fetch_add(requests, Relaxed);
+        self.counters.messages.fetch_add(messages, Relaxed);
     }
 
     /// Every link named `sb-*`, with its IPv4 addresses, plus the index of every link.
     pub async fn links(&self) -> Result<Links, NetlinkError> {
         let mut out = Links::default();
         let mut stream = self.handle.link().get().execute();
+        self.count(2, 0);
         while let Some(msg) = stream.try_next().await.map_err(request("listing links"))? {
+            self.count(0, 1);
             let Some(name) = link_name(&msg) else {
                 continue;
             };
@@ -106,12 +137,15 @@ impl Netlink {
                 out.links.push(parse_link(&msg, name));
             }
         }
-        let mut stream = self.handle.address().get().execute();
+        let mut get = self.handle.address().get();
+        get.message_mut().header.family = AddressFamily::Inet;
+        let mut stream = get.execute();
         while let Some(msg) = stream
             .try_next()
             .await
             .map_err(request("listing addresses"))?
         {
+            self.count(0, 1);
             let Some(name) = out.names.get(&msg.header.index) else {
                 continue;
             };
@@ -130,10 +164,15 @@ impl Netlink {
 
     /// IPv4 routes of the main table that carry Skybridge's protocol.
     pub async fn routes(&self, links: &Links) -> Result<Vec<Route>, NetlinkError> {
-        let filter = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let filter = RouteMessageBuilder::<Ipv4Addr>::new()
+            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+            .table_id(u32::from(MAIN_TABLE))
+            .build();
         let mut stream = self.handle.route().get(filter).execute();
         let mut out = Vec::new();
+        self.count(1, 0);
         while let Some(msg) = stream.try_next().await.map_err(request("listing routes"))? {
+            self.count(0, 1);
             if msg.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)
                 && route_table(&msg) == u32::from(MAIN_TABLE)
             {
