@@ -132,6 +132,9 @@ impl Host for LinuxHost {
                 sysctls.insert(s.key.clone(), v);
             }
         }
+        if self.links.exists(WG_IFACE) {
+            self.wireguard.revive(WG_IFACE).await?;
+        }
         let mut links = self.links.links.clone();
         let mut wireguard = None;
         if let Some(l) = links.iter_mut().find(|l| l.name == WG_IFACE) {
@@ -162,12 +165,16 @@ impl Host for LinuxHost {
                     self.wireguard.stop(&link.name)?;
                     nl.delete_link(&self.links, &link.name).await?;
                 }
-                if link.kind == LinkKind::WireGuard {
+                if link.kind == LinkKind::WireGuard
+                    && !matches!(self.wireguard, WireGuard::Unavailable)
+                {
+                    // A userspace data plane brings its own (TUN) link.
                     self.wireguard.create(link).await?;
                 } else {
                     nl.create_link(link).await?;
                 }
                 self.refresh_links().await?;
+                nl.set_mtu(&self.links, &link.name, link.mtu).await?;
                 nl.set_up(&self.links, &link.name).await?;
             }
             Op::SetMtu { link, mtu } => nl.set_mtu(&self.links, link, *mtu).await?,

@@ -7,6 +7,7 @@
 //! nftables or iptables for the firewall; a WireGuard backend.
 
 pub mod daemon;
+pub mod dataplane;
 pub mod fake;
 pub mod firewall;
 pub mod host;

@@ -6,7 +6,7 @@
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::SocketAddrV4;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -32,6 +32,8 @@ pub enum WireGuardError {
     },
     #[error("{path} sent an unreadable line: {line}")]
     Protocol { path: PathBuf, line: String },
+    #[error("the userspace WireGuard data plane of {iface} did not start: {why}")]
+    Dataplane { iface: String, why: String },
     #[error(
         "no WireGuard data plane is available for {0}: this kernel has no wireguard module; load it (`modprobe wireguard`) or use transport: gre/vxlan"
     )]
@@ -46,6 +48,13 @@ pub enum WireGuard {
     /// A userspace implementation started outside the agent (wireguard-go,
     /// boringtun-cli) serves the interface; the agent configures it over UAPI.
     External { private_key: String },
+    /// Skybridge's own data plane ([`crate::dataplane`]), in a process of its
+    /// own started from `exe`, outliving agent restarts.
+    Userspace {
+        private_key: String,
+        exe: PathBuf,
+        state_dir: PathBuf,
+    },
 }
 
 impl WireGuard {
@@ -53,6 +62,7 @@ impl WireGuard {
         match self {
             WireGuard::Unavailable => "unavailable",
             WireGuard::External { .. } => "external (UAPI)",
+            WireGuard::Userspace { .. } => "userspace (gotatun)",
         }
     }
 
@@ -67,11 +77,34 @@ impl WireGuard {
                     Err(WireGuardError::Unavailable(link.name.clone()))
                 }
             }
+            WireGuard::Userspace { exe, state_dir, .. } => {
+                stop_dataplane(state_dir, &link.name);
+                start_dataplane(exe, state_dir, &link.name).await
+            }
+        }
+    }
+
+    /// Restarts the data plane of an existing interface whose process is gone
+    /// (the persistent TUN kept the link, its addresses and routes).
+    pub async fn revive(&mut self, name: &str) -> Result<bool, WireGuardError> {
+        match self {
+            WireGuard::Userspace { exe, state_dir, .. } if !Uapi::new(name).alive() => {
+                tracing::warn!(
+                    iface = name,
+                    "the WireGuard data plane is not running; restarting it"
+                );
+                stop_dataplane(state_dir, name);
+                start_dataplane(exe, state_dir, name).await.map(|()| true)
+            }
+            _ => Ok(false),
         }
     }
 
     /// Stops whatever serves the interface, if the agent started it.
-    pub fn stop(&mut self, _name: &str) -> Result<(), WireGuardError> {
+    pub fn stop(&mut self, name: &str) -> Result<(), WireGuardError> {
+        if let WireGuard::Userspace { state_dir, .. } = self {
+            stop_dataplane(state_dir, name);
+        }
         Ok(())
     }
 
@@ -80,9 +113,9 @@ impl WireGuard {
     pub fn read(&self, name: &str) -> Result<Option<WireGuardConfig>, WireGuardError> {
         match self {
             WireGuard::Unavailable => Ok(None),
-            WireGuard::External { private_key } => {
+            WireGuard::External { private_key } | WireGuard::Userspace { private_key, .. } => {
                 let uapi = Uapi::new(name);
-                if !uapi.exists() {
+                if !uapi.alive() {
                     return Ok(None);
                 }
                 let (have_key, cfg) = uapi.get(name)?;
@@ -94,7 +127,9 @@ impl WireGuard {
     pub fn configure(&self, cfg: &WireGuardConfig) -> Result<(), WireGuardError> {
         match self {
             WireGuard::Unavailable => Err(WireGuardError::Unavailable(cfg.interface.clone())),
-            WireGuard::External { private_key } => Uapi::new(&cfg.interface).set(private_key, cfg),
+            WireGuard::External { private_key } | WireGuard::Userspace { private_key, .. } => {
+                Uapi::new(&cfg.interface).set(private_key, cfg)
+            }
         }
     }
 }
@@ -129,6 +164,11 @@ impl Uapi {
 
     pub fn exists(&self) -> bool {
         self.path.exists()
+    }
+
+    /// Whether a process answers on the socket (a socket file can outlive its process).
+    pub fn alive(&self) -> bool {
+        UnixStream::connect(&self.path).is_ok()
     }
 
     fn exchange(
@@ -209,7 +249,7 @@ impl Uapi {
                 _ => {}
             }
         }
-        Ok((private, cfg))
+        Ok((private, cfg.normalized()))
     }
 
     /// Replaces the whole configuration: private key, port, and every peer.
@@ -237,6 +277,86 @@ impl Uapi {
         req += "\n";
         self.exchange(&req, "set").map(drop)
     }
+}
+
+/// The pid in the data plane's pid file, if that process is still our data plane of `iface`.
+fn dataplane_pid(state_dir: &Path, iface: &str) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(crate::dataplane::pid_file(state_dir, iface))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    (args.contains(&b"wireguard-dataplane".as_slice()) && args.contains(&iface.as_bytes()))
+        .then_some(pid)
+}
+
+fn stop_dataplane(state_dir: &Path, iface: &str) {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let Some(pid) = dataplane_pid(state_dir, iface) else {
+        return;
+    };
+    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    for _ in 0..100 {
+        if dataplane_pid(state_dir, iface).is_none() || kill(Pid::from_raw(pid), None).is_err() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+}
+
+async fn start_dataplane(exe: &Path, state_dir: &Path, iface: &str) -> Result<(), WireGuardError> {
+    use std::os::unix::process::CommandExt as _;
+    let io = |source| WireGuardError::Socket {
+        path: exe.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(state_dir).map_err(io)?;
+    let log_path = state_dir.join(format!("{iface}.dataplane.log"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(io)?;
+    let mut child = std::process::Command::new(exe)
+        .arg("wireguard-dataplane")
+        .arg("--state-dir")
+        .arg(state_dir)
+        .arg(iface)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().map_err(io)?)
+        .stderr(log)
+        // Its own process group: a Ctrl-C or a stop of the agent does not reach it.
+        .process_group(0)
+        .spawn()
+        .map_err(io)?;
+    let uapi = Uapi::new(iface);
+    for _ in 0..250 {
+        if uapi.alive() {
+            // Reaped by a thread so no zombie stays behind when it exits later.
+            std::thread::spawn(move || child.wait());
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            return Err(WireGuardError::Dataplane {
+                iface: iface.to_owned(),
+                why: format!(
+                    "exited with {status}: {}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(WireGuardError::Dataplane {
+        iface: iface.to_owned(),
+        why: format!("no UAPI socket after 5 s; see {}", log_path.display()),
+    })
 }
 
 /// Endpoints learned from a peer that roams (no configured endpoint) are not

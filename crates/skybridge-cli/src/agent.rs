@@ -48,6 +48,17 @@ struct NodeArgs {
     /// Public keys of the other nodes [default: <cluster>.state.yaml].
     #[arg(long)]
     state: Option<PathBuf>,
+    /// Who carries WireGuard traffic: Skybridge's own userspace data plane, or
+    /// an implementation started by someone else (wireguard-go, boringtun-cli)
+    /// that the agent only configures over its UAPI socket.
+    #[arg(long, value_enum, default_value_t = DataPlane::Userspace)]
+    wireguard: DataPlane,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum DataPlane {
+    Userspace,
+    External,
 }
 
 #[derive(Debug, Subcommand)]
@@ -66,7 +77,17 @@ enum Action {
     },
 }
 
-pub fn main(args: AgentArgs) -> Result<ExitCode> {
+pub fn dataplane(iface: &str, state_dir: &Path) -> Result<ExitCode> {
+    init_logging();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(skybridge_agent::dataplane::run(iface, state_dir))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SKYBRIDGE_LOG")
@@ -74,6 +95,10 @@ pub fn main(args: AgentArgs) -> Result<ExitCode> {
         )
         .with_writer(std::io::stderr)
         .init();
+}
+
+pub fn main(args: AgentArgs) -> Result<ExitCode> {
+    init_logging();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -111,7 +136,8 @@ fn node_plan(args: &NodeArgs) -> Result<NodePlan, String> {
     })
 }
 
-fn host(state_dir: &Path, plan: &NodePlan) -> Result<LinuxHost> {
+fn host(args: &NodeArgs, plan: &NodePlan) -> Result<LinuxHost> {
+    let state_dir = &args.state_dir;
     let netlink = netlink::Netlink::connect()?;
     let fw = firewall::detect()?;
     let wg = if plan
@@ -119,13 +145,20 @@ fn host(state_dir: &Path, plan: &NodePlan) -> Result<LinuxHost> {
         .iter()
         .any(|t| matches!(t, skybridge_core::plan::Tunnel::WireGuard(_)))
     {
-        WireGuard::External {
-            private_key: keys::private_key(state_dir)?,
+        let private_key = keys::private_key(state_dir)?;
+        match args.wireguard {
+            DataPlane::Userspace => WireGuard::Userspace {
+                private_key,
+                exe: std::env::current_exe()
+                    .context("locating the skybridge binary for the data plane")?,
+                state_dir: state_dir.clone(),
+            },
+            DataPlane::External => WireGuard::External { private_key },
         }
     } else {
         WireGuard::Unavailable
     };
-    Ok(LinuxHost::new(netlink, fw, wg, state_dir.to_owned()))
+    Ok(LinuxHost::new(netlink, fw, wg, state_dir.clone()))
 }
 
 fn print_report(node: &str, r: &Report, dry_run: bool) {
@@ -145,7 +178,7 @@ fn print_report(node: &str, r: &Report, dry_run: bool) {
 
 async fn run(args: &NodeArgs, once: bool, dry_run: bool, interval: Duration) -> Result<ExitCode> {
     let plan = node_plan(args).map_err(anyhow::Error::msg)?;
-    let mut host = host(&args.state_dir, &plan)?;
+    let mut host = host(args, &plan)?;
     tracing::info!(node = %plan.node, backends = %host.backends(), "agent starting");
     if once || dry_run {
         let r = reconcile::reconcile(&mut host, &plan, dry_run).await?;
@@ -192,7 +225,7 @@ async fn run(args: &NodeArgs, once: bool, dry_run: bool, interval: Duration) -> 
 
 async fn down(args: &NodeArgs, dry_run: bool) -> Result<ExitCode> {
     let plan = node_plan(args).map_err(anyhow::Error::msg)?;
-    let mut host = host(&args.state_dir, &plan)?;
+    let mut host = host(args, &plan)?;
     let r = reconcile::down(&mut host, &plan, dry_run).await?;
     print_report(&plan.node, &r, dry_run);
     if !dry_run {

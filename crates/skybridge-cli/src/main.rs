@@ -28,6 +28,14 @@ struct Cli {
 enum Command {
     /// Run the node agent: reconcile this node's network onto its plan and keep it there.
     Agent(agent::AgentArgs),
+    /// The userspace WireGuard data plane of one interface (started by the agent).
+    #[command(hide = true)]
+    WireguardDataplane {
+        /// Interface name, e.g. sb-wg0.
+        iface: String,
+        #[arg(long, default_value = agent::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
     /// Check a cluster file and report every problem with its line and column.
     Validate {
         /// The cluster file (YAML).
@@ -106,6 +114,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Agent(args) => agent::main(args),
+        Command::WireguardDataplane { iface, state_dir } => agent::dataplane(&iface, &state_dir),
         Command::Validate { file } => {
             let Some(cluster) = load::cluster(&file)? else {
                 return Ok(ExitCode::FAILURE);

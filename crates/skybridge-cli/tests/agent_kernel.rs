@@ -49,8 +49,12 @@ impl World {
     fn new(transport: &str) -> World {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("cluster.yaml"), cluster(transport)).unwrap();
-        let a = Netns::new("gwa");
-        let b = Netns::new("gwb");
+        let mut a = Netns::new("gwa");
+        let mut b = Netns::new("gwb");
+        if transport == "wireguard" {
+            a.private_run();
+            b.private_run();
+        }
         wire(&a, &b);
         for (ns, private, public) in [(&a, A_PRIVATE, A_PUBLIC), (&b, B_PRIVATE, B_PUBLIC)] {
             ns.ip(&["addr", "add", &format!("{private}/24"), "dev", "sbt-veth"]);
@@ -84,7 +88,28 @@ impl World {
                 public,
             ]);
         }
-        World { dir, a, b }
+        let w = World { dir, a, b };
+        if transport == "wireguard" {
+            // What `apply` will do: collect each node's public key into the state file.
+            let keys: Vec<String> = ["gw-a", "gw-b"]
+                .iter()
+                .map(|n| {
+                    let out = std::process::Command::new(skybridge())
+                        .args(["agent", "pubkey", "--state-dir"])
+                        .arg(w.dir.path().join(n))
+                        .output()
+                        .unwrap();
+                    assert!(out.status.success());
+                    format!("  {n}: {}", String::from_utf8_lossy(&out.stdout).trim())
+                })
+                .collect();
+            std::fs::write(
+                w.dir.path().join("cluster.state.yaml"),
+                format!("publicKeys:\n{}\n", keys.join("\n")),
+            )
+            .unwrap();
+        }
+        w
     }
 
     fn ns(&self, node: &str) -> &Netns {
@@ -421,4 +446,143 @@ fn a_kernel_without_gre_gets_an_error_naming_the_module() {
         err.contains("no GRE support") && err.contains("ip_gre") && err.contains("wireguard"),
         "{err}"
     );
+}
+
+fn tools(test: &str, tools: &[&str]) -> bool {
+    for t in tools {
+        if std::process::Command::new(t)
+            .arg("--version")
+            .output()
+            .is_err()
+            && std::process::Command::new(t).arg("-v").output().is_err()
+        {
+            eprintln!("SKIPPED {test}: {t} is not installed (scripts/test.sh installs it)");
+            return false;
+        }
+    }
+    true
+}
+
+#[test]
+fn userspace_wireguard_carries_tcp_with_the_tunnel_mtu() {
+    let test = "userspace_wireguard_carries_tcp";
+    if !root_or_skip(test) || !nft_available(test) || !tools(test, &["wg", "iperf3"]) {
+        return;
+    }
+    let w = World::new("wireguard");
+    let out = w.agent_ok("gw-a", &["--once"]);
+    assert!(out.contains("+ link sb-wg0 (wireguard, mtu 1440)"), "{out}");
+    w.agent_ok("gw-b", &["--once"]);
+
+    // `wg show` works on Skybridge's data plane: it speaks the standard UAPI.
+    let shown = w.a.ok(&["wg", "show", "sb-wg0"]);
+    assert!(
+        shown.contains("listening port: 4789")
+            && shown.contains("allowed ips: 10.2.0.0/24, 100.96.0.2/32"),
+        "{shown}"
+    );
+    assert!(
+        within(Duration::from_secs(5), || w.a.pings(B_PRIVATE)).is_some(),
+        "no ping through the tunnel"
+    );
+    assert!(
+        w.a.ok(&["wg", "show", "sb-wg0", "latest-handshakes"])
+            .split_whitespace()
+            .nth(1)
+            .is_some_and(|t| t != "0")
+    );
+
+    // Full-size packets fit (1440 - 28 of ICMP/IP header), one more byte does not.
+    assert!(
+        w.a.run(&[
+            "ping", "-c", "1", "-W", "2", "-M", "do", "-s", "1412", B_PRIVATE
+        ])
+        .status
+        .success()
+    );
+    assert!(
+        !w.a.run(&[
+            "ping", "-c", "1", "-W", "2", "-M", "do", "-s", "1413", B_PRIVATE
+        ])
+        .status
+        .success()
+    );
+
+    // 10 MB of TCP with full-size segments.
+    w.b.ok(&["iperf3", "-s", "-1", "-D", "-B", B_PRIVATE]);
+    std::thread::sleep(Duration::from_millis(300));
+    let report = w.a.ok(&["iperf3", "-c", B_PRIVATE, "-n", "10M", "-J"]);
+    assert!(
+        report.contains("\"bytes\":\t10485760")
+            || report.contains("\"bytes\": 10485760")
+            || report.contains("10485760"),
+        "{report}"
+    );
+
+    // A second reconcile changes nothing, with the data plane running.
+    let again = w.agent_ok("gw-a", &["--once"]);
+    assert!(again.contains("converged, no changes"), "{again}");
+}
+
+/// Counts replies to a 100-per-second ping from `a` to `dst` while `during` runs.
+fn lost_pings(a: &Netns, dst: &str, seconds: u32, during: impl FnOnce()) -> u32 {
+    let count = (seconds * 100).to_string();
+    let ping = a
+        .command(std::path::Path::new("ping"))
+        .args(["-i", "0.01", "-c", &count, "-W", "1", dst])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    during();
+    let out = ping.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let received: u32 = text
+        .lines()
+        .find(|l| l.contains("received"))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    seconds * 100 - received
+}
+
+#[test]
+fn killing_the_agent_or_its_data_plane_costs_at_most_a_second_of_traffic() {
+    let test = "killing_the_agent_costs_at_most_a_second";
+    if !root_or_skip(test) || !nft_available(test) || !tools(test, &["wg"]) {
+        return;
+    }
+    let w = World::new("wireguard");
+    w.agent_ok("gw-b", &["--once"]);
+    let mut daemon = w.daemon("gw-a");
+    assert!(
+        within(Duration::from_secs(10), || w.a.pings(B_PRIVATE)).is_some(),
+        "the tunnel never came up"
+    );
+
+    // SIGKILL the agent and start it again: the data plane is its own process.
+    let lost = lost_pings(&w.a, B_PRIVATE, 4, || {
+        std::thread::sleep(Duration::from_secs(1));
+        daemon.0.kill().unwrap();
+        daemon.0.wait().unwrap();
+        daemon = w.daemon("gw-a");
+    });
+    eprintln!("agent killed and restarted: {lost} pings lost");
+    assert!(
+        lost <= 100,
+        "{lost} pings (10 ms apart) lost when the agent was killed and restarted"
+    );
+
+    // SIGKILL the data plane: the persistent TUN keeps the link; the agent brings it back.
+    let pid = std::fs::read_to_string(w.dir.path().join("gw-a/sb-wg0.dataplane.pid")).unwrap();
+    let lost = lost_pings(&w.a, B_PRIVATE, 5, || {
+        std::thread::sleep(Duration::from_secs(1));
+        support::ok(&["kill", "-9", pid.trim()]);
+    });
+    eprintln!("data plane killed: {lost} pings lost");
+    assert!(
+        lost <= 100,
+        "{lost} pings (10 ms apart) lost when the data plane was killed"
+    );
+    drop(daemon);
 }

@@ -288,22 +288,40 @@ pub fn desired_links(plan: &NodePlan) -> Vec<Link> {
 /// The WireGuard configuration a plan asks for, without peers whose key is unknown.
 pub fn desired_wireguard(plan: &NodePlan) -> Option<WireGuardConfig> {
     plan.tunnels.iter().find_map(|t| match t {
-        Tunnel::WireGuard(w) => Some(WireGuardConfig {
-            interface: w.name.clone(),
-            listen_port: w.listen_port,
-            peers: w.peers.iter().filter_map(peer_config).collect(),
-        }),
+        Tunnel::WireGuard(w) => Some(
+            WireGuardConfig {
+                interface: w.name.clone(),
+                listen_port: w.listen_port,
+                peers: w.peers.iter().filter_map(peer_config).collect(),
+            }
+            .normalized(),
+        ),
         _ => None,
     })
 }
 
 fn peer_config(p: &WireGuardPeer) -> Option<PeerConfig> {
+    let mut allowed_ips = p.allowed_ips.clone();
+    allowed_ips.sort();
     Some(PeerConfig {
         public_key: p.public_key.clone()?,
         endpoint: p.endpoint,
-        allowed_ips: p.allowed_ips.clone(),
+        allowed_ips,
         persistent_keepalive: p.persistent_keepalive,
     })
+}
+
+impl WireGuardConfig {
+    /// Peers by public key and their networks sorted: the order an
+    /// implementation reports them in carries no meaning.
+    #[must_use]
+    pub fn normalized(mut self) -> Self {
+        for p in &mut self.peers {
+            p.allowed_ips.sort();
+        }
+        self.peers.sort_by(|a, b| a.public_key.cmp(&b.public_key));
+        self
+    }
 }
 
 /// Routes compare on everything the kernel stores; `to` is a comment.

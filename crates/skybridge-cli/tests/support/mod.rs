@@ -93,6 +93,10 @@ fn kill_all_in(name: &str) {
 #[derive(Debug)]
 pub struct Netns {
     pub name: String,
+    /// A process holding a mount namespace in which `/run/wireguard` is this
+    /// node's own (UAPI sockets are named after the interface, and every node
+    /// has an `sb-wg0`); commands then run inside it.
+    holder: Option<std::process::Child>,
 }
 
 impl Netns {
@@ -101,28 +105,63 @@ impl Netns {
         let name = format!("sbt-{}-{}-{tag}", std::process::id(), next());
         let _ = sh(&["ip", "netns", "del", &name]);
         ok(&["ip", "netns", "add", &name]);
-        let ns = Netns { name };
+        let ns = Netns { name, holder: None };
         ns.ip(&["link", "set", "lo", "up"]);
         ns
+    }
+
+    /// Gives the node its own `/run/wireguard`, as separate machines have.
+    pub fn private_run(&mut self) {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.name, "unshare", "--mount", "--propagation", "private", "sh", "-c"])
+            .arg("mkdir -p /run/wireguard && mount -t tmpfs sbt-run /run/wireguard && echo ready && exec sleep infinity")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut buf = [0u8; 6];
+        std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut buf).unwrap();
+        // `ip netns exec`, `unshare` and `sh -c 'exec ...'` all exec: the pid is the holder itself.
+        self.holder = Some(child);
+    }
+
+    fn prefix(&self) -> Vec<String> {
+        match &self.holder {
+            Some(child) => [
+                "nsenter",
+                "--target",
+                &child.id().to_string(),
+                "--mount",
+                "--net",
+                "--",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+            None => ["ip", "netns", "exec", &self.name]
+                .map(str::to_owned)
+                .to_vec(),
+        }
     }
 
     /// Runs a command inside, asserting success; returns stdout.
     #[track_caller]
     pub fn ok(&self, args: &[&str]) -> String {
-        let mut full = vec!["ip", "netns", "exec", &self.name];
+        let prefix = self.prefix();
+        let mut full: Vec<&str> = prefix.iter().map(String::as_str).collect();
         full.extend_from_slice(args);
         ok(&full)
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
-        let mut full = vec!["ip", "netns", "exec", &self.name];
+        let prefix = self.prefix();
+        let mut full: Vec<&str> = prefix.iter().map(String::as_str).collect();
         full.extend_from_slice(args);
         sh(&full)
     }
 
     pub fn command(&self, program: &Path) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).arg(program);
+        let prefix = self.prefix();
+        let mut c = Command::new(&prefix[0]);
+        c.args(&prefix[1..]).arg(program);
         c
     }
 
@@ -144,6 +183,10 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         kill_all_in(&self.name);
+        if let Some(mut holder) = self.holder.take() {
+            let _ = holder.kill();
+            let _ = holder.wait();
+        }
         let _ = sh(&["ip", "netns", "del", &self.name]);
     }
 }

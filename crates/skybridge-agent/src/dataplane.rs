@@ -1,0 +1,141 @@
+//! Skybridge's userspace WireGuard data plane, for kernels without the
+//! wireguard module: gotatun (Mullvad's maintained fork of boringtun) on a
+//! persistent TUN device, configured over the standard UAPI socket
+//! (`/var/run/wireguard/<iface>.sock`), so `wg show` works on it.
+//!
+//! Why gotatun: it is the one maintained crate that provides the whole
+//! device (TUN, UDP, timers, UAPI) as a library on tokio, with a pluggable
+//! UDP socket factory — which is where the large socket buffers are set.
+//! boringtun's device runs its own threads and creates its sockets itself,
+//! with no way to size their buffers.
+//!
+//! It runs in its own process (`skybridge wireguard-dataplane IFACE`), started
+//! and stopped by the agent but not tied to it: `agent --once` can exit, and
+//! the agent can be restarted or upgraded, while traffic keeps flowing. The
+//! TUN device is persistent, so when the data plane itself is replaced, the
+//! interface with its addresses and routes stays, and the new process
+//! re-attaches to it (a few tens of milliseconds without forwarding).
+
+use std::io;
+use std::os::fd::AsFd as _;
+use std::path::{Path, PathBuf};
+
+use gotatun::device::{self, uapi::UapiServer};
+use gotatun::tun::tun;
+use gotatun::tun::tun_async_device::TunDevice;
+use gotatun::udp::socket::{UdpSocket, UdpSocketFactory};
+use gotatun::udp::{UdpTransportFactory, UdpTransportFactoryParams};
+
+/// UDP buffer size forced on the data plane's socket: the kernel default
+/// (~208 KiB) drops most packets under load.
+pub const SOCKET_BUFFER: usize = 4 << 20;
+
+/// gotatun's UDP sockets with SO_RCVBUFFORCE/SO_SNDBUFFORCE applied on every
+/// (re)bind; without CAP_NET_ADMIN it falls back to the capped SO_RCVBUF.
+struct BigBuffers {
+    inner: UdpSocketFactory,
+    bytes: usize,
+}
+
+impl UdpTransportFactory for BigBuffers {
+    type Send = UdpSocket;
+    type Recv = UdpSocket;
+
+    async fn bind(&mut self, p: &UdpTransportFactoryParams) -> io::Result<(UdpSocket, UdpSocket)> {
+        use nix::sys::socket::{setsockopt, sockopt};
+        let (tx, rx) = self.inner.bind(p).await?;
+        let fd = tx.as_fd();
+        if setsockopt(&fd, sockopt::RcvBufForce, &self.bytes).is_err()
+            || setsockopt(&fd, sockopt::SndBufForce, &self.bytes).is_err()
+        {
+            tracing::warn!(
+                "cannot force {} byte UDP buffers (needs CAP_NET_ADMIN); using the kernel's limit",
+                self.bytes
+            );
+            let _ = setsockopt(&fd, sockopt::RcvBuf, &self.bytes);
+            let _ = setsockopt(&fd, sockopt::SndBuf, &self.bytes);
+        }
+        Ok((tx, rx))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("opening TUN device {iface}: {source} (is another data plane attached to it?)")]
+    Tun {
+        iface: String,
+        #[source]
+        source: tun::Error,
+    },
+    #[error("starting the WireGuard device on {iface}: {message}")]
+    Device { iface: String, message: String },
+    #[error("pid file {path}: {source}")]
+    PidFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Where the data plane of `iface` records its process id.
+pub fn pid_file(state_dir: &Path, iface: &str) -> PathBuf {
+    state_dir.join(format!("{iface}.dataplane.pid"))
+}
+
+/// Runs the data plane of `iface` until SIGTERM/SIGINT or a fatal device error.
+///
+/// # Errors
+/// When the TUN device cannot be opened (another data plane holds it) or the
+/// device or its UAPI socket cannot be started.
+pub async fn run(iface: &str, state_dir: &Path) -> Result<(), DataplaneError> {
+    // The TUN first: a second data plane for the same interface fails here
+    // (EBUSY) before it could take over the first one's UAPI socket.
+    let mut cfg = tun::Configuration::default();
+    cfg.tun_name(iface);
+    let tun_err = |source| DataplaneError::Tun {
+        iface: iface.to_owned(),
+        source,
+    };
+    let mut dev = tun::create(&cfg).map_err(tun_err)?;
+    dev.persist().map_err(tun_err)?;
+    let asyncdev = tun::AsyncDevice::new(dev).map_err(|e| tun_err(e.into()))?;
+    let failed = |message: String| DataplaneError::Device {
+        iface: iface.to_owned(),
+        message,
+    };
+    let tun = TunDevice::from_tun_device(asyncdev).map_err(|e| failed(e.to_string()))?;
+    let uapi =
+        UapiServer::default_unix_socket(iface, None, None).map_err(|e| failed(e.to_string()))?;
+    let mut device = device::build()
+        .with_udp(BigBuffers {
+            inner: UdpSocketFactory::default(),
+            bytes: SOCKET_BUFFER,
+        })
+        .with_ip(tun)
+        .with_uapi(uapi)
+        .build()
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let pid = pid_file(state_dir, iface);
+    let pid_err = |source| DataplaneError::PidFile {
+        path: pid.clone(),
+        source,
+    };
+    std::fs::create_dir_all(state_dir).map_err(pid_err)?;
+    std::fs::write(&pid, format!("{}\n", std::process::id())).map_err(pid_err)?;
+    tracing::info!(%iface, "userspace WireGuard data plane running");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| failed(e.to_string()))?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| failed(e.to_string()))?;
+    tokio::select! {
+        () = device.wait() => tracing::error!(%iface, "WireGuard device failed"),
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    device.stop().await;
+    let _ = std::fs::remove_file(format!("{}/{iface}.sock", crate::wireguard::UAPI_DIR));
+    let _ = std::fs::remove_file(&pid);
+    Ok(())
+}
