@@ -53,6 +53,17 @@ struct NodeArgs {
     /// that the agent only configures over its UAPI socket.
     #[arg(long, value_enum, default_value_t = DataPlane::Userspace)]
     wireguard: DataPlane,
+    /// Firewall backend: nftables where `nft` works, else iptables (the
+    /// manual procedure's CentOS hosts); or force one.
+    #[arg(long, value_enum, default_value_t = FirewallChoice::Auto)]
+    firewall: FirewallChoice,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum FirewallChoice {
+    Auto,
+    Nftables,
+    Iptables,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -139,7 +150,11 @@ fn node_plan(args: &NodeArgs) -> Result<NodePlan, String> {
 fn host(args: &NodeArgs, plan: &NodePlan) -> Result<LinuxHost> {
     let state_dir = &args.state_dir;
     let netlink = netlink::Netlink::connect()?;
-    let fw = firewall::detect()?;
+    let fw: Box<dyn firewall::Firewall> = match args.firewall {
+        FirewallChoice::Auto => firewall::detect()?,
+        FirewallChoice::Nftables => Box::new(firewall::Nftables::default()),
+        FirewallChoice::Iptables => Box::new(firewall::Iptables),
+    };
     let wg = if plan
         .tunnels
         .iter()

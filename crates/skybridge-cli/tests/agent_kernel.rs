@@ -586,3 +586,87 @@ fn killing_the_agent_or_its_data_plane_costs_at_most_a_second_of_traffic() {
     );
     drop(daemon);
 }
+
+#[test]
+fn the_iptables_backend_installs_its_chains_and_removes_only_them() {
+    let test = "the_iptables_backend";
+    if !root_or_skip(test) || !nft_available(test) || !tools(test, &["iptables"]) {
+        return;
+    }
+    let w = World::new("vxlan");
+    w.a.ok(&[
+        "iptables",
+        "-w",
+        "-A",
+        "FORWARD",
+        "-s",
+        "10.9.0.0/24",
+        "-j",
+        "ACCEPT",
+    ]);
+    let before = w.a.ok(&["iptables-save"]);
+    w.agent_ok("gw-a", &["--once", "--firewall", "iptables"]);
+    w.agent_ok("gw-b", &["--once", "--firewall", "iptables"]);
+    assert!(w.a.pings(B_PRIVATE));
+    let rules = w.a.ok(&["iptables-save"]);
+    for needle in [
+        "-A FORWARD -j SKYBRIDGE-FWD",
+        "-A SKYBRIDGE-POST -s 10.1.0.0/24 -o sb-+",
+        "--to-source 10.1.0.1",
+        "-A SKYBRIDGE-IN -s 198.51.100.2/32 -p udp -m udp --dport 4789",
+        "-j DROP",
+    ] {
+        assert!(rules.contains(needle), "iptables lacks {needle}:\n{rules}");
+    }
+    let again = w.agent_ok("gw-a", &["--once", "--firewall", "iptables"]);
+    assert!(again.contains("converged, no changes"), "{again}");
+    // A rule deleted by hand is noticed.
+    w.a.ok(&[
+        "iptables",
+        "-w",
+        "-D",
+        "SKYBRIDGE-FWD",
+        "-i",
+        "sb-+",
+        "-m",
+        "comment",
+        "--comment",
+        &rules
+            .lines()
+            .find(|l| l.starts_with("-A SKYBRIDGE-FWD -i sb-+"))
+            .and_then(|l| l.split("--comment ").nth(1))
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .trim_matches('"')
+            .to_owned(),
+        "-j",
+        "ACCEPT",
+    ]);
+    let repaired = w.agent_ok("gw-a", &["--once", "--firewall", "iptables"]);
+    assert!(repaired.contains("firewall table"), "{repaired}");
+    w.agent_ok("gw-a", &["down", "--firewall", "iptables"]);
+    let after = w.a.ok(&["iptables-save"]);
+    // Rules and chains as before (iptables itself leaves the built-in tables it
+    // had to create, empty).
+    let strip = |t: &str| {
+        t.lines()
+            .filter(|l| l.starts_with("-A") || l.starts_with(':'))
+            .filter(|l| {
+                !l.starts_with(":PREROUTING")
+                    && !l.starts_with(":POSTROUTING")
+                    && !l.starts_with(":OUTPUT")
+                    && !l.starts_with(":INPUT")
+                    && !l.starts_with(":FORWARD")
+            })
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        strip(&before),
+        strip(&after),
+        "agent down left iptables different"
+    );
+    assert!(!after.contains("SKYBRIDGE"), "{after}");
+}
