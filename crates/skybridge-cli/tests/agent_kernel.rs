@@ -621,6 +621,13 @@ fn the_iptables_backend_installs_its_chains_and_removes_only_them() {
     let again = w.agent_ok("gw-a", &["--once", "--firewall", "iptables"]);
     assert!(again.contains("converged, no changes"), "{again}");
     // A rule deleted by hand is noticed.
+    let fingerprint = rules
+        .lines()
+        .find(|l| l.starts_with("-A SKYBRIDGE-FWD -i sb-+"))
+        .and_then(|l| l.split("--comment ").nth(1))
+        .and_then(|c| c.split_whitespace().next())
+        .map(|c| c.trim_matches('"'))
+        .expect("a tagged forward rule");
     w.a.ok(&[
         "iptables",
         "-w",
@@ -631,16 +638,7 @@ fn the_iptables_backend_installs_its_chains_and_removes_only_them() {
         "-m",
         "comment",
         "--comment",
-        &rules
-            .lines()
-            .find(|l| l.starts_with("-A SKYBRIDGE-FWD -i sb-+"))
-            .and_then(|l| l.split("--comment ").nth(1))
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .trim_matches('"')
-            .to_owned(),
+        fingerprint,
         "-j",
         "ACCEPT",
     ]);
