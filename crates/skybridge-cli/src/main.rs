@@ -3,6 +3,7 @@
 
 mod agent;
 mod keys;
+mod lab;
 mod load;
 
 use std::path::{Path, PathBuf};
@@ -28,6 +29,9 @@ struct Cli {
 enum Command {
     /// Run the node agent: reconcile this node's network onto its plan and keep it there.
     Agent(agent::AgentArgs),
+    /// The whole multi-provider topology on this machine, in network namespaces.
+    #[command(subcommand)]
+    Lab(lab::LabCommand),
     /// The userspace WireGuard data plane of one interface (started by the agent).
     #[command(hide = true)]
     WireguardDataplane {
@@ -114,6 +118,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Agent(args) => agent::main(args),
+        Command::Lab(cmd) => lab::main(cmd),
         Command::WireguardDataplane { iface, state_dir } => agent::dataplane(&iface, &state_dir),
         Command::Validate { file } => {
             let Some(cluster) = load::cluster(&file)? else {

@@ -62,7 +62,7 @@ fn next() -> u32 {
 }
 
 /// Deletes `sbt-<pid>-*` namespaces whose test process is gone.
-fn sweep() {
+pub fn sweep() {
     SWEEP.call_once(|| {
         let list = sh(&["ip", "netns", "list"]);
         for line in String::from_utf8_lossy(&list.stdout).lines() {

@@ -1,0 +1,168 @@
+//! `skybridge lab`: try a cluster file on one machine, no cloud account needed.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use skybridge_lab::{LabState, Probe};
+
+use crate::load;
+
+#[derive(Debug, Subcommand)]
+pub enum LabCommand {
+    /// Build the cluster's providers out of network namespaces, start the agent on every node, and wait for the matrix.
+    Up {
+        file: PathBuf,
+        /// Seconds to wait for every pair to answer.
+        #[arg(long, default_value_t = 90)]
+        timeout: u64,
+    },
+    /// Every node to every node by private IP (ICMP and TCP); exit 1 if any pair fails.
+    Check,
+    /// Run a command inside a node (its network and its files).
+    Exec {
+        node: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// What the running lab is made of.
+    Status,
+    /// Remove every namespace and process of the lab.
+    Down,
+    /// The lab's TCP probe target (started on every node by `up`).
+    #[command(hide = true)]
+    Listen {
+        #[arg(long)]
+        port: u16,
+    },
+}
+
+fn root() -> Result<()> {
+    let uid = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .context("running id")?;
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        bail!("the lab makes network namespaces: run it as root");
+    }
+    for tool in ["ip", "nft", "nsenter", "unshare", "ping", "bash"] {
+        if std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+        {
+            bail!(
+                "the lab needs {tool}: apt-get install iproute2 nftables util-linux iputils-ping bash"
+            );
+        }
+    }
+    Ok(())
+}
+
+fn print_matrix(m: &[Probe]) -> bool {
+    println!(
+        "{:<16} {:<16} {:<6} {:<5} {:<5} {:>9}",
+        "FROM", "TO", "CROSS", "ICMP", "TCP", "RTT"
+    );
+    for p in m {
+        let ok = |b: bool| if b { "ok" } else { "FAIL" };
+        let rtt = p.rtt_ms.map_or("-".to_owned(), |r| format!("{r:.2} ms"));
+        println!(
+            "{:<16} {:<16} {:<6} {:<5} {:<5} {:>9}",
+            p.from,
+            p.to,
+            if p.cross_site { "yes" } else { "" },
+            ok(p.icmp),
+            ok(p.tcp),
+            rtt
+        );
+    }
+    let failed = m.iter().filter(|p| !(p.icmp && p.tcp)).count();
+    println!(
+        "{} pairs, {} cross-site, {failed} failed",
+        m.len(),
+        m.iter().filter(|p| p.cross_site).count()
+    );
+    failed == 0
+}
+
+pub fn main(cmd: LabCommand) -> Result<ExitCode> {
+    match cmd {
+        LabCommand::Listen { port } => {
+            skybridge_lab::listen(port)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Up { file, timeout } => {
+            root()?;
+            let Some(cluster) = load::cluster(&file)? else {
+                return Ok(ExitCode::FAILURE);
+            };
+            let exe = std::env::current_exe()?;
+            let state = skybridge_lab::up(&file, &cluster, &exe)?;
+            println!(
+                "lab {}: {} namespaces; agents starting (logs in {})",
+                state.cluster,
+                state.namespaces.len(),
+                state.dir.display()
+            );
+            let m = skybridge_lab::wait_converged(&state, Duration::from_secs(timeout));
+            Ok(if print_matrix(&m) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        LabCommand::Check => {
+            root()?;
+            let state = LabState::load()?;
+            Ok(if print_matrix(&skybridge_lab::check(&state)) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        LabCommand::Exec { node, command } => {
+            let state = LabState::load()?;
+            let Some(mut args) = state.enter(&node) else {
+                bail!(
+                    "no node {node} in lab {}; nodes: {}",
+                    state.cluster,
+                    state.nodes.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
+            };
+            args.extend(command);
+            let status = std::process::Command::new(&args[0])
+                .args(&args[1..])
+                .status()?;
+            Ok(if status.success() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        LabCommand::Status => {
+            let state = LabState::load()?;
+            println!("lab {} ({})", state.cluster, state.dir.display());
+            for (name, n) in &state.nodes {
+                println!(
+                    "  {name:<16} site {:<12} {:<16} netns {}",
+                    n.site, n.private_ip, n.netns
+                );
+            }
+            println!("  namespaces: {}", state.namespaces.join(" "));
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Down => {
+            let removed = skybridge_lab::down()?;
+            println!(
+                "removed {} namespaces: {}",
+                removed.len(),
+                removed.join(" ")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

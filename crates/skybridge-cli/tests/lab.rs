@@ -1,0 +1,154 @@
+//! End to end: the lab builds examples/lab.yaml's three providers out of
+//! network namespaces, the real agent converges on every node, and every node
+//! reaches every other by private IP. Namespaces are `sbt-<pid>-<tag>-*`.
+
+mod support;
+
+use std::process::{Command, Output};
+
+use support::{root_or_skip, skybridge};
+
+const LAB: &str = include_str!("../../../examples/lab.yaml");
+
+/// A lab of this test process; `lab down` on drop, also when the test fails.
+struct Lab {
+    prefix: String,
+    dir: tempfile::TempDir,
+}
+
+impl Lab {
+    fn new(tag: &str) -> Lab {
+        support::sweep();
+        Lab {
+            prefix: format!("sbt-{}-{tag}-", std::process::id()),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(skybridge())
+            .arg("lab")
+            .args(args)
+            .env("SKYBRIDGE_LAB_PREFIX", &self.prefix)
+            .output()
+            .unwrap()
+    }
+
+    fn file(&self, name: &str, text: &str) -> String {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    }
+
+    fn namespaces(&self) -> Vec<String> {
+        let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| n.starts_with(&self.prefix))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = self.run(&["down"]);
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn tools(test: &str) -> bool {
+    for t in ["nft", "wg", "nsenter", "unshare", "ping", "bash"] {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+        {
+            eprintln!("SKIPPED {test}: {t} is not installed (scripts/test.sh installs it)");
+            return false;
+        }
+    }
+    true
+}
+
+#[test]
+fn lab_example_over_userspace_wireguard_is_all_green_and_down_leaves_nothing() {
+    let test = "lab_example_over_userspace_wireguard";
+    if !root_or_skip(test) || !tools(test) {
+        return;
+    }
+    let lab = Lab::new("wg");
+    let file = lab.file("lab.yaml", LAB);
+    let up = lab.run(&["up", &file]);
+    assert!(up.status.success(), "{}", text(&up));
+    assert!(
+        text(&up).contains("42 pairs, 32 cross-site, 0 failed"),
+        "{}",
+        text(&up)
+    );
+    assert_eq!(lab.namespaces().len(), 11, "{:?}", lab.namespaces());
+
+    let check = lab.run(&["check"]);
+    assert!(check.status.success(), "{}", text(&check));
+
+    // The tunnels are Skybridge's WireGuard, and `wg` can read them.
+    let wg = lab.run(&["exec", "hw-master", "--", "wg", "show", "sb-wg0"]);
+    assert!(
+        text(&wg).contains("peer: ") && text(&wg).contains("latest handshake"),
+        "{}",
+        text(&wg)
+    );
+    // Each node is its own machine for files: its own key in its own /var/lib.
+    let key =
+        |n: &str| text(&lab.run(&["exec", n, "--", "cat", "/var/lib/skybridge/wireguard.key"]));
+    assert_ne!(key("hw-master"), key("tc-gw"));
+    // Only the tunnels join the sites: without them, a cross-site ping fails.
+    let down = lab.run(&["exec", "tc-gw", "--", "ip", "link", "set", "sb-wg0", "down"]);
+    assert!(down.status.success());
+    let ping = lab.run(&[
+        "exec",
+        "tc-worker",
+        "--",
+        "ping",
+        "-c",
+        "1",
+        "-W",
+        "1",
+        "172.26.32.236",
+    ]);
+    assert!(
+        !ping.status.success(),
+        "a cross-site ping went through with the tunnel down"
+    );
+
+    let gone = lab.run(&["down"]);
+    assert!(gone.status.success(), "{}", text(&gone));
+    assert_eq!(lab.namespaces(), Vec::<String>::new());
+}
+
+#[test]
+fn lab_refuses_public_ips_outside_the_documentation_ranges() {
+    let test = "lab_refuses_public_ips";
+    if !root_or_skip(test) || !tools(test) {
+        return;
+    }
+    let lab = Lab::new("rf");
+    let file = lab.file("seed.yaml", include_str!("../../../examples/seed.yaml"));
+    let up = lab.run(&["up", &file]);
+    assert!(!up.status.success());
+    assert!(
+        text(&up).contains("k8s-master2 (112.124.59.21)") && text(&up).contains("documentation"),
+        "{}",
+        text(&up)
+    );
+    assert_eq!(lab.namespaces(), Vec::<String>::new());
+}

@@ -1,0 +1,504 @@
+//! The lab: a cluster file's multi-provider topology on one Linux machine.
+//!
+//! ```text
+//!                        sb-inet (the internet: bridge br0)
+//!            ┌──────────────────┼──────────────────┐
+//!      sb-r-<site A>       sb-r-<site B>      ...          routers: 1:1 NAT of elastic IPs,
+//!     (wan | lan bridge)  (wan | lan bridge)               masquerade for the rest, no route
+//!        │      │            │      │                      to any other site's private CIDR
+//!    sb-<n1>  sb-<n2>    sb-<n3>  sb-<n4>                  nodes: eth0 with the private IP,
+//!                                                          own /run, /var/lib (and /etc)
+//! ```
+//!
+//! Every namespace, link and process is the lab's own; nothing touches the
+//! host's namespace, and all addresses outside the sites' private CIDRs come
+//! from the documentation ranges. The lab is test infrastructure, so it
+//! drives `ip`, `nft` and `nsenter` rather than netlink: what it builds is
+//! the providers' network, not Skybridge's.
+
+pub mod topology;
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use skybridge_core::Cluster;
+
+pub use topology::{Topology, documentation_range};
+
+/// Where the lab keeps its state and the agents' logs, outside the nodes' private
+/// /run and /var/lib so every node sees the cluster file (`lab down`
+/// after a crash included).
+pub const LAB_DIR: &str = "/var/tmp/skybridge-lab";
+/// Prefix of every namespace the lab makes: `sb-`, or `SKYBRIDGE_LAB_PREFIX`
+/// (the tests use `sbt-<pid>-` so that they never meet an operator's lab).
+pub fn prefix() -> String {
+    std::env::var("SKYBRIDGE_LAB_PREFIX").unwrap_or_else(|_| "sb-".to_owned())
+}
+
+/// Port of the TCP listener the lab runs on every node for the matrix.
+pub const PROBE_PORT: u16 = 7777;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("{0}")]
+    Refused(String),
+    #[error("`{command}` failed: {stderr}")]
+    Command { command: String, stderr: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no lab is running (no {0})")]
+    NotRunning(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LabError {
+    let what = what.into();
+    move |source| LabError::Io { what, source }
+}
+
+/// Runs a command, failing with its stderr.
+fn run(args: &[&str]) -> Result<String, LabError> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(io(format!("running {}", args[0])))?;
+    if !out.status.success() {
+        return Err(LabError::Command {
+            command: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ip(ns: &str, args: &[&str]) -> Result<String, LabError> {
+    let mut full = vec!["ip", "-n", ns];
+    full.extend_from_slice(args);
+    run(&full)
+}
+
+fn in_ns(ns: &str, args: &[&str]) -> Result<String, LabError> {
+    let mut full = vec!["ip", "netns", "exec", ns];
+    full.extend_from_slice(args);
+    run(&full)
+}
+
+/// What a running lab is made of.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct LabState {
+    pub cluster: String,
+    pub dir: PathBuf,
+    pub namespaces: Vec<String>,
+    /// Node name to its namespace, private IP and the pid holding its mount namespace.
+    pub nodes: BTreeMap<String, NodeState>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeState {
+    pub netns: String,
+    pub site: String,
+    pub private_ip: Ipv4Addr,
+    pub holder: u32,
+}
+
+impl LabState {
+    fn path() -> PathBuf {
+        Path::new(LAB_DIR).join(format!("{}lab.json", prefix()))
+    }
+
+    pub fn load() -> Result<LabState, LabError> {
+        let path = Self::path();
+        let text = std::fs::read_to_string(&path)
+            .map_err(|_| LabError::NotRunning(path.display().to_string()))?;
+        serde_json::from_str(&text).map_err(|e| LabError::Io {
+            what: format!("reading {}", path.display()),
+            source: e.into(),
+        })
+    }
+
+    fn save(&self) -> Result<(), LabError> {
+        std::fs::create_dir_all(LAB_DIR).map_err(io(format!("creating {LAB_DIR}")))?;
+        std::fs::write(
+            Self::path(),
+            serde_json::to_vec_pretty(self).expect("serializable"),
+        )
+        .map_err(io("writing the lab state"))
+    }
+
+    /// The command prefix that runs inside a node: its network and its files.
+    pub fn enter(&self, node: &str) -> Option<Vec<String>> {
+        let n = self.nodes.get(node)?;
+        Some(
+            [
+                "nsenter",
+                "--target",
+                &n.holder.to_string(),
+                "--mount",
+                "--net",
+                "--",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+        )
+    }
+}
+
+/// Builds the topology, starts the agent (and a probe listener) in every node.
+///
+/// # Errors
+/// A cluster whose public IPs are not documentation addresses is refused
+/// before anything is made; a failing step leaves what was built for `down`.
+pub fn up(cluster_file: &Path, cluster: &Cluster, skybridge: &Path) -> Result<LabState, LabError> {
+    let topo = Topology::of(cluster, &prefix())?;
+    if LabState::load().is_ok() {
+        down()?;
+    }
+    let dir = Path::new(LAB_DIR).join(format!("{}{}", prefix(), cluster.name));
+    std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+    let mut state = LabState {
+        cluster: cluster.name.clone(),
+        dir: dir.clone(),
+        ..LabState::default()
+    };
+    let result = build(&topo, &mut state, cluster_file, skybridge);
+    state.save()?;
+    result.map(|()| state)
+}
+
+fn add_ns(state: &mut LabState, name: &str) -> Result<(), LabError> {
+    let _ = run(&["ip", "netns", "del", name]);
+    run(&["ip", "netns", "add", name])?;
+    state.namespaces.push(name.to_owned());
+    ip(name, &["link", "set", "lo", "up"])?;
+    Ok(())
+}
+
+fn build(
+    topo: &Topology,
+    state: &mut LabState,
+    cluster_file: &Path,
+    skybridge: &Path,
+) -> Result<(), LabError> {
+    let inet = topo.internet_ns.as_str();
+    add_ns(state, inet)?;
+    ip(inet, &["link", "add", "br0", "type", "bridge"])?;
+    ip(inet, &["link", "set", "br0", "up"])?;
+    for (si, site) in topo.sites.iter().enumerate() {
+        let r = &site.router_ns;
+        add_ns(state, r)?;
+        let port = format!("s{si}");
+        ip(
+            inet,
+            &[
+                "link", "add", &port, "type", "veth", "peer", "name", "wan", "netns", r,
+            ],
+        )?;
+        ip(inet, &["link", "set", &port, "master", "br0", "up"])?;
+        ip(r, &["link", "set", "wan", "up"])?;
+        for public in site.public_addresses() {
+            ip(r, &["addr", "add", &format!("{public}/32"), "dev", "wan"])?;
+        }
+        for range in topology::DOCUMENTATION_RANGES {
+            ip(r, &["route", "add", range, "dev", "wan", "scope", "link"])?;
+        }
+        ip(r, &["link", "add", "lan", "type", "bridge"])?;
+        ip(r, &["link", "set", "lan", "up"])?;
+        for (cidr, gw) in &site.lan_gateways {
+            ip(
+                r,
+                &[
+                    "addr",
+                    "add",
+                    &format!("{gw}/{}", cidr.prefix_len()),
+                    "dev",
+                    "lan",
+                ],
+            )?;
+        }
+        in_ns(r, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        let mut nft = std::process::Command::new("ip")
+            .args(["netns", "exec", r, "nft", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(io("running nft"))?;
+        std::io::Write::write_all(
+            nft.stdin.as_mut().expect("piped"),
+            site.nat_ruleset().as_bytes(),
+        )
+        .map_err(io("writing to nft"))?;
+        let out = nft.wait_with_output().map_err(io("running nft"))?;
+        if !out.status.success() {
+            return Err(LabError::Command {
+                command: format!("nft -f (router {r})"),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+        for node in &site.nodes {
+            let n = &node.netns;
+            add_ns(state, n)?;
+            ip(
+                r,
+                &[
+                    "link",
+                    "add",
+                    &node.router_port,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    n,
+                ],
+            )?;
+            ip(
+                r,
+                &["link", "set", &node.router_port, "master", "lan", "up"],
+            )?;
+            ip(
+                n,
+                &[
+                    "addr",
+                    "add",
+                    &format!("{}/{}", node.private_ip, node.cidr.prefix_len()),
+                    "dev",
+                    "eth0",
+                ],
+            )?;
+            ip(n, &["link", "set", "eth0", "up"])?;
+            ip(
+                n,
+                &["route", "add", "default", "via", &node.gateway.to_string()],
+            )?;
+            let holder = private_files(n)?;
+            state.nodes.insert(
+                node.name.clone(),
+                NodeState {
+                    netns: n.clone(),
+                    site: site.name.clone(),
+                    private_ip: node.private_ip,
+                    holder,
+                },
+            );
+        }
+    }
+    state.save()?;
+
+    // What `apply` will do on real VMs: keys are made on each node, public keys collected.
+    let cluster_copy = state.dir.join("cluster.yaml");
+    std::fs::copy(cluster_file, &cluster_copy)
+        .map_err(io(format!("copying {}", cluster_file.display())))?;
+    let mut keys = String::from("publicKeys:\n");
+    for name in state.nodes.keys() {
+        let mut args = state.enter(name).expect("node exists");
+        args.extend([
+            skybridge.display().to_string(),
+            "agent".into(),
+            "pubkey".into(),
+        ]);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        keys += &format!("  {name}: {}\n", run(&refs)?.trim());
+    }
+    std::fs::write(state.dir.join("cluster.state.yaml"), keys)
+        .map_err(io("writing the state file"))?;
+
+    for name in state.nodes.keys() {
+        let log = std::fs::File::create(state.dir.join(format!("{name}.log")))
+            .map_err(io("creating a log"))?;
+        let mut args = state.enter(name).expect("node exists");
+        args.extend([
+            skybridge.display().to_string(),
+            "agent".into(),
+            "--cluster".into(),
+            cluster_copy.display().to_string(),
+            "--node".into(),
+            name.clone(),
+        ]);
+        spawn(&args, log)?;
+        let log = std::fs::File::create(state.dir.join(format!("{name}.probe.log")))
+            .map_err(io("creating a log"))?;
+        let mut args = state.enter(name).expect("node exists");
+        args.extend([
+            skybridge.display().to_string(),
+            "lab".into(),
+            "listen".into(),
+            "--port".into(),
+            PROBE_PORT.to_string(),
+        ]);
+        spawn(&args, log)?;
+    }
+    Ok(())
+}
+
+fn spawn(args: &[String], log: std::fs::File) -> Result<(), LabError> {
+    use std::os::unix::process::CommandExt as _;
+    let mut child = Command::new(&args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(io("log"))?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .map_err(io(format!("starting {}", args.join(" "))))?;
+    std::thread::spawn(move || child.wait());
+    Ok(())
+}
+
+/// A process holding a mount namespace in which `/run`, `/var/lib` and
+/// (through an overlay) `/etc` are the node's own, as on a separate VM.
+fn private_files(netns: &str) -> Result<u32, LabError> {
+    let script = "set -e
+mount -t tmpfs sb-lab /run
+mount -t tmpfs sb-lab /var/lib
+mkdir -p /run/.etc/up /run/.etc/work
+mount -t overlay sb-lab -o lowerdir=/etc,upperdir=/run/.etc/up,workdir=/run/.etc/work /etc 2>/dev/null || true
+echo ready
+exec sleep infinity";
+    let mut child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            netns,
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(io("starting a node's file namespace"))?;
+    let mut buf = [0u8; 6];
+    std::io::Read::read_exact(child.stdout.as_mut().expect("piped"), &mut buf)
+        .map_err(io(format!("preparing the files of {netns}")))?;
+    let pid = child.id();
+    std::thread::spawn(move || child.wait());
+    Ok(pid)
+}
+
+/// Removes every namespace and process of the running lab.
+///
+/// # Errors
+/// When no lab state is found.
+pub fn down() -> Result<Vec<String>, LabError> {
+    let state = LabState::load()?;
+    let mut removed = Vec::new();
+    for ns in state.namespaces.iter().rev() {
+        if let Ok(pids) = run(&["ip", "netns", "pids", ns]) {
+            for pid in pids.split_whitespace() {
+                let _ = run(&["kill", "-9", pid]);
+            }
+        }
+        if run(&["ip", "netns", "del", ns]).is_ok() {
+            removed.push(ns.clone());
+        }
+    }
+    for n in state.nodes.values() {
+        let _ = run(&["kill", "-9", &n.holder.to_string()]);
+    }
+    let _ = std::fs::remove_dir_all(&state.dir);
+    let _ = std::fs::remove_file(LabState::path());
+    Ok(removed)
+}
+
+/// One cell of the matrix.
+#[derive(Debug, Clone, Serialize)]
+pub struct Probe {
+    pub from: String,
+    pub to: String,
+    pub cross_site: bool,
+    pub icmp: bool,
+    pub tcp: bool,
+    pub rtt_ms: Option<f64>,
+}
+
+/// Every node to every node by private IP: ICMP and a TCP connect.
+pub fn check(state: &LabState) -> Vec<Probe> {
+    let nodes: Vec<(&String, &NodeState)> = state.nodes.iter().collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = nodes
+            .iter()
+            .map(|(from, fs)| {
+                let nodes = &nodes;
+                s.spawn(move || {
+                    nodes
+                        .iter()
+                        .filter(|(to, _)| to != from)
+                        .map(|(to, ts)| {
+                            let ip = ts.private_ip.to_string();
+                            let ping = run(&[
+                                "ip", "netns", "exec", &fs.netns, "ping", "-c", "1", "-W", "2", &ip,
+                            ]);
+                            let rtt_ms = ping
+                                .as_ref()
+                                .ok()
+                                .and_then(|o| o.split("time=").nth(1))
+                                .and_then(|t| t.split_whitespace().next())
+                                .and_then(|t| t.parse().ok());
+                            let tcp = run(&[
+                                "ip",
+                                "netns",
+                                "exec",
+                                &fs.netns,
+                                "timeout",
+                                "3",
+                                "bash",
+                                "-c",
+                                &format!("exec 3<>/dev/tcp/{ip}/{PROBE_PORT}"),
+                            ])
+                            .is_ok();
+                            Probe {
+                                from: (*from).clone(),
+                                to: (*to).clone(),
+                                cross_site: fs.site != ts.site,
+                                icmp: ping.is_ok(),
+                                tcp,
+                                rtt_ms,
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
+}
+
+/// Waits until every pair answers, or `limit` passes; returns the last matrix.
+pub fn wait_converged(state: &LabState, limit: Duration) -> Vec<Probe> {
+    let start = Instant::now();
+    loop {
+        let m = check(state);
+        if m.iter().all(|p| p.icmp && p.tcp) || start.elapsed() > limit {
+            return m;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Accepts TCP connections and closes them (the lab's probe target).
+///
+/// # Errors
+/// When the port cannot be bound.
+pub fn listen(port: u16) -> std::io::Result<()> {
+    let l = std::net::TcpListener::bind(("0.0.0.0", port))?;
+    for c in l.incoming() {
+        drop(c);
+    }
+    Ok(())
+}
