@@ -201,6 +201,10 @@ impl Netlink {
                 .remote(*remote)
                 .port(*port)
                 .learning(false)
+                // RFC 7348: zero outer UDP checksum over IPv4 (as `ip link` does by
+                // default). With it on, NAT on the path broke the offloaded
+                // checksum and every TCP segment was dropped (found in the lab).
+                .udp_csum(false)
                 .mtu(link.mtu)
                 .build(),
             LinkKind::WireGuard => rtnetlink::LinkWireguard::new(&link.name)

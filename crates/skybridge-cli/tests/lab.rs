@@ -136,6 +136,27 @@ fn lab_example_over_userspace_wireguard_is_all_green_and_down_leaves_nothing() {
 }
 
 #[test]
+fn lab_over_vxlan_is_all_green() {
+    let test = "lab_over_vxlan";
+    if !root_or_skip(test) || !tools(test) {
+        return;
+    }
+    let lab = Lab::new("vx");
+    let file = lab.file(
+        "vxlan.yaml",
+        &LAB.replace("transport: wireguard", "transport: vxlan")
+            .replace("listenPort: 51820", "listenPort: 4789"),
+    );
+    let up = lab.run(&["up", &file]);
+    assert!(up.status.success(), "{}", text(&up));
+    assert!(
+        text(&up).contains("42 pairs, 32 cross-site, 0 failed"),
+        "{}",
+        text(&up)
+    );
+}
+
+#[test]
 fn lab_refuses_public_ips_outside_the_documentation_ranges() {
     let test = "lab_refuses_public_ips";
     if !root_or_skip(test) || !tools(test) {
