@@ -18,6 +18,11 @@ pub enum LabCommand {
         /// Seconds to wait for every pair to answer.
         #[arg(long, default_value_t = 90)]
         timeout: u64,
+        /// Run NODE's WireGuard with an implementation nobody here wrote
+        /// (wireguard-go or boringtun), configured by the agent through the
+        /// UAPI: the proof that Skybridge's data plane speaks the real protocol.
+        #[arg(long = "wireguard-impl", value_name = "NODE=wireguard-go|boringtun")]
+        wireguard_impl: Vec<String>,
     },
     /// Every node to every node by private IP (ICMP and TCP); exit 1 if any pair fails.
     Check,
@@ -95,13 +100,31 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
             skybridge_lab::listen(port)?;
             Ok(ExitCode::SUCCESS)
         }
-        LabCommand::Up { file, timeout } => {
+        LabCommand::Up {
+            file,
+            timeout,
+            wireguard_impl,
+        } => {
             root()?;
+            let mut foreign = std::collections::BTreeMap::new();
+            for spec in &wireguard_impl {
+                let (node, imp) = spec.split_once('=').with_context(|| {
+                    format!("--wireguard-impl {spec}: write NODE=wireguard-go or NODE=boringtun")
+                })?;
+                let imp = match imp {
+                    "wireguard-go" => skybridge_lab::ForeignWireGuard::WireguardGo,
+                    "boringtun" => skybridge_lab::ForeignWireGuard::Boringtun,
+                    other => bail!(
+                        "--wireguard-impl {spec}: unknown implementation {other}; use wireguard-go or boringtun"
+                    ),
+                };
+                foreign.insert(node.to_owned(), imp);
+            }
             let Some(cluster) = load::cluster(&file)? else {
                 return Ok(ExitCode::FAILURE);
             };
             let exe = std::env::current_exe()?;
-            let state = skybridge_lab::up(&file, &cluster, &exe)?;
+            let state = skybridge_lab::up(&file, &cluster, &exe, &foreign)?;
             println!(
                 "lab {}: {} namespaces; agents starting (logs in {})",
                 state.cluster,

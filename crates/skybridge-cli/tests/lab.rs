@@ -66,7 +66,9 @@ fn text(o: &Output) -> String {
 }
 
 fn tools(test: &str) -> bool {
-    for t in ["nft", "wg", "nsenter", "unshare", "ping", "bash"] {
+    for t in [
+        "nft", "wg", "nsenter", "unshare", "ping", "bash", "iperf3", "tcpdump",
+    ] {
         if Command::new("sh")
             .args(["-c", &format!("command -v {t}")])
             .output()
@@ -130,6 +132,38 @@ fn lab_example_over_userspace_wireguard_is_all_green_and_down_leaves_nothing() {
         "a cross-site ping went through with the tunnel down"
     );
 
+    // 10 MB of TCP between internal nodes of two sites, with full-size segments:
+    // no MTU black hole (the routes' MTU and the MSS clamp work).
+    assert!(
+        lab.run(&["exec", "ali-worker1", "--", "iperf3", "-s", "-1", "-D"])
+            .status
+            .success()
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let iperf = lab.run(&[
+        "exec",
+        "tc-worker",
+        "--",
+        "iperf3",
+        "-c",
+        "172.26.32.236",
+        "-n",
+        "10M",
+        "-M",
+        "1460",
+    ]);
+    assert!(
+        iperf.status.success() && text(&iperf).contains("receiver"),
+        "{}",
+        text(&iperf)
+    );
+
+    // Encrypted: a marker sent between sites never crosses the internet in the clear.
+    assert!(
+        !marker_seen_on_the_internet(&lab, "tc-worker", "172.26.32.236"),
+        "cleartext marker on the internet segment with WireGuard"
+    );
+
     let gone = lab.run(&["down"]);
     assert!(gone.status.success(), "{}", text(&gone));
     assert_eq!(lab.namespaces(), Vec::<String>::new());
@@ -153,6 +187,140 @@ fn lab_over_vxlan_is_all_green() {
         text(&up).contains("42 pairs, 32 cross-site, 0 failed"),
         "{}",
         text(&up)
+    );
+    // VXLAN is cleartext: the capture on the internet shows the marker (the warning is deserved).
+    assert!(
+        marker_seen_on_the_internet(&lab, "tc-worker", "172.26.32.236"),
+        "the marker was not seen in the clear with VXLAN"
+    );
+}
+
+/// Sends a marker over TCP from `from` to `to` while capturing the internet
+/// segment; whether the marker appears in the capture.
+fn marker_seen_on_the_internet(lab: &Lab, from: &str, to: &str) -> bool {
+    let marker = format!("SKYBRIDGE-MARKER-{}", std::process::id());
+    let inet = format!("{}inet", lab.prefix);
+    let capture = Command::new("ip")
+        .args([
+            "netns", "exec", &inet, "timeout", "4", "tcpdump", "-i", "br0", "-A", "-U", "-n", "udp",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    let send = lab.run(&[
+        "exec",
+        from,
+        "--",
+        "bash",
+        "-c",
+        &format!("exec 3<>/dev/tcp/{to}/7777; echo {marker} >&3"),
+    ]);
+    assert!(send.status.success(), "{}", text(&send));
+    let out = capture.wait_with_output().unwrap();
+    assert!(
+        !out.stdout.is_empty(),
+        "the capture saw no tunnel traffic at all"
+    );
+    String::from_utf8_lossy(&out.stdout).contains(&marker)
+}
+
+#[test]
+fn lab_interoperates_with_wireguard_go() {
+    let test = "lab_interoperates_with_wireguard_go";
+    if !root_or_skip(test) || !tools(test) {
+        return;
+    }
+    if Command::new("sh")
+        .args(["-c", "command -v wireguard-go"])
+        .output()
+        .map(|o| !o.status.success())
+        .unwrap_or(true)
+    {
+        eprintln!("SKIPPED {test}: wireguard-go is not installed (scripts/test.sh installs it)");
+        return;
+    }
+    let lab = Lab::new("go");
+    let file = lab.file("lab.yaml", LAB);
+    let up = lab.run(&["up", &file, "--wireguard-impl", "tc-gw=wireguard-go"]);
+    assert!(up.status.success(), "{}", text(&up));
+    assert!(
+        text(&up).contains("42 pairs, 32 cross-site, 0 failed"),
+        "{}",
+        text(&up)
+    );
+    let procs = lab.run(&["exec", "tc-gw", "--", "pgrep", "-a", "wireguard-go"]);
+    assert!(
+        text(&procs).contains("wireguard-go -f sb-wg0"),
+        "{}",
+        text(&procs)
+    );
+}
+
+fn probe_log(lab: &Lab, node: &str) -> String {
+    std::fs::read_to_string(format!(
+        "/var/tmp/skybridge-lab/{}lab/{node}.probe.log",
+        lab.prefix
+    ))
+    .unwrap_or_default()
+}
+
+#[test]
+fn with_nat_none_the_receiver_sees_the_senders_private_ip() {
+    let test = "with_nat_none";
+    if !root_or_skip(test) || !tools(test) {
+        return;
+    }
+    let lab = Lab::new("nn");
+    let file = lab.file(
+        "nonat.yaml",
+        &LAB.replace("nat: masquerade", "nat: none")
+            .replace("      mtu: 1450", "      mtu: 1450\n      nat: none"),
+    );
+    let up = lab.run(&["up", &file]);
+    assert!(up.status.success(), "{}", text(&up));
+    assert!(
+        lab.run(&[
+            "exec",
+            "tc-worker",
+            "--",
+            "bash",
+            "-c",
+            "exec 3<>/dev/tcp/192.168.0.11/7777"
+        ])
+        .status
+        .success()
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let log = probe_log(&lab, "hw-worker");
+    assert!(
+        log.contains("accepted from 10.20.1.6"),
+        "hw-worker saw:\n{log}"
+    );
+    drop(lab);
+
+    // With the default masquerade, the sender hides behind its site's gateway.
+    let lab = Lab::new("mq");
+    let file = lab.file("lab.yaml", LAB);
+    assert!(lab.run(&["up", &file]).status.success());
+    assert!(
+        lab.run(&[
+            "exec",
+            "tc-worker",
+            "--",
+            "bash",
+            "-c",
+            "exec 3<>/dev/tcp/192.168.0.11/7777"
+        ])
+        .status
+        .success()
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let log = probe_log(&lab, "hw-worker");
+    assert!(
+        !log.contains("10.20.1.6") && log.contains("accepted from 192.168.0.10"),
+        "hw-worker saw:\n{log}"
     );
 }
 

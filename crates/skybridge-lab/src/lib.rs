@@ -155,7 +155,46 @@ impl LabState {
 /// # Errors
 /// A cluster whose public IPs are not documentation addresses is refused
 /// before anything is made; a failing step leaves what was built for `down`.
-pub fn up(cluster_file: &Path, cluster: &Cluster, skybridge: &Path) -> Result<LabState, LabError> {
+/// A WireGuard implementation nobody here wrote, to run on a node instead of
+/// Skybridge's own data plane (the agent then only configures it over UAPI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForeignWireGuard {
+    /// Debian's `wireguard-go`.
+    WireguardGo,
+    /// `boringtun-cli` (`cargo install boringtun-cli`).
+    Boringtun,
+}
+
+impl ForeignWireGuard {
+    fn command(self) -> Vec<String> {
+        match self {
+            ForeignWireGuard::WireguardGo => {
+                vec!["wireguard-go".into(), "-f".into(), "sb-wg0".into()]
+            }
+            ForeignWireGuard::Boringtun => {
+                vec![
+                    "boringtun-cli".into(),
+                    "-f".into(),
+                    "--disable-drop-privileges".into(),
+                    "sb-wg0".into(),
+                ]
+            }
+        }
+    }
+}
+
+pub fn up(
+    cluster_file: &Path,
+    cluster: &Cluster,
+    skybridge: &Path,
+    foreign: &BTreeMap<String, ForeignWireGuard>,
+) -> Result<LabState, LabError> {
+    if let Some(unknown) = foreign.keys().find(|n| cluster.node(n).is_none()) {
+        return Err(LabError::Refused(format!(
+            "--wireguard-impl names {unknown}, which is not a node of {}",
+            cluster.name
+        )));
+    }
     let topo = Topology::of(cluster, &prefix())?;
     if LabState::load().is_ok() {
         down()?;
@@ -167,7 +206,7 @@ pub fn up(cluster_file: &Path, cluster: &Cluster, skybridge: &Path) -> Result<La
         dir: dir.clone(),
         ..LabState::default()
     };
-    let result = build(&topo, &mut state, cluster_file, skybridge);
+    let result = build(&topo, &mut state, cluster_file, skybridge, foreign);
     state.save()?;
     result.map(|()| state)
 }
@@ -185,6 +224,7 @@ fn build(
     state: &mut LabState,
     cluster_file: &Path,
     skybridge: &Path,
+    foreign: &BTreeMap<String, ForeignWireGuard>,
 ) -> Result<(), LabError> {
     let inet = topo.internet_ns.as_str();
     add_ns(state, inet)?;
@@ -311,17 +351,31 @@ fn build(
         .map_err(io("writing the state file"))?;
 
     for name in state.nodes.keys() {
-        let log = std::fs::File::create(state.dir.join(format!("{name}.log")))
-            .map_err(io("creating a log"))?;
-        let mut args = state.enter(name).expect("node exists");
-        args.extend([
+        let mut agent = vec![
             skybridge.display().to_string(),
             "agent".into(),
             "--cluster".into(),
             cluster_copy.display().to_string(),
             "--node".into(),
             name.clone(),
-        ]);
+        ];
+        if let Some(imp) = foreign.get(name) {
+            let log = std::fs::File::create(state.dir.join(format!("{name}.wireguard.log")))
+                .map_err(io("creating a log"))?;
+            let mut args = vec![
+                "env".to_owned(),
+                "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1".to_owned(),
+            ];
+            args.extend(state.enter(name).expect("node exists"));
+            args.extend(imp.command());
+            spawn(&args, log)?;
+            wait_for_socket(state, name)?;
+            agent.extend(["--wireguard".into(), "external".into()]);
+        }
+        let log = std::fs::File::create(state.dir.join(format!("{name}.log")))
+            .map_err(io("creating a log"))?;
+        let mut args = state.enter(name).expect("node exists");
+        args.extend(agent);
         spawn(&args, log)?;
         let log = std::fs::File::create(state.dir.join(format!("{name}.probe.log")))
             .map_err(io("creating a log"))?;
@@ -334,6 +388,24 @@ fn build(
             PROBE_PORT.to_string(),
         ]);
         spawn(&args, log)?;
+    }
+    Ok(())
+}
+
+/// Waits for a foreign WireGuard implementation's UAPI socket inside a node.
+fn wait_for_socket(state: &LabState, node: &str) -> Result<(), LabError> {
+    let mut args = state.enter(node).expect("node exists");
+    args.extend(["test", "-S", "/run/wireguard/sb-wg0.sock"].map(str::to_owned));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let start = Instant::now();
+    while run(&refs).is_err() {
+        if start.elapsed() > Duration::from_secs(10) {
+            return Err(LabError::Refused(format!(
+                "the WireGuard implementation on {node} did not open its UAPI socket within 10 s; see {}",
+                state.dir.join(format!("{node}.wireguard.log")).display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
     Ok(())
 }
@@ -496,9 +568,14 @@ pub fn wait_converged(state: &LabState, limit: Duration) -> Vec<Probe> {
 /// # Errors
 /// When the port cannot be bound.
 pub fn listen(port: u16) -> std::io::Result<()> {
+    use std::io::Write as _;
     let l = std::net::TcpListener::bind(("0.0.0.0", port))?;
-    for c in l.incoming() {
-        drop(c);
+    for c in l.incoming().flatten() {
+        // The log says who connected: with `nat: none` that is the sender's own private IP.
+        if let Ok(peer) = c.peer_addr() {
+            println!("accepted from {}", peer.ip());
+            let _ = std::io::stdout().flush();
+        }
     }
     Ok(())
 }
