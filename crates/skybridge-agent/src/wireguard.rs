@@ -252,12 +252,36 @@ impl Uapi {
         Ok((private, cfg.normalized()))
     }
 
-    /// Replaces the whole configuration: private key, port, and every peer.
+    /// Brings the interface to `cfg` in one request, touching only what
+    /// differs: peers that stay keep their sessions (no `replace_peers`), so
+    /// adding a site does not interrupt the flows to the others.
     pub fn set(&self, private_key: &str, cfg: &WireGuardConfig) -> Result<(), WireGuardError> {
+        let (have_key, have) = self.get(&cfg.interface).unwrap_or((
+            None,
+            WireGuardConfig {
+                interface: cfg.interface.clone(),
+                listen_port: 0,
+                peers: Vec::new(),
+            },
+        ));
         let mut req = String::from("set=1\n");
-        req += &format!("private_key={}\n", hex(private_key).unwrap_or_default());
-        req += &format!("listen_port={}\nreplace_peers=true\n", cfg.listen_port);
+        if have_key.as_deref() != Some(private_key) {
+            req += &format!("private_key={}\n", hex(private_key).unwrap_or_default());
+        }
+        if have.listen_port != cfg.listen_port {
+            req += &format!("listen_port={}\n", cfg.listen_port);
+        }
+        for old in &have.peers {
+            if !cfg.peers.iter().any(|p| p.public_key == old.public_key)
+                && let Some(key) = hex(&old.public_key)
+            {
+                req += &format!("public_key={key}\nremove=true\n");
+            }
+        }
         for p in &cfg.peers {
+            if have.peers.contains(p) {
+                continue;
+            }
             let Some(key) = hex(&p.public_key) else {
                 continue;
             };

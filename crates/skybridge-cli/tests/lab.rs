@@ -341,3 +341,94 @@ fn lab_refuses_public_ips_outside_the_documentation_ranges() {
     );
     assert_eq!(lab.namespaces(), Vec::<String>::new());
 }
+
+#[test]
+fn a_site_added_to_a_running_lab_converges_without_breaking_existing_flows() {
+    let test = "a_site_added_to_a_running_lab";
+    if !root_or_skip(test) || !tools(test) {
+        return;
+    }
+    let lab = Lab::new("add");
+    let two_sites = &LAB[..LAB
+        .find("    - name: tencent")
+        .expect("lab.yaml has a tencent site")];
+    let file = lab.file("lab.yaml", two_sites);
+    let up = lab.run(&["up", &file]);
+    assert!(
+        up.status.success() && text(&up).contains("20 pairs, 12 cross-site, 0 failed"),
+        "{}",
+        text(&up)
+    );
+
+    // A TCP flow between the two first sites runs while the third is added.
+    assert!(
+        lab.run(&["exec", "ali-worker1", "--", "iperf3", "-s", "-1", "-D"])
+            .status
+            .success()
+    );
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let flow = Command::new(skybridge())
+        .args([
+            "lab",
+            "exec",
+            "hw-worker",
+            "--",
+            "iperf3",
+            "-c",
+            "172.26.32.236",
+            "-t",
+            "8",
+        ])
+        .env("SKYBRIDGE_LAB_PREFIX", &lab.prefix)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let file = lab.file("lab.yaml", LAB);
+    let again = lab.run(&["up", &file]);
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(
+        text(&again).contains("42 pairs, 32 cross-site, 0 failed"),
+        "{}",
+        text(&again)
+    );
+    let flow = flow.wait_with_output().unwrap();
+    assert!(
+        flow.status.success() && text(&flow).contains("receiver"),
+        "the existing flow broke:\n{}",
+        text(&flow)
+    );
+    assert_eq!(lab.namespaces().len(), 11);
+}
+
+#[test]
+fn lab_in_a_node_mesh_is_all_green() {
+    let test = "lab_in_a_node_mesh";
+    if !root_or_skip(test) || !tools(test) {
+        return;
+    }
+    let lab = Lab::new("mesh");
+    let file = lab.file(
+        "mesh.yaml",
+        &LAB.replace("granularity: site", "granularity: node"),
+    );
+    let up = lab.run(&["up", &file]);
+    assert!(
+        up.status.success() && text(&up).contains("42 pairs, 32 cross-site, 0 failed"),
+        "{}",
+        text(&up)
+    );
+    // In the mesh, hw-worker (a public node) has its own peers instead of routing via hw-master.
+    let routes = lab.run(&[
+        "exec",
+        "hw-worker",
+        "--",
+        "ip",
+        "route",
+        "show",
+        "proto",
+        "83",
+    ]);
+    assert!(text(&routes).contains("dev sb-wg0"), "{}", text(&routes));
+}

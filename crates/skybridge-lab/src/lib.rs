@@ -196,16 +196,20 @@ pub fn up(
         )));
     }
     let topo = Topology::of(cluster, &prefix())?;
-    if LabState::load().is_ok() {
-        down()?;
-    }
+    // The same cluster's lab is running: add what the file added, keep the
+    // rest (and its flows) as it is. Another cluster's lab goes first.
+    let mut state = match LabState::load() {
+        Ok(state) if state.cluster == cluster.name => state,
+        Ok(_) => {
+            down()?;
+            LabState::default()
+        }
+        Err(_) => LabState::default(),
+    };
     let dir = Path::new(LAB_DIR).join(format!("{}{}", prefix(), cluster.name));
     std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
-    let mut state = LabState {
-        cluster: cluster.name.clone(),
-        dir: dir.clone(),
-        ..LabState::default()
-    };
+    state.cluster = cluster.name.clone();
+    state.dir = dir;
     let result = build(&topo, &mut state, cluster_file, skybridge, foreign);
     state.save()?;
     result.map(|()| state)
@@ -227,42 +231,55 @@ fn build(
     foreign: &BTreeMap<String, ForeignWireGuard>,
 ) -> Result<(), LabError> {
     let inet = topo.internet_ns.as_str();
-    add_ns(state, inet)?;
-    ip(inet, &["link", "add", "br0", "type", "bridge"])?;
-    ip(inet, &["link", "set", "br0", "up"])?;
+    if !state.namespaces.iter().any(|n| n == inet) {
+        add_ns(state, inet)?;
+        ip(inet, &["link", "add", "br0", "type", "bridge"])?;
+        ip(inet, &["link", "set", "br0", "up"])?;
+    }
+    let mut new_nodes = Vec::new();
     for (si, site) in topo.sites.iter().enumerate() {
         let r = &site.router_ns;
-        add_ns(state, r)?;
-        let port = format!("s{si}");
-        ip(
-            inet,
-            &[
-                "link", "add", &port, "type", "veth", "peer", "name", "wan", "netns", r,
-            ],
-        )?;
-        ip(inet, &["link", "set", &port, "master", "br0", "up"])?;
-        ip(r, &["link", "set", "wan", "up"])?;
-        for public in site.public_addresses() {
-            ip(r, &["addr", "add", &format!("{public}/32"), "dev", "wan"])?;
-        }
-        for range in topology::DOCUMENTATION_RANGES {
-            ip(r, &["route", "add", range, "dev", "wan", "scope", "link"])?;
-        }
-        ip(r, &["link", "add", "lan", "type", "bridge"])?;
-        ip(r, &["link", "set", "lan", "up"])?;
-        for (cidr, gw) in &site.lan_gateways {
+        if state.namespaces.contains(r) {
+            // An existing site: new nodes get their elastic IPs and NAT below.
+            for public in site.public_addresses() {
+                ip(
+                    r,
+                    &["addr", "replace", &format!("{public}/32"), "dev", "wan"],
+                )?;
+            }
+        } else {
+            add_ns(state, r)?;
+            let port = format!("s{si}");
             ip(
-                r,
+                inet,
                 &[
-                    "addr",
-                    "add",
-                    &format!("{gw}/{}", cidr.prefix_len()),
-                    "dev",
-                    "lan",
+                    "link", "add", &port, "type", "veth", "peer", "name", "wan", "netns", r,
                 ],
             )?;
+            ip(inet, &["link", "set", &port, "master", "br0", "up"])?;
+            ip(r, &["link", "set", "wan", "up"])?;
+            for public in site.public_addresses() {
+                ip(r, &["addr", "add", &format!("{public}/32"), "dev", "wan"])?;
+            }
+            for range in topology::DOCUMENTATION_RANGES {
+                ip(r, &["route", "add", range, "dev", "wan", "scope", "link"])?;
+            }
+            ip(r, &["link", "add", "lan", "type", "bridge"])?;
+            ip(r, &["link", "set", "lan", "up"])?;
+            for (cidr, gw) in &site.lan_gateways {
+                ip(
+                    r,
+                    &[
+                        "addr",
+                        "add",
+                        &format!("{gw}/{}", cidr.prefix_len()),
+                        "dev",
+                        "lan",
+                    ],
+                )?;
+            }
+            in_ns(r, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
         }
-        in_ns(r, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
         let mut nft = std::process::Command::new("ip")
             .args(["netns", "exec", r, "nft", "-f", "-"])
             .stdin(Stdio::piped())
@@ -283,6 +300,10 @@ fn build(
         }
         for node in &site.nodes {
             let n = &node.netns;
+            if state.nodes.contains_key(&node.name) {
+                continue;
+            }
+            new_nodes.push(node.name.clone());
             add_ns(state, n)?;
             ip(
                 r,
@@ -332,10 +353,10 @@ fn build(
     }
     state.save()?;
 
-    // What `apply` will do on real VMs: keys are made on each node, public keys collected.
+    // What `apply` will do on real VMs: keys are made on each node, public
+    // keys collected, then the (new) cluster file handed out; running agents
+    // notice both files change and converge on the new plan.
     let cluster_copy = state.dir.join("cluster.yaml");
-    std::fs::copy(cluster_file, &cluster_copy)
-        .map_err(io(format!("copying {}", cluster_file.display())))?;
     let mut keys = String::from("publicKeys:\n");
     for name in state.nodes.keys() {
         let mut args = state.enter(name).expect("node exists");
@@ -349,11 +370,15 @@ fn build(
     }
     std::fs::write(state.dir.join("cluster.state.yaml"), keys)
         .map_err(io("writing the state file"))?;
+    std::fs::copy(cluster_file, &cluster_copy)
+        .map_err(io(format!("copying {}", cluster_file.display())))?;
 
-    for name in state.nodes.keys() {
+    for name in &new_nodes {
         let mut agent = vec![
             skybridge.display().to_string(),
             "agent".into(),
+            "--interval".into(),
+            "2".into(),
             "--cluster".into(),
             cluster_copy.display().to_string(),
             "--node".into(),

@@ -86,8 +86,10 @@ impl LabSite {
             "\t\toifname \"wan\" ip saddr {{ {cidrs} }} snat to {}\n",
             self.router_public
         );
+        // Declare-delete-define: replaces the table in one transaction when
+        // a node is added to a running lab.
         format!(
-            "table ip sb-lab {{\n\tchain pre {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n{pre}\t}}\n\tchain post {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n{post}\t}}\n}}\n"
+            "table ip sb-lab {{}}\ndelete table ip sb-lab\ntable ip sb-lab {{\n\tchain pre {{\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n{pre}\t}}\n\tchain post {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n{post}\t}}\n}}\n"
         )
     }
 }
