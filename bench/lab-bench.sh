@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# lab-bench.sh - TCP throughput and RTT between two gateways of different
+# sites of the lab (hw-master -> ali-gw of examples/lab.yaml), over:
+#   underlay    the lab's internet path itself (public IP, routers' NAT), no tunnel: the baseline
+#   skybridge   Skybridge's userspace WireGuard data plane (gotatun)
+#   vxlan       kernel VXLAN
+#   wireguard-go  wireguard-go on both gateways, configured by the agent
+#   boringtun   boringtun-cli on both gateways (when boringtun-cli is installed)
+# each printed as a ratio to the underlay measured in the same run.
+# Usage (root): bench/lab-bench.sh            Env: T=10 (seconds per iperf3 run), SB=target/release/skybridge
+# Prereqs: apt-get install iperf3 wireguard-go jq; optional: cargo install boringtun-cli
+# Only the lab's own namespaces (prefix sbt-bench-) are used; they are removed on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+T=${T:-10}
+SB=${SB:-target/release/skybridge}
+[ -x "$SB" ] || cargo build --release --quiet
+export SKYBRIDGE_LAB_PREFIX=sbt-bench-
+W=$(mktemp -d)
+trap '"$SB" lab down >/dev/null 2>&1 || true; rm -rf "$W"' EXIT
+# The first two sites of the example: one gateway each side is enough.
+sed '/    - name: tencent/,$d' examples/lab.yaml >"$W/wg.yaml"
+sed -e 's/transport: wireguard/transport: vxlan/' -e 's/listenPort: 51820/listenPort: 4789/' "$W/wg.yaml" >"$W/vxlan.yaml"
+lab() { "$SB" lab "$@"; }
+gbps() { jq -r '.end.sum_received.bits_per_second / 1e9'; }
+measure() {  # measure NAME DST
+  lab exec ali-gw -- iperf3 -s -1 -D >/dev/null
+  sleep 0.3
+  local g rtt
+  lab exec hw-master -- iperf3 -c "$2" -t "$T" -J >"$W/$1.json" || true
+  g=$(gbps <"$W/$1.json" 2>/dev/null) || { echo "$1: iperf3 failed: $(jq -r .error "$W/$1.json" 2>/dev/null)" >&2; g=0; }
+  rtt=$(lab exec hw-master -- ping -q -c 50 -i 0.02 "$2" | awk -F'/' '/^rtt/{print $5}')
+  printf '%s\t%s\t%s\n' "$1" "$g" "$rtt" >>"$W/results.tsv"
+  echo "$1: $g Gbit/s, rtt avg $rtt ms" >&2
+}
+up() { lab up "$@" --timeout 60 >/dev/null 2>&1 || { echo "lab up $* failed" >&2; lab check | tail -3 >&2; exit 1; }; }
+
+up "$W/wg.yaml"
+measure underlay 198.51.100.20        # ali-gw's elastic IP: the routers' NAT and the internet, no tunnel
+measure skybridge 172.26.32.235
+lab down >/dev/null
+up "$W/vxlan.yaml"
+measure vxlan 172.26.32.235
+lab down >/dev/null
+up "$W/wg.yaml" --wireguard-impl hw-master=wireguard-go --wireguard-impl ali-gw=wireguard-go
+measure wireguard-go 172.26.32.235
+if command -v boringtun-cli >/dev/null; then
+  lab down >/dev/null
+  up "$W/wg.yaml" --wireguard-impl hw-master=boringtun --wireguard-impl ali-gw=boringtun
+  measure boringtun 172.26.32.235
+fi
+
+echo
+echo "TCP hw-master -> ali-gw, $T s per run, $(nproc) CPUs, $(uname -r)"
+awk -F'\t' 'NR==1{base=$2} {printf "%-13s %7.2f Gbit/s  %6.1f%% of underlay   rtt %s ms\n", $1, $2, $2/base*100, $3}' "$W/results.tsv"
