@@ -432,3 +432,59 @@ fn lab_in_a_node_mesh_is_all_green() {
     ]);
     assert!(text(&routes).contains("dev sb-wg0"), "{}", text(&routes));
 }
+
+/// A cluster unlike the example, as a node mesh: four sites, one with two VPC
+/// networks (a public node alone in the second), one
+/// with a single node, one with a smaller underlay MTU, a gateway behind NAT
+/// (no public IP: WireGuard needs only one reachable end per tunnel), two
+/// gateway candidates in another.
+const ZOO: &str = "apiVersion: skybridge.dev/v1alpha1
+kind: Cluster
+metadata: { name: zoo }
+spec:
+  network: { tunnelPool: 100.127.0.0/24, granularity: node }
+  sites:
+    - name: east
+      provider: aws
+      cidrs: [10.10.0.0/24, 10.11.0.0/24]
+      nodes:
+        - { name: e-gw, privateIP: 10.10.0.5, publicIP: 203.0.113.50, roles: [gateway] }
+        - { name: e-app, privateIP: 10.10.0.7, roles: [worker] }
+        - { name: e-edge, privateIP: 10.11.0.9, publicIP: 203.0.113.51, roles: [worker] }
+    - name: west
+      provider: gcp
+      cidrs: [172.20.0.0/16]
+      mtu: 1400
+      nodes:
+        - { name: w-gw, privateIP: 172.20.9.9, publicIP: 192.0.2.60, roles: [gateway] }
+        - { name: w-gw2, privateIP: 172.20.9.10, publicIP: 192.0.2.61, roles: [gateway] }
+        - { name: w-db, privateIP: 172.20.1.1, roles: [worker] }
+    - name: solo
+      provider: metal
+      cidrs: [192.168.50.0/28]
+      nodes:
+        - { name: solo, privateIP: 192.168.50.2, publicIP: 198.51.100.70, roles: [gateway, worker] }
+    - name: hidden
+      provider: office
+      cidrs: [10.99.0.0/24]
+      nodes:
+        - { name: h-gw, privateIP: 10.99.0.1, roles: [gateway] }
+        - { name: h-pc, privateIP: 10.99.0.2, roles: [worker] }
+";
+
+#[test]
+fn a_cluster_unlike_the_example_is_all_green_too() {
+    let test = "a_cluster_unlike_the_example";
+    if !root_or_skip(test) || !tools(test) {
+        return;
+    }
+    let lab = Lab::new("zoo");
+    let file = lab.file("zoo.yaml", ZOO);
+    let up = lab.run(&["up", &file]);
+    assert!(up.status.success(), "{}", text(&up));
+    assert!(
+        text(&up).contains("72 pairs, 58 cross-site, 0 failed"),
+        "{}",
+        text(&up)
+    );
+}

@@ -335,6 +335,31 @@ fn validate(doc: &ClusterDoc) -> Result<Validated, Vec<Diagnostic>> {
             }
         }
     }
+    // A node reaches other sites through a gateway candidate: it must be able
+    // to hand packets to it directly, so both have to be in the same network.
+    for (sd, site) in doc.spec.sites.value.iter().zip(&sites) {
+        for (ni, n) in site.nodes.iter().enumerate() {
+            if is_member(granularity, site, ni, n) {
+                continue;
+            }
+            let Some(net) = site.cidrs.iter().find(|c| c.contains(&n.private_ip)) else {
+                continue;
+            };
+            for &gi in &site.gateways {
+                let g = &site.nodes[gi];
+                if !net.contains(&g.private_ip) {
+                    c.error(
+                        node_pos(sd, &n.name),
+                        format!(
+                            "node {} ({net}) is not in the same network as gateway candidate {} ({}): it could not hand its cross-site traffic to it",
+                            n.name, g.name, g.private_ip
+                        ),
+                        "put the node in its gateway's network, or give it a public IP (granularity: node)",
+                    );
+                }
+            }
+        }
+    }
     let sites_with_members = sites
         .iter()
         .filter(|s| {
@@ -873,6 +898,18 @@ mod tests {
                 .any(|m| m.contains("overlaps tunnelPool 192.168.0.0/16")),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn a_node_outside_its_gateways_network_is_rejected() {
+        let src = SEED
+            .replace(
+                "cidrs: [192.168.0.0/24]",
+                "cidrs: [192.168.0.0/24, 192.168.1.0/24]",
+            )
+            .replace("privateIP: 192.168.0.11,", "privateIP: 192.168.1.11,");
+        let e = errors(&src);
+        assert!(e.iter().any(|m| m.contains("node k8s-node1 (192.168.1.0/24) is not in the same network as gateway candidate k8s-master2")), "{e:?}");
     }
 
     #[test]

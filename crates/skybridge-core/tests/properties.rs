@@ -369,8 +369,18 @@ fn realize(shape: &Shape) -> GenCluster {
             .map(|c| Distinct::new((1u32 << (32 - c.prefix_len())) - 2))
             .collect();
         let mut nodes = Vec::new();
+        // Gateway candidates and the nodes that route through them share one
+        // network (validation requires it); only a node-mesh member with its
+        // own public IP may sit in the site's other network.
+        let gateway_net = usize::from(ss.nodes[first].host) % cidrs.len();
         for (ni, ns) in ss.nodes.iter().enumerate() {
-            let ci = usize::from(ns.host) % cidrs.len();
+            let own_tunnels =
+                granularity == Granularity::Node && ns.public && ni != first && second != Some(ni);
+            let ci = if own_tunnels || no_gateway {
+                usize::from(ns.host) % cidrs.len()
+            } else {
+                gateway_net
+            };
             let offset = hosts[ci].take(u32::from(ns.host)) + 1;
             let private_ip = Ipv4Addr::from(u32::from(cidrs[ci].network()) + offset);
             let is_first = ni == first && !no_gateway;
