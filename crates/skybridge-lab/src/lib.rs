@@ -219,6 +219,8 @@ fn add_ns(state: &mut LabState, name: &str) -> Result<(), LabError> {
     let _ = run(&["ip", "netns", "del", name]);
     run(&["ip", "netns", "add", name])?;
     state.namespaces.push(name.to_owned());
+    // Saved at once: a lab that crashes half-built can still be taken down.
+    state.save()?;
     ip(name, &["link", "set", "lo", "up"])?;
     Ok(())
 }
