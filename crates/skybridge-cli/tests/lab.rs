@@ -34,6 +34,17 @@ impl Lab {
             .unwrap()
     }
 
+    /// `lab up` that must succeed with this matrix summary.
+    #[track_caller]
+    fn up_green(&self, args: &[&str], summary: &str) {
+        let up = self.run(&[&["up"], args].concat());
+        assert!(
+            up.status.success() && text(&up).contains(summary),
+            "{}",
+            text(&up)
+        );
+    }
+
     fn file(&self, name: &str, text: &str) -> String {
         let p = self.dir.path().join(name);
         std::fs::write(&p, text).unwrap();
@@ -90,13 +101,7 @@ fn lab_example_over_userspace_wireguard_is_all_green_and_down_leaves_nothing() {
     }
     let lab = Lab::new("wg");
     let file = lab.file("lab.yaml", LAB);
-    let up = lab.run(&["up", &file]);
-    assert!(up.status.success(), "{}", text(&up));
-    assert!(
-        text(&up).contains("42 pairs, 32 cross-site, 0 failed"),
-        "{}",
-        text(&up)
-    );
+    lab.up_green(&[&file], "42 pairs, 32 cross-site, 0 failed");
     assert_eq!(lab.namespaces().len(), 11, "{:?}", lab.namespaces());
 
     let check = lab.run(&["check"]);
@@ -181,13 +186,7 @@ fn lab_over_vxlan_is_all_green() {
         &LAB.replace("transport: wireguard", "transport: vxlan")
             .replace("listenPort: 51820", "listenPort: 4789"),
     );
-    let up = lab.run(&["up", &file]);
-    assert!(up.status.success(), "{}", text(&up));
-    assert!(
-        text(&up).contains("42 pairs, 32 cross-site, 0 failed"),
-        "{}",
-        text(&up)
-    );
+    lab.up_green(&[&file], "42 pairs, 32 cross-site, 0 failed");
     // VXLAN is cleartext: the capture on the internet shows the marker (the warning is deserved).
     assert!(
         marker_seen_on_the_internet(&lab, "tc-worker", "172.26.32.236"),
@@ -243,12 +242,9 @@ fn lab_interoperates_with_wireguard_go() {
     }
     let lab = Lab::new("go");
     let file = lab.file("lab.yaml", LAB);
-    let up = lab.run(&["up", &file, "--wireguard-impl", "tc-gw=wireguard-go"]);
-    assert!(up.status.success(), "{}", text(&up));
-    assert!(
-        text(&up).contains("42 pairs, 32 cross-site, 0 failed"),
-        "{}",
-        text(&up)
+    lab.up_green(
+        &[&file, "--wireguard-impl", "tc-gw=wireguard-go"],
+        "42 pairs, 32 cross-site, 0 failed",
     );
     let procs = lab.run(&["exec", "tc-gw", "--", "pgrep", "-a", "wireguard-go"]);
     assert!(
@@ -480,11 +476,5 @@ fn a_cluster_unlike_the_example_is_all_green_too() {
     }
     let lab = Lab::new("zoo");
     let file = lab.file("zoo.yaml", ZOO);
-    let up = lab.run(&["up", &file]);
-    assert!(up.status.success(), "{}", text(&up));
-    assert!(
-        text(&up).contains("72 pairs, 58 cross-site, 0 failed"),
-        "{}",
-        text(&up)
-    );
+    lab.up_green(&[&file], "72 pairs, 58 cross-site, 0 failed");
 }
