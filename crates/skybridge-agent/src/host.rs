@@ -62,6 +62,8 @@ pub struct LinuxHost {
     firewall: Box<dyn Firewall>,
     wireguard: WireGuard,
     state_dir: PathBuf,
+    /// The interface holding the node's private IP, as of the last read.
+    uplink: Option<String>,
 }
 
 impl LinuxHost {
@@ -77,12 +79,24 @@ impl LinuxHost {
             firewall,
             wireguard,
             state_dir,
+            uplink: None,
         }
     }
 
     /// Netlink requests sent and messages received so far.
     pub fn netlink_counters(&self) -> (u64, u64) {
         self.netlink.counters()
+    }
+
+    /// A plan's sysctl key for this node: `{uplink}` becomes the interface
+    /// holding the private IP (`None` when no interface holds it).
+    fn resolve(&self, key: &str) -> Option<String> {
+        if !key.contains(skybridge_core::plan::UPLINK) {
+            return Some(key.to_owned());
+        }
+        self.uplink
+            .as_deref()
+            .map(|u| key.replace(skybridge_core::plan::UPLINK, u))
     }
 
     pub fn backends(&self) -> String {
@@ -126,9 +140,13 @@ impl Host for LinuxHost {
     async fn read(&mut self, plan: &NodePlan) -> Result<Live, HostError> {
         self.refresh_links().await?;
         let routes = self.netlink.routes(&self.links).await?;
+        self.uplink = self.links.holder_of(plan.private_ip).map(str::to_owned);
         let mut sysctls = BTreeMap::new();
         for s in &plan.sysctls {
-            if let Ok(v) = sysctl::read(&s.key) {
+            let Some(key) = self.resolve(&s.key) else {
+                continue;
+            };
+            if let Ok(v) = sysctl::read(&key) {
                 sysctls.insert(s.key.clone(), v);
             }
         }
@@ -193,6 +211,9 @@ impl Host for LinuxHost {
             Op::AddRoute { route } => nl.add_route(&self.links, route).await?,
             Op::RemoveRoute { route } => nl.remove_route(&self.links, route).await?,
             Op::SetSysctl { key, value } => {
+                let key = &self.resolve(key).ok_or_else(|| {
+                    HostError::Refused(format!("no interface holds this node's private IP, so {key} cannot be set; is the cluster file's privateIP right?"))
+                })?;
                 let mut r = self.remembered();
                 if !r.sysctls.contains_key(key)
                     && let Ok(before) = sysctl::read(key)

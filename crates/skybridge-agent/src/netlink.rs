@@ -87,6 +87,8 @@ pub struct Links {
     pub links: Vec<Link>,
     index: HashMap<String, u32>,
     names: HashMap<u32, String>,
+    /// Every IPv4 address of the node and the link holding it.
+    holders: HashMap<Ipv4Addr, String>,
 }
 
 impl Netlink {
@@ -149,9 +151,11 @@ impl Netlink {
             let Some(name) = out.names.get(&msg.header.index) else {
                 continue;
             };
-            if let Some(link) = out.links.iter_mut().find(|l| &l.name == name)
-                && let Some(a) = parse_address(&msg)
-            {
+            let Some(a) = parse_address(&msg) else {
+                continue;
+            };
+            out.holders.insert(a.local, name.clone());
+            if let Some(link) = out.links.iter_mut().find(|l| &l.name == name) {
                 link.addresses.push(a);
             }
         }
@@ -349,6 +353,11 @@ impl Links {
             .get(name)
             .copied()
             .ok_or_else(|| NetlinkError::NoSuchLink(name.to_owned()))
+    }
+
+    /// The link holding `ip`: for the node's private IP, its uplink.
+    pub fn holder_of(&self, ip: Ipv4Addr) -> Option<&str> {
+        self.holders.get(&ip).map(String::as_str)
     }
 
     pub fn exists(&self, name: &str) -> bool {

@@ -190,10 +190,22 @@ pub struct Route {
     pub to: String,
 }
 
+/// A kernel parameter. In `key`, [`UPLINK`] stands for the interface that
+/// holds the node's private IP, whose name only the node knows.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Sysctl {
     pub key: String,
     pub value: String,
+}
+
+/// Placeholder in a sysctl key for the node's uplink interface.
+pub const UPLINK: &str = "{uplink}";
+
+impl Sysctl {
+    /// The key with [`UPLINK`] replaced by the node's uplink interface.
+    pub fn key_for(&self, uplink: &str) -> String {
+        self.key.replace(UPLINK, uplink)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -575,6 +587,20 @@ impl Ctx<'_> {
             key: "net.ipv4.ip_forward".into(),
             value: "1".into(),
         });
+        // A gateway that briefly has no route to a remote site (while it
+        // converges) would send the packet back to the VPC's router and tell the
+        // sender so with an ICMP redirect, which the sender caches for minutes:
+        // that address stays unreachable long after the tunnel is up (found in
+        // the lab). Gateways never redirect; `all` and the uplink both count.
+        for key in [
+            "net.ipv4.conf.all.send_redirects",
+            "net.ipv4.conf.{uplink}.send_redirects",
+        ] {
+            plan.sysctls.push(Sysctl {
+                key: key.into(),
+                value: "0".into(),
+            });
+        }
         plan.firewall.push(FirewallRule::ForwardAccept {
             direction: Direction::In,
         });

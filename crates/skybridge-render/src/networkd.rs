@@ -232,7 +232,8 @@ fn sysctl_conf(plan: &ClusterPlan, node: &NodePlan) -> Option<String> {
     ));
     t.blank();
     for s in &node.sysctls {
-        t.line(format!("{} = {}", s.key, s.value));
+        // sysctl.d takes globs: every interface, the uplink among them.
+        t.line(format!("{} = {}", s.key_for("*"), s.value));
     }
     Some(t.finish())
 }

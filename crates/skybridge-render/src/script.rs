@@ -96,8 +96,19 @@ fn up_body(node: &NodePlan) -> Vec<String> {
     }
     if !node.sysctls.is_empty() {
         up.push("# Kernel parameters".into());
+        if node
+            .sysctls
+            .iter()
+            .any(|s| s.key.contains(skybridge_core::plan::UPLINK))
+        {
+            // The interface that holds this node's private IP.
+            up.push(format!(
+                "uplink=$(ip -o -4 addr show | awk '$4 ~ /^{}\\// {{print $2; exit}}')",
+                node.private_ip.to_string().replace('.', "\\.")
+            ));
+        }
         for s in &node.sysctls {
-            up.push(format!("sysctl_set {} {}", s.key, s.value));
+            up.push(format!("sysctl_set {} {}", s.key_for("$uplink"), s.value));
         }
         up.push(String::new());
     }

@@ -95,7 +95,13 @@ fn hooks(node: &NodePlan, wg: &WireGuardTunnel) -> Vec<String> {
     let mut v: Vec<String> = node
         .sysctls
         .iter()
-        .map(|s| format!("PostUp = sysctl -q -w {}={}", s.key, s.value))
+        .map(|s| {
+            let uplink = format!(
+                "$(ip -o -4 addr show | awk '$4 ~ /^{}\\// {{print $2; exit}}')",
+                node.private_ip.to_string().replace('.', "\\.")
+            );
+            format!("PostUp = sysctl -q -w {}={}", s.key_for(&uplink), s.value)
+        })
         .collect();
     for r in &node.routes {
         v.push(format!("PostUp = ip route replace {}", ip_route(r, node)));
