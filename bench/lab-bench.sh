@@ -23,14 +23,30 @@ sed '/    - name: tencent/,$d' examples/lab.yaml >"$W/wg.yaml"
 sed -e 's/transport: wireguard/transport: vxlan/' -e 's/listenPort: 51820/listenPort: 4789/' "$W/wg.yaml" >"$W/vxlan.yaml"
 lab() { "$SB" lab "$@"; }
 gbps() { jq -r '.end.sum_received.bits_per_second / 1e9'; }
+ticks() {  # CPU ticks (utime+stime) of the userspace data planes on both gateways, iperf3 excluded
+  local t=0 ns p
+  for ns in ${SKYBRIDGE_LAB_PREFIX}hw-master ${SKYBRIDGE_LAB_PREFIX}ali-gw; do
+    for p in $(ip netns pids "$ns"); do
+      case "$(tr '\0' ' ' </proc/$p/cmdline 2>/dev/null)" in
+        *wireguard-dataplane*|*wireguard-go*|*boringtun*) t=$((t + $(awk '{print $14+$15}' /proc/$p/stat))) ;;
+      esac
+    done
+  done
+  echo $t
+}
 measure() {  # measure NAME DST
   lab exec ali-gw -- iperf3 -s -1 -D >/dev/null
   sleep 0.3
-  local g rtt
+  local g rtt t0 t1 cpu
+  t0=$(ticks)
   lab exec hw-master -- iperf3 -c "$2" -t "$T" -J >"$W/$1.json" || true
+  t1=$(ticks)
   g=$(gbps <"$W/$1.json" 2>/dev/null) || { echo "$1: iperf3 failed: $(jq -r .error "$W/$1.json" 2>/dev/null)" >&2; g=0; }
   rtt=$(lab exec hw-master -- ping -q -c 50 -i 0.02 "$2" | awk -F'/' '/^rtt/{print $5}')
-  printf '%s\t%s\t%s\n' "$1" "$g" "$rtt" >>"$W/results.tsv"
+  # CPU seconds of the data plane processes per Gbit/s-second carried (kernel data planes: not attributable).
+  case $1 in underlay|vxlan) t1=$t0 ;; esac
+  cpu=$(awk -v d=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v g="$g" -v t="$T" 'BEGIN{ if (d == 0) print "-"; else printf "%.2f", d/hz/(g*t) }')
+  printf '%s\t%s\t%s\t%s\n' "$1" "$g" "$rtt" "$cpu" >>"$W/results.tsv"
   echo "$1: $g Gbit/s, rtt avg $rtt ms" >&2
 }
 up() { lab up "$@" --timeout 60 >/dev/null 2>&1 || { echo "lab up $* failed" >&2; lab check | tail -3 >&2; exit 1; }; }
@@ -52,4 +68,5 @@ fi
 
 echo
 echo "TCP hw-master -> ali-gw, $T s per run, $(nproc) CPUs, $(uname -r)"
-awk -F'\t' 'NR==1{base=$2} {printf "%-13s %7.2f Gbit/s  %6.1f%% of underlay   rtt %s ms\n", $1, $2, $2/base*100, $3}' "$W/results.tsv"
+echo "(cpu: CPU-seconds of the userspace data plane processes, both gateways, per gigabit carried)"
+awk -F'\t' 'NR==1{base=$2} {printf "%-13s %7.2f Gbit/s  %6.1f%% of underlay   rtt %s ms   cpu %s s/Gbit\n", $1, $2, $2/base*100, $3, $4}' "$W/results.tsv"
