@@ -363,11 +363,6 @@ impl Links {
     pub fn exists(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }
-
-    /// Interface names by index (for reading back routes).
-    pub fn name_of(&self, index: u32) -> Option<&str> {
-        self.names.get(&index).map(String::as_str)
-    }
 }
 
 fn link_name(msg: &LinkMessage) -> Option<String> {

@@ -108,6 +108,8 @@ fn vxlan(p: &PointToPoint) -> Vec<String> {
     v.push(format!("Local={}", p.local));
     v.push(format!("Remote={}", p.remote));
     v.extend(p.port.map(|port| format!("DestinationPort={port}")));
+    // RFC 7348's zero outer checksum (networkd's default too, said explicitly).
+    v.push("UDPChecksum=no".into());
     v.push("Independent=yes".into());
     v
 }

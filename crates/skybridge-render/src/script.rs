@@ -9,7 +9,7 @@
 //! A changed plan is applied by running the old script's `down` first
 //! (`systemctl stop`), then the new one's `up`.
 
-use skybridge_core::plan::{FirewallRule, ROUTE_METRIC, Tunnel};
+use skybridge_core::plan::{FirewallRule, PointToPoint, ROUTE_METRIC, Tunnel};
 use skybridge_core::{ClusterPlan, NodePlan};
 
 use crate::common::{
@@ -230,10 +230,24 @@ fn helpers(node: &NodePlan) -> Vec<String> {
     h
 }
 
+/// A GRE or VXLAN tunnel: its comment and create command, then MTU, up, address.
+fn point_to_point(p: &PointToPoint, comment: String, create: String) -> Vec<String> {
+    vec![
+        comment,
+        create,
+        format!("ip link set dev {} mtu {} up", p.name, p.mtu),
+        format!(
+            "ip addr replace {} peer {}/32 dev {}",
+            p.address, p.peer_address, p.name
+        ),
+    ]
+}
+
 /// Creating one tunnel interface, with its address, up.
 fn tunnel_up(tunnel: &Tunnel) -> Vec<String> {
     match tunnel {
-        Tunnel::Gre(p) => vec![
+        Tunnel::Gre(p) => point_to_point(
+            p,
             format!(
                 "# {}: GRE to {} (cleartext over the internet)",
                 p.name, p.peer
@@ -242,29 +256,22 @@ fn tunnel_up(tunnel: &Tunnel) -> Vec<String> {
                 "link_exists {0} || ip tunnel add {0} mode gre remote {1} local {2} ttl 255",
                 p.name, p.remote, p.local
             ),
-            format!("ip link set dev {} mtu {} up", p.name, p.mtu),
-            format!(
-                "ip addr replace {} peer {}/32 dev {}",
-                p.address, p.peer_address, p.name
-            ),
-        ],
+        ),
         Tunnel::Vxlan(p) => {
             let (vni, port) = (p.vni.unwrap_or_default(), p.port.unwrap_or_default());
-            vec![
+            point_to_point(
+                p,
                 format!(
                     "# {}: VXLAN {vni} to {} (cleartext over the internet)",
                     p.name, p.peer
                 ),
+                // noudpcsum: RFC 7348's zero outer checksum; `ip link` turns it on
+                // otherwise, and NAT on the path breaks it (every TCP segment lost).
                 format!(
-                    "link_exists {0} || ip link add {0} type vxlan id {vni} local {1} remote {2} dstport {port}",
+                    "link_exists {0} || ip link add {0} type vxlan id {vni} local {1} remote {2} dstport {port} noudpcsum",
                     p.name, p.local, p.remote
                 ),
-                format!("ip link set dev {} mtu {} up", p.name, p.mtu),
-                format!(
-                    "ip addr replace {} peer {}/32 dev {}",
-                    p.address, p.peer_address, p.name
-                ),
-            ]
+            )
         }
         Tunnel::WireGuard(w) => {
             let mut v = vec![
