@@ -2,6 +2,7 @@
 //! pure core (validate, plan) and the renderers, prints, and writes files.
 
 mod agent;
+mod apply;
 mod keys;
 mod lab;
 mod load;
@@ -29,6 +30,10 @@ struct Cli {
 enum Command {
     /// Run the node agent: reconcile this node's network onto its plan and keep it there.
     Agent(agent::AgentArgs),
+    /// Reach every node over SSH, install the agent and the cluster file, collect
+    /// keys, show the changes, apply them (rolled back on a node that cannot be
+    /// reached again) and verify connectivity.
+    Apply(apply::ApplyArgs),
     /// The whole multi-provider topology on this machine, in network namespaces.
     #[command(subcommand)]
     Lab(lab::LabCommand),
@@ -118,6 +123,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Agent(args) => agent::main(args),
+        Command::Apply(args) => apply::main(args),
         Command::Lab(cmd) => lab::main(cmd),
         Command::WireguardDataplane { iface, state_dir } => agent::dataplane(&iface, &state_dir),
         Command::Validate { file } => {
