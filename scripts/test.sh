@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 # System packages the tests use: real nftables/iproute2 in throwaway `sbt-`
 # network namespaces.
-PACKAGES=(iproute2 nftables iptables wireguard-tools wireguard-go iperf3 iputils-ping util-linux procps tcpdump)
+PACKAGES=(iproute2 nftables iptables wireguard-tools wireguard-go iperf3 iputils-ping util-linux procps tcpdump openssh-server openssh-client)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

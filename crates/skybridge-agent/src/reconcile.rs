@@ -190,7 +190,11 @@ mod tests {
         );
         // The rollback of an unconfirmed `agent try` is not held back by dead sessions.
         let r = down_unguarded(&mut host, &p).await.unwrap();
-        assert!(r.converged() && host.live.links.is_empty(), "{:?}", r.failed);
+        assert!(
+            r.converged() && host.live.links.is_empty(),
+            "{:?}",
+            r.failed
+        );
     }
 
     #[tokio::test]

@@ -19,8 +19,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use tokio::time::Instant;
 use sha2::Digest as _;
+use tokio::time::Instant;
 
 use crate::session::{Connector, Failed, Session, quote};
 use crate::target::Target;
@@ -92,6 +92,8 @@ pub struct Reached<S> {
     pub public_key: String,
     /// The agent binary was uploaded now (new or different).
     pub binary_installed: bool,
+    /// Time spent on this node so far (all steps), for the summary.
+    pub elapsed: Duration,
 }
 
 /// Runs `f` on every item, at most `parallel` at a time, keeping the input order.
@@ -138,16 +140,14 @@ async fn reach_one<C: Connector>(
     binary: &Binary,
     obs: &dyn Observer,
 ) -> Result<Reached<C::Session>, NodeFailure> {
+    let start = Instant::now();
     let node = target.node.clone();
     obs.step(&node, &format!("connecting to {target}"));
     let session = connector
         .connect(&target)
         .await
         .map_err(|e| fail(&node, "connect", e))?;
-    let probe = format!(
-        "uname -m; sha256sum {} 2>/dev/null || true",
-        paths::BINARY
-    );
+    let probe = format!("uname -m; sha256sum {} 2>/dev/null || true", paths::BINARY);
     let out = session
         .run(&probe, None)
         .await
@@ -194,6 +194,7 @@ async fn reach_one<C: Connector>(
         session,
         public_key: key,
         binary_installed,
+        elapsed: start.elapsed(),
     })
 }
 
@@ -225,7 +226,10 @@ impl NodeChanges {
             v.push(format!("agent binary installed at {}", paths::BINARY));
         }
         if self.cluster_file_changed {
-            v.push(format!("cluster/state files updated in {}", "/etc/skybridge"));
+            v.push(format!(
+                "cluster/state files updated in {}",
+                "/etc/skybridge"
+            ));
         }
         if !self.agent_running {
             v.push("agent daemon started".to_owned());
@@ -243,8 +247,10 @@ pub async fn plan<S: Session>(
     parallel: usize,
     obs: &dyn Observer,
 ) -> (Vec<(Reached<S>, NodeChanges)>, Vec<NodeFailure>) {
-    let results = each(reached, parallel, async |r: Reached<S>| {
+    let results = each(reached, parallel, async |mut r: Reached<S>| {
+        let start = Instant::now();
         let res = plan_one(&r, cluster_yaml, state_yaml, obs).await;
+        r.elapsed += start.elapsed();
         res.map(|c| (r, c))
     })
     .await;
@@ -283,10 +289,7 @@ async fn plan_one<S: Session>(
         paths::STAGED_CLUSTER,
         quote(node)
     );
-    let out = s
-        .run(&cmd, None)
-        .await
-        .map_err(|e| fail(node, "plan", e))?;
+    let out = s.run(&cmd, None).await.map_err(|e| fail(node, "plan", e))?;
     // Exit 1 with "refused" lines is the SSH guard's opinion of a plain run;
     // anything else failing is a real error.
     let refused: Vec<String> = out
@@ -332,7 +335,9 @@ async fn plan_one<S: Session>(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Applied and confirmed over a new connection.
-    Changed { changes: usize },
+    Changed {
+        changes: usize,
+    },
     /// Nothing to do.
     Converged,
     /// Not reachable again after the change: the node restores its previous
@@ -367,7 +372,8 @@ pub struct Pair {
 pub struct Summary {
     pub nodes: BTreeMap<String, Outcome>,
     pub pairs: Vec<Pair>,
-    /// Wall time of the whole apply of each node, for the benchmark.
+    /// Time each node took, all steps but the final connectivity check: with
+    /// enough parallelism the apply takes about the slowest of these.
     pub node_times: BTreeMap<String, Duration>,
 }
 
@@ -388,16 +394,20 @@ pub async fn execute<C: Connector>(
     opts: &Options,
     obs: &dyn Observer,
 ) -> Summary {
-    let results = each(planned, opts.parallel, async |(r, c): (Reached<C::Session>, NodeChanges)| {
-        let start = Instant::now();
-        let (outcome, session) = if c.converged() {
-            obs.step(&r.target.node, "converged, nothing to do");
-            (Outcome::Converged, Some(r.session))
-        } else {
-            apply_one(connector, r.session, &r.target, &c, opts, obs).await
-        };
-        (r.target, outcome, session, start.elapsed())
-    })
+    let results = each(
+        planned,
+        opts.parallel,
+        async |(r, c): (Reached<C::Session>, NodeChanges)| {
+            let start = Instant::now();
+            let (outcome, session) = if c.converged() {
+                obs.step(&r.target.node, "converged, nothing to do");
+                (Outcome::Converged, Some(r.session))
+            } else {
+                apply_one(connector, r.session, &r.target, &c, opts, obs).await
+            };
+            (r.target, outcome, session, r.elapsed + start.elapsed())
+        },
+    )
     .await;
     let mut summary = Summary {
         nodes: BTreeMap::new(),
@@ -428,7 +438,10 @@ pub async fn execute<C: Connector>(
             &if bad == 0 {
                 format!("done: reaches all {} other node(s)", pairs.len())
             } else {
-                format!("done, but {bad} of {} other node(s) unreachable", pairs.len())
+                format!(
+                    "done, but {bad} of {} other node(s) unreachable",
+                    pairs.len()
+                )
             },
         );
         pairs
@@ -448,7 +461,13 @@ async fn apply_one<C: Connector>(
 ) -> (Outcome, Option<C::Session>) {
     let node = &target.node;
     let secs = opts.confirm_timeout.as_secs().max(1);
-    obs.step(node, &format!("applying {} change(s), rollback armed ({secs} s)", changes.describe().len()));
+    obs.step(
+        node,
+        &format!(
+            "applying {} change(s), rollback armed ({secs} s)",
+            changes.describe().len()
+        ),
+    );
     let cmd = format!(
         "{} agent try --cluster {} --node {} --confirm-timeout {secs} --id {}",
         paths::BINARY,
@@ -463,15 +482,26 @@ async fn apply_one<C: Connector>(
     match &tried {
         Ok(out) if out.code == Some(3) => {
             // Refused before changing anything (bad staged file, another try pending).
-            return (Outcome::Failed(fail(node, "apply", Failed("agent try", out))), None);
+            return (
+                Outcome::Failed(fail(node, "apply", Failed("agent try", out))),
+                None,
+            );
         }
         _ => {}
     }
     drop(session);
     obs.step(node, "confirming over a new connection");
-    let mut last = String::new();
+    let mut last = match &tried {
+        Err(e) => format!("the change cut the session it was sent on: {e}"),
+        Ok(_) => String::new(),
+    };
     while Instant::now() + Duration::from_millis(500) < deadline {
-        match connector.connect(target).await {
+        let attempt = tokio::time::timeout_at(deadline, connector.connect(target)).await;
+        let Ok(attempt) = attempt else {
+            last = "no new connection got through before the deadline".to_owned();
+            break;
+        };
+        match attempt {
             Ok(fresh) => {
                 let confirm = format!("{} agent confirm --id {}", paths::BINARY, quote(&opts.id));
                 match fresh.run(&confirm, None).await {
@@ -513,8 +543,12 @@ async fn apply_one<C: Connector>(
     }
     let reason = format!(
         "not reachable over a new connection within {secs} s of the change ({last}); the node restores its previous network by itself"
+    )
+    .replace(" ()", "");
+    obs.step(
+        node,
+        "unreachable after the change: waiting for its rollback",
     );
-    obs.step(node, "unreachable after the change: waiting for its rollback");
     // The watchdog acts at the deadline; give it time, then look again.
     let back = deadline + Duration::from_secs(20);
     tokio::time::sleep_until(deadline).await;
@@ -623,35 +657,76 @@ mod tests {
             .collect()
     }
 
-    async fn run_all(c: &FakeConnector, nodes: &[&str], bin: &Binary) -> (Summary, Vec<NodeFailure>) {
+    async fn run_all(
+        c: &FakeConnector,
+        nodes: &[&str],
+        bin: &Binary,
+    ) -> (Summary, Vec<NodeFailure>) {
         let (reached, mut failed) =
             reach(c, nodes.iter().map(|n| target(n)).collect(), bin, 8, &Quiet).await;
         let (planned, f2) = plan(reached, b"cluster", b"state", 8, &Quiet).await;
         failed.extend(f2);
-        (execute(c, planned, &ips(nodes), &opts(), &Quiet).await, failed)
+        (
+            execute(c, planned, &ips(nodes), &opts(), &Quiet).await,
+            failed,
+        )
     }
 
     #[tokio::test(start_paused = true)]
     async fn an_unreachable_node_is_reported_and_the_others_are_applied() {
         let c = FakeConnector::default();
         let bin = Binary::new(b"agent".to_vec());
-        c.node("a", FakeNode { dry_run_changes: vec!["+ link sb-wg0".into()], ..FakeNode::default() });
-        c.node("b", FakeNode {
-            unreachable: Some(SshError::Connect { target: "b".into(), message: "Connection refused".into() }),
-            ..FakeNode::default()
-        });
-        c.node("c", FakeNode { agent_running: true, installed_sha256: bin.sha256.clone(), ..FakeNode::default() });
+        c.node(
+            "a",
+            FakeNode {
+                dry_run_changes: vec!["+ link sb-wg0".into()],
+                ..FakeNode::default()
+            },
+        );
+        c.node(
+            "b",
+            FakeNode {
+                unreachable: Some(SshError::Connect {
+                    target: "b".into(),
+                    message: "Connection refused".into(),
+                }),
+                ..FakeNode::default()
+            },
+        );
+        c.node(
+            "c",
+            FakeNode {
+                agent_running: true,
+                installed_sha256: bin.sha256.clone(),
+                ..FakeNode::default()
+            },
+        );
         let (summary, failed) = run_all(&c, &["a", "b", "c"], &bin).await;
         assert_eq!(failed.len(), 1);
         assert_eq!((failed[0].node.as_str(), failed[0].step), ("b", "connect"));
         assert!(failed[0].reason.contains("Connection refused"));
         assert_eq!(summary.nodes["a"], Outcome::Changed { changes: 4 });
         // c already had this binary, these files (no: staged differ) — it is applied, not re-uploaded.
-        assert!(!c.commands("c").iter().any(|cmd| cmd.contains(paths::BINARY) && cmd.contains("cat >")));
+        assert!(
+            !c.commands("c")
+                .iter()
+                .any(|cmd| cmd.contains(paths::BINARY) && cmd.contains("cat >"))
+        );
         assert_eq!(c.file("a", paths::BINARY).as_deref(), Some(&b"agent"[..]));
-        assert_eq!(c.file("a", paths::STAGED_CLUSTER).as_deref(), Some(&b"cluster"[..]));
-        assert!(summary.pairs.iter().all(|p| p.ok) && summary.pairs.len() == 2, "{:?}", summary.pairs);
-        assert!(c.commands("a").iter().any(|cmd| cmd.contains("agent pubkey")));
+        assert_eq!(
+            c.file("a", paths::STAGED_CLUSTER).as_deref(),
+            Some(&b"cluster"[..])
+        );
+        assert!(
+            summary.pairs.iter().all(|p| p.ok) && summary.pairs.len() == 2,
+            "{:?}",
+            summary.pairs
+        );
+        assert!(
+            c.commands("a")
+                .iter()
+                .any(|cmd| cmd.contains("agent pubkey"))
+        );
         assert_eq!(key_of("a").len(), 44);
     }
 
@@ -659,20 +734,44 @@ mod tests {
     async fn a_node_cut_off_by_its_change_is_reported_as_rolled_back_and_left_out() {
         let c = FakeConnector::default();
         let bin = Binary::new(b"agent".to_vec());
-        c.node("a", FakeNode { dry_run_changes: vec!["+ route".into()], ..FakeNode::default() });
-        c.node("b", FakeNode { dry_run_changes: vec!["+ route".into()], try_cuts_ssh: true, ..FakeNode::default() });
+        c.node(
+            "a",
+            FakeNode {
+                dry_run_changes: vec!["+ route".into()],
+                ..FakeNode::default()
+            },
+        );
+        c.node(
+            "b",
+            FakeNode {
+                dry_run_changes: vec!["+ route".into()],
+                try_cuts_ssh: true,
+                ..FakeNode::default()
+            },
+        );
         let (summary, failed) = run_all(&c, &["a", "b"], &bin).await;
         assert!(failed.is_empty());
         assert!(matches!(summary.nodes["a"], Outcome::Changed { .. }));
         match &summary.nodes["b"] {
-            Outcome::RolledBack { reason, reachable_again } => {
+            Outcome::RolledBack {
+                reason,
+                reachable_again,
+            } => {
                 assert!(reason.contains("within 3 s"), "{reason}");
                 assert!(!reachable_again);
             }
             other => panic!("{other:?}"),
         }
-        assert!(!c.commands("b").iter().any(|cmd| cmd.contains("agent confirm")));
-        assert!(c.commands("a").iter().any(|cmd| cmd.contains("agent confirm --id 't1'")));
+        assert!(
+            !c.commands("b")
+                .iter()
+                .any(|cmd| cmd.contains("agent confirm"))
+        );
+        assert!(
+            c.commands("a")
+                .iter()
+                .any(|cmd| cmd.contains("agent confirm --id 't1'"))
+        );
         // Only the nodes on the new configuration are verified.
         assert!(summary.pairs.is_empty(), "{:?}", summary.pairs);
         assert!(!summary.success());
@@ -682,7 +781,14 @@ mod tests {
     async fn a_converged_node_is_left_alone() {
         let c = FakeConnector::default();
         let bin = Binary::new(b"agent".to_vec());
-        c.node("a", FakeNode { agent_running: true, installed_sha256: bin.sha256.clone(), ..FakeNode::default() });
+        c.node(
+            "a",
+            FakeNode {
+                agent_running: true,
+                installed_sha256: bin.sha256.clone(),
+                ..FakeNode::default()
+            },
+        );
         let (reached, _) = reach(&c, vec![target("a")], &bin, 4, &Quiet).await;
         let (mut planned, _) = plan(reached, b"cluster", b"state", 4, &Quiet).await;
         // The installed files equal the staged ones: nothing to do.
@@ -699,10 +805,21 @@ mod tests {
         let bin = Binary::new(b"agent".to_vec());
         let names: Vec<String> = (0..10).map(|i| format!("n{i}")).collect();
         let start = tokio::time::Instant::now();
-        let (reached, failed) = reach(&c, names.iter().map(|n| target(n)).collect(), &bin, 4, &Quiet).await;
+        let (reached, failed) = reach(
+            &c,
+            names.iter().map(|n| target(n)).collect(),
+            &bin,
+            4,
+            &Quiet,
+        )
+        .await;
         assert_eq!((reached.len(), failed.len()), (10, 0));
         assert_eq!(c.max_in_flight(), 4);
         // 3 commands of 100 ms per node, 10 nodes 4 at a time: 3 rounds.
-        assert!(start.elapsed() < Duration::from_millis(1000), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() < Duration::from_millis(1000),
+            "{:?}",
+            start.elapsed()
+        );
     }
 }

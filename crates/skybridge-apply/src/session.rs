@@ -27,9 +27,13 @@ impl Output {
 /// Why a node could not be reached or a command not run.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SshError {
-    #[error("host key of {host} is not in known_hosts; check it, then run again with --accept-new-host-keys (first contact) or add it to ~/.ssh/known_hosts")]
+    #[error(
+        "host key of {host} is not in known_hosts; check it, then run again with --accept-new-host-keys (first contact) or add it to ~/.ssh/known_hosts"
+    )]
     UnknownHostKey { host: String },
-    #[error("host key of {host} CHANGED since it was recorded in known_hosts: refusing to connect (someone may be intercepting, or the VM was re-created); if the change is expected, remove the old key with `ssh-keygen -R {host}` and run again")]
+    #[error(
+        "host key of {host} CHANGED since it was recorded in known_hosts: refusing to connect (someone may be intercepting, or the VM was re-created); if the change is expected, remove the old key with `ssh-keygen -R {host}` and run again"
+    )]
     ChangedHostKey { host: String },
     #[error("cannot connect to {target}: {message}")]
     Connect { target: String, message: String },
@@ -116,7 +120,10 @@ pub trait Session {
     async fn read(&self, path: &str) -> Result<Option<Vec<u8>>, SshError> {
         let p = quote(path);
         let out = self
-            .run(&format!("if [ -e {p} ]; then cat {p}; else exit 3; fi"), None)
+            .run(
+                &format!("if [ -e {p} ]; then cat {p}; else exit 3; fi"),
+                None,
+            )
             .await?;
         Ok(out.success().then(|| out.stdout.into_bytes()))
     }

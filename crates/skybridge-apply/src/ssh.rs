@@ -150,7 +150,11 @@ impl Session for OpensshSession {
             message: describe(&e),
         };
         // Through `sh -c` whatever the login shell is; as root through `sudo -n`.
-        let sudo = if self.target.user == "root" { "" } else { "sudo -n " };
+        let sudo = if self.target.user == "root" {
+            ""
+        } else {
+            "sudo -n "
+        };
         let mut cmd = self
             .session
             .raw_command(format!("{sudo}sh -c {}", quote(command)));

@@ -144,7 +144,10 @@ mod tests {
         let w = by_name(&t, "ali-worker2");
         assert_eq!(w.host, "172.26.32.237");
         assert_eq!(w.jump.as_deref(), Some("root@198.51.100.20:22"));
-        assert_eq!(w.to_string(), "root@172.26.32.237 via root@198.51.100.20:22");
+        assert_eq!(
+            w.to_string(),
+            "root@172.26.32.237 via root@198.51.100.20:22"
+        );
         assert_eq!(
             by_name(&t, "tc-worker").jump.as_deref(),
             Some("root@203.0.113.30:22")
@@ -165,7 +168,12 @@ mod tests {
         let t = targets(&cluster(&src)).unwrap();
         let w1 = by_name(&t, "ali-worker1");
         assert_eq!(
-            (w1.user.as_str(), w1.port, w1.identity_file.as_deref(), w1.jump.as_deref()),
+            (
+                w1.user.as_str(),
+                w1.port,
+                w1.identity_file.as_deref(),
+                w1.jump.as_deref()
+            ),
             ("admin", 2222, Some("/k"), Some("root@203.0.113.30:22"))
         );
         assert_eq!(

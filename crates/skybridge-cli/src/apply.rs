@@ -45,17 +45,22 @@ pub struct ApplyArgs {
 /// Per-node progress: spinners on a terminal, one line per step otherwise.
 struct Progress {
     bars: Option<(MultiProgress, Mutex<BTreeMap<String, ProgressBar>>)>,
+    start: Instant,
 }
 
 impl Progress {
     fn new(nodes: &[String]) -> Progress {
         if !std::io::stderr().is_terminal() {
-            return Progress { bars: None };
+            return Progress {
+                bars: None,
+                start: Instant::now(),
+            };
         }
         let multi = MultiProgress::new();
         let width = nodes.iter().map(String::len).max().unwrap_or(8);
-        let style = ProgressStyle::with_template(&format!("{{spinner}} {{prefix:<{width}}} {{msg}}"))
-            .expect("valid template");
+        let style =
+            ProgressStyle::with_template(&format!("{{spinner}} {{prefix:<{width}}} {{msg}}"))
+                .expect("valid template");
         let bars = nodes
             .iter()
             .map(|n| {
@@ -67,6 +72,7 @@ impl Progress {
             .collect();
         Progress {
             bars: Some((multi, Mutex::new(bars))),
+            start: Instant::now(),
         }
     }
 
@@ -87,13 +93,18 @@ impl Observer for Progress {
                     b.set_message(what.to_owned());
                 }
             }
-            None => eprintln!("{node}: {what}"),
+            None => eprintln!(
+                "[{:5.1}s] {node}: {what}",
+                self.start.elapsed().as_secs_f64()
+            ),
         }
     }
 }
 
 fn state_yaml(keys: &BTreeMap<String, String>) -> String {
-    let mut s = String::from("# Written by skybridge apply: WireGuard public keys collected from the nodes.\npublicKeys:\n");
+    let mut s = String::from(
+        "# Written by skybridge apply: WireGuard public keys collected from the nodes.\npublicKeys:\n",
+    );
     for (n, k) in keys {
         s += &format!("  {n}: {k}\n");
     }
@@ -105,19 +116,22 @@ pub fn main(args: ApplyArgs) -> Result<ExitCode> {
     let Some(cluster) = load::cluster(&args.file)? else {
         return Ok(ExitCode::FAILURE);
     };
-    let cluster_yaml = std::fs::read(&args.file)
-        .with_context(|| format!("reading {}", args.file.display()))?;
-    let targets = skybridge_apply::targets(&cluster)
-        .with_context(|| format!("{}: working out how to reach the nodes", args.file.display()))?;
+    let cluster_yaml =
+        std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let targets = skybridge_apply::targets(&cluster).with_context(|| {
+        format!(
+            "{}: working out how to reach the nodes",
+            args.file.display()
+        )
+    })?;
     let state_path = args
         .state
         .clone()
         .unwrap_or_else(|| load::default_state_path(&args.file));
     let mut state = load::state(&args.file, args.state.as_deref())?;
     let exe = std::env::current_exe().context("locating this skybridge binary to install it")?;
-    let binary = Binary::new(
-        std::fs::read(&exe).with_context(|| format!("reading {}", exe.display()))?,
-    );
+    let binary =
+        Binary::new(std::fs::read(&exe).with_context(|| format!("reading {}", exe.display()))?);
     let private_ips: BTreeMap<String, String> = cluster
         .nodes()
         .map(|(_, n)| (n.name.clone(), n.private_ip.to_string()))
@@ -134,10 +148,13 @@ pub fn main(args: ApplyArgs) -> Result<ExitCode> {
     let parallel = args.parallel.max(1);
 
     // 1. Reach every node, install the agent, collect the public keys.
-    let (reached, mut failed) =
-        rt.block_on(apply::reach(&connector, targets, &binary, parallel, &progress));
+    let (reached, mut failed) = rt.block_on(apply::reach(
+        &connector, targets, &binary, parallel, &progress,
+    ));
     for r in &reached {
-        state.public_keys.insert(r.target.node.clone(), r.public_key.clone());
+        state
+            .public_keys
+            .insert(r.target.node.clone(), r.public_key.clone());
     }
     let state_text = state_yaml(&state.public_keys);
     if std::fs::read_to_string(&state_path).ok().as_deref() != Some(state_text.as_str()) {
@@ -158,7 +175,11 @@ pub fn main(args: ApplyArgs) -> Result<ExitCode> {
     drop(progress);
 
     let to_change = planned.iter().filter(|(_, c)| !c.converged()).count();
-    println!("Plan for cluster {} ({} node(s)):", cluster.name, names.len());
+    println!(
+        "Plan for cluster {} ({} node(s)):",
+        cluster.name,
+        names.len()
+    );
     for (r, c) in &planned {
         if c.converged() {
             println!("  {}: converged, no changes", r.target.node);
@@ -185,9 +206,14 @@ pub fn main(args: ApplyArgs) -> Result<ExitCode> {
     }
     if to_change > 0 && !args.yes {
         if !std::io::stdin().is_terminal() {
-            bail!("{to_change} node(s) would change and there is no terminal to ask on: review the plan with --dry-run, then run again with --yes");
+            bail!(
+                "{to_change} node(s) would change and there is no terminal to ask on: review the plan with --dry-run, then run again with --yes"
+            );
         }
-        eprint!("Apply to {to_change} node(s)? Each node rolls back by itself if it cannot be reached again within {} s. [y/N] ", args.confirm_timeout);
+        eprint!(
+            "Apply to {to_change} node(s)? Each node rolls back by itself if it cannot be reached again within {} s. [y/N] ",
+            args.confirm_timeout
+        );
         let mut answer = String::new();
         std::io::stdin().read_line(&mut answer)?;
         if !matches!(answer.trim(), "y" | "Y" | "yes") {
@@ -227,7 +253,9 @@ pub fn main(args: ApplyArgs) -> Result<ExitCode> {
     let mut ok = true;
     for (node, outcome) in &summary.nodes {
         match outcome {
-            Outcome::Changed { changes } => println!("  {node}: changed ({changes} change(s)), confirmed"),
+            Outcome::Changed { changes } => {
+                println!("  {node}: changed ({changes} change(s)), confirmed")
+            }
             Outcome::Converged => println!("  {node}: already converged"),
             Outcome::RolledBack {
                 reason,
@@ -264,7 +292,7 @@ pub fn main(args: ApplyArgs) -> Result<ExitCode> {
     }
     if let Some((slowest, t)) = summary.node_times.iter().max_by_key(|(_, t)| **t) {
         println!(
-            "apply took {:.1} s; slowest node {slowest}: {:.1} s (apply and confirm)",
+            "apply took {:.1} s; slowest node {slowest}: {:.1} s (all steps but the connectivity check)",
             started.elapsed().as_secs_f64(),
             t.as_secs_f64()
         );

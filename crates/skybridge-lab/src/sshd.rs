@@ -34,7 +34,11 @@ fn sh_in(state: &LabState, who: &str, script: &str) -> Result<String, LabError> 
 
 /// The controller's address: the first documentation address no node or router uses.
 pub fn controller_address(topo: &Topology) -> Option<Ipv4Addr> {
-    let used: Vec<Ipv4Addr> = topo.sites.iter().flat_map(|s| s.public_addresses()).collect();
+    let used: Vec<Ipv4Addr> = topo
+        .sites
+        .iter()
+        .flat_map(|s| s.public_addresses())
+        .collect();
     DOCUMENTATION_RANGES
         .iter()
         .flat_map(|r| {
@@ -57,18 +61,27 @@ pub(crate) fn setup(topo: &Topology, state: &mut LabState) -> Result<(), LabErro
     }
     if state.controller.is_none() {
         let ns = format!("{}{CONTROLLER}", crate::prefix());
-        let addr = controller_address(topo)
-            .ok_or_else(|| LabError::Refused("no documentation address left for the controller".into()))?;
+        let addr = controller_address(topo).ok_or_else(|| {
+            LabError::Refused("no documentation address left for the controller".into())
+        })?;
         add_ns(state, &ns)?;
         ip(
             &topo.internet_ns,
-            &["link", "add", "ctl", "type", "veth", "peer", "name", "eth0", "netns", &ns],
+            &[
+                "link", "add", "ctl", "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ],
         )?;
-        ip(&topo.internet_ns, &["link", "set", "ctl", "master", "br0", "up"])?;
+        ip(
+            &topo.internet_ns,
+            &["link", "set", "ctl", "master", "br0", "up"],
+        )?;
         ip(&ns, &["addr", "add", &format!("{addr}/32"), "dev", "eth0"])?;
         ip(&ns, &["link", "set", "eth0", "up"])?;
         for range in DOCUMENTATION_RANGES {
-            ip(&ns, &["route", "add", range, "dev", "eth0", "scope", "link"])?;
+            ip(
+                &ns,
+                &["route", "add", range, "dev", "eth0", "scope", "link"],
+            )?;
         }
         let holder = private_files(&ns, true)?;
         state.controller = Some(NodeState {
@@ -88,7 +101,11 @@ pub(crate) fn setup(topo: &Topology, state: &mut LabState) -> Result<(), LabErro
     let mut known_hosts = String::new();
     let names: Vec<String> = state.nodes.keys().cloned().collect();
     for name in &names {
-        let pidfile_alive = sh_in(state, name, "kill -0 \"$(cat /run/sshd.pid 2>/dev/null)\" 2>/dev/null");
+        let pidfile_alive = sh_in(
+            state,
+            name,
+            "kill -0 \"$(cat /run/sshd.pid 2>/dev/null)\" 2>/dev/null",
+        );
         if pidfile_alive.is_err() {
             start_sshd(state, name, operator_key.trim())?;
         }
@@ -124,9 +141,7 @@ fn start_sshd(state: &LabState, node: &str, operator_key: &str) -> Result<(), La
     let log = std::fs::File::create(state.dir.join(format!("{node}.sshd.log")))
         .map_err(io("creating a log"))?;
     let mut args = state.enter(node).expect("node exists");
-    args.extend(
-        ["/usr/sbin/sshd", "-D", "-e", "-o", "PidFile=/run/sshd.pid"].map(str::to_owned),
-    );
+    args.extend(["/usr/sbin/sshd", "-D", "-e", "-o", "PidFile=/run/sshd.pid"].map(str::to_owned));
     spawn(&args, log)?;
     // Listening before anyone connects.
     for _ in 0..50 {
@@ -137,6 +152,8 @@ fn start_sshd(state: &LabState, node: &str, operator_key: &str) -> Result<(), La
     }
     Err(LabError::Refused(format!(
         "sshd on {node} did not start; see {}",
-        Path::new(&state.dir).join(format!("{node}.sshd.log")).display()
+        Path::new(&state.dir)
+            .join(format!("{node}.sshd.log"))
+            .display()
     )))
 }

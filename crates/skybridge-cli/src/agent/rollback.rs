@@ -65,7 +65,11 @@ fn marker(kind: &str, id: &str) -> PathBuf {
 }
 
 fn valid_id(id: &str) -> Result<()> {
-    if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+    if id.is_empty()
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
         bail!("--id {id:?}: use letters, digits, '-' and '_'");
     }
     Ok(())
@@ -86,7 +90,8 @@ fn daemon_flags(a: &NodeArgs) -> Vec<String> {
 
 fn copy_atomic(from: &Path, to: &Path) -> Result<()> {
     let tmp = to.with_extension("sb-new");
-    std::fs::copy(from, &tmp).with_context(|| format!("copying {} to {}", from.display(), tmp.display()))?;
+    std::fs::copy(from, &tmp)
+        .with_context(|| format!("copying {} to {}", from.display(), tmp.display()))?;
     std::fs::rename(&tmp, to).with_context(|| format!("installing {}", to.display()))
 }
 
@@ -122,9 +127,11 @@ pub async fn try_apply(a: TryArgs) -> Result<ExitCode> {
     let _ = std::fs::remove_dir_all(&back);
     std::fs::create_dir_all(&back).with_context(|| format!("creating {}", back.display()))?;
     if cluster.exists() {
-        std::fs::copy(&cluster, back.join("cluster.yaml")).context("saving the installed cluster file")?;
+        std::fs::copy(&cluster, back.join("cluster.yaml"))
+            .context("saving the installed cluster file")?;
         if state.exists() {
-            std::fs::copy(&state, back.join("cluster.state.yaml")).context("saving the installed state file")?;
+            std::fs::copy(&state, back.join("cluster.state.yaml"))
+                .context("saving the installed state file")?;
         }
     } else {
         std::fs::write(back.join("none"), "no cluster file was installed before\n")?;
@@ -188,7 +195,8 @@ fn spawn_watchdog(a: &TryArgs, node: &str) -> Result<()> {
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-    cmd.spawn().context("starting the rollback watchdog (setsid, from util-linux)")?;
+    cmd.spawn()
+        .context("starting the rollback watchdog (setsid, from util-linux)")?;
     Ok(())
 }
 
@@ -255,10 +263,12 @@ async fn rollback(a: &WatchdogArgs) -> Result<()> {
             let value = it.next().map(String::as_str).unwrap_or_default();
             match flag.as_str() {
                 "--wireguard" => {
-                    n.wireguard = clap::ValueEnum::from_str(value, false).map_err(anyhow::Error::msg)?;
+                    n.wireguard =
+                        clap::ValueEnum::from_str(value, false).map_err(anyhow::Error::msg)?;
                 }
                 "--firewall" => {
-                    n.firewall = clap::ValueEnum::from_str(value, false).map_err(anyhow::Error::msg)?;
+                    n.firewall =
+                        clap::ValueEnum::from_str(value, false).map_err(anyhow::Error::msg)?;
                 }
                 _ => {}
             }
