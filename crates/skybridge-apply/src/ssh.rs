@@ -190,8 +190,8 @@ impl Session for OpensshSession {
 
 fn short(command: &str) -> String {
     let first = command.lines().next().unwrap_or_default();
-    if first.len() > 60 {
-        format!("{}…", &first[..first.floor_char_boundary(60)])
+    if first.chars().count() > 60 {
+        format!("{}…", first.chars().take(60).collect::<String>())
     } else {
         first.to_owned()
     }

@@ -188,11 +188,19 @@ mod tests {
             "{ name: tc-gw, privateIP: 10.20.1.5, publicIP: 203.0.113.30, roles: [worker, gateway] }",
             "{ name: tc-gw, privateIP: 10.20.1.5, roles: [worker, gateway] }",
         );
-        // Without a public gateway the file may not even validate; when it does, the
-        // node without any way in is named.
-        if let Ok(v) = skybridge_core::load(&src) {
-            let err = targets(&v.cluster).unwrap_err();
-            assert!(err.to_string().contains("ssh.jumpHost"), "{err}");
-        }
+        // Valid (the other sites' gateways are reachable ends), but tencent's
+        // nodes have neither a public IP nor a gateway with one.
+        let err = targets(&cluster(&src)).unwrap_err();
+        assert_eq!(
+            err,
+            TargetError::NoPath {
+                node: "tc-gw".into(),
+                site: "tencent".into()
+            }
+        );
+        assert!(
+            err.to_string().contains("set ssh.jumpHost on tc-gw"),
+            "{err}"
+        );
     }
 }
