@@ -28,6 +28,9 @@ use crate::target::Target;
 /// Where things live on a node.
 pub mod paths {
     pub const BINARY: &str = "/usr/local/bin/skybridge";
+    /// A new binary waits here until `agent try` installs it, so that a dry
+    /// run changes nothing that runs.
+    pub const STAGED_BINARY: &str = "/var/lib/skybridge/apply/skybridge";
     /// Files of an apply in progress, before `agent try` installs them.
     pub const STAGED_CLUSTER: &str = "/var/lib/skybridge/apply/cluster.yaml";
     pub const STAGED_STATE: &str = "/var/lib/skybridge/apply/cluster.state.yaml";
@@ -90,8 +93,10 @@ pub struct Reached<S> {
     pub target: Target,
     pub session: S,
     pub public_key: String,
-    /// The agent binary was uploaded now (new or different).
+    /// The installed agent binary differs from this one (which is staged).
     pub binary_installed: bool,
+    /// The binary that runs the node-side steps: the staged one when it differs.
+    pub agent: String,
     /// Time spent on this node so far (all steps), for the summary.
     pub elapsed: Duration,
 }
@@ -147,7 +152,11 @@ async fn reach_one<C: Connector>(
         .connect(&target)
         .await
         .map_err(|e| fail(&node, "connect", e))?;
-    let probe = format!("uname -m; sha256sum {} 2>/dev/null || true", paths::BINARY);
+    let probe = format!(
+        "uname -m; sha256sum {} {} 2>/dev/null || true",
+        paths::BINARY,
+        paths::STAGED_BINARY
+    );
     let out = session
         .run(&probe, None)
         .await
@@ -164,23 +173,30 @@ async fn reach_one<C: Connector>(
             ),
         ));
     }
-    let installed = lines
-        .next()
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap_or_default();
-    let binary_installed = installed != binary.sha256;
-    if binary_installed {
-        obs.step(
-            &node,
-            &format!("installing the agent ({} MB)", binary.bytes.len() >> 20),
-        );
-        session
-            .upload(paths::BINARY, &binary.bytes, 0o755)
-            .await
-            .map_err(|e| fail(&node, "install agent", e))?;
-    }
+    let has = |path: &str| {
+        out.stdout.lines().any(|l| {
+            let mut f = l.split_whitespace();
+            f.next() == Some(binary.sha256.as_str()) && f.next() == Some(path)
+        })
+    };
+    let binary_installed = !has(paths::BINARY);
+    let agent = if binary_installed {
+        if !has(paths::STAGED_BINARY) {
+            obs.step(
+                &node,
+                &format!("uploading the agent ({} MB)", binary.bytes.len() >> 20),
+            );
+            session
+                .upload(paths::STAGED_BINARY, &binary.bytes, 0o755)
+                .await
+                .map_err(|e| fail(&node, "upload agent", e))?;
+        }
+        paths::STAGED_BINARY
+    } else {
+        paths::BINARY
+    };
     obs.step(&node, "reading its WireGuard public key");
-    let cmd = format!("{} agent pubkey", paths::BINARY);
+    let cmd = format!("{agent} agent pubkey");
     let out = session
         .run(&cmd, None)
         .await
@@ -194,6 +210,7 @@ async fn reach_one<C: Connector>(
         session,
         public_key: key,
         binary_installed,
+        agent: agent.to_owned(),
         elapsed: start.elapsed(),
     })
 }
@@ -223,7 +240,10 @@ impl NodeChanges {
     pub fn describe(&self) -> Vec<String> {
         let mut v = Vec::new();
         if self.binary_changed {
-            v.push(format!("agent binary installed at {}", paths::BINARY));
+            v.push(format!(
+                "agent binary installed at {} (staged)",
+                paths::BINARY
+            ));
         }
         if self.cluster_file_changed {
             v.push(format!(
@@ -285,7 +305,7 @@ async fn plan_one<S: Session>(
         .map_err(|e| fail(node, "stage files", e))?;
     let cmd = format!(
         "{} agent --dry-run --cluster {} --node {}",
-        paths::BINARY,
+        r.agent,
         paths::STAGED_CLUSTER,
         quote(node)
     );
@@ -403,7 +423,7 @@ pub async fn execute<C: Connector>(
                 obs.step(&r.target.node, "converged, nothing to do");
                 (Outcome::Converged, Some(r.session))
             } else {
-                apply_one(connector, r.session, &r.target, &c, opts, obs).await
+                apply_one(connector, r.session, &r.target, &r.agent, &c, opts, obs).await
             };
             (r.target, outcome, session, r.elapsed + start.elapsed())
         },
@@ -455,6 +475,7 @@ async fn apply_one<C: Connector>(
     connector: &C,
     session: C::Session,
     target: &Target,
+    agent: &str,
     changes: &NodeChanges,
     opts: &Options,
     obs: &dyn Observer,
@@ -469,8 +490,7 @@ async fn apply_one<C: Connector>(
         ),
     );
     let cmd = format!(
-        "{} agent try --cluster {} --node {} --confirm-timeout {secs} --id {}",
-        paths::BINARY,
+        "{agent} agent try --cluster {} --node {} --confirm-timeout {secs} --id {}",
         paths::STAGED_CLUSTER,
         quote(node),
         quote(&opts.id)
@@ -503,7 +523,7 @@ async fn apply_one<C: Connector>(
         };
         match attempt {
             Ok(fresh) => {
-                let confirm = format!("{} agent confirm --id {}", paths::BINARY, quote(&opts.id));
+                let confirm = format!("{agent} agent confirm --id {}", quote(&opts.id));
                 match fresh.run(&confirm, None).await {
                     Ok(out) if out.success() => {
                         return match tried {
@@ -712,7 +732,15 @@ mod tests {
                 .iter()
                 .any(|cmd| cmd.contains(paths::BINARY) && cmd.contains("cat >"))
         );
-        assert_eq!(c.file("a", paths::BINARY).as_deref(), Some(&b"agent"[..]));
+        assert_eq!(
+            c.file("a", paths::STAGED_BINARY).as_deref(),
+            Some(&b"agent"[..])
+        );
+        assert!(
+            c.commands("a")
+                .iter()
+                .any(|cmd| cmd.starts_with(&format!("{} agent try", paths::STAGED_BINARY)))
+        );
         assert_eq!(
             c.file("a", paths::STAGED_CLUSTER).as_deref(),
             Some(&b"cluster"[..])

@@ -192,6 +192,15 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
                     n.site, n.private_ip, n.netns
                 );
             }
+            if let Some(c) = &state.controller {
+                println!(
+                    "  {:<16} {:<17} {:<16} netns {}  (lab up --ssh: the operator's machine)",
+                    skybridge_lab::sshd::CONTROLLER,
+                    "internet",
+                    c.private_ip,
+                    c.netns
+                );
+            }
             println!("  namespaces: {}", state.namespaces.join(" "));
             Ok(ExitCode::SUCCESS)
         }

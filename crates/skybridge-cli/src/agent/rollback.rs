@@ -24,6 +24,7 @@ use crate::load;
 /// ends a try, and the daemon then runs what is installed).
 pub const RUN_DIR: &str = "/run/skybridge";
 pub const INSTALL_DIR: &str = "/etc/skybridge";
+pub const BINARY: &str = "/usr/local/bin/skybridge";
 /// Exit code of `try` when it refused before changing anything.
 const REFUSED: u8 = 3;
 
@@ -41,6 +42,10 @@ pub struct TryArgs {
     /// Where the agent's cluster file is installed.
     #[arg(long, default_value = INSTALL_DIR)]
     install_dir: PathBuf,
+    /// Where the agent binary is installed; a `try` run from another copy
+    /// (staged by `apply`) installs itself there.
+    #[arg(long, default_value = BINARY)]
+    binary: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -140,9 +145,21 @@ pub async fn try_apply(a: TryArgs) -> Result<ExitCode> {
         std::fs::write(back.join("agent-was-running"), "")?;
     }
 
-    // The watchdog first: whatever happens from here on is undone unless confirmed.
+    // The binary first (the watchdog and the daemon run it); a running
+    // daemon keeps the old file's inode until it is restarted below.
+    let exe = std::env::current_exe().context("locating the skybridge binary")?;
+    if exe != a.binary {
+        if let Some(dir) = a.binary.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        copy_atomic(&exe, &a.binary)?;
+        println!("{node}: installed {}", a.binary.display());
+    }
+    let exe = a.binary.clone();
+
+    // Then the watchdog: whatever happens from here on is undone unless confirmed.
     std::fs::write(marker("try", &a.id), format!("{}\n", a.confirm_timeout))?;
-    spawn_watchdog(&a, &node)?;
+    spawn_watchdog(&a, &exe, &node)?;
 
     stop_daemon()?;
     std::fs::create_dir_all(&a.install_dir)?;
@@ -160,7 +177,7 @@ pub async fn try_apply(a: TryArgs) -> Result<ExitCode> {
     let mut h = host(&args, &plan)?;
     let r = reconcile::reconcile_unguarded(&mut h, &plan).await?;
     print_report(&node, &r, false);
-    start_daemon(&node, &cluster, state_dir, &daemon_flags(&args))?;
+    start_daemon(&exe, &node, &cluster, state_dir, &daemon_flags(&args))?;
     println!(
         "{node}: waiting {} s for `skybridge agent confirm --id {}`; without it the previous state comes back",
         a.confirm_timeout, a.id
@@ -172,8 +189,7 @@ pub async fn try_apply(a: TryArgs) -> Result<ExitCode> {
     })
 }
 
-fn spawn_watchdog(a: &TryArgs, node: &str) -> Result<()> {
-    let exe = std::env::current_exe().context("locating the skybridge binary")?;
+fn spawn_watchdog(a: &TryArgs, exe: &Path, node: &str) -> Result<()> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -299,7 +315,8 @@ async fn rollback(a: &WatchdogArgs) -> Result<()> {
     let r = reconcile::reconcile_unguarded(&mut h, &plan).await?;
     print_report(&a.node, &r, false);
     if back.join("agent-was-running").exists() {
-        start_daemon(&a.node, &cluster, &a.state_dir, &a.daemon_flags)?;
+        let exe = std::env::current_exe().context("locating the skybridge binary")?;
+        start_daemon(&exe, &a.node, &cluster, &a.state_dir, &a.daemon_flags)?;
     }
     Ok(())
 }
@@ -369,8 +386,13 @@ fn stop_daemon() -> Result<()> {
     Ok(())
 }
 
-fn start_daemon(node: &str, cluster: &Path, state_dir: &Path, flags: &[String]) -> Result<()> {
-    let exe = std::env::current_exe().context("locating the skybridge binary")?;
+fn start_daemon(
+    exe: &Path,
+    node: &str,
+    cluster: &Path,
+    state_dir: &Path,
+    flags: &[String],
+) -> Result<()> {
     if systemd() {
         let unit = format!(
             "[Unit]\nDescription=Skybridge agent for node {node}\nAfter=network-online.target\nWants=network-online.target\nBefore=kubelet.service\n\n[Service]\nType=simple\nExecStart={} agent --cluster {} --node {node} --state-dir {} {}\nRestart=on-failure\nRestartSec=2\n# Stopping the agent must not take the network down with it.\nKillMode=process\n\n[Install]\nWantedBy=multi-user.target\n",
@@ -391,7 +413,7 @@ fn start_daemon(node: &str, cluster: &Path, state_dir: &Path, flags: &[String]) 
         .open(state_dir.join("agent.log"))
         .context("opening the agent log")?;
     let child = Command::new("setsid")
-        .arg(&exe)
+        .arg(exe)
         .arg("agent")
         .arg("--cluster")
         .arg(cluster)
