@@ -72,13 +72,25 @@ pub fn interpret(target: &Target, log: &str) -> SshError {
         .filter(|l| !l.is_empty() && !l.starts_with("Warning: Permanently added"))
         .collect::<Vec<_>>()
         .join("; ");
+    let mut message = if message.is_empty() {
+        "ssh failed without saying why".to_owned()
+    } else {
+        message
+    };
+    // With -J, a failure of the jump host itself (its host key, its sshd)
+    // surfaces only as a closed forwarding channel.
+    if let Some(j) = &target.jump
+        && (message.contains("UNKNOWN port 65535")
+            || message.contains("kex_exchange_identification"))
+    {
+        message += &format!(
+            " — the jump host {j} did not forward the connection: check it first (`ssh {j} true` shows why: its host key, its sshd, or {} unreachable from it)",
+            target.host
+        );
+    }
     SshError::Connect {
         target: target.to_string(),
-        message: if message.is_empty() {
-            "ssh failed without saying why".to_owned()
-        } else {
-            message
-        },
+        message,
     }
 }
 
@@ -235,5 +247,19 @@ mod tests {
             "{e}"
         );
         assert!(!e.is_host_key());
+        let via = Target {
+            jump: Some("root@192.0.2.10:22".into()),
+            host: "192.168.0.11".into(),
+            ..target()
+        };
+        let e = interpret(
+            &via,
+            "kex_exchange_identification: Connection closed by remote host\r\nConnection closed by UNKNOWN port 65535\r\n",
+        );
+        assert!(
+            e.to_string()
+                .contains("the jump host root@192.0.2.10:22 did not forward"),
+            "{e}"
+        );
     }
 }
