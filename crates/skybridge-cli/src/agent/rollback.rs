@@ -112,6 +112,14 @@ pub async fn try_apply(a: TryArgs) -> Result<ExitCode> {
     for e in std::fs::read_dir(RUN_DIR)?.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if let Some(other) = name.strip_prefix("try-") {
+            // A try whose watchdog is gone (killed) would block every apply: set it aside.
+            let watchdog: Option<u32> = std::fs::read_to_string(e.path())
+                .ok()
+                .and_then(|t| t.lines().nth(1).and_then(|p| p.trim().parse().ok()));
+            if watchdog.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+                let _ = std::fs::rename(e.path(), marker("stale", other));
+                continue;
+            }
             eprintln!(
                 "refused: apply {other} is still waiting for its confirmation on this node; wait for it to be confirmed or rolled back (at most its --confirm-timeout), then run apply again"
             );
@@ -159,7 +167,11 @@ pub async fn try_apply(a: TryArgs) -> Result<ExitCode> {
 
     // Then the watchdog: whatever happens from here on is undone unless confirmed.
     std::fs::write(marker("try", &a.id), format!("{}\n", a.confirm_timeout))?;
-    spawn_watchdog(&a, &exe, &node)?;
+    let watchdog = spawn_watchdog(&a, &exe, &node)?;
+    std::fs::write(
+        marker("try", &a.id),
+        format!("{}\n{watchdog}\n", a.confirm_timeout),
+    )?;
 
     stop_daemon()?;
     std::fs::create_dir_all(&a.install_dir)?;
@@ -189,7 +201,8 @@ pub async fn try_apply(a: TryArgs) -> Result<ExitCode> {
     })
 }
 
-fn spawn_watchdog(a: &TryArgs, exe: &Path, node: &str) -> Result<()> {
+/// Starts the watchdog; its pid.
+fn spawn_watchdog(a: &TryArgs, exe: &Path, node: &str) -> Result<u32> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -211,9 +224,10 @@ fn spawn_watchdog(a: &TryArgs, exe: &Path, node: &str) -> Result<()> {
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-    cmd.spawn()
+    let child = cmd
+        .spawn()
         .context("starting the rollback watchdog (setsid, from util-linux)")?;
-    Ok(())
+    Ok(child.id())
 }
 
 pub fn confirm(id: &str) -> Result<ExitCode> {
