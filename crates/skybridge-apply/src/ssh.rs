@@ -15,7 +15,7 @@ use crate::session::{Connector, Output, Session, SshError, quote};
 use crate::target::Target;
 
 /// Connects with the system `ssh`.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Openssh {
     /// Record the keys of hosts never seen before (`StrictHostKeyChecking=accept-new`);
     /// a *changed* key is refused either way.
@@ -23,15 +23,51 @@ pub struct Openssh {
     pub connect_timeout: Duration,
     /// Where the control sockets live (short paths: sockets are limited to 108 bytes).
     pub control_dir: PathBuf,
+    /// Options given on the command line do not reach jump hosts (`ssh -J`
+    /// starts a second ssh that only reads config files), so they are written
+    /// to a config file (`-F`, passed on to the jump) that includes the
+    /// operator's own config first: their settings win, ours are defaults.
+    config: tempfile::NamedTempFile,
 }
 
-impl Default for Openssh {
-    fn default() -> Self {
-        Openssh {
-            accept_new_host_keys: false,
-            connect_timeout: Duration::from_secs(10),
+/// The config every connection of an apply uses, jump hosts included.
+pub fn config_text(accept_new_host_keys: bool, connect_timeout: Duration) -> String {
+    format!(
+        "# skybridge apply: the operator's config first (first value wins), then our defaults.\n\
+         Include ~/.ssh/config\n\
+         Include /etc/ssh/ssh_config\n\
+         Host *\n\
+         \x20 BatchMode yes\n\
+         \x20 StrictHostKeyChecking {}\n\
+         \x20 ConnectTimeout {}\n\
+         \x20 ServerAliveInterval 3\n",
+        if accept_new_host_keys {
+            "accept-new"
+        } else {
+            "yes"
+        },
+        connect_timeout.as_secs().max(1)
+    )
+}
+
+impl Openssh {
+    /// # Errors
+    /// When the config file cannot be written.
+    pub fn new(accept_new_host_keys: bool) -> std::io::Result<Openssh> {
+        use std::io::Write as _;
+        let connect_timeout = Duration::from_secs(10);
+        let mut config = tempfile::Builder::new()
+            .prefix("skybridge-ssh-")
+            .suffix(".conf")
+            .tempfile()?;
+        config.write_all(config_text(accept_new_host_keys, connect_timeout).as_bytes())?;
+        config.flush()?;
+        Ok(Openssh {
+            accept_new_host_keys,
+            connect_timeout,
             control_dir: std::env::temp_dir(),
-        }
+            config,
+        })
     }
 }
 
@@ -84,7 +120,7 @@ pub fn interpret(target: &Target, log: &str) -> SshError {
             || message.contains("kex_exchange_identification"))
     {
         message += &format!(
-            " — the jump host {j} did not forward the connection: check it first (`ssh {j} true` shows why: its host key, its sshd, or {} unreachable from it)",
+            " — the jump host {j} did not forward the connection: check it first (`ssh ssh://{j} true` shows why: its host key, its sshd, or {} unreachable from it)",
             target.host
         );
     }
@@ -119,7 +155,8 @@ impl Connector for Openssh {
         .connect_timeout(self.connect_timeout)
         // A node cut off mid-command is noticed within seconds, not at TCP's pace.
         .server_alive_interval(Duration::from_secs(3))
-        .control_directory(&self.control_dir);
+        .control_directory(&self.control_dir)
+        .config_file(self.config.path());
         if let Some(k) = &target.identity_file {
             b.keyfile(expand_home(k));
         }
@@ -260,6 +297,28 @@ mod tests {
             e.to_string()
                 .contains("the jump host root@192.0.2.10:22 did not forward"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn jump_hosts_get_the_same_strictness_through_the_config_file() {
+        let strict = config_text(false, Duration::from_secs(10));
+        assert!(strict.starts_with("# skybridge"));
+        let lines: Vec<&str> = strict.lines().map(str::trim).collect();
+        assert_eq!(
+            lines[1..],
+            [
+                "Include ~/.ssh/config",
+                "Include /etc/ssh/ssh_config",
+                "Host *",
+                "BatchMode yes",
+                "StrictHostKeyChecking yes",
+                "ConnectTimeout 10",
+                "ServerAliveInterval 3",
+            ]
+        );
+        assert!(
+            config_text(true, Duration::from_secs(5)).contains("StrictHostKeyChecking accept-new")
         );
     }
 }

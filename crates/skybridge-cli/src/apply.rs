@@ -137,10 +137,8 @@ pub fn main(args: ApplyArgs) -> Result<ExitCode> {
         .map(|(_, n)| (n.name.clone(), n.private_ip.to_string()))
         .collect();
     let names: Vec<String> = targets.iter().map(|t| t.node.clone()).collect();
-    let connector = Openssh {
-        accept_new_host_keys: args.accept_new_host_keys,
-        ..Openssh::default()
-    };
+    let connector =
+        Openssh::new(args.accept_new_host_keys).context("writing the ssh config for this apply")?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -248,6 +248,37 @@ fn apply_over_ssh_converges_a_fresh_lab_then_is_a_no_op_and_refuses_a_changed_ho
         "{}",
         text(&still)
     );
+
+    // First contact: keys unknown (here: forgotten) stop those nodes, and
+    // --accept-new-host-keys records them, for jump hosts too.
+    assert!(
+        lab.sh(
+            "controller",
+            "ssh-keygen -R 203.0.113.30 && ssh-keygen -R 192.0.2.10 && ssh-keygen -R 192.168.0.11"
+        )
+        .status
+        .success()
+    );
+    let unknown = lab.apply("small.yaml", &[]);
+    assert!(
+        summary_line(&unknown, "hw-gw").contains("not in known_hosts"),
+        "{}",
+        text(&unknown)
+    );
+    assert!(
+        summary_line(&unknown, "hw-worker").contains("the jump host root@192.0.2.10:22"),
+        "{}",
+        text(&unknown)
+    );
+    let accepted = lab.apply("small.yaml", &["--accept-new-host-keys"]);
+    assert!(accepted.status.success(), "{}", text(&accepted));
+    for n in NODES {
+        assert!(
+            summary_line(&accepted, n).contains("already converged"),
+            "{}",
+            text(&accepted)
+        );
+    }
 }
 
 #[test]
