@@ -91,7 +91,7 @@ enum Action {
     /// Install a new cluster file and apply it with a dead-man switch: unless
     /// `agent confirm --id ID` comes within the timeout, the node restores its
     /// previous network by itself (run by `skybridge apply`).
-    Try(rollback::TryArgs),
+    Try(Box<rollback::TryArgs>),
     /// Keep what `agent try --id ID` applied.
     Confirm {
         #[arg(long)]
@@ -134,7 +134,7 @@ pub fn main(args: AgentArgs) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Some(Action::Down { node, dry_run }) => rt.block_on(down(&node, dry_run)),
-        Some(Action::Try(a)) => rt.block_on(rollback::try_apply(a)),
+        Some(Action::Try(a)) => rt.block_on(rollback::try_apply(*a)),
         Some(Action::Confirm { id }) => rollback::confirm(&id),
         Some(Action::Watchdog(a)) => rt.block_on(rollback::watchdog(a)),
         None => rt.block_on(run(
