@@ -56,6 +56,9 @@ pub struct KubernetesDoc {
     pub join: S<JoinDoc>,
 }
 
+/// Registry host to its mirror endpoints, each with its position.
+pub type MirrorsDoc = std::collections::BTreeMap<String, S<Vec<S<String>>>>;
+
 /// containerd settings; the cluster-wide ones, or a site's overrides.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -65,7 +68,7 @@ pub struct ContainerdDoc {
     pub sandbox_image: Option<S<String>>,
     /// Registry host (`docker.io`, `registry.k8s.io`) to mirror endpoints, tried in order.
     #[serde(default)]
-    pub registry_mirrors: Option<S<std::collections::BTreeMap<String, S<Vec<S<String>>>>>>,
+    pub registry_mirrors: Option<S<MirrorsDoc>>,
     #[serde(default)]
     pub systemd_cgroup: Option<S<bool>>,
 }
