@@ -19,6 +19,8 @@ use toml_edit::{Array, DocumentMut, Item, Table, TableLike, Value};
 pub const CONFIG_PATH: &str = "/etc/containerd/config.toml";
 /// Where Skybridge puts `hosts.toml` files when the config names no directory.
 pub const DEFAULT_HOSTS_DIR: &str = "/etc/containerd/certs.d";
+/// containerd's runc shim, the `runtime_type` of its built-in runc runtime.
+pub const RUNC_RUNTIME_TYPE: &str = "io.containerd.runc.v2";
 /// First line of every file Skybridge writes in full.
 pub const MANAGED_HEADER: &str = "# Managed by skybridge join";
 
@@ -213,8 +215,25 @@ pub fn edit(
         .filter(|s| !s.is_empty())
         .unwrap_or("runc")
         .to_owned();
-    let mut options = containerd_path.clone();
-    options.extend(["runtimes", runtime.as_str(), "options"]);
+    let mut runtime_path = containerd_path.clone();
+    runtime_path.extend(["runtimes", runtime.as_str()]);
+    // A runtimes.runc table that the file creates replaces containerd's
+    // built-in one as a whole: without runtime_type the CRI plugin would
+    // run runc with an empty type (seen in the real daemon's start log).
+    let has_type = get(&doc, &runtime_path)
+        .and_then(|t| t.get("runtime_type"))
+        .is_some();
+    if runtime == "runc" && !has_type {
+        set(
+            &mut doc,
+            &runtime_path,
+            "runtime_type",
+            RUNC_RUNTIME_TYPE.into(),
+            indented,
+        )?;
+    }
+    let mut options = runtime_path.clone();
+    options.push("options");
     set(
         &mut doc,
         &options,
@@ -386,9 +405,22 @@ pub fn verify_dump(dump: &str, want: &Containerd, registry: &Registry) -> Vec<St
         .and_then(Item::as_str)
         .unwrap_or("runc")
         .to_owned();
-    let mut options = containerd.clone();
-    options.extend(["runtimes", default_runtime.as_str(), "options"]);
+    let mut runtime_path = containerd.clone();
+    runtime_path.extend(["runtimes", default_runtime.as_str()]);
+    let runtime_type = get(&doc, &runtime_path)
+        .and_then(|t| t.get("runtime_type"))
+        .and_then(Item::as_str)
+        .unwrap_or("");
+    let type_problem = runtime_type.is_empty().then(|| {
+        format!(
+            "{}.runtime_type is empty: CRI would not know how to run containers",
+            dotted(&runtime_path)
+        )
+    });
+    let mut options = runtime_path.clone();
+    options.push("options");
     check(options, "SystemdCgroup", want.systemd_cgroup.to_string());
+    problems.extend(type_problem);
     let mut registry_path = images.to_vec();
     registry_path.push("registry");
     match registry {
@@ -597,6 +629,12 @@ oom_score = -999
         assert!(e.config.contains("SystemdCgroup = true"), "{}", e.config);
         assert!(
             e.config
+                .contains(r#"runtime_type = "io.containerd.runc.v2""#),
+            "{}",
+            e.config
+        );
+        assert!(
+            e.config
                 .contains(r#"config_path = "/etc/containerd/certs.d""#),
             "{}",
             e.config
@@ -613,7 +651,7 @@ oom_score = -999
 
     #[test]
     fn v3_edit_uses_containerd_2_plugin_names() {
-        let src = "version = 3\n\n[plugins.'io.containerd.cri.v1.runtime'.containerd]\n  default_runtime_name = 'crun'\n";
+        let src = "version = 3\n\n[plugins.'io.containerd.cri.v1.runtime'.containerd]\n  default_runtime_name = 'crun'\n[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.crun]\n  runtime_type = 'io.containerd.runc.v2'\n  [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.crun.options]\n    BinaryName = '/usr/bin/crun'\n";
         let v2 = Version {
             major: 2,
             minor: 0,
@@ -731,13 +769,14 @@ oom_score = -999
     fn verify_names_every_mismatch() {
         let dump = "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"registry.k8s.io/pause:3.6\"\n";
         let p = verify_dump(dump, &want(), &Registry::HostsDir(DEFAULT_HOSTS_DIR.into()));
-        assert_eq!(p.len(), 3, "{p:?}");
+        assert_eq!(p.len(), 4, "{p:?}");
         assert!(p[0].contains("sandbox_image is registry.k8s.io/pause:3.6 instead of registry.huawei.example/k8s/pause:3.9"), "{p:?}");
         assert!(
             p[1].contains("SystemdCgroup is unset instead of true"),
             "{p:?}"
         );
-        assert!(p[2].contains("config_path is ''"), "{p:?}");
+        assert!(p[2].contains("runc.runtime_type is empty"), "{p:?}");
+        assert!(p[3].contains("config_path is ''"), "{p:?}");
     }
 
     #[test]
