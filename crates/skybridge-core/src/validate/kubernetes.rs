@@ -389,11 +389,16 @@ fn token(c: &mut Checker, t: &S<String>) -> Option<String> {
     if ok {
         Some(text.to_owned())
     } else {
-        // Never echo the value: it is a credential.
-        c.error(
-            pos(t),
-            "kubernetes join token is not a bootstrap token ([a-z0-9]{6}.[a-z0-9]{16})",
-            "create one on a control-plane node with `kubeadm token create` and paste it as is",
+        // Never echo the value, not even its source line: it is a credential.
+        c.diags.push(
+            crate::diag::Diagnostic::error(
+                pos(t),
+                "kubernetes join token is not a bootstrap token ([a-z0-9]{6}.[a-z0-9]{16})",
+            )
+            .with_hint(
+                "create one on a control-plane node with `kubeadm token create` and paste it as is",
+            )
+            .concealing_source(),
         );
         None
     }
