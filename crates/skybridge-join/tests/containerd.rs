@@ -322,3 +322,191 @@ fn join_edits_the_real_containerd_config_and_the_restarted_daemon_uses_it() {
     assert!(ran.iter().any(|c| c == "modprobe br_netfilter"), "{ran:?}");
     eprintln!("{test}: {:.1} s", started.elapsed().as_secs_f64());
 }
+
+/// A network namespace of this test (`sbt-<pid>-<tag>`), deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Option<Netns> {
+        let name = format!("sbt-{}-{tag}", std::process::id());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return None;
+        }
+        let ns = Netns(name);
+        let up = Command::new("ip")
+            .args(["netns", "exec", &ns.0, "ip", "link", "set", "lo", "up"])
+            .status()
+            .unwrap();
+        assert!(up.success());
+        Some(ns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// A registry mirror that answers 404 to everything and remembers each
+/// request line, listening on 127.0.0.1 inside the test's namespace.
+struct FakeMirror {
+    port: u16,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeMirror {
+    fn start(ns: &Netns) -> FakeMirror {
+        use std::io::{BufRead as _, BufReader, Write as _};
+        use std::sync::atomic::Ordering;
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let ns_path = format!("/run/netns/{}", ns.0);
+        let (reqs, stopping) = (requests.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            // Only this thread enters the namespace; the listener stays in it.
+            let f = std::fs::File::open(&ns_path).unwrap();
+            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.set_nonblocking(true).unwrap();
+            tx.send(listener.local_addr().unwrap().port()).unwrap();
+            while !stopping.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        s.set_nonblocking(false).unwrap();
+                        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                        let mut first = String::new();
+                        let mut r = BufReader::new(s.try_clone().unwrap());
+                        if r.read_line(&mut first).is_ok() {
+                            reqs.lock().unwrap().push(first.trim_end().to_owned());
+                        }
+                        let mut line = String::new();
+                        while r.read_line(&mut line).is_ok_and(|n| n > 2) {
+                            line.clear();
+                        }
+                        let _ = s.write_all(
+                            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                        );
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        FakeMirror {
+            port: rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+            requests,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FakeMirror {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `ctr images pull` inside the namespace, resolving registries through `hosts_dir`.
+fn pull(ns: &Netns, socket: &Path, hosts_dir: &Path, image: &str) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.0, "ctr", "--address"])
+        .arg(socket)
+        .args(["images", "pull", "--hosts-dir"])
+        .arg(hosts_dir)
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "the pull cannot succeed: the mirror has no image and nothing outside the namespace is reachable"
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn pulls_go_to_the_sites_mirror_through_the_hosts_files_join_wrote() {
+    let test = "pulls_go_to_the_sites_mirror";
+    if !root_and_containerd(test) {
+        return;
+    }
+    let Some(ns) = Netns::new("jmirror") else {
+        eprintln!("SKIPPED {test}: cannot create a network namespace (iproute2 missing?)");
+        return;
+    };
+    let started = Instant::now();
+    let mirror = FakeMirror::start(&ns);
+    let tmp = tempfile::Builder::new()
+        .prefix("sbt-join-")
+        .tempdir()
+        .unwrap();
+    let t = tmp.path();
+    let node_root = t.join("node");
+    let config = node_root.join("etc/containerd/config.toml");
+    std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+    std::fs::write(&config, operator_config(t)).unwrap();
+    let daemon = Daemon::start(&config, t, 0);
+    let socket = daemon.socket.clone();
+    let hosts_dir = node_root.join("etc/containerd/certs.d");
+    let image = "docker.io/library/pause:3.9";
+
+    // Before join: no hosts file, the mirror is never asked.
+    std::fs::create_dir_all(&hosts_dir).unwrap();
+    let before = pull(&ns, &socket, &hosts_dir, image);
+    assert!(
+        mirror.requests().is_empty(),
+        "{:?}\n{before}",
+        mirror.requests()
+    );
+
+    let src = LAB.replace(
+        "https://docker-mirror.huawei.example",
+        &format!("http://127.0.0.1:{}", mirror.port),
+    );
+    let cluster = skybridge_core::load(&src).unwrap().cluster;
+    let node = TestNode {
+        files: LocalHost::rooted(NODE, &node_root),
+        config: config.clone(),
+        tmp: t.to_path_buf(),
+        daemon: RefCell::new(Some(daemon)),
+        restarts: RefCell::new(0),
+        ran: RefCell::new(Vec::new()),
+    };
+    let report = join(
+        &node,
+        &cluster,
+        NODE,
+        &Options {
+            dry_run: false,
+            backup_suffix: "t".into(),
+            containerd_version: None,
+            ca_cert: Some(LAB_CA.into()),
+        },
+    )
+    .unwrap();
+    assert!(!report.failed(), "{report:#?}");
+
+    // After join: containerd's resolver asks the site's mirror first.
+    let after = pull(&ns, &socket, &hosts_dir, image);
+    let reqs = mirror.requests();
+    assert!(
+        reqs.iter()
+            .any(|r| r.contains("/v2/library/pause/manifests/3.9") && r.contains("ns=docker.io")),
+        "the mirror saw {reqs:?}\nctr: {after}"
+    );
+    eprintln!("{test}: {:.1} s", started.elapsed().as_secs_f64());
+}
