@@ -6,8 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages the tests use: real nftables/iproute2 in throwaway `sbt-`
-# network namespaces.
-PACKAGES=(iproute2 nftables iptables wireguard-tools wireguard-go iperf3 iputils-ping util-linux procps tcpdump)
+# network namespaces; the real containerd (started by the join tests on a
+# private config) and systemd-analyze (verifies the generated units).
+PACKAGES=(iproute2 nftables iptables wireguard-tools wireguard-go iperf3 iputils-ping util-linux procps tcpdump containerd systemd)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

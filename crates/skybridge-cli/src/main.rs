@@ -2,6 +2,7 @@
 //! pure core (validate, plan) and the renderers, prints, and writes files.
 
 mod agent;
+mod join;
 mod keys;
 mod lab;
 mod load;
@@ -29,6 +30,8 @@ struct Cli {
 enum Command {
     /// Run the node agent: reconcile this node's network onto its plan and keep it there.
     Agent(agent::AgentArgs),
+    /// Prepare VMs as Kubernetes nodes: kernel settings, containerd, kubelet, kube-proxy.
+    Join(join::JoinArgs),
     /// The whole multi-provider topology on this machine, in network namespaces.
     #[command(subcommand)]
     Lab(lab::LabCommand),
@@ -118,6 +121,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Agent(args) => agent::main(args),
+        Command::Join(args) => join::main(args),
         Command::Lab(cmd) => lab::main(cmd),
         Command::WireguardDataplane { iface, state_dir } => agent::dataplane(&iface, &state_dir),
         Command::Validate { file } => {
