@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 
 # System packages the tests use: real nftables/iproute2 in throwaway `sbt-`
 # network namespaces; the real containerd (started by the join tests on a
-# private config) and systemd-analyze (verifies the generated units).
-PACKAGES=(iproute2 nftables iptables wireguard-tools wireguard-go iperf3 iputils-ping util-linux procps tcpdump containerd systemd)
+# private config) and systemd-analyze (verifies the generated units); a real
+# sshd per lab node for the apply tests.
+PACKAGES=(iproute2 nftables iptables wireguard-tools wireguard-go iperf3 iputils-ping util-linux procps tcpdump containerd systemd openssh-server openssh-client)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

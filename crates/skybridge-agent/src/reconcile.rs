@@ -32,7 +32,24 @@ pub async fn reconcile<H: Host>(
 ) -> Result<Report, HostError> {
     let live = host.read(plan).await?;
     let changes = diff(plan, &live);
-    execute(host, &live, changes, dry_run).await
+    execute(host, &live, changes, dry_run, true).await
+}
+
+/// [`reconcile`] without the SSH guard, for `agent try`: there the
+/// controller proves the path still works over a new connection and the
+/// node rolls back by itself if it does not. The guard would only postpone
+/// a cutting change to the first reconcile after the session closes, when
+/// nothing watches any more.
+///
+/// # Errors
+/// When the live state cannot be read.
+pub async fn reconcile_unguarded<H: Host>(
+    host: &mut H,
+    plan: &NodePlan,
+) -> Result<Report, HostError> {
+    let live = host.read(plan).await?;
+    let changes = diff(plan, &live);
+    execute(host, &live, changes, false, false).await
 }
 
 /// Removes everything the agent owns on the node.
@@ -46,7 +63,18 @@ pub async fn down<H: Host>(
 ) -> Result<Report, HostError> {
     let live = host.read(plan).await?;
     let changes = teardown(&live);
-    execute(host, &live, changes, dry_run).await
+    execute(host, &live, changes, dry_run, true).await
+}
+
+/// [`down`] without the SSH guard: the rollback of an `agent try` that was
+/// never confirmed (the sessions it would protect are the dead ones).
+///
+/// # Errors
+/// When the live state cannot be read.
+pub async fn down_unguarded<H: Host>(host: &mut H, plan: &NodePlan) -> Result<Report, HostError> {
+    let live = host.read(plan).await?;
+    let changes = teardown(&live);
+    execute(host, &live, changes, false, false).await
 }
 
 async fn execute<H: Host>(
@@ -54,10 +82,11 @@ async fn execute<H: Host>(
     live: &Live,
     changes: Vec<Change>,
     dry_run: bool,
+    guard: bool,
 ) -> Result<Report, HostError> {
     // Who is logged in is only asked when something would change (reading
     // the kernel's TCP table is not free).
-    let peers = if changes.is_empty() {
+    let peers = if changes.is_empty() || !guard {
         Vec::new()
     } else {
         host.ssh_peers()
@@ -158,6 +187,13 @@ mod tests {
             host.live.links.len(),
             1,
             "the tunnel carrying the session stays"
+        );
+        // The rollback of an unconfirmed `agent try` is not held back by dead sessions.
+        let r = down_unguarded(&mut host, &p).await.unwrap();
+        assert!(
+            r.converged() && host.live.links.is_empty(),
+            "{:?}",
+            r.failed
         );
     }
 

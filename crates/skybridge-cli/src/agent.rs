@@ -1,5 +1,7 @@
 //! `skybridge agent`: runs the node agent, or tears down what it made.
 
+mod rollback;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -90,6 +92,18 @@ enum Action {
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
+    /// Install a new cluster file and apply it with a dead-man switch: unless
+    /// `agent confirm --id ID` comes within the timeout, the node restores its
+    /// previous network by itself (run by `skybridge apply`).
+    Try(rollback::TryArgs),
+    /// Keep what `agent try --id ID` applied.
+    Confirm {
+        #[arg(long)]
+        id: String,
+    },
+    /// The detached process that rolls an unconfirmed `agent try` back.
+    #[command(hide = true)]
+    Watchdog(rollback::WatchdogArgs),
 }
 
 pub fn dataplane(iface: &str, state_dir: &Path) -> Result<ExitCode> {
@@ -124,6 +138,9 @@ pub fn main(args: AgentArgs) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Some(Action::Down { node, dry_run }) => rt.block_on(down(&node, dry_run)),
+        Some(Action::Try(a)) => rt.block_on(rollback::try_apply(a)),
+        Some(Action::Confirm { id }) => rollback::confirm(&id),
+        Some(Action::Watchdog(a)) => rt.block_on(rollback::watchdog(a)),
         None => rt.block_on(run(
             &args.node,
             args.once,

@@ -23,6 +23,11 @@ pub enum LabCommand {
         /// UAPI: the proof that Skybridge's data plane speaks the real protocol.
         #[arg(long = "wireguard-impl", value_name = "NODE=wireguard-go|boringtun")]
         wireguard_impl: Vec<String>,
+        /// Run a real sshd on every node and make a `controller` namespace with
+        /// the operator's key, and start no agents: `skybridge apply` installs
+        /// them (`lab exec controller -- skybridge apply FILE --yes`).
+        #[arg(long, conflicts_with = "wireguard_impl")]
+        ssh: bool,
     },
     /// Every node to every node by private IP (ICMP and TCP); exit 1 if any pair fails.
     Check,
@@ -104,6 +109,7 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
             file,
             timeout,
             wireguard_impl,
+            ssh,
         } => {
             root()?;
             let mut foreign = std::collections::BTreeMap::new();
@@ -124,7 +130,18 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             };
             let exe = std::env::current_exe()?;
-            let state = skybridge_lab::up(&file, &cluster, &exe, &foreign)?;
+            let state = skybridge_lab::up(&file, &cluster, &exe, &foreign, ssh)?;
+            if let Some(c) = state.controller.as_ref().filter(|_| ssh) {
+                println!(
+                    "lab {}: {} namespaces, sshd on every node, no agents yet; the operator's machine is `controller` ({}).\nApply from it: skybridge lab exec controller -- {} apply {} --yes",
+                    state.cluster,
+                    state.namespaces.len(),
+                    c.private_ip,
+                    exe.display(),
+                    file.display()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             println!(
                 "lab {}: {} namespaces; agents starting (logs in {})",
                 state.cluster,

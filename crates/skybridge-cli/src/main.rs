@@ -3,6 +3,7 @@
 
 mod agent;
 mod join;
+mod apply;
 mod keys;
 mod lab;
 mod load;
@@ -32,6 +33,10 @@ enum Command {
     Agent(agent::AgentArgs),
     /// Prepare VMs as Kubernetes nodes: kernel settings, containerd, kubelet, kube-proxy.
     Join(join::JoinArgs),
+    /// Reach every node over SSH, install the agent and the cluster file, collect
+    /// keys, show the changes, apply them (rolled back on a node that cannot be
+    /// reached again) and verify connectivity.
+    Apply(apply::ApplyArgs),
     /// The whole multi-provider topology on this machine, in network namespaces.
     #[command(subcommand)]
     Lab(lab::LabCommand),
@@ -122,6 +127,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Agent(args) => agent::main(args),
         Command::Join(args) => join::main(args),
+        Command::Apply(args) => apply::main(args),
         Command::Lab(cmd) => lab::main(cmd),
         Command::WireguardDataplane { iface, state_dir } => agent::dataplane(&iface, &state_dir),
         Command::Validate { file } => {

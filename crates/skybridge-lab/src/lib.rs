@@ -16,6 +16,7 @@
 //! drives `ip`, `nft` and `nsenter` rather than netlink: what it builds is
 //! the providers' network, not Skybridge's.
 
+pub mod sshd;
 pub mod topology;
 
 use std::collections::BTreeMap;
@@ -58,13 +59,13 @@ pub enum LabError {
     NotRunning(String),
 }
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LabError {
+pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LabError {
     let what = what.into();
     move |source| LabError::Io { what, source }
 }
 
 /// Runs a command, failing with its stderr.
-fn run(args: &[&str]) -> Result<String, LabError> {
+pub(crate) fn run(args: &[&str]) -> Result<String, LabError> {
     let out = Command::new(args[0])
         .args(&args[1..])
         .output()
@@ -78,7 +79,7 @@ fn run(args: &[&str]) -> Result<String, LabError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn ip(ns: &str, args: &[&str]) -> Result<String, LabError> {
+pub(crate) fn ip(ns: &str, args: &[&str]) -> Result<String, LabError> {
     let mut full = vec!["ip", "-n", ns];
     full.extend_from_slice(args);
     run(&full)
@@ -98,6 +99,9 @@ pub struct LabState {
     pub namespaces: Vec<String>,
     /// Node name to its namespace, private IP and the pid holding its mount namespace.
     pub nodes: BTreeMap<String, NodeState>,
+    /// `lab up --ssh`: the operator's namespace on the internet.
+    #[serde(default)]
+    pub controller: Option<NodeState>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -123,7 +127,7 @@ impl LabState {
         })
     }
 
-    fn save(&self) -> Result<(), LabError> {
+    pub(crate) fn save(&self) -> Result<(), LabError> {
         std::fs::create_dir_all(LAB_DIR).map_err(io(format!("creating {LAB_DIR}")))?;
         std::fs::write(
             Self::path(),
@@ -134,7 +138,10 @@ impl LabState {
 
     /// The command prefix that runs inside a node: its network and its files.
     pub fn enter(&self, node: &str) -> Option<Vec<String>> {
-        let n = self.nodes.get(node)?;
+        let n = match (node, &self.controller) {
+            (sshd::CONTROLLER, Some(c)) => c,
+            _ => self.nodes.get(node)?,
+        };
         Some(
             [
                 "nsenter",
@@ -188,6 +195,7 @@ pub fn up(
     cluster: &Cluster,
     skybridge: &Path,
     foreign: &BTreeMap<String, ForeignWireGuard>,
+    ssh: bool,
 ) -> Result<LabState, LabError> {
     if let Some(unknown) = foreign.keys().find(|n| cluster.node(n).is_none()) {
         return Err(LabError::Refused(format!(
@@ -210,12 +218,12 @@ pub fn up(
     std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
     state.cluster = cluster.name.clone();
     state.dir = dir;
-    let result = build(&topo, &mut state, cluster_file, skybridge, foreign);
+    let result = build(&topo, &mut state, cluster_file, skybridge, foreign, ssh);
     state.save()?;
     result.map(|()| state)
 }
 
-fn add_ns(state: &mut LabState, name: &str) -> Result<(), LabError> {
+pub(crate) fn add_ns(state: &mut LabState, name: &str) -> Result<(), LabError> {
     let _ = run(&["ip", "netns", "del", name]);
     run(&["ip", "netns", "add", name])?;
     state.namespaces.push(name.to_owned());
@@ -231,6 +239,7 @@ fn build(
     cluster_file: &Path,
     skybridge: &Path,
     foreign: &BTreeMap<String, ForeignWireGuard>,
+    ssh: bool,
 ) -> Result<(), LabError> {
     let inet = topo.internet_ns.as_str();
     if !state.namespaces.iter().any(|n| n == inet) {
@@ -341,7 +350,7 @@ fn build(
                 n,
                 &["route", "add", "default", "via", &node.gateway.to_string()],
             )?;
-            let holder = private_files(n)?;
+            let holder = private_files(n, ssh)?;
             state.nodes.insert(
                 node.name.clone(),
                 NodeState {
@@ -354,6 +363,14 @@ fn build(
         }
     }
     state.save()?;
+    if ssh {
+        // `apply` installs the agents; the lab only starts sshd and the probe listeners.
+        sshd::setup(topo, state)?;
+        for name in &new_nodes {
+            probe_listener(state, skybridge, name)?;
+        }
+        return Ok(());
+    }
 
     // What `apply` will do on real VMs: keys are made on each node, public
     // keys collected, then the (new) cluster file handed out; running agents
@@ -404,19 +421,23 @@ fn build(
         let mut args = state.enter(name).expect("node exists");
         args.extend(agent);
         spawn(&args, log)?;
-        let log = std::fs::File::create(state.dir.join(format!("{name}.probe.log")))
-            .map_err(io("creating a log"))?;
-        let mut args = state.enter(name).expect("node exists");
-        args.extend([
-            skybridge.display().to_string(),
-            "lab".into(),
-            "listen".into(),
-            "--port".into(),
-            PROBE_PORT.to_string(),
-        ]);
-        spawn(&args, log)?;
+        probe_listener(state, skybridge, name)?;
     }
     Ok(())
+}
+
+fn probe_listener(state: &LabState, skybridge: &Path, name: &str) -> Result<(), LabError> {
+    let log = std::fs::File::create(state.dir.join(format!("{name}.probe.log")))
+        .map_err(io("creating a log"))?;
+    let mut args = state.enter(name).expect("node exists");
+    args.extend([
+        skybridge.display().to_string(),
+        "lab".into(),
+        "listen".into(),
+        "--port".into(),
+        PROBE_PORT.to_string(),
+    ]);
+    spawn(&args, log)
 }
 
 /// Waits for a foreign WireGuard implementation's UAPI socket inside a node.
@@ -437,7 +458,7 @@ fn wait_for_socket(state: &LabState, node: &str) -> Result<(), LabError> {
     Ok(())
 }
 
-fn spawn(args: &[String], log: std::fs::File) -> Result<(), LabError> {
+pub(crate) fn spawn(args: &[String], log: std::fs::File) -> Result<(), LabError> {
     use std::os::unix::process::CommandExt as _;
     let mut child = Command::new(&args[0])
         .args(&args[1..])
@@ -453,14 +474,19 @@ fn spawn(args: &[String], log: std::fs::File) -> Result<(), LabError> {
 
 /// A process holding a mount namespace in which `/run`, `/var/lib` and
 /// (through an overlay) `/etc` are the node's own, as on a separate VM.
-fn private_files(netns: &str) -> Result<u32, LabError> {
-    let script = "set -e
+/// With `ssh`, `/root` and `/usr/local` are private overlays too (keys, the installed agent).
+pub(crate) fn private_files(netns: &str, ssh: bool) -> Result<u32, LabError> {
+    let script = format!(
+        "set -e
 mount -t tmpfs sb-lab /run
 mount -t tmpfs sb-lab /var/lib
 mkdir -p /run/.etc/up /run/.etc/work
 mount -t overlay sb-lab -o lowerdir=/etc,upperdir=/run/.etc/up,workdir=/run/.etc/work /etc 2>/dev/null || true
+{}
 echo ready
-exec sleep infinity";
+exec sleep infinity",
+        if ssh { sshd::SSH_OVERLAYS } else { "" }
+    );
     let mut child = Command::new("ip")
         .args([
             "netns",
@@ -472,7 +498,7 @@ exec sleep infinity";
             "private",
             "sh",
             "-c",
-            script,
+            &script,
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -504,7 +530,7 @@ pub fn down() -> Result<Vec<String>, LabError> {
             removed.push(ns.clone());
         }
     }
-    for n in state.nodes.values() {
+    for n in state.nodes.values().chain(&state.controller) {
         let _ = run(&["kill", "-9", &n.holder.to_string()]);
     }
     let _ = std::fs::remove_dir_all(&state.dir);

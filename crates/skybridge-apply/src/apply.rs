@@ -1,0 +1,825 @@
+//! The steps of `skybridge apply`, per node and in parallel with a bound.
+//!
+//! 1. [`reach`]: connect, install the agent binary when its hash differs,
+//!    read the node's WireGuard public key (generated on the node).
+//! 2. The caller writes the keys into `<cluster>.state.yaml`.
+//! 3. [`plan`]: stage the cluster and state files on the node and ask the
+//!    agent what it would change (`agent --dry-run`), whether the installed
+//!    files differ and whether the agent is running.
+//! 4. The caller shows the plans and asks.
+//! 5. [`execute`]: `agent try` on every node that needs it (the node arms a
+//!    watchdog that restores its previous network unless confirmed), then
+//!    confirm over a *new* connection — proof that the path still works —
+//!    and verify that every node reaches every other by private IP.
+//!
+//! A failure on one node never stops the others; every step is idempotent,
+//! so running apply again converges.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use sha2::Digest as _;
+use tokio::time::Instant;
+
+use crate::session::{Connector, Failed, Session, quote};
+use crate::target::Target;
+
+/// Where things live on a node.
+pub mod paths {
+    pub const BINARY: &str = "/usr/local/bin/skybridge";
+    /// Files of an apply in progress, before `agent try` installs them.
+    pub const STAGED_CLUSTER: &str = "/var/lib/skybridge/apply/cluster.yaml";
+    pub const STAGED_STATE: &str = "/var/lib/skybridge/apply/cluster.state.yaml";
+    pub const CLUSTER: &str = "/etc/skybridge/cluster.yaml";
+    pub const STATE: &str = "/etc/skybridge/cluster.state.yaml";
+}
+
+/// Is the agent daemon running (systemd unit, or the pidfile of a detached one)?
+const AGENT_RUNNING: &str = "if [ -d /run/systemd/system ]; then systemctl is-active --quiet skybridge-agent; else kill -0 \"$(cat /run/skybridge/agent.pid 2>/dev/null)\" 2>/dev/null; fi";
+
+/// Progress of each node, for the display.
+pub trait Observer {
+    fn step(&self, node: &str, what: &str);
+}
+
+/// An observer that shows nothing.
+#[derive(Debug)]
+pub struct Quiet;
+impl Observer for Quiet {
+    fn step(&self, _: &str, _: &str) {}
+}
+
+/// The agent binary to install: its bytes and their SHA-256.
+#[derive(Debug)]
+pub struct Binary {
+    pub bytes: Vec<u8>,
+    pub sha256: String,
+}
+
+impl Binary {
+    pub fn new(bytes: Vec<u8>) -> Binary {
+        let sha256 = sha2::Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Binary { bytes, sha256 }
+    }
+}
+
+/// Why a node was left out, and at which step.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{node}: {step}: {reason}")]
+pub struct NodeFailure {
+    pub node: String,
+    pub step: &'static str,
+    pub reason: String,
+}
+
+fn fail(node: &str, step: &'static str, reason: impl ToString) -> NodeFailure {
+    NodeFailure {
+        node: node.to_owned(),
+        step,
+        reason: reason.to_string(),
+    }
+}
+
+/// A node that answered: its open session and what it told.
+#[derive(Debug)]
+pub struct Reached<S> {
+    pub target: Target,
+    pub session: S,
+    pub public_key: String,
+    /// The agent binary was uploaded now (new or different).
+    pub binary_installed: bool,
+    /// Time spent on this node so far (all steps), for the summary.
+    pub elapsed: Duration,
+}
+
+/// Runs `f` on every item, at most `parallel` at a time, keeping the input order.
+async fn each<T, R>(items: Vec<T>, parallel: usize, f: impl AsyncFn(T) -> R) -> Vec<R> {
+    let f = &f;
+    let mut out: Vec<(usize, R)> = futures::stream::iter(items.into_iter().enumerate())
+        .map(|(i, t)| async move { (i, f(t).await) })
+        .buffer_unordered(parallel.max(1))
+        .collect()
+        .await;
+    out.sort_by_key(|(i, _)| *i);
+    out.into_iter().map(|(_, r)| r).collect()
+}
+
+/// Step 1 on every node.
+pub async fn reach<C: Connector>(
+    connector: &C,
+    targets: Vec<Target>,
+    binary: &Binary,
+    parallel: usize,
+    obs: &dyn Observer,
+) -> (Vec<Reached<C::Session>>, Vec<NodeFailure>) {
+    let results = each(targets, parallel, async |t: Target| {
+        reach_one(connector, t, binary, obs).await
+    })
+    .await;
+    let mut ok = Vec::new();
+    let mut failed = Vec::new();
+    for r in results {
+        match r {
+            Ok(r) => ok.push(r),
+            Err(e) => {
+                obs.step(&e.node, &format!("FAILED: {}", e.reason));
+                failed.push(e);
+            }
+        }
+    }
+    (ok, failed)
+}
+
+async fn reach_one<C: Connector>(
+    connector: &C,
+    target: Target,
+    binary: &Binary,
+    obs: &dyn Observer,
+) -> Result<Reached<C::Session>, NodeFailure> {
+    let start = Instant::now();
+    let node = target.node.clone();
+    obs.step(&node, &format!("connecting to {target}"));
+    let session = connector
+        .connect(&target)
+        .await
+        .map_err(|e| fail(&node, "connect", e))?;
+    let probe = format!("uname -m; sha256sum {} 2>/dev/null || true", paths::BINARY);
+    let out = session
+        .run(&probe, None)
+        .await
+        .map_err(|e| fail(&node, "inspect", e))?;
+    let mut lines = out.stdout.lines();
+    let arch = lines.next().unwrap_or_default().trim().to_owned();
+    if arch != std::env::consts::ARCH {
+        return Err(fail(
+            &node,
+            "inspect",
+            format!(
+                "the node is {arch}, this skybridge binary is {}; run apply with a {arch} build",
+                std::env::consts::ARCH
+            ),
+        ));
+    }
+    let installed = lines
+        .next()
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_default();
+    let binary_installed = installed != binary.sha256;
+    if binary_installed {
+        obs.step(
+            &node,
+            &format!("installing the agent ({} MB)", binary.bytes.len() >> 20),
+        );
+        session
+            .upload(paths::BINARY, &binary.bytes, 0o755)
+            .await
+            .map_err(|e| fail(&node, "install agent", e))?;
+    }
+    obs.step(&node, "reading its WireGuard public key");
+    let cmd = format!("{} agent pubkey", paths::BINARY);
+    let out = session
+        .run(&cmd, None)
+        .await
+        .map_err(|e| fail(&node, "public key", e))?;
+    let key = out.stdout.trim().to_owned();
+    if !out.success() || !skybridge_core::state::is_wireguard_key(&key) {
+        return Err(fail(&node, "public key", Failed(&cmd, &out)));
+    }
+    Ok(Reached {
+        target,
+        session,
+        public_key: key,
+        binary_installed,
+        elapsed: start.elapsed(),
+    })
+}
+
+/// What applying would change on one node.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeChanges {
+    pub node: String,
+    /// The agent's dry run: one line per change, with its reason.
+    pub network: Vec<String>,
+    /// Changes the agent's SSH guard would hold back in a plain run.
+    pub warnings: Vec<String>,
+    pub cluster_file_changed: bool,
+    pub binary_changed: bool,
+    pub agent_running: bool,
+}
+
+impl NodeChanges {
+    pub fn converged(&self) -> bool {
+        self.network.is_empty()
+            && !self.cluster_file_changed
+            && !self.binary_changed
+            && self.agent_running
+    }
+
+    /// One line per thing that would change.
+    pub fn describe(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if self.binary_changed {
+            v.push(format!("agent binary installed at {}", paths::BINARY));
+        }
+        if self.cluster_file_changed {
+            v.push(format!(
+                "cluster/state files updated in {}",
+                "/etc/skybridge"
+            ));
+        }
+        if !self.agent_running {
+            v.push("agent daemon started".to_owned());
+        }
+        v.extend(self.network.iter().cloned());
+        v
+    }
+}
+
+/// Step 3 on every node. Nodes that fail here are left out of the rest.
+pub async fn plan<S: Session>(
+    reached: Vec<Reached<S>>,
+    cluster_yaml: &[u8],
+    state_yaml: &[u8],
+    parallel: usize,
+    obs: &dyn Observer,
+) -> (Vec<(Reached<S>, NodeChanges)>, Vec<NodeFailure>) {
+    let results = each(reached, parallel, async |mut r: Reached<S>| {
+        let start = Instant::now();
+        let res = plan_one(&r, cluster_yaml, state_yaml, obs).await;
+        r.elapsed += start.elapsed();
+        res.map(|c| (r, c))
+    })
+    .await;
+    let mut ok = Vec::new();
+    let mut failed = Vec::new();
+    for r in results {
+        match r {
+            Ok(pair) => ok.push(pair),
+            Err(e) => {
+                obs.step(&e.node, &format!("FAILED: {}", e.reason));
+                failed.push(e);
+            }
+        }
+    }
+    (ok, failed)
+}
+
+async fn plan_one<S: Session>(
+    r: &Reached<S>,
+    cluster_yaml: &[u8],
+    state_yaml: &[u8],
+    obs: &dyn Observer,
+) -> Result<NodeChanges, NodeFailure> {
+    let node = &r.target.node;
+    let s = &r.session;
+    obs.step(node, "planning");
+    s.upload(paths::STAGED_CLUSTER, cluster_yaml, 0o644)
+        .await
+        .map_err(|e| fail(node, "stage files", e))?;
+    s.upload(paths::STAGED_STATE, state_yaml, 0o644)
+        .await
+        .map_err(|e| fail(node, "stage files", e))?;
+    let cmd = format!(
+        "{} agent --dry-run --cluster {} --node {}",
+        paths::BINARY,
+        paths::STAGED_CLUSTER,
+        quote(node)
+    );
+    let out = s.run(&cmd, None).await.map_err(|e| fail(node, "plan", e))?;
+    // Exit 1 with "refused" lines is the SSH guard's opinion of a plain run;
+    // anything else failing is a real error.
+    let refused: Vec<String> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("refused:"))
+        .map(|l| l.trim().to_owned())
+        .collect();
+    if !out.success() && refused.is_empty() {
+        return Err(fail(node, "plan", Failed(&cmd, &out)));
+    }
+    let network = out
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("  "))
+        .map(|l| l.trim().to_owned())
+        .collect();
+    let same = |a: Option<Vec<u8>>, b: &[u8]| a.as_deref() == Some(b);
+    let cluster_now = s
+        .read(paths::CLUSTER)
+        .await
+        .map_err(|e| fail(node, "plan", e))?;
+    let state_now = s
+        .read(paths::STATE)
+        .await
+        .map_err(|e| fail(node, "plan", e))?;
+    let running = s
+        .run(AGENT_RUNNING, None)
+        .await
+        .map_err(|e| fail(node, "plan", e))?
+        .success();
+    Ok(NodeChanges {
+        node: node.clone(),
+        network,
+        warnings: refused,
+        cluster_file_changed: !(same(cluster_now, cluster_yaml) && same(state_now, state_yaml)),
+        binary_changed: r.binary_installed,
+        agent_running: running,
+    })
+}
+
+/// How one node ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Applied and confirmed over a new connection.
+    Changed {
+        changes: usize,
+    },
+    /// Nothing to do.
+    Converged,
+    /// Not reachable again after the change: the node restores its previous
+    /// network by itself. `reachable_again` says whether the controller saw it back.
+    RolledBack {
+        reason: String,
+        reachable_again: bool,
+    },
+    Failed(NodeFailure),
+}
+
+/// Everything [`execute`] needs besides the nodes.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub parallel: usize,
+    pub confirm_timeout: Duration,
+    /// How long to keep probing all pairs before calling one failed.
+    pub verify_timeout: Duration,
+    /// Names this apply on the nodes (`/run/skybridge/try-<id>`).
+    pub id: String,
+}
+
+/// One row of the verification: `from` pinged `to`'s private IP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pair {
+    pub from: String,
+    pub to: String,
+    pub ok: bool,
+}
+
+#[derive(Debug)]
+pub struct Summary {
+    pub nodes: BTreeMap<String, Outcome>,
+    pub pairs: Vec<Pair>,
+    /// Time each node took, all steps but the final connectivity check: with
+    /// enough parallelism the apply takes about the slowest of these.
+    pub node_times: BTreeMap<String, Duration>,
+}
+
+impl Summary {
+    pub fn success(&self) -> bool {
+        self.nodes
+            .values()
+            .all(|o| matches!(o, Outcome::Changed { .. } | Outcome::Converged))
+            && self.pairs.iter().all(|p| p.ok)
+    }
+}
+
+/// Step 5: apply with the dead-man switch, confirm, verify.
+pub async fn execute<C: Connector>(
+    connector: &C,
+    planned: Vec<(Reached<C::Session>, NodeChanges)>,
+    private_ips: &BTreeMap<String, String>,
+    opts: &Options,
+    obs: &dyn Observer,
+) -> Summary {
+    let results = each(
+        planned,
+        opts.parallel,
+        async |(r, c): (Reached<C::Session>, NodeChanges)| {
+            let start = Instant::now();
+            let (outcome, session) = if c.converged() {
+                obs.step(&r.target.node, "converged, nothing to do");
+                (Outcome::Converged, Some(r.session))
+            } else {
+                apply_one(connector, r.session, &r.target, &c, opts, obs).await
+            };
+            (r.target, outcome, session, r.elapsed + start.elapsed())
+        },
+    )
+    .await;
+    let mut summary = Summary {
+        nodes: BTreeMap::new(),
+        pairs: Vec::new(),
+        node_times: BTreeMap::new(),
+    };
+    let mut live = Vec::new();
+    for (target, outcome, session, took) in results {
+        summary.node_times.insert(target.node.clone(), took);
+        summary.nodes.insert(target.node.clone(), outcome);
+        if let Some(s) = session {
+            live.push((target, s));
+        }
+    }
+    // Every node on the new configuration must reach every other one.
+    let names: Vec<String> = live.iter().map(|(t, _)| t.node.clone()).collect();
+    let rows = each(live, opts.parallel, async |(t, s): (Target, C::Session)| {
+        let others: Vec<(String, String)> = names
+            .iter()
+            .filter(|n| **n != t.node)
+            .filter_map(|n| private_ips.get(n).map(|ip| (n.clone(), ip.clone())))
+            .collect();
+        obs.step(&t.node, "verifying connectivity");
+        let pairs = verify_one(&s, &t.node, &others, opts.verify_timeout).await;
+        let bad = pairs.iter().filter(|p| !p.ok).count();
+        obs.step(
+            &t.node,
+            &if bad == 0 {
+                format!("done: reaches all {} other node(s)", pairs.len())
+            } else {
+                format!(
+                    "done, but {bad} of {} other node(s) unreachable",
+                    pairs.len()
+                )
+            },
+        );
+        pairs
+    })
+    .await;
+    summary.pairs = rows.into_iter().flatten().collect();
+    summary
+}
+
+async fn apply_one<C: Connector>(
+    connector: &C,
+    session: C::Session,
+    target: &Target,
+    changes: &NodeChanges,
+    opts: &Options,
+    obs: &dyn Observer,
+) -> (Outcome, Option<C::Session>) {
+    let node = &target.node;
+    let secs = opts.confirm_timeout.as_secs().max(1);
+    obs.step(
+        node,
+        &format!(
+            "applying {} change(s), rollback armed ({secs} s)",
+            changes.describe().len()
+        ),
+    );
+    let cmd = format!(
+        "{} agent try --cluster {} --node {} --confirm-timeout {secs} --id {}",
+        paths::BINARY,
+        paths::STAGED_CLUSTER,
+        quote(node),
+        quote(&opts.id)
+    );
+    let sent = Instant::now();
+    let deadline = sent + opts.confirm_timeout;
+    // The change may cut this very connection: that is what the confirmation finds out.
+    let tried = session.run(&cmd, None).await;
+    match &tried {
+        Ok(out) if out.code == Some(3) => {
+            // Refused before changing anything (bad staged file, another try pending).
+            return (
+                Outcome::Failed(fail(node, "apply", Failed("agent try", out))),
+                None,
+            );
+        }
+        _ => {}
+    }
+    drop(session);
+    obs.step(node, "confirming over a new connection");
+    let mut last = match &tried {
+        Err(e) => format!("the change cut the session it was sent on: {e}"),
+        Ok(_) => String::new(),
+    };
+    while Instant::now() + Duration::from_millis(500) < deadline {
+        let attempt = tokio::time::timeout_at(deadline, connector.connect(target)).await;
+        let Ok(attempt) = attempt else {
+            last = "no new connection got through before the deadline".to_owned();
+            break;
+        };
+        match attempt {
+            Ok(fresh) => {
+                let confirm = format!("{} agent confirm --id {}", paths::BINARY, quote(&opts.id));
+                match fresh.run(&confirm, None).await {
+                    Ok(out) if out.success() => {
+                        return match tried {
+                            Ok(out) if out.success() => (
+                                Outcome::Changed {
+                                    changes: changes.describe().len(),
+                                },
+                                Some(fresh),
+                            ),
+                            Ok(out) => (
+                                Outcome::Failed(fail(node, "apply", Failed("agent try", &out))),
+                                Some(fresh),
+                            ),
+                            Err(e) => (Outcome::Failed(fail(node, "apply", e)), Some(fresh)),
+                        };
+                    }
+                    Ok(out) => {
+                        // Too late: the watchdog already restored the previous state.
+                        return (
+                            Outcome::RolledBack {
+                                reason: Failed("agent confirm", &out).to_string(),
+                                reachable_again: true,
+                            },
+                            None,
+                        );
+                    }
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            Err(e) if e.is_host_key() => {
+                last = e.to_string();
+                break;
+            }
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let reason = format!(
+        "not reachable over a new connection within {secs} s of the change ({last}); the node restores its previous network by itself"
+    )
+    .replace(" ()", "");
+    obs.step(
+        node,
+        "unreachable after the change: waiting for its rollback",
+    );
+    // The watchdog acts at the deadline; give it time, then look again.
+    let back = deadline + Duration::from_secs(20);
+    tokio::time::sleep_until(deadline).await;
+    while Instant::now() < back {
+        if let Ok(s) = connector.connect(target).await {
+            let marker = format!("/run/skybridge/rollback-{}", opts.id);
+            if matches!(s.read(&marker).await, Ok(Some(_))) {
+                return (
+                    Outcome::RolledBack {
+                        reason,
+                        reachable_again: true,
+                    },
+                    None,
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    (
+        Outcome::RolledBack {
+            reason,
+            reachable_again: false,
+        },
+        None,
+    )
+}
+
+async fn verify_one<S: Session>(
+    s: &S,
+    from: &str,
+    others: &[(String, String)],
+    limit: Duration,
+) -> Vec<Pair> {
+    let start = Instant::now();
+    let mut ok: BTreeMap<&str, bool> = others.iter().map(|(n, _)| (n.as_str(), false)).collect();
+    loop {
+        let pending: Vec<&(String, String)> =
+            others.iter().filter(|(n, _)| !ok[n.as_str()]).collect();
+        if pending.is_empty() {
+            break;
+        }
+        let script: String = pending
+            .iter()
+            .map(|(n, ip)| {
+                format!(
+                    "ping -c 1 -W 1 -q {ip} >/dev/null 2>&1 && echo {n} &\n",
+                    ip = quote(ip),
+                    n = quote(n)
+                )
+            })
+            .collect::<String>()
+            + "wait\n";
+        if let Ok(out) = s.run(&script, None).await {
+            for line in out.stdout.lines() {
+                if let Some(v) = ok.get_mut(line.trim()) {
+                    *v = true;
+                }
+            }
+        }
+        if start.elapsed() > limit || ok.values().all(|v| *v) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    others
+        .iter()
+        .map(|(n, _)| Pair {
+            from: from.to_owned(),
+            to: n.clone(),
+            ok: ok[n.as_str()],
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::{FakeConnector, FakeNode, key_of};
+    use crate::session::SshError;
+
+    fn target(node: &str) -> Target {
+        Target {
+            node: node.into(),
+            user: "root".into(),
+            host: format!("{node}.example"),
+            port: 22,
+            identity_file: None,
+            jump: None,
+        }
+    }
+
+    fn opts() -> Options {
+        Options {
+            parallel: 8,
+            confirm_timeout: Duration::from_secs(3),
+            verify_timeout: Duration::from_secs(1),
+            id: "t1".into(),
+        }
+    }
+
+    fn ips(nodes: &[&str]) -> BTreeMap<String, String> {
+        nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| ((*n).to_owned(), format!("10.0.0.{}", i + 1)))
+            .collect()
+    }
+
+    async fn run_all(
+        c: &FakeConnector,
+        nodes: &[&str],
+        bin: &Binary,
+    ) -> (Summary, Vec<NodeFailure>) {
+        let (reached, mut failed) =
+            reach(c, nodes.iter().map(|n| target(n)).collect(), bin, 8, &Quiet).await;
+        let (planned, f2) = plan(reached, b"cluster", b"state", 8, &Quiet).await;
+        failed.extend(f2);
+        (
+            execute(c, planned, &ips(nodes), &opts(), &Quiet).await,
+            failed,
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unreachable_node_is_reported_and_the_others_are_applied() {
+        let c = FakeConnector::default();
+        let bin = Binary::new(b"agent".to_vec());
+        c.node(
+            "a",
+            FakeNode {
+                dry_run_changes: vec!["+ link sb-wg0".into()],
+                ..FakeNode::default()
+            },
+        );
+        c.node(
+            "b",
+            FakeNode {
+                unreachable: Some(SshError::Connect {
+                    target: "b".into(),
+                    message: "Connection refused".into(),
+                }),
+                ..FakeNode::default()
+            },
+        );
+        c.node(
+            "c",
+            FakeNode {
+                agent_running: true,
+                installed_sha256: bin.sha256.clone(),
+                ..FakeNode::default()
+            },
+        );
+        let (summary, failed) = run_all(&c, &["a", "b", "c"], &bin).await;
+        assert_eq!(failed.len(), 1);
+        assert_eq!((failed[0].node.as_str(), failed[0].step), ("b", "connect"));
+        assert!(failed[0].reason.contains("Connection refused"));
+        assert_eq!(summary.nodes["a"], Outcome::Changed { changes: 4 });
+        // c already had this binary, these files (no: staged differ) — it is applied, not re-uploaded.
+        assert!(
+            !c.commands("c")
+                .iter()
+                .any(|cmd| cmd.contains(paths::BINARY) && cmd.contains("cat >"))
+        );
+        assert_eq!(c.file("a", paths::BINARY).as_deref(), Some(&b"agent"[..]));
+        assert_eq!(
+            c.file("a", paths::STAGED_CLUSTER).as_deref(),
+            Some(&b"cluster"[..])
+        );
+        assert!(
+            summary.pairs.iter().all(|p| p.ok) && summary.pairs.len() == 2,
+            "{:?}",
+            summary.pairs
+        );
+        assert!(
+            c.commands("a")
+                .iter()
+                .any(|cmd| cmd.contains("agent pubkey"))
+        );
+        assert_eq!(key_of("a").len(), 44);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_cut_off_by_its_change_is_reported_as_rolled_back_and_left_out() {
+        let c = FakeConnector::default();
+        let bin = Binary::new(b"agent".to_vec());
+        c.node(
+            "a",
+            FakeNode {
+                dry_run_changes: vec!["+ route".into()],
+                ..FakeNode::default()
+            },
+        );
+        c.node(
+            "b",
+            FakeNode {
+                dry_run_changes: vec!["+ route".into()],
+                try_cuts_ssh: true,
+                ..FakeNode::default()
+            },
+        );
+        let (summary, failed) = run_all(&c, &["a", "b"], &bin).await;
+        assert!(failed.is_empty());
+        assert!(matches!(summary.nodes["a"], Outcome::Changed { .. }));
+        match &summary.nodes["b"] {
+            Outcome::RolledBack {
+                reason,
+                reachable_again,
+            } => {
+                assert!(reason.contains("within 3 s"), "{reason}");
+                assert!(!reachable_again);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            !c.commands("b")
+                .iter()
+                .any(|cmd| cmd.contains("agent confirm"))
+        );
+        assert!(
+            c.commands("a")
+                .iter()
+                .any(|cmd| cmd.contains("agent confirm --id 't1'"))
+        );
+        // Only the nodes on the new configuration are verified.
+        assert!(summary.pairs.is_empty(), "{:?}", summary.pairs);
+        assert!(!summary.success());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_converged_node_is_left_alone() {
+        let c = FakeConnector::default();
+        let bin = Binary::new(b"agent".to_vec());
+        c.node(
+            "a",
+            FakeNode {
+                agent_running: true,
+                installed_sha256: bin.sha256.clone(),
+                ..FakeNode::default()
+            },
+        );
+        let (reached, _) = reach(&c, vec![target("a")], &bin, 4, &Quiet).await;
+        let (mut planned, _) = plan(reached, b"cluster", b"state", 4, &Quiet).await;
+        // The installed files equal the staged ones: nothing to do.
+        planned[0].1.cluster_file_changed = false;
+        let s = execute(&c, planned, &ips(&["a"]), &opts(), &Quiet).await;
+        assert_eq!(s.nodes["a"], Outcome::Converged);
+        assert!(!c.commands("a").iter().any(|cmd| cmd.contains("agent try")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nodes_are_reached_in_parallel_up_to_the_bound() {
+        let mut c = FakeConnector::default();
+        c.latency = Duration::from_millis(100);
+        let bin = Binary::new(b"agent".to_vec());
+        let names: Vec<String> = (0..10).map(|i| format!("n{i}")).collect();
+        let start = tokio::time::Instant::now();
+        let (reached, failed) = reach(
+            &c,
+            names.iter().map(|n| target(n)).collect(),
+            &bin,
+            4,
+            &Quiet,
+        )
+        .await;
+        assert_eq!((reached.len(), failed.len()), (10, 0));
+        assert_eq!(c.max_in_flight(), 4);
+        // 3 commands of 100 ms per node, 10 nodes 4 at a time: 3 rounds.
+        assert!(
+            start.elapsed() < Duration::from_millis(1000),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+}

@@ -1,0 +1,181 @@
+//! A recording [`Connector`] for unit tests: nodes are scripted, every
+//! command is recorded, nothing leaves the process.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+use std::time::Duration;
+
+use crate::apply::paths;
+use crate::session::{Connector, Output, Session, SshError};
+use crate::target::Target;
+
+/// How a scripted node behaves.
+#[derive(Debug, Clone, Default)]
+pub struct FakeNode {
+    /// Refuse every connection with this error.
+    pub unreachable: Option<SshError>,
+    /// `sha256sum` of the installed binary.
+    pub installed_sha256: String,
+    pub dry_run_changes: Vec<String>,
+    /// After `agent try`, no new connection gets through (the change cut it).
+    pub try_cuts_ssh: bool,
+    pub agent_running: bool,
+}
+
+#[derive(Debug, Default)]
+struct World {
+    nodes: BTreeMap<String, FakeNode>,
+    cut: BTreeSet<String>,
+    files: BTreeMap<(String, String), Vec<u8>>,
+    log: Vec<(String, String)>,
+    in_flight: usize,
+    max_in_flight: usize,
+}
+
+/// Shared by the connector and its sessions.
+#[derive(Debug, Clone, Default)]
+pub struct FakeConnector {
+    world: Rc<RefCell<World>>,
+    /// Each command takes this long (to observe parallelism).
+    pub latency: Duration,
+}
+
+impl FakeConnector {
+    pub fn node(&self, name: &str, node: FakeNode) {
+        self.world.borrow_mut().nodes.insert(name.to_owned(), node);
+    }
+
+    /// Every command run on `node`, in order.
+    pub fn commands(&self, node: &str) -> Vec<String> {
+        let w = self.world.borrow();
+        w.log
+            .iter()
+            .filter(|(n, _)| n == node)
+            .map(|(_, c)| c.clone())
+            .collect()
+    }
+
+    pub fn file(&self, node: &str, path: &str) -> Option<Vec<u8>> {
+        let w = self.world.borrow();
+        w.files.get(&(node.to_owned(), path.to_owned())).cloned()
+    }
+
+    /// The most commands that ran at the same time.
+    pub fn max_in_flight(&self) -> usize {
+        self.world.borrow().max_in_flight
+    }
+}
+
+#[derive(Debug)]
+pub struct FakeSession {
+    target: Target,
+    conn: FakeConnector,
+}
+
+impl Connector for FakeConnector {
+    type Session = FakeSession;
+    async fn connect(&self, target: &Target) -> Result<FakeSession, SshError> {
+        let w = self.world.borrow();
+        let node = w.nodes.get(&target.node).cloned().unwrap_or_default();
+        if let Some(e) = node.unreachable {
+            return Err(e);
+        }
+        if w.cut.contains(&target.node) {
+            return Err(SshError::Connect {
+                target: target.to_string(),
+                message: "Connection timed out".into(),
+            });
+        }
+        Ok(FakeSession {
+            target: target.clone(),
+            conn: self.clone(),
+        })
+    }
+}
+
+/// A syntactically valid WireGuard key, different per node.
+pub fn key_of(node: &str) -> String {
+    let mut k: String = node.chars().filter(char::is_ascii_alphanumeric).collect();
+    k.truncate(40);
+    format!("{k:A<43}=")
+}
+
+impl Session for FakeSession {
+    async fn run(&self, command: &str, stdin: Option<&[u8]>) -> Result<Output, SshError> {
+        let name = self.target.node.clone();
+        {
+            let mut w = self.conn.world.borrow_mut();
+            w.log.push((name.clone(), command.to_owned()));
+            w.in_flight += 1;
+            w.max_in_flight = w.max_in_flight.max(w.in_flight);
+        }
+        tokio::time::sleep(self.conn.latency).await;
+        let mut w = self.conn.world.borrow_mut();
+        w.in_flight -= 1;
+        let node = w.nodes.get(&name).cloned().unwrap_or_default();
+        let ok = |stdout: String| Output {
+            code: Some(0),
+            stdout,
+            stderr: String::new(),
+        };
+        let out = if command.starts_with("uname -m") {
+            ok(format!(
+                "{}\n{}  {}\n",
+                std::env::consts::ARCH,
+                node.installed_sha256,
+                paths::BINARY
+            ))
+        } else if let Some(data) = stdin {
+            let path = command
+                .rsplit("mv -f ")
+                .next()
+                .and_then(|r| r.split_whitespace().nth(1))
+                .unwrap_or_default()
+                .trim_matches('\'')
+                .to_owned();
+            w.files.insert((name.clone(), path), data.to_vec());
+            ok(String::new())
+        } else if command.ends_with("agent pubkey") {
+            ok(key_of(&name) + "\n")
+        } else if command.contains("agent --dry-run") {
+            let lines: String = node
+                .dry_run_changes
+                .iter()
+                .map(|c| format!("  {c}\n"))
+                .collect();
+            ok(format!("{name}: would apply:\n{lines}"))
+        } else if command.contains("agent try") {
+            if node.try_cuts_ssh {
+                w.cut.insert(name.clone());
+            }
+            ok("applied\n".into())
+        } else if command.contains("agent confirm") {
+            ok(String::new())
+        } else if command.contains("systemctl is-active") {
+            Output {
+                code: Some(if node.agent_running { 0 } else { 1 }),
+                ..Output::default()
+            }
+        } else if command.contains("ping") {
+            // Every node answers: print the names the script asks about.
+            ok(command
+                .lines()
+                .filter_map(|l| l.split("&& echo ").nth(1))
+                .map(|r| r.trim_end_matches(" &").trim_matches('\'').to_owned() + "\n")
+                .collect())
+        } else if command.contains("cat") {
+            Output {
+                code: Some(3),
+                ..Output::default()
+            }
+        } else {
+            ok(String::new())
+        };
+        Ok(out)
+    }
+
+    fn target(&self) -> &Target {
+        &self.target
+    }
+}

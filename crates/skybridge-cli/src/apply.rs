@@ -1,0 +1,305 @@
+//! `skybridge apply`: every node of the cluster file, over SSH, from the
+//! operator's machine. The steps live in `skybridge-apply`; this file reads
+//! the files, shows progress and plans, asks, and prints the summary.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use skybridge_apply::apply::{self, Binary, Observer, Options, Outcome};
+use skybridge_apply::ssh::Openssh;
+
+use crate::load;
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// The cluster file.
+    file: PathBuf,
+    /// Show what every node would change, change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Apply without asking.
+    #[arg(long, short)]
+    yes: bool,
+    /// Nodes worked on at the same time.
+    #[arg(long, default_value_t = 10)]
+    parallel: usize,
+    /// Seconds a node waits for the controller to reach it again after the
+    /// change before restoring its previous network by itself.
+    #[arg(long, default_value_t = 60)]
+    confirm_timeout: u64,
+    /// Record the host keys of nodes never contacted before (a changed key is refused anyway).
+    #[arg(long)]
+    accept_new_host_keys: bool,
+    /// Public keys collected from the nodes [default: <file>.state.yaml beside the cluster file].
+    #[arg(long)]
+    state: Option<PathBuf>,
+}
+
+/// Per-node progress: spinners on a terminal, one line per step otherwise.
+struct Progress {
+    bars: Option<(MultiProgress, Mutex<BTreeMap<String, ProgressBar>>)>,
+    start: Instant,
+}
+
+impl Progress {
+    fn new(nodes: &[String]) -> Progress {
+        if !std::io::stderr().is_terminal() {
+            return Progress {
+                bars: None,
+                start: Instant::now(),
+            };
+        }
+        let multi = MultiProgress::new();
+        let width = nodes.iter().map(String::len).max().unwrap_or(8);
+        let style =
+            ProgressStyle::with_template(&format!("{{spinner}} {{prefix:<{width}}} {{msg}}"))
+                .expect("valid template");
+        let bars = nodes
+            .iter()
+            .map(|n| {
+                let b = multi.add(ProgressBar::new_spinner().with_style(style.clone()));
+                b.set_prefix(n.clone());
+                b.enable_steady_tick(Duration::from_millis(120));
+                (n.clone(), b)
+            })
+            .collect();
+        Progress {
+            bars: Some((multi, Mutex::new(bars))),
+            start: Instant::now(),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some((_, bars)) = &self.bars {
+            for b in bars.lock().expect("not poisoned").values() {
+                b.finish();
+            }
+        }
+    }
+}
+
+impl Observer for Progress {
+    fn step(&self, node: &str, what: &str) {
+        match &self.bars {
+            Some((_, bars)) => {
+                if let Some(b) = bars.lock().expect("not poisoned").get(node) {
+                    b.set_message(what.to_owned());
+                }
+            }
+            None => eprintln!(
+                "[{:5.1}s] {node}: {what}",
+                self.start.elapsed().as_secs_f64()
+            ),
+        }
+    }
+}
+
+fn state_yaml(keys: &BTreeMap<String, String>) -> String {
+    let mut s = String::from(
+        "# Written by skybridge apply: WireGuard public keys collected from the nodes.\npublicKeys:\n",
+    );
+    for (n, k) in keys {
+        s += &format!("  {n}: {k}\n");
+    }
+    s
+}
+
+pub fn main(args: ApplyArgs) -> Result<ExitCode> {
+    let started = Instant::now();
+    let Some(cluster) = load::cluster(&args.file)? else {
+        return Ok(ExitCode::FAILURE);
+    };
+    let cluster_yaml =
+        std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let targets = skybridge_apply::targets(&cluster).with_context(|| {
+        format!(
+            "{}: working out how to reach the nodes",
+            args.file.display()
+        )
+    })?;
+    let state_path = args
+        .state
+        .clone()
+        .unwrap_or_else(|| load::default_state_path(&args.file));
+    let mut state = load::state(&args.file, args.state.as_deref())?;
+    let exe = std::env::current_exe().context("locating this skybridge binary to install it")?;
+    let binary =
+        Binary::new(std::fs::read(&exe).with_context(|| format!("reading {}", exe.display()))?);
+    let private_ips: BTreeMap<String, String> = cluster
+        .nodes()
+        .map(|(_, n)| (n.name.clone(), n.private_ip.to_string()))
+        .collect();
+    let names: Vec<String> = targets.iter().map(|t| t.node.clone()).collect();
+    let connector = Openssh {
+        accept_new_host_keys: args.accept_new_host_keys,
+        ..Openssh::default()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let progress = Progress::new(&names);
+    let parallel = args.parallel.max(1);
+
+    // 1. Reach every node, install the agent, collect the public keys.
+    let (reached, mut failed) = rt.block_on(apply::reach(
+        &connector, targets, &binary, parallel, &progress,
+    ));
+    for r in &reached {
+        state
+            .public_keys
+            .insert(r.target.node.clone(), r.public_key.clone());
+    }
+    let state_text = state_yaml(&state.public_keys);
+    if std::fs::read_to_string(&state_path).ok().as_deref() != Some(state_text.as_str()) {
+        std::fs::write(&state_path, &state_text)
+            .with_context(|| format!("writing {}", state_path.display()))?;
+    }
+
+    // 2. What would change where.
+    let (planned, plan_failed) = rt.block_on(apply::plan(
+        reached,
+        &cluster_yaml,
+        state_text.as_bytes(),
+        parallel,
+        &progress,
+    ));
+    failed.extend(plan_failed);
+    progress.finish();
+    drop(progress);
+
+    let to_change = planned.iter().filter(|(_, c)| !c.converged()).count();
+    println!(
+        "Plan for cluster {} ({} node(s)):",
+        cluster.name,
+        names.len()
+    );
+    for (r, c) in &planned {
+        if c.converged() {
+            println!("  {}: converged, no changes", r.target.node);
+            continue;
+        }
+        println!("  {}:", r.target.node);
+        for line in c.describe() {
+            println!("      {line}");
+        }
+        for w in &c.warnings {
+            println!("      note: the SSH guard of a plain agent run would say: {w}");
+        }
+    }
+    for f in &failed {
+        println!("  {}: FAILED at {}: {}", f.node, f.step, f.reason);
+    }
+    if args.dry_run {
+        println!("dry run: nothing was changed");
+        return Ok(if failed.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+    if to_change > 0 && !args.yes {
+        if !std::io::stdin().is_terminal() {
+            bail!(
+                "{to_change} node(s) would change and there is no terminal to ask on: review the plan with --dry-run, then run again with --yes"
+            );
+        }
+        eprint!(
+            "Apply to {to_change} node(s)? Each node rolls back by itself if it cannot be reached again within {} s. [y/N] ",
+            args.confirm_timeout
+        );
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            println!("nothing was changed");
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+
+    // 3. Apply with the dead-man switch, confirm, verify.
+    let id = format!(
+        "{}-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default(),
+        std::process::id()
+    );
+    let opts = Options {
+        parallel,
+        confirm_timeout: Duration::from_secs(args.confirm_timeout.max(5)),
+        verify_timeout: Duration::from_secs(45),
+        id,
+    };
+    let names_live: Vec<String> = planned.iter().map(|(r, _)| r.target.node.clone()).collect();
+    let progress = Progress::new(&names_live);
+    let summary = rt.block_on(apply::execute(
+        &connector,
+        planned,
+        &private_ips,
+        &opts,
+        &progress,
+    ));
+    progress.finish();
+    drop(progress);
+
+    println!("Summary:");
+    let mut ok = true;
+    for (node, outcome) in &summary.nodes {
+        match outcome {
+            Outcome::Changed { changes } => {
+                println!("  {node}: changed ({changes} change(s)), confirmed")
+            }
+            Outcome::Converged => println!("  {node}: already converged"),
+            Outcome::RolledBack {
+                reason,
+                reachable_again,
+            } => {
+                ok = false;
+                println!(
+                    "  {node}: ROLLED BACK: {reason}{}",
+                    if *reachable_again {
+                        "; it is reachable again"
+                    } else {
+                        "; it did not answer again within 20 s after its deadline either: check it from the provider's console"
+                    }
+                );
+            }
+            Outcome::Failed(f) => {
+                ok = false;
+                println!("  {node}: FAILED at {}: {}", f.step, f.reason);
+            }
+        }
+    }
+    for f in &failed {
+        ok = false;
+        println!("  {}: FAILED at {}: {}", f.node, f.step, f.reason);
+    }
+    let bad: Vec<_> = summary.pairs.iter().filter(|p| !p.ok).collect();
+    println!(
+        "Connectivity: {} pair(s) checked by private IP, {} failed",
+        summary.pairs.len(),
+        bad.len()
+    );
+    for p in &bad {
+        println!("  {} cannot reach {}", p.from, p.to);
+    }
+    if let Some((slowest, t)) = summary.node_times.iter().max_by_key(|(_, t)| **t) {
+        println!(
+            "apply took {:.1} s; slowest node {slowest}: {:.1} s (all steps but the connectivity check)",
+            started.elapsed().as_secs_f64(),
+            t.as_secs_f64()
+        );
+    }
+    Ok(if ok && summary.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

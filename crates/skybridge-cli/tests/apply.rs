@@ -1,0 +1,371 @@
+//! End to end: `skybridge apply` from the lab's `controller` namespace over
+//! real SSH (Debian's sshd in every node namespace, `lab up --ssh`), exactly
+//! as an operator runs it from a laptop. Namespaces are `sbt-<pid>-<tag>-*`.
+
+mod support;
+
+use std::process::{Command, Output};
+
+use support::{root_or_skip, skybridge};
+
+/// Three providers, four nodes: gateways reached directly at their elastic
+/// IPs, `hw-worker` (no public IP) through its site's gateway as jump host.
+const CLUSTER: &str = "apiVersion: skybridge.dev/v1alpha1
+kind: Cluster
+metadata:
+  name: small
+spec:
+  network:
+    transport: wireguard
+    tunnelPool: 100.96.0.0/24
+  sites:
+    - name: huawei
+      provider: huaweicloud
+      cidrs: [192.168.0.0/24]
+      nodes:
+        - { name: hw-gw, privateIP: 192.168.0.10, publicIP: 192.0.2.10, roles: [gateway] }
+        - { name: hw-worker, privateIP: 192.168.0.11, roles: [worker] }
+    - name: aliyun
+      provider: alibabacloud
+      cidrs: [172.26.32.0/24]
+      nodes:
+        - { name: ali-gw, privateIP: 172.26.32.235, publicIP: 198.51.100.20, roles: [gateway] }
+    - name: tencent
+      provider: tencentcloud
+      cidrs: [10.20.0.0/16]
+      nodes:
+        - { name: tc-gw, privateIP: 10.20.1.5, publicIP: 203.0.113.30, roles: [gateway] }
+";
+const NODES: [&str; 4] = ["hw-gw", "hw-worker", "ali-gw", "tc-gw"];
+/// `lab up --ssh` gives the controller the first free documentation address.
+const CONTROLLER_IP: &str = "192.0.2.1";
+/// Short, so that the rollback test does not wait long.
+const CONFIRM_TIMEOUT: &str = "15";
+
+/// A lab with sshd of this test process; `lab down` on drop.
+struct Lab {
+    prefix: String,
+    dir: tempfile::TempDir,
+}
+
+impl Lab {
+    /// `lab up --ssh` with [`CLUSTER`] written as `small.yaml`.
+    fn up(tag: &str) -> Lab {
+        support::sweep();
+        let lab = Lab {
+            prefix: format!("sbt-{}-{tag}-", std::process::id()),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        lab.write("small.yaml", CLUSTER);
+        let up = lab.lab(&["up", "--ssh", &lab.path("small.yaml")]);
+        assert!(up.status.success(), "{}", text(&up));
+        assert!(text(&up).contains("sshd on every node"), "{}", text(&up));
+        lab
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    fn write(&self, name: &str, content: &str) {
+        std::fs::write(self.dir.path().join(name), content).unwrap();
+    }
+
+    fn lab(&self, args: &[&str]) -> Output {
+        Command::new(skybridge())
+            .arg("lab")
+            .args(args)
+            .env("SKYBRIDGE_LAB_PREFIX", &self.prefix)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs a shell command on a node (or the controller).
+    fn sh(&self, node: &str, script: &str) -> Output {
+        self.lab(&["exec", node, "--", "sh", "-c", script])
+    }
+
+    /// `skybridge apply FILE --yes ...` run on the controller.
+    fn apply(&self, file: &str, extra: &[&str]) -> Output {
+        let exe = skybridge().display().to_string();
+        let path = self.path(file);
+        let mut args = vec![
+            "exec",
+            "controller",
+            "--",
+            &exe,
+            "apply",
+            &path,
+            "--yes",
+            "--confirm-timeout",
+            CONFIRM_TIMEOUT,
+        ];
+        args.extend_from_slice(extra);
+        self.lab(&args)
+    }
+
+    fn matrix_green(&self) {
+        let check = self.lab(&["check"]);
+        assert!(
+            check.status.success() && text(&check).contains("12 pairs, 10 cross-site, 0 failed"),
+            "{}",
+            text(&check)
+        );
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = self.lab(&["down"]);
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn tools(test: &str) -> bool {
+    for t in [
+        "/usr/sbin/sshd",
+        "ssh",
+        "ssh-keygen",
+        "setsid",
+        "nft",
+        "nsenter",
+        "ping",
+    ] {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+        {
+            eprintln!("SKIPPED {test}: {t} is not installed (scripts/test.sh installs it)");
+            return false;
+        }
+    }
+    true
+}
+
+/// The summary line `apply` prints for a node.
+fn summary_line(out: &Output, node: &str) -> String {
+    let t = text(out);
+    let after = t.split("Summary:").nth(1).unwrap_or_default().to_owned();
+    after
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("{node}:")))
+        .unwrap_or_else(|| panic!("no summary line for {node} in:\n{t}"))
+        .to_owned()
+}
+
+#[test]
+fn apply_over_ssh_converges_a_fresh_lab_then_is_a_no_op_and_refuses_a_changed_host_key() {
+    let test = "apply_over_ssh_fresh";
+    if !root_or_skip(test) || !tools(test) {
+        return;
+    }
+    let lab = Lab::up("ap");
+    // Before apply: no agent anywhere, so no cross-site pair answers.
+    assert!(!lab.lab(&["check"]).status.success());
+
+    let first = lab.apply("small.yaml", &[]);
+    assert!(first.status.success(), "{}", text(&first));
+    for n in NODES {
+        assert!(
+            summary_line(&first, n).contains("changed"),
+            "{}",
+            text(&first)
+        );
+    }
+    assert!(
+        text(&first).contains("12 pair(s) checked by private IP, 0 failed"),
+        "{}",
+        text(&first)
+    );
+    // Keys were made on the nodes and collected beside the cluster file.
+    let state = std::fs::read_to_string(lab.path("small.state.yaml")).unwrap();
+    for n in NODES {
+        let on_node = lab.sh(n, "/usr/local/bin/skybridge agent pubkey");
+        let key = String::from_utf8_lossy(&on_node.stdout).trim().to_owned();
+        assert!(state.contains(&format!("{n}: {key}")), "{state}");
+    }
+    // The agent runs as a daemon on every node (no systemd here: pidfile).
+    for n in NODES {
+        assert!(
+            lab.sh(n, "kill -0 $(cat /run/skybridge/agent.pid)")
+                .status
+                .success(),
+            "no agent daemon on {n}"
+        );
+    }
+    lab.matrix_green();
+
+    // Again: every node already converged, nothing tried.
+    let again = lab.apply("small.yaml", &[]);
+    assert!(again.status.success(), "{}", text(&again));
+    for n in NODES {
+        assert!(
+            summary_line(&again, n).contains("already converged"),
+            "{}",
+            text(&again)
+        );
+        let markers = lab.sh(n, "ls /run/skybridge | grep -c confirmed-");
+        assert_eq!(
+            String::from_utf8_lossy(&markers.stdout).trim(),
+            "1",
+            "{n} was tried twice"
+        );
+    }
+
+    // tc-gw is re-created with a new host key: apply refuses it, the rest stays converged.
+    assert!(
+        lab.sh(
+            "tc-gw",
+            "kill $(cat /run/sshd.pid) && sleep 0.3 && rm -f /etc/ssh/ssh_host_* && ssh-keygen -q -A && /usr/sbin/sshd -o PidFile=/run/sshd.pid"
+        )
+        .status
+        .success()
+    );
+    let changed = lab.apply("small.yaml", &[]);
+    assert!(!changed.status.success(), "{}", text(&changed));
+    let line = summary_line(&changed, "tc-gw");
+    assert!(
+        line.contains("FAILED at connect")
+            && line.contains("CHANGED")
+            && line.contains("ssh-keygen -R 203.0.113.30"),
+        "{}",
+        text(&changed)
+    );
+    assert!(summary_line(&changed, "ali-gw").contains("already converged"));
+    // Not even --accept-new-host-keys accepts a changed key.
+    let still = lab.apply("small.yaml", &["--accept-new-host-keys"]);
+    assert!(
+        summary_line(&still, "tc-gw").contains("CHANGED"),
+        "{}",
+        text(&still)
+    );
+}
+
+#[test]
+fn a_node_whose_sshd_is_down_is_reported_and_the_rest_converge() {
+    let test = "apply_sshd_down";
+    if !root_or_skip(test) || !tools(test) {
+        return;
+    }
+    let lab = Lab::up("sd");
+    assert!(
+        lab.sh("ali-gw", "kill $(cat /run/sshd.pid)")
+            .status
+            .success()
+    );
+    let out = lab.apply("small.yaml", &[]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let line = summary_line(&out, "ali-gw");
+    assert!(
+        line.contains("FAILED at connect") && line.contains("Connection refused"),
+        "{}",
+        text(&out)
+    );
+    for n in ["hw-gw", "hw-worker", "tc-gw"] {
+        assert!(summary_line(&out, n).contains("changed"), "{}", text(&out));
+    }
+    // The three others reach each other (6 pairs), without waiting for ali-gw.
+    assert!(
+        text(&out).contains("6 pair(s) checked by private IP, 0 failed"),
+        "{}",
+        text(&out)
+    );
+    // sshd back: running apply again converges the whole cluster.
+    assert!(
+        lab.sh("ali-gw", "/usr/sbin/sshd -o PidFile=/run/sshd.pid")
+            .status
+            .success()
+    );
+    let again = lab.apply("small.yaml", &[]);
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(summary_line(&again, "ali-gw").contains("changed"));
+    lab.matrix_green();
+}
+
+#[test]
+fn a_change_that_cuts_ssh_is_rolled_back_on_those_nodes_within_the_timeout() {
+    let test = "apply_rollback";
+    if !root_or_skip(test) || !tools(test) {
+        return;
+    }
+    let lab = Lab::up("rb");
+    let good = lab.apply("small.yaml", &[]);
+    assert!(good.status.success(), "{}", text(&good));
+    let ctl = lab.sh("controller", "ip -4 -o addr show dev eth0");
+    assert!(text(&ctl).contains(CONTROLLER_IP), "{}", text(&ctl));
+
+    // The mistake: the operator's own address declared as part of aliyun's
+    // network. hw-gw and tc-gw would route their replies to the controller
+    // into the tunnel, cutting SSH; hw-worker is reached through hw-gw.
+    lab.write(
+        "small.yaml",
+        &CLUSTER.replace(
+            "cidrs: [172.26.32.0/24]",
+            &format!("cidrs: [172.26.32.0/24, {CONTROLLER_IP}/32]"),
+        ),
+    );
+    let started = std::time::Instant::now();
+    let bad = lab.apply("small.yaml", &[]);
+    assert!(!bad.status.success(), "{}", text(&bad));
+    for n in ["hw-gw", "tc-gw", "hw-worker"] {
+        let line = summary_line(&bad, n);
+        assert!(
+            line.contains("ROLLED BACK")
+                && line.contains("within 15 s")
+                && line.contains("reachable again"),
+            "{}",
+            text(&bad)
+        );
+    }
+    // ali-gw's own network: its path is intact, it keeps the new file.
+    assert!(
+        summary_line(&bad, "ali-gw").contains("changed"),
+        "{}",
+        text(&bad)
+    );
+    // The watchdogs acted by themselves (the controller could not tell them to).
+    for n in ["hw-gw", "tc-gw"] {
+        let routes = lab.sh(n, "ip route show proto 83");
+        assert!(
+            !text(&routes).contains(CONTROLLER_IP),
+            "{n}: {}",
+            text(&routes)
+        );
+        let log = lab.sh(n, "cat /var/lib/skybridge/rollback.log");
+        assert!(
+            text(&log).contains("not confirmed within 15 s"),
+            "{}",
+            text(&log)
+        );
+        // Reachable again from the operator's machine, over SSH.
+        let ip = if n == "hw-gw" {
+            "192.0.2.10"
+        } else {
+            "203.0.113.30"
+        };
+        let ssh = lab.sh(
+            "controller",
+            &format!("ssh -o BatchMode=yes root@{ip} true"),
+        );
+        assert!(ssh.status.success(), "{}", text(&ssh));
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(120),
+        "apply with rollbacks took {:?}",
+        started.elapsed()
+    );
+    // The file fixed: apply converges again and every pair answers.
+    lab.write("small.yaml", CLUSTER);
+    let fixed = lab.apply("small.yaml", &[]);
+    assert!(fixed.status.success(), "{}", text(&fixed));
+    lab.matrix_green();
+}
