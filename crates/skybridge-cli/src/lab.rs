@@ -21,8 +21,17 @@ pub enum LabCommand {
         /// Run NODE's WireGuard with an implementation nobody here wrote
         /// (wireguard-go or boringtun), configured by the agent through the
         /// UAPI: the proof that Skybridge's data plane speaks the real protocol.
-        #[arg(long = "wireguard-impl", value_name = "NODE=wireguard-go|boringtun")]
+        /// `kernel` or `userspace` instead runs the agent with `--wireguard` of that name on NODE.
+        #[arg(
+            long = "wireguard-impl",
+            value_name = "NODE=wireguard-go|boringtun|kernel|userspace"
+        )]
         wireguard_impl: Vec<String>,
+        /// What a node is: a network namespace on this kernel, or a qemu VM
+        /// running Debian's kernel (kernel GRE and WireGuard; fetched with apt
+        /// into /var/cache/skybridge-lab on first use).
+        #[arg(long, value_enum, default_value = "namespace")]
+        backend: BackendArg,
     },
     /// Every node to every node by private IP (ICMP and TCP); exit 1 if any pair fails.
     Check,
@@ -36,12 +45,21 @@ pub enum LabCommand {
     Status,
     /// Remove every namespace and process of the lab.
     Down,
+    /// The exec channel's server inside a lab VM (started by the guest's init).
+    #[command(hide = true)]
+    GuestServe,
     /// The lab's TCP probe target (started on every node by `up`).
     #[command(hide = true)]
     Listen {
         #[arg(long)]
         port: u16,
     },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum BackendArg {
+    Namespace,
+    Vm,
 }
 
 fn root() -> Result<()> {
@@ -100,22 +118,40 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
             skybridge_lab::listen(port)?;
             Ok(ExitCode::SUCCESS)
         }
+        LabCommand::GuestServe => {
+            skybridge_lab::vm::channel::serve().context("serving the lab's exec channel")?;
+            Ok(ExitCode::SUCCESS)
+        }
         LabCommand::Up {
             file,
             timeout,
             wireguard_impl,
+            backend,
         } => {
             root()?;
+            let mut options = skybridge_lab::UpOptions {
+                backend: match backend {
+                    BackendArg::Namespace => skybridge_lab::Backend::Namespace,
+                    BackendArg::Vm => skybridge_lab::Backend::Vm,
+                },
+                ..Default::default()
+            };
             let mut foreign = std::collections::BTreeMap::new();
             for spec in &wireguard_impl {
                 let (node, imp) = spec.split_once('=').with_context(|| {
                     format!("--wireguard-impl {spec}: write NODE=wireguard-go or NODE=boringtun")
                 })?;
+                if matches!(imp, "kernel" | "userspace") {
+                    options
+                        .agent_args
+                        .insert(node.to_owned(), vec!["--wireguard".into(), imp.into()]);
+                    continue;
+                }
                 let imp = match imp {
                     "wireguard-go" => skybridge_lab::ForeignWireGuard::WireguardGo,
                     "boringtun" => skybridge_lab::ForeignWireGuard::Boringtun,
                     other => bail!(
-                        "--wireguard-impl {spec}: unknown implementation {other}; use wireguard-go or boringtun"
+                        "--wireguard-impl {spec}: unknown implementation {other}; use wireguard-go, boringtun, kernel or userspace"
                     ),
                 };
                 foreign.insert(node.to_owned(), imp);
@@ -124,11 +160,12 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             };
             let exe = std::env::current_exe()?;
-            let state = skybridge_lab::up(&file, &cluster, &exe, &foreign)?;
+            let state = skybridge_lab::up_with(&file, &cluster, &exe, &foreign, &options)?;
             println!(
-                "lab {}: {} namespaces; agents starting (logs in {})",
+                "lab {}: {} namespaces, {} VMs; agents starting (logs in {})",
                 state.cluster,
                 state.namespaces.len(),
+                state.nodes.values().filter(|n| n.vm.is_some()).count(),
                 state.dir.display()
             );
             let m = skybridge_lab::wait_converged(&state, Duration::from_secs(timeout));
@@ -149,6 +186,21 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
         }
         LabCommand::Exec { node, command } => {
             let state = LabState::load()?;
+            if let Some(vm) = state.nodes.get(&node).and_then(|n| n.vm.as_ref()) {
+                let resp = skybridge_lab::vm::channel::call(
+                    &vm.socket,
+                    &command,
+                    None,
+                    Duration::from_secs(3600),
+                )?;
+                print!("{}", resp.stdout);
+                eprint!("{}", resp.stderr);
+                return Ok(if resp.code == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                });
+            }
             let Some(mut args) = state.enter(&node) else {
                 bail!(
                     "no node {node} in lab {}; nodes: {}",
@@ -170,10 +222,21 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
             let state = LabState::load()?;
             println!("lab {} ({})", state.cluster, state.dir.display());
             for (name, n) in &state.nodes {
-                println!(
-                    "  {name:<16} site {:<12} {:<16} netns {}",
-                    n.site, n.private_ip, n.netns
-                );
+                match &n.vm {
+                    Some(vm) => println!(
+                        "  {name:<16} site {:<12} {:<16} VM pid {} ({}) in {}, console {}",
+                        n.site,
+                        n.private_ip,
+                        vm.pid,
+                        vm.accel,
+                        n.netns,
+                        vm.console.display()
+                    ),
+                    None => println!(
+                        "  {name:<16} site {:<12} {:<16} netns {}",
+                        n.site, n.private_ip, n.netns
+                    ),
+                }
             }
             println!("  namespaces: {}", state.namespaces.join(" "));
             Ok(ExitCode::SUCCESS)

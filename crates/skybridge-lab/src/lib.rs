@@ -17,6 +17,7 @@
 //! the providers' network, not Skybridge's.
 
 pub mod topology;
+pub mod vm;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -58,7 +59,7 @@ pub enum LabError {
     NotRunning(String),
 }
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LabError {
+pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> LabError {
     let what = what.into();
     move |source| LabError::Io { what, source }
 }
@@ -78,7 +79,7 @@ fn run(args: &[&str]) -> Result<String, LabError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn ip(ns: &str, args: &[&str]) -> Result<String, LabError> {
+pub(crate) fn ip(ns: &str, args: &[&str]) -> Result<String, LabError> {
     let mut full = vec!["ip", "-n", ns];
     full.extend_from_slice(args);
     run(&full)
@@ -98,6 +99,28 @@ pub struct LabState {
     pub namespaces: Vec<String>,
     /// Node name to its namespace, private IP and the pid holding its mount namespace.
     pub nodes: BTreeMap<String, NodeState>,
+    /// What the nodes are: namespaces or VMs.
+    #[serde(default)]
+    pub backend: Backend,
+}
+
+/// What the lab makes a node of.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// A network namespace with private /run, /var/lib, /etc (the host's kernel).
+    #[default]
+    Namespace,
+    /// A qemu VM running Debian's kernel (see [`vm`]).
+    Vm,
+}
+
+/// How `lab up` builds and runs the nodes.
+#[derive(Debug, Clone, Default)]
+pub struct UpOptions {
+    pub backend: Backend,
+    /// Extra `skybridge agent` arguments per node (e.g. `--wireguard kernel`).
+    pub agent_args: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -105,7 +128,11 @@ pub struct NodeState {
     pub netns: String,
     pub site: String,
     pub private_ip: Ipv4Addr,
+    /// The process holding the node's mount namespace (0 for a VM).
     pub holder: u32,
+    /// The VM, when the node is one.
+    #[serde(default)]
+    pub vm: Option<vm::VmNode>,
 }
 
 impl LabState {
@@ -132,9 +159,13 @@ impl LabState {
         .map_err(io("writing the lab state"))
     }
 
-    /// The command prefix that runs inside a node: its network and its files.
+    /// The command prefix that runs inside a node: its network and its files
+    /// (None for a VM: see [`run_on`]).
     pub fn enter(&self, node: &str) -> Option<Vec<String>> {
         let n = self.nodes.get(node)?;
+        if n.vm.is_some() {
+            return None;
+        }
         Some(
             [
                 "nsenter",
@@ -189,6 +220,32 @@ pub fn up(
     skybridge: &Path,
     foreign: &BTreeMap<String, ForeignWireGuard>,
 ) -> Result<LabState, LabError> {
+    up_with(cluster_file, cluster, skybridge, foreign, &UpOptions::default())
+}
+
+/// [`up`] with a choice of backend and per-node agent arguments.
+///
+/// # Errors
+/// As [`up`]; the VM backend also fails when its packages cannot be fetched
+/// or a VM does not boot (the error names the VM and its console).
+pub fn up_with(
+    cluster_file: &Path,
+    cluster: &Cluster,
+    skybridge: &Path,
+    foreign: &BTreeMap<String, ForeignWireGuard>,
+    options: &UpOptions,
+) -> Result<LabState, LabError> {
+    if options.backend == Backend::Vm && !foreign.is_empty() {
+        return Err(LabError::Refused(
+            "--wireguard-impl wireguard-go|boringtun is for the namespace lab; VMs run the agent's own backends".into(),
+        ));
+    }
+    if let Some(unknown) = options.agent_args.keys().find(|n| cluster.node(n).is_none()) {
+        return Err(LabError::Refused(format!(
+            "agent arguments name {unknown}, which is not a node of {}",
+            cluster.name
+        )));
+    }
     if let Some(unknown) = foreign.keys().find(|n| cluster.node(n).is_none()) {
         return Err(LabError::Refused(format!(
             "--wireguard-impl names {unknown}, which is not a node of {}",
@@ -199,7 +256,7 @@ pub fn up(
     // The same cluster's lab is running: add what the file added, keep the
     // rest (and its flows) as it is. Another cluster's lab goes first.
     let mut state = match LabState::load() {
-        Ok(state) if state.cluster == cluster.name => state,
+        Ok(state) if state.cluster == cluster.name && state.backend == options.backend => state,
         Ok(_) => {
             down()?;
             LabState::default()
@@ -210,7 +267,8 @@ pub fn up(
     std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
     state.cluster = cluster.name.clone();
     state.dir = dir;
-    let result = build(&topo, &mut state, cluster_file, skybridge, foreign);
+    state.backend = options.backend;
+    let result = build(&topo, &mut state, cluster_file, skybridge, foreign, options);
     state.save()?;
     result.map(|()| state)
 }
@@ -231,7 +289,14 @@ fn build(
     cluster_file: &Path,
     skybridge: &Path,
     foreign: &BTreeMap<String, ForeignWireGuard>,
+    options: &UpOptions,
 ) -> Result<(), LabError> {
+    let prepared = match options.backend {
+        Backend::Vm => Some(vm::prepare(&state.dir)?),
+        Backend::Namespace => None,
+    };
+    let mut index = 0usize;
+    let mut booting = Vec::new();
     let inet = topo.internet_ns.as_str();
     if !state.namespaces.iter().any(|n| n == inet) {
         add_ns(state, inet)?;
@@ -306,6 +371,23 @@ fn build(
                 continue;
             }
             new_nodes.push(node.name.clone());
+            index += 1;
+            if let Some(prepared) = &prepared {
+                let vm = vm::start(prepared, &state.dir, r, node, index, skybridge)?;
+                booting.push((node.name.clone(), vm.clone()));
+                state.nodes.insert(
+                    node.name.clone(),
+                    NodeState {
+                        netns: r.clone(),
+                        site: site.name.clone(),
+                        private_ip: node.private_ip,
+                        holder: 0,
+                        vm: Some(vm),
+                    },
+                );
+                state.save()?;
+                continue;
+            }
             add_ns(state, n)?;
             ip(
                 r,
@@ -349,11 +431,13 @@ fn build(
                     site: site.name.clone(),
                     private_ip: node.private_ip,
                     holder,
+                    vm: None,
                 },
             );
         }
     }
     state.save()?;
+    vm::wait_ready(&booting, vm::BOOT_TIMEOUT)?;
 
     // What `apply` will do on real VMs: keys are made on each node, public
     // keys collected, then the (new) cluster file handed out; running agents
@@ -361,14 +445,12 @@ fn build(
     let cluster_copy = state.dir.join("cluster.yaml");
     let mut keys = String::from("publicKeys:\n");
     for name in state.nodes.keys() {
-        let mut args = state.enter(name).expect("node exists");
-        args.extend([
+        let args = [
             skybridge.display().to_string(),
             "agent".into(),
             "pubkey".into(),
-        ]);
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        keys += &format!("  {name}: {}\n", run(&refs)?.trim());
+        ];
+        keys += &format!("  {name}: {}\n", run_on(state, name, &args)?.trim());
     }
     std::fs::write(state.dir.join("cluster.state.yaml"), keys)
         .map_err(io("writing the state file"))?;
@@ -386,6 +468,19 @@ fn build(
             "--node".into(),
             name.clone(),
         ];
+        agent.extend(options.agent_args.get(name).into_iter().flatten().cloned());
+        if let Some(vm) = state.nodes.get(name).and_then(|n| n.vm.as_ref()) {
+            vm::spawn(vm, name, &agent, &state.dir.join(format!("{name}.log")))?;
+            let probe = [
+                skybridge.display().to_string(),
+                "lab".into(),
+                "listen".into(),
+                "--port".into(),
+                PROBE_PORT.to_string(),
+            ];
+            vm::spawn(vm, name, &probe, &state.dir.join(format!("{name}.probe.log")))?;
+            continue;
+        }
         if let Some(imp) = foreign.get(name) {
             let log = std::fs::File::create(state.dir.join(format!("{name}.wireguard.log")))
                 .map_err(io("creating a log"))?;
@@ -417,6 +512,24 @@ fn build(
         spawn(&args, log)?;
     }
     Ok(())
+}
+
+/// Runs a command on a node (namespace or VM); its output if it exits 0.
+///
+/// # Errors
+/// When the node is unknown, the command fails, or a VM does not answer.
+pub fn run_on(state: &LabState, node: &str, args: &[String]) -> Result<String, LabError> {
+    let n = state
+        .nodes
+        .get(node)
+        .ok_or_else(|| LabError::Refused(format!("no node {node} in lab {}", state.cluster)))?;
+    if let Some(vm) = &n.vm {
+        return vm::run(vm, node, args, Duration::from_secs(60));
+    }
+    let mut full = state.enter(node).expect("a namespace node");
+    full.extend_from_slice(args);
+    let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+    run(&refs)
 }
 
 /// Waits for a foreign WireGuard implementation's UAPI socket inside a node.
@@ -505,7 +618,13 @@ pub fn down() -> Result<Vec<String>, LabError> {
         }
     }
     for n in state.nodes.values() {
-        let _ = run(&["kill", "-9", &n.holder.to_string()]);
+        if let Some(vm) = &n.vm {
+            vm::stop(vm);
+        }
+        // 0 would mean "my whole process group" to kill.
+        if n.holder != 0 {
+            let _ = run(&["kill", "-9", &n.holder.to_string()]);
+        }
     }
     let _ = std::fs::remove_dir_all(&state.dir);
     let _ = std::fs::remove_file(LabState::path());
@@ -537,20 +656,26 @@ pub fn check(state: &LabState) -> Vec<Probe> {
                         .filter(|(to, _)| to != from)
                         .map(|(to, ts)| {
                             let ip = ts.private_ip.to_string();
-                            let ping = run(&[
-                                "ip", "netns", "exec", &fs.netns, "ping", "-c", "1", "-W", "2", &ip,
-                            ]);
+                            let on = |args: &[&str]| {
+                                let args: Vec<String> =
+                                    args.iter().map(|a| (*a).to_owned()).collect();
+                                if fs.vm.is_some() {
+                                    run_on(state, from, &args)
+                                } else {
+                                    let mut full: Vec<&str> =
+                                        vec!["ip", "netns", "exec", &fs.netns];
+                                    full.extend(args.iter().map(String::as_str));
+                                    run(&full)
+                                }
+                            };
+                            let ping = on(&["ping", "-c", "1", "-W", "2", &ip]);
                             let rtt_ms = ping
                                 .as_ref()
                                 .ok()
                                 .and_then(|o| o.split("time=").nth(1))
                                 .and_then(|t| t.split_whitespace().next())
                                 .and_then(|t| t.parse().ok());
-                            let tcp = run(&[
-                                "ip",
-                                "netns",
-                                "exec",
-                                &fs.netns,
+                            let tcp = on(&[
                                 "timeout",
                                 "3",
                                 "bash",

@@ -1,0 +1,322 @@
+//! The VM backend of the lab: each node is a qemu VM running Debian's
+//! kernel (which has ip_gre and wireguard, unlike many hosts), while the
+//! routers and the internet stay namespaces exactly as in the namespace lab.
+//! A VM's tap device sits where a node namespace's veth would: on its site's
+//! VPC bridge inside the router namespace, and qemu runs inside that
+//! namespace, so no guest traffic can reach the host's own network.
+//!
+//! The guest boots a small busybox initramfs that mounts the host's `/`
+//! read-only over 9p with a tmpfs overlay (see [`initramfs`]); the lab then
+//! drives it through a virtio-serial exec channel ([`channel`]).
+
+pub mod channel;
+pub mod fetch;
+pub mod initramfs;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::topology::LabNode;
+use crate::{LabError, io};
+
+/// Memory of one guest, MiB: the agent, its data plane and the probes fit.
+pub const GUEST_MEMORY_MIB: u32 = 192;
+
+/// How long a guest may take to answer on its exec channel after qemu starts.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// What the lab remembers of a running VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmNode {
+    /// qemu's process id (killed by `lab down`, after checking it is qemu).
+    pub pid: u32,
+    /// The host end of the exec channel.
+    pub socket: PathBuf,
+    /// The guest's serial console.
+    pub console: PathBuf,
+    /// `kvm` or `tcg`.
+    pub accel: String,
+}
+
+/// Everything prepared once per `lab up`: fetched packages, the initramfs,
+/// the accelerator that works here.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub artifacts: fetch::Artifacts,
+    pub initramfs: PathBuf,
+    pub accel: String,
+}
+
+/// Fetches what is missing, builds the initramfs into `dir`, and picks KVM
+/// if a probe boot works with it, TCG otherwise (`SKYBRIDGE_LAB_ACCEL=kvm|tcg`
+/// skips the probe).
+///
+/// # Errors
+/// See [`fetch::ensure`]; also when the initramfs cannot be written.
+pub fn prepare(dir: &Path) -> Result<Prepared, LabError> {
+    let artifacts = fetch::ensure()?;
+    let initramfs = dir.join("initramfs.cpio");
+    initramfs::build(&artifacts, &initramfs)?;
+    let accel = match std::env::var("SKYBRIDGE_LAB_ACCEL").ok().as_deref() {
+        Some("kvm") => "kvm".to_owned(),
+        Some("tcg") => "tcg".to_owned(),
+        Some(other) => {
+            return Err(LabError::Refused(format!(
+                "SKYBRIDGE_LAB_ACCEL={other}: use kvm or tcg"
+            )));
+        }
+        None => probe_accel(&artifacts, &initramfs, dir)?,
+    };
+    Ok(Prepared {
+        artifacts,
+        initramfs,
+        accel,
+    })
+}
+
+fn host_kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// KVM when `/dev/kvm` exists and a probe boot with it reaches the initramfs
+/// in time (a software-nested KVM may hang Debian's kernel right after the
+/// boot loader); remembered per host kernel, guest kernel and qemu.
+fn probe_accel(art: &fetch::Artifacts, initramfs: &Path, dir: &Path) -> Result<String, LabError> {
+    if !Path::new("/dev/kvm").exists() {
+        return Ok("tcg".into());
+    }
+    let versions: Vec<String> = art.versions.iter().map(|(p, v)| format!("{p}={v}")).collect();
+    let memo = Path::new(fetch::CACHE_DIR).join(format!(
+        "accel-{}",
+        fetch::key(&format!("{}\n{}", host_kernel(), versions.join("\n")))
+    ));
+    if let Ok(known) = std::fs::read_to_string(&memo) {
+        return Ok(known.trim().to_owned());
+    }
+    let console = dir.join("kvm-probe.console.log");
+    let mut child = Command::new(art.qemu())
+        .envs(art.qemu_env())
+        .args(["-L", &art.firmware().display().to_string()])
+        .args(["-accel", "kvm", "-cpu", "host", "-m", "128", "-smp", "1"])
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+        .args(["-serial", &format!("file:{}", console.display())])
+        .args(["-kernel", &art.vmlinuz().display().to_string()])
+        .args(["-initrd", &initramfs.display().to_string()])
+        .args(["-append", "console=ttyS0 panic=-1 sb.probe=1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(io("starting qemu for the KVM probe"))?;
+    let start = Instant::now();
+    let ok = loop {
+        if std::fs::read_to_string(&console).is_ok_and(|c| c.contains("SKYBRIDGE-PROBE-OK")) {
+            break true;
+        }
+        if matches!(child.try_wait(), Ok(Some(_))) || start.elapsed() > Duration::from_secs(20) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let accel = if ok { "kvm" } else { "tcg" };
+    eprintln!(
+        "vm lab: KVM probe {} in {:.1} s: using {accel}",
+        if ok { "booted" } else { "did not boot" },
+        start.elapsed().as_secs_f64()
+    );
+    let _ = std::fs::write(&memo, accel);
+    Ok(accel.into())
+}
+
+/// A MAC address for the `index`th node (locally administered, qemu's OUI).
+fn mac(index: usize) -> String {
+    format!("52:54:00:5b:{:02x}:{:02x}", (index >> 8) & 0xff, index & 0xff)
+}
+
+/// Creates the node's tap on its site's VPC bridge and starts its VM in the
+/// router namespace.
+///
+/// # Errors
+/// When the tap cannot be made or qemu cannot start.
+pub fn start(
+    prep: &Prepared,
+    dir: &Path,
+    router_ns: &str,
+    node: &LabNode,
+    index: usize,
+    skybridge: &Path,
+) -> Result<VmNode, LabError> {
+    let tap = &node.router_port;
+    crate::ip(router_ns, &["tuntap", "add", "dev", tap, "mode", "tap"])?;
+    crate::ip(router_ns, &["link", "set", tap, "master", "lan", "up"])?;
+    let socket = dir.join(format!("{}.exec.sock", node.name));
+    let console = dir.join(format!("{}.console.log", node.name));
+    let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(&console);
+    let art = &prep.artifacts;
+    let append = format!(
+        "console=ttyS0 panic=-1 quiet sb.node={} sb.ip={}/{} sb.gw={} sb.lab={} sb.exe={} sb.modules={}",
+        node.name,
+        node.private_ip,
+        node.cidr.prefix_len(),
+        node.gateway,
+        dir.display(),
+        skybridge.display(),
+        art.kernel_root.join("lib/modules").display(),
+    );
+    let (accel, cpu) = if prep.accel == "kvm" {
+        ("kvm", "host")
+    } else {
+        ("tcg,tb-size=64", "max")
+    };
+    let qemu_log = std::fs::File::create(dir.join(format!("{}.qemu.log", node.name)))
+        .map_err(io("creating the qemu log"))?;
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", router_ns])
+        .arg(art.qemu())
+        .envs(art.qemu_env())
+        .args(["-name", &format!("skybridge-lab-{}", node.name)])
+        .args(["-L", &art.firmware().display().to_string()])
+        .args(["-accel", accel, "-cpu", cpu])
+        .args(["-m", &GUEST_MEMORY_MIB.to_string(), "-smp", "1"])
+        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+        .args(["-serial", &format!("file:{}", console.display())])
+        .args(["-kernel", &art.vmlinuz().display().to_string()])
+        .args(["-initrd", &prep.initramfs.display().to_string()])
+        .args(["-append", &append])
+        .args([
+            "-virtfs",
+            "local,path=/,mount_tag=sbhost,security_model=none,readonly=on",
+        ])
+        .args([
+            "-virtfs",
+            &format!("local,path={},mount_tag=sblab,security_model=none", dir.display()),
+        ])
+        .args(["-device", "virtio-serial-pci"])
+        .args([
+            "-chardev",
+            &format!("socket,id=sbexec,path={},server=on,wait=off", socket.display()),
+        ])
+        .args([
+            "-device",
+            &format!("virtserialport,chardev=sbexec,name={}", channel::PORT_NAME),
+        ])
+        .args([
+            "-netdev",
+            &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+        ])
+        .args([
+            "-device",
+            &format!("virtio-net-pci,netdev=n0,mac={},romfile=", mac(index)),
+        ])
+        .stdin(Stdio::null())
+        .stdout(qemu_log.try_clone().map_err(io("qemu log"))?)
+        .stderr(qemu_log);
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = cmd
+        .spawn()
+        .map_err(io(format!("starting qemu for {}", node.name)))?;
+    let pid = child.id();
+    std::thread::spawn(move || child.wait());
+    Ok(VmNode {
+        pid,
+        socket,
+        console,
+        accel: prep.accel.clone(),
+    })
+}
+
+/// Whether `pid` is still a qemu process (and not a reused pid).
+pub fn is_qemu(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| String::from_utf8_lossy(&c).contains("qemu-system"))
+}
+
+/// Waits until every guest answers on its exec channel.
+///
+/// # Errors
+/// Names each guest that did not come up, with the end of its console.
+pub fn wait_ready(vms: &[(String, VmNode)], limit: Duration) -> Result<(), LabError> {
+    let start = Instant::now();
+    let mut waiting: Vec<&(String, VmNode)> = vms.iter().collect();
+    while !waiting.is_empty() {
+        waiting.retain(|(_, vm)| {
+            channel::call(&vm.socket, &["true".to_owned()], None, Duration::from_secs(1))
+                .map_or(true, |r| r.code != 0)
+        });
+        if waiting.is_empty() {
+            break;
+        }
+        let dead: Vec<&&(String, VmNode)> = waiting.iter().filter(|(_, vm)| !is_qemu(vm.pid)).collect();
+        if !dead.is_empty() || start.elapsed() > limit {
+            let report: Vec<String> = waiting
+                .iter()
+                .map(|(name, vm)| {
+                    let console = std::fs::read_to_string(&vm.console).unwrap_or_default();
+                    let tail: Vec<&str> = console.lines().rev().take(8).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    format!(
+                        "{name} ({}; console {}):\n    {}",
+                        if is_qemu(vm.pid) { "still booting" } else { "qemu exited" },
+                        vm.console.display(),
+                        tail.join("\n    ")
+                    )
+                })
+                .collect();
+            return Err(LabError::Refused(format!(
+                "VMs not ready after {:.0} s: {}",
+                start.elapsed().as_secs_f64(),
+                report.join("\n  ")
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Ok(())
+}
+
+/// Runs a command in a guest; its output if it exits 0.
+///
+/// # Errors
+/// When the channel fails or the command exits non-zero (with its stderr).
+pub fn run(vm: &VmNode, node: &str, argv: &[String], timeout: Duration) -> Result<String, LabError> {
+    let resp = channel::call(&vm.socket, argv, None, timeout)?;
+    if resp.code != 0 {
+        return Err(LabError::Command {
+            command: format!("{} (in VM {node})", argv.join(" ")),
+            stderr: format!("{}{}", resp.stderr.trim(), resp.stdout.trim()),
+        });
+    }
+    Ok(resp.stdout)
+}
+
+/// Starts a long-running command in a guest, its output to `log` (a path the
+/// guest shares with the host: the lab folder).
+///
+/// # Errors
+/// When the channel fails or the command cannot start.
+pub fn spawn(vm: &VmNode, node: &str, argv: &[String], log: &Path) -> Result<(), LabError> {
+    let resp = channel::call(&vm.socket, argv, Some(log), Duration::from_secs(10))?;
+    if resp.code != 0 {
+        return Err(LabError::Command {
+            command: format!("{} (in VM {node})", argv.join(" ")),
+            stderr: resp.stderr,
+        });
+    }
+    Ok(())
+}
+
+/// Stops a VM by its pid, if that pid is still qemu.
+pub fn stop(vm: &VmNode) {
+    if is_qemu(vm.pid) {
+        let _ = Command::new("kill").args(["-9", &vm.pid.to_string()]).output();
+    }
+    let _ = std::fs::remove_file(&vm.socket);
+}
