@@ -220,7 +220,13 @@ pub fn up(
     skybridge: &Path,
     foreign: &BTreeMap<String, ForeignWireGuard>,
 ) -> Result<LabState, LabError> {
-    up_with(cluster_file, cluster, skybridge, foreign, &UpOptions::default())
+    up_with(
+        cluster_file,
+        cluster,
+        skybridge,
+        foreign,
+        &UpOptions::default(),
+    )
 }
 
 /// [`up`] with a choice of backend and per-node agent arguments.
@@ -240,7 +246,11 @@ pub fn up_with(
             "--wireguard-impl wireguard-go|boringtun is for the namespace lab; VMs run the agent's own backends".into(),
         ));
     }
-    if let Some(unknown) = options.agent_args.keys().find(|n| cluster.node(n).is_none()) {
+    if let Some(unknown) = options
+        .agent_args
+        .keys()
+        .find(|n| cluster.node(n).is_none())
+    {
         return Err(LabError::Refused(format!(
             "agent arguments name {unknown}, which is not a node of {}",
             cluster.name
@@ -478,7 +488,12 @@ fn build(
                 "--port".into(),
                 PROBE_PORT.to_string(),
             ];
-            vm::spawn(vm, name, &probe, &state.dir.join(format!("{name}.probe.log")))?;
+            vm::spawn(
+                vm,
+                name,
+                &probe,
+                &state.dir.join(format!("{name}.probe.log")),
+            )?;
             continue;
         }
         if let Some(imp) = foreign.get(name) {

@@ -103,7 +103,11 @@ pub fn call(
                     return Ok(resp);
                 }
             }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(e) => return Err(crate::io(what())(e)),
         }
     }
@@ -135,7 +139,11 @@ fn run(req: &Request) -> Response {
         return fail("empty command".into());
     };
     if let Some(log) = &req.detach_log {
-        let file = match std::fs::OpenOptions::new().create(true).append(true).open(log) {
+        let file = match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+        {
             Ok(f) => f,
             Err(e) => return fail(format!("opening {log}: {e}")),
         };
@@ -190,7 +198,10 @@ fn run(req: &Request) -> Response {
 /// When the port is missing or cannot be opened.
 pub fn serve() -> std::io::Result<()> {
     let path = find_port()?;
-    let port = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
+    let port = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)?;
     let mut writer = port.try_clone()?;
     let mut reader = port;
     let mut pending: Vec<u8> = Vec::new();

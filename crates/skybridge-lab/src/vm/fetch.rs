@@ -45,7 +45,9 @@ impl Artifacts {
     }
 
     pub fn modules(&self) -> PathBuf {
-        self.kernel_root.join("lib/modules").join(&self.kernel_release)
+        self.kernel_root
+            .join("lib/modules")
+            .join(&self.kernel_release)
     }
 
     pub fn qemu(&self) -> PathBuf {
@@ -123,7 +125,16 @@ fn missing_libraries() -> Result<Vec<String>, LabError> {
     let mut queue = seen.clone();
     let mut missing = Vec::new();
     while !queue.is_empty() {
-        let mut args = vec!["apt-cache", "depends", "--no-recommends", "--no-suggests", "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances"];
+        let mut args = vec![
+            "apt-cache",
+            "depends",
+            "--no-recommends",
+            "--no-suggests",
+            "--no-conflicts",
+            "--no-breaks",
+            "--no-replaces",
+            "--no-enhances",
+        ];
         args.extend(queue.iter().map(String::as_str));
         let out = tool(&args)?;
         queue.clear();
@@ -224,7 +235,11 @@ pub fn ensure() -> Result<Artifacts, LabError> {
     let image = meta
         .split(|c: char| c == ',' || c.is_whitespace())
         .find(|p| p.starts_with("linux-image-"))
-        .ok_or_else(|| LabError::Refused(format!("linux-image-amd64 depends on {meta}: no linux-image-* package")))?
+        .ok_or_else(|| {
+            LabError::Refused(format!(
+                "linux-image-amd64 depends on {meta}: no linux-image-* package"
+            ))
+        })?
         .to_owned();
     let kernel_release = image.trim_start_matches("linux-image-").to_owned();
     let kernel_version = candidate_field(&image, "Version")?;
@@ -239,9 +254,17 @@ pub fn ensure() -> Result<Artifacts, LabError> {
         .join(&kernel_release)
         .join("modules.dep");
     if !modules_dep.exists() {
-        tool(&["depmod", "-b", &kernel_root.display().to_string(), &kernel_release]).map_err(
-            |e| LabError::Refused(format!("depmod for the guest kernel failed ({e}); apt-get install kmod")),
-        )?;
+        tool(&[
+            "depmod",
+            "-b",
+            &kernel_root.display().to_string(),
+            &kernel_release,
+        ])
+        .map_err(|e| {
+            LabError::Refused(format!(
+                "depmod for the guest kernel failed ({e}); apt-get install kmod"
+            ))
+        })?;
     }
 
     let mut versions = vec![(image.clone(), kernel_version)];
@@ -261,12 +284,18 @@ pub fn ensure() -> Result<Artifacts, LabError> {
         &key(&listing)[..8]
     ));
     if !qemu_root.exists() {
-        eprintln!("vm lab: fetching qemu {qemu_version} ({} packages) into {CACHE_DIR}", qemu_packages.len());
+        eprintln!(
+            "vm lab: fetching qemu {qemu_version} ({} packages) into {CACHE_DIR}",
+            qemu_packages.len()
+        );
         unpack_into(&qemu_root, &qemu_packages)?;
     }
 
     let busybox_version = candidate_field("busybox-static", "Version")?;
-    let busybox_root = cache.join(format!("busybox-static_{}", busybox_version.replace(':', "%3a")));
+    let busybox_root = cache.join(format!(
+        "busybox-static_{}",
+        busybox_version.replace(':', "%3a")
+    ));
     if !busybox_root.exists() {
         unpack_into(&busybox_root, &["busybox-static".to_owned()])?;
     }

@@ -141,7 +141,9 @@ fn early_modules(art: &Artifacts) -> Result<Vec<std::path::PathBuf>, LabError> {
             .args(["-d", &art.kernel_root.display().to_string()])
             .args(["-S", &art.kernel_release, "--show-depends", m])
             .output()
-            .map_err(crate::io("running modprobe --show-depends (apt-get install kmod)"))?;
+            .map_err(crate::io(
+                "running modprobe --show-depends (apt-get install kmod)",
+            ))?;
         if !out.status.success() {
             return Err(LabError::Refused(format!(
                 "the guest kernel {} has no module {m}: {}",
@@ -173,7 +175,8 @@ pub fn build(art: &Artifacts, dest: &Path) -> Result<(), LabError> {
     }
     c.char_device("dev/console", 5, 1);
     c.char_device("dev/null", 1, 3);
-    let busybox = std::fs::read(&art.busybox).map_err(crate::io(format!("reading {}", art.busybox.display())))?;
+    let busybox = std::fs::read(&art.busybox)
+        .map_err(crate::io(format!("reading {}", art.busybox.display())))?;
     c.file("bin/busybox", 0o755, &busybox);
     c.file("init", 0o755, INIT.as_bytes());
     c.file("stage2", 0o644, STAGE2.as_bytes());
@@ -184,7 +187,8 @@ pub fn build(art: &Artifacts, dest: &Path) -> Result<(), LabError> {
             .expect("module path has a name")
             .to_string_lossy()
             .into_owned();
-        let data = std::fs::read(&path).map_err(crate::io(format!("reading {}", path.display())))?;
+        let data =
+            std::fs::read(&path).map_err(crate::io(format!("reading {}", path.display())))?;
         c.file(&format!("modules/{name}"), 0o644, &data);
         order += &name;
         order.push('\n');

@@ -91,7 +91,11 @@ fn probe_accel(art: &fetch::Artifacts, initramfs: &Path, dir: &Path) -> Result<S
     if !Path::new("/dev/kvm").exists() {
         return Ok("tcg".into());
     }
-    let versions: Vec<String> = art.versions.iter().map(|(p, v)| format!("{p}={v}")).collect();
+    let versions: Vec<String> = art
+        .versions
+        .iter()
+        .map(|(p, v)| format!("{p}={v}"))
+        .collect();
     let memo = Path::new(fetch::CACHE_DIR).join(format!(
         "accel-{}",
         fetch::key(&format!("{}\n{}", host_kernel(), versions.join("\n")))
@@ -104,14 +108,23 @@ fn probe_accel(art: &fetch::Artifacts, initramfs: &Path, dir: &Path) -> Result<S
         .envs(art.qemu_env())
         .args(["-L", &art.firmware().display().to_string()])
         .args(["-accel", "kvm", "-cpu", "host", "-m", "128", "-smp", "1"])
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
         .args(["-serial", &format!("file:{}", console.display())])
         .args(["-kernel", &art.vmlinuz().display().to_string()])
         .args(["-initrd", &initramfs.display().to_string()])
         .args(["-append", "console=ttyS0 panic=-1 sb.probe=1"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(
+            std::fs::File::create(dir.join("kvm-probe.qemu.log"))
+                .map_err(io("creating the KVM probe's log"))?,
+        )
         .spawn()
         .map_err(io("starting qemu for the KVM probe"))?;
     let start = Instant::now();
@@ -128,9 +141,10 @@ fn probe_accel(art: &fetch::Artifacts, initramfs: &Path, dir: &Path) -> Result<S
     let _ = child.wait();
     let accel = if ok { "kvm" } else { "tcg" };
     eprintln!(
-        "vm lab: KVM probe {} in {:.1} s: using {accel}",
+        "vm lab: KVM probe {} in {:.1} s (see {}): using {accel}",
         if ok { "booted" } else { "did not boot" },
-        start.elapsed().as_secs_f64()
+        start.elapsed().as_secs_f64(),
+        dir.join("kvm-probe.qemu.log").display()
     );
     let _ = std::fs::write(&memo, accel);
     Ok(accel.into())
@@ -138,7 +152,11 @@ fn probe_accel(art: &fetch::Artifacts, initramfs: &Path, dir: &Path) -> Result<S
 
 /// A MAC address for the `index`th node (locally administered, qemu's OUI).
 fn mac(index: usize) -> String {
-    format!("52:54:00:5b:{:02x}:{:02x}", (index >> 8) & 0xff, index & 0xff)
+    format!(
+        "52:54:00:5b:{:02x}:{:02x}",
+        (index >> 8) & 0xff,
+        index & 0xff
+    )
 }
 
 /// Creates the node's tap on its site's VPC bridge and starts its VM in the
@@ -187,7 +205,13 @@ pub fn start(
         .args(["-L", &art.firmware().display().to_string()])
         .args(["-accel", accel, "-cpu", cpu])
         .args(["-m", &GUEST_MEMORY_MIB.to_string(), "-smp", "1"])
-        .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
         .args(["-serial", &format!("file:{}", console.display())])
         .args(["-kernel", &art.vmlinuz().display().to_string()])
         .args(["-initrd", &prep.initramfs.display().to_string()])
@@ -198,12 +222,18 @@ pub fn start(
         ])
         .args([
             "-virtfs",
-            &format!("local,path={},mount_tag=sblab,security_model=none", dir.display()),
+            &format!(
+                "local,path={},mount_tag=sblab,security_model=none",
+                dir.display()
+            ),
         ])
         .args(["-device", "virtio-serial-pci"])
         .args([
             "-chardev",
-            &format!("socket,id=sbexec,path={},server=on,wait=off", socket.display()),
+            &format!(
+                "socket,id=sbexec,path={},server=on,wait=off",
+                socket.display()
+            ),
         ])
         .args([
             "-device",
@@ -249,13 +279,19 @@ pub fn wait_ready(vms: &[(String, VmNode)], limit: Duration) -> Result<(), LabEr
     let mut waiting: Vec<&(String, VmNode)> = vms.iter().collect();
     while !waiting.is_empty() {
         waiting.retain(|(_, vm)| {
-            channel::call(&vm.socket, &["true".to_owned()], None, Duration::from_secs(1))
-                .map_or(true, |r| r.code != 0)
+            channel::call(
+                &vm.socket,
+                &["true".to_owned()],
+                None,
+                Duration::from_secs(1),
+            )
+            .map_or(true, |r| r.code != 0)
         });
         if waiting.is_empty() {
             break;
         }
-        let dead: Vec<&&(String, VmNode)> = waiting.iter().filter(|(_, vm)| !is_qemu(vm.pid)).collect();
+        let dead: Vec<&&(String, VmNode)> =
+            waiting.iter().filter(|(_, vm)| !is_qemu(vm.pid)).collect();
         if !dead.is_empty() || start.elapsed() > limit {
             let report: Vec<String> = waiting
                 .iter()
@@ -265,7 +301,11 @@ pub fn wait_ready(vms: &[(String, VmNode)], limit: Duration) -> Result<(), LabEr
                     let tail: Vec<&str> = tail.into_iter().rev().collect();
                     format!(
                         "{name} ({}; console {}):\n    {}",
-                        if is_qemu(vm.pid) { "still booting" } else { "qemu exited" },
+                        if is_qemu(vm.pid) {
+                            "still booting"
+                        } else {
+                            "qemu exited"
+                        },
                         vm.console.display(),
                         tail.join("\n    ")
                     )
@@ -286,7 +326,12 @@ pub fn wait_ready(vms: &[(String, VmNode)], limit: Duration) -> Result<(), LabEr
 ///
 /// # Errors
 /// When the channel fails or the command exits non-zero (with its stderr).
-pub fn run(vm: &VmNode, node: &str, argv: &[String], timeout: Duration) -> Result<String, LabError> {
+pub fn run(
+    vm: &VmNode,
+    node: &str,
+    argv: &[String],
+    timeout: Duration,
+) -> Result<String, LabError> {
     let resp = channel::call(&vm.socket, argv, None, timeout)?;
     if resp.code != 0 {
         return Err(LabError::Command {
@@ -316,7 +361,9 @@ pub fn spawn(vm: &VmNode, node: &str, argv: &[String], log: &Path) -> Result<(),
 /// Stops a VM by its pid, if that pid is still qemu.
 pub fn stop(vm: &VmNode) {
     if is_qemu(vm.pid) {
-        let _ = Command::new("kill").args(["-9", &vm.pid.to_string()]).output();
+        let _ = Command::new("kill")
+            .args(["-9", &vm.pid.to_string()])
+            .output();
     }
     let _ = std::fs::remove_file(&vm.socket);
 }
