@@ -32,6 +32,21 @@ pub enum LabCommand {
         /// into /var/cache/skybridge-lab on first use).
         #[arg(long, value_enum, default_value = "namespace")]
         backend: BackendArg,
+        /// What the VMs boot: a busybox initramfs over the host's files
+        /// (seconds), or a Debian image with systemd that survives `lab reboot`
+        /// (built once with debootstrap).
+        #[arg(long, value_enum, default_value = "initramfs")]
+        image: ImageArg,
+        /// How the agent runs: a process the lab starts, the rendered
+        /// systemd unit (systemd image), or not at all (apply something by hand).
+        #[arg(long, value_enum)]
+        agent: Option<AgentArg>,
+    },
+    /// Reboot VMs of the systemd image (`systemctl reboot` inside) and wait until they are back.
+    Reboot {
+        nodes: Vec<String>,
+        #[arg(long, conflicts_with = "nodes")]
+        all: bool,
     },
     /// Every node to every node by private IP (ICMP and TCP); exit 1 if any pair fails.
     Check,
@@ -60,6 +75,19 @@ pub enum LabCommand {
 pub enum BackendArg {
     Namespace,
     Vm,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ImageArg {
+    Initramfs,
+    Systemd,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum AgentArg {
+    Process,
+    Unit,
+    None,
 }
 
 fn root() -> Result<()> {
@@ -127,13 +155,28 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
             timeout,
             wireguard_impl,
             backend,
+            image,
+            agent,
         } => {
             root()?;
+            let image = match image {
+                ImageArg::Initramfs => skybridge_lab::vm::Image::Initramfs,
+                ImageArg::Systemd => skybridge_lab::vm::Image::Systemd,
+            };
+            let agent = match (agent, image) {
+                (Some(AgentArg::Process), _) => skybridge_lab::AgentMode::Process,
+                (Some(AgentArg::Unit), _) => skybridge_lab::AgentMode::Unit,
+                (Some(AgentArg::None), _) => skybridge_lab::AgentMode::None,
+                (None, skybridge_lab::vm::Image::Systemd) => skybridge_lab::AgentMode::Unit,
+                (None, skybridge_lab::vm::Image::Initramfs) => skybridge_lab::AgentMode::Process,
+            };
             let mut options = skybridge_lab::UpOptions {
                 backend: match backend {
                     BackendArg::Namespace => skybridge_lab::Backend::Namespace,
                     BackendArg::Vm => skybridge_lab::Backend::Vm,
                 },
+                image,
+                agent,
                 ..Default::default()
             };
             let mut foreign = std::collections::BTreeMap::new();
@@ -168,12 +211,55 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
                 state.nodes.values().filter(|n| n.vm.is_some()).count(),
                 state.dir.display()
             );
+            if options.agent == skybridge_lab::AgentMode::None {
+                println!(
+                    "no agent started (--agent none): apply something by hand, then `lab check`"
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             let m = skybridge_lab::wait_converged(&state, Duration::from_secs(timeout));
             Ok(if print_matrix(&m) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
             })
+        }
+        LabCommand::Reboot { nodes, all } => {
+            root()?;
+            let state = LabState::load()?;
+            if nodes.is_empty() && !all {
+                bail!("name the nodes to reboot, or --all");
+            }
+            let mut vms = Vec::new();
+            for (name, n) in &state.nodes {
+                if !all && !nodes.contains(name) {
+                    continue;
+                }
+                let Some(vm) = &n.vm else {
+                    bail!(
+                        "{name} is a namespace, not a VM: only `lab up --backend vm --image systemd` nodes reboot"
+                    );
+                };
+                vms.push((name.clone(), vm.clone()));
+            }
+            if let Some(unknown) = nodes.iter().find(|n| !state.nodes.contains_key(*n)) {
+                bail!(
+                    "no node {unknown} in lab {}; nodes: {}",
+                    state.cluster,
+                    state.nodes.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
+            }
+            let took = skybridge_lab::vm::reboot(&vms)?;
+            println!(
+                "rebooted {} VM(s) in {:.0} s: {}",
+                vms.len(),
+                took.as_secs_f64(),
+                vms.iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            Ok(ExitCode::SUCCESS)
         }
         LabCommand::Check => {
             root()?;

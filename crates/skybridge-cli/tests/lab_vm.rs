@@ -170,14 +170,15 @@ fn with_router_dropping(lab: &Lab, site: &str, rule: &str, f: impl FnOnce()) {
     let ns = format!("{}r-{site}", lab.prefix);
     let nft = |script: &str| {
         let out = Command::new("ip")
-            .args(["netns", "exec", &ns, "nft", script])
+            .args(["netns", "exec", &ns, "nft"])
+            .args(script.split(' '))
             .output()
             .unwrap();
         assert!(out.status.success(), "nft {script}: {}", text(&out));
     };
-    nft(&format!(
-        "table ip sbt-block {{ chain f {{ type filter hook prerouting priority -400; {rule} drop; }} }}"
-    ));
+    nft("add table ip sbt-block");
+    nft("add chain ip sbt-block f { type filter hook prerouting priority -400 ; }");
+    nft(&format!("add rule ip sbt-block f {rule} drop"));
     f();
     nft("delete table ip sbt-block");
 }
@@ -298,4 +299,166 @@ fn kernel_wireguard_and_userspace_wireguard_in_vms_reach_each_other() {
     assert_eq!(wg_kind(&lab, GATEWAY_ALIYUN), "userspace");
     let wg = text(&lab.exec(GATEWAY_ALIYUN, &["wg", "show", "sb-wg0"]));
     assert!(wg.contains("latest handshake"), "{wg}");
+}
+
+/// Runs `lab check` until the matrix is all green or `limit` passes.
+fn green_within(lab: &Lab, limit: std::time::Duration) -> Result<std::time::Duration, String> {
+    let start = std::time::Instant::now();
+    loop {
+        let check = lab.run(&["check"]);
+        if check.status.success() && text(&check).contains(MATRIX_ALL_GREEN) {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > limit {
+            return Err(format!("{}\n{}", text(&check), lab.consoles()));
+        }
+        std::thread::sleep(std::time::Duration::from_secs(3));
+    }
+}
+
+fn lab_dir(lab: &Lab, cluster: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("/var/tmp/skybridge-lab/{}{cluster}", lab.prefix))
+}
+
+#[track_caller]
+fn exec_ok(lab: &Lab, node: &str, script: &str) -> String {
+    let out = lab.exec(node, &["sh", "-c", script]);
+    assert!(out.status.success(), "{node}: {script}: {}", text(&out));
+    text(&out)
+}
+
+#[track_caller]
+fn reboot_all(lab: &Lab) {
+    let start = std::time::Instant::now();
+    let reboot = lab.run(&["reboot", "--all"]);
+    assert!(
+        reboot.status.success() && text(&reboot).contains("rebooted 4 VM(s)"),
+        "{}\n{}",
+        text(&reboot),
+        lab.consoles()
+    );
+    eprintln!(
+        "lab reboot --all took {:.0} s",
+        start.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn agent_unit_brings_every_pair_back_after_a_reboot_with_no_operator_action() {
+    let test = "agent_unit_brings_every_pair_back_after_a_reboot";
+    if !vm_tests_or_skip(test) {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::new("vboot");
+    let file = lab.file(
+        "seed-lab-wg.yaml",
+        &SEED_LAB.replace("transport: gre", "transport: wireguard"),
+    );
+    // The systemd image; the lab installs what `render --format systemd-agent`
+    // wrote and runs `systemctl enable --now skybridge-agent` on every node.
+    lab.up_green(&file, &["--image", "systemd"]);
+    for node in [NODE_HUAWEI, GATEWAY_HUAWEI, GATEWAY_ALIYUN] {
+        assert_eq!(
+            exec_ok(&lab, node, "systemctl is-enabled skybridge-agent").trim(),
+            "enabled"
+        );
+    }
+    let key_before = exec_ok(&lab, GATEWAY_ALIYUN, "skybridge agent pubkey");
+
+    reboot_all(&lab);
+    // Nothing is done after the reboot but looking.
+    let took = green_within(&lab, std::time::Duration::from_secs(240)).unwrap();
+    eprintln!(
+        "all pairs green {:.0} s after the VMs were back",
+        took.as_secs_f64()
+    );
+    assert_eq!(wg_kind(&lab, GATEWAY_HUAWEI), "kernel");
+    // The key pair stayed on the node's disk: the peers' state files still match.
+    assert_eq!(
+        exec_ok(&lab, GATEWAY_ALIYUN, "skybridge agent pubkey"),
+        key_before
+    );
+}
+
+#[test]
+fn networkd_and_script_artifacts_applied_by_hand_survive_a_reboot() {
+    let test = "networkd_and_script_artifacts_applied_by_hand_survive_a_reboot";
+    if !vm_tests_or_skip(test) {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::new("vhand");
+    let file = lab.file("seed-lab.yaml", SEED_LAB);
+    let up = lab.run(&[
+        "up",
+        &file,
+        "--backend",
+        "vm",
+        "--image",
+        "systemd",
+        "--agent",
+        "none",
+    ]);
+    assert!(up.status.success(), "{}\n{}", text(&up), lab.consoles());
+    // Without anything applied, the sites do not reach each other.
+    assert!(!cross_site_ping(&lab));
+
+    // Render on the "controller" into the folder the guests see as /mnt/sblab.
+    let dir = lab_dir(&lab, "seed-lab");
+    for format in ["networkd", "script"] {
+        let out = Command::new(skybridge())
+            .args(["render", &file, "--format", format, "--out"])
+            .arg(dir.join(format))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    // Huawei by systemd-networkd files, Aliyun by the script and its unit,
+    // each installed the way the files' headers say.
+    exec_ok(
+        &lab,
+        GATEWAY_HUAWEI,
+        "set -e; d=/mnt/sblab/networkd/k8s-master2
+         install -m 644 $d/*.netdev $d/*.network /etc/systemd/network/
+         install -m 644 $d/90-skybridge.conf /etc/sysctl.d/ && sysctl --system >/dev/null
+         install -D -m 644 $d/skybridge.nft /etc/skybridge/skybridge.nft
+         echo 'include \"/etc/skybridge/skybridge.nft\"' >> /etc/nftables.conf
+         systemctl enable nftables && nft -f /etc/skybridge/skybridge.nft
+         systemctl restart systemd-networkd",
+    );
+    exec_ok(
+        &lab,
+        NODE_HUAWEI,
+        "set -e; d=/mnt/sblab/networkd/k8s-master1
+         mkdir -p /etc/systemd/network/10-sb-uplink.network.d
+         install -m 644 $d/skybridge-uplink.network.d/50-skybridge.conf /etc/systemd/network/10-sb-uplink.network.d/
+         systemctl restart systemd-networkd",
+    );
+    for node in [GATEWAY_ALIYUN, "k8s-node3"] {
+        exec_ok(
+            &lab,
+            node,
+            &format!(
+                "set -e; d=/mnt/sblab/script/{node}
+                 install -m 755 $d/skybridge-net.sh /usr/local/sbin/
+                 install -m 644 $d/skybridge-net.service /etc/systemd/system/
+                 systemctl daemon-reload && systemctl enable --now skybridge-net.service"
+            ),
+        );
+    }
+    let took = green_within(&lab, std::time::Duration::from_secs(180)).unwrap();
+    eprintln!(
+        "by-hand artifacts: all pairs green after {:.0} s",
+        took.as_secs_f64()
+    );
+
+    reboot_all(&lab);
+    let took = green_within(&lab, std::time::Duration::from_secs(240)).unwrap();
+    eprintln!(
+        "after reboot: all pairs green {:.0} s after the VMs were back",
+        took.as_secs_f64()
+    );
+    let gre = exec_ok(&lab, GATEWAY_HUAWEI, "ip -d link show type gre");
+    assert!(gre.contains("sb-gre-2"), "{gre}");
 }

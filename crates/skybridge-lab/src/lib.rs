@@ -121,6 +121,23 @@ pub struct UpOptions {
     pub backend: Backend,
     /// Extra `skybridge agent` arguments per node (e.g. `--wireguard kernel`).
     pub agent_args: BTreeMap<String, Vec<String>>,
+    /// What the VMs boot (VM backend only).
+    pub image: vm::Image,
+    /// How the agent runs on the nodes.
+    pub agent: AgentMode,
+}
+
+/// How `lab up` runs the agent on each node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AgentMode {
+    /// A process the lab starts (and `lab down` stops).
+    #[default]
+    Process,
+    /// The systemd unit `skybridge render --format systemd-agent` writes,
+    /// installed and enabled as an operator would (systemd image only).
+    Unit,
+    /// No agent: the test or the operator applies something by hand.
+    None,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -241,6 +258,22 @@ pub fn up_with(
     foreign: &BTreeMap<String, ForeignWireGuard>,
     options: &UpOptions,
 ) -> Result<LabState, LabError> {
+    let systemd = options.backend == Backend::Vm && options.image == vm::Image::Systemd;
+    if options.agent != AgentMode::Process && !systemd {
+        return Err(LabError::Refused(
+            "the agent runs as a unit, or not at all, only in VMs with the systemd image (--backend vm --image systemd)".into(),
+        ));
+    }
+    if systemd && options.agent == AgentMode::Process {
+        return Err(LabError::Refused(
+            "VMs with the systemd image run the agent as its unit (--agent unit) or not at all (--agent none)".into(),
+        ));
+    }
+    if options.agent == AgentMode::Unit && !options.agent_args.is_empty() {
+        return Err(LabError::Refused(
+            "per-node agent arguments need --agent process; the rendered unit runs the agent as written".into(),
+        ));
+    }
     if options.backend == Backend::Vm && !foreign.is_empty() {
         return Err(LabError::Refused(
             "--wireguard-impl wireguard-go|boringtun is for the namespace lab; VMs run the agent's own backends".into(),
@@ -302,7 +335,7 @@ fn build(
     options: &UpOptions,
 ) -> Result<(), LabError> {
     let prepared = match options.backend {
-        Backend::Vm => Some(vm::prepare(&state.dir)?),
+        Backend::Vm => Some(vm::prepare(&state.dir, options.image, skybridge)?),
         Backend::Namespace => None,
     };
     let mut index = 0usize;
@@ -448,6 +481,20 @@ fn build(
     }
     state.save()?;
     vm::wait_ready(&booting, vm::BOOT_TIMEOUT)?;
+    if options.image == vm::Image::Systemd {
+        let vms: Vec<(String, vm::VmNode)> = state
+            .nodes
+            .iter()
+            .filter_map(|(n, s)| s.vm.clone().map(|v| (n.clone(), v)))
+            .collect();
+        return vm::install(
+            &state.dir,
+            &vms,
+            cluster_file,
+            skybridge,
+            options.agent == AgentMode::Unit,
+        );
+    }
 
     // What `apply` will do on real VMs: keys are made on each node, public
     // keys collected, then the (new) cluster file handed out; running agents
@@ -683,16 +730,30 @@ pub fn check(state: &LabState) -> Vec<Probe> {
                                     run(&full)
                                 }
                             };
-                            let ping = on(&["ping", "-c", "1", "-W", "2", &ip]);
+                            // An emulated CPU shared by several guests can stall
+                            // a packet for seconds: VMs get longer waits and
+                            // three tries before a pair counts as failed.
+                            let (tries, wait) = if fs.vm.is_some() { (3, "5") } else { (1, "2") };
+                            let retry = |args: &[&str]| {
+                                let mut last = on(args);
+                                for _ in 1..tries {
+                                    if last.is_ok() {
+                                        break;
+                                    }
+                                    last = on(args);
+                                }
+                                last
+                            };
+                            let ping = retry(&["ping", "-c", "1", "-W", wait, &ip]);
                             let rtt_ms = ping
                                 .as_ref()
                                 .ok()
                                 .and_then(|o| o.split("time=").nth(1))
                                 .and_then(|t| t.split_whitespace().next())
                                 .and_then(|t| t.parse().ok());
-                            let tcp = on(&[
+                            let tcp = retry(&[
                                 "timeout",
-                                "3",
+                                if fs.vm.is_some() { "8" } else { "3" },
                                 "bash",
                                 "-c",
                                 &format!("exec 3<>/dev/tcp/{ip}/{PROBE_PORT}"),

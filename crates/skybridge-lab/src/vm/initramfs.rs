@@ -11,8 +11,10 @@ use super::fetch::Artifacts;
 use crate::LabError;
 
 /// Modules loaded by the initramfs, with their dependencies, in order.
-const EARLY_MODULES: [&str; 6] = [
+const EARLY_MODULES: [&str; 8] = [
     "virtio_pci",
+    "virtio_blk",
+    "ext4",
     "virtio_net",
     "virtio_console",
     "9pnet_virtio",
@@ -22,7 +24,8 @@ const EARLY_MODULES: [&str; 6] = [
 
 /// The initramfs's `/init`. Parameters come from the kernel command line
 /// (`sb.node=`, `sb.ip=`, `sb.gw=`, `sb.lab=`, `sb.exe=`, `sb.modules=`);
-/// `sb.probe=1` only proves the kernel boots (the KVM probe).
+/// `sb.probe=1` only proves the kernel boots (the KVM probe); `sb.disk=1`
+/// boots systemd from the lab's Debian image on /dev/vda instead of the 9p root.
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
@@ -38,6 +41,21 @@ done
 . /env
 if [ -n "$SB_probe" ]; then echo SKYBRIDGE-PROBE-OK; poweroff -f; fi
 fail() { echo "skybridge-init: $*; powering off"; sleep 1; poweroff -f; }
+if [ -n "$SB_disk" ]; then
+  i=0
+  while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+  mkdir -p /newroot
+  mount -t ext4 /dev/vda /newroot || fail "mounting the disk /dev/vda"
+  # What a provider's first-boot agent does: the VM's name and its uplink.
+  echo "$SB_node" > /newroot/etc/hostname
+  mkdir -p /newroot/etc/systemd/network
+  printf '[Match]\nName=eth0\n\n[Network]\nAddress=%s\nGateway=%s\n' "$SB_ip" "$SB_gw" > /newroot/etc/systemd/network/10-sb-uplink.network
+  mount -t 9p -o trans=virtio,version=9p2000.L,ro sbmods /newroot/lib/modules || fail "mounting the kernel's modules over 9p"
+  mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 sblab /newroot/mnt/sblab || fail "mounting the lab folder over 9p"
+  mount --move /dev /newroot/dev
+  umount /proc /sys
+  exec switch_root /newroot /sbin/init
+fi
 mkdir -p /lower /rw /newroot
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 sbhost /lower || fail "mounting the host's / over 9p"
 mount -t tmpfs -o mode=0755 sb-rw /rw

@@ -11,6 +11,7 @@
 
 pub mod channel;
 pub mod fetch;
+pub mod image;
 pub mod initramfs;
 
 use std::path::{Path, PathBuf};
@@ -24,6 +25,19 @@ use crate::{LabError, io};
 
 /// Memory of one guest, MiB: the agent, its data plane and the probes fit.
 pub const GUEST_MEMORY_MIB: u32 = 192;
+/// Memory of a guest booting the systemd image.
+pub const SYSTEMD_MEMORY_MIB: u32 = 256;
+
+/// What a VM boots.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Image {
+    /// The busybox initramfs over the host's `/` (seconds to boot; nothing survives a reboot).
+    #[default]
+    Initramfs,
+    /// The lab's Debian image with systemd (reboots keep its disk).
+    Systemd,
+}
 
 /// How long a guest may take to answer on its exec channel after qemu starts.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
@@ -39,6 +53,8 @@ pub struct VmNode {
     pub console: PathBuf,
     /// `kvm` or `tcg`.
     pub accel: String,
+    #[serde(default)]
+    pub image: Image,
 }
 
 /// Everything prepared once per `lab up`: fetched packages, the initramfs,
@@ -48,6 +64,8 @@ pub struct Prepared {
     pub artifacts: fetch::Artifacts,
     pub initramfs: PathBuf,
     pub accel: String,
+    /// The systemd disk image, when the VMs boot it.
+    pub disk: Option<PathBuf>,
 }
 
 /// Fetches what is missing, builds the initramfs into `dir`, and picks KVM
@@ -56,8 +74,21 @@ pub struct Prepared {
 ///
 /// # Errors
 /// See [`fetch::ensure`]; also when the initramfs cannot be written.
-pub fn prepare(dir: &Path) -> Result<Prepared, LabError> {
+pub fn prepare(dir: &Path, image: Image, skybridge: &Path) -> Result<Prepared, LabError> {
     let artifacts = fetch::ensure()?;
+    let disk = match image {
+        Image::Systemd => {
+            // The guests' exec channel and probe units run this copy.
+            let bin = dir.join("bin");
+            std::fs::create_dir_all(&bin).map_err(io(format!("creating {}", bin.display())))?;
+            std::fs::copy(skybridge, bin.join("skybridge")).map_err(io(format!(
+                "copying {} into the lab folder",
+                skybridge.display()
+            )))?;
+            Some(image::ensure()?)
+        }
+        Image::Initramfs => None,
+    };
     let initramfs = dir.join("initramfs.cpio");
     initramfs::build(&artifacts, &initramfs)?;
     let accel = match std::env::var("SKYBRIDGE_LAB_ACCEL").ok().as_deref() {
@@ -74,6 +105,7 @@ pub fn prepare(dir: &Path) -> Result<Prepared, LabError> {
         artifacts,
         initramfs,
         accel,
+        disk,
     })
 }
 
@@ -181,7 +213,8 @@ pub fn start(
     let _ = std::fs::remove_file(&console);
     let art = &prep.artifacts;
     let append = format!(
-        "console=ttyS0 panic=-1 quiet sb.node={} sb.ip={}/{} sb.gw={} sb.lab={} sb.exe={} sb.modules={}",
+        "console=ttyS0 panic=-1 quiet sb.disk={} sb.node={} sb.ip={}/{} sb.gw={} sb.lab={} sb.exe={} sb.modules={}",
+        u8::from(prep.disk.is_some()),
         node.name,
         node.private_ip,
         node.cidr.prefix_len(),
@@ -197,29 +230,45 @@ pub fn start(
     };
     let qemu_log = std::fs::File::create(dir.join(format!("{}.qemu.log", node.name)))
         .map_err(io("creating the qemu log"))?;
+    let share: Vec<String> = match &prep.disk {
+        // Reboots keep the disk: qemu stays, and the guest's writes live in
+        // qemu's snapshot until it exits.
+        Some(disk) => vec![
+            "-m".into(),
+            SYSTEMD_MEMORY_MIB.to_string(),
+            "-drive".into(),
+            format!(
+                "file={},format=raw,if=virtio,snapshot=on,cache=unsafe",
+                disk.display()
+            ),
+            "-virtfs".into(),
+            format!(
+                "local,path={},mount_tag=sbmods,security_model=none,readonly=on",
+                art.kernel_root.join("lib/modules").display()
+            ),
+        ],
+        // Nothing survives a reboot: exit instead, and `lab` says so.
+        None => vec![
+            "-m".into(),
+            GUEST_MEMORY_MIB.to_string(),
+            "-no-reboot".into(),
+            "-virtfs".into(),
+            "local,path=/,mount_tag=sbhost,security_model=none,readonly=on".into(),
+        ],
+    };
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", router_ns])
         .arg(art.qemu())
         .envs(art.qemu_env())
         .args(["-name", &format!("skybridge-lab-{}", node.name)])
         .args(["-L", &art.firmware().display().to_string()])
-        .args(["-accel", accel, "-cpu", cpu])
-        .args(["-m", &GUEST_MEMORY_MIB.to_string(), "-smp", "1"])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
+        .args(["-accel", accel, "-cpu", cpu, "-smp", "1"])
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
         .args(["-serial", &format!("file:{}", console.display())])
         .args(["-kernel", &art.vmlinuz().display().to_string()])
         .args(["-initrd", &prep.initramfs.display().to_string()])
         .args(["-append", &append])
-        .args([
-            "-virtfs",
-            "local,path=/,mount_tag=sbhost,security_model=none,readonly=on",
-        ])
+        .args(share)
         .args([
             "-virtfs",
             &format!(
@@ -261,6 +310,11 @@ pub fn start(
         socket,
         console,
         accel: prep.accel.clone(),
+        image: if prep.disk.is_some() {
+            Image::Systemd
+        } else {
+            Image::Initramfs
+        },
     })
 }
 
@@ -366,4 +420,140 @@ pub fn stop(vm: &VmNode) {
             .output();
     }
     let _ = std::fs::remove_file(&vm.socket);
+}
+
+fn boot_id(vm: &VmNode, node: &str) -> Option<String> {
+    run(
+        vm,
+        node,
+        &[
+            "cat".to_owned(),
+            "/proc/sys/kernel/random/boot_id".to_owned(),
+        ],
+        Duration::from_secs(5),
+    )
+    .ok()
+    .map(|s| s.trim().to_owned())
+}
+
+/// Reboots VMs running the systemd image (`systemctl reboot`, as an
+/// operator would) and waits until each answers again from a new boot.
+///
+/// # Errors
+/// For a VM that cannot reboot (the initramfs keeps nothing) or does not
+/// come back within [`BOOT_TIMEOUT`] (the error names it and its console).
+pub fn reboot(vms: &[(String, VmNode)]) -> Result<Duration, LabError> {
+    let start = Instant::now();
+    let mut before = Vec::new();
+    for (name, vm) in vms {
+        if vm.image != Image::Systemd {
+            return Err(LabError::Refused(format!(
+                "{name} boots the initramfs, which keeps nothing across a reboot; run `lab up --backend vm --image systemd`"
+            )));
+        }
+        let id = boot_id(vm, name).ok_or_else(|| {
+            LabError::Refused(format!(
+                "{name} does not answer; see {}",
+                vm.console.display()
+            ))
+        })?;
+        before.push(id);
+    }
+    for (name, vm) in vms {
+        spawn(
+            vm,
+            name,
+            &["systemctl".to_owned(), "reboot".to_owned()],
+            Path::new("/dev/null"),
+        )?;
+    }
+    let mut waiting: Vec<usize> = (0..vms.len()).collect();
+    while !waiting.is_empty() {
+        waiting.retain(|&i| {
+            let (name, vm) = &vms[i];
+            boot_id(vm, name).is_none_or(|id| id == before[i])
+        });
+        if waiting.is_empty() {
+            break;
+        }
+        if start.elapsed() > BOOT_TIMEOUT {
+            let names: Vec<String> = waiting
+                .iter()
+                .map(|&i| format!("{} (console {})", vms[i].0, vms[i].1.console.display()))
+                .collect();
+            return Err(LabError::Refused(format!(
+                "not back from reboot after {} s: {}",
+                BOOT_TIMEOUT.as_secs(),
+                names.join(", ")
+            )));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    Ok(start.elapsed())
+}
+
+/// Where the systemd image's guests see the lab folder.
+pub const GUEST_LAB_DIR: &str = "/mnt/sblab";
+
+fn sh(cmd: &str) -> Vec<String> {
+    vec!["sh".to_owned(), "-c".to_owned(), cmd.to_owned()]
+}
+
+/// What an operator does on each node of the systemd image: install the
+/// binary, make the key pair, hand out the cluster file and the collected
+/// public keys, and (with `unit`) install and enable the rendered agent unit.
+///
+/// # Errors
+/// Names the node and the step that failed.
+pub fn install(
+    dir: &Path,
+    vms: &[(String, VmNode)],
+    cluster_file: &Path,
+    skybridge: &Path,
+    unit: bool,
+) -> Result<(), LabError> {
+    let long = Duration::from_secs(120);
+    let mut keys = String::from("publicKeys:\n");
+    for (name, vm) in vms {
+        run(
+            vm,
+            name,
+            &sh(&format!(
+                "install -D -m 755 {GUEST_LAB_DIR}/bin/skybridge /usr/local/bin/skybridge"
+            )),
+            long,
+        )?;
+        let key = run(vm, name, &sh("/usr/local/bin/skybridge agent pubkey"), long)?;
+        keys += &format!("  {name}: {}\n", key.trim());
+    }
+    std::fs::write(dir.join("cluster.state.yaml"), keys).map_err(io("writing the state file"))?;
+    std::fs::copy(cluster_file, dir.join("cluster.yaml"))
+        .map_err(io(format!("copying {}", cluster_file.display())))?;
+    if unit {
+        let out = Command::new(skybridge)
+            .arg("render")
+            .arg(dir.join("cluster.yaml"))
+            .args(["--format", "systemd-agent", "--out"])
+            .arg(dir.join("render"))
+            .output()
+            .map_err(io("running skybridge render"))?;
+        if !out.status.success() {
+            return Err(LabError::Command {
+                command: "skybridge render --format systemd-agent".into(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+    }
+    for (name, vm) in vms {
+        let mut script = format!(
+            "install -D -m 644 {GUEST_LAB_DIR}/cluster.yaml /etc/skybridge/cluster.yaml && install -m 644 {GUEST_LAB_DIR}/cluster.state.yaml /etc/skybridge/cluster.state.yaml"
+        );
+        if unit {
+            script += &format!(
+                " && install -m 644 {GUEST_LAB_DIR}/render/{name}/skybridge-agent.service /etc/systemd/system/ && systemctl daemon-reload && systemctl enable --now skybridge-agent"
+            );
+        }
+        run(vm, name, &sh(&script), long)?;
+    }
+    Ok(())
 }
