@@ -2,8 +2,8 @@
 //! pure core (validate, plan) and the renderers, prints, and writes files.
 
 mod agent;
-mod join;
 mod apply;
+mod join;
 mod keys;
 mod lab;
 mod load;

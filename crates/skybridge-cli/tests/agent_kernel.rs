@@ -455,7 +455,8 @@ fn forcing_kernel_wireguard_on_a_kernel_without_it_fails_clearly_and_auto_falls_
         return;
     }
     let w = World::new("wireguard");
-    let probe = w.a.run(&["ip", "link", "add", "sbt-wgprobe", "type", "wireguard"]);
+    let probe =
+        w.a.run(&["ip", "link", "add", "sbt-wgprobe", "type", "wireguard"]);
     if probe.status.success() {
         eprintln!("SKIPPED {test}: this kernel has WireGuard (covered by the VM tests)");
         return;
@@ -475,7 +476,11 @@ fn forcing_kernel_wireguard_on_a_kernel_without_it_fails_clearly_and_auto_falls_
     );
     // The default picks the userspace data plane on such a kernel.
     let out = w.agent("gw-a", &["--once", "--dry-run"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn tools(test: &str, tools: &[&str]) -> bool {
