@@ -364,3 +364,43 @@ pub fn verify_cri_info(json: &str, desired: &Desired) -> Result<(), Vec<String>>
         Err(problems)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{Base, desired};
+
+    /// `crictl info` of containerd 1.6 (trimmed to what is checked).
+    const CRI_INFO: &str = r#"{"status": {"conditions": []}, "config": {
+        "containerd": {"defaultRuntimeName": "runc",
+            "runtimes": {"runc": {"runtimeType": "io.containerd.runc.v2", "options": {"SystemdCgroup": true}}}},
+        "registry": {"configPath": "/etc/containerd/certs.d", "mirrors": null},
+        "sandboxImage": "registry.huawei.example/k8s/pause:3.9"}}"#;
+
+    fn lab_desired() -> Desired {
+        let c = skybridge_core::load(include_str!("../../../examples/lab.yaml"))
+            .unwrap()
+            .cluster;
+        let base = Base {
+            ca_cert: Some("-----BEGIN CERTIFICATE-----\n".into()),
+            ..Base::default()
+        };
+        desired(&c, "hw-worker", &base).unwrap()
+    }
+
+    #[test]
+    fn crictl_info_is_checked_against_what_join_wrote() {
+        let d = lab_desired();
+        assert_eq!(verify_cri_info(CRI_INFO, &d), Ok(()));
+        let stale = CRI_INFO
+            .replace(
+                "registry.huawei.example/k8s/pause:3.9",
+                "registry.k8s.io/pause:3.6",
+            )
+            .replace("\"SystemdCgroup\": true", "\"SystemdCgroup\": false");
+        let problems = verify_cri_info(&stale, &d).unwrap_err();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("sandboxImage is registry.k8s.io/pause:3.6"));
+        assert!(problems[1].contains("SystemdCgroup is false instead of true"));
+    }
+}
