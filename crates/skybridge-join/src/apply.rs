@@ -208,7 +208,7 @@ fn run_action(host: &dyn NodeHost, action: &Action, systemd: bool) -> Outcome {
         return match host.run("systemctl", &["--version"]) {
             Err(HostError::NoCommands(_)) => Outcome::NotRun("this host only takes files".into()),
             _ => Outcome::Failed(format!(
-                "the node does not run systemd (no /run/systemd/system); run `{action}` with the node's own service manager, then join again"
+                "the node does not run systemd (no /run/systemd/system); the files are written: run `{action}` by the node's own means"
             )),
         };
     }
