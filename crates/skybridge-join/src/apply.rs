@@ -13,6 +13,8 @@ use crate::kernel;
 use crate::kube;
 use crate::plan::{self, Action, Base, Desired, FileChange, Observed, PlanError};
 
+const EARLIER_FAILED: &str = "an earlier step failed";
+
 #[derive(Clone, Debug, Default)]
 pub struct Options {
     /// Only report: write nothing, run no command that changes anything.
@@ -179,12 +181,34 @@ pub fn join(
     let mut failed = false;
     for action in planned {
         let outcome = if failed {
-            Outcome::NotRun("an earlier step failed".into())
+            Outcome::NotRun(EARLIER_FAILED.into())
         } else {
             run_action(host, &action, systemd)
         };
         failed |= matches!(outcome, Outcome::Failed(_));
         report.actions.push((action, outcome));
+    }
+    // Remember what is still owed (failed, or not reached after a failure),
+    // so that the next run does it although the files are already right.
+    let owed: Vec<&str> = report
+        .actions
+        .iter()
+        .filter(|(_, o)| {
+            matches!(o, Outcome::Failed(_))
+                || matches!(o, Outcome::NotRun(why) if why == EARLIER_FAILED)
+        })
+        .map(|(a, _)| a.key())
+        .collect();
+    let owed_text: String = owed.iter().map(|k| format!("{k}\n")).collect();
+    if owed_text
+        != observed
+            .pending
+            .iter()
+            .map(|k| format!("{k}\n"))
+            .collect::<String>()
+    {
+        host.write_file(plan::PENDING_PATH, owed_text.as_bytes(), 0o644)
+            .map_err(herr)?;
     }
     if !failed {
         report.checks = verify_containerd(host, &desired);
@@ -236,6 +260,14 @@ fn run_action(host: &dyn NodeHost, action: &Action, systemd: bool) -> Outcome {
 /// Reads the live state that can call for a command even when no file changed.
 fn observe(host: &dyn NodeHost, desired: &Desired) -> Result<Observed, HostError> {
     let mut o = Observed::default();
+    if let Some(p) = host.read_file(plan::PENDING_PATH)? {
+        o.pending = String::from_utf8_lossy(&p)
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect();
+    }
     if host.exists("/sys/module")? {
         let mut missing = false;
         for m in kernel::MODULES {

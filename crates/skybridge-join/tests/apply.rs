@@ -326,6 +326,33 @@ fn a_node_without_systemd_is_told_what_to_restart() {
             .iter()
             .any(|c| c.starts_with("systemctl restart"))
     );
+
+    // The restart is owed: the next run (systemd up now) does it although no file changes.
+    let pending =
+        std::fs::read_to_string(dir.path().join("var/lib/skybridge/join-pending")).unwrap();
+    assert!(pending.starts_with("restart-containerd\n"), "{pending}");
+    let node = FakeNode::new(dir.path(), true);
+    let again = join(&node, &lab(), NODE, &opts("2")).unwrap();
+    assert!(again.changes.is_empty(), "{:?}", again.changes);
+    assert!(!again.failed(), "{:?}", again.actions);
+    assert!(
+        node.ran
+            .borrow()
+            .contains(&"systemctl restart containerd".to_owned())
+    );
+    let pending =
+        std::fs::read_to_string(dir.path().join("var/lib/skybridge/join-pending")).unwrap();
+    assert_eq!(pending, "");
+    // Paid off: a third run owes nothing.
+    let node = FakeNode::new(dir.path(), true);
+    join(&node, &lab(), NODE, &opts("3")).unwrap();
+    assert!(
+        !node
+            .ran
+            .borrow()
+            .iter()
+            .any(|c| c.contains("restart containerd"))
+    );
 }
 
 #[test]
