@@ -398,3 +398,44 @@ fn validate_reports_kubernetes_errors_with_file_line_and_column() {
         .stderr(predicate::str::contains("secret").not())
         .stderr(predicate::str::contains("3 error(s); nothing was changed"));
 }
+
+#[test]
+fn join_prepares_every_lab_node_and_a_second_pass_changes_nothing() {
+    let (dir, cluster, _) = join_fixture();
+    let nodes = [
+        "hw-master",
+        "hw-worker",
+        "ali-gw",
+        "ali-worker1",
+        "ali-worker2",
+        "tc-gw",
+        "tc-worker",
+    ];
+    for pass in ["first", "second"] {
+        for node in nodes {
+            let root = dir.path().join("nodes").join(node);
+            let out = skybridge()
+                .arg("join")
+                .arg(&cluster)
+                .args(["--node", node, "--local", "--root"])
+                .arg(&root)
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "{node} ({pass} pass): {stdout}");
+            let unchanged = stdout.contains(&format!("{node}: no changes"));
+            assert_eq!(
+                unchanged,
+                pass == "second",
+                "{node} ({pass} pass): {stdout}"
+            );
+        }
+    }
+    // Each node advertises its own address.
+    let unit = std::fs::read_to_string(
+        dir.path()
+            .join("nodes/ali-gw/etc/systemd/system/kubelet.service"),
+    )
+    .unwrap();
+    assert!(unit.contains("--node-ip=172.26.32.235 "), "{unit}");
+}

@@ -13,6 +13,8 @@ use crate::kernel;
 use crate::kube;
 use crate::plan::{self, Action, Base, Desired, FileChange, Observed, PlanError};
 
+const EARLIER_FAILED: &str = "an earlier step failed";
+
 #[derive(Clone, Debug, Default)]
 pub struct Options {
     /// Only report: write nothing, run no command that changes anything.
@@ -179,12 +181,34 @@ pub fn join(
     let mut failed = false;
     for action in planned {
         let outcome = if failed {
-            Outcome::NotRun("an earlier step failed".into())
+            Outcome::NotRun(EARLIER_FAILED.into())
         } else {
             run_action(host, &action, systemd)
         };
         failed |= matches!(outcome, Outcome::Failed(_));
         report.actions.push((action, outcome));
+    }
+    // Remember what is still owed (failed, or not reached after a failure),
+    // so that the next run does it although the files are already right.
+    let owed: Vec<&str> = report
+        .actions
+        .iter()
+        .filter(|(_, o)| {
+            matches!(o, Outcome::Failed(_))
+                || matches!(o, Outcome::NotRun(why) if why == EARLIER_FAILED)
+        })
+        .map(|(a, _)| a.key())
+        .collect();
+    let owed_text: String = owed.iter().map(|k| format!("{k}\n")).collect();
+    if owed_text
+        != observed
+            .pending
+            .iter()
+            .map(|k| format!("{k}\n"))
+            .collect::<String>()
+    {
+        host.write_file(plan::PENDING_PATH, owed_text.as_bytes(), 0o644)
+            .map_err(herr)?;
     }
     if !failed {
         report.checks = verify_containerd(host, &desired);
@@ -208,7 +232,7 @@ fn run_action(host: &dyn NodeHost, action: &Action, systemd: bool) -> Outcome {
         return match host.run("systemctl", &["--version"]) {
             Err(HostError::NoCommands(_)) => Outcome::NotRun("this host only takes files".into()),
             _ => Outcome::Failed(format!(
-                "the node does not run systemd (no /run/systemd/system); run `{action}` with the node's own service manager, then join again"
+                "the node does not run systemd (no /run/systemd/system); the files are written: run `{action}` by the node's own means"
             )),
         };
     }
@@ -236,6 +260,14 @@ fn run_action(host: &dyn NodeHost, action: &Action, systemd: bool) -> Outcome {
 /// Reads the live state that can call for a command even when no file changed.
 fn observe(host: &dyn NodeHost, desired: &Desired) -> Result<Observed, HostError> {
     let mut o = Observed::default();
+    if let Some(p) = host.read_file(plan::PENDING_PATH)? {
+        o.pending = String::from_utf8_lossy(&p)
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect();
+    }
     if host.exists("/sys/module")? {
         let mut missing = false;
         for m in kernel::MODULES {
@@ -362,5 +394,45 @@ pub fn verify_cri_info(json: &str, desired: &Desired) -> Result<(), Vec<String>>
         Ok(())
     } else {
         Err(problems)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{Base, desired};
+
+    /// `crictl info` of containerd 1.6 (trimmed to what is checked).
+    const CRI_INFO: &str = r#"{"status": {"conditions": []}, "config": {
+        "containerd": {"defaultRuntimeName": "runc",
+            "runtimes": {"runc": {"runtimeType": "io.containerd.runc.v2", "options": {"SystemdCgroup": true}}}},
+        "registry": {"configPath": "/etc/containerd/certs.d", "mirrors": null},
+        "sandboxImage": "registry.huawei.example/k8s/pause:3.9"}}"#;
+
+    fn lab_desired() -> Desired {
+        let c = skybridge_core::load(include_str!("../../../examples/lab.yaml"))
+            .unwrap()
+            .cluster;
+        let base = Base {
+            ca_cert: Some("-----BEGIN CERTIFICATE-----\n".into()),
+            ..Base::default()
+        };
+        desired(&c, "hw-worker", &base).unwrap()
+    }
+
+    #[test]
+    fn crictl_info_is_checked_against_what_join_wrote() {
+        let d = lab_desired();
+        assert_eq!(verify_cri_info(CRI_INFO, &d), Ok(()));
+        let stale = CRI_INFO
+            .replace(
+                "registry.huawei.example/k8s/pause:3.9",
+                "registry.k8s.io/pause:3.6",
+            )
+            .replace("\"SystemdCgroup\": true", "\"SystemdCgroup\": false");
+        let problems = verify_cri_info(&stale, &d).unwrap_err();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("sandboxImage is registry.k8s.io/pause:3.6"));
+        assert!(problems[1].contains("SystemdCgroup is false instead of true"));
     }
 }

@@ -253,7 +253,14 @@ pub struct Observed {
     pub kubeadm_joined: Option<bool>,
     pub kubelet_active: Option<bool>,
     pub kube_proxy_active: Option<bool>,
+    /// Keys ([`Action::key`]) of commands an earlier run planned but did not
+    /// complete (from [`PENDING_PATH`]): a containerd restart that failed
+    /// after its file was written is retried although the file is now right.
+    pub pending: Vec<String>,
 }
+
+/// Where join remembers the commands it still owes the node.
+pub const PENDING_PATH: &str = "/var/lib/skybridge/join-pending";
 
 /// A command (or a few) the node needs after its files are written.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -276,6 +283,20 @@ pub enum Action {
 }
 
 impl Action {
+    /// A stable name, for [`PENDING_PATH`].
+    pub fn key(&self) -> &'static str {
+        match self {
+            Action::LoadModules => "load-modules",
+            Action::ApplySysctls => "apply-sysctls",
+            Action::SwapOff => "swap-off",
+            Action::RestartContainerd => "restart-containerd",
+            Action::DaemonReload => "daemon-reload",
+            Action::StartKubelet { .. } => "start-kubelet",
+            Action::StartKubeProxy { .. } => "start-kube-proxy",
+            Action::KubeadmJoin { .. } => "kubeadm-join",
+        }
+    }
+
     /// The commands, each as program and arguments.
     pub fn commands(&self) -> Vec<Vec<String>> {
         let c = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
@@ -337,40 +358,50 @@ impl fmt::Display for Action {
 /// The commands `changes` and the node's state call for, in the order they must run.
 pub fn actions(desired: &Desired, changes: &[FileChange], observed: &Observed) -> Vec<Action> {
     let changed = |r: Role| changes.iter().any(|c| c.role == r);
+    let pending = |key: &str| observed.pending.iter().any(|p| p == key);
     let mut out = Vec::new();
-    if changed(Role::Modules) || observed.modules_missing == Some(true) {
+    if changed(Role::Modules) || observed.modules_missing == Some(true) || pending("load-modules") {
         out.push(Action::LoadModules);
     }
-    if changed(Role::Sysctl) || observed.sysctls_wrong == Some(true) {
+    if changed(Role::Sysctl) || observed.sysctls_wrong == Some(true) || pending("apply-sysctls") {
         out.push(Action::ApplySysctls);
     }
-    if changed(Role::Fstab) || observed.swap_active == Some(true) {
+    if changed(Role::Fstab) || observed.swap_active == Some(true) || pending("swap-off") {
         out.push(Action::SwapOff);
     }
     // hosts.toml is read at every pull; only config.toml needs a restart.
-    if changed(Role::ContainerdConfig) {
+    if changed(Role::ContainerdConfig) || pending("restart-containerd") {
         out.push(Action::RestartContainerd);
     }
     let units_changed = changes.iter().any(|c| c.path.ends_with(".service"));
-    if units_changed {
+    if units_changed || pending("daemon-reload") {
         out.push(Action::DaemonReload);
     }
     let binaries = desired.join.binaries().to_owned();
     match desired.join {
         Join::Bootstrap { .. } => {
-            if changed(Role::Kubelet) || observed.kubelet_active == Some(false) {
+            if changed(Role::Kubelet)
+                || observed.kubelet_active == Some(false)
+                || pending("start-kubelet")
+            {
                 out.push(Action::StartKubelet {
                     binaries: binaries.clone(),
                 });
             }
-            if changed(Role::KubeProxy) || observed.kube_proxy_active == Some(false) {
+            if changed(Role::KubeProxy)
+                || observed.kube_proxy_active == Some(false)
+                || pending("start-kube-proxy")
+            {
                 out.push(Action::StartKubeProxy { binaries });
             }
         }
         Join::Kubeadm { .. } => {
             if observed.kubeadm_joined != Some(true) {
                 out.push(Action::KubeadmJoin { binaries });
-            } else if changed(Role::Kubelet) || observed.kubelet_active == Some(false) {
+            } else if changed(Role::Kubelet)
+                || observed.kubelet_active == Some(false)
+                || pending("start-kubelet")
+            {
                 out.push(Action::StartKubelet { binaries });
             }
         }

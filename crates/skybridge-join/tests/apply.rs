@@ -326,6 +326,33 @@ fn a_node_without_systemd_is_told_what_to_restart() {
             .iter()
             .any(|c| c.starts_with("systemctl restart"))
     );
+
+    // The restart is owed: the next run (systemd up now) does it although no file changes.
+    let pending =
+        std::fs::read_to_string(dir.path().join("var/lib/skybridge/join-pending")).unwrap();
+    assert!(pending.starts_with("restart-containerd\n"), "{pending}");
+    let node = FakeNode::new(dir.path(), true);
+    let again = join(&node, &lab(), NODE, &opts("2")).unwrap();
+    assert!(again.changes.is_empty(), "{:?}", again.changes);
+    assert!(!again.failed(), "{:?}", again.actions);
+    assert!(
+        node.ran
+            .borrow()
+            .contains(&"systemctl restart containerd".to_owned())
+    );
+    let pending =
+        std::fs::read_to_string(dir.path().join("var/lib/skybridge/join-pending")).unwrap();
+    assert_eq!(pending, "");
+    // Paid off: a third run owes nothing.
+    let node = FakeNode::new(dir.path(), true);
+    join(&node, &lab(), NODE, &opts("3")).unwrap();
+    assert!(
+        !node
+            .ran
+            .borrow()
+            .iter()
+            .any(|c| c.contains("restart containerd"))
+    );
 }
 
 #[test]
@@ -352,5 +379,38 @@ fn old_containerd_gets_the_legacy_mirror_table() {
     assert!(
         edited.contains("registry.mirrors.\"docker.io\"]"),
         "{edited}"
+    );
+}
+
+#[test]
+fn kubeadm_join_runs_once_and_never_again_once_joined() {
+    let seed = skybridge_core::load(include_str!("../../../examples/seed.yaml"))
+        .unwrap()
+        .cluster;
+    let dir = node_root();
+    let node = FakeNode::new(dir.path(), true);
+    for bin in ["/usr/bin/kubeadm", "/usr/bin/kubelet"] {
+        node.files.write_file(bin, b"#!/bin/sh\n", 0o755).unwrap();
+    }
+    let first = join(&node, &seed, "k8s-node3", &opts("1")).unwrap();
+    assert!(!first.failed(), "{:?}", first.actions);
+    let ran = node.ran.borrow().clone();
+    assert!(
+        ran.contains(&"/usr/bin/kubeadm join --config /etc/skybridge/kubeadm-join.yaml".to_owned()),
+        "{ran:?}"
+    );
+    // kubeadm join leaves the kubelet's kubeconfig behind; with it the node counts as joined.
+    node.files
+        .write_file("/etc/kubernetes/kubelet.conf", b"apiVersion: v1\n", 0o600)
+        .unwrap();
+    node.ran.borrow_mut().clear();
+    let second = join(&node, &seed, "k8s-node3", &opts("2")).unwrap();
+    assert!(second.changes.is_empty(), "{:?}", second.changes);
+    let ran = node.ran.borrow().clone();
+    assert!(!ran.iter().any(|c| c.contains("kubeadm")), "{ran:?}");
+    // kubelet is not active in the fake: join (re)starts it rather than joining again.
+    assert!(
+        ran.contains(&"systemctl restart kubelet".to_owned()),
+        "{ran:?}"
     );
 }

@@ -407,9 +407,8 @@ fn token(c: &mut Checker, t: &S<String>) -> Option<String> {
 fn abs_path(c: &mut Checker, p: &S<String>, what: &str) -> Option<String> {
     let t = p.value.trim();
     if t.starts_with('/') && !t.contains(char::is_whitespace) {
-        Some(t.trim_end_matches('/').to_owned())
-            .filter(|s| !s.is_empty())
-            .or(Some("/".into()))
+        let trimmed = t.trim_end_matches('/');
+        Some(if trimmed.is_empty() { "/" } else { trimmed }.to_owned())
     } else {
         c.error(
             pos(p),
