@@ -6,10 +6,15 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use skybridge_apply::session::Connector as _;
+use skybridge_apply::ssh::Openssh;
+use skybridge_apply::target::Target;
+use skybridge_core::Cluster;
 use skybridge_core::model::Join;
+use skybridge_join::LocalHost;
 use skybridge_join::apply::{Options, Outcome, Report};
 use skybridge_join::containerd::Version;
-use skybridge_join::{LocalHost, NodeHost};
+use skybridge_join::remote::{Rooted, SessionHost};
 
 use crate::load;
 
@@ -21,7 +26,7 @@ pub struct JoinArgs {
     #[arg(long, required_unless_present = "all", conflicts_with = "all")]
     node: Option<String>,
     /// Every node of the cluster (over SSH).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "local")]
     all: bool,
     /// Show the file diffs and the commands; change nothing.
     #[arg(long)]
@@ -29,10 +34,17 @@ pub struct JoinArgs {
     /// Prepare this machine as node NAME (instead of reaching it over SSH).
     #[arg(long)]
     local: bool,
-    /// With --local: write the node's files under DIR instead of /, and run
-    /// no command (to review or stage the files).
-    #[arg(long, value_name = "DIR", requires = "local")]
+    /// Write the node's files under DIR instead of /, and run no command (to
+    /// review or stage the files); on this machine with --local, else on the node.
+    #[arg(long, value_name = "DIR")]
     root: Option<PathBuf>,
+    /// Over SSH: record the host keys of nodes never contacted before (a
+    /// changed key is refused either way).
+    #[arg(long, conflicts_with = "local")]
+    accept_new_host_keys: bool,
+    /// Over SSH: how many nodes at a time.
+    #[arg(long, default_value_t = 10)]
+    parallel: usize,
     /// The node's containerd version, instead of asking `containerd --version`
     /// (useful with --root: 1.4 gets the legacy mirrors table, 2.x schema 3).
     #[arg(long, value_name = "X.Y.Z")]
@@ -50,21 +62,6 @@ pub fn main(args: JoinArgs) -> Result<ExitCode> {
             cluster.name
         );
     };
-    if args.all || !args.local {
-        bail!(
-            "joining {} requires the SSH transport, which is not in this build yet; run `skybridge join {} --node NAME --local` on each node instead (as root)",
-            if args.all {
-                "every node".to_owned()
-            } else {
-                format!("node {} remotely", args.node.as_deref().unwrap_or("?"))
-            },
-            args.file.display()
-        );
-    }
-    let node = args
-        .node
-        .clone()
-        .expect("clap requires --node without --all");
     let containerd_version = args
         .containerd_version
         .as_deref()
@@ -78,10 +75,6 @@ pub fn main(args: JoinArgs) -> Result<ExitCode> {
         Join::Bootstrap { ca_cert_file, .. } => Some(read_ca_cert(&args.file, ca_cert_file)?),
         Join::Kubeadm { .. } => None,
     };
-    let host = match &args.root {
-        Some(dir) => LocalHost::rooted(node.clone(), dir),
-        None => LocalHost::new(node.clone()),
-    };
     let opts = Options {
         dry_run: args.dry_run,
         backup_suffix: std::time::SystemTime::now()
@@ -91,14 +84,119 @@ pub fn main(args: JoinArgs) -> Result<ExitCode> {
         containerd_version,
         ca_cert,
     };
-    let report = skybridge_join::join(&host, &cluster, &node, &opts)
-        .with_context(|| format!("joining node {node}"))?;
-    print_report(&host, &report, args.dry_run, args.root.as_deref());
-    Ok(if report.failed() {
-        ExitCode::FAILURE
-    } else {
+    if args.local {
+        let node = args
+            .node
+            .clone()
+            .expect("clap requires --node without --all");
+        let host = match &args.root {
+            Some(dir) => LocalHost::rooted(node.clone(), dir),
+            None => LocalHost::new(node.clone()),
+        };
+        let report = skybridge_join::join(&host, &cluster, &node, &opts)
+            .with_context(|| format!("joining node {node}"))?;
+        print_report(&node, &report, args.dry_run, args.root.as_deref());
+        return Ok(if report.failed() {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        });
+    }
+    remote(&args, &cluster, &opts)
+}
+
+/// Joins the chosen nodes over apply's SSH layer, `--parallel` at a time;
+/// one node failing does not stop the others.
+fn remote(args: &JoinArgs, cluster: &Cluster, opts: &Options) -> Result<ExitCode> {
+    let mut targets = skybridge_apply::targets(cluster).with_context(|| {
+        format!(
+            "{}: working out how to reach the nodes",
+            args.file.display()
+        )
+    })?;
+    if let Some(node) = &args.node {
+        targets.retain(|t| &t.node == node);
+        if targets.is_empty() {
+            let names: Vec<&str> = cluster.nodes().map(|(_, n)| n.name.as_str()).collect();
+            bail!(
+                "no node named '{node}' in {}; nodes are: {}",
+                args.file.display(),
+                names.join(", ")
+            );
+        }
+    }
+    let connector = Openssh {
+        accept_new_host_keys: args.accept_new_host_keys,
+        ..Openssh::default()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut ok = true;
+    for batch in targets.chunks(args.parallel.max(1)) {
+        let results: Vec<(String, Result<Report, String>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = batch
+                .iter()
+                .map(|t| {
+                    let (connector, rt) = (&connector, runtime.handle().clone());
+                    s.spawn(move || {
+                        (
+                            t.node.clone(),
+                            join_one(connector, t, rt, cluster, args, opts),
+                        )
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a join thread panicked"))
+                .collect()
+        });
+        for (node, result) in results {
+            match result {
+                Ok(report) => {
+                    print_report(&node, &report, args.dry_run, args.root.as_deref());
+                    ok &= !report.failed();
+                }
+                Err(why) => {
+                    eprintln!("{node}: FAILED: {why}");
+                    ok = false;
+                }
+            }
+        }
+    }
+    Ok(if ok {
         ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     })
+}
+
+fn join_one(
+    connector: &Openssh,
+    target: &Target,
+    rt: tokio::runtime::Handle,
+    cluster: &Cluster,
+    args: &JoinArgs,
+    opts: &Options,
+) -> Result<Report, String> {
+    let session = rt
+        .block_on(connector.connect(target))
+        .map_err(|e| e.to_string())?;
+    let host = SessionHost::new(target.node.clone(), session, rt.clone());
+    let result = match &args.root {
+        Some(dir) => skybridge_join::join(
+            &Rooted::new(&host, dir.display().to_string()),
+            cluster,
+            &target.node,
+            opts,
+        ),
+        None => skybridge_join::join(&host, cluster, &target.node, opts),
+    }
+    .map_err(|e| format!("{e:#}"));
+    rt.block_on(host.into_session().close());
+    result
 }
 
 /// Reads the cluster CA certificate; refuses a file that holds a private
@@ -126,8 +224,7 @@ fn read_ca_cert(cluster_file: &Path, ca: &str) -> Result<String> {
     Ok(pem)
 }
 
-fn print_report(host: &dyn NodeHost, r: &Report, dry_run: bool, root: Option<&Path>) {
-    let node = host.name();
+fn print_report(node: &str, r: &Report, dry_run: bool, root: Option<&Path>) {
     for n in &r.notes {
         println!("{node}: note: {n}");
     }

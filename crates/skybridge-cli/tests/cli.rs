@@ -334,17 +334,15 @@ fn join_dry_run_prints_diffs_and_writes_nothing() {
 }
 
 #[test]
-fn join_without_ssh_says_what_to_do_instead() {
+fn join_of_an_unknown_node_names_the_nodes_there_are() {
     skybridge()
         .arg("join")
         .arg(examples().join("lab.yaml"))
-        .arg("--all")
+        .args(["--node", "nope"])
         .assert()
         .code(1)
-        .stderr(predicate::str::contains(
-            "joining every node requires the SSH transport",
-        ))
-        .stderr(predicate::str::contains("--node NAME --local"));
+        .stderr(predicate::str::contains("no node named 'nope'"))
+        .stderr(predicate::str::contains("hw-master"));
 }
 
 #[test]

@@ -8,7 +8,8 @@
 //! Layout: [`plan`] is pure (desired files, their diff against the node,
 //! the commands the diff calls for); [`containerd`], [`kernel`] and [`kube`]
 //! generate or edit the files; [`apply`] executes a plan through a
-//! [`NodeHost`] (this machine or a directory in [`LocalHost`]; SSH next).
+//! [`NodeHost`]: this machine or a directory ([`LocalHost`]), or a node over
+//! apply's SSH layer ([`remote::SessionHost`]).
 
 pub mod apply;
 pub mod containerd;
@@ -16,6 +17,7 @@ pub mod host;
 pub mod kernel;
 pub mod kube;
 pub mod plan;
+pub mod remote;
 
 pub use apply::{Options, Outcome, Report, join};
 pub use host::{CommandOutput, HostError, LocalHost, NodeHost};
