@@ -6,8 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages the tests use: real nftables/iproute2 in throwaway `sbt-`
-# network namespaces.
-PACKAGES=(iproute2 nftables iptables wireguard-tools wireguard-go iperf3 iputils-ping util-linux procps tcpdump openssh-server openssh-client)
+# network namespaces; the real containerd (started by the join tests on a
+# private config) and systemd-analyze (verifies the generated units); a real
+# sshd per lab node for the apply tests; kmod, debootstrap and e2fsprogs for
+# the VM lab (its kernel, qemu and busybox are fetched by `lab up --backend vm`
+# itself with `apt-get download` into /var/cache/skybridge-lab, never installed).
+PACKAGES=(iproute2 nftables iptables wireguard-tools wireguard-go iperf3 iputils-ping util-linux procps tcpdump containerd systemd openssh-server openssh-client kmod debootstrap e2fsprogs)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -20,6 +24,11 @@ if ((${#missing[@]})); then
   else
     echo "warning: missing packages ${missing[*]}; tests that need them will skip (run as root on Debian to install them)" >&2
   fi
+fi
+
+# The VM lab asks apt for package versions: make sure its lists exist.
+if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null && ! apt-cache show --no-all-versions linux-image-amd64 >/dev/null 2>&1; then
+  apt-get update -qq
 fi
 
 cargo fmt --all -- --check

@@ -156,12 +156,21 @@ impl Host for LinuxHost {
         let mut links = self.links.links.clone();
         let mut wireguard = None;
         if let Some(l) = links.iter_mut().find(|l| l.name == WG_IFACE) {
-            // A userspace data plane serves WireGuard on a TUN device.
-            if l.kind == (LinkKind::Other { name: "tun".into() }) {
-                l.kind = LinkKind::WireGuard;
+            // A userspace data plane serves WireGuard on a TUN device; a
+            // link of the other kind (left by a run with the other backend)
+            // shows as foreign, so the diff recreates it.
+            let tun = LinkKind::Other { name: "tun".into() };
+            if self.wireguard.brings_own_link() {
+                if l.kind == tun {
+                    l.kind = LinkKind::WireGuard;
+                } else if l.kind == LinkKind::WireGuard {
+                    l.kind = LinkKind::Other {
+                        name: "wireguard (kernel)".into(),
+                    };
+                }
             }
             if let (Some(have), Some(want)) =
-                (self.wireguard.read(&l.name)?, desired_wireguard(plan))
+                (self.wireguard.read(&l.name).await?, desired_wireguard(plan))
             {
                 wireguard = Some(without_learned_endpoints(have, &want));
             }
@@ -183,9 +192,7 @@ impl Host for LinuxHost {
                     self.wireguard.stop(&link.name)?;
                     nl.delete_link(&self.links, &link.name).await?;
                 }
-                if link.kind == LinkKind::WireGuard
-                    && !matches!(self.wireguard, WireGuard::Unavailable)
-                {
+                if link.kind == LinkKind::WireGuard && self.wireguard.brings_own_link() {
                     // A userspace data plane brings its own (TUN) link.
                     self.wireguard.create(link).await?;
                 } else {
@@ -225,7 +232,7 @@ impl Host for LinuxHost {
             }
             Op::ReplaceFirewall { rules } => self.firewall.replace(rules)?,
             Op::RemoveFirewall => self.firewall.remove()?,
-            Op::ConfigureWireGuard { config } => self.wireguard.configure(config)?,
+            Op::ConfigureWireGuard { config } => self.wireguard.configure(config).await?,
         }
         Ok(())
     }

@@ -16,4 +16,5 @@ pub mod netlink;
 pub mod reconcile;
 pub mod ssh;
 pub mod sysctl;
+pub mod wgkernel;
 pub mod wireguard;

@@ -14,6 +14,8 @@ use base64::engine::general_purpose::STANDARD;
 use ipnet::Ipv4Net;
 use skybridge_core::diff::{Link, PeerConfig, WireGuardConfig};
 
+pub use crate::wgkernel::KernelWireGuard;
+
 pub const UAPI_DIR: &str = "/var/run/wireguard";
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +36,8 @@ pub enum WireGuardError {
     Protocol { path: PathBuf, line: String },
     #[error("the userspace WireGuard data plane of {iface} did not start: {why}")]
     Dataplane { iface: String, why: String },
+    #[error("kernel WireGuard, {what}: {why}")]
+    Kernel { what: String, why: String },
     #[error(
         "no WireGuard data plane is available for {0}: this kernel has no wireguard module; load it (`modprobe wireguard`) or use transport: gre/vxlan"
     )]
@@ -45,6 +49,14 @@ pub enum WireGuardError {
 pub enum WireGuard {
     /// No data plane here: planning a WireGuard tunnel is an error that says why.
     Unavailable,
+    /// The kernel's own WireGuard (module `wireguard`), configured over its
+    /// generic netlink family; the link is created over rtnetlink.
+    Kernel {
+        private_key: String,
+        netlink: KernelWireGuard,
+        /// Where a userspace data plane of an earlier run may have left its pid.
+        state_dir: PathBuf,
+    },
     /// A userspace implementation started outside the agent (wireguard-go,
     /// boringtun-cli) serves the interface; the agent configures it over UAPI.
     External { private_key: String },
@@ -61,15 +73,27 @@ impl WireGuard {
     pub fn name(&self) -> &'static str {
         match self {
             WireGuard::Unavailable => "unavailable",
+            WireGuard::Kernel { .. } => "kernel",
             WireGuard::External { .. } => "external (UAPI)",
             WireGuard::Userspace { .. } => "userspace (gotatun)",
         }
     }
 
-    /// Brings the interface into existence.
+    /// Whether this backend brings the interface's link itself ([`Self::create`]);
+    /// otherwise the caller creates a link of kind `wireguard` over rtnetlink.
+    pub fn brings_own_link(&self) -> bool {
+        matches!(
+            self,
+            WireGuard::External { .. } | WireGuard::Userspace { .. }
+        )
+    }
+
+    /// Brings the interface into existence (backends that [`Self::brings_own_link`]).
     pub async fn create(&mut self, link: &Link) -> Result<(), WireGuardError> {
         match self {
-            WireGuard::Unavailable => Err(WireGuardError::Unavailable(link.name.clone())),
+            WireGuard::Unavailable | WireGuard::Kernel { .. } => {
+                Err(WireGuardError::Unavailable(link.name.clone()))
+            }
             WireGuard::External { .. } => {
                 if Uapi::new(&link.name).exists() {
                     Ok(())
@@ -102,7 +126,9 @@ impl WireGuard {
 
     /// Stops whatever serves the interface, if the agent started it.
     pub fn stop(&mut self, name: &str) -> Result<(), WireGuardError> {
-        if let WireGuard::Userspace { state_dir, .. } = self {
+        // A kernel backend also stops a data plane left by an earlier
+        // userspace run, whose TUN link it is about to replace.
+        if let WireGuard::Userspace { state_dir, .. } | WireGuard::Kernel { state_dir, .. } = self {
             stop_dataplane(state_dir, name);
         }
         Ok(())
@@ -110,9 +136,16 @@ impl WireGuard {
 
     /// The interface's configuration; `None` when it does not run with this
     /// node's private key (not configured yet, or restarted).
-    pub fn read(&self, name: &str) -> Result<Option<WireGuardConfig>, WireGuardError> {
+    pub async fn read(&self, name: &str) -> Result<Option<WireGuardConfig>, WireGuardError> {
         match self {
             WireGuard::Unavailable => Ok(None),
+            WireGuard::Kernel {
+                private_key,
+                netlink,
+                ..
+            } => Ok(netlink.get(name).await?.and_then(|(have_key, cfg)| {
+                (have_key.as_deref() == Some(private_key.as_str())).then_some(cfg)
+            })),
             WireGuard::External { private_key } | WireGuard::Userspace { private_key, .. } => {
                 let uapi = Uapi::new(name);
                 if !uapi.alive() {
@@ -124,9 +157,14 @@ impl WireGuard {
         }
     }
 
-    pub fn configure(&self, cfg: &WireGuardConfig) -> Result<(), WireGuardError> {
+    pub async fn configure(&self, cfg: &WireGuardConfig) -> Result<(), WireGuardError> {
         match self {
             WireGuard::Unavailable => Err(WireGuardError::Unavailable(cfg.interface.clone())),
+            WireGuard::Kernel {
+                private_key,
+                netlink,
+                ..
+            } => netlink.set(private_key, cfg).await,
             WireGuard::External { private_key } | WireGuard::Userspace { private_key, .. } => {
                 Uapi::new(&cfg.interface).set(private_key, cfg)
             }
@@ -264,24 +302,20 @@ impl Uapi {
                 peers: Vec::new(),
             },
         ));
+        let delta = Delta::between(have_key.as_deref(), &have, private_key, cfg);
         let mut req = String::from("set=1\n");
-        if have_key.as_deref() != Some(private_key) {
+        if delta.private_key {
             req += &format!("private_key={}\n", hex(private_key).unwrap_or_default());
         }
-        if have.listen_port != cfg.listen_port {
-            req += &format!("listen_port={}\n", cfg.listen_port);
+        if let Some(port) = delta.listen_port {
+            req += &format!("listen_port={port}\n");
         }
-        for old in &have.peers {
-            if !cfg.peers.iter().any(|p| p.public_key == old.public_key)
-                && let Some(key) = hex(&old.public_key)
-            {
+        for old in &delta.remove {
+            if let Some(key) = hex(old) {
                 req += &format!("public_key={key}\nremove=true\n");
             }
         }
-        for p in &cfg.peers {
-            if have.peers.contains(p) {
-                continue;
-            }
+        for p in &delta.upsert {
             let Some(key) = hex(&p.public_key) else {
                 continue;
             };
@@ -300,6 +334,45 @@ impl Uapi {
         }
         req += "\n";
         self.exchange(&req, "set").map(drop)
+    }
+}
+
+/// What separates a device from its plan: both backends send only this, so
+/// peers that stay keep their sessions (no replace-peers) and adding a site
+/// does not interrupt the flows to the others.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Delta<'a> {
+    /// The device does not run with this node's key.
+    pub private_key: bool,
+    pub listen_port: Option<u16>,
+    /// Public keys of peers to remove.
+    pub remove: Vec<&'a str>,
+    /// Peers to add, or to replace (endpoint, keepalive, allowed IPs) in full.
+    pub upsert: Vec<&'a PeerConfig>,
+}
+
+impl<'a> Delta<'a> {
+    pub fn between(
+        have_key: Option<&str>,
+        have: &'a WireGuardConfig,
+        private_key: &str,
+        want: &'a WireGuardConfig,
+    ) -> Self {
+        Delta {
+            private_key: have_key != Some(private_key),
+            listen_port: (have.listen_port != want.listen_port).then_some(want.listen_port),
+            remove: have
+                .peers
+                .iter()
+                .filter(|old| !want.peers.iter().any(|p| p.public_key == old.public_key))
+                .map(|old| old.public_key.as_str())
+                .collect(),
+            upsert: want
+                .peers
+                .iter()
+                .filter(|p| !have.peers.contains(p))
+                .collect(),
+        }
     }
 }
 

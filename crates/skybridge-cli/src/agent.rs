@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use skybridge_agent::host::{Host, HostError, LinuxHost};
 use skybridge_agent::reconcile::Report;
-use skybridge_agent::wireguard::WireGuard;
+use skybridge_agent::wireguard::{KernelWireGuard, WireGuard};
 use skybridge_agent::{daemon, firewall, keys, netlink, reconcile};
 use skybridge_core::NodePlan;
 
@@ -50,10 +50,12 @@ struct NodeArgs {
     /// Public keys of the other nodes [default: <cluster>.state.yaml].
     #[arg(long)]
     state: Option<PathBuf>,
-    /// Who carries WireGuard traffic: Skybridge's own userspace data plane, or
-    /// an implementation started by someone else (wireguard-go, boringtun-cli)
-    /// that the agent only configures over its UAPI socket.
-    #[arg(long, value_enum, default_value_t = DataPlane::Userspace)]
+    /// Who carries WireGuard traffic: the kernel's WireGuard where the kernel
+    /// has it (auto), else Skybridge's own userspace data plane; or force
+    /// one; `external` is an implementation started by someone else
+    /// (wireguard-go, boringtun-cli) that the agent only configures over its
+    /// UAPI socket.
+    #[arg(long, value_enum, default_value_t = DataPlane::Auto)]
     wireguard: DataPlane,
     /// Firewall backend: nftables where `nft` works, else iptables (the
     /// manual procedure's CentOS hosts); or force one.
@@ -70,6 +72,8 @@ enum FirewallChoice {
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum DataPlane {
+    Auto,
+    Kernel,
     Userspace,
     External,
 }
@@ -164,7 +168,7 @@ fn node_plan(args: &NodeArgs) -> Result<NodePlan, String> {
     })
 }
 
-fn host(args: &NodeArgs, plan: &NodePlan) -> Result<LinuxHost> {
+async fn host(args: &NodeArgs, plan: &NodePlan) -> Result<LinuxHost> {
     let state_dir = &args.state_dir;
     let netlink = netlink::Netlink::connect()?;
     let fw: Box<dyn firewall::Firewall> = match args.firewall {
@@ -178,14 +182,32 @@ fn host(args: &NodeArgs, plan: &NodePlan) -> Result<LinuxHost> {
         .any(|t| matches!(t, skybridge_core::plan::Tunnel::WireGuard(_)))
     {
         let private_key = keys::private_key(state_dir)?;
-        match args.wireguard {
-            DataPlane::Userspace => WireGuard::Userspace {
+        let kernel = match args.wireguard {
+            DataPlane::Auto => match KernelWireGuard::probe().await {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    tracing::info!("no kernel WireGuard ({e}); using the userspace data plane");
+                    None
+                }
+            },
+            DataPlane::Kernel => Some(KernelWireGuard::probe().await.context(
+                "--wireguard kernel: this kernel has no usable WireGuard (`modprobe wireguard`), or use --wireguard userspace",
+            )?),
+            DataPlane::Userspace | DataPlane::External => None,
+        };
+        match (args.wireguard, kernel) {
+            (_, Some(netlink)) => WireGuard::Kernel {
+                private_key,
+                netlink,
+                state_dir: state_dir.clone(),
+            },
+            (DataPlane::External, None) => WireGuard::External { private_key },
+            _ => WireGuard::Userspace {
                 private_key,
                 exe: std::env::current_exe()
                     .context("locating the skybridge binary for the data plane")?,
                 state_dir: state_dir.clone(),
             },
-            DataPlane::External => WireGuard::External { private_key },
         }
     } else {
         WireGuard::Unavailable
@@ -210,7 +232,7 @@ fn print_report(node: &str, r: &Report, dry_run: bool) {
 
 async fn run(args: &NodeArgs, once: bool, dry_run: bool, interval: Duration) -> Result<ExitCode> {
     let plan = node_plan(args).map_err(anyhow::Error::msg)?;
-    let mut host = host(args, &plan)?;
+    let mut host = host(args, &plan).await?;
     tracing::info!(node = %plan.node, backends = %host.backends(), "agent starting");
     if once || dry_run {
         let r = reconcile::reconcile(&mut host, &plan, dry_run).await?;
@@ -257,7 +279,7 @@ async fn run(args: &NodeArgs, once: bool, dry_run: bool, interval: Duration) -> 
 
 async fn down(args: &NodeArgs, dry_run: bool) -> Result<ExitCode> {
     let plan = node_plan(args).map_err(anyhow::Error::msg)?;
-    let mut host = host(args, &plan)?;
+    let mut host = host(args, &plan).await?;
     let r = reconcile::down(&mut host, &plan, dry_run).await?;
     print_report(&plan.node, &r, dry_run);
     if !dry_run {

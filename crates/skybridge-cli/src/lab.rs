@@ -21,13 +21,37 @@ pub enum LabCommand {
         /// Run NODE's WireGuard with an implementation nobody here wrote
         /// (wireguard-go or boringtun), configured by the agent through the
         /// UAPI: the proof that Skybridge's data plane speaks the real protocol.
-        #[arg(long = "wireguard-impl", value_name = "NODE=wireguard-go|boringtun")]
+        /// `kernel` or `userspace` instead runs the agent with `--wireguard` of that name on NODE.
+        #[arg(
+            long = "wireguard-impl",
+            value_name = "NODE=wireguard-go|boringtun|kernel|userspace"
+        )]
         wireguard_impl: Vec<String>,
         /// Run a real sshd on every node and make a `controller` namespace with
         /// the operator's key, and start no agents: `skybridge apply` installs
         /// them (`lab exec controller -- skybridge apply FILE --yes`).
-        #[arg(long, conflicts_with = "wireguard_impl")]
+        #[arg(long, conflicts_with_all = ["wireguard_impl", "image", "agent"])]
         ssh: bool,
+        /// What a node is: a network namespace on this kernel, or a qemu VM
+        /// running Debian's kernel (kernel GRE and WireGuard; fetched with apt
+        /// into /var/cache/skybridge-lab on first use).
+        #[arg(long, value_enum, default_value = "namespace")]
+        backend: BackendArg,
+        /// What the VMs boot: a busybox initramfs over the host's files
+        /// (seconds), or a Debian image with systemd that survives `lab reboot`
+        /// (built once with debootstrap).
+        #[arg(long, value_enum, default_value = "initramfs")]
+        image: ImageArg,
+        /// How the agent runs: a process the lab starts, the rendered
+        /// systemd unit (systemd image), or not at all (apply something by hand).
+        #[arg(long, value_enum)]
+        agent: Option<AgentArg>,
+    },
+    /// Reboot VMs of the systemd image (`systemctl reboot` inside) and wait until they are back.
+    Reboot {
+        nodes: Vec<String>,
+        #[arg(long, conflicts_with = "nodes")]
+        all: bool,
     },
     /// Every node to every node by private IP (ICMP and TCP); exit 1 if any pair fails.
     Check,
@@ -41,12 +65,34 @@ pub enum LabCommand {
     Status,
     /// Remove every namespace and process of the lab.
     Down,
+    /// The exec channel's server inside a lab VM (started by the guest's init).
+    #[command(hide = true)]
+    GuestServe,
     /// The lab's TCP probe target (started on every node by `up`).
     #[command(hide = true)]
     Listen {
         #[arg(long)]
         port: u16,
     },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum BackendArg {
+    Namespace,
+    Vm,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ImageArg {
+    Initramfs,
+    Systemd,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum AgentArg {
+    Process,
+    Unit,
+    None,
 }
 
 fn root() -> Result<()> {
@@ -105,23 +151,57 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
             skybridge_lab::listen(port)?;
             Ok(ExitCode::SUCCESS)
         }
+        LabCommand::GuestServe => {
+            skybridge_lab::vm::channel::serve().context("serving the lab's exec channel")?;
+            Ok(ExitCode::SUCCESS)
+        }
         LabCommand::Up {
             file,
             timeout,
             wireguard_impl,
             ssh,
+            backend,
+            image,
+            agent,
         } => {
             root()?;
+            let image = match image {
+                ImageArg::Initramfs => skybridge_lab::vm::Image::Initramfs,
+                ImageArg::Systemd => skybridge_lab::vm::Image::Systemd,
+            };
+            let agent = match (agent, image) {
+                (Some(AgentArg::Process), _) => skybridge_lab::AgentMode::Process,
+                (Some(AgentArg::Unit), _) => skybridge_lab::AgentMode::Unit,
+                (Some(AgentArg::None), _) => skybridge_lab::AgentMode::None,
+                (None, skybridge_lab::vm::Image::Systemd) => skybridge_lab::AgentMode::Unit,
+                (None, skybridge_lab::vm::Image::Initramfs) => skybridge_lab::AgentMode::Process,
+            };
+            let mut options = skybridge_lab::UpOptions {
+                backend: match backend {
+                    BackendArg::Namespace => skybridge_lab::Backend::Namespace,
+                    BackendArg::Vm => skybridge_lab::Backend::Vm,
+                },
+                image,
+                agent,
+                ssh,
+                ..Default::default()
+            };
             let mut foreign = std::collections::BTreeMap::new();
             for spec in &wireguard_impl {
                 let (node, imp) = spec.split_once('=').with_context(|| {
                     format!("--wireguard-impl {spec}: write NODE=wireguard-go or NODE=boringtun")
                 })?;
+                if matches!(imp, "kernel" | "userspace") {
+                    options
+                        .agent_args
+                        .insert(node.to_owned(), vec!["--wireguard".into(), imp.into()]);
+                    continue;
+                }
                 let imp = match imp {
                     "wireguard-go" => skybridge_lab::ForeignWireGuard::WireguardGo,
                     "boringtun" => skybridge_lab::ForeignWireGuard::Boringtun,
                     other => bail!(
-                        "--wireguard-impl {spec}: unknown implementation {other}; use wireguard-go or boringtun"
+                        "--wireguard-impl {spec}: unknown implementation {other}; use wireguard-go, boringtun, kernel or userspace"
                     ),
                 };
                 foreign.insert(node.to_owned(), imp);
@@ -130,8 +210,8 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             };
             let exe = std::env::current_exe()?;
-            let state = skybridge_lab::up(&file, &cluster, &exe, &foreign, ssh)?;
-            if let Some(c) = state.controller.as_ref().filter(|_| ssh) {
+            let state = skybridge_lab::up_with(&file, &cluster, &exe, &foreign, &options)?;
+            if let Some(c) = state.controller.as_ref().filter(|_| options.ssh) {
                 println!(
                     "lab {}: {} namespaces, sshd on every node, no agents yet; the operator's machine is `controller` ({}).\nApply from it: skybridge lab exec controller -- {} apply {} --yes",
                     state.cluster,
@@ -143,17 +223,61 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             println!(
-                "lab {}: {} namespaces; agents starting (logs in {})",
+                "lab {}: {} namespaces, {} VMs; agents starting (logs in {})",
                 state.cluster,
                 state.namespaces.len(),
+                state.nodes.values().filter(|n| n.vm.is_some()).count(),
                 state.dir.display()
             );
+            if options.agent == skybridge_lab::AgentMode::None {
+                println!(
+                    "no agent started (--agent none): apply something by hand, then `lab check`"
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             let m = skybridge_lab::wait_converged(&state, Duration::from_secs(timeout));
             Ok(if print_matrix(&m) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
             })
+        }
+        LabCommand::Reboot { nodes, all } => {
+            root()?;
+            let state = LabState::load()?;
+            if nodes.is_empty() && !all {
+                bail!("name the nodes to reboot, or --all");
+            }
+            let mut vms = Vec::new();
+            for (name, n) in &state.nodes {
+                if !all && !nodes.contains(name) {
+                    continue;
+                }
+                let Some(vm) = &n.vm else {
+                    bail!(
+                        "{name} is a namespace, not a VM: only `lab up --backend vm --image systemd` nodes reboot"
+                    );
+                };
+                vms.push((name.clone(), vm.clone()));
+            }
+            if let Some(unknown) = nodes.iter().find(|n| !state.nodes.contains_key(*n)) {
+                bail!(
+                    "no node {unknown} in lab {}; nodes: {}",
+                    state.cluster,
+                    state.nodes.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
+            }
+            let took = skybridge_lab::vm::reboot(&vms)?;
+            println!(
+                "rebooted {} VM(s) in {:.0} s: {}",
+                vms.len(),
+                took.as_secs_f64(),
+                vms.iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            Ok(ExitCode::SUCCESS)
         }
         LabCommand::Check => {
             root()?;
@@ -166,6 +290,21 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
         }
         LabCommand::Exec { node, command } => {
             let state = LabState::load()?;
+            if let Some(vm) = state.nodes.get(&node).and_then(|n| n.vm.as_ref()) {
+                let resp = skybridge_lab::vm::channel::call(
+                    &vm.socket,
+                    &command,
+                    None,
+                    Duration::from_secs(3600),
+                )?;
+                print!("{}", resp.stdout);
+                eprint!("{}", resp.stderr);
+                return Ok(if resp.code == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                });
+            }
             let Some(mut args) = state.enter(&node) else {
                 bail!(
                     "no node {node} in lab {}; nodes: {}",
@@ -187,10 +326,21 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
             let state = LabState::load()?;
             println!("lab {} ({})", state.cluster, state.dir.display());
             for (name, n) in &state.nodes {
-                println!(
-                    "  {name:<16} site {:<12} {:<16} netns {}",
-                    n.site, n.private_ip, n.netns
-                );
+                match &n.vm {
+                    Some(vm) => println!(
+                        "  {name:<16} site {:<12} {:<16} VM pid {} ({}) in {}, console {}",
+                        n.site,
+                        n.private_ip,
+                        vm.pid,
+                        vm.accel,
+                        n.netns,
+                        vm.console.display()
+                    ),
+                    None => println!(
+                        "  {name:<16} site {:<12} {:<16} netns {}",
+                        n.site, n.private_ip, n.netns
+                    ),
+                }
             }
             if let Some(c) = &state.controller {
                 println!(

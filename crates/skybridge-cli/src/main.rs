@@ -3,6 +3,7 @@
 
 mod agent;
 mod apply;
+mod join;
 mod keys;
 mod lab;
 mod load;
@@ -30,6 +31,8 @@ struct Cli {
 enum Command {
     /// Run the node agent: reconcile this node's network onto its plan and keep it there.
     Agent(agent::AgentArgs),
+    /// Prepare VMs as Kubernetes nodes: kernel settings, containerd, kubelet, kube-proxy.
+    Join(join::JoinArgs),
     /// Reach every node over SSH, install the agent and the cluster file, collect
     /// keys, show the changes, apply them (rolled back on a node that cannot be
     /// reached again) and verify connectivity.
@@ -123,6 +126,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Agent(args) => agent::main(args),
+        Command::Join(args) => join::main(args),
         Command::Apply(args) => apply::main(args),
         Command::Lab(cmd) => lab::main(cmd),
         Command::WireguardDataplane { iface, state_dir } => agent::dataplane(&iface, &state_dir),

@@ -448,6 +448,41 @@ fn a_kernel_without_gre_gets_an_error_naming_the_module() {
     );
 }
 
+#[test]
+fn forcing_kernel_wireguard_on_a_kernel_without_it_fails_clearly_and_auto_falls_back() {
+    let test = "kernel_wireguard_missing";
+    if !root_or_skip(test) || !nft_available(test) {
+        return;
+    }
+    let w = World::new("wireguard");
+    let probe =
+        w.a.run(&["ip", "link", "add", "sbt-wgprobe", "type", "wireguard"]);
+    if probe.status.success() {
+        eprintln!("SKIPPED {test}: this kernel has WireGuard (covered by the VM tests)");
+        return;
+    }
+    let out = w.agent("gw-a", &["--once", "--wireguard", "kernel"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--wireguard kernel")
+            && err.contains("modprobe wireguard")
+            && err.contains("--wireguard userspace"),
+        "{err}"
+    );
+    assert!(
+        !w.a.run(&["ip", "link", "show", "sb-wg0"]).status.success(),
+        "a refused start must change nothing"
+    );
+    // The default picks the userspace data plane on such a kernel.
+    let out = w.agent("gw-a", &["--once", "--dry-run"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn tools(test: &str, tools: &[&str]) -> bool {
     for t in tools {
         if std::process::Command::new(t)

@@ -400,3 +400,93 @@ fn a_change_that_cuts_ssh_is_rolled_back_on_those_nodes_within_the_timeout() {
     assert!(fixed.status.success(), "{}", text(&fixed));
     lab.matrix_green();
 }
+
+/// `skybridge join` over the same SSH layer: with `--root` every node's files
+/// land under a directory of its own (nothing runs, so the shared host kernel
+/// is never touched: no modprobe, no swapoff); a second run changes nothing.
+#[test]
+fn join_over_ssh_writes_every_node_s_files_and_a_second_run_changes_nothing() {
+    let test = "join_over_ssh";
+    if !root_or_skip(test) || !tools(test) {
+        return;
+    }
+    let lab = Lab::up("join");
+    let kube = "  kubernetes:
+    version: v1.30.4
+    apiServer: https://192.168.0.10:6443
+    clusterDNS: 10.96.0.10
+    serviceCIDR: 10.96.0.0/12
+    podCIDR: 10.244.0.0/16
+    containerd:
+      systemdCgroup: true
+      registryMirrors: { docker.io: [https://docker-mirror.example] }
+    join:
+      bootstrap: { token: 07401b.f395accd246ae52d, caCertFile: ca.crt, binaries: /opt/kubernetes/bin }
+  sites:
+";
+    lab.write("small.yaml", &CLUSTER.replacen("  sites:\n", kube, 1));
+    let ca = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/lab-ca.crt");
+    std::fs::copy(ca, lab.dir.path().join("ca.crt")).unwrap();
+    let join = |extra: &[&str]| {
+        let exe = skybridge().display().to_string();
+        let path = lab.path("small.yaml");
+        let mut args = vec![
+            "exec",
+            "controller",
+            "--",
+            &exe,
+            "join",
+            &path,
+            "--all",
+            "--root",
+            "/var/lib/sbt-join",
+        ];
+        args.extend_from_slice(extra);
+        lab.lab(&args)
+    };
+    let dry = join(&["--dry-run"]);
+    assert!(dry.status.success(), "{}", text(&dry));
+    assert!(
+        text(&dry).contains("+SystemdCgroup = true") || text(&dry).contains("SystemdCgroup = true"),
+        "{}",
+        text(&dry)
+    );
+    let none = lab.sh("hw-worker", "ls /var/lib/sbt-join 2>&1");
+    assert!(
+        !none.status.success(),
+        "a dry run wrote files: {}",
+        text(&none)
+    );
+
+    let first = join(&[]);
+    assert!(first.status.success(), "{}", text(&first));
+    for node in NODES {
+        assert!(
+            text(&first).contains(&format!("{node}: changed")),
+            "{node} not joined:\n{}",
+            text(&first)
+        );
+        // Each node got its own private IP as the kubelet's address, over SSH
+        // (hw-worker through its gateway).
+        let ip = match node {
+            "hw-gw" => "192.168.0.10",
+            "hw-worker" => "192.168.0.11",
+            "ali-gw" => "172.26.32.235",
+            _ => "10.20.1.5",
+        };
+        let unit = lab.sh(
+            node,
+            "cat /var/lib/sbt-join/etc/systemd/system/kubelet.service /var/lib/sbt-join/var/lib/kubelet/config.yaml 2>/dev/null",
+        );
+        assert!(text(&unit).contains(ip), "{node}: {}", text(&unit));
+    }
+    let second = join(&[]);
+    assert!(second.status.success(), "{}", text(&second));
+    for node in NODES {
+        assert!(
+            text(&second).contains(&format!("{node}: no changes")),
+            "{node} changed on the second run:\n{}",
+            text(&second)
+        );
+    }
+}

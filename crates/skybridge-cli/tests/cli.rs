@@ -251,3 +251,189 @@ fn render_wireguard_for_a_gre_cluster_is_refused() {
         .code(1)
         .stderr(predicate::str::contains("transport"));
 }
+
+/// A node's root for `join --local --root`: the lab cluster file and its CA
+/// certificate, and Debian's containerd config.toml as the operator left it.
+fn join_fixture() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = dir.path().join("lab.yaml");
+    std::fs::copy(examples().join("lab.yaml"), &cluster).unwrap();
+    std::fs::copy(examples().join("lab-ca.crt"), dir.path().join("lab-ca.crt")).unwrap();
+    let root = dir.path().join("node");
+    std::fs::create_dir_all(root.join("etc/containerd")).unwrap();
+    std::fs::write(
+        root.join("etc/containerd/config.toml"),
+        "# ops: keep\nversion = 2\n\n[plugins]\n  [plugins.\"io.containerd.grpc.v1.cri\"]\n    [plugins.\"io.containerd.grpc.v1.cri\".cni]\n      bin_dir = \"/usr/lib/cni\"\n",
+    )
+    .unwrap();
+    (dir, cluster, root)
+}
+
+#[test]
+fn join_local_twice_changes_nothing_the_second_time() {
+    let (_dir, cluster, root) = join_fixture();
+    let run = || {
+        skybridge()
+            .arg("join")
+            .arg(&cluster)
+            .args(["--node", "tc-worker", "--local", "--root"])
+            .arg(&root)
+            .assert()
+            .success()
+    };
+    run()
+        .stdout(predicate::str::contains("tc-worker: changed 10 file(s):"))
+        .stdout(predicate::str::contains("~ /etc/containerd/config.toml"))
+        .stdout(predicate::str::contains("backup /etc/containerd/config.toml.skybridge-backup-"))
+        .stdout(predicate::str::contains(
+            "not run: systemctl restart containerd (this host only takes files)",
+        ))
+        .stdout(predicate::str::contains(
+            "WARNING: systemctl enable kubelet && systemctl restart kubelet: /opt/kubernetes/bin/kubelet does not exist",
+        ));
+    let unit = std::fs::read_to_string(root.join("etc/systemd/system/kubelet.service")).unwrap();
+    assert!(unit.contains("--node-ip=10.20.1.6 "), "{unit}");
+    let config = std::fs::read_to_string(root.join("etc/containerd/config.toml")).unwrap();
+    assert!(config.starts_with("# ops: keep\n"), "{config}");
+    run()
+        .stdout(predicate::str::contains("tc-worker: no changes"))
+        .stdout(predicate::str::contains("backup").not());
+}
+
+#[test]
+fn join_dry_run_prints_diffs_and_writes_nothing() {
+    let (_dir, cluster, root) = join_fixture();
+    skybridge()
+        .arg("join")
+        .arg(&cluster)
+        .args(["--node", "hw-worker", "--local", "--dry-run", "--root"])
+        .arg(&root)
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "hw-worker: would change 11 file(s)",
+        ))
+        .stdout(predicate::str::contains(
+            "--- a/etc/containerd/config.toml\n+++ b/etc/containerd/config.toml",
+        ))
+        .stdout(predicate::str::contains(
+            "+    sandbox_image = \"registry.huawei.example/k8s/pause:3.9\"",
+        ))
+        .stdout(predicate::str::contains(
+            "+            SystemdCgroup = true",
+        ))
+        .stdout(predicate::str::contains(
+            "+++ b/etc/kubernetes/bootstrap-kubelet.conf\n(holds a credential",
+        ))
+        .stdout(predicate::str::contains("07401b").not())
+        .stdout(predicate::str::contains(
+            "would run: systemctl restart containerd",
+        ));
+    assert!(!root.join("etc/systemd").exists());
+    assert!(!root.join("etc/kubernetes").exists());
+}
+
+#[test]
+fn join_of_an_unknown_node_names_the_nodes_there_are() {
+    skybridge()
+        .arg("join")
+        .arg(examples().join("lab.yaml"))
+        .args(["--node", "nope"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("no node named 'nope'"))
+        .stderr(predicate::str::contains("hw-master"));
+}
+
+#[test]
+fn join_refuses_a_ca_file_with_a_private_key() {
+    let (dir, cluster, root) = join_fixture();
+    let mut pem = std::fs::read_to_string(dir.path().join("lab-ca.crt")).unwrap();
+    pem.push_str("-----BEGIN EC PRIVATE KEY-----\nMHcCAQEE\n-----END EC PRIVATE KEY-----\n");
+    std::fs::write(dir.path().join("lab-ca.crt"), pem).unwrap();
+    skybridge()
+        .arg("join")
+        .arg(&cluster)
+        .args(["--node", "hw-worker", "--local", "--root"])
+        .arg(&root)
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "contains a private key; give the CA certificate only (ca.crt)",
+        ));
+    assert!(!root.join("etc/kubernetes").exists());
+}
+
+#[test]
+fn validate_reports_kubernetes_errors_with_file_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("k8s.yaml");
+    let lab = std::fs::read_to_string(examples().join("lab.yaml")).unwrap();
+    std::fs::write(
+        &bad,
+        lab.replace("clusterDNS: 10.96.0.10", "clusterDNS: 10.0.0.10")
+            .replace("podCIDR: 10.244.0.0/16", "podCIDR: 10.20.0.0/16")
+            .replace(
+                "        token: 07401b.f395accd246ae52d",
+                "        token: secret",
+            ),
+    )
+    .unwrap();
+    skybridge()
+        .arg("validate")
+        .arg(&bad)
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "k8s.yaml:17:17: error: kubernetes clusterDNS 10.0.0.10 is outside serviceCIDR 10.96.0.0/12",
+        ))
+        .stderr(predicate::str::contains(
+            "k8s.yaml:19:14: error: kubernetes podCIDR 10.20.0.0/16 overlaps site tencent 10.20.0.0/16",
+        ))
+        .stderr(predicate::str::contains(
+            "k8s.yaml:26:16: error: kubernetes join token is not a bootstrap token",
+        ))
+        .stderr(predicate::str::contains("secret").not())
+        .stderr(predicate::str::contains("3 error(s); nothing was changed"));
+}
+
+#[test]
+fn join_prepares_every_lab_node_and_a_second_pass_changes_nothing() {
+    let (dir, cluster, _) = join_fixture();
+    let nodes = [
+        "hw-master",
+        "hw-worker",
+        "ali-gw",
+        "ali-worker1",
+        "ali-worker2",
+        "tc-gw",
+        "tc-worker",
+    ];
+    for pass in ["first", "second"] {
+        for node in nodes {
+            let root = dir.path().join("nodes").join(node);
+            let out = skybridge()
+                .arg("join")
+                .arg(&cluster)
+                .args(["--node", node, "--local", "--root"])
+                .arg(&root)
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "{node} ({pass} pass): {stdout}");
+            let unchanged = stdout.contains(&format!("{node}: no changes"));
+            assert_eq!(
+                unchanged,
+                pass == "second",
+                "{node} ({pass} pass): {stdout}"
+            );
+        }
+    }
+    // Each node advertises its own address.
+    let unit = std::fs::read_to_string(
+        dir.path()
+            .join("nodes/ali-gw/etc/systemd/system/kubelet.service"),
+    )
+    .unwrap();
+    assert!(unit.contains("--node-ip=172.26.32.235 "), "{unit}");
+}

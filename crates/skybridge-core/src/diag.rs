@@ -41,6 +41,9 @@ pub struct Diagnostic {
     pub message: String,
     /// What to do about it.
     pub hint: Option<String>,
+    /// The source line holds a secret (a bootstrap token): render points at
+    /// the position without printing the line.
+    pub conceal_source: bool,
 }
 
 impl Diagnostic {
@@ -50,6 +53,7 @@ impl Diagnostic {
             pos,
             message: message.into(),
             hint: None,
+            conceal_source: false,
         }
     }
 
@@ -59,12 +63,20 @@ impl Diagnostic {
             pos,
             message: message.into(),
             hint: None,
+            conceal_source: false,
         }
     }
 
     #[must_use]
     pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
         self.hint = Some(hint.into());
+        self
+    }
+
+    /// Keeps the source line out of [`Diagnostic::render`]: it holds a secret.
+    #[must_use]
+    pub fn concealing_source(mut self) -> Self {
+        self.conceal_source = true;
         self
     }
 
@@ -89,7 +101,11 @@ impl Diagnostic {
                 "{path}:{}:{}: {kind}: {}",
                 self.pos.line, self.pos.column, self.message
             );
-            if let Some(text) = source.lines().nth((self.pos.line - 1) as usize) {
+            if let Some(text) = source
+                .lines()
+                .nth((self.pos.line - 1) as usize)
+                .filter(|_| !self.conceal_source)
+            {
                 let gutter = self.pos.line.to_string().len();
                 let caret_at = text
                     .chars()

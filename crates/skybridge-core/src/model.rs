@@ -23,7 +23,88 @@ pub const MIN_TUNNEL_MTU: u32 = 1280;
 pub struct Cluster {
     pub name: String,
     pub network: Network,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<Kubernetes>,
     pub sites: Vec<Site>,
+}
+
+pub const DEFAULT_SANDBOX_IMAGE: &str = "registry.k8s.io/pause:3.9";
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+pub const DEFAULT_API_SERVER_PORT: u16 = 6443;
+/// Oldest Kubernetes whose KubeletConfiguration has every field `join` writes
+/// (`containerRuntimeEndpoint` arrived in 1.27).
+pub const MIN_KUBERNETES_MINOR: u32 = 27;
+
+/// What `skybridge join` needs to make the VMs Kubernetes nodes.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Kubernetes {
+    pub version: KubeVersion,
+    /// `https://host:port`, port always present.
+    pub api_server: String,
+    #[serde(rename = "clusterDNS")]
+    pub cluster_dns: Ipv4Addr,
+    pub cluster_domain: String,
+    #[serde(rename = "serviceCIDR")]
+    pub service_cidr: Ipv4Net,
+    #[serde(rename = "podCIDR")]
+    pub pod_cidr: Ipv4Net,
+    /// The cluster-wide containerd settings; [`Site::containerd`] has each site's effective ones.
+    pub containerd: Containerd,
+    pub join: Join,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct KubeVersion {
+    pub major: u32,
+    pub minor: u32,
+    pub patch: u32,
+}
+
+impl std::fmt::Display for KubeVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "v{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Containerd {
+    pub sandbox_image: String,
+    /// Registry host to mirror endpoints, in the order they are tried.
+    pub registry_mirrors: std::collections::BTreeMap<String, Vec<String>>,
+    pub systemd_cgroup: bool,
+}
+
+/// How a node gets its kubelet credentials. Neither way copies the cluster
+/// CA's private key: a bootstrap token authenticates the node, and the
+/// control plane signs the kubelet's certificate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Join {
+    /// `kubeadm join` with a bootstrap token and the CA public key hash.
+    Kubeadm {
+        #[serde(skip_serializing)]
+        token: String,
+        ca_cert_hash: String,
+        binaries: String,
+    },
+    /// Kubelet TLS bootstrapping with systemd units written by Skybridge.
+    Bootstrap {
+        #[serde(skip_serializing)]
+        token: String,
+        /// As written in the cluster file (relative to it, or absolute).
+        ca_cert_file: String,
+        binaries: String,
+    },
+}
+
+impl Join {
+    pub fn binaries(&self) -> &str {
+        match self {
+            Join::Kubeadm { binaries, .. } | Join::Bootstrap { binaries, .. } => binaries,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -43,12 +124,18 @@ pub struct Site {
     pub name: String,
     pub provider: String,
     pub region: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
     pub cidrs: Vec<Ipv4Net>,
     pub mtu: u32,
     pub nat: Nat,
     /// Indices into `nodes` of the gateway candidates, most preferred first.
     pub gateways: Vec<usize>,
     pub costs: Option<Costs>,
+    /// The site's effective containerd settings (the cluster's, with the
+    /// site's overrides); `None` when the file has no `spec.kubernetes`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub containerd: Option<Containerd>,
     pub nodes: Vec<Node>,
 }
 
@@ -71,6 +158,8 @@ pub struct Node {
     pub private_ip: Ipv4Addr,
     #[serde(rename = "publicIP")]
     pub public: Option<PublicEndpoint>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
     pub roles: Vec<Role>,
     #[serde(rename = "podCIDR")]
     pub pod_cidr: Option<Ipv4Net>,

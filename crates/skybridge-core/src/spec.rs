@@ -30,7 +30,88 @@ pub struct Metadata {
 pub struct SpecDoc {
     #[serde(default)]
     pub network: NetworkDoc,
+    /// How `skybridge join` makes the VMs Kubernetes nodes; optional for the network alone.
+    #[serde(default)]
+    pub kubernetes: Option<S<KubernetesDoc>>,
     pub sites: S<Vec<SiteDoc>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct KubernetesDoc {
+    /// Kubernetes version of the nodes' kubelet and kube-proxy, e.g. v1.30.4.
+    pub version: S<String>,
+    /// The API server (or its load balancer) as the nodes reach it: `https://host:port`.
+    pub api_server: S<String>,
+    #[serde(rename = "clusterDNS")]
+    pub cluster_dns: S<String>,
+    #[serde(default)]
+    pub cluster_domain: Option<S<String>>,
+    #[serde(rename = "serviceCIDR")]
+    pub service_cidr: S<String>,
+    #[serde(rename = "podCIDR")]
+    pub pod_cidr: S<String>,
+    #[serde(default)]
+    pub containerd: Option<S<ContainerdDoc>>,
+    pub join: S<JoinDoc>,
+}
+
+/// Registry host to its mirror endpoints, each with its position.
+pub type MirrorsDoc = std::collections::BTreeMap<String, S<Vec<S<String>>>>;
+
+/// containerd settings; the cluster-wide ones, or a site's overrides.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ContainerdDoc {
+    /// The pause image, from a registry the nodes can reach.
+    #[serde(default)]
+    pub sandbox_image: Option<S<String>>,
+    /// Registry host (`docker.io`, `registry.k8s.io`) to mirror endpoints, tried in order.
+    #[serde(default)]
+    pub registry_mirrors: Option<S<MirrorsDoc>>,
+    #[serde(default)]
+    pub systemd_cgroup: Option<S<bool>>,
+}
+
+/// How the node gets its kubelet credentials: exactly one of the two.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct JoinDoc {
+    #[serde(default)]
+    pub kubeadm: Option<S<KubeadmJoinDoc>>,
+    #[serde(default)]
+    pub bootstrap: Option<S<BootstrapJoinDoc>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct KubeadmJoinDoc {
+    /// Bootstrap token `[a-z0-9]{6}.[a-z0-9]{16}` (`kubeadm token create`).
+    pub token: S<String>,
+    /// `sha256:<hex>` of the cluster CA's public key (`kubeadm token create --print-join-command`).
+    pub ca_cert_hash: S<String>,
+    /// Directory on the node holding `kubeadm` and `kubelet` (default /usr/bin).
+    #[serde(default)]
+    pub binaries: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct BootstrapJoinDoc {
+    /// Bootstrap token `[a-z0-9]{6}.[a-z0-9]{16}` for kubelet TLS bootstrapping.
+    pub token: S<String>,
+    /// The cluster CA certificate (public part only), relative to the cluster file.
+    pub ca_cert_file: S<String>,
+    /// Directory on the node holding the `kubelet` and `kube-proxy` binaries of the bundle.
+    pub binaries: S<String>,
+}
+
+/// A site's Kubernetes overrides.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SiteKubernetesDoc {
+    #[serde(default)]
+    pub containerd: Option<S<ContainerdDoc>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -132,6 +213,9 @@ pub struct SiteDoc {
     pub provider: S<String>,
     #[serde(default)]
     pub region: Option<S<String>>,
+    /// Availability zone (label `topology.kubernetes.io/zone`); a node may name its own.
+    #[serde(default)]
+    pub zone: Option<S<String>>,
     pub cidrs: S<Vec<S<String>>>,
     #[serde(default)]
     pub mtu: Option<S<u32>>,
@@ -143,6 +227,9 @@ pub struct SiteDoc {
     pub gateways: Option<S<Vec<S<String>>>>,
     #[serde(default)]
     pub costs: Option<CostsDoc>,
+    /// Per-site overrides of `spec.kubernetes` (each provider has its own nearest mirror).
+    #[serde(default)]
+    pub kubernetes: Option<S<SiteKubernetesDoc>>,
     pub nodes: S<Vec<NodeDoc>>,
 }
 
@@ -170,6 +257,8 @@ pub struct NodeDoc {
     pub private_ip: S<String>,
     #[serde(rename = "publicIP", default)]
     pub public_ip: Option<S<String>>,
+    #[serde(default)]
+    pub zone: Option<S<String>>,
     #[serde(default)]
     pub roles: Vec<S<Role>>,
     #[serde(rename = "podCIDR", default)]

@@ -17,6 +17,8 @@ use crate::model::{
 };
 use crate::spec::{ClusterDoc, Granularity, Nat, Role, S, SiteDoc, Transport};
 
+mod kubernetes;
+
 pub const API_VERSION: &str = "skybridge.dev/v1alpha1";
 pub const KIND: &str = "Cluster";
 
@@ -270,6 +272,11 @@ fn validate(doc: &ClusterDoc) -> Result<Validated, Vec<Diagnostic>> {
             pos: p,
         });
     }
+    let kube = doc
+        .spec
+        .kubernetes
+        .as_ref()
+        .map(|k| kubernetes::cluster(&mut c, k, &mut claims));
     let mut site_names: HashMap<&str, Pos> = HashMap::new();
     let mut node_names: HashMap<&str, Pos> = HashMap::new();
     let mut private_ips: HashMap<Ipv4Addr, (&str, Pos)> = HashMap::new();
@@ -300,6 +307,22 @@ fn validate(doc: &ClusterDoc) -> Result<Validated, Vec<Diagnostic>> {
         ));
     }
 
+    let networks: Vec<(Ipv4Net, String, Pos)> = claims
+        .iter()
+        .filter(|cl| !cl.owner.ends_with("podCIDR"))
+        .map(|cl| (cl.net, cl.owner.clone(), cl.pos))
+        .collect();
+    kubernetes::sites(
+        &mut c,
+        &doc.spec.sites.value,
+        &mut sites,
+        kube.as_ref(),
+        doc.spec
+            .kubernetes
+            .as_ref()
+            .map_or(Pos::UNKNOWN, |k| pos(&k.value.pod_cidr)),
+        &networks,
+    );
     check_overlaps(&mut c, claims);
 
     // Gateways and tunnels: only meaningful between two or more sites.
@@ -458,6 +481,7 @@ fn validate(doc: &ClusterDoc) -> Result<Validated, Vec<Diagnostic>> {
                 .map_or(DEFAULT_KEEPALIVE, |k| k.value),
             probe_interval,
         },
+        kubernetes: kube.and_then(|k| k.kubernetes),
         sites,
     };
     Ok(Validated {
@@ -654,6 +678,7 @@ fn site<'d>(
             name: name.clone(),
             private_ip: private_ip.unwrap_or(Ipv4Addr::UNSPECIFIED),
             public,
+            zone: None,
             roles,
             pod_cidr,
             ssh,
@@ -707,11 +732,13 @@ fn site<'d>(
         name: site_name.clone(),
         provider: sd.provider.value.clone(),
         region: sd.region.as_ref().map(|r| r.value.clone()),
+        zone: None,
         cidrs,
         mtu,
         nat: sd.nat.as_ref().map_or(Nat::Masquerade, |n| n.value),
         gateways,
         costs: sd.costs.clone(),
+        containerd: None,
         nodes,
     }
 }

@@ -18,6 +18,7 @@
 
 pub mod sshd;
 pub mod topology;
+pub mod vm;
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -102,6 +103,48 @@ pub struct LabState {
     /// `lab up --ssh`: the operator's namespace on the internet.
     #[serde(default)]
     pub controller: Option<NodeState>,
+    /// What the nodes are: namespaces or VMs.
+    #[serde(default)]
+    pub backend: Backend,
+}
+
+/// What the lab makes a node of.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// A network namespace with private /run, /var/lib, /etc (the host's kernel).
+    #[default]
+    Namespace,
+    /// A qemu VM running Debian's kernel (see [`vm`]).
+    Vm,
+}
+
+/// How `lab up` builds and runs the nodes.
+#[derive(Debug, Clone, Default)]
+pub struct UpOptions {
+    pub backend: Backend,
+    /// Extra `skybridge agent` arguments per node (e.g. `--wireguard kernel`).
+    pub agent_args: BTreeMap<String, Vec<String>>,
+    /// What the VMs boot (VM backend only).
+    pub image: vm::Image,
+    /// How the agent runs on the nodes.
+    pub agent: AgentMode,
+    /// A real sshd on every node and a `controller` namespace; no agents
+    /// (`skybridge apply` installs them). Namespace backend only.
+    pub ssh: bool,
+}
+
+/// How `lab up` runs the agent on each node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AgentMode {
+    /// A process the lab starts (and `lab down` stops).
+    #[default]
+    Process,
+    /// The systemd unit `skybridge render --format systemd-agent` writes,
+    /// installed and enabled as an operator would (systemd image only).
+    Unit,
+    /// No agent: the test or the operator applies something by hand.
+    None,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -109,7 +152,11 @@ pub struct NodeState {
     pub netns: String,
     pub site: String,
     pub private_ip: Ipv4Addr,
+    /// The process holding the node's mount namespace (0 for a VM).
     pub holder: u32,
+    /// The VM, when the node is one.
+    #[serde(default)]
+    pub vm: Option<vm::VmNode>,
 }
 
 impl LabState {
@@ -136,12 +183,16 @@ impl LabState {
         .map_err(io("writing the lab state"))
     }
 
-    /// The command prefix that runs inside a node: its network and its files.
+    /// The command prefix that runs inside a node: its network and its files
+    /// (None for a VM: see [`run_on`]).
     pub fn enter(&self, node: &str) -> Option<Vec<String>> {
         let n = match (node, &self.controller) {
             (sshd::CONTROLLER, Some(c)) => c,
             _ => self.nodes.get(node)?,
         };
+        if n.vm.is_some() {
+            return None;
+        }
         Some(
             [
                 "nsenter",
@@ -195,8 +246,64 @@ pub fn up(
     cluster: &Cluster,
     skybridge: &Path,
     foreign: &BTreeMap<String, ForeignWireGuard>,
-    ssh: bool,
 ) -> Result<LabState, LabError> {
+    up_with(
+        cluster_file,
+        cluster,
+        skybridge,
+        foreign,
+        &UpOptions::default(),
+    )
+}
+
+/// [`up`] with a choice of backend and per-node agent arguments.
+///
+/// # Errors
+/// As [`up`]; the VM backend also fails when its packages cannot be fetched
+/// or a VM does not boot (the error names the VM and its console).
+pub fn up_with(
+    cluster_file: &Path,
+    cluster: &Cluster,
+    skybridge: &Path,
+    foreign: &BTreeMap<String, ForeignWireGuard>,
+    options: &UpOptions,
+) -> Result<LabState, LabError> {
+    let systemd = options.backend == Backend::Vm && options.image == vm::Image::Systemd;
+    if options.agent != AgentMode::Process && !systemd {
+        return Err(LabError::Refused(
+            "the agent runs as a unit, or not at all, only in VMs with the systemd image (--backend vm --image systemd)".into(),
+        ));
+    }
+    if systemd && options.agent == AgentMode::Process {
+        return Err(LabError::Refused(
+            "VMs with the systemd image run the agent as its unit (--agent unit) or not at all (--agent none)".into(),
+        ));
+    }
+    if options.agent == AgentMode::Unit && !options.agent_args.is_empty() {
+        return Err(LabError::Refused(
+            "per-node agent arguments need --agent process; the rendered unit runs the agent as written".into(),
+        ));
+    }
+    if options.ssh && (options.backend != Backend::Namespace || !foreign.is_empty()) {
+        return Err(LabError::Refused(
+            "--ssh is for the namespace lab without --wireguard-impl: `skybridge apply` installs and runs the agents itself".into(),
+        ));
+    }
+    if options.backend == Backend::Vm && !foreign.is_empty() {
+        return Err(LabError::Refused(
+            "--wireguard-impl wireguard-go|boringtun is for the namespace lab; VMs run the agent's own backends".into(),
+        ));
+    }
+    if let Some(unknown) = options
+        .agent_args
+        .keys()
+        .find(|n| cluster.node(n).is_none())
+    {
+        return Err(LabError::Refused(format!(
+            "agent arguments name {unknown}, which is not a node of {}",
+            cluster.name
+        )));
+    }
     if let Some(unknown) = foreign.keys().find(|n| cluster.node(n).is_none()) {
         return Err(LabError::Refused(format!(
             "--wireguard-impl names {unknown}, which is not a node of {}",
@@ -207,7 +314,7 @@ pub fn up(
     // The same cluster's lab is running: add what the file added, keep the
     // rest (and its flows) as it is. Another cluster's lab goes first.
     let mut state = match LabState::load() {
-        Ok(state) if state.cluster == cluster.name => state,
+        Ok(state) if state.cluster == cluster.name && state.backend == options.backend => state,
         Ok(_) => {
             down()?;
             LabState::default()
@@ -218,7 +325,8 @@ pub fn up(
     std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
     state.cluster = cluster.name.clone();
     state.dir = dir;
-    let result = build(&topo, &mut state, cluster_file, skybridge, foreign, ssh);
+    state.backend = options.backend;
+    let result = build(&topo, &mut state, cluster_file, skybridge, foreign, options);
     state.save()?;
     result.map(|()| state)
 }
@@ -239,8 +347,14 @@ fn build(
     cluster_file: &Path,
     skybridge: &Path,
     foreign: &BTreeMap<String, ForeignWireGuard>,
-    ssh: bool,
+    options: &UpOptions,
 ) -> Result<(), LabError> {
+    let prepared = match options.backend {
+        Backend::Vm => Some(vm::prepare(&state.dir, options.image, skybridge)?),
+        Backend::Namespace => None,
+    };
+    let mut index = 0usize;
+    let mut booting = Vec::new();
     let inet = topo.internet_ns.as_str();
     if !state.namespaces.iter().any(|n| n == inet) {
         add_ns(state, inet)?;
@@ -315,6 +429,23 @@ fn build(
                 continue;
             }
             new_nodes.push(node.name.clone());
+            index += 1;
+            if let Some(prepared) = &prepared {
+                let vm = vm::start(prepared, &state.dir, r, node, index, skybridge)?;
+                booting.push((node.name.clone(), vm.clone()));
+                state.nodes.insert(
+                    node.name.clone(),
+                    NodeState {
+                        netns: r.clone(),
+                        site: site.name.clone(),
+                        private_ip: node.private_ip,
+                        holder: 0,
+                        vm: Some(vm),
+                    },
+                );
+                state.save()?;
+                continue;
+            }
             add_ns(state, n)?;
             ip(
                 r,
@@ -350,7 +481,7 @@ fn build(
                 n,
                 &["route", "add", "default", "via", &node.gateway.to_string()],
             )?;
-            let holder = private_files(n, ssh)?;
+            let holder = private_files(n, options.ssh)?;
             state.nodes.insert(
                 node.name.clone(),
                 NodeState {
@@ -358,18 +489,34 @@ fn build(
                     site: site.name.clone(),
                     private_ip: node.private_ip,
                     holder,
+                    vm: None,
                 },
             );
         }
     }
     state.save()?;
-    if ssh {
+    vm::wait_ready(&booting, vm::BOOT_TIMEOUT)?;
+    if options.ssh {
         // `apply` installs the agents; the lab only starts sshd and the probe listeners.
         sshd::setup(topo, state)?;
         for name in &new_nodes {
             probe_listener(state, skybridge, name)?;
         }
         return Ok(());
+    }
+    if options.image == vm::Image::Systemd {
+        let vms: Vec<(String, vm::VmNode)> = state
+            .nodes
+            .iter()
+            .filter_map(|(n, s)| s.vm.clone().map(|v| (n.clone(), v)))
+            .collect();
+        return vm::install(
+            &state.dir,
+            &vms,
+            cluster_file,
+            skybridge,
+            options.agent == AgentMode::Unit,
+        );
     }
 
     // What `apply` will do on real VMs: keys are made on each node, public
@@ -378,14 +525,12 @@ fn build(
     let cluster_copy = state.dir.join("cluster.yaml");
     let mut keys = String::from("publicKeys:\n");
     for name in state.nodes.keys() {
-        let mut args = state.enter(name).expect("node exists");
-        args.extend([
+        let args = [
             skybridge.display().to_string(),
             "agent".into(),
             "pubkey".into(),
-        ]);
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        keys += &format!("  {name}: {}\n", run(&refs)?.trim());
+        ];
+        keys += &format!("  {name}: {}\n", run_on(state, name, &args)?.trim());
     }
     std::fs::write(state.dir.join("cluster.state.yaml"), keys)
         .map_err(io("writing the state file"))?;
@@ -403,6 +548,24 @@ fn build(
             "--node".into(),
             name.clone(),
         ];
+        agent.extend(options.agent_args.get(name).into_iter().flatten().cloned());
+        if let Some(vm) = state.nodes.get(name).and_then(|n| n.vm.as_ref()) {
+            vm::spawn(vm, name, &agent, &state.dir.join(format!("{name}.log")))?;
+            let probe = [
+                skybridge.display().to_string(),
+                "lab".into(),
+                "listen".into(),
+                "--port".into(),
+                PROBE_PORT.to_string(),
+            ];
+            vm::spawn(
+                vm,
+                name,
+                &probe,
+                &state.dir.join(format!("{name}.probe.log")),
+            )?;
+            continue;
+        }
         if let Some(imp) = foreign.get(name) {
             let log = std::fs::File::create(state.dir.join(format!("{name}.wireguard.log")))
                 .map_err(io("creating a log"))?;
@@ -438,6 +601,24 @@ fn probe_listener(state: &LabState, skybridge: &Path, name: &str) -> Result<(), 
         PROBE_PORT.to_string(),
     ]);
     spawn(&args, log)
+}
+
+/// Runs a command on a node (namespace or VM); its output if it exits 0.
+///
+/// # Errors
+/// When the node is unknown, the command fails, or a VM does not answer.
+pub fn run_on(state: &LabState, node: &str, args: &[String]) -> Result<String, LabError> {
+    let n = state
+        .nodes
+        .get(node)
+        .ok_or_else(|| LabError::Refused(format!("no node {node} in lab {}", state.cluster)))?;
+    if let Some(vm) = &n.vm {
+        return vm::run(vm, node, args, Duration::from_secs(60));
+    }
+    let mut full = state.enter(node).expect("a namespace node");
+    full.extend_from_slice(args);
+    let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+    run(&refs)
 }
 
 /// Waits for a foreign WireGuard implementation's UAPI socket inside a node.
@@ -531,7 +712,13 @@ pub fn down() -> Result<Vec<String>, LabError> {
         }
     }
     for n in state.nodes.values().chain(&state.controller) {
-        let _ = run(&["kill", "-9", &n.holder.to_string()]);
+        if let Some(vm) = &n.vm {
+            vm::stop(vm);
+        }
+        // 0 would mean "my whole process group" to kill.
+        if n.holder != 0 {
+            let _ = run(&["kill", "-9", &n.holder.to_string()]);
+        }
     }
     let _ = std::fs::remove_dir_all(&state.dir);
     let _ = std::fs::remove_file(LabState::path());
@@ -563,22 +750,42 @@ pub fn check(state: &LabState) -> Vec<Probe> {
                         .filter(|(to, _)| to != from)
                         .map(|(to, ts)| {
                             let ip = ts.private_ip.to_string();
-                            let ping = run(&[
-                                "ip", "netns", "exec", &fs.netns, "ping", "-c", "1", "-W", "2", &ip,
-                            ]);
+                            let on = |args: &[&str]| {
+                                let args: Vec<String> =
+                                    args.iter().map(|a| (*a).to_owned()).collect();
+                                if fs.vm.is_some() {
+                                    run_on(state, from, &args)
+                                } else {
+                                    let mut full: Vec<&str> =
+                                        vec!["ip", "netns", "exec", &fs.netns];
+                                    full.extend(args.iter().map(String::as_str));
+                                    run(&full)
+                                }
+                            };
+                            // An emulated CPU shared by several guests can stall
+                            // a packet for seconds: VMs get longer waits and
+                            // three tries before a pair counts as failed.
+                            let (tries, wait) = if fs.vm.is_some() { (3, "5") } else { (1, "2") };
+                            let retry = |args: &[&str]| {
+                                let mut last = on(args);
+                                for _ in 1..tries {
+                                    if last.is_ok() {
+                                        break;
+                                    }
+                                    last = on(args);
+                                }
+                                last
+                            };
+                            let ping = retry(&["ping", "-c", "1", "-W", wait, &ip]);
                             let rtt_ms = ping
                                 .as_ref()
                                 .ok()
                                 .and_then(|o| o.split("time=").nth(1))
                                 .and_then(|t| t.split_whitespace().next())
                                 .and_then(|t| t.parse().ok());
-                            let tcp = run(&[
-                                "ip",
-                                "netns",
-                                "exec",
-                                &fs.netns,
+                            let tcp = retry(&[
                                 "timeout",
-                                "3",
+                                if fs.vm.is_some() { "8" } else { "3" },
                                 "bash",
                                 "-c",
                                 &format!("exec 3<>/dev/tcp/{ip}/{PROBE_PORT}"),

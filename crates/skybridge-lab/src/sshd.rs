@@ -89,6 +89,7 @@ pub(crate) fn setup(topo: &Topology, state: &mut LabState) -> Result<(), LabErro
             site: String::new(),
             private_ip: addr,
             holder,
+            vm: None,
         });
         state.save()?;
         sh_in(

@@ -186,7 +186,7 @@ pub async fn try_apply(a: TryArgs) -> Result<ExitCode> {
         ..a.node
     };
     let plan = node_plan(&args).map_err(anyhow::Error::msg)?;
-    let mut h = host(&args, &plan)?;
+    let mut h = host(&args, &plan).await?;
     let r = reconcile::reconcile_unguarded(&mut h, &plan).await?;
     print_report(&node, &r, false);
     start_daemon(&exe, &node, &cluster, state_dir, &daemon_flags(&args))?;
@@ -309,7 +309,7 @@ async fn rollback(a: &WatchdogArgs) -> Result<()> {
         // Nothing ran before: take down what the try made and its files.
         let n = args(&cluster)?;
         let plan = node_plan(&n).map_err(anyhow::Error::msg)?;
-        let mut h = host(&n, &plan)?;
+        let mut h = host(&n, &plan).await?;
         let r = reconcile::down_unguarded(&mut h, &plan).await?;
         print_report(&a.node, &r, false);
         h.restore_sysctls()?;
@@ -325,7 +325,7 @@ async fn rollback(a: &WatchdogArgs) -> Result<()> {
     }
     let n = args(&cluster)?;
     let plan = node_plan(&n).map_err(anyhow::Error::msg)?;
-    let mut h = host(&n, &plan)?;
+    let mut h = host(&n, &plan).await?;
     let r = reconcile::reconcile_unguarded(&mut h, &plan).await?;
     print_report(&a.node, &r, false);
     if back.join("agent-was-running").exists() {

@@ -1,0 +1,238 @@
+//! The one side-effect boundary of join: a node's files and commands.
+//!
+//! [`NodeHost`] is deliberately small so that any transport can implement it
+//! in a few lines: [`LocalHost`] (this machine, or a directory standing in
+//! for a node's root), and an SSH session (`cat`, `install`, `test -e`, and
+//! the command itself).
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// What a command printed and how it ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommandOutput {
+    /// `Some(0)` on success; `None` when killed by a signal.
+    pub status: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CommandOutput {
+    pub fn success(&self) -> bool {
+        self.status == Some(0)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: String,
+        source: io::Error,
+    },
+    /// The program does not exist on the node.
+    #[error("{0} is not installed")]
+    NotFound(String),
+    #[error("running {program}: {source}")]
+    Spawn { program: String, source: io::Error },
+    /// This host writes files only (a directory standing in for a node).
+    #[error("{0}: this host only writes files (--root); run the command on the node")]
+    NoCommands(String),
+}
+
+/// A node as join sees it. Paths are absolute paths on the node.
+pub trait NodeHost {
+    /// The node's name, for messages.
+    fn name(&self) -> &str;
+
+    /// The file's contents, or `None` when it does not exist.
+    ///
+    /// # Errors
+    /// Any failure other than the file not existing.
+    fn read_file(&self, path: &str) -> Result<Option<Vec<u8>>, HostError>;
+
+    /// Replaces the file atomically with `contents` and `mode`, creating its
+    /// directory when missing.
+    ///
+    /// # Errors
+    /// When the file could not be written.
+    fn write_file(&self, path: &str, contents: &[u8], mode: u32) -> Result<(), HostError>;
+
+    /// Whether the path exists (file or directory).
+    ///
+    /// # Errors
+    /// When that cannot be determined.
+    fn exists(&self, path: &str) -> Result<bool, HostError>;
+
+    /// Runs a program with arguments (no shell) and returns its output,
+    /// whatever its exit status.
+    ///
+    /// # Errors
+    /// [`HostError::NotFound`] when the program is not installed; other
+    /// failures to start it.
+    fn run(&self, program: &str, args: &[&str]) -> Result<CommandOutput, HostError>;
+}
+
+/// This machine as the node, or a directory standing in for its root (files
+/// only: commands are refused, so a test never touches the machine).
+#[derive(Debug)]
+pub struct LocalHost {
+    name: String,
+    root: Option<PathBuf>,
+}
+
+impl LocalHost {
+    /// This machine, files at their real paths, commands run here.
+    pub fn new(name: impl Into<String>) -> Self {
+        LocalHost {
+            name: name.into(),
+            root: None,
+        }
+    }
+
+    /// A directory standing in for the node's `/`. Commands are refused.
+    pub fn rooted(name: impl Into<String>, root: impl Into<PathBuf>) -> Self {
+        LocalHost {
+            name: name.into(),
+            root: Some(root.into()),
+        }
+    }
+
+    pub fn root(&self) -> Option<&Path> {
+        self.root.as_deref()
+    }
+
+    fn path(&self, path: &str) -> PathBuf {
+        match &self.root {
+            Some(r) => r.join(path.trim_start_matches('/')),
+            None => PathBuf::from(path),
+        }
+    }
+}
+
+impl NodeHost for LocalHost {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn read_file(&self, path: &str) -> Result<Option<Vec<u8>>, HostError> {
+        match std::fs::read(self.path(path)) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(HostError::Io {
+                op: "reading",
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    fn write_file(&self, path: &str, contents: &[u8], mode: u32) -> Result<(), HostError> {
+        use std::io::Write as _;
+        use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+        let target = self.path(path);
+        let io_err = |op, source| HostError::Io {
+            op,
+            path: path.to_owned(),
+            source,
+        };
+        let dir = target
+            .parent()
+            .ok_or_else(|| io_err("writing", io::Error::other("no parent directory")))?;
+        std::fs::create_dir_all(dir).map_err(|e| io_err("creating the directory of", e))?;
+        // Write beside the target, then rename: a reader sees the old or the new file, never half.
+        let file_name = target
+            .file_name()
+            .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
+        let tmp = dir.join(format!(".{file_name}.sb-tmp-{}", std::process::id()));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(|e| io_err("writing", e))?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))
+            .and_then(|()| f.write_all(contents))
+            .and_then(|()| f.sync_all())
+            .map_err(|e| io_err("writing", e))?;
+        std::fs::rename(&tmp, &target).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io_err("replacing", e)
+        })
+    }
+
+    fn exists(&self, path: &str) -> Result<bool, HostError> {
+        self.path(path)
+            .try_exists()
+            .map_err(|source| HostError::Io {
+                op: "checking",
+                path: path.to_owned(),
+                source,
+            })
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> Result<CommandOutput, HostError> {
+        if self.root.is_some() {
+            return Err(HostError::NoCommands(format!(
+                "{program} {}",
+                args.join(" ")
+            )));
+        }
+        let out = Command::new(program)
+            .args(args)
+            .output()
+            .map_err(|source| {
+                if source.kind() == io::ErrorKind::NotFound {
+                    HostError::NotFound(program.to_owned())
+                } else {
+                    HostError::Spawn {
+                        program: program.to_owned(),
+                        source,
+                    }
+                }
+            })?;
+        Ok(CommandOutput {
+            status: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rooted_host_keeps_files_under_its_root_and_runs_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = LocalHost::rooted("n1", dir.path());
+        assert_eq!(h.read_file("/etc/x.conf").unwrap(), None);
+        h.write_file("/etc/x.conf", b"a\n", 0o600).unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("etc/x.conf")).unwrap(),
+            b"a\n"
+        );
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(dir.path().join("etc/x.conf"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(h.exists("/etc/x.conf").unwrap());
+        assert!(matches!(h.run("true", &[]), Err(HostError::NoCommands(_))));
+    }
+
+    #[test]
+    fn a_missing_program_is_reported_as_not_installed() {
+        let h = LocalHost::new("here");
+        assert!(matches!(
+            h.run("skybridge-no-such-program", &[]),
+            Err(HostError::NotFound(p)) if p == "skybridge-no-such-program"
+        ));
+        assert!(h.run("true", &[]).unwrap().success());
+    }
+}

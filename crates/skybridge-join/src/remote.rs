@@ -1,0 +1,171 @@
+//! A node reached over apply's SSH layer, as a [`NodeHost`].
+//!
+//! Join is synchronous (a handful of files and commands per node); the
+//! session is async. [`SessionHost`] drives each call to completion on a
+//! tokio runtime handle, so it must be used from a thread that is not itself
+//! running async code (the CLI runs one such thread per node).
+
+use skybridge_apply::session::{Output, Session, quote};
+use tokio::runtime::Handle;
+
+use crate::host::{CommandOutput, HostError, NodeHost};
+
+/// Exit status of a POSIX shell that could not find the command.
+const SHELL_NOT_FOUND: i32 = 127;
+
+/// An open SSH session to one node, as join's [`NodeHost`].
+#[derive(Debug)]
+pub struct SessionHost<S> {
+    name: String,
+    session: S,
+    runtime: Handle,
+}
+
+impl<S: Session> SessionHost<S> {
+    pub fn new(name: impl Into<String>, session: S, runtime: Handle) -> Self {
+        SessionHost {
+            name: name.into(),
+            session,
+            runtime,
+        }
+    }
+
+    pub fn into_session(self) -> S {
+        self.session
+    }
+
+    fn broken(&self, op: &'static str, path: &str, e: impl std::fmt::Display) -> HostError {
+        HostError::Io {
+            op,
+            path: format!("{path} on {}", self.name),
+            source: std::io::Error::other(e.to_string()),
+        }
+    }
+}
+
+fn output(o: Output) -> CommandOutput {
+    CommandOutput {
+        status: o.code,
+        stdout: o.stdout,
+        stderr: o.stderr,
+    }
+}
+
+impl<S: Session> NodeHost for SessionHost<S> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn read_file(&self, path: &str) -> Result<Option<Vec<u8>>, HostError> {
+        self.runtime
+            .block_on(self.session.read(path))
+            .map_err(|e| self.broken("reading", path, e))
+    }
+
+    fn write_file(&self, path: &str, contents: &[u8], mode: u32) -> Result<(), HostError> {
+        self.runtime
+            .block_on(self.session.upload(path, contents, mode))
+            .map_err(|e| self.broken("writing", path, e))
+    }
+
+    fn exists(&self, path: &str) -> Result<bool, HostError> {
+        let out = self
+            .runtime
+            .block_on(self.session.run(&format!("test -e {}", quote(path)), None))
+            .map_err(|e| self.broken("checking", path, e))?;
+        Ok(out.success())
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> Result<CommandOutput, HostError> {
+        // Argument vectors stay argument vectors: every word is quoted, and
+        // `command -v` tells a missing program from one that failed.
+        let words: Vec<String> = std::iter::once(program)
+            .chain(args.iter().copied())
+            .map(quote)
+            .collect();
+        let cmd = format!(
+            "command -v {p} >/dev/null 2>&1 || exit {SHELL_NOT_FOUND}; exec {}",
+            words.join(" "),
+            p = quote(program)
+        );
+        let out = self
+            .runtime
+            .block_on(self.session.run(&cmd, None))
+            .map_err(|source| HostError::Spawn {
+                program: format!("{program} on {}", self.name),
+                source: std::io::Error::other(source.to_string()),
+            })?;
+        if out.code == Some(SHELL_NOT_FOUND) && out.stdout.is_empty() && out.stderr.is_empty() {
+            return Err(HostError::NotFound(program.to_owned()));
+        }
+        Ok(output(out))
+    }
+}
+
+/// Any node with its files under a directory instead of `/`, running no
+/// command: `join --root DIR` to review or stage a node's files.
+#[derive(Debug)]
+pub struct Rooted<'a, H: ?Sized> {
+    inner: &'a H,
+    root: String,
+}
+
+impl<'a, H: NodeHost + ?Sized> Rooted<'a, H> {
+    pub fn new(inner: &'a H, root: impl Into<String>) -> Self {
+        Rooted {
+            inner,
+            root: root.into().trim_end_matches('/').to_owned(),
+        }
+    }
+
+    fn path(&self, path: &str) -> String {
+        format!("{}/{}", self.root, path.trim_start_matches('/'))
+    }
+}
+
+impl<H: NodeHost + ?Sized> NodeHost for Rooted<'_, H> {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn read_file(&self, path: &str) -> Result<Option<Vec<u8>>, HostError> {
+        self.inner.read_file(&self.path(path))
+    }
+
+    fn write_file(&self, path: &str, contents: &[u8], mode: u32) -> Result<(), HostError> {
+        self.inner.write_file(&self.path(path), contents, mode)
+    }
+
+    fn exists(&self, path: &str) -> Result<bool, HostError> {
+        self.inner.exists(&self.path(path))
+    }
+
+    fn run(&self, program: &str, _args: &[&str]) -> Result<CommandOutput, HostError> {
+        Err(HostError::NoCommands(program.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::LocalHost;
+
+    #[test]
+    fn rooted_maps_every_path_under_its_root_and_runs_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = LocalHost::new("n1");
+        let root = dir.path().display().to_string();
+        let r = Rooted::new(&local, format!("{root}/"));
+        r.write_file("/etc/x/y.conf", b"a", 0o600).unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("etc/x/y.conf")).unwrap(),
+            b"a"
+        );
+        assert!(r.exists("/etc/x").unwrap());
+        assert_eq!(r.read_file("/etc/x/y.conf").unwrap().unwrap(), b"a");
+        assert!(matches!(
+            r.run("true", &[]),
+            Err(HostError::NoCommands(p)) if p == "true"
+        ));
+    }
+}

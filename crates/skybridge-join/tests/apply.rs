@@ -1,0 +1,416 @@
+//! Joining a node through a NodeHost: backups, idempotency, dry runs, and
+//! the commands that follow the files, in order. Files go to a directory
+//! standing in for the node's root; commands go to a recording fake.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
+use skybridge_core::Cluster;
+use skybridge_join::apply::{Options, Outcome, join};
+use skybridge_join::containerd::Version;
+use skybridge_join::host::{CommandOutput, HostError, LocalHost, NodeHost};
+
+const LAB: &str = include_str!("../../../examples/lab.yaml");
+const LAB_CA: &str = include_str!("../../../examples/lab-ca.crt");
+const NODE: &str = "ali-worker1";
+const OPERATOR_CONFIG: &str = "# Tuned by ops, ticket OPS-1234: keep.\nversion = 2\noom_score = -999\n\n[plugins]\n  [plugins.\"io.containerd.grpc.v1.cri\"]\n    sandbox_image = \"registry.k8s.io/pause:3.6\" # unreachable from aliyun\n    max_concurrent_downloads = 7\n";
+const FSTAB: &str = "UUID=1 / ext4 defaults 0 1\n/swapfile none swap sw 0 0\n";
+
+fn lab() -> Cluster {
+    skybridge_core::load(LAB).unwrap().cluster
+}
+
+fn opts(suffix: &str) -> Options {
+    Options {
+        dry_run: false,
+        backup_suffix: suffix.into(),
+        containerd_version: None,
+        ca_cert: Some(LAB_CA.into()),
+    }
+}
+
+fn node_root() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let host = LocalHost::rooted(NODE, dir.path());
+    host.write_file(
+        "/etc/containerd/config.toml",
+        OPERATOR_CONFIG.as_bytes(),
+        0o644,
+    )
+    .unwrap();
+    host.write_file("/etc/fstab", FSTAB.as_bytes(), 0o644)
+        .unwrap();
+    dir
+}
+
+#[test]
+fn second_join_changes_nothing_and_the_first_backed_up_what_it_replaced() {
+    let dir = node_root();
+    let host = LocalHost::rooted(NODE, dir.path());
+    let first = join(&host, &lab(), NODE, &opts("1")).unwrap();
+    assert!(first.changed());
+    let paths: Vec<&str> = first.changes.iter().map(|c| c.path.as_str()).collect();
+    assert!(paths.contains(&"/etc/containerd/config.toml"), "{paths:?}");
+    assert!(paths.contains(&"/etc/fstab"), "{paths:?}");
+    assert_eq!(
+        first.backups,
+        [
+            "/etc/fstab.skybridge-backup-1",
+            "/etc/containerd/config.toml.skybridge-backup-1"
+        ]
+    );
+    let backup = std::fs::read_to_string(
+        dir.path()
+            .join("etc/containerd/config.toml.skybridge-backup-1"),
+    )
+    .unwrap();
+    assert_eq!(backup, OPERATOR_CONFIG);
+    let edited = std::fs::read_to_string(dir.path().join("etc/containerd/config.toml")).unwrap();
+    assert!(edited.starts_with("# Tuned by ops, ticket OPS-1234: keep.\n"));
+    assert!(edited.contains("max_concurrent_downloads = 7"));
+    assert!(edited.contains(
+        "sandbox_image = \"registry.aliyun.example/google_containers/pause:3.9\" # unreachable from aliyun"
+    ));
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &str| {
+        std::fs::metadata(dir.path().join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("etc/kubernetes/bootstrap-kubelet.conf"), 0o600);
+    assert_eq!(mode("etc/containerd/config.toml.skybridge-backup-1"), 0o600);
+    // Files only: the commands are listed, not run.
+    assert!(
+        first
+            .actions
+            .iter()
+            .all(|(_, o)| !matches!(o, Outcome::Done | Outcome::Failed(_))),
+        "{:?}",
+        first.actions
+    );
+
+    let second = join(&host, &lab(), NODE, &opts("2")).unwrap();
+    assert!(second.changes.is_empty(), "{:?}", second.changes);
+    assert!(second.backups.is_empty());
+    assert!(!second.changed(), "{:?}", second.actions);
+    assert!(!dir.path().join("etc/fstab.skybridge-backup-2").exists());
+}
+
+#[test]
+fn dry_run_writes_nothing_and_shows_diffs_without_secrets() {
+    let dir = node_root();
+    let host = LocalHost::rooted(NODE, dir.path());
+    let before: Vec<_> = walk(dir.path());
+    let report = join(
+        &host,
+        &lab(),
+        NODE,
+        &Options {
+            dry_run: true,
+            ..opts("x")
+        },
+    )
+    .unwrap();
+    assert_eq!(walk(dir.path()), before, "a dry run wrote something");
+    let config = report
+        .changes
+        .iter()
+        .find(|c| c.path == "/etc/containerd/config.toml")
+        .unwrap()
+        .diff();
+    assert!(
+        config.contains("--- a/etc/containerd/config.toml\n+++ b/etc/containerd/config.toml"),
+        "{config}"
+    );
+    assert!(
+        config.contains(
+            "-    sandbox_image = \"registry.k8s.io/pause:3.6\" # unreachable from aliyun"
+        ),
+        "{config}"
+    );
+    assert!(config.contains("+    sandbox_image = \"registry.aliyun.example/google_containers/pause:3.9\" # unreachable from aliyun"), "{config}");
+    assert!(
+        config.contains("+            SystemdCgroup = true"),
+        "{config}"
+    );
+    let kubeconfig = report
+        .changes
+        .iter()
+        .find(|c| c.path == "/etc/kubernetes/bootstrap-kubelet.conf")
+        .unwrap()
+        .diff();
+    assert!(kubeconfig.contains("content not shown"), "{kubeconfig}");
+    assert!(
+        !kubeconfig.contains("07401b"),
+        "the token leaked: {kubeconfig}"
+    );
+    assert!(report.actions.iter().all(|(_, o)| *o == Outcome::Planned));
+}
+
+fn walk(root: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.display().to_string(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Files under a directory, commands recorded and answered from a script.
+struct FakeNode {
+    files: LocalHost,
+    systemd: bool,
+    ran: RefCell<Vec<String>>,
+    answers: BTreeMap<&'static str, CommandOutput>,
+}
+
+impl FakeNode {
+    fn new(root: &std::path::Path, systemd: bool) -> Self {
+        let ok = |stdout: &str| CommandOutput {
+            status: Some(0),
+            stdout: stdout.into(),
+            stderr: String::new(),
+        };
+        FakeNode {
+            files: LocalHost::rooted(NODE, root),
+            systemd,
+            ran: RefCell::new(Vec::new()),
+            answers: BTreeMap::from([
+                (
+                    "containerd --version",
+                    ok(
+                        "containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+deb12u3\n",
+                    ),
+                ),
+                (
+                    "systemctl is-active --quiet kubelet",
+                    CommandOutput {
+                        status: Some(3),
+                        stdout: String::new(),
+                        stderr: String::new(),
+                    },
+                ),
+                (
+                    "systemctl is-active --quiet kube-proxy",
+                    CommandOutput {
+                        status: Some(3),
+                        stdout: String::new(),
+                        stderr: String::new(),
+                    },
+                ),
+            ]),
+        }
+    }
+}
+
+impl NodeHost for FakeNode {
+    fn name(&self) -> &str {
+        NODE
+    }
+    fn read_file(&self, path: &str) -> Result<Option<Vec<u8>>, HostError> {
+        self.files.read_file(path)
+    }
+    fn write_file(&self, path: &str, contents: &[u8], mode: u32) -> Result<(), HostError> {
+        self.files.write_file(path, contents, mode)
+    }
+    fn exists(&self, path: &str) -> Result<bool, HostError> {
+        if path == "/run/systemd/system" {
+            return Ok(self.systemd);
+        }
+        self.files.exists(path)
+    }
+    fn run(&self, program: &str, args: &[&str]) -> Result<CommandOutput, HostError> {
+        let line = std::iter::once(program)
+            .chain(args.iter().copied())
+            .collect::<Vec<_>>()
+            .join(" ");
+        self.ran.borrow_mut().push(line.clone());
+        if line == "containerd config dump" {
+            // What the daemon would report: the file join wrote.
+            let text = self
+                .files
+                .read_file("/etc/containerd/config.toml")?
+                .unwrap();
+            return Ok(CommandOutput {
+                status: Some(0),
+                stdout: String::from_utf8(text).unwrap(),
+                stderr: String::new(),
+            });
+        }
+        if program == "crictl" {
+            return Err(HostError::NotFound("crictl".into()));
+        }
+        Ok(self
+            .answers
+            .get(line.as_str())
+            .cloned()
+            .unwrap_or(CommandOutput {
+                status: Some(0),
+                stdout: String::new(),
+                stderr: String::new(),
+            }))
+    }
+}
+
+#[test]
+fn commands_follow_the_files_in_order_and_containerd_is_verified() {
+    let dir = node_root();
+    let node = FakeNode::new(dir.path(), true);
+    let report = join(&node, &lab(), NODE, &opts("1")).unwrap();
+    let ran = node.ran.borrow().clone();
+    assert_eq!(
+        ran,
+        [
+            "containerd --version",
+            "systemctl is-active --quiet kubelet",
+            "systemctl is-active --quiet kube-proxy",
+            "modprobe overlay",
+            "modprobe br_netfilter",
+            "sysctl -p /etc/sysctl.d/90-skybridge-kubernetes.conf",
+            "swapoff -a",
+            "systemctl restart containerd",
+            "systemctl daemon-reload",
+            "containerd config dump",
+            "crictl --runtime-endpoint unix:///run/containerd/containerd.sock info",
+        ]
+    );
+    // No kubelet binary in the bundle directory: a warning, not a failure.
+    let warnings: Vec<String> = report
+        .actions
+        .iter()
+        .filter_map(|(_, o)| match o {
+            Outcome::Warning(w) => Some(w.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(warnings.len(), 2, "{:?}", report.actions);
+    assert!(warnings[0].contains("/opt/kubernetes/bin/kubelet does not exist"));
+    assert!(!report.failed(), "{:?} {:?}", report.actions, report.checks);
+    assert_eq!(report.checks.len(), 1);
+    assert_eq!(report.checks[0].result, Ok(()));
+}
+
+#[test]
+fn a_node_without_systemd_is_told_what_to_restart() {
+    let dir = node_root();
+    let node = FakeNode::new(dir.path(), false);
+    let report = join(&node, &lab(), NODE, &opts("1")).unwrap();
+    assert!(report.failed());
+    let failure = report
+        .actions
+        .iter()
+        .find_map(|(_, o)| match o {
+            Outcome::Failed(f) => Some(f.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert!(
+        failure.contains("does not run systemd")
+            && failure.contains("systemctl restart containerd"),
+        "{failure}"
+    );
+    assert!(
+        !node
+            .ran
+            .borrow()
+            .iter()
+            .any(|c| c.starts_with("systemctl restart"))
+    );
+
+    // The restart is owed: the next run (systemd up now) does it although no file changes.
+    let pending =
+        std::fs::read_to_string(dir.path().join("var/lib/skybridge/join-pending")).unwrap();
+    assert!(pending.starts_with("restart-containerd\n"), "{pending}");
+    let node = FakeNode::new(dir.path(), true);
+    let again = join(&node, &lab(), NODE, &opts("2")).unwrap();
+    assert!(again.changes.is_empty(), "{:?}", again.changes);
+    assert!(!again.failed(), "{:?}", again.actions);
+    assert!(
+        node.ran
+            .borrow()
+            .contains(&"systemctl restart containerd".to_owned())
+    );
+    let pending =
+        std::fs::read_to_string(dir.path().join("var/lib/skybridge/join-pending")).unwrap();
+    assert_eq!(pending, "");
+    // Paid off: a third run owes nothing.
+    let node = FakeNode::new(dir.path(), true);
+    join(&node, &lab(), NODE, &opts("3")).unwrap();
+    assert!(
+        !node
+            .ran
+            .borrow()
+            .iter()
+            .any(|c| c.contains("restart containerd"))
+    );
+}
+
+#[test]
+fn old_containerd_gets_the_legacy_mirror_table() {
+    let dir = node_root();
+    let host = LocalHost::rooted(NODE, dir.path());
+    let report = join(
+        &host,
+        &lab(),
+        NODE,
+        &Options {
+            containerd_version: Some("1.4.13".parse::<Version>().unwrap()),
+            ..opts("1")
+        },
+    )
+    .unwrap();
+    assert!(
+        !report
+            .changes
+            .iter()
+            .any(|c| c.path.ends_with("hosts.toml"))
+    );
+    let edited = std::fs::read_to_string(dir.path().join("etc/containerd/config.toml")).unwrap();
+    assert!(
+        edited.contains("registry.mirrors.\"docker.io\"]"),
+        "{edited}"
+    );
+}
+
+#[test]
+fn kubeadm_join_runs_once_and_never_again_once_joined() {
+    let seed = skybridge_core::load(include_str!("../../../examples/seed.yaml"))
+        .unwrap()
+        .cluster;
+    let dir = node_root();
+    let node = FakeNode::new(dir.path(), true);
+    for bin in ["/usr/bin/kubeadm", "/usr/bin/kubelet"] {
+        node.files.write_file(bin, b"#!/bin/sh\n", 0o755).unwrap();
+    }
+    let first = join(&node, &seed, "k8s-node3", &opts("1")).unwrap();
+    assert!(!first.failed(), "{:?}", first.actions);
+    let ran = node.ran.borrow().clone();
+    assert!(
+        ran.contains(&"/usr/bin/kubeadm join --config /etc/skybridge/kubeadm-join.yaml".to_owned()),
+        "{ran:?}"
+    );
+    // kubeadm join leaves the kubelet's kubeconfig behind; with it the node counts as joined.
+    node.files
+        .write_file("/etc/kubernetes/kubelet.conf", b"apiVersion: v1\n", 0o600)
+        .unwrap();
+    node.ran.borrow_mut().clear();
+    let second = join(&node, &seed, "k8s-node3", &opts("2")).unwrap();
+    assert!(second.changes.is_empty(), "{:?}", second.changes);
+    let ran = node.ran.borrow().clone();
+    assert!(!ran.iter().any(|c| c.contains("kubeadm")), "{ran:?}");
+    // kubelet is not active in the fake: join (re)starts it rather than joining again.
+    assert!(
+        ran.contains(&"systemctl restart kubelet".to_owned()),
+        "{ran:?}"
+    );
+}

@@ -1,0 +1,559 @@
+//! The VM backend of the lab: each node is a qemu VM running Debian's
+//! kernel (which has ip_gre and wireguard, unlike many hosts), while the
+//! routers and the internet stay namespaces exactly as in the namespace lab.
+//! A VM's tap device sits where a node namespace's veth would: on its site's
+//! VPC bridge inside the router namespace, and qemu runs inside that
+//! namespace, so no guest traffic can reach the host's own network.
+//!
+//! The guest boots a small busybox initramfs that mounts the host's `/`
+//! read-only over 9p with a tmpfs overlay (see [`initramfs`]); the lab then
+//! drives it through a virtio-serial exec channel ([`channel`]).
+
+pub mod channel;
+pub mod fetch;
+pub mod image;
+pub mod initramfs;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::topology::LabNode;
+use crate::{LabError, io};
+
+/// Memory of one guest, MiB: the agent, its data plane and the probes fit.
+pub const GUEST_MEMORY_MIB: u32 = 192;
+/// Memory of a guest booting the systemd image.
+pub const SYSTEMD_MEMORY_MIB: u32 = 256;
+
+/// What a VM boots.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Image {
+    /// The busybox initramfs over the host's `/` (seconds to boot; nothing survives a reboot).
+    #[default]
+    Initramfs,
+    /// The lab's Debian image with systemd (reboots keep its disk).
+    Systemd,
+}
+
+/// How long a guest may take to answer on its exec channel after qemu starts.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// What the lab remembers of a running VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmNode {
+    /// qemu's process id (killed by `lab down`, after checking it is qemu).
+    pub pid: u32,
+    /// The host end of the exec channel.
+    pub socket: PathBuf,
+    /// The guest's serial console.
+    pub console: PathBuf,
+    /// `kvm` or `tcg`.
+    pub accel: String,
+    #[serde(default)]
+    pub image: Image,
+}
+
+/// Everything prepared once per `lab up`: fetched packages, the initramfs,
+/// the accelerator that works here.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub artifacts: fetch::Artifacts,
+    pub initramfs: PathBuf,
+    pub accel: String,
+    /// The systemd disk image, when the VMs boot it.
+    pub disk: Option<PathBuf>,
+}
+
+/// Fetches what is missing, builds the initramfs into `dir`, and picks KVM
+/// if a probe boot works with it, TCG otherwise (`SKYBRIDGE_LAB_ACCEL=kvm|tcg`
+/// skips the probe).
+///
+/// # Errors
+/// See [`fetch::ensure`]; also when the initramfs cannot be written.
+pub fn prepare(dir: &Path, image: Image, skybridge: &Path) -> Result<Prepared, LabError> {
+    let artifacts = fetch::ensure()?;
+    let disk = match image {
+        Image::Systemd => {
+            // The guests' exec channel and probe units run this copy.
+            let bin = dir.join("bin");
+            std::fs::create_dir_all(&bin).map_err(io(format!("creating {}", bin.display())))?;
+            std::fs::copy(skybridge, bin.join("skybridge")).map_err(io(format!(
+                "copying {} into the lab folder",
+                skybridge.display()
+            )))?;
+            Some(image::ensure()?)
+        }
+        Image::Initramfs => None,
+    };
+    let initramfs = dir.join("initramfs.cpio");
+    initramfs::build(&artifacts, &initramfs)?;
+    let accel = match std::env::var("SKYBRIDGE_LAB_ACCEL").ok().as_deref() {
+        Some("kvm") => "kvm".to_owned(),
+        Some("tcg") => "tcg".to_owned(),
+        Some(other) => {
+            return Err(LabError::Refused(format!(
+                "SKYBRIDGE_LAB_ACCEL={other}: use kvm or tcg"
+            )));
+        }
+        None => probe_accel(&artifacts, &initramfs, dir)?,
+    };
+    Ok(Prepared {
+        artifacts,
+        initramfs,
+        accel,
+        disk,
+    })
+}
+
+fn host_kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// KVM when `/dev/kvm` exists and a probe boot with it reaches the initramfs
+/// in time (a software-nested KVM may hang Debian's kernel right after the
+/// boot loader); remembered per host kernel, guest kernel and qemu.
+fn probe_accel(art: &fetch::Artifacts, initramfs: &Path, dir: &Path) -> Result<String, LabError> {
+    if !Path::new("/dev/kvm").exists() {
+        return Ok("tcg".into());
+    }
+    let versions: Vec<String> = art
+        .versions
+        .iter()
+        .map(|(p, v)| format!("{p}={v}"))
+        .collect();
+    let memo = Path::new(fetch::CACHE_DIR).join(format!(
+        "accel-{}",
+        fetch::key(&format!("{}\n{}", host_kernel(), versions.join("\n")))
+    ));
+    if let Ok(known) = std::fs::read_to_string(&memo) {
+        return Ok(known.trim().to_owned());
+    }
+    let console = dir.join("kvm-probe.console.log");
+    let mut child = Command::new(art.qemu())
+        .envs(art.qemu_env())
+        .args(["-L", &art.firmware().display().to_string()])
+        .args(["-accel", "kvm", "-cpu", "host", "-m", "128", "-smp", "1"])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .args(["-serial", &format!("file:{}", console.display())])
+        .args(["-kernel", &art.vmlinuz().display().to_string()])
+        .args(["-initrd", &initramfs.display().to_string()])
+        .args(["-append", "console=ttyS0 panic=-1 sb.probe=1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::File::create(dir.join("kvm-probe.qemu.log"))
+                .map_err(io("creating the KVM probe's log"))?,
+        )
+        .spawn()
+        .map_err(io("starting qemu for the KVM probe"))?;
+    let start = Instant::now();
+    let ok = loop {
+        if std::fs::read_to_string(&console).is_ok_and(|c| c.contains("SKYBRIDGE-PROBE-OK")) {
+            break true;
+        }
+        if matches!(child.try_wait(), Ok(Some(_))) || start.elapsed() > Duration::from_secs(20) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let accel = if ok { "kvm" } else { "tcg" };
+    eprintln!(
+        "vm lab: KVM probe {} in {:.1} s (see {}): using {accel}",
+        if ok { "booted" } else { "did not boot" },
+        start.elapsed().as_secs_f64(),
+        dir.join("kvm-probe.qemu.log").display()
+    );
+    let _ = std::fs::write(&memo, accel);
+    Ok(accel.into())
+}
+
+/// A MAC address for the `index`th node (locally administered, qemu's OUI).
+fn mac(index: usize) -> String {
+    format!(
+        "52:54:00:5b:{:02x}:{:02x}",
+        (index >> 8) & 0xff,
+        index & 0xff
+    )
+}
+
+/// Creates the node's tap on its site's VPC bridge and starts its VM in the
+/// router namespace.
+///
+/// # Errors
+/// When the tap cannot be made or qemu cannot start.
+pub fn start(
+    prep: &Prepared,
+    dir: &Path,
+    router_ns: &str,
+    node: &LabNode,
+    index: usize,
+    skybridge: &Path,
+) -> Result<VmNode, LabError> {
+    let tap = &node.router_port;
+    crate::ip(router_ns, &["tuntap", "add", "dev", tap, "mode", "tap"])?;
+    crate::ip(router_ns, &["link", "set", tap, "master", "lan", "up"])?;
+    let socket = dir.join(format!("{}.exec.sock", node.name));
+    let console = dir.join(format!("{}.console.log", node.name));
+    let _ = std::fs::remove_file(&socket);
+    let _ = std::fs::remove_file(&console);
+    let art = &prep.artifacts;
+    let append = format!(
+        "console=ttyS0 panic=-1 quiet sb.disk={} sb.node={} sb.ip={}/{} sb.gw={} sb.lab={} sb.exe={} sb.modules={}",
+        u8::from(prep.disk.is_some()),
+        node.name,
+        node.private_ip,
+        node.cidr.prefix_len(),
+        node.gateway,
+        dir.display(),
+        skybridge.display(),
+        art.kernel_root.join("lib/modules").display(),
+    );
+    let (accel, cpu) = if prep.accel == "kvm" {
+        ("kvm", "host")
+    } else {
+        ("tcg,tb-size=64", "max")
+    };
+    let qemu_log = std::fs::File::create(dir.join(format!("{}.qemu.log", node.name)))
+        .map_err(io("creating the qemu log"))?;
+    let share: Vec<String> = match &prep.disk {
+        // Reboots keep the disk: qemu stays, and the guest's writes live in
+        // qemu's snapshot until it exits.
+        Some(disk) => vec![
+            "-m".into(),
+            SYSTEMD_MEMORY_MIB.to_string(),
+            "-drive".into(),
+            format!(
+                "file={},format=raw,if=virtio,snapshot=on,cache=unsafe",
+                disk.display()
+            ),
+            "-virtfs".into(),
+            format!(
+                "local,path={},mount_tag=sbmods,security_model=none,readonly=on",
+                art.kernel_root.join("lib/modules").display()
+            ),
+        ],
+        // Nothing survives a reboot: exit instead, and `lab` says so.
+        None => vec![
+            "-m".into(),
+            GUEST_MEMORY_MIB.to_string(),
+            "-no-reboot".into(),
+            "-virtfs".into(),
+            "local,path=/,mount_tag=sbhost,security_model=none,readonly=on".into(),
+        ],
+    };
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", router_ns])
+        .arg(art.qemu())
+        .envs(art.qemu_env())
+        .args(["-name", &format!("skybridge-lab-{}", node.name)])
+        .args(["-L", &art.firmware().display().to_string()])
+        .args(["-accel", accel, "-cpu", cpu, "-smp", "1"])
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .args(["-serial", &format!("file:{}", console.display())])
+        .args(["-kernel", &art.vmlinuz().display().to_string()])
+        .args(["-initrd", &prep.initramfs.display().to_string()])
+        .args(["-append", &append])
+        .args(share)
+        .args([
+            "-virtfs",
+            &format!(
+                "local,path={},mount_tag=sblab,security_model=none",
+                dir.display()
+            ),
+        ])
+        .args(["-device", "virtio-serial-pci"])
+        .args([
+            "-chardev",
+            &format!(
+                "socket,id=sbexec,path={},server=on,wait=off",
+                socket.display()
+            ),
+        ])
+        .args([
+            "-device",
+            &format!("virtserialport,chardev=sbexec,name={}", channel::PORT_NAME),
+        ])
+        .args([
+            "-netdev",
+            &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+        ])
+        .args([
+            "-device",
+            &format!("virtio-net-pci,netdev=n0,mac={},romfile=", mac(index)),
+        ])
+        .stdin(Stdio::null())
+        .stdout(qemu_log.try_clone().map_err(io("qemu log"))?)
+        .stderr(qemu_log);
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = cmd
+        .spawn()
+        .map_err(io(format!("starting qemu for {}", node.name)))?;
+    let pid = child.id();
+    std::thread::spawn(move || child.wait());
+    Ok(VmNode {
+        pid,
+        socket,
+        console,
+        accel: prep.accel.clone(),
+        image: if prep.disk.is_some() {
+            Image::Systemd
+        } else {
+            Image::Initramfs
+        },
+    })
+}
+
+/// Whether `pid` is still a qemu process (and not a reused pid).
+pub fn is_qemu(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| String::from_utf8_lossy(&c).contains("qemu-system"))
+}
+
+/// Waits until every guest answers on its exec channel.
+///
+/// # Errors
+/// Names each guest that did not come up, with the end of its console.
+pub fn wait_ready(vms: &[(String, VmNode)], limit: Duration) -> Result<(), LabError> {
+    let start = Instant::now();
+    let mut waiting: Vec<&(String, VmNode)> = vms.iter().collect();
+    while !waiting.is_empty() {
+        waiting.retain(|(_, vm)| {
+            channel::call(
+                &vm.socket,
+                &["true".to_owned()],
+                None,
+                Duration::from_secs(1),
+            )
+            .map_or(true, |r| r.code != 0)
+        });
+        if waiting.is_empty() {
+            break;
+        }
+        let dead: Vec<&&(String, VmNode)> =
+            waiting.iter().filter(|(_, vm)| !is_qemu(vm.pid)).collect();
+        if !dead.is_empty() || start.elapsed() > limit {
+            let report: Vec<String> = waiting
+                .iter()
+                .map(|(name, vm)| {
+                    let console = std::fs::read_to_string(&vm.console).unwrap_or_default();
+                    let tail: Vec<&str> = console.lines().rev().take(8).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    format!(
+                        "{name} ({}; console {}):\n    {}",
+                        if is_qemu(vm.pid) {
+                            "still booting"
+                        } else {
+                            "qemu exited"
+                        },
+                        vm.console.display(),
+                        tail.join("\n    ")
+                    )
+                })
+                .collect();
+            return Err(LabError::Refused(format!(
+                "VMs not ready after {:.0} s: {}",
+                start.elapsed().as_secs_f64(),
+                report.join("\n  ")
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Ok(())
+}
+
+/// Runs a command in a guest; its output if it exits 0.
+///
+/// # Errors
+/// When the channel fails or the command exits non-zero (with its stderr).
+pub fn run(
+    vm: &VmNode,
+    node: &str,
+    argv: &[String],
+    timeout: Duration,
+) -> Result<String, LabError> {
+    let resp = channel::call(&vm.socket, argv, None, timeout)?;
+    if resp.code != 0 {
+        return Err(LabError::Command {
+            command: format!("{} (in VM {node})", argv.join(" ")),
+            stderr: format!("{}{}", resp.stderr.trim(), resp.stdout.trim()),
+        });
+    }
+    Ok(resp.stdout)
+}
+
+/// Starts a long-running command in a guest, its output to `log` (a path the
+/// guest shares with the host: the lab folder).
+///
+/// # Errors
+/// When the channel fails or the command cannot start.
+pub fn spawn(vm: &VmNode, node: &str, argv: &[String], log: &Path) -> Result<(), LabError> {
+    let resp = channel::call(&vm.socket, argv, Some(log), Duration::from_secs(10))?;
+    if resp.code != 0 {
+        return Err(LabError::Command {
+            command: format!("{} (in VM {node})", argv.join(" ")),
+            stderr: resp.stderr,
+        });
+    }
+    Ok(())
+}
+
+/// Stops a VM by its pid, if that pid is still qemu.
+pub fn stop(vm: &VmNode) {
+    if is_qemu(vm.pid) {
+        let _ = Command::new("kill")
+            .args(["-9", &vm.pid.to_string()])
+            .output();
+    }
+    let _ = std::fs::remove_file(&vm.socket);
+}
+
+fn boot_id(vm: &VmNode, node: &str) -> Option<String> {
+    run(
+        vm,
+        node,
+        &[
+            "cat".to_owned(),
+            "/proc/sys/kernel/random/boot_id".to_owned(),
+        ],
+        Duration::from_secs(5),
+    )
+    .ok()
+    .map(|s| s.trim().to_owned())
+}
+
+/// Reboots VMs running the systemd image (`systemctl reboot`, as an
+/// operator would) and waits until each answers again from a new boot.
+///
+/// # Errors
+/// For a VM that cannot reboot (the initramfs keeps nothing) or does not
+/// come back within [`BOOT_TIMEOUT`] (the error names it and its console).
+pub fn reboot(vms: &[(String, VmNode)]) -> Result<Duration, LabError> {
+    let start = Instant::now();
+    let mut before = Vec::new();
+    for (name, vm) in vms {
+        if vm.image != Image::Systemd {
+            return Err(LabError::Refused(format!(
+                "{name} boots the initramfs, which keeps nothing across a reboot; run `lab up --backend vm --image systemd`"
+            )));
+        }
+        let id = boot_id(vm, name).ok_or_else(|| {
+            LabError::Refused(format!(
+                "{name} does not answer; see {}",
+                vm.console.display()
+            ))
+        })?;
+        before.push(id);
+    }
+    for (name, vm) in vms {
+        spawn(
+            vm,
+            name,
+            &["systemctl".to_owned(), "reboot".to_owned()],
+            Path::new("/dev/null"),
+        )?;
+    }
+    let mut waiting: Vec<usize> = (0..vms.len()).collect();
+    while !waiting.is_empty() {
+        waiting.retain(|&i| {
+            let (name, vm) = &vms[i];
+            boot_id(vm, name).is_none_or(|id| id == before[i])
+        });
+        if waiting.is_empty() {
+            break;
+        }
+        if start.elapsed() > BOOT_TIMEOUT {
+            let names: Vec<String> = waiting
+                .iter()
+                .map(|&i| format!("{} (console {})", vms[i].0, vms[i].1.console.display()))
+                .collect();
+            return Err(LabError::Refused(format!(
+                "not back from reboot after {} s: {}",
+                BOOT_TIMEOUT.as_secs(),
+                names.join(", ")
+            )));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    Ok(start.elapsed())
+}
+
+/// Where the systemd image's guests see the lab folder.
+pub const GUEST_LAB_DIR: &str = "/mnt/sblab";
+
+fn sh(cmd: &str) -> Vec<String> {
+    vec!["sh".to_owned(), "-c".to_owned(), cmd.to_owned()]
+}
+
+/// What an operator does on each node of the systemd image: install the
+/// binary, make the key pair, hand out the cluster file and the collected
+/// public keys, and (with `unit`) install and enable the rendered agent unit.
+///
+/// # Errors
+/// Names the node and the step that failed.
+pub fn install(
+    dir: &Path,
+    vms: &[(String, VmNode)],
+    cluster_file: &Path,
+    skybridge: &Path,
+    unit: bool,
+) -> Result<(), LabError> {
+    let long = Duration::from_secs(120);
+    let mut keys = String::from("publicKeys:\n");
+    for (name, vm) in vms {
+        run(
+            vm,
+            name,
+            &sh(&format!(
+                "install -D -m 755 {GUEST_LAB_DIR}/bin/skybridge /usr/local/bin/skybridge"
+            )),
+            long,
+        )?;
+        let key = run(vm, name, &sh("/usr/local/bin/skybridge agent pubkey"), long)?;
+        keys += &format!("  {name}: {}\n", key.trim());
+    }
+    std::fs::write(dir.join("cluster.state.yaml"), keys).map_err(io("writing the state file"))?;
+    std::fs::copy(cluster_file, dir.join("cluster.yaml"))
+        .map_err(io(format!("copying {}", cluster_file.display())))?;
+    if unit {
+        let out = Command::new(skybridge)
+            .arg("render")
+            .arg(dir.join("cluster.yaml"))
+            .args(["--format", "systemd-agent", "--out"])
+            .arg(dir.join("render"))
+            .output()
+            .map_err(io("running skybridge render"))?;
+        if !out.status.success() {
+            return Err(LabError::Command {
+                command: "skybridge render --format systemd-agent".into(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            });
+        }
+    }
+    for (name, vm) in vms {
+        let mut script = format!(
+            "install -D -m 644 {GUEST_LAB_DIR}/cluster.yaml /etc/skybridge/cluster.yaml && install -m 644 {GUEST_LAB_DIR}/cluster.state.yaml /etc/skybridge/cluster.state.yaml"
+        );
+        if unit {
+            script += &format!(
+                " && install -m 644 {GUEST_LAB_DIR}/render/{name}/skybridge-agent.service /etc/systemd/system/ && systemctl daemon-reload && systemctl enable --now skybridge-agent"
+            );
+        }
+        run(vm, name, &sh(&script), long)?;
+    }
+    Ok(())
+}
