@@ -125,10 +125,8 @@ fn remote(args: &JoinArgs, cluster: &Cluster, opts: &Options) -> Result<ExitCode
             );
         }
     }
-    let connector = Openssh {
-        accept_new_host_keys: args.accept_new_host_keys,
-        ..Openssh::default()
-    };
+    let connector = Openssh::new(args.accept_new_host_keys)
+        .map_err(|e| anyhow::anyhow!("writing the ssh config for this join: {e}"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
