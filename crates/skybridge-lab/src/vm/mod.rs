@@ -212,8 +212,10 @@ pub fn start(
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(&console);
     let art = &prep.artifacts;
+    // no_timer_check: on a busy host an emulated CPU can miss the kernel's
+    // IO-APIC timer check, which then panics the boot.
     let append = format!(
-        "console=ttyS0 panic=-1 quiet sb.disk={} sb.node={} sb.ip={}/{} sb.gw={} sb.lab={} sb.exe={} sb.modules={}",
+        "console=ttyS0 panic=-1 no_timer_check net.ifnames=0 quiet sb.disk={} sb.node={} sb.ip={}/{} sb.gw={} sb.lab={} sb.exe={} sb.modules={}",
         u8::from(prep.disk.is_some()),
         node.name,
         node.private_ip,
@@ -253,7 +255,7 @@ pub fn start(
             GUEST_MEMORY_MIB.to_string(),
             "-no-reboot".into(),
             "-virtfs".into(),
-            "local,path=/,mount_tag=sbhost,security_model=none,readonly=on".into(),
+            "local,path=/,mount_tag=sbhost,security_model=none,readonly=on,multidevs=remap".into(),
         ],
     };
     let mut cmd = Command::new("ip");
