@@ -320,10 +320,13 @@ pub fn start(
     })
 }
 
-/// Whether `pid` is still a qemu process (and not a reused pid).
-pub fn is_qemu(pid: u32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .is_ok_and(|c| String::from_utf8_lossy(&c).contains("qemu-system"))
+/// Whether the VM's qemu is still running: its pid, and a command line naming
+/// this VM's own exec socket (a reused pid, even another lab's qemu, is not it).
+pub fn is_running(vm: &VmNode) -> bool {
+    std::fs::read(format!("/proc/{}/cmdline", vm.pid)).is_ok_and(|c| {
+        let c = String::from_utf8_lossy(&c);
+        c.contains("qemu-system") && c.contains(&vm.socket.display().to_string())
+    })
 }
 
 /// Waits until every guest answers on its exec channel.
@@ -347,7 +350,7 @@ pub fn wait_ready(vms: &[(String, VmNode)], limit: Duration) -> Result<(), LabEr
             break;
         }
         let dead: Vec<&&(String, VmNode)> =
-            waiting.iter().filter(|(_, vm)| !is_qemu(vm.pid)).collect();
+            waiting.iter().filter(|(_, vm)| !is_running(vm)).collect();
         if !dead.is_empty() || start.elapsed() > limit {
             let report: Vec<String> = waiting
                 .iter()
@@ -357,7 +360,7 @@ pub fn wait_ready(vms: &[(String, VmNode)], limit: Duration) -> Result<(), LabEr
                     let tail: Vec<&str> = tail.into_iter().rev().collect();
                     format!(
                         "{name} ({}; console {}):\n    {}",
-                        if is_qemu(vm.pid) {
+                        if is_running(vm) {
                             "still booting"
                         } else {
                             "qemu exited"
@@ -416,7 +419,7 @@ pub fn spawn(vm: &VmNode, node: &str, argv: &[String], log: &Path) -> Result<(),
 
 /// Stops a VM by its pid, if that pid is still qemu.
 pub fn stop(vm: &VmNode) {
-    if is_qemu(vm.pid) {
+    if is_running(vm) {
         let _ = Command::new("kill")
             .args(["-9", &vm.pid.to_string()])
             .output();
