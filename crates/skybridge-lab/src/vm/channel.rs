@@ -298,6 +298,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         t.join().unwrap();
-        assert!(err.contains("exec channel") && err.contains("exec.sock"), "{err}");
+        assert!(
+            err.contains("exec channel") && err.contains("exec.sock"),
+            "{err}"
+        );
     }
 }
