@@ -234,3 +234,73 @@ pub fn serve() -> std::io::Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A stand-in for qemu's end of the port: answers with a stale reply
+    /// (another client's id) before the real one.
+    fn fake_guest(socket: &Path) -> std::thread::JoinHandle<Request> {
+        let listener = UnixListener::bind(socket).unwrap();
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            let req: Request = serde_json::from_str(&line).unwrap();
+            let mut w = stream;
+            let stale = Response {
+                id: req.id.wrapping_add(1),
+                code: 0,
+                stdout: "stale".into(),
+                stderr: String::new(),
+            };
+            let mine = Response {
+                id: req.id,
+                code: 3,
+                stdout: format!("ran {}", req.argv.join(" ")),
+                stderr: "e".into(),
+            };
+            for r in [stale, mine] {
+                writeln!(w, "{}", serde_json::to_string(&r).unwrap()).unwrap();
+            }
+            req
+        })
+    }
+
+    #[test]
+    fn a_reply_meant_for_another_client_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("exec.sock");
+        let guest = fake_guest(&socket);
+        let resp = call(
+            &socket,
+            &["ip".to_owned(), "link".to_owned()],
+            None,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!((resp.code, resp.stdout.as_str()), (3, "ran ip link"));
+        let req = guest.join().unwrap();
+        assert_eq!(req.timeout_s, 5);
+        assert!(req.detach_log.is_none());
+    }
+
+    #[test]
+    fn a_guest_that_hangs_up_is_an_error_naming_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("exec.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let t = std::thread::spawn(move || drop(listener.accept().unwrap()));
+        let err = call(&socket, &["true".to_owned()], None, Duration::from_secs(5))
+            .unwrap_err()
+            .to_string();
+        t.join().unwrap();
+        assert!(
+            err.contains("exec channel") && err.contains("exec.sock"),
+            "{err}"
+        );
+    }
+}

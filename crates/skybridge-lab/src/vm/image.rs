@@ -17,9 +17,11 @@ use std::process::Command;
 use super::fetch::{self, CACHE_DIR};
 use crate::LabError;
 
-/// Packages on top of debootstrap's `minbase`.
+/// Packages on top of debootstrap's `minbase`. netbase (/etc/protocols) and
+/// iptables are on every standard Debian server but not in minbase, and
+/// rendered rules name protocols (`ip protocol gre`, `-p gre`).
 const PACKAGES: &str =
-    "systemd-sysv,udev,iproute2,nftables,iputils-ping,kmod,procps,wireguard-tools";
+    "systemd-sysv,udev,iproute2,nftables,iptables,netbase,iputils-ping,kmod,procps,wireguard-tools";
 
 /// Files of the image, besides the packages.
 const FILES: [(&str, &str); 4] = [

@@ -41,7 +41,7 @@ done
 . /env
 if [ -n "$SB_probe" ]; then echo SKYBRIDGE-PROBE-OK; poweroff -f; fi
 fail() { echo "skybridge-init: $*; powering off"; sleep 1; poweroff -f; }
-if [ -n "$SB_disk" ]; then
+if [ "$SB_disk" = 1 ]; then
   i=0
   while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
   mkdir -p /newroot

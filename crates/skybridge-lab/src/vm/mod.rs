@@ -39,8 +39,9 @@ pub enum Image {
     Systemd,
 }
 
-/// How long a guest may take to answer on its exec channel after qemu starts.
-pub const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+/// How long a guest may take to answer on its exec channel after qemu starts
+/// (or after a reboot): systemd under TCG on a busy 2-core host took 4 minutes.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(420);
 
 /// What the lab remembers of a running VM.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -212,8 +213,10 @@ pub fn start(
     let _ = std::fs::remove_file(&socket);
     let _ = std::fs::remove_file(&console);
     let art = &prep.artifacts;
+    // no_timer_check: on a busy host an emulated CPU can miss the kernel's
+    // IO-APIC timer check, which then panics the boot.
     let append = format!(
-        "console=ttyS0 panic=-1 quiet sb.disk={} sb.node={} sb.ip={}/{} sb.gw={} sb.lab={} sb.exe={} sb.modules={}",
+        "console=ttyS0 panic=-1 no_timer_check net.ifnames=0 quiet sb.disk={} sb.node={} sb.ip={}/{} sb.gw={} sb.lab={} sb.exe={} sb.modules={}",
         u8::from(prep.disk.is_some()),
         node.name,
         node.private_ip,
@@ -253,7 +256,7 @@ pub fn start(
             GUEST_MEMORY_MIB.to_string(),
             "-no-reboot".into(),
             "-virtfs".into(),
-            "local,path=/,mount_tag=sbhost,security_model=none,readonly=on".into(),
+            "local,path=/,mount_tag=sbhost,security_model=none,readonly=on,multidevs=remap".into(),
         ],
     };
     let mut cmd = Command::new("ip");
@@ -318,10 +321,13 @@ pub fn start(
     })
 }
 
-/// Whether `pid` is still a qemu process (and not a reused pid).
-pub fn is_qemu(pid: u32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .is_ok_and(|c| String::from_utf8_lossy(&c).contains("qemu-system"))
+/// Whether the VM's qemu is still running: its pid, and a command line naming
+/// this VM's own exec socket (a reused pid, even another lab's qemu, is not it).
+pub fn is_running(vm: &VmNode) -> bool {
+    std::fs::read(format!("/proc/{}/cmdline", vm.pid)).is_ok_and(|c| {
+        let c = String::from_utf8_lossy(&c);
+        c.contains("qemu-system") && c.contains(&vm.socket.display().to_string())
+    })
 }
 
 /// Waits until every guest answers on its exec channel.
@@ -345,7 +351,7 @@ pub fn wait_ready(vms: &[(String, VmNode)], limit: Duration) -> Result<(), LabEr
             break;
         }
         let dead: Vec<&&(String, VmNode)> =
-            waiting.iter().filter(|(_, vm)| !is_qemu(vm.pid)).collect();
+            waiting.iter().filter(|(_, vm)| !is_running(vm)).collect();
         if !dead.is_empty() || start.elapsed() > limit {
             let report: Vec<String> = waiting
                 .iter()
@@ -355,7 +361,7 @@ pub fn wait_ready(vms: &[(String, VmNode)], limit: Duration) -> Result<(), LabEr
                     let tail: Vec<&str> = tail.into_iter().rev().collect();
                     format!(
                         "{name} ({}; console {}):\n    {}",
-                        if is_qemu(vm.pid) {
+                        if is_running(vm) {
                             "still booting"
                         } else {
                             "qemu exited"
@@ -414,7 +420,7 @@ pub fn spawn(vm: &VmNode, node: &str, argv: &[String], log: &Path) -> Result<(),
 
 /// Stops a VM by its pid, if that pid is still qemu.
 pub fn stop(vm: &VmNode) {
-    if is_qemu(vm.pid) {
+    if is_running(vm) {
         let _ = Command::new("kill")
             .args(["-9", &vm.pid.to_string()])
             .output();
