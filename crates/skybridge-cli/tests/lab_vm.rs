@@ -465,3 +465,121 @@ fn networkd_and_script_artifacts_applied_by_hand_survive_a_reboot() {
     let gre = exec_ok(&lab, GATEWAY_HUAWEI, "ip -d link show type gre");
     assert!(gre.contains("sb-gre-2"), "{gre}");
 }
+
+/// `skybridge join` on a VM of the systemd image with Debian's containerd: the
+/// edited config.toml is what the restarted daemon runs with, and a second
+/// join changes nothing.
+#[test]
+fn join_in_a_systemd_vm_restarts_containerd_on_the_new_config() {
+    let test = "join_in_a_systemd_vm";
+    if !vm_tests_or_skip(test) {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let lab = Lab::new("vjoin");
+    let file = lab.file(
+        "join.yaml",
+        "apiVersion: skybridge.dev/v1alpha1
+kind: Cluster
+metadata:
+  name: join
+spec:
+  kubernetes:
+    version: v1.30.4
+    apiServer: https://192.168.0.10:6443
+    clusterDNS: 10.96.0.10
+    serviceCIDR: 10.96.0.0/12
+    podCIDR: 10.244.0.0/16
+    containerd:
+      sandboxImage: registry.example/k8s/pause:3.9
+      systemdCgroup: true
+      registryMirrors: { docker.io: [https://docker-mirror.example] }
+    join:
+      bootstrap: { token: 07401b.f395accd246ae52d, caCertFile: ca.crt, binaries: /opt/kubernetes/bin }
+  sites:
+    - name: huawei
+      provider: huaweicloud
+      region: cn-east-3
+      cidrs: [192.168.0.0/24]
+      nodes:
+        - { name: n1, privateIP: 192.168.0.10, publicIP: 192.0.2.10, roles: [worker, gateway] }
+",
+    );
+    let up = lab.run(&[
+        "up",
+        &file,
+        "--backend",
+        "vm",
+        "--image",
+        "systemd",
+        "--agent",
+        "none",
+        "--timeout",
+        "420",
+    ]);
+    assert!(up.status.success(), "{}\n{}", text(&up), lab.consoles());
+    let dir = lab_dir(&lab, "join");
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/lab-ca.crt"),
+        dir.join("ca.crt"),
+    )
+    .unwrap();
+    let started = |lab: &Lab| {
+        exec_ok(
+            lab,
+            "n1",
+            "systemctl show -p InvocationID --value containerd",
+        )
+    };
+    let before = started(&lab);
+    assert_eq!(
+        exec_ok(&lab, "n1", "systemctl is-active containerd").trim(),
+        "active"
+    );
+
+    let join = "skybridge join /mnt/sblab/cluster.yaml --node n1 --local";
+    let out = exec_ok(&lab, "n1", join);
+    assert!(out.contains("done: systemctl restart containerd"), "{out}");
+    assert!(out.contains("check ok: containerd config dump"), "{out}");
+    // The daemon was restarted and runs on the edited file.
+    assert_ne!(
+        started(&lab),
+        before,
+        "containerd was not restarted:\n{out}"
+    );
+    assert_eq!(
+        exec_ok(&lab, "n1", "systemctl is-active containerd").trim(),
+        "active"
+    );
+    let dump = exec_ok(&lab, "n1", "containerd config dump");
+    assert!(
+        dump.contains("sandbox_image = \"registry.example/k8s/pause:3.9\""),
+        "{dump}"
+    );
+    assert!(dump.contains("SystemdCgroup = true"), "{dump}");
+    assert!(
+        dump.contains("config_path = \"/etc/containerd/certs.d\""),
+        "{dump}"
+    );
+    let hosts = exec_ok(
+        &lab,
+        "n1",
+        "cat /etc/containerd/certs.d/docker.io/hosts.toml",
+    );
+    assert!(hosts.contains("docker-mirror.example"), "{hosts}");
+    let unit = exec_ok(&lab, "n1", "cat /etc/systemd/system/kubelet.service");
+    assert!(unit.contains("--node-ip=192.168.0.10"), "{unit}");
+    assert!(
+        exec_ok(
+            &lab,
+            "n1",
+            "cat /proc/sys/net/bridge/bridge-nf-call-iptables"
+        )
+        .trim()
+            == "1"
+    );
+
+    let again = exec_ok(&lab, "n1", join);
+    assert!(again.contains("n1: no changes"), "{again}");
+    assert_eq!(started(&lab), started(&lab));
+}

@@ -19,9 +19,9 @@ use crate::LabError;
 
 /// Packages on top of debootstrap's `minbase`. netbase (/etc/protocols) and
 /// iptables are on every standard Debian server but not in minbase, and
-/// rendered rules name protocols (`ip protocol gre`, `-p gre`).
-const PACKAGES: &str =
-    "systemd-sysv,udev,iproute2,nftables,iptables,netbase,iputils-ping,kmod,procps,wireguard-tools";
+/// rendered rules name protocols (`ip protocol gre`, `-p gre`); containerd
+/// is what `skybridge join` configures and restarts on a worker.
+const PACKAGES: &str = "systemd-sysv,udev,iproute2,nftables,iptables,netbase,iputils-ping,kmod,procps,wireguard-tools,containerd";
 
 /// Files of the image, besides the packages.
 const FILES: [(&str, &str); 4] = [
