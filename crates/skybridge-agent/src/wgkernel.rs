@@ -89,8 +89,9 @@ impl KernelWireGuard {
         Ok(out)
     }
 
-    /// The device's configuration and the public key of its private key;
-    /// `None` when `iface` is not a kernel WireGuard device.
+    /// The device's configuration and its private key (as the kernel holds
+    /// it: clamped, see [`same_private_key`]); `None` when `iface` is not a
+    /// kernel WireGuard device.
     pub async fn get(
         &self,
         iface: &str,
@@ -103,8 +104,20 @@ impl KernelWireGuard {
             .exchange(msg, NLM_F_REQUEST | NLM_F_DUMP, &format!("reading {iface}"))
             .await
         {
-            Ok(msgs) => Ok(Some(parse_device(iface, msgs))),
-            Err((Some(code), _)) if code == ENODEV || code == EOPNOTSUPP => Ok(None),
+            Ok(msgs) => {
+                let (key, cfg) = parse_device(iface, msgs);
+                tracing::debug!(
+                    iface,
+                    has_private_key = key.is_some(),
+                    peers = cfg.peers.len(),
+                    "kernel WireGuard device read"
+                );
+                Ok(Some((key, cfg)))
+            }
+            Err((Some(code), e)) if code == ENODEV || code == EOPNOTSUPP => {
+                tracing::debug!(iface, "not a kernel WireGuard device: {e}");
+                Ok(None)
+            }
             Err((_, e)) => Err(e),
         }
     }
@@ -120,7 +133,14 @@ impl KernelWireGuard {
             .get(&want.interface)
             .await?
             .unwrap_or_else(|| (None, empty(&want.interface)));
-        let delta = Delta::between(have_key.as_deref(), &have, private_key, want);
+        // A key the kernel holds clamped is still ours.
+        let have_key = have_key.filter(|k| same_private_key(k, private_key));
+        let delta = Delta::between(
+            have_key.as_ref().map(|_| private_key),
+            &have,
+            private_key,
+            want,
+        );
         let key = decode_key(private_key).ok_or_else(|| {
             kernel_err(
                 format!("configuring {}", want.interface),
@@ -150,6 +170,21 @@ fn empty(iface: &str) -> WireGuardConfig {
 
 fn decode_key(b64: &str) -> Option<[u8; 32]> {
     STANDARD.decode(b64).ok()?.try_into().ok()
+}
+
+/// Whether two base64 private keys are the same Curve25519 secret. The
+/// kernel clamps the key it is given (RFC 7748) and reports it clamped, so a
+/// key file of unclamped random bytes would otherwise never match it.
+pub fn same_private_key(a: &str, b: &str) -> bool {
+    let clamp = |k: &str| {
+        decode_key(k).map(|mut k| {
+            k[0] &= 248;
+            k[31] &= 127;
+            k[31] |= 64;
+            k
+        })
+    };
+    matches!((clamp(a), clamp(b)), (Some(x), Some(y)) if x == y)
 }
 
 /// The set requests that apply `delta`: the first carries the private key
@@ -391,6 +426,21 @@ mod tests {
                 .flat_map(|m| &m.attributes)
                 .any(|a| matches!(a, WireguardAttribute::PrivateKey(_)))
         );
+    }
+
+    #[test]
+    fn the_kernel_s_clamped_copy_of_our_key_is_our_key() {
+        let mut raw = [0xffu8; 32];
+        raw[5] = 7;
+        let ours = STANDARD.encode(raw);
+        let mut clamped = raw;
+        clamped[0] &= 248;
+        clamped[31] &= 127;
+        clamped[31] |= 64;
+        assert_ne!(raw, clamped);
+        assert!(same_private_key(&ours, &STANDARD.encode(clamped)));
+        assert!(!same_private_key(&ours, &key(1)));
+        assert!(!same_private_key(&ours, "not base64"));
     }
 
     #[test]

@@ -144,7 +144,10 @@ impl WireGuard {
                 netlink,
                 ..
             } => Ok(netlink.get(name).await?.and_then(|(have_key, cfg)| {
-                (have_key.as_deref() == Some(private_key.as_str())).then_some(cfg)
+                // The kernel reports the key clamped.
+                have_key
+                    .is_some_and(|k| crate::wgkernel::same_private_key(&k, private_key))
+                    .then_some(cfg)
             })),
             WireGuard::External { private_key } | WireGuard::Userspace { private_key, .. } => {
                 let uapi = Uapi::new(name);
