@@ -98,7 +98,8 @@ fn rule(r: &FirewallRule) -> Vec<((&'static str, &'static str), String)> {
         FirewallRule::AcceptTunnel { transport, sources } => {
             let what = match transport {
                 TunnelProtocol::Udp { port } => format!("-p udp --dport {port}"),
-                TunnelProtocol::Gre => "-p gre".to_owned(),
+                // By number: a host without /etc/protocols (no netbase) cannot resolve "gre".
+                TunnelProtocol::Gre => "-p 47".to_owned(),
             };
             match sources {
                 None => vec![(INPUT, format!("{what} -j ACCEPT"))],

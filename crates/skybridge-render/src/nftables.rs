@@ -189,7 +189,8 @@ fn rule(r: &FirewallRule) -> Option<(Chain, Vec<String>)> {
         FirewallRule::AcceptTunnel { transport, sources } => {
             let what = match transport {
                 TunnelProtocol::Udp { port } => format!("udp dport {port}"),
-                TunnelProtocol::Gre => "ip protocol gre".to_owned(),
+                // By number: a host without /etc/protocols (no netbase) cannot resolve "gre".
+                TunnelProtocol::Gre => "ip protocol 47".to_owned(),
             };
             // From the known peers only: the rest of the tunnel's traffic is dropped.
             let lines = match sources {

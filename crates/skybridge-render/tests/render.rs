@@ -147,7 +147,7 @@ fn seed_script_does_what_the_manual_procedure_did() {
         "rule_add nat SKYBRIDGE-POST -i sb-+ -d 172.26.32.0/24 -j MASQUERADE",
         "rule_add filter SKYBRIDGE-FWD -i sb-+ -j ACCEPT",
         "rule_add filter SKYBRIDGE-FWD -o sb-+ -j ACCEPT",
-        "rule_add filter SKYBRIDGE-IN -p gre -s 112.124.59.21 -j ACCEPT",
+        "rule_add filter SKYBRIDGE-IN -p 47 -s 112.124.59.21 -j ACCEPT",
         "chain_add filter SKYBRIDGE-FWD FORWARD",
         "chain_add nat SKYBRIDGE-POST POSTROUTING",
         "chain_add filter SKYBRIDGE-IN INPUT",
