@@ -569,8 +569,10 @@ async fn apply_one<C: Connector>(
         node,
         "unreachable after the change: waiting for its rollback",
     );
-    // The watchdog acts at the deadline; give it time, then look again.
-    let back = deadline + Duration::from_secs(20);
+    // The watchdog acts at the deadline; give it time, then look again. A
+    // node behind a jump host also waits for that gateway's own rollback, and
+    // each attempt is a full SSH handshake (two, through a jump host).
+    let back = deadline + rollback_grace(opts.confirm_timeout);
     tokio::time::sleep_until(deadline).await;
     while Instant::now() < back {
         if let Ok(s) = connector.connect(target).await {
@@ -594,6 +596,11 @@ async fn apply_one<C: Connector>(
         },
         None,
     )
+}
+
+/// How long after its deadline a rolled-back node may take to answer again.
+pub fn rollback_grace(confirm_timeout: Duration) -> Duration {
+    confirm_timeout.max(Duration::from_secs(30))
 }
 
 async fn verify_one<S: Session>(

@@ -263,9 +263,12 @@ pub fn main(args: ApplyArgs) -> Result<ExitCode> {
                 println!(
                     "  {node}: ROLLED BACK: {reason}{}",
                     if *reachable_again {
-                        "; it is reachable again"
+                        "; it is reachable again".to_owned()
                     } else {
-                        "; it did not answer again within 20 s after its deadline either: check it from the provider's console"
+                        format!(
+                            "; it did not answer again within {} s after its deadline either: check it from the provider's console",
+                            apply::rollback_grace(opts.confirm_timeout).as_secs()
+                        )
                     }
                 );
             }
