@@ -12,6 +12,7 @@
 
 pub mod diag;
 pub mod diff;
+pub mod layout;
 pub mod model;
 pub mod plan;
 pub mod spec;

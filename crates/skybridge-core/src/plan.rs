@@ -22,15 +22,7 @@ use crate::model::{Cluster, Granularity, Nat, Node, Site, Transport};
 use crate::state::State;
 use crate::validate::is_member;
 
-/// Prefix of every network interface Skybridge creates.
-pub const IFACE_PREFIX: &str = "sb-";
-/// The single WireGuard interface of a node.
-pub const WG_IFACE: &str = "sb-wg0";
-/// Metric of Skybridge's routes: an operator's own route to the same network
-/// (metric 0) keeps precedence instead of colliding.
-pub const ROUTE_METRIC: u32 = 100;
-/// Name of the nftables table and prefix of the iptables chains Skybridge owns.
-pub const FIREWALL_TABLE: &str = "skybridge";
+pub use crate::layout::marks::{FIREWALL_TABLE, IFACE_PREFIX, ROUTE_METRIC, WG_IFACE};
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]

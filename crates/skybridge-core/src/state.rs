@@ -43,6 +43,28 @@ impl State {
     }
 }
 
+impl State {
+    /// The state file's text: a header saying who writes it, then the keys
+    /// in node order (so that an unchanged state is byte-identical and
+    /// writing it again changes nothing). The only writer of state files.
+    #[must_use]
+    pub fn to_yaml(&self) -> String {
+        let body = if self.public_keys.is_empty() {
+            "publicKeys: {}\n".to_owned()
+        } else {
+            serde_saphyr::to_string(self).unwrap_or_else(|e| {
+                // Node names and base64 keys always serialize; keep the
+                // impossible case visible rather than panicking.
+                format!("# serializing the state failed: {e}\npublicKeys: {{}}\n")
+            })
+        };
+        format!("{HEADER}{body}")
+    }
+}
+
+/// First lines of every state file Skybridge writes.
+pub const HEADER: &str = "# Written by Skybridge: the WireGuard public keys collected from the nodes.\n# Private keys never leave their node. `skybridge apply` keeps this file current.\n";
+
 /// A WireGuard key is 32 bytes, written as 44 characters of standard base64 ending in '='.
 pub fn is_wireguard_key(key: &str) -> bool {
     let b = key.as_bytes();
@@ -65,5 +87,23 @@ mod tests {
         assert!(State::parse("publicKeys:\n  a: nope\n").is_err());
         assert!(State::parse("publicKey: {}\n").is_err());
         assert_eq!(State::parse("").unwrap(), State::default());
+    }
+
+    #[test]
+    fn what_to_yaml_writes_parses_back_to_the_same_state() {
+        let mut s = State::default();
+        assert_eq!(State::parse(&s.to_yaml()).unwrap(), s);
+        s.public_keys.insert(
+            "b-node".into(),
+            "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg=".into(),
+        );
+        s.public_keys.insert(
+            "a-node".into(),
+            "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=".into(),
+        );
+        let text = s.to_yaml();
+        assert!(text.starts_with(HEADER));
+        assert!(text.find("a-node").unwrap() < text.find("b-node").unwrap());
+        assert_eq!(State::parse(&text).unwrap(), s);
     }
 }

@@ -1,0 +1,168 @@
+//! Where Skybridge keeps things on a node, and how it marks what it owns.
+//!
+//! This is the one definition of every path and ownership marker: `render`
+//! writes files that refer to these paths, the agent reads and writes them,
+//! `apply` and `join` stage and install them over SSH, and the lab lays them
+//! out inside its nodes. A path that appears as a literal anywhere else is a
+//! bug waiting to happen (a node set up by hand from `render` and later run
+//! by the agent once got two different WireGuard keys that way).
+//!
+//! Directories that hold secrets (the state directory: the WireGuard key, the
+//! rollback copies of a cluster file that may hold a bootstrap token) are
+//! mode 0700; files that hold a key or a token are 0600.
+
+/// Paths on a node. Absolute; the agent's `--state-dir` and `try`'s
+/// `--install-dir` override the two directories for tests and the lab.
+pub mod paths {
+    /// Configuration installed by `apply` (or by hand): the cluster file and
+    /// its state file.
+    pub const CONFIG_DIR: &str = "/etc/skybridge";
+    /// The cluster file the agent runs.
+    pub const CLUSTER_FILE: &str = "/etc/skybridge/cluster.yaml";
+    /// The public keys beside it (see [`crate::State`]).
+    pub const STATE_FILE: &str = "/etc/skybridge/cluster.state.yaml";
+    /// File name of the cluster file inside [`CONFIG_DIR`] (and a staging area).
+    pub const CLUSTER_FILE_NAME: &str = "cluster.yaml";
+    /// File name of the state file inside [`CONFIG_DIR`] (and a staging area).
+    pub const STATE_FILE_NAME: &str = "cluster.state.yaml";
+
+    /// The agent's own state: the WireGuard key, what it applied, rollback
+    /// copies, staged uploads, logs. Mode 0700.
+    pub const STATE_DIR: &str = "/var/lib/skybridge";
+    /// The node's WireGuard private key, inside [`STATE_DIR`]. Mode 0600.
+    pub const KEY_FILE_NAME: &str = "wireguard.key";
+    /// [`KEY_FILE_NAME`] in the default [`STATE_DIR`]: where every rendered
+    /// artifact (wg-quick, networkd, script) reads the key.
+    pub const KEY_FILE: &str = "/var/lib/skybridge/wireguard.key";
+    /// Where `render` told operators to put the key before there was one
+    /// path; the agent moves a key it finds here to [`KEY_FILE`].
+    pub const LEGACY_KEY_FILE: &str = "/etc/skybridge/private.key";
+    /// What the agent applied (sysctl values to restore, firewall backend),
+    /// inside [`STATE_DIR`].
+    pub const APPLIED_FILE_NAME: &str = "applied.json";
+    /// Copies of the previously installed files during `agent try`, inside
+    /// [`STATE_DIR`].
+    pub const ROLLBACK_DIR_NAME: &str = "rollback";
+    /// Log of the try watchdog and of rollbacks, inside [`STATE_DIR`].
+    pub const ROLLBACK_LOG_NAME: &str = "rollback.log";
+    /// Log of a detached agent daemon (no systemd), inside [`STATE_DIR`].
+    pub const AGENT_LOG_NAME: &str = "agent.log";
+    /// Uploads of an apply in progress, before `agent try` installs them.
+    pub const STAGING_DIR: &str = "/var/lib/skybridge/apply";
+    /// The agent binary waiting in [`STAGING_DIR`].
+    pub const STAGED_BINARY: &str = "/var/lib/skybridge/apply/skybridge";
+    /// The cluster file waiting in [`STAGING_DIR`].
+    pub const STAGED_CLUSTER: &str = "/var/lib/skybridge/apply/cluster.yaml";
+    /// The state file waiting in [`STAGING_DIR`].
+    pub const STAGED_STATE: &str = "/var/lib/skybridge/apply/cluster.state.yaml";
+    /// Join steps that wait for a later run (a reboot, containerd).
+    pub const JOIN_PENDING: &str = "/var/lib/skybridge/join-pending";
+    /// kubeadm's JoinConfiguration written by `join`.
+    pub const KUBEADM_JOIN_CONFIG: &str = "/etc/skybridge/kubeadm-join.yaml";
+
+    /// Run-time markers (tmpfs: a reboot ends a `try`, and the daemon then
+    /// runs what is installed).
+    pub const RUN_DIR: &str = "/run/skybridge";
+    /// Pid of a detached agent daemon where systemd does not run.
+    pub const PIDFILE: &str = "/run/skybridge/agent.pid";
+    /// Where the standard WireGuard UAPI sockets live (`wg(8)` looks here).
+    pub const UAPI_DIR: &str = "/var/run/wireguard";
+
+    /// The installed agent binary.
+    pub const BINARY: &str = "/usr/local/bin/skybridge";
+    /// The `script` format's script.
+    pub const SCRIPT: &str = "/usr/local/sbin/skybridge-net.sh";
+    /// Where systemd units are installed.
+    pub const UNIT_DIR: &str = "/etc/systemd/system";
+    /// The agent's systemd unit (name without the `.service` suffix).
+    pub const AGENT_UNIT: &str = "skybridge-agent";
+    /// The agent's systemd unit file name.
+    pub const AGENT_UNIT_FILE: &str = "skybridge-agent.service";
+}
+
+/// How Skybridge marks what it owns, so that it reads, changes and removes
+/// only that.
+pub mod marks {
+    /// Prefix of every network interface Skybridge creates.
+    pub const IFACE_PREFIX: &str = "sb-";
+    /// The same prefix as an iptables interface wildcard.
+    pub const IFACE_WILDCARD_IPTABLES: &str = "sb-+";
+    /// The same prefix as an nftables interface wildcard.
+    pub const IFACE_WILDCARD_NFT: &str = "sb-*";
+    /// The single WireGuard interface of a node.
+    pub const WG_IFACE: &str = "sb-wg0";
+    /// Route protocol number of Skybridge's routes (`ip route show proto 83`).
+    pub const ROUTE_PROTOCOL: u8 = 83;
+    /// The routing table Skybridge's routes go into (`main`).
+    pub const ROUTE_TABLE: u8 = 254;
+    /// Metric of Skybridge's routes: an operator's own route to the same
+    /// network (metric 0) keeps precedence instead of colliding.
+    pub const ROUTE_METRIC: u32 = 100;
+    /// The nftables table Skybridge owns.
+    pub const FIREWALL_TABLE: &str = "skybridge";
+    /// Prefix of the iptables chains Skybridge owns.
+    pub const IPTABLES_CHAIN_PREFIX: &str = "SKYBRIDGE-";
+    /// Skybridge's iptables chains as (table, chain), each jumped to from one
+    /// built-in chain.
+    pub const IPTABLES_FORWARD: (&str, &str) = ("filter", "SKYBRIDGE-FWD");
+    pub const IPTABLES_POSTROUTING: (&str, &str) = ("nat", "SKYBRIDGE-POST");
+    pub const IPTABLES_MSS: (&str, &str) = ("mangle", "SKYBRIDGE-MSS");
+    pub const IPTABLES_INPUT: (&str, &str) = ("filter", "SKYBRIDGE-IN");
+    /// First words of the header of every file `render` writes.
+    pub const RENDER_HEADER: &str = "Generated by `skybridge render`";
+    /// First words of the header of every file `join` writes.
+    pub const JOIN_HEADER: &str = "# Managed by skybridge join";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{marks, paths};
+
+    #[test]
+    fn composed_paths_agree_with_their_parts() {
+        let state = std::path::Path::new(paths::STATE_DIR);
+        let config = std::path::Path::new(paths::CONFIG_DIR);
+        let staging = std::path::Path::new(paths::STAGING_DIR);
+        assert_eq!(
+            state.join(paths::KEY_FILE_NAME).to_str(),
+            Some(paths::KEY_FILE)
+        );
+        assert_eq!(
+            config.join(paths::CLUSTER_FILE_NAME).to_str(),
+            Some(paths::CLUSTER_FILE)
+        );
+        assert_eq!(
+            config.join(paths::STATE_FILE_NAME).to_str(),
+            Some(paths::STATE_FILE)
+        );
+        assert_eq!(
+            staging.join(paths::CLUSTER_FILE_NAME).to_str(),
+            Some(paths::STAGED_CLUSTER)
+        );
+        assert_eq!(
+            staging.join(paths::STATE_FILE_NAME).to_str(),
+            Some(paths::STAGED_STATE)
+        );
+        assert!(paths::STAGING_DIR.starts_with(paths::STATE_DIR));
+        assert!(paths::PIDFILE.starts_with(paths::RUN_DIR));
+        assert_eq!(
+            format!("{}.service", paths::AGENT_UNIT),
+            paths::AGENT_UNIT_FILE
+        );
+    }
+
+    #[test]
+    fn every_owned_name_carries_the_prefix() {
+        assert!(marks::WG_IFACE.starts_with(marks::IFACE_PREFIX));
+        assert!(marks::IFACE_WILDCARD_IPTABLES.starts_with(marks::IFACE_PREFIX));
+        assert!(marks::IFACE_WILDCARD_NFT.starts_with(marks::IFACE_PREFIX));
+        for (_, chain) in [
+            marks::IPTABLES_FORWARD,
+            marks::IPTABLES_POSTROUTING,
+            marks::IPTABLES_MSS,
+            marks::IPTABLES_INPUT,
+        ] {
+            assert!(chain.starts_with(marks::IPTABLES_CHAIN_PREFIX));
+        }
+    }
+}
