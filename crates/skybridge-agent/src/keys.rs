@@ -1,15 +1,22 @@
 //! The node's WireGuard key pair, generated on first use in the state
-//! directory (mode 0600) and never printed or sent: only the public key leaves.
+//! directory (mode 0600 in a 0700 directory) and never printed or sent: only
+//! the public key leaves.
+//!
+//! There is one key path, [`paths::KEY_FILE`], shared with every rendered
+//! artifact. A key an operator installed at the path `render` once used
+//! ([`paths::LEGACY_KEY_FILE`]) is adopted rather than replaced by a new one,
+//! so a node set up by hand and later run by the agent keeps its identity.
 
 use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use skybridge_core::layout::paths;
 use x25519_dalek::{PublicKey, StaticSecret};
 
-pub const PRIVATE_KEY_FILE: &str = "wireguard.key";
+pub const PRIVATE_KEY_FILE: &str = paths::KEY_FILE_NAME;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -30,54 +37,106 @@ pub enum KeyError {
     Exposed { path: PathBuf, mode: u32 },
 }
 
-/// The node's private key (base64): read it, or generate and store it.
+/// The node's private key (base64): read it, adopt the one at
+/// [`paths::LEGACY_KEY_FILE`], or generate and store one.
 ///
 /// # Errors
-/// When the state directory cannot be created or the key file is unreadable,
+/// When the state directory cannot be created or a key file is unreadable,
 /// malformed, or readable by others.
 pub fn private_key(state_dir: &Path) -> Result<String, KeyError> {
+    private_key_or_adopt(state_dir, Path::new(paths::LEGACY_KEY_FILE))
+}
+
+/// [`private_key`] with the legacy key file given (for tests and the lab).
+///
+/// # Errors
+/// As [`private_key`].
+pub fn private_key_or_adopt(state_dir: &Path, legacy: &Path) -> Result<String, KeyError> {
     let path = state_dir.join(PRIVATE_KEY_FILE);
+    if let Some(key) = read_key(&path)? {
+        return Ok(key);
+    }
+    let (key, origin) = match read_key(legacy)? {
+        Some(key) => (key, Some(legacy)),
+        None => {
+            let secret = StaticSecret::random_from_rng(rand_core::OsRng);
+            (STANDARD.encode(secret.to_bytes()), None)
+        }
+    };
+    store(state_dir, &path, &key)?;
+    if let Some(legacy) = origin {
+        // The old file is the operator's: it stays, in case something
+        // rendered before still reads it.
+        tracing::info!(
+            from = %legacy.display(),
+            to = %path.display(),
+            "adopted the WireGuard key installed at the old path"
+        );
+    }
+    Ok(key)
+}
+
+/// The key in `path`: `None` when there is none, or when the file is empty
+/// (what a crash between creating and writing a key file left behind with
+/// earlier versions: it holds no identity to keep).
+fn read_key(path: &Path) -> Result<Option<String>, KeyError> {
     let io = |what, source| KeyError::Io {
         what,
-        path: path.clone(),
+        path: path.to_owned(),
         source,
     };
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let mode = std::fs::metadata(&path)
-                .map_err(|e| io("inspecting", e))?
-                .permissions()
-                .mode()
-                & 0o777;
-            if mode & 0o077 != 0 {
-                return Err(KeyError::Exposed { path, mode });
-            }
-            let key = text.trim().to_owned();
-            if !skybridge_core::state::is_wireguard_key(&key) {
-                return Err(KeyError::Malformed { path });
-            }
-            Ok(key)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(state_dir).map_err(|e| KeyError::Io {
-                what: "creating",
-                path: state_dir.to_owned(),
-                source: e,
-            })?;
-            let secret = StaticSecret::random_from_rng(rand_core::OsRng);
-            let key = STANDARD.encode(secret.to_bytes());
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(|e| io("creating", e))?;
-            f.write_all(format!("{key}\n").as_bytes())
-                .map_err(|e| io("writing", e))?;
-            Ok(key)
-        }
-        Err(e) => Err(io("reading", e)),
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io("reading", e)),
+    };
+    if text.trim().is_empty() {
+        return Ok(None);
     }
+    let mode = std::fs::metadata(path)
+        .map_err(|e| io("inspecting", e))?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(KeyError::Exposed {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let key = text.trim().to_owned();
+    if !skybridge_core::state::is_wireguard_key(&key) {
+        return Err(KeyError::Malformed {
+            path: path.to_owned(),
+        });
+    }
+    Ok(Some(key))
+}
+
+/// Writes the key durably: a 0600 temporary file in a 0700 directory,
+/// fsynced and renamed over `path`, so that a crash leaves the old file or
+/// the whole key, never a partial one.
+fn store(state_dir: &Path, path: &Path, key: &str) -> Result<(), KeyError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state_dir)
+        .map_err(|e| KeyError::Io {
+            what: "creating",
+            path: state_dir.to_owned(),
+            source: e,
+        })?;
+    let io = |what, source| KeyError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    };
+    let mut options = atomic_write_file::OpenOptions::new();
+    options.mode(0o600);
+    let mut f = options.open(path).map_err(|e| io("creating", e))?;
+    f.write_all(format!("{key}\n").as_bytes())
+        .map_err(|e| io("writing", e))?;
+    f.commit().map_err(|e| io("writing", e))
 }
 
 /// The public key of a base64 private key.
@@ -115,6 +174,48 @@ mod tests {
             private_key(dir.path()),
             Err(KeyError::Exposed { .. })
         ));
+    }
+
+    #[test]
+    fn a_key_at_the_old_rendered_path_is_adopted_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let legacy = dir.path().join("etc-private.key");
+        let theirs = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&legacy)
+            .unwrap();
+        writeln!(f, "{theirs}").unwrap();
+        let state = dir.path().join("state");
+        assert_eq!(private_key_or_adopt(&state, &legacy).unwrap(), theirs);
+        let stored = std::fs::read_to_string(state.join(PRIVATE_KEY_FILE)).unwrap();
+        assert_eq!(stored.trim(), theirs);
+        assert!(legacy.exists(), "the operator's file stays");
+        let dir_mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
+        assert_eq!(dir_mode, 0o700);
+    }
+
+    #[test]
+    fn the_agents_key_wins_over_the_old_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let legacy = dir.path().join("old.key");
+        let ours = private_key_or_adopt(dir.path(), &legacy).unwrap();
+        std::fs::write(&legacy, "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\n").unwrap();
+        std::fs::set_permissions(&legacy, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(private_key_or_adopt(dir.path(), &legacy).unwrap(), ours);
+    }
+
+    #[test]
+    fn an_empty_key_file_left_by_a_crash_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(PRIVATE_KEY_FILE);
+        std::fs::write(&path, "").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let key = private_key_or_adopt(dir.path(), &dir.path().join("none")).unwrap();
+        assert!(skybridge_core::state::is_wireguard_key(&key));
+        assert_eq!(std::fs::read_to_string(&path).unwrap().trim(), key);
     }
 
     #[test]

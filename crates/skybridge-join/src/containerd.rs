@@ -22,7 +22,7 @@ pub const DEFAULT_HOSTS_DIR: &str = "/etc/containerd/certs.d";
 /// containerd's runc shim, the `runtime_type` of its built-in runc runtime.
 pub const RUNC_RUNTIME_TYPE: &str = "io.containerd.runc.v2";
 /// First line of every file Skybridge writes in full.
-pub const MANAGED_HEADER: &str = "# Managed by skybridge join";
+pub const MANAGED_HEADER: &str = skybridge_core::layout::marks::JOIN_HEADER;
 
 /// `containerd --version`'s version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

@@ -18,7 +18,7 @@ pub const BOOTSTRAP_KUBECONFIG: &str = "/etc/kubernetes/bootstrap-kubelet.conf";
 pub const CA_CERT: &str = "/etc/kubernetes/pki/ca.crt";
 pub const KUBE_PROXY_UNIT: &str = "/etc/systemd/system/kube-proxy.service";
 pub const KUBE_PROXY_CONFIG: &str = "/var/lib/kube-proxy/config.yaml";
-pub const KUBEADM_JOIN_CONFIG: &str = "/etc/skybridge/kubeadm-join.yaml";
+pub const KUBEADM_JOIN_CONFIG: &str = skybridge_core::layout::paths::KUBEADM_JOIN_CONFIG;
 pub const CONTAINERD_SOCKET: &str = "unix:///run/containerd/containerd.sock";
 
 /// One node's view of the cluster, as the generators need it.
@@ -66,8 +66,10 @@ fn labels_arg(v: &NodeView<'_>) -> String {
 
 fn header(v: &NodeView<'_>, what: &str) -> String {
     format!(
-        "# Managed by skybridge join (cluster {}, node {}): {what}.\n# Edit the cluster file and run `skybridge join` again instead of this file.\n",
-        v.cluster.name, v.node.name
+        "{} (cluster {}, node {}): {what}.\n# Edit the cluster file and run `skybridge join` again instead of this file.\n",
+        skybridge_core::layout::marks::JOIN_HEADER,
+        v.cluster.name,
+        v.node.name
     )
 }
 

@@ -260,7 +260,7 @@ pub struct Observed {
 }
 
 /// Where join remembers the commands it still owes the node.
-pub const PENDING_PATH: &str = "/var/lib/skybridge/join-pending";
+pub const PENDING_PATH: &str = skybridge_core::layout::paths::JOIN_PENDING;
 
 /// A command (or a few) the node needs after its files are written.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -6,6 +6,7 @@
 //! order of [`CHAINS`], which is the order the planner lists rule kinds in,
 //! so a listing of the chains reads back in plan order.
 
+use skybridge_core::layout::marks;
 use skybridge_core::plan::{Direction, FirewallRule, TunnelProtocol};
 
 /// Skybridge's chains: (table, chain, built-in chain that jumps to it).
@@ -20,13 +21,13 @@ pub const CHAINS: [(&str, &str, &str); 4] = [
     (INPUT.0, INPUT.1, "INPUT"),
 ];
 
-const FORWARD: (&str, &str) = ("filter", "SKYBRIDGE-FWD");
-const POSTROUTING: (&str, &str) = ("nat", "SKYBRIDGE-POST");
-const MSS: (&str, &str) = ("mangle", "SKYBRIDGE-MSS");
-const INPUT: (&str, &str) = ("filter", "SKYBRIDGE-IN");
+const FORWARD: (&str, &str) = marks::IPTABLES_FORWARD;
+const POSTROUTING: (&str, &str) = marks::IPTABLES_POSTROUTING;
+const MSS: (&str, &str) = marks::IPTABLES_MSS;
+const INPUT: (&str, &str) = marks::IPTABLES_INPUT;
 
 /// Skybridge's interfaces as an iptables wildcard.
-const OURS: &str = "sb-+";
+const OURS: &str = marks::IFACE_WILDCARD_IPTABLES;
 
 /// Every rule as (table, chain, arguments after `-A CHAIN`), in the order of
 /// [`CHAINS`]. One plan rule may give several (iptables matches one network

@@ -21,7 +21,7 @@
 //! | `systemd-agent` | `skybridge-agent.service`: runs the agent at boot, restarts it on failure |
 //!
 //! With generated keys, every node with a WireGuard tunnel also gets
-//! `private.key` (0600) for [`KEY_PATH`].
+//! `private.key` (0600), to be installed at [`KEY_PATH`].
 //!
 //! The firewall translations are public ([`nftables::ruleset`],
 //! [`iptables::rules`]) so that the agent installs exactly the rules that
@@ -39,14 +39,18 @@ use std::collections::BTreeMap;
 
 use skybridge_core::ClusterPlan;
 
-/// Where every format expects a node's WireGuard private key to be installed.
-pub const KEY_PATH: &str = "/etc/skybridge/private.key";
+use skybridge_core::layout::paths;
+
+/// Where every format expects a node's WireGuard private key: the agent's own
+/// key file, so that a node set up by hand and later run by the agent keeps
+/// one key.
+pub const KEY_PATH: &str = paths::KEY_FILE;
 /// Where the `script` format's unit expects the script to be installed.
-pub const SCRIPT_PATH: &str = "/usr/local/sbin/skybridge-net.sh";
+pub const SCRIPT_PATH: &str = paths::SCRIPT;
 /// Where the `systemd-agent` unit expects the agent binary.
-pub const AGENT_BINARY: &str = "/usr/local/bin/skybridge";
+pub const AGENT_BINARY: &str = paths::BINARY;
 /// Where the `systemd-agent` unit expects the cluster file.
-pub const CLUSTER_PATH: &str = "/etc/skybridge/cluster.yaml";
+pub const CLUSTER_PATH: &str = paths::CLUSTER_FILE;
 
 /// Which artifacts to produce.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

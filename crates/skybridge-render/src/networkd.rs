@@ -118,7 +118,9 @@ fn wireguard(w: &WireGuardTunnel) -> Vec<String> {
     let mut v = vec![
         "[WireGuard]".into(),
         "# The private key stays on the node. systemd-networkd reads it as user".into(),
-        format!("# systemd-network: chown root:systemd-network {KEY_PATH}; chmod 0640 it."),
+        format!(
+            "# systemd-network: chgrp systemd-network {KEY_PATH} and its folder; chmod 0640 the key, 0750 the folder."
+        ),
         format!("PrivateKeyFile={KEY_PATH}"),
         format!("ListenPort={}", w.listen_port),
     ];

@@ -5,9 +5,11 @@
 use skybridge_core::ClusterPlan;
 
 use crate::common::{PUBLIC, Text, file, header};
+use skybridge_core::layout::paths;
+
 use crate::{AGENT_BINARY, CLUSTER_PATH, File};
 
-pub(crate) const FILE_NAME: &str = "skybridge-agent.service";
+pub(crate) const FILE_NAME: &str = paths::AGENT_UNIT_FILE;
 
 pub(crate) fn render(plan: &ClusterPlan) -> Vec<File> {
     plan.nodes
@@ -15,18 +17,30 @@ pub(crate) fn render(plan: &ClusterPlan) -> Vec<File> {
         .map(|node| {
             let mut t = Text::default();
             header(&mut t, plan, node);
-            t.comment(format!("Install as /etc/systemd/system/{FILE_NAME}, with the agent at {AGENT_BINARY}"));
-            t.comment(format!("and the cluster file at {CLUSTER_PATH}; then `systemctl enable --now skybridge-agent`."));
+            t.comment(format!(
+                "Install as {}/{FILE_NAME}, with the agent at {AGENT_BINARY}",
+                paths::UNIT_DIR
+            ));
+            t.comment(format!(
+                "and the cluster file at {CLUSTER_PATH}; then `systemctl enable --now {}`.",
+                paths::AGENT_UNIT
+            ));
             t.blank();
             t.line("[Unit]");
-            t.line(format!("Description=Skybridge agent for node {} of cluster {}", node.node, plan.cluster));
+            t.line(format!(
+                "Description=Skybridge agent for node {} of cluster {}",
+                node.node, plan.cluster
+            ));
             t.line("After=network-online.target");
             t.line("Wants=network-online.target");
             t.line("Before=kubelet.service");
             t.blank();
             t.line("[Service]");
             t.line("Type=simple");
-            t.line(format!("ExecStart={AGENT_BINARY} agent --cluster {CLUSTER_PATH} --node {}", node.node));
+            t.line(format!(
+                "ExecStart={AGENT_BINARY} agent --cluster {CLUSTER_PATH} --node {}",
+                node.node
+            ));
             t.line("Restart=on-failure");
             t.line("RestartSec=2");
             // Stopping the agent must not take the network down with it.
