@@ -101,16 +101,6 @@ impl Observer for Progress {
     }
 }
 
-fn state_yaml(keys: &BTreeMap<String, String>) -> String {
-    let mut s = String::from(
-        "# Written by skybridge apply: WireGuard public keys collected from the nodes.\npublicKeys:\n",
-    );
-    for (n, k) in keys {
-        s += &format!("  {n}: {k}\n");
-    }
-    s
-}
-
 pub fn main(args: ApplyArgs) -> Result<ExitCode> {
     let started = Instant::now();
     let Some(cluster) = load::cluster(&args.file)? else {
@@ -154,10 +144,11 @@ pub fn main(args: ApplyArgs) -> Result<ExitCode> {
             .public_keys
             .insert(r.target.node.clone(), r.public_key.clone());
     }
-    let state_text = state_yaml(&state.public_keys);
-    if std::fs::read_to_string(&state_path).ok().as_deref() != Some(state_text.as_str()) {
-        std::fs::write(&state_path, &state_text)
-            .with_context(|| format!("writing {}", state_path.display()))?;
+    let state_text = state.to_yaml();
+    // A dry run changes no local file either: the keys it read are staged
+    // on the nodes for the agent's answer, and written here only for real.
+    if !args.dry_run {
+        load::write_state(&state_path, &state)?;
     }
 
     // 2. What would change where.

@@ -55,6 +55,25 @@ pub fn state(cluster: &Path, explicit: Option<&Path>) -> Result<State> {
     })
 }
 
+/// Writes `state` to `path` unless it already holds exactly that text: a
+/// temporary file beside it, fsynced and renamed (the folder fsynced too), so
+/// a crash leaves the old keys or the new ones, never half a file.
+/// Returns whether the file changed.
+pub fn write_state(path: &Path, state: &State) -> Result<bool> {
+    use std::io::Write as _;
+    let text = state.to_yaml();
+    if std::fs::read_to_string(path).ok().as_deref() == Some(text.as_str()) {
+        return Ok(false);
+    }
+    let write = || -> std::io::Result<()> {
+        let mut f = atomic_write_file::AtomicWriteFile::open(path)?;
+        f.write_all(text.as_bytes())?;
+        f.commit()
+    };
+    write().with_context(|| format!("writing state file {}", path.display()))?;
+    Ok(true)
+}
+
 pub fn require_node(plan: &ClusterPlan, node: &str) -> Result<()> {
     if plan.node(node).is_none() {
         let names: Vec<&str> = plan.nodes.iter().map(|n| n.node.as_str()).collect();
