@@ -34,6 +34,10 @@ pub(crate) fn render(plan: &ClusterPlan) -> Vec<File> {
             t.line("After=network-online.target");
             t.line("Wants=network-online.target");
             t.line("Before=kubelet.service");
+            // A cluster file that is briefly invalid (a bad edit, a half
+            // copied file) makes the agent exit; systemd's default start
+            // limit would then leave the unit failed for good. Keep trying.
+            t.line("StartLimitIntervalSec=0");
             t.blank();
             t.line("[Service]");
             t.line("Type=simple");
@@ -53,4 +57,22 @@ pub(crate) fn render(plan: &ClusterPlan) -> Vec<File> {
             file(node, FILE_NAME, PUBLIC, t.finish())
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agent_unit_never_stays_failed_after_a_burst_of_failures() {
+        let cluster = skybridge_core::load(include_str!("../../../examples/lab.yaml"))
+            .unwrap()
+            .cluster;
+        let plan = skybridge_core::plan(&cluster, &skybridge_core::State::default());
+        for f in render(&plan) {
+            let unit = f.contents.split("[Service]").next().unwrap();
+            assert!(unit.contains("\nStartLimitIntervalSec=0\n"), "{}", f.path);
+            assert!(f.contents.contains("\nRestart=on-failure\n"), "{}", f.path);
+        }
+    }
 }
