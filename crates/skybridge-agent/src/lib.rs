@@ -12,6 +12,7 @@ pub mod fake;
 pub mod firewall;
 pub mod host;
 pub mod keys;
+pub mod lock;
 pub mod netlink;
 pub mod reconcile;
 pub mod ssh;

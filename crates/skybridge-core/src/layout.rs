@@ -63,6 +63,10 @@ pub mod paths {
     /// Run-time markers (tmpfs: a reboot ends a `try`, and the daemon then
     /// runs what is installed).
     pub const RUN_DIR: &str = "/run/skybridge";
+    /// The lock every agent run that changes the node holds (`--once`,
+    /// `try`, `down`, each reconcile of the daemon), so that two never
+    /// interleave their changes.
+    pub const LOCK_FILE_NAME: &str = "agent.lock";
     /// Pid of a detached agent daemon where systemd does not run.
     pub const PIDFILE: &str = "/run/skybridge/agent.pid";
     /// Where the standard WireGuard UAPI sockets live (`wg(8)` looks here).
