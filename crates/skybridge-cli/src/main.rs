@@ -65,6 +65,19 @@ enum Command {
         #[arg(long)]
         state: Option<PathBuf>,
     },
+    /// Draw the topology: sites (provider, region), nodes and their roles,
+    /// tunnels with transport and MTU. SVG (no Graphviz needed) or DOT, on
+    /// standard output.
+    Graph {
+        /// The cluster file (YAML).
+        file: PathBuf,
+        /// svg: a picture drawn by skybridge itself; dot: Graphviz's language.
+        #[arg(long, value_enum, default_value_t = GraphFormat::Svg)]
+        format: GraphFormat,
+        /// Public keys collected from the nodes [default: <file>.state.yaml beside the cluster file].
+        #[arg(long)]
+        state: Option<PathBuf>,
+    },
     /// Write per-node artifacts for applying the plan by hand.
     Render {
         file: PathBuf,
@@ -89,6 +102,12 @@ enum Command {
 enum Output {
     Table,
     Json,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum GraphFormat {
+    Svg,
+    Dot,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -168,6 +187,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     println!("{json}");
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Graph {
+            file,
+            format,
+            state,
+        } => {
+            let Some(cluster) = load::cluster(&file)? else {
+                return Ok(ExitCode::FAILURE);
+            };
+            let state = load::state(&file, state.as_deref())?;
+            let graph = skybridge_core::graph::Graph::of(&cluster, &plan(&cluster, &state));
+            print!(
+                "{}",
+                match format {
+                    GraphFormat::Svg => graph.to_svg(),
+                    GraphFormat::Dot => graph.to_dot(),
+                }
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Render {

@@ -12,6 +12,7 @@
 
 pub mod diag;
 pub mod diff;
+pub mod graph;
 pub mod layout;
 pub mod model;
 pub mod plan;
