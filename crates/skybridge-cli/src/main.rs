@@ -48,6 +48,19 @@ enum Command {
         #[arg(long, default_value = agent::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
+    /// Print the version, the commit and date it was built from, and its target.
+    Version,
+    /// Write a commented starter cluster file (two providers, documentation addresses).
+    Init {
+        /// Where to write it; an existing file is never overwritten.
+        #[arg(default_value = "cluster.yaml")]
+        file: PathBuf,
+    },
+    /// Print a shell completion script (e.g. `skybridge completions bash > /etc/bash_completion.d/skybridge`).
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
     /// Check a cluster file and report every problem with its line and column.
     Validate {
         /// The cluster file (YAML).
@@ -131,6 +144,9 @@ impl From<RenderFormat> for Format {
     }
 }
 
+/// What `skybridge init` writes.
+const STARTER: &str = include_str!("starter.yaml");
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -149,6 +165,46 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Apply(args) => apply::main(args),
         Command::Lab(cmd) => lab::main(cmd),
         Command::WireguardDataplane { iface, state_dir } => agent::dataplane(&iface, &state_dir),
+        Command::Version => {
+            println!(
+                "skybridge {} (commit {}, built {}, {})",
+                env!("CARGO_PKG_VERSION"),
+                env!("SKYBRIDGE_COMMIT"),
+                env!("SKYBRIDGE_BUILD_DATE"),
+                env!("SKYBRIDGE_TARGET")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Init { file } => {
+            use std::io::Write as _;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&file)
+                .with_context(|| {
+                    format!(
+                        "creating {} (an existing file is never overwritten: pick another name)",
+                        file.display()
+                    )
+                })?;
+            f.write_all(STARTER.as_bytes())
+                .with_context(|| format!("writing {}", file.display()))?;
+            println!(
+                "wrote {0}: edit its sites and nodes, then `skybridge validate {0}`",
+                file.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "skybridge",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Validate { file } => {
             let Some(cluster) = load::cluster(&file)? else {
                 return Ok(ExitCode::FAILURE);
@@ -276,4 +332,42 @@ fn write_files(out: &Path, files: &[skybridge_render::File], node: Option<&str>)
         n += 1;
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_starter_file_is_valid_without_warnings_and_uses_documentation_addresses() {
+        let v = skybridge_core::load(STARTER).unwrap_or_else(|d| panic!("{d:?}"));
+        assert!(v.warnings.is_empty(), "{:?}", v.warnings);
+        for (_, node) in v.cluster.nodes() {
+            if let Some(p) = node.public {
+                let o = p.ip.octets();
+                assert!(
+                    matches!(o, [192, 0, 2, _] | [198, 51, 100, _] | [203, 0, 113, _]),
+                    "{}",
+                    p.ip
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_shell_gets_a_completion_script_naming_the_subcommands() {
+        use clap::CommandFactory as _;
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "skybridge", &mut out);
+            let text = String::from_utf8(out).unwrap();
+            for sub in ["apply", "graph", "lab", "validate"] {
+                assert!(text.contains(sub), "{shell}: {sub}");
+            }
+        }
+    }
 }
