@@ -205,6 +205,11 @@ pub fn start(
     index: usize,
     skybridge: &Path,
 ) -> Result<VmNode, LabError> {
+    let exe = guest_path("the skybridge binary", skybridge)?;
+    let exe_dir = skybridge
+        .parent()
+        .ok_or_else(|| LabError::Refused(format!("{exe} is not a file in a folder")))?;
+    let lab = guest_path("the lab folder", dir)?;
     let tap = &node.router_port;
     crate::ip(router_ns, &["tuntap", "add", "dev", tap, "mode", "tap"])?;
     crate::ip(router_ns, &["link", "set", tap, "master", "lan", "up"])?;
@@ -222,8 +227,8 @@ pub fn start(
         node.private_ip,
         node.cidr.prefix_len(),
         node.gateway,
-        dir.display(),
-        skybridge.display(),
+        lab,
+        exe,
         art.kernel_root.join("lib/modules").display(),
     );
     let (accel, cpu) = if prep.accel == "kvm" {
@@ -257,6 +262,13 @@ pub fn start(
             "-no-reboot".into(),
             "-virtfs".into(),
             "local,path=/,mount_tag=sbhost,security_model=none,readonly=on,multidevs=remap".into(),
+            // The guest hides the host's /tmp, /run, /var/lib under tmpfs;
+            // the binary's folder is mounted back at its own path.
+            "-virtfs".into(),
+            format!(
+                "local,path={},mount_tag=sbexe,security_model=none,readonly=on,multidevs=remap",
+                exe_dir.display()
+            ),
         ],
     };
     let mut cmd = Command::new("ip");
@@ -321,6 +333,32 @@ pub fn start(
     })
 }
 
+/// A host path the guest must see, as text for the kernel command line and
+/// qemu's options: both split on blanks or commas, and the guest's init
+/// quotes values in single quotes, so any of those would hand the guest a
+/// different path (or a broken script) instead of an error here.
+///
+/// # Errors
+/// For a path that is not absolute UTF-8 of letters, digits and `/._-+@~`.
+pub fn guest_path<'a>(what: &str, path: &'a Path) -> Result<&'a str, LabError> {
+    let text = path
+        .to_str()
+        .filter(|t| t.starts_with('/'))
+        .ok_or_else(|| {
+            LabError::Refused(format!(
+                "{what} {} must be an absolute UTF-8 path for the VM lab",
+                path.display()
+            ))
+        })?;
+    let safe = |c: char| c.is_ascii_alphanumeric() || "/._-+@~".contains(c);
+    if let Some(bad) = text.chars().find(|c| !safe(*c)) {
+        return Err(LabError::Refused(format!(
+            "{what} {text} has {bad:?}, which the VM lab cannot pass to a guest on the kernel command line; move it to a path of letters, digits and / . _ - + @ ~"
+        )));
+    }
+    Ok(text)
+}
+
 /// Whether the VM's qemu is still running: its pid, and a command line naming
 /// this VM's own exec socket (a reused pid, even another lab's qemu, is not it).
 pub fn is_running(vm: &VmNode) -> bool {
@@ -350,24 +388,35 @@ pub fn wait_ready(vms: &[(String, VmNode)], limit: Duration) -> Result<(), LabEr
         if waiting.is_empty() {
             break;
         }
-        let dead: Vec<&&(String, VmNode)> =
-            waiting.iter().filter(|(_, vm)| !is_running(vm)).collect();
-        if !dead.is_empty() || start.elapsed() > limit {
-            let report: Vec<String> = waiting
+        // A guest that said why it gave up, or whose qemu is gone, will
+        // never answer: report it now rather than at the boot timeout.
+        let status: Vec<(&String, &VmNode, String, Option<String>)> = waiting
+            .iter()
+            .map(|(name, vm)| {
+                let console = std::fs::read_to_string(&vm.console).unwrap_or_default();
+                (
+                    name,
+                    vm,
+                    console_tail(&console),
+                    initramfs::failure(&console),
+                )
+            })
+            .collect();
+        let failed = status
+            .iter()
+            .any(|(_, vm, _, reason)| reason.is_some() || !is_running(vm));
+        if failed || start.elapsed() > limit {
+            let report: Vec<String> = status
                 .iter()
-                .map(|(name, vm)| {
-                    let console = std::fs::read_to_string(&vm.console).unwrap_or_default();
-                    let tail: Vec<&str> = console.lines().rev().take(8).collect();
-                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                .map(|(name, vm, tail, reason)| {
+                    let what = match (reason, is_running(vm)) {
+                        (Some(reason), _) => format!("failed: {reason}"),
+                        (None, false) => "qemu exited".to_owned(),
+                        (None, true) => "still booting".to_owned(),
+                    };
                     format!(
-                        "{name} ({}; console {}):\n    {}",
-                        if is_running(vm) {
-                            "still booting"
-                        } else {
-                            "qemu exited"
-                        },
-                        vm.console.display(),
-                        tail.join("\n    ")
+                        "{name} ({what}; console {}):\n    {tail}",
+                        vm.console.display()
                     )
                 })
                 .collect();
@@ -380,6 +429,13 @@ pub fn wait_ready(vms: &[(String, VmNode)], limit: Duration) -> Result<(), LabEr
         std::thread::sleep(Duration::from_millis(500));
     }
     Ok(())
+}
+
+/// The console's last lines, for an error message.
+fn console_tail(console: &str) -> String {
+    let tail: Vec<&str> = console.lines().rev().take(8).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().map(str::trim_end).collect();
+    tail.join("\n    ")
 }
 
 /// Runs a command in a guest; its output if it exits 0.
@@ -562,4 +618,58 @@ pub fn install(
         run(vm, name, &sh(&script), long)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_path_the_kernel_command_line_would_split_is_refused_by_name() {
+        let ok = Path::new("/tmp/fresh/target/debug/skybridge");
+        assert_eq!(guest_path("the binary", ok).unwrap(), ok.to_str().unwrap());
+        for bad in [
+            "/tmp/my clone/skybridge",
+            "/tmp/a,b/skybridge",
+            "/tmp/it's/skybridge",
+        ] {
+            let err = guest_path("the binary", Path::new(bad))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(bad) && err.contains("move it"), "{err}");
+        }
+        assert!(guest_path("the binary", Path::new("target/debug/skybridge")).is_err());
+    }
+
+    #[test]
+    fn a_guest_that_gave_up_is_reported_at_once_with_its_reason_and_console() {
+        let dir = tempfile::tempdir().unwrap();
+        let console = dir.path().join("k8s-master1.console.log");
+        std::fs::write(
+            &console,
+            "[    1.0] 9pnet: Installing 9P2000 support\n\
+             SKYBRIDGE-GUEST-FAILED skybridge-stage2: cannot run /tmp/fresh/skybridge: not found; powering off\n",
+        )
+        .unwrap();
+        let vm = VmNode {
+            // Not qemu: the guest's qemu has exited, as after the init's poweroff.
+            pid: std::process::id(),
+            socket: dir.path().join("k8s-master1.exec.sock"),
+            console: console.clone(),
+            accel: "tcg".into(),
+            image: Image::Initramfs,
+        };
+        let start = Instant::now();
+        let err = wait_ready(&[("k8s-master1".into(), vm)], BOOT_TIMEOUT)
+            .unwrap_err()
+            .to_string();
+        assert!(start.elapsed() < Duration::from_secs(10), "{err}");
+        assert!(
+            err.contains(
+                "k8s-master1 (failed: skybridge-stage2: cannot run /tmp/fresh/skybridge: not found"
+            ) && err.contains(&console.display().to_string())
+                && err.contains("9pnet: Installing"),
+            "{err}"
+        );
+    }
 }
