@@ -19,6 +19,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use skybridge_core::layout::paths;
 
 use crate::topology::LabNode;
 use crate::{LabError, io};
@@ -211,8 +212,8 @@ pub fn start(
         .ok_or_else(|| LabError::Refused(format!("{exe} is not a file in a folder")))?;
     let lab = guest_path("the lab folder", dir)?;
     let tap = &node.router_port;
-    crate::ip(router_ns, &["tuntap", "add", "dev", tap, "mode", "tap"])?;
-    crate::ip(router_ns, &["link", "set", tap, "master", "lan", "up"])?;
+    crate::command::ip(router_ns, &["tuntap", "add", "dev", tap, "mode", "tap"])?;
+    crate::command::ip(router_ns, &["link", "set", tap, "master", "lan", "up"])?;
     let socket = dir.join(format!("{}.exec.sock", node.name));
     let console = dir.join(format!("{}.console.log", node.name));
     let _ = std::fs::remove_file(&socket);
@@ -557,10 +558,6 @@ pub fn reboot(vms: &[(String, VmNode)]) -> Result<Duration, LabError> {
 /// Where the systemd image's guests see the lab folder.
 pub const GUEST_LAB_DIR: &str = "/mnt/sblab";
 
-fn sh(cmd: &str) -> Vec<String> {
-    vec!["sh".to_owned(), "-c".to_owned(), cmd.to_owned()]
-}
-
 /// What an operator does on each node of the systemd image: install the
 /// binary, make the key pair, hand out the cluster file and the collected
 /// public keys, and (with `unit`) install and enable the rendered agent unit.
@@ -575,26 +572,34 @@ pub fn install(
     unit: bool,
 ) -> Result<(), LabError> {
     let long = Duration::from_secs(120);
-    let mut keys = String::from("publicKeys:\n");
+    let binary = paths::BINARY;
     for (name, vm) in vms {
+        let copy = Path::new(GUEST_LAB_DIR).join("bin/skybridge");
+        let install = [
+            "install",
+            "-D",
+            "-m",
+            "755",
+            &copy.display().to_string(),
+            binary,
+        ];
+        run(vm, name, &install.map(str::to_owned), long)?;
+    }
+    let public_keys = crate::keys::collect(vms.iter().map(|(name, _)| name), |name| {
+        let (_, vm) = vms.iter().find(|(n, _)| n == name).expect("a listed VM");
         run(
             vm,
             name,
-            &sh(&format!(
-                "install -D -m 755 {GUEST_LAB_DIR}/bin/skybridge /usr/local/bin/skybridge"
-            )),
+            &[binary.to_owned(), "agent".into(), "pubkey".into()],
             long,
-        )?;
-        let key = run(vm, name, &sh("/usr/local/bin/skybridge agent pubkey"), long)?;
-        keys += &format!("  {name}: {}\n", key.trim());
-    }
-    std::fs::write(dir.join("cluster.state.yaml"), keys).map_err(io("writing the state file"))?;
-    std::fs::copy(cluster_file, dir.join("cluster.yaml"))
-        .map_err(io(format!("copying {}", cluster_file.display())))?;
+        )
+    })?;
+    crate::keys::hand_out(dir, &public_keys, cluster_file)?;
+    let cluster_copy = dir.join(paths::CLUSTER_FILE_NAME);
     if unit {
         let out = Command::new(skybridge)
             .arg("render")
-            .arg(dir.join("cluster.yaml"))
+            .arg(&cluster_copy)
             .args(["--format", "systemd-agent", "--out"])
             .arg(dir.join("render"))
             .output()
@@ -606,16 +611,49 @@ pub fn install(
             });
         }
     }
+    // Node names come from the cluster file: they are argv words here,
+    // never part of a shell script.
+    let guest_lab = Path::new(GUEST_LAB_DIR);
+    let argv = |words: &[&str]| -> Vec<String> { words.iter().map(|w| (*w).to_owned()).collect() };
     for (name, vm) in vms {
-        let mut script = format!(
-            "install -D -m 644 {GUEST_LAB_DIR}/cluster.yaml /etc/skybridge/cluster.yaml && install -m 644 {GUEST_LAB_DIR}/cluster.state.yaml /etc/skybridge/cluster.state.yaml"
-        );
+        let mut steps = vec![
+            argv(&[
+                "install",
+                "-D",
+                "-m",
+                "644",
+                &guest_lab
+                    .join(paths::CLUSTER_FILE_NAME)
+                    .display()
+                    .to_string(),
+                paths::CLUSTER_FILE,
+            ]),
+            argv(&[
+                "install",
+                "-m",
+                "644",
+                &guest_lab.join(paths::STATE_FILE_NAME).display().to_string(),
+                paths::STATE_FILE,
+            ]),
+        ];
         if unit {
-            script += &format!(
-                " && install -m 644 {GUEST_LAB_DIR}/render/{name}/skybridge-agent.service /etc/systemd/system/ && systemctl daemon-reload && systemctl enable --now skybridge-agent"
-            );
+            let unit_file = guest_lab
+                .join("render")
+                .join(name)
+                .join(paths::AGENT_UNIT_FILE);
+            steps.push(argv(&[
+                "install",
+                "-m",
+                "644",
+                &unit_file.display().to_string(),
+                paths::UNIT_DIR,
+            ]));
+            steps.push(argv(&["systemctl", "daemon-reload"]));
+            steps.push(argv(&["systemctl", "enable", "--now", paths::AGENT_UNIT]));
         }
-        run(vm, name, &sh(&script), long)?;
+        for step in &steps {
+            run(vm, name, step, long)?;
+        }
     }
     Ok(())
 }

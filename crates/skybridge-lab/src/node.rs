@@ -1,0 +1,67 @@
+//! A node's own files and running commands on a node, whatever it is made
+//! of (a namespace with a private mount namespace, or a VM).
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::command::run;
+use crate::{LabError, LabState, io, sshd, vm};
+
+/// Runs a command on a node (namespace or VM); its output if it exits 0.
+///
+/// # Errors
+/// When the node is unknown, the command fails, or a VM does not answer.
+pub fn run_on(state: &LabState, node: &str, args: &[String]) -> Result<String, LabError> {
+    let n = state
+        .nodes
+        .get(node)
+        .ok_or_else(|| LabError::Refused(format!("no node {node} in lab {}", state.cluster)))?;
+    if let Some(vm) = &n.vm {
+        return vm::run(vm, node, args, Duration::from_secs(60));
+    }
+    let mut full = state.enter(node).expect("a namespace node");
+    full.extend_from_slice(args);
+    let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+    run(&refs)
+}
+
+/// A process holding a mount namespace in which `/run`, `/var/lib` and
+/// (through an overlay) `/etc` are the node's own, as on a separate VM.
+/// With `ssh`, `/root` and `/usr/local` are private overlays too (keys, the installed agent).
+pub(crate) fn private_files(netns: &str, ssh: bool) -> Result<u32, LabError> {
+    let script = format!(
+        "set -e
+mount -t tmpfs sb-lab /run
+mount -t tmpfs sb-lab /var/lib
+mkdir -p /run/.etc/up /run/.etc/work
+mount -t overlay sb-lab -o lowerdir=/etc,upperdir=/run/.etc/up,workdir=/run/.etc/work /etc 2>/dev/null || true
+{}
+echo ready
+exec sleep infinity",
+        if ssh { sshd::SSH_OVERLAYS } else { "" }
+    );
+    let mut child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            netns,
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(io("starting a node's file namespace"))?;
+    let mut buf = [0u8; 6];
+    std::io::Read::read_exact(child.stdout.as_mut().expect("piped"), &mut buf)
+        .map_err(io(format!("preparing the files of {netns}")))?;
+    let pid = child.id();
+    std::thread::spawn(move || child.wait());
+    Ok(pid)
+}
