@@ -10,7 +10,7 @@ use skybridge_core::Cluster;
 use crate::agents::{self, ForeignWireGuard};
 use crate::command::{in_ns, ip, run};
 use crate::node::private_files;
-use crate::state::{Backend, LAB_DIR, LabState, NodeState, prefix};
+use crate::state::{Backend, LAB_DIR, LabState, NodeState, prefix, private_dir};
 use crate::teardown::down;
 use crate::topology::{self, Topology};
 use crate::{LabError, io, vm};
@@ -129,7 +129,8 @@ pub fn up_with(
         Err(_) => LabState::default(),
     };
     let dir = Path::new(LAB_DIR).join(format!("{}{}", prefix(), cluster.name));
-    std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+    private_dir(Path::new(LAB_DIR), true)?;
+    private_dir(&dir, true)?;
     state.cluster = cluster.name.clone();
     state.dir = dir;
     state.backend = options.backend;

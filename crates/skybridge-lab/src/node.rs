@@ -34,7 +34,7 @@ pub(crate) fn private_files(netns: &str, ssh: bool) -> Result<u32, LabError> {
 mount -t tmpfs sb-lab /run
 mount -t tmpfs sb-lab /var/lib
 mkdir -p /run/.etc/up /run/.etc/work
-mount -t overlay sb-lab -o lowerdir=/etc,upperdir=/run/.etc/up,workdir=/run/.etc/work /etc 2>/dev/null || true
+mount -t overlay sb-lab -o lowerdir=/etc,upperdir=/run/.etc/up,workdir=/run/.etc/work /etc
 {}
 echo ready
 exec sleep infinity",
@@ -55,12 +55,26 @@ exec sleep infinity",
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .map_err(io("starting a node's file namespace"))?;
     let mut buf = [0u8; 6];
-    std::io::Read::read_exact(child.stdout.as_mut().expect("piped"), &mut buf)
-        .map_err(io(format!("preparing the files of {netns}")))?;
+    // Without its own /etc a node would share the host's, and `lab up --ssh`
+    // then replaces the host's own SSH host keys: a mount that fails stops
+    // the lab.
+    if std::io::Read::read_exact(child.stdout.as_mut().expect("piped"), &mut buf).is_err()
+        || &buf != b"ready\n"
+    {
+        let _ = child.kill();
+        let stderr = child
+            .wait_with_output()
+            .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_owned())
+            .unwrap_or_default();
+        return Err(LabError::Refused(format!(
+            "cannot give node namespace {netns} its own /run, /var/lib and /etc (the lab stops rather than let a node change the host's files): {stderr}"
+        )));
+    }
+    drop(child.stderr.take());
     let pid = child.id();
     std::thread::spawn(move || child.wait());
     Ok(pid)
