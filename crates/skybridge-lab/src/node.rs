@@ -4,6 +4,8 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use skybridge_core::layout::paths;
+
 use crate::command::run;
 use crate::{LabError, LabState, io, sshd, vm};
 
@@ -25,16 +27,34 @@ pub fn run_on(state: &LabState, node: &str, args: &[String]) -> Result<String, L
     run(&refs)
 }
 
+/// The folders a node gets its own copy of: those holding Skybridge's
+/// run-time markers, its state (the key) and its configuration. The scratch
+/// space of the overlay lives in the first.
+fn private_roots() -> (&'static str, &'static str, &'static str) {
+    let parent = |p: &'static str| {
+        std::path::Path::new(p)
+            .parent()
+            .and_then(std::path::Path::to_str)
+            .expect("layout paths are absolute")
+    };
+    (
+        parent(paths::RUN_DIR),
+        parent(paths::STATE_DIR),
+        parent(paths::CONFIG_DIR),
+    )
+}
+
 /// A process holding a mount namespace in which `/run`, `/var/lib` and
 /// (through an overlay) `/etc` are the node's own, as on a separate VM.
 /// With `ssh`, `/root` and `/usr/local` are private overlays too (keys, the installed agent).
 pub(crate) fn private_files(netns: &str, ssh: bool) -> Result<u32, LabError> {
+    let (run, var_lib, etc) = private_roots();
     let script = format!(
         "set -e
-mount -t tmpfs sb-lab /run
-mount -t tmpfs sb-lab /var/lib
+mount -t tmpfs sb-lab {run}
+mount -t tmpfs sb-lab {var_lib}
 mkdir -p /run/.etc/up /run/.etc/work
-mount -t overlay sb-lab -o lowerdir=/etc,upperdir=/run/.etc/up,workdir=/run/.etc/work /etc
+mount -t overlay sb-lab -o lowerdir={etc},upperdir=/run/.etc/up,workdir=/run/.etc/work {etc}
 {}
 echo ready
 exec sleep infinity",
@@ -78,4 +98,30 @@ exec sleep infinity",
     let pid = child.id();
     std::thread::spawn(move || child.wait());
     Ok(pid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_namespace_owns_the_folders_of_skybridges_state_and_config() {
+        let (run, var_lib, etc) = private_roots();
+        assert_eq!((run, var_lib, etc), ("/run", "/var/lib", "/etc"));
+        // The overlay's scratch space is on the node's own /run.
+        assert!("/run/.etc/up".starts_with(run));
+        for owned in [
+            paths::KEY_FILE,
+            paths::STATE_DIR,
+            paths::PIDFILE,
+            paths::CLUSTER_FILE,
+        ] {
+            assert!(
+                [run, var_lib, etc]
+                    .iter()
+                    .any(|root| owned.starts_with(root)),
+                "{owned} would be the host's"
+            );
+        }
+    }
 }

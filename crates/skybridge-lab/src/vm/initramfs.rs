@@ -281,6 +281,23 @@ mod tests {
     }
 
     #[test]
+    fn a_guest_keeps_skybridges_state_and_markers_on_its_own_tmpfs() {
+        let tmpfs = STAGE2
+            .lines()
+            .find_map(|l| l.strip_prefix("for d in "))
+            .and_then(|l| l.split_once("; do $B mount -t tmpfs"))
+            .map(|(dirs, _)| dirs.split_whitespace().collect::<Vec<_>>())
+            .expect("the tmpfs line");
+        use skybridge_core::layout::paths;
+        for owned in [paths::KEY_FILE, paths::STAGING_DIR, paths::PIDFILE] {
+            assert!(
+                tmpfs.iter().any(|d| owned.starts_with(&format!("{d}/"))),
+                "{owned} would be read from the host through 9p: {tmpfs:?}"
+            );
+        }
+    }
+
+    #[test]
     fn cpio_entries_are_newc_and_four_byte_aligned() {
         let mut c = Cpio::default();
         c.dir("bin");
