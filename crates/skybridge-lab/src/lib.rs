@@ -15,6 +15,16 @@
 //! from the documentation ranges. The lab is test infrastructure, so it
 //! drives `ip`, `nft` and `nsenter` rather than netlink: what it builds is
 //! the providers' network, not Skybridge's.
+//!
+//! - [`topology`]: pure: a cluster file's namespaces, gateways and NAT rules.
+//! - `build`: `lab up`, the network out of namespaces (or VMs, [`vm`]);
+//!   `agents` then starts what runs on the nodes, with the files `keys`
+//!   hands out (public keys collected into the state file); [`sshd`] for
+//!   `lab up --ssh`.
+//! - `state`: what a running lab is made of, in the root-only lab folder.
+//! - `node`: a node's own files, and running a command on any node.
+//! - `probe`: the all-pairs matrix. `teardown`: `lab down`.
+//! - `command` and `error`: the host commands the lab drives, and its errors.
 
 mod agents;
 mod build;
