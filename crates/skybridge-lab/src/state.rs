@@ -91,7 +91,7 @@ impl LabState {
     }
 
     /// The command prefix that runs inside a node: its network and its files
-    /// (None for a VM: see [`run_on`]).
+    /// (None for a VM: see [`crate::run_on`]).
     pub fn enter(&self, node: &str) -> Option<Vec<String>> {
         let n = match (node, &self.controller) {
             (sshd::CONTROLLER, Some(c)) => c,
