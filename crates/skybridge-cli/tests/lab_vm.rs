@@ -596,3 +596,49 @@ spec:
     assert!(again.contains("n1: no changes"), "{again}");
     assert_eq!(started(&lab), started(&lab));
 }
+
+/// A clone under /tmp — which each guest covers with its own tmpfs — runs
+/// in the VMs as one anywhere else does: the lab shares the binary's folder
+/// with the guests explicitly.
+#[test]
+fn a_skybridge_binary_under_tmp_runs_in_the_vms_all_green() {
+    let test = "a_skybridge_binary_under_tmp_runs_in_the_vms";
+    if !vm_tests_or_skip(test) {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let fresh = tempfile::Builder::new()
+        .prefix("sbt-fresh-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let bin = fresh.path().join("target/debug/skybridge");
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    std::fs::copy(skybridge(), &bin).unwrap();
+    let lab = Lab::new("vtmp");
+    let file = lab.file("seed-lab.yaml", SEED_LAB);
+    let run = |args: &[&str]| {
+        Command::new(&bin)
+            .arg("lab")
+            .args(args)
+            .env("SKYBRIDGE_LAB_PREFIX", &lab.prefix)
+            .output()
+            .unwrap()
+    };
+    let up = run(&["up", &file, "--backend", "vm", "--timeout", "240"]);
+    assert!(
+        up.status.success() && text(&up).contains(MATRIX_ALL_GREEN),
+        "{}\n{}",
+        text(&up),
+        lab.consoles()
+    );
+    // The agents in the guests are this copy, found at its host path.
+    let bin_text = bin.display().to_string();
+    let ps = text(&run(&["exec", NODE_HUAWEI, "--", "ps", "-o", "args"]));
+    assert!(
+        ps.lines()
+            .any(|l| l.starts_with(&format!("{bin_text} agent"))),
+        "{ps}"
+    );
+    let version = run(&["exec", GATEWAY_ALIYUN, "--", &bin_text, "--version"]);
+    assert!(version.status.success(), "{}", text(&version));
+}

@@ -12,8 +12,11 @@
 use std::net::Ipv4Addr;
 use std::path::Path;
 
+use crate::build::add_ns;
+use crate::command::{ip, run, spawn};
+use crate::node::private_files;
 use crate::topology::{DOCUMENTATION_RANGES, Topology};
-use crate::{LabError, LabState, NodeState, add_ns, io, ip, private_files, run, spawn};
+use crate::{LabError, LabState, NodeState, io};
 
 /// The name `lab exec` knows the controller by.
 pub const CONTROLLER: &str = "controller";

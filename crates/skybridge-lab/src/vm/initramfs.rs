@@ -23,7 +23,8 @@ const EARLY_MODULES: [&str; 8] = [
 ];
 
 /// The initramfs's `/init`. Parameters come from the kernel command line
-/// (`sb.node=`, `sb.ip=`, `sb.gw=`, `sb.lab=`, `sb.exe=`, `sb.modules=`);
+/// (`sb.node=`, `sb.ip=`, `sb.gw=`, `sb.lab=`, `sb.exe=`, `sb.modules=`; the
+/// host refuses values that would need quoting, see `vm::guest_path`);
 /// `sb.probe=1` only proves the kernel boots (the KVM probe); `sb.disk=1`
 /// boots systemd from the lab's Debian image on /dev/vda instead of the 9p root.
 const INIT: &str = r#"#!/bin/busybox sh
@@ -40,7 +41,7 @@ for a in $(cat /proc/cmdline); do
 done
 . /env
 if [ -n "$SB_probe" ]; then echo SKYBRIDGE-PROBE-OK; poweroff -f; fi
-fail() { echo "skybridge-init: $*; powering off"; sleep 1; poweroff -f; }
+fail() { echo "SKYBRIDGE-GUEST-FAILED skybridge-init: $*; powering off"; sleep 1; poweroff -f; }
 if [ "$SB_disk" = 1 ]; then
   i=0
   while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
@@ -77,6 +78,7 @@ exec switch_root /newroot /.sb/init
 /// Run by busybox init inside the overlay root (host tools on PATH).
 const STAGE2: &str = r#"B=/.sb/busybox
 . /.sb/env
+fail() { echo "SKYBRIDGE-GUEST-FAILED skybridge-stage2: $*; powering off"; $B sleep 1; $B poweroff -f; }
 $B mount -t proc proc /proc
 $B mount -t sysfs sys /sys
 $B mkdir -p /dev/pts /dev/shm
@@ -92,9 +94,36 @@ ip address add "$SB_ip" dev eth0
 ip link set eth0 up
 ip route add default via "$SB_gw"
 $B mkdir -p "$SB_lab"
-$B mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 sblab "$SB_lab" || echo "skybridge-stage2: mounting the lab folder failed"
+$B mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 sblab "$SB_lab" || fail "mounting the lab folder $SB_lab over 9p"
+# The tmpfs mounts above hide whatever the host keeps under /tmp, /run,
+# /var/lib or /dev/shm: the binary's own folder is shared explicitly, at the
+# same path, so a checkout anywhere on the host runs in the guest.
+exe_dir=$($B dirname "$SB_exe")
+$B mkdir -p "$exe_dir"
+$B mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 sbexe "$exe_dir" || fail "mounting $exe_dir (the skybridge binary's folder) over 9p"
+# Init would respawn an exec server that cannot start forever, and the host
+# would only see a guest that never answers: say why, and stop.
+out=$("$SB_exe" --version 2>&1) || fail "cannot run $SB_exe: $out"
 echo "SKYBRIDGE-GUEST-UP $SB_node"
 "#;
+
+/// What the guest's init prints on its console before it powers off because
+/// the guest cannot serve the lab (see [`failure`]).
+pub const FAILED_MARK: &str = "SKYBRIDGE-GUEST-FAILED ";
+
+/// Why a guest gave up, from its console: the reason its init printed, or
+/// systemd's report that the image's exec channel unit cannot start. None
+/// while nothing says it failed (it may still be booting).
+#[must_use]
+pub fn failure(console: &str) -> Option<String> {
+    console.lines().find_map(|line| {
+        if let Some(at) = line.find(FAILED_MARK) {
+            return Some(line[at + FAILED_MARK.len()..].trim().to_owned());
+        }
+        line.contains("Failed to start sb-lab-exec.service")
+            .then(|| "systemd could not start the exec channel (sb-lab-exec.service)".to_owned())
+    })
+}
 
 /// One `newc` cpio entry.
 fn entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
@@ -218,6 +247,55 @@ pub fn build(art: &Artifacts, dest: &Path) -> Result<(), LabError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_console_names_why_the_guest_gave_up_and_booting_is_not_failing() {
+        let booting =
+            "[    1.2] virtio_net virtio0 eth0: renamed\nSKYBRIDGE-GUEST-UP k8s-master1\n";
+        assert_eq!(failure(booting), None);
+        let failed = "[    0.9] 9pnet: Installing 9P2000 support\n\
+            SKYBRIDGE-GUEST-FAILED skybridge-stage2: cannot run /tmp/fresh/target/debug/skybridge: not found; powering off\n\
+            [    2.0] reboot: Power down\n";
+        assert_eq!(
+            failure(failed).as_deref(),
+            Some(
+                "skybridge-stage2: cannot run /tmp/fresh/target/debug/skybridge: not found; powering off"
+            )
+        );
+        let systemd = "[FAILED] Failed to start sb-lab-exec.service - Skybridge lab: exec channel to the host.\n";
+        assert!(failure(systemd).is_some_and(|r| r.contains("sb-lab-exec")));
+    }
+
+    #[test]
+    fn both_init_stages_report_failure_with_the_mark_the_host_looks_for() {
+        for script in [INIT, STAGE2] {
+            let fail = script
+                .lines()
+                .find(|l| l.starts_with("fail() {"))
+                .expect("a fail function");
+            assert!(fail.contains(FAILED_MARK.trim_end()), "{fail}");
+        }
+        // The binary is checked before init starts respawning it.
+        let check = STAGE2.find("\"$SB_exe\" --version").expect("a check");
+        assert!(check < STAGE2.find("SKYBRIDGE-GUEST-UP").unwrap());
+    }
+
+    #[test]
+    fn a_guest_keeps_skybridges_state_and_markers_on_its_own_tmpfs() {
+        let tmpfs = STAGE2
+            .lines()
+            .find_map(|l| l.strip_prefix("for d in "))
+            .and_then(|l| l.split_once("; do $B mount -t tmpfs"))
+            .map(|(dirs, _)| dirs.split_whitespace().collect::<Vec<_>>())
+            .expect("the tmpfs line");
+        use skybridge_core::layout::paths;
+        for owned in [paths::KEY_FILE, paths::STAGING_DIR, paths::PIDFILE] {
+            assert!(
+                tmpfs.iter().any(|d| owned.starts_with(&format!("{d}/"))),
+                "{owned} would be read from the host through 9p: {tmpfs:?}"
+            );
+        }
+    }
 
     #[test]
     fn cpio_entries_are_newc_and_four_byte_aligned() {

@@ -19,6 +19,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use skybridge_core::layout::paths;
 
 use crate::topology::LabNode;
 use crate::{LabError, io};
@@ -205,9 +206,14 @@ pub fn start(
     index: usize,
     skybridge: &Path,
 ) -> Result<VmNode, LabError> {
+    let exe = guest_path("the skybridge binary", skybridge)?;
+    let exe_dir = skybridge
+        .parent()
+        .ok_or_else(|| LabError::Refused(format!("{exe} is not a file in a folder")))?;
+    let lab = guest_path("the lab folder", dir)?;
     let tap = &node.router_port;
-    crate::ip(router_ns, &["tuntap", "add", "dev", tap, "mode", "tap"])?;
-    crate::ip(router_ns, &["link", "set", tap, "master", "lan", "up"])?;
+    crate::command::ip(router_ns, &["tuntap", "add", "dev", tap, "mode", "tap"])?;
+    crate::command::ip(router_ns, &["link", "set", tap, "master", "lan", "up"])?;
     let socket = dir.join(format!("{}.exec.sock", node.name));
     let console = dir.join(format!("{}.console.log", node.name));
     let _ = std::fs::remove_file(&socket);
@@ -222,8 +228,8 @@ pub fn start(
         node.private_ip,
         node.cidr.prefix_len(),
         node.gateway,
-        dir.display(),
-        skybridge.display(),
+        lab,
+        exe,
         art.kernel_root.join("lib/modules").display(),
     );
     let (accel, cpu) = if prep.accel == "kvm" {
@@ -257,6 +263,13 @@ pub fn start(
             "-no-reboot".into(),
             "-virtfs".into(),
             "local,path=/,mount_tag=sbhost,security_model=none,readonly=on,multidevs=remap".into(),
+            // The guest hides the host's /tmp, /run, /var/lib under tmpfs;
+            // the binary's folder is mounted back at its own path.
+            "-virtfs".into(),
+            format!(
+                "local,path={},mount_tag=sbexe,security_model=none,readonly=on,multidevs=remap",
+                exe_dir.display()
+            ),
         ],
     };
     let mut cmd = Command::new("ip");
@@ -321,6 +334,32 @@ pub fn start(
     })
 }
 
+/// A host path the guest must see, as text for the kernel command line and
+/// qemu's options: both split on blanks or commas, and the guest's init
+/// quotes values in single quotes, so any of those would hand the guest a
+/// different path (or a broken script) instead of an error here.
+///
+/// # Errors
+/// For a path that is not absolute UTF-8 of letters, digits and `/._-+@~`.
+pub fn guest_path<'a>(what: &str, path: &'a Path) -> Result<&'a str, LabError> {
+    let text = path
+        .to_str()
+        .filter(|t| t.starts_with('/'))
+        .ok_or_else(|| {
+            LabError::Refused(format!(
+                "{what} {} must be an absolute UTF-8 path for the VM lab",
+                path.display()
+            ))
+        })?;
+    let safe = |c: char| c.is_ascii_alphanumeric() || "/._-+@~".contains(c);
+    if let Some(bad) = text.chars().find(|c| !safe(*c)) {
+        return Err(LabError::Refused(format!(
+            "{what} {text} has {bad:?}, which the VM lab cannot pass to a guest on the kernel command line; move it to a path of letters, digits and / . _ - + @ ~"
+        )));
+    }
+    Ok(text)
+}
+
 /// Whether the VM's qemu is still running: its pid, and a command line naming
 /// this VM's own exec socket (a reused pid, even another lab's qemu, is not it).
 pub fn is_running(vm: &VmNode) -> bool {
@@ -350,24 +389,35 @@ pub fn wait_ready(vms: &[(String, VmNode)], limit: Duration) -> Result<(), LabEr
         if waiting.is_empty() {
             break;
         }
-        let dead: Vec<&&(String, VmNode)> =
-            waiting.iter().filter(|(_, vm)| !is_running(vm)).collect();
-        if !dead.is_empty() || start.elapsed() > limit {
-            let report: Vec<String> = waiting
+        // A guest that said why it gave up, or whose qemu is gone, will
+        // never answer: report it now rather than at the boot timeout.
+        let status: Vec<(&String, &VmNode, String, Option<String>)> = waiting
+            .iter()
+            .map(|(name, vm)| {
+                let console = std::fs::read_to_string(&vm.console).unwrap_or_default();
+                (
+                    name,
+                    vm,
+                    console_tail(&console),
+                    initramfs::failure(&console),
+                )
+            })
+            .collect();
+        let failed = status
+            .iter()
+            .any(|(_, vm, _, reason)| reason.is_some() || !is_running(vm));
+        if failed || start.elapsed() > limit {
+            let report: Vec<String> = status
                 .iter()
-                .map(|(name, vm)| {
-                    let console = std::fs::read_to_string(&vm.console).unwrap_or_default();
-                    let tail: Vec<&str> = console.lines().rev().take(8).collect();
-                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                .map(|(name, vm, tail, reason)| {
+                    let what = match (reason, is_running(vm)) {
+                        (Some(reason), _) => format!("failed: {reason}"),
+                        (None, false) => "qemu exited".to_owned(),
+                        (None, true) => "still booting".to_owned(),
+                    };
                     format!(
-                        "{name} ({}; console {}):\n    {}",
-                        if is_running(vm) {
-                            "still booting"
-                        } else {
-                            "qemu exited"
-                        },
-                        vm.console.display(),
-                        tail.join("\n    ")
+                        "{name} ({what}; console {}):\n    {tail}",
+                        vm.console.display()
                     )
                 })
                 .collect();
@@ -380,6 +430,13 @@ pub fn wait_ready(vms: &[(String, VmNode)], limit: Duration) -> Result<(), LabEr
         std::thread::sleep(Duration::from_millis(500));
     }
     Ok(())
+}
+
+/// The console's last lines, for an error message.
+fn console_tail(console: &str) -> String {
+    let tail: Vec<&str> = console.lines().rev().take(8).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().map(str::trim_end).collect();
+    tail.join("\n    ")
 }
 
 /// Runs a command in a guest; its output if it exits 0.
@@ -501,10 +558,6 @@ pub fn reboot(vms: &[(String, VmNode)]) -> Result<Duration, LabError> {
 /// Where the systemd image's guests see the lab folder.
 pub const GUEST_LAB_DIR: &str = "/mnt/sblab";
 
-fn sh(cmd: &str) -> Vec<String> {
-    vec!["sh".to_owned(), "-c".to_owned(), cmd.to_owned()]
-}
-
 /// What an operator does on each node of the systemd image: install the
 /// binary, make the key pair, hand out the cluster file and the collected
 /// public keys, and (with `unit`) install and enable the rendered agent unit.
@@ -519,26 +572,34 @@ pub fn install(
     unit: bool,
 ) -> Result<(), LabError> {
     let long = Duration::from_secs(120);
-    let mut keys = String::from("publicKeys:\n");
+    let binary = paths::BINARY;
     for (name, vm) in vms {
+        let copy = Path::new(GUEST_LAB_DIR).join("bin/skybridge");
+        let install = [
+            "install",
+            "-D",
+            "-m",
+            "755",
+            &copy.display().to_string(),
+            binary,
+        ];
+        run(vm, name, &install.map(str::to_owned), long)?;
+    }
+    let public_keys = crate::keys::collect(vms.iter().map(|(name, _)| name), |name| {
+        let (_, vm) = vms.iter().find(|(n, _)| n == name).expect("a listed VM");
         run(
             vm,
             name,
-            &sh(&format!(
-                "install -D -m 755 {GUEST_LAB_DIR}/bin/skybridge /usr/local/bin/skybridge"
-            )),
+            &[binary.to_owned(), "agent".into(), "pubkey".into()],
             long,
-        )?;
-        let key = run(vm, name, &sh("/usr/local/bin/skybridge agent pubkey"), long)?;
-        keys += &format!("  {name}: {}\n", key.trim());
-    }
-    std::fs::write(dir.join("cluster.state.yaml"), keys).map_err(io("writing the state file"))?;
-    std::fs::copy(cluster_file, dir.join("cluster.yaml"))
-        .map_err(io(format!("copying {}", cluster_file.display())))?;
+        )
+    })?;
+    crate::keys::hand_out(dir, &public_keys, cluster_file)?;
+    let cluster_copy = dir.join(paths::CLUSTER_FILE_NAME);
     if unit {
         let out = Command::new(skybridge)
             .arg("render")
-            .arg(dir.join("cluster.yaml"))
+            .arg(&cluster_copy)
             .args(["--format", "systemd-agent", "--out"])
             .arg(dir.join("render"))
             .output()
@@ -550,16 +611,103 @@ pub fn install(
             });
         }
     }
+    // Node names come from the cluster file: they are argv words here,
+    // never part of a shell script.
+    let guest_lab = Path::new(GUEST_LAB_DIR);
+    let argv = |words: &[&str]| -> Vec<String> { words.iter().map(|w| (*w).to_owned()).collect() };
     for (name, vm) in vms {
-        let mut script = format!(
-            "install -D -m 644 {GUEST_LAB_DIR}/cluster.yaml /etc/skybridge/cluster.yaml && install -m 644 {GUEST_LAB_DIR}/cluster.state.yaml /etc/skybridge/cluster.state.yaml"
-        );
+        let mut steps = vec![
+            argv(&[
+                "install",
+                "-D",
+                "-m",
+                "644",
+                &guest_lab
+                    .join(paths::CLUSTER_FILE_NAME)
+                    .display()
+                    .to_string(),
+                paths::CLUSTER_FILE,
+            ]),
+            argv(&[
+                "install",
+                "-m",
+                "644",
+                &guest_lab.join(paths::STATE_FILE_NAME).display().to_string(),
+                paths::STATE_FILE,
+            ]),
+        ];
         if unit {
-            script += &format!(
-                " && install -m 644 {GUEST_LAB_DIR}/render/{name}/skybridge-agent.service /etc/systemd/system/ && systemctl daemon-reload && systemctl enable --now skybridge-agent"
-            );
+            let unit_file = guest_lab
+                .join("render")
+                .join(name)
+                .join(paths::AGENT_UNIT_FILE);
+            steps.push(argv(&[
+                "install",
+                "-m",
+                "644",
+                &unit_file.display().to_string(),
+                paths::UNIT_DIR,
+            ]));
+            steps.push(argv(&["systemctl", "daemon-reload"]));
+            steps.push(argv(&["systemctl", "enable", "--now", paths::AGENT_UNIT]));
         }
-        run(vm, name, &sh(&script), long)?;
+        for step in &steps {
+            run(vm, name, step, long)?;
+        }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_path_the_kernel_command_line_would_split_is_refused_by_name() {
+        let ok = Path::new("/tmp/fresh/target/debug/skybridge");
+        assert_eq!(guest_path("the binary", ok).unwrap(), ok.to_str().unwrap());
+        for bad in [
+            "/tmp/my clone/skybridge",
+            "/tmp/a,b/skybridge",
+            "/tmp/it's/skybridge",
+        ] {
+            let err = guest_path("the binary", Path::new(bad))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(bad) && err.contains("move it"), "{err}");
+        }
+        assert!(guest_path("the binary", Path::new("target/debug/skybridge")).is_err());
+    }
+
+    #[test]
+    fn a_guest_that_gave_up_is_reported_at_once_with_its_reason_and_console() {
+        let dir = tempfile::tempdir().unwrap();
+        let console = dir.path().join("k8s-master1.console.log");
+        std::fs::write(
+            &console,
+            "[    1.0] 9pnet: Installing 9P2000 support\n\
+             SKYBRIDGE-GUEST-FAILED skybridge-stage2: cannot run /tmp/fresh/skybridge: not found; powering off\n",
+        )
+        .unwrap();
+        let vm = VmNode {
+            // Not qemu: the guest's qemu has exited, as after the init's poweroff.
+            pid: std::process::id(),
+            socket: dir.path().join("k8s-master1.exec.sock"),
+            console: console.clone(),
+            accel: "tcg".into(),
+            image: Image::Initramfs,
+        };
+        let start = Instant::now();
+        let err = wait_ready(&[("k8s-master1".into(), vm)], BOOT_TIMEOUT)
+            .unwrap_err()
+            .to_string();
+        assert!(start.elapsed() < Duration::from_secs(10), "{err}");
+        assert!(
+            err.contains(
+                "k8s-master1 (failed: skybridge-stage2: cannot run /tmp/fresh/skybridge: not found"
+            ) && err.contains(&console.display().to_string())
+                && err.contains("9pnet: Installing"),
+            "{err}"
+        );
+    }
 }
