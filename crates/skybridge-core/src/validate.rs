@@ -15,9 +15,10 @@ use crate::model::{
     Cluster, DEFAULT_KEEPALIVE, DEFAULT_LISTEN_PORT, DEFAULT_MTU, DEFAULT_PROBE_INTERVAL,
     MIN_TUNNEL_MTU, Network, Node, PublicEndpoint, Site, Ssh,
 };
-use crate::spec::{ClusterDoc, Granularity, Nat, Role, S, SiteDoc, Transport};
+use crate::spec::{ClusterDoc, Granularity, Nat, Role, S, SiteDoc, SshDoc, Transport};
 
 mod kubernetes;
+pub mod ssh;
 
 pub const API_VERSION: &str = "skybridge.dev/v1alpha1";
 pub const KIND: &str = "Cluster";
@@ -656,21 +657,7 @@ fn site<'d>(
             });
             Some(net)
         });
-        let ssh = nd.ssh.as_ref().map(|s| {
-            if s.value.port == Some(0) {
-                c.error(
-                    pos(s),
-                    format!("node {name}: ssh port 0 is not a usable port"),
-                    "leave port out for 22",
-                );
-            }
-            Ssh {
-                user: s.value.user.clone(),
-                port: s.value.port,
-                identity_file: s.value.identity_file.clone(),
-                jump_host: s.value.jump_host.clone(),
-            }
-        });
+        let ssh = nd.ssh.as_ref().map(|s| ssh_settings(c, name, &s.value));
         let mut roles: Vec<Role> = nd.roles.iter().map(|r| r.value).collect();
         roles.sort();
         roles.dedup();
@@ -740,6 +727,55 @@ fn site<'d>(
         costs: sd.costs.clone(),
         containerd: None,
         nodes,
+    }
+}
+
+/// A node's `ssh:` settings, each field held to [`ssh`]'s grammar: they reach
+/// the operator's `ssh` command line and, for a jump host, a shell.
+fn ssh_settings(c: &mut Checker, name: &str, doc: &SshDoc) -> Ssh {
+    if let Some(p) = &doc.port
+        && p.value == 0
+    {
+        c.error(
+            pos(p),
+            format!("node {name}: ssh port 0 is not a usable port"),
+            "leave port out for 22",
+        );
+    }
+    let mut field = |value: &Option<S<String>>,
+                     field: &str,
+                     check: fn(&str) -> Result<(), String>,
+                     hint: &str| {
+        let v = value.as_ref()?;
+        if let Err(why) = check(&v.value) {
+            c.error(
+                pos(v),
+                format!("node {name}: ssh.{field} {:?} is refused: {why}", v.value),
+                hint,
+            );
+        }
+        Some(v.value.clone())
+    };
+    Ssh {
+        user: field(
+            &doc.user,
+            "user",
+            ssh::user,
+            "write a login name: letters, digits, '_', '.', '-'",
+        ),
+        port: doc.port.as_ref().map(|p| p.value),
+        identity_file: field(
+            &doc.identity_file,
+            "identityFile",
+            ssh::identity_file,
+            "write a path of letters, digits and . _ - + / @ : (a leading ~/ is your home); link the key there if its path has other characters",
+        ),
+        jump_host: field(
+            &doc.jump_host,
+            "jumpHost",
+            |j| ssh::jump_host(j).map(drop),
+            "write [user@]host[:port] with a DNS name or IPv4 address, or the name of a node of the cluster; other ssh settings belong in ~/.ssh/config",
+        ),
     }
 }
 
@@ -937,6 +973,65 @@ mod tests {
             .replace("privateIP: 192.168.0.11,", "privateIP: 192.168.1.11,");
         let e = errors(&src);
         assert!(e.iter().any(|m| m.contains("node k8s-node1 (192.168.1.0/24) is not in the same network as gateway candidate k8s-master2")), "{e:?}");
+    }
+
+    /// Gives k8s-node1 (line 21) the ssh settings `ssh`, written on a line of their own.
+    fn with_ssh(ssh: &str) -> String {
+        SEED.replace(
+            "{ name: k8s-node1,   privateIP: 192.168.0.11,  roles: [worker] }",
+            &format!("{{ name: k8s-node1,   privateIP: 192.168.0.11,  roles: [worker],\n            ssh: {ssh} }}"),
+        )
+    }
+
+    #[test]
+    fn ssh_fields_that_a_shell_would_parse_are_errors_at_their_position() {
+        let e = errors(&with_ssh(
+            r#"{ user: "a`reboot`", port: 2222, identityFile: "~/k;reboot", jumpHost: "x|reboot" }"#,
+        ));
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(
+            e[0].starts_with(
+                "22:26: error: node k8s-node1: ssh.user \"a`reboot`\" is refused: '`'"
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e[1].starts_with(
+                "22:65: error: node k8s-node1: ssh.identityFile \"~/k;reboot\" is refused: ';'"
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e[2].starts_with(
+                "22:89: error: node k8s-node1: ssh.jumpHost \"x|reboot\" is refused: '|'"
+            ),
+            "{e:?}"
+        );
+        for jump in ["\"ops@b:22 -oProxyCommand=x\"", "\"$(reboot)\"", "\"b:0\""] {
+            let e = errors(&with_ssh(&format!("{{ jumpHost: {jump} }}")));
+            assert!(
+                e.len() == 1 && e[0].contains("ssh.jumpHost"),
+                "{jump}: {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn plain_ssh_settings_are_kept() {
+        let v = load(&with_ssh(
+            "{ user: ec2-user, port: 2222, identityFile: ~/.ssh/id_ed25519, jumpHost: ops@bastion.example:2200 }",
+        ))
+        .unwrap();
+        let (_, n) = v.cluster.node("k8s-node1").unwrap();
+        assert_eq!(
+            n.ssh,
+            Some(Ssh {
+                user: Some("ec2-user".into()),
+                port: Some(2222),
+                identity_file: Some("~/.ssh/id_ed25519".into()),
+                jump_host: Some("ops@bastion.example:2200".into()),
+            })
+        );
     }
 
     #[test]
