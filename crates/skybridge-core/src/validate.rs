@@ -466,15 +466,16 @@ fn validate(doc: &ClusterDoc) -> Result<Validated, Vec<Diagnostic>> {
     }
 
     c.diags.sort_by_key(|d| (d.pos, d.severity));
-    if c.diags.iter().any(Diagnostic::is_error) {
+    // A pool that did not parse was reported as an error above.
+    let (Some(tunnel_pool), false) = (tunnel_pool, c.diags.iter().any(Diagnostic::is_error)) else {
         return Err(c.diags);
-    }
+    };
     let cluster = Cluster {
         name: doc.metadata.name.value.clone(),
         network: Network {
             transport,
             granularity,
-            tunnel_pool: tunnel_pool.expect("checked above"),
+            tunnel_pool,
             listen_port,
             persistent_keepalive: net
                 .persistent_keepalive
