@@ -324,6 +324,16 @@ fn validate(doc: &ClusterDoc) -> Result<Validated, Vec<Diagnostic>> {
             .map_or(Pos::UNKNOWN, |k| pos(&k.value.pod_cidr)),
         &networks,
     );
+    let cluster_pods = kube.as_ref().and_then(|k| k.pod_cidr).map(|net| Claim {
+        net,
+        owner: "kubernetes podCIDR".into(),
+        pos: doc
+            .spec
+            .kubernetes
+            .as_ref()
+            .map_or(Pos::UNKNOWN, |k| pos(&k.value.pod_cidr)),
+    });
+    check_public_ips(&mut c, &public_ips, claims.iter().chain(&cluster_pods));
     check_overlaps(&mut c, claims);
 
     // Gateways and tunnels: only meaningful between two or more sites.
@@ -780,6 +790,56 @@ fn ssh_settings(c: &mut Checker, name: &str, doc: &SshDoc) -> Ssh {
     }
 }
 
+/// Ranges no host on the internet has: a tunnel sent there goes nowhere (or
+/// to this very machine).
+const NOT_ROUTABLE: [(&str, [u8; 4], u8); 6] = [
+    ("\"this network\" (0.0.0.0/8)", [0, 0, 0, 0], 8),
+    ("loopback (127.0.0.0/8)", [127, 0, 0, 0], 8),
+    ("link-local (169.254.0.0/16)", [169, 254, 0, 0], 16),
+    ("multicast (224.0.0.0/4)", [224, 0, 0, 0], 4),
+    ("limited broadcast", [255, 255, 255, 255], 32),
+    ("reserved (240.0.0.0/4)", [240, 0, 0, 0], 4),
+];
+
+/// A public IP is where other sites send the tunnel: it must be an address
+/// the internet routes, and none the cluster itself routes (a site's
+/// network, the tunnel pool, pods, services), or the tunnel would be sent
+/// into the cluster.
+fn check_public_ips<'a>(
+    c: &mut Checker,
+    public_ips: &HashMap<Ipv4Addr, (&str, Pos)>,
+    claims: impl Iterator<Item = &'a Claim> + Clone,
+) {
+    for (&ip, &(node, at)) in public_ips {
+        let special = NOT_ROUTABLE.iter().find(|(_, net, len)| {
+            Ipv4Net::new(Ipv4Addr::from(*net), *len).is_ok_and(|n| n.contains(&ip))
+        });
+        if let Some((kind, _, _)) = special {
+            c.error(
+                at,
+                format!("node {node}: publicIP {ip} is a {kind} address, which no one on the internet can send to"),
+                "write the elastic IP the provider gives the VM, or leave publicIP out",
+            );
+            continue;
+        }
+        if let Some(cl) = claims.clone().find(|cl| cl.net.contains(&ip)) {
+            let line = if cl.pos.line > 0 {
+                format!(" (line {})", cl.pos.line)
+            } else {
+                String::new()
+            };
+            c.error(
+                at,
+                format!(
+                    "node {node}: publicIP {ip} is inside {} {}{line}: traffic to it would stay inside the cluster",
+                    cl.owner, cl.net
+                ),
+                "publicIP is the address other sites reach the node at over the internet (its elastic IP); a private address goes in privateIP",
+            );
+        }
+    }
+}
+
 /// Reports every range that overlaps one declared before it (in address
 /// order): sort by start, sweep while remembering the range reaching furthest.
 fn check_overlaps(c: &mut Checker, mut claims: Vec<Claim>) {
@@ -840,6 +900,20 @@ mod tests {
             v.warnings
         );
         assert_eq!(v.warnings[0].pos.line, 7);
+    }
+
+    #[test]
+    fn every_example_validates_without_errors() {
+        for (name, src) in [
+            ("seed.yaml", SEED),
+            ("lab.yaml", include_str!("../../../examples/lab.yaml")),
+            (
+                "seed-lab.yaml",
+                include_str!("../../../examples/seed-lab.yaml"),
+            ),
+        ] {
+            assert!(load(src).is_ok(), "{name}: {:?}", errors(src));
+        }
     }
 
     #[test]
@@ -1032,6 +1106,62 @@ mod tests {
                 identity_file: Some("~/.ssh/id_ed25519".into()),
                 jump_host: Some("ops@bastion.example:2200".into()),
             })
+        );
+    }
+
+    #[test]
+    fn a_public_ip_the_cluster_routes_or_no_one_routes_is_an_error_at_its_position() {
+        for (public, needle) in [
+            (
+                "192.168.0.50",
+                "is inside site huawei 192.168.0.0/24 (line 15)",
+            ),
+            (
+                "172.26.32.9:51820",
+                "is inside site aliyun 172.26.32.0/24 (line 25)",
+            ),
+            (
+                "192.168.100.7",
+                "is inside tunnelPool 192.168.100.0/24 (line 9)",
+            ),
+            (
+                "10.96.0.1",
+                "is inside kubernetes serviceCIDR 10.96.0.0/12 (line 39)",
+            ),
+            (
+                "10.244.3.1",
+                "is inside kubernetes podCIDR 10.244.0.0/16 (line 40)",
+            ),
+            ("0.1.2.3", "\"this network\""),
+            ("127.0.0.1", "loopback"),
+            ("169.254.169.254", "link-local"),
+            ("224.0.0.5:51820", "multicast"),
+            ("239.255.255.250", "multicast"),
+            ("255.255.255.255", "limited broadcast"),
+        ] {
+            let src = SEED.replace("publicIP: 112.124.59.21", &format!("publicIP: {public}"));
+            let e = errors(&src);
+            let ip = public.split(':').next().unwrap();
+            assert!(
+                e.len() == 1
+                    && e[0].starts_with(&format!("20:68: error: node k8s-master2: publicIP {ip} "))
+                    && e[0].contains(needle),
+                "{public}: {e:?}"
+            );
+        }
+        // A node's own podCIDR is the cluster's too.
+        let src = SEED
+            .replace(
+                "{ name: k8s-node1,   privateIP: 192.168.0.11,  roles: [worker] }",
+                "{ name: k8s-node1,   privateIP: 192.168.0.11,  roles: [worker], podCIDR: 10.244.9.0/24 }",
+            )
+            .replace("podCIDR: 10.244.0.0/16", "podCIDR: 10.245.0.0/16")
+            .replace("publicIP: 112.124.59.21", "publicIP: 10.244.9.9");
+        let e = errors(&src);
+        assert!(
+            e.iter().any(|m| m
+                .contains("10.244.9.9 is inside node k8s-node1 podCIDR 10.244.9.0/24 (line 21)")),
+            "{e:?}"
         );
     }
 

@@ -1344,6 +1344,67 @@ fn overlapping_site_networks_are_rejected() {
 }
 
 #[test]
+fn a_public_ip_inside_the_clusters_own_ranges_or_unroutable_is_rejected() {
+    let special = [
+        ([0, 0, 0, 0], 8),
+        ([127, 0, 0, 0], 8),
+        ([169, 254, 0, 0], 16),
+        ([224, 0, 0, 0], 4),
+        ([255, 255, 255, 255], 32),
+    ];
+    for_all(
+        (
+            cluster(1..=MAX_SITES),
+            any::<prop::sample::Index>(),
+            0..7usize,
+            any::<u32>(),
+        ),
+        INVALID_CASES,
+        |(g, site, how, offset)| {
+            let mut g = g;
+            let site = site.index(g.sites.len());
+            let within = |net: Ipv4Net| {
+                let size = 1u64 << (32 - net.prefix_len());
+                Ipv4Addr::from(u32::from(net.network()) + (u64::from(offset) % size) as u32)
+            };
+            let (ip, needle) = match how {
+                0 => {
+                    let net = g.sites[site].cidrs[0];
+                    (
+                        within(net),
+                        format!("is inside site {} {net}", g.sites[site].name),
+                    )
+                }
+                1 => {
+                    let pool = g.tunnel_pool.unwrap_or("100.96.0.0/24".parse().unwrap());
+                    (within(pool), format!("is inside tunnelPool {pool}"))
+                }
+                n => {
+                    let (a, len) = special[n - 2];
+                    let net = Ipv4Net::new(Ipv4Addr::from(a), len).unwrap();
+                    (within(net), "is a ".to_owned())
+                }
+            };
+            let Some(node) = g
+                .sites
+                .iter_mut()
+                .flat_map(|s| s.nodes.iter_mut())
+                .find(|n| n.public_ip.is_some())
+            else {
+                return Ok(());
+            };
+            node.public_ip = Some((ip, None));
+            let name = node.name.clone();
+            expect_error(
+                &g.to_yaml(),
+                &format!("node {name}: publicIP {ip} {needle}"),
+                &format!("publicIP: {ip}"),
+            )
+        },
+    );
+}
+
+#[test]
 fn duplicate_node_names_are_rejected() {
     for_all(cluster(2..=MAX_SITES), INVALID_CASES, |g| {
         let mut g = g;
