@@ -28,9 +28,9 @@ pub enum KeyError {
         source: std::io::Error,
     },
     #[error(
-        "{path} does not hold a WireGuard private key (44 characters of base64); move it away and a new key is generated"
+        "{path} does not hold a WireGuard private key ({reason}); move it away and a new key is generated"
     )]
-    Malformed { path: PathBuf },
+    Malformed { path: PathBuf, reason: String },
     #[error(
         "{path} is readable by other users (mode {mode:o}); run `chmod 600 {path}` (the key may have leaked: consider removing it to generate a new one)"
     )]
@@ -105,9 +105,10 @@ fn read_key(path: &Path) -> Result<Option<String>, KeyError> {
         });
     }
     let key = text.trim().to_owned();
-    if !skybridge_core::state::is_wireguard_key(&key) {
+    if let Err(reason) = skybridge_core::state::wireguard_key(&key) {
         return Err(KeyError::Malformed {
             path: path.to_owned(),
+            reason,
         });
     }
     Ok(Some(key))
@@ -139,7 +140,8 @@ fn store(state_dir: &Path, path: &Path, key: &str) -> Result<(), KeyError> {
     f.commit().map_err(|e| io("writing", e))
 }
 
-/// The public key of a base64 private key.
+/// The public key of a base64 private key; `None` for anything
+/// [`skybridge_core::state::wireguard_key`] refuses.
 pub fn public_key(private: &str) -> Option<String> {
     let bytes: [u8; 32] = STANDARD.decode(private).ok()?.try_into().ok()?;
     Some(STANDARD.encode(PublicKey::from(&StaticSecret::from(bytes)).as_bytes()))
@@ -216,6 +218,29 @@ mod tests {
         let key = private_key_or_adopt(dir.path(), &dir.path().join("none")).unwrap();
         assert!(skybridge_core::state::is_wireguard_key(&key));
         assert_eq!(std::fs::read_to_string(&path).unwrap().trim(), key);
+    }
+
+    #[test]
+    fn a_key_file_with_non_canonical_base64_is_malformed_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(PRIVATE_KEY_FILE);
+        // The vector below with its last character's padding bits set.
+        for text in [
+            "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBml=\n",
+            "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBm\u{e9}=\n",
+            "\u{fffd}\n",
+        ] {
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+            let e = private_key(dir.path()).unwrap_err();
+            assert!(matches!(e, KeyError::Malformed { .. }), "{text:?}: {e}");
+        }
+        std::fs::write(&p, b"\xff\xfe not utf-8\n").unwrap();
+        assert!(private_key(dir.path()).is_err());
+        assert_eq!(
+            public_key("yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBml="),
+            None
+        );
     }
 
     #[test]

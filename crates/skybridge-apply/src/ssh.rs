@@ -5,10 +5,12 @@
 //! `~/.ssh/config`, `known_hosts` (checked strictly unless asked to accept new
 //! keys on first contact), the SSH agent and default keys, `ProxyJump`.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use openssh::{KnownHosts, SessionBuilder, Stdio};
+use skybridge_core::validate::ssh::{self, JumpHost};
 use tokio::io::AsyncWriteExt as _;
 
 use crate::session::{Connector, Output, Session, SshError, quote};
@@ -140,30 +142,94 @@ fn describe(e: &openssh::Error) -> String {
     s
 }
 
+/// What a target puts on the `ssh` command line, each value checked once more
+/// against the cluster file's grammar: OpenSSH hands a jump host to `sh -c`
+/// (as a ProxyCommand), so nothing else may reach it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SshArgs {
+    pub user: String,
+    pub port: u16,
+    pub identity_file: Option<PathBuf>,
+    pub jump: Option<JumpHost>,
+    pub host: Ipv4Addr,
+}
+
+impl SshArgs {
+    /// # Errors
+    /// A value outside the grammar `validate` enforces.
+    pub fn of(target: &Target) -> Result<SshArgs, SshError> {
+        let refuse = |what: &str, value: &str, why: String| SshError::Connect {
+            target: target.to_string(),
+            message: format!("refusing to pass {what} {value:?} to ssh: {why}"),
+        };
+        ssh::user(&target.user).map_err(|why| refuse("user", &target.user, why))?;
+        let host = target
+            .host
+            .parse::<Ipv4Addr>()
+            .map_err(|_| refuse("host", &target.host, "not an IPv4 address".into()))?;
+        if let Some(k) = &target.identity_file {
+            ssh::identity_file(k).map_err(|why| refuse("identity file", k, why))?;
+        }
+        let jump = target
+            .jump
+            .as_deref()
+            .map(|j| ssh::jump_host(j).map_err(|why| refuse("jump host", j, why)))
+            .transpose()?;
+        Ok(SshArgs {
+            user: target.user.clone(),
+            port: target.port,
+            identity_file: target.identity_file.as_deref().map(expand_home),
+            jump,
+            host,
+        })
+    }
+
+    /// These settings as `ssh` options, the way the openssh crate passes
+    /// them (one argument each, no shell): for tests and `ssh -G`.
+    pub fn to_args(&self) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = vec![
+            "-p".into(),
+            self.port.to_string().into(),
+            "-l".into(),
+            self.user.clone().into(),
+        ];
+        if let Some(k) = &self.identity_file {
+            a.extend(["-o".into(), "IdentitiesOnly=yes".into(), "-i".into()]);
+            a.push(k.clone().into());
+        }
+        if let Some(j) = &self.jump {
+            a.extend(["-J".into(), j.to_string().into()]);
+        }
+        a.push(self.host.to_string().into());
+        a
+    }
+}
+
 impl Connector for Openssh {
     type Session = OpensshSession;
 
     async fn connect(&self, target: &Target) -> Result<OpensshSession, SshError> {
+        let args = SshArgs::of(target)?;
         let mut b = SessionBuilder::default();
         b.known_hosts_check(if self.accept_new_host_keys {
             KnownHosts::Add
         } else {
             KnownHosts::Strict
         })
-        .user(target.user.clone())
-        .port(target.port)
+        .user(args.user.clone())
+        .port(args.port)
         .connect_timeout(self.connect_timeout)
         // A node cut off mid-command is noticed within seconds, not at TCP's pace.
         .server_alive_interval(Duration::from_secs(3))
         .control_directory(&self.control_dir)
         .config_file(self.config.path());
-        if let Some(k) = &target.identity_file {
-            b.keyfile(expand_home(k));
+        if let Some(k) = &args.identity_file {
+            b.keyfile(k);
         }
-        if let Some(j) = &target.jump {
-            b.jump_hosts([j]);
+        if let Some(j) = &args.jump {
+            b.jump_hosts([j.to_string()]);
         }
-        match b.connect_mux(&target.host).await {
+        match b.connect_mux(&args.host.to_string()).await {
             Ok(session) => Ok(OpensshSession {
                 target: target.clone(),
                 session,
@@ -298,6 +364,91 @@ mod tests {
                 .contains("the jump host root@192.0.2.10:22 did not forward"),
             "{e}"
         );
+    }
+
+    /// What the real `ssh` makes of these arguments (`ssh -G`: the resolved
+    /// configuration, no connection), without reading any config file.
+    fn ssh_g(args: &SshArgs) -> Vec<String> {
+        let out = std::process::Command::new("ssh")
+            .args(["-G", "-F", "/dev/null"])
+            .args(args.to_args())
+            .output()
+            .expect("the system ssh, which apply runs, is installed");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .filter(|l| {
+                [
+                    "user ",
+                    "port ",
+                    "hostname ",
+                    "proxyjump ",
+                    "proxycommand ",
+                    "identityfile ",
+                ]
+                .iter()
+                .any(|k| l.starts_with(k))
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn ssh_receives_each_checked_value_as_one_argument_and_nothing_else() {
+        // ssh drops an identity file that does not exist: give it one.
+        let key = tempfile::Builder::new()
+            .prefix("ops+1@example")
+            .tempfile()
+            .unwrap();
+        let key_path = key.path().to_str().unwrap().to_owned();
+        let t = Target {
+            user: "ec2-user".into(),
+            port: 2222,
+            identity_file: Some(key_path.clone()),
+            jump: Some("ops@bastion.example:2200".into()),
+            ..target()
+        };
+        let args = SshArgs::of(&t).unwrap();
+        assert_eq!(
+            ssh_g(&args),
+            [
+                "user ec2-user",
+                "hostname 192.0.2.10",
+                "port 2222",
+                &format!("identityfile {key_path}"),
+                "proxyjump ops@bastion.example:2200",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_target_a_shell_would_misread_never_reaches_ssh() {
+        for t in [
+            Target {
+                jump: Some("x|reboot".into()),
+                ..target()
+            },
+            Target {
+                jump: Some("ops@b:22 -oProxyCommand=reboot".into()),
+                ..target()
+            },
+            Target {
+                user: "a`reboot`".into(),
+                ..target()
+            },
+            Target {
+                identity_file: Some("~/k;reboot".into()),
+                ..target()
+            },
+            Target {
+                host: "192.0.2.10;reboot".into(),
+                ..target()
+            },
+        ] {
+            let e = SshArgs::of(&t).unwrap_err();
+            assert!(e.to_string().contains("refusing to pass"), "{e}");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 use std::fmt;
 
 use skybridge_core::Cluster;
+use skybridge_core::validate::ssh;
 
 pub const DEFAULT_USER: &str = "root";
 pub const DEFAULT_PORT: u16 = 22;
@@ -51,6 +52,33 @@ pub enum TargetError {
         "node {node} has no public IP and site {site} has no gateway with one to jump through; set ssh.jumpHost on {node} in the cluster file"
     )]
     NoPath { node: String, site: String },
+    /// A value that `validate` would have refused: the cluster was built
+    /// some other way, and the value must not reach `ssh` (nor its shell).
+    #[error("node {node}: ssh {field} {value:?} is refused: {reason}")]
+    Refused {
+        node: String,
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+/// `value` if `check` accepts it, else the error naming the node and field.
+fn checked(
+    node: &str,
+    field: &'static str,
+    value: String,
+    check: impl Fn(&str) -> Result<(), String>,
+) -> Result<String, TargetError> {
+    match check(&value) {
+        Ok(()) => Ok(value),
+        Err(reason) => Err(TargetError::Refused {
+            node: node.to_owned(),
+            field,
+            value,
+            reason,
+        }),
+    }
 }
 
 /// `user@host:port` of a node reached directly (its public IP).
@@ -94,14 +122,31 @@ pub fn targets(cluster: &Cluster) -> Result<Vec<Target>, TargetError> {
                 (None, Some(p)) => p.ip.to_string(),
                 _ => n.private_ip.to_string(),
             };
+            // The jump host as re-written from its checked parts: what `ssh -J` gets.
+            let jump = jump
+                .map(|j| {
+                    ssh::jump_host(&j)
+                        .map(|parsed| parsed.to_string())
+                        .map_err(|reason| TargetError::Refused {
+                            node: n.name.clone(),
+                            field: "jumpHost",
+                            value: j,
+                            reason,
+                        })
+                })
+                .transpose()?;
+            let user = ssh
+                .and_then(|s| s.user.clone())
+                .unwrap_or_else(|| DEFAULT_USER.to_owned());
             Ok(Target {
                 node: n.name.clone(),
-                user: ssh
-                    .and_then(|s| s.user.clone())
-                    .unwrap_or_else(|| DEFAULT_USER.to_owned()),
+                user: checked(&n.name, "user", user, ssh::user)?,
                 host,
                 port: ssh.and_then(|s| s.port).unwrap_or(DEFAULT_PORT),
-                identity_file: ssh.and_then(|s| s.identity_file.clone()),
+                identity_file: ssh
+                    .and_then(|s| s.identity_file.clone())
+                    .map(|f| checked(&n.name, "identityFile", f, ssh::identity_file))
+                    .transpose()?,
                 jump,
             })
         })
@@ -179,6 +224,56 @@ mod tests {
         assert_eq!(
             by_name(&t, "ali-worker2").jump.as_deref(),
             Some("ops@bastion.example:2200")
+        );
+    }
+
+    /// The `ssh:` settings of a node, created empty if it has none.
+    fn ssh_of<'a>(c: &'a mut Cluster, name: &str) -> &'a mut skybridge_core::model::Ssh {
+        c.sites
+            .iter_mut()
+            .flat_map(|s| s.nodes.iter_mut())
+            .find(|n| n.name == name)
+            .unwrap()
+            .ssh
+            .get_or_insert(skybridge_core::model::Ssh {
+                user: None,
+                port: None,
+                identity_file: None,
+                jump_host: None,
+            })
+    }
+
+    #[test]
+    fn values_validate_would_refuse_never_become_a_target() {
+        // A cluster built in code skips `validate`: targets() checks again.
+        for (field, value) in [
+            ("jumpHost", "x|reboot"),
+            ("jumpHost", "ops@b -oProxyCommand=reboot"),
+            ("user", "a`reboot`"),
+            ("identityFile", "/k;reboot"),
+        ] {
+            let mut c = cluster(LAB);
+            let ssh = ssh_of(&mut c, "ali-worker1");
+            let slot = match field {
+                "jumpHost" => &mut ssh.jump_host,
+                "user" => &mut ssh.user,
+                _ => &mut ssh.identity_file,
+            };
+            *slot = Some(value.to_owned());
+            let err = targets(&c).unwrap_err();
+            assert!(
+                matches!(&err, TargetError::Refused { node, field: f, value: v, .. }
+                    if node == "ali-worker1" && *f == field && v == value),
+                "{field} {value}: {err}"
+            );
+        }
+        // A gateway's user also goes into the jump host of the nodes behind it.
+        let mut c = cluster(LAB);
+        ssh_of(&mut c, "ali-gw").user = Some("$(reboot)".into());
+        let err = targets(&c).unwrap_err();
+        assert!(
+            matches!(&err, TargetError::Refused { node, .. } if node == "ali-gw"),
+            "{err}"
         );
     }
 

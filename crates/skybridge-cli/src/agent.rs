@@ -134,7 +134,13 @@ pub fn main(args: AgentArgs) -> Result<ExitCode> {
     match args.action {
         Some(Action::Pubkey { state_dir }) => {
             let private = keys::private_key(&state_dir)?;
-            println!("{}", keys::public_key(&private).expect("a valid key"));
+            let public = keys::public_key(&private).with_context(|| {
+                format!(
+                    "the private key in {} does not decode to 32 bytes",
+                    state_dir.display()
+                )
+            })?;
+            println!("{public}");
             Ok(ExitCode::SUCCESS)
         }
         Some(Action::Down { node, dry_run }) => rt.block_on(down(&node, dry_run)),

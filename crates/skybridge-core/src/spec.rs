@@ -271,12 +271,12 @@ pub struct NodeDoc {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SshDoc {
     #[serde(default)]
-    pub user: Option<String>,
+    pub user: Option<S<String>>,
     #[serde(default)]
-    pub port: Option<u16>,
+    pub port: Option<S<u16>>,
     #[serde(default)]
-    pub identity_file: Option<String>,
+    pub identity_file: Option<S<String>>,
     /// `[user@]host[:port]` or the name of another node of the cluster.
     #[serde(default)]
-    pub jump_host: Option<String>,
+    pub jump_host: Option<S<String>>,
 }

@@ -15,9 +15,10 @@ use crate::model::{
     Cluster, DEFAULT_KEEPALIVE, DEFAULT_LISTEN_PORT, DEFAULT_MTU, DEFAULT_PROBE_INTERVAL,
     MIN_TUNNEL_MTU, Network, Node, PublicEndpoint, Site, Ssh,
 };
-use crate::spec::{ClusterDoc, Granularity, Nat, Role, S, SiteDoc, Transport};
+use crate::spec::{ClusterDoc, Granularity, Nat, Role, S, SiteDoc, SshDoc, Transport};
 
 mod kubernetes;
+pub mod ssh;
 
 pub const API_VERSION: &str = "skybridge.dev/v1alpha1";
 pub const KIND: &str = "Cluster";
@@ -323,6 +324,16 @@ fn validate(doc: &ClusterDoc) -> Result<Validated, Vec<Diagnostic>> {
             .map_or(Pos::UNKNOWN, |k| pos(&k.value.pod_cidr)),
         &networks,
     );
+    let cluster_pods = kube.as_ref().and_then(|k| k.pod_cidr).map(|net| Claim {
+        net,
+        owner: "kubernetes podCIDR".into(),
+        pos: doc
+            .spec
+            .kubernetes
+            .as_ref()
+            .map_or(Pos::UNKNOWN, |k| pos(&k.value.pod_cidr)),
+    });
+    check_public_ips(&mut c, &public_ips, claims.iter().chain(&cluster_pods));
     check_overlaps(&mut c, claims);
 
     // Gateways and tunnels: only meaningful between two or more sites.
@@ -465,15 +476,16 @@ fn validate(doc: &ClusterDoc) -> Result<Validated, Vec<Diagnostic>> {
     }
 
     c.diags.sort_by_key(|d| (d.pos, d.severity));
-    if c.diags.iter().any(Diagnostic::is_error) {
+    // A pool that did not parse was reported as an error above.
+    let (Some(tunnel_pool), false) = (tunnel_pool, c.diags.iter().any(Diagnostic::is_error)) else {
         return Err(c.diags);
-    }
+    };
     let cluster = Cluster {
         name: doc.metadata.name.value.clone(),
         network: Network {
             transport,
             granularity,
-            tunnel_pool: tunnel_pool.expect("checked above"),
+            tunnel_pool,
             listen_port,
             persistent_keepalive: net
                 .persistent_keepalive
@@ -656,21 +668,7 @@ fn site<'d>(
             });
             Some(net)
         });
-        let ssh = nd.ssh.as_ref().map(|s| {
-            if s.value.port == Some(0) {
-                c.error(
-                    pos(s),
-                    format!("node {name}: ssh port 0 is not a usable port"),
-                    "leave port out for 22",
-                );
-            }
-            Ssh {
-                user: s.value.user.clone(),
-                port: s.value.port,
-                identity_file: s.value.identity_file.clone(),
-                jump_host: s.value.jump_host.clone(),
-            }
-        });
+        let ssh = nd.ssh.as_ref().map(|s| ssh_settings(c, name, &s.value));
         let mut roles: Vec<Role> = nd.roles.iter().map(|r| r.value).collect();
         roles.sort();
         roles.dedup();
@@ -743,6 +741,105 @@ fn site<'d>(
     }
 }
 
+/// A node's `ssh:` settings, each field held to [`ssh`]'s grammar: they reach
+/// the operator's `ssh` command line and, for a jump host, a shell.
+fn ssh_settings(c: &mut Checker, name: &str, doc: &SshDoc) -> Ssh {
+    if let Some(p) = &doc.port
+        && p.value == 0
+    {
+        c.error(
+            pos(p),
+            format!("node {name}: ssh port 0 is not a usable port"),
+            "leave port out for 22",
+        );
+    }
+    let mut field = |value: &Option<S<String>>,
+                     field: &str,
+                     check: fn(&str) -> Result<(), String>,
+                     hint: &str| {
+        let v = value.as_ref()?;
+        if let Err(why) = check(&v.value) {
+            c.error(
+                pos(v),
+                format!("node {name}: ssh.{field} {:?} is refused: {why}", v.value),
+                hint,
+            );
+        }
+        Some(v.value.clone())
+    };
+    Ssh {
+        user: field(
+            &doc.user,
+            "user",
+            ssh::user,
+            "write a login name: letters, digits, '_', '.', '-'",
+        ),
+        port: doc.port.as_ref().map(|p| p.value),
+        identity_file: field(
+            &doc.identity_file,
+            "identityFile",
+            ssh::identity_file,
+            "write a path of letters, digits and . _ - + / @ : (a leading ~/ is your home); link the key there if its path has other characters",
+        ),
+        jump_host: field(
+            &doc.jump_host,
+            "jumpHost",
+            |j| ssh::jump_host(j).map(drop),
+            "write [user@]host[:port] with a DNS name or IPv4 address, or the name of a node of the cluster; other ssh settings belong in ~/.ssh/config",
+        ),
+    }
+}
+
+/// Ranges no host on the internet has: a tunnel sent there goes nowhere (or
+/// to this very machine).
+const NOT_ROUTABLE: [(&str, [u8; 4], u8); 6] = [
+    ("\"this network\" (0.0.0.0/8)", [0, 0, 0, 0], 8),
+    ("loopback (127.0.0.0/8)", [127, 0, 0, 0], 8),
+    ("link-local (169.254.0.0/16)", [169, 254, 0, 0], 16),
+    ("multicast (224.0.0.0/4)", [224, 0, 0, 0], 4),
+    ("limited broadcast", [255, 255, 255, 255], 32),
+    ("reserved (240.0.0.0/4)", [240, 0, 0, 0], 4),
+];
+
+/// A public IP is where other sites send the tunnel: it must be an address
+/// the internet routes, and none the cluster itself routes (a site's
+/// network, the tunnel pool, pods, services), or the tunnel would be sent
+/// into the cluster.
+fn check_public_ips<'a>(
+    c: &mut Checker,
+    public_ips: &HashMap<Ipv4Addr, (&str, Pos)>,
+    claims: impl Iterator<Item = &'a Claim> + Clone,
+) {
+    for (&ip, &(node, at)) in public_ips {
+        let special = NOT_ROUTABLE.iter().find(|(_, net, len)| {
+            Ipv4Net::new(Ipv4Addr::from(*net), *len).is_ok_and(|n| n.contains(&ip))
+        });
+        if let Some((kind, _, _)) = special {
+            c.error(
+                at,
+                format!("node {node}: publicIP {ip} is a {kind} address, which no one on the internet can send to"),
+                "write the elastic IP the provider gives the VM, or leave publicIP out",
+            );
+            continue;
+        }
+        if let Some(cl) = claims.clone().find(|cl| cl.net.contains(&ip)) {
+            let line = if cl.pos.line > 0 {
+                format!(" (line {})", cl.pos.line)
+            } else {
+                String::new()
+            };
+            c.error(
+                at,
+                format!(
+                    "node {node}: publicIP {ip} is inside {} {}{line}: traffic to it would stay inside the cluster",
+                    cl.owner, cl.net
+                ),
+                "publicIP is the address other sites reach the node at over the internet (its elastic IP); a private address goes in privateIP",
+            );
+        }
+    }
+}
+
 /// Reports every range that overlaps one declared before it (in address
 /// order): sort by start, sweep while remembering the range reaching furthest.
 fn check_overlaps(c: &mut Checker, mut claims: Vec<Claim>) {
@@ -803,6 +900,20 @@ mod tests {
             v.warnings
         );
         assert_eq!(v.warnings[0].pos.line, 7);
+    }
+
+    #[test]
+    fn every_example_validates_without_errors() {
+        for (name, src) in [
+            ("seed.yaml", SEED),
+            ("lab.yaml", include_str!("../../../examples/lab.yaml")),
+            (
+                "seed-lab.yaml",
+                include_str!("../../../examples/seed-lab.yaml"),
+            ),
+        ] {
+            assert!(load(src).is_ok(), "{name}: {:?}", errors(src));
+        }
     }
 
     #[test]
@@ -937,6 +1048,121 @@ mod tests {
             .replace("privateIP: 192.168.0.11,", "privateIP: 192.168.1.11,");
         let e = errors(&src);
         assert!(e.iter().any(|m| m.contains("node k8s-node1 (192.168.1.0/24) is not in the same network as gateway candidate k8s-master2")), "{e:?}");
+    }
+
+    /// Gives k8s-node1 (line 21) the ssh settings `ssh`, written on a line of their own.
+    fn with_ssh(ssh: &str) -> String {
+        SEED.replace(
+            "{ name: k8s-node1,   privateIP: 192.168.0.11,  roles: [worker] }",
+            &format!("{{ name: k8s-node1,   privateIP: 192.168.0.11,  roles: [worker],\n            ssh: {ssh} }}"),
+        )
+    }
+
+    #[test]
+    fn ssh_fields_that_a_shell_would_parse_are_errors_at_their_position() {
+        let e = errors(&with_ssh(
+            r#"{ user: "a`reboot`", port: 2222, identityFile: "~/k;reboot", jumpHost: "x|reboot" }"#,
+        ));
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(
+            e[0].starts_with(
+                "22:26: error: node k8s-node1: ssh.user \"a`reboot`\" is refused: '`'"
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e[1].starts_with(
+                "22:65: error: node k8s-node1: ssh.identityFile \"~/k;reboot\" is refused: ';'"
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e[2].starts_with(
+                "22:89: error: node k8s-node1: ssh.jumpHost \"x|reboot\" is refused: '|'"
+            ),
+            "{e:?}"
+        );
+        for jump in ["\"ops@b:22 -oProxyCommand=x\"", "\"$(reboot)\"", "\"b:0\""] {
+            let e = errors(&with_ssh(&format!("{{ jumpHost: {jump} }}")));
+            assert!(
+                e.len() == 1 && e[0].contains("ssh.jumpHost"),
+                "{jump}: {e:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn plain_ssh_settings_are_kept() {
+        let v = load(&with_ssh(
+            "{ user: ec2-user, port: 2222, identityFile: ~/.ssh/id_ed25519, jumpHost: ops@bastion.example:2200 }",
+        ))
+        .unwrap();
+        let (_, n) = v.cluster.node("k8s-node1").unwrap();
+        assert_eq!(
+            n.ssh,
+            Some(Ssh {
+                user: Some("ec2-user".into()),
+                port: Some(2222),
+                identity_file: Some("~/.ssh/id_ed25519".into()),
+                jump_host: Some("ops@bastion.example:2200".into()),
+            })
+        );
+    }
+
+    #[test]
+    fn a_public_ip_the_cluster_routes_or_no_one_routes_is_an_error_at_its_position() {
+        for (public, needle) in [
+            (
+                "192.168.0.50",
+                "is inside site huawei 192.168.0.0/24 (line 15)",
+            ),
+            (
+                "172.26.32.9:51820",
+                "is inside site aliyun 172.26.32.0/24 (line 25)",
+            ),
+            (
+                "192.168.100.7",
+                "is inside tunnelPool 192.168.100.0/24 (line 9)",
+            ),
+            (
+                "10.96.0.1",
+                "is inside kubernetes serviceCIDR 10.96.0.0/12 (line 39)",
+            ),
+            (
+                "10.244.3.1",
+                "is inside kubernetes podCIDR 10.244.0.0/16 (line 40)",
+            ),
+            ("0.1.2.3", "\"this network\""),
+            ("127.0.0.1", "loopback"),
+            ("169.254.169.254", "link-local"),
+            ("224.0.0.5:51820", "multicast"),
+            ("239.255.255.250", "multicast"),
+            ("255.255.255.255", "limited broadcast"),
+        ] {
+            let src = SEED.replace("publicIP: 112.124.59.21", &format!("publicIP: {public}"));
+            let e = errors(&src);
+            let ip = public.split(':').next().unwrap();
+            assert!(
+                e.len() == 1
+                    && e[0].starts_with(&format!("20:68: error: node k8s-master2: publicIP {ip} "))
+                    && e[0].contains(needle),
+                "{public}: {e:?}"
+            );
+        }
+        // A node's own podCIDR is the cluster's too.
+        let src = SEED
+            .replace(
+                "{ name: k8s-node1,   privateIP: 192.168.0.11,  roles: [worker] }",
+                "{ name: k8s-node1,   privateIP: 192.168.0.11,  roles: [worker], podCIDR: 10.244.9.0/24 }",
+            )
+            .replace("podCIDR: 10.244.0.0/16", "podCIDR: 10.245.0.0/16")
+            .replace("publicIP: 112.124.59.21", "publicIP: 10.244.9.9");
+        let e = errors(&src);
+        assert!(
+            e.iter().any(|m| m
+                .contains("10.244.9.9 is inside node k8s-node1 podCIDR 10.244.9.0/24 (line 21)")),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -1344,6 +1344,67 @@ fn overlapping_site_networks_are_rejected() {
 }
 
 #[test]
+fn a_public_ip_inside_the_clusters_own_ranges_or_unroutable_is_rejected() {
+    let special = [
+        ([0, 0, 0, 0], 8),
+        ([127, 0, 0, 0], 8),
+        ([169, 254, 0, 0], 16),
+        ([224, 0, 0, 0], 4),
+        ([255, 255, 255, 255], 32),
+    ];
+    for_all(
+        (
+            cluster(1..=MAX_SITES),
+            any::<prop::sample::Index>(),
+            0..7usize,
+            any::<u32>(),
+        ),
+        INVALID_CASES,
+        |(g, site, how, offset)| {
+            let mut g = g;
+            let site = site.index(g.sites.len());
+            let within = |net: Ipv4Net| {
+                let size = 1u64 << (32 - net.prefix_len());
+                Ipv4Addr::from(u32::from(net.network()) + (u64::from(offset) % size) as u32)
+            };
+            let (ip, needle) = match how {
+                0 => {
+                    let net = g.sites[site].cidrs[0];
+                    (
+                        within(net),
+                        format!("is inside site {} {net}", g.sites[site].name),
+                    )
+                }
+                1 => {
+                    let pool = g.tunnel_pool.unwrap_or("100.96.0.0/24".parse().unwrap());
+                    (within(pool), format!("is inside tunnelPool {pool}"))
+                }
+                n => {
+                    let (a, len) = special[n - 2];
+                    let net = Ipv4Net::new(Ipv4Addr::from(a), len).unwrap();
+                    (within(net), "is a ".to_owned())
+                }
+            };
+            let Some(node) = g
+                .sites
+                .iter_mut()
+                .flat_map(|s| s.nodes.iter_mut())
+                .find(|n| n.public_ip.is_some())
+            else {
+                return Ok(());
+            };
+            node.public_ip = Some((ip, None));
+            let name = node.name.clone();
+            expect_error(
+                &g.to_yaml(),
+                &format!("node {name}: publicIP {ip} {needle}"),
+                &format!("publicIP: {ip}"),
+            )
+        },
+    );
+}
+
+#[test]
 fn duplicate_node_names_are_rejected() {
     for_all(cluster(2..=MAX_SITES), INVALID_CASES, |g| {
         let mut g = g;
@@ -1534,4 +1595,97 @@ fn the_forwarding_model_accepts_the_examples_and_notices_a_missing_route() {
             .unwrap_err();
         assert!(e.contains("no route"), "{e}");
     }
+}
+
+// ---------------------------------------------------------------------------
+// SSH settings reach the operator's `ssh` command line, and a jump host a
+// shell (OpenSSH runs ProxyJump through `sh -c`).
+
+/// The smallest valid file that carries a node's `ssh:` settings (in place of `SSH`).
+const ONE_NODE: &str = "apiVersion: skybridge.dev/v1alpha1
+kind: Cluster
+metadata:
+  name: one
+spec:
+  sites:
+    - name: a
+      provider: p
+      cidrs: [10.1.0.0/24]
+      nodes:
+        - { name: n1, privateIP: 10.1.0.10, publicIP: 203.0.113.10, roles: [gateway], ssh: SSH }
+";
+
+/// Every character a shell or ssh's own expansion gives a meaning to, and a few
+/// that are merely unexpected (non-ASCII, a NUL).
+const HOSTILE: &str = "|&;<>()$`\\\"' \t\r\n*?[]#~=%{}!^,ü\u{0}";
+
+/// The fields checked, each with a plausible value of its grammar.
+const SSH_FIELDS: [(&str, &str); 3] = [
+    ("user", "[a-z_][a-z0-9._-]{0,8}"),
+    ("identityFile", "(~/)?[a-z0-9._+@:/-]{1,16}"),
+    (
+        "jumpHost",
+        "([a-z][a-z0-9._-]{0,6}@)?[a-z][a-z0-9-]{0,8}([.][a-z][a-z0-9-]{0,8}){0,2}(:[1-9][0-9]{0,3})?",
+    ),
+];
+
+/// A field and a plausible value for it with, most of the time, one hostile
+/// character put in somewhere: were that character let through, the value
+/// would be accepted.
+fn ssh_value() -> impl Strategy<Value = (usize, String)> {
+    let hostile: Vec<char> = HOSTILE.chars().collect();
+    (0..SSH_FIELDS.len())
+        .prop_flat_map(|field| (Just(field), SSH_FIELDS[field].1))
+        .prop_flat_map(move |(field, base)| {
+            let len = base.chars().count();
+            (
+                Just(field),
+                Just(base),
+                proptest::option::weighted(0.9, proptest::sample::select(hostile.clone())),
+                0..=len,
+            )
+        })
+        .prop_map(|(field, base, bad, at)| {
+            let mut chars: Vec<char> = base.chars().collect();
+            if let Some(c) = bad {
+                chars.insert(at, c);
+            }
+            (field, chars.into_iter().collect())
+        })
+}
+
+#[test]
+fn no_accepted_ssh_setting_contains_a_shell_metacharacter() {
+    for_all(ssh_value(), CASES * 16, |(field, value)| {
+        // A JSON string is a YAML double-quoted scalar: any value gets through the parser.
+        let quoted = serde_json::to_string(&value).unwrap();
+        let yaml = ONE_NODE.replace("SSH", &format!("{{ {}: {quoted} }}", SSH_FIELDS[field].0));
+        let Ok(v) = load(&yaml) else {
+            return Ok(());
+        };
+        let (_, n) = v.cluster.node("n1").unwrap();
+        let ssh = n.ssh.as_ref().unwrap();
+        let accepted = [&ssh.user, &ssh.identity_file, &ssh.jump_host]
+            .into_iter()
+            .flatten()
+            .next()
+            .unwrap();
+        prop_assert_eq!(accepted, &value);
+        // Skybridge expands an identity file's leading `~/` itself.
+        let checked = if field == 1 {
+            value.strip_prefix("~/").unwrap_or(&value)
+        } else {
+            &value
+        };
+        prop_assert!(
+            !checked.chars().any(|c| HOSTILE.contains(c)),
+            "ssh.{} {value:?} was accepted",
+            SSH_FIELDS[field].0
+        );
+        prop_assert!(
+            !checked.starts_with('-'),
+            "{value:?} would be read as an option"
+        );
+        Ok(())
+    });
 }
