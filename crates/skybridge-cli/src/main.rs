@@ -91,6 +91,15 @@ enum Command {
         #[arg(long)]
         state: Option<PathBuf>,
     },
+    /// What the cluster costs per site and month (from the sites' `costs` and
+    /// the nodes' `vcpus`/`memoryGiB`), and where its workers would be cheaper.
+    Cost {
+        /// The cluster file (YAML).
+        file: PathBuf,
+        /// table: for reading; json: for scripts.
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Write per-node artifacts for applying the plan by hand.
     Render {
         file: PathBuf,
@@ -262,6 +271,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     GraphFormat::Dot => graph.to_dot(),
                 }
             );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cost { file, output } => {
+            let Some(cluster) = load::cluster(&file)? else {
+                return Ok(ExitCode::FAILURE);
+            };
+            let report = skybridge_core::cost::report(&cluster, &[]);
+            match output {
+                Output::Table => print!("{}", report.table()),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Render {

@@ -10,6 +10,7 @@
 //!   (text)       validate                      (+ State: public keys)
 //! ```
 
+pub mod cost;
 pub mod diag;
 pub mod diff;
 pub mod graph;

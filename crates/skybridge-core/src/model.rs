@@ -164,6 +164,11 @@ pub struct Node {
     #[serde(rename = "podCIDR")]
     pub pod_cidr: Option<Ipv4Net>,
     pub ssh: Option<Ssh>,
+    /// The VM's size, when the file gives it (for cost reports only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    #[serde(rename = "memoryGiB", skip_serializing_if = "Option::is_none")]
+    pub memory_gib: Option<f64>,
 }
 
 impl Node {

@@ -265,6 +265,11 @@ pub struct NodeDoc {
     pub pod_cidr: Option<S<String>>,
     #[serde(default)]
     pub ssh: Option<S<SshDoc>>,
+    /// The VM's size, for `skybridge cost` (optional).
+    #[serde(default)]
+    pub vcpus: Option<S<u32>>,
+    #[serde(rename = "memoryGiB", default)]
+    pub memory_gib: Option<S<f64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -669,6 +669,30 @@ fn site<'d>(
             Some(net)
         });
         let ssh = nd.ssh.as_ref().map(|s| ssh_settings(c, name, &s.value));
+        let vcpus = nd.vcpus.as_ref().and_then(|v| {
+            if (1..=4096).contains(&v.value) {
+                Some(v.value)
+            } else {
+                c.error(
+                    pos(v),
+                    format!("node {name}: vcpus {} is not a VM size", v.value),
+                    "give the VM's number of virtual CPUs (1 to 4096)",
+                );
+                None
+            }
+        });
+        let memory_gib = nd.memory_gib.as_ref().and_then(|m| {
+            if m.value.is_finite() && m.value > 0.0 && m.value <= 65536.0 {
+                Some(m.value)
+            } else {
+                c.error(
+                    pos(m),
+                    format!("node {name}: memoryGiB {} is not a VM size", m.value),
+                    "give the VM's memory in GiB, e.g. 8 or 0.5",
+                );
+                None
+            }
+        });
         let mut roles: Vec<Role> = nd.roles.iter().map(|r| r.value).collect();
         roles.sort();
         roles.dedup();
@@ -680,6 +704,8 @@ fn site<'d>(
             roles,
             pod_cidr,
             ssh,
+            vcpus,
+            memory_gib,
         });
     }
 
