@@ -118,7 +118,8 @@ pub const FAILED_MARK: &str = "SKYBRIDGE-GUEST-FAILED ";
 pub fn failure(console: &str) -> Option<String> {
     console.lines().find_map(|line| {
         if let Some(at) = line.find(FAILED_MARK) {
-            return Some(line[at + FAILED_MARK.len()..].trim().to_owned());
+            let reason = line[at + FAILED_MARK.len()..].trim();
+            return Some(reason.trim_end_matches("; powering off").to_owned());
         }
         line.contains("Failed to start sb-lab-exec.service")
             .then(|| "systemd could not start the exec channel (sb-lab-exec.service)".to_owned())
@@ -258,9 +259,7 @@ mod tests {
             [    2.0] reboot: Power down\n";
         assert_eq!(
             failure(failed).as_deref(),
-            Some(
-                "skybridge-stage2: cannot run /tmp/fresh/target/debug/skybridge: not found; powering off"
-            )
+            Some("skybridge-stage2: cannot run /tmp/fresh/target/debug/skybridge: not found")
         );
         let systemd = "[FAILED] Failed to start sb-lab-exec.service - Skybridge lab: exec channel to the host.\n";
         assert!(failure(systemd).is_some_and(|r| r.contains("sb-lab-exec")));
