@@ -6,6 +6,8 @@
 //! netlink for links, addresses and routes; `/proc/sys` for sysctls;
 //! nftables or iptables for the firewall; a WireGuard backend.
 
+pub mod backend;
+pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod fake;
@@ -13,7 +15,10 @@ pub mod firewall;
 pub mod host;
 pub mod keys;
 pub mod netlink;
+pub mod output;
 pub mod reconcile;
+pub mod rollback;
+pub mod service;
 pub mod ssh;
 pub mod sysctl;
 pub mod wgkernel;
