@@ -631,6 +631,11 @@ async fn restore_files_and_network<N: Node>(
     node.stop_daemon()?;
     if back.join("none").exists() {
         // Nothing ran before: take down what the try made, and its files.
+        // A try that failed before installing its file made nothing.
+        if !cluster.exists() {
+            let _ = std::fs::remove_file(&state);
+            return Ok(());
+        }
         let r = node.teardown(&cluster).await?;
         report_lines(&r, say);
         let _ = std::fs::remove_file(&cluster);
@@ -711,6 +716,7 @@ mod tests {
         watchdog_fails: bool,
         failing_change: bool,
         start_fails: bool,
+        install_fails: bool,
         events: Vec<String>,
     }
 
@@ -773,6 +779,9 @@ mod tests {
             Ok(())
         }
         fn install_binary(&mut self) -> Result<Option<PathBuf>, RollbackError> {
+            if self.install_fails {
+                return Err(RollbackError::Node("no space left on device".into()));
+            }
             Ok(None)
         }
         async fn apply(&mut self, cluster: &Path) -> Result<RunReport, RollbackError> {
@@ -1139,5 +1148,28 @@ mod tests {
         assert!(node.events.contains(&"teardown new cluster".to_owned()));
         assert!(!w.dirs.cluster().exists() && !w.dirs.state_file().exists());
         assert!(!node.running, "no daemon ran before, none runs after");
+    }
+
+    #[tokio::test]
+    async fn a_first_try_that_fails_before_installing_its_file_restores_cleanly() {
+        let w = world(false);
+        let clock = FakeClock::at(T0);
+        let mut node = FakeNode {
+            install_fails: true,
+            ..FakeNode::default()
+        };
+        let r = try_it(&mut node, &clock, &w, "a1").await;
+        match &r.outcome {
+            TryOutcome::RolledBack { reason } => {
+                assert!(reason.contains("no space left on device"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!w.dirs.cluster().exists());
+        assert!(
+            !node.events.iter().any(|e| e.starts_with("teardown")),
+            "{:?}",
+            node.events
+        );
     }
 }

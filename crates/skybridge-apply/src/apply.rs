@@ -436,7 +436,7 @@ pub struct Options {
     pub confirm_timeout: Duration,
     /// How long to keep probing all pairs before calling one failed.
     pub verify_timeout: Duration,
-    /// Names this apply on the nodes (`/run/skybridge/try-<id>`).
+    /// Names this apply on the nodes (`agent try --id`, its markers).
     pub id: String,
 }
 
@@ -949,7 +949,10 @@ mod tests {
         assert!(planned[1].1.cluster_file_changed);
         assert_eq!(
             planned[1].1.describe(),
-            ["cluster/state files updated in /etc/skybridge"]
+            [format!(
+                "cluster/state files updated in {}",
+                skybridge_core::layout::paths::CONFIG_DIR
+            )]
         );
         let s = execute(&c, planned, &ips(&["a", "b"]), &opts(), &Quiet).await;
         assert_eq!(s.nodes["a"], Outcome::Converged);

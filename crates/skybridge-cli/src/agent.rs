@@ -475,7 +475,7 @@ mod tests {
     fn what_the_agent_writes_the_controller_reads() {
         let change = Change {
             op: Op::SetUp {
-                link: "sb-wg0".into(),
+                link: skybridge_core::layout::marks::WG_IFACE.into(),
             },
             reason: "planned up".into(),
         };
@@ -484,7 +484,7 @@ mod tests {
             dry_run: true,
             changes: vec![ChangeEntry::from(&change)],
             refused: vec![written::NotMade {
-                change: "- link sb-wg0".into(),
+                change: change.to_string(),
                 error: "would cut the SSH session from 192.0.2.1".into(),
             }],
             failed: Vec::new(),
