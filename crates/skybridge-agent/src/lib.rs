@@ -4,8 +4,13 @@
 //! owns), asks the pure core for the difference, and applies exactly that
 //! through the backends chosen once at start-up ([`host::LinuxHost`]):
 //! netlink for links, addresses and routes; `/proc/sys` for sysctls;
-//! nftables or iptables for the firewall; a WireGuard backend.
+//! nftables or iptables for the firewall; a WireGuard backend
+//! ([`backend`] picks them). [`rollback`] applies a new cluster file with a
+//! dead-man switch (`agent try` / `confirm` and the watchdog), and
+//! [`output`] is what the agent tells a controller.
 
+pub mod backend;
+pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod fake;
@@ -14,7 +19,10 @@ pub mod host;
 pub mod keys;
 pub mod lock;
 pub mod netlink;
+pub mod output;
 pub mod reconcile;
+pub mod rollback;
+pub mod service;
 pub mod ssh;
 pub mod sysctl;
 pub mod wgkernel;

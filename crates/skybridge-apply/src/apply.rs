@@ -4,13 +4,15 @@
 //!    read the node's WireGuard public key (generated on the node).
 //! 2. The caller writes the keys into `<cluster>.state.yaml`.
 //! 3. [`plan`]: stage the cluster and state files on the node and ask the
-//!    agent what it would change (`agent --dry-run`), whether the installed
-//!    files differ and whether the agent is running.
+//!    agent what it would change (`agent --dry-run --output json`), whether
+//!    the installed files differ and whether the agent is running.
 //! 4. The caller shows the plans and asks.
 //! 5. [`execute`]: `agent try` on every node that needs it (the node arms a
-//!    watchdog that restores its previous network unless confirmed), then
-//!    confirm over a *new* connection — proof that the path still works —
-//!    and verify that every node reaches every other by private IP.
+//!    watchdog that restores its previous network unless confirmed), then,
+//!    unless the try reported a failure, confirm over a *new* connection —
+//!    proof that the path still works — and verify that every node reaches
+//!    every other by private IP. The agent answers in JSON
+//!    ([`agent_output`]); its text is for people.
 //!
 //! A failure on one node never stops the others; every step is idempotent,
 //! so running apply again converges.
@@ -25,21 +27,86 @@ use tokio::time::Instant;
 use crate::session::{Connector, Failed, Session, quote};
 use crate::target::Target;
 
-/// Where things live on a node.
+/// Where things live on a node (see [`skybridge_core::layout::paths`]).
 pub mod paths {
-    pub const BINARY: &str = "/usr/local/bin/skybridge";
-    /// A new binary waits here until `agent try` installs it, so that a dry
-    /// run changes nothing that runs.
-    pub const STAGED_BINARY: &str = "/var/lib/skybridge/apply/skybridge";
-    /// Files of an apply in progress, before `agent try` installs them.
-    pub const STAGED_CLUSTER: &str = "/var/lib/skybridge/apply/cluster.yaml";
-    pub const STAGED_STATE: &str = "/var/lib/skybridge/apply/cluster.state.yaml";
-    pub const CLUSTER: &str = "/etc/skybridge/cluster.yaml";
-    pub const STATE: &str = "/etc/skybridge/cluster.state.yaml";
+    pub use skybridge_core::layout::paths::{BINARY, STAGED_BINARY, STAGED_CLUSTER, STAGED_STATE};
+    /// The installed cluster file.
+    pub const CLUSTER: &str = skybridge_core::layout::paths::CLUSTER_FILE;
+    /// The installed state file.
+    pub const STATE: &str = skybridge_core::layout::paths::STATE_FILE;
 }
 
 /// Is the agent daemon running (systemd unit, or the pidfile of a detached one)?
-const AGENT_RUNNING: &str = "if [ -d /run/systemd/system ]; then systemctl is-active --quiet skybridge-agent; else kill -0 \"$(cat /run/skybridge/agent.pid 2>/dev/null)\" 2>/dev/null; fi";
+fn agent_running() -> String {
+    use skybridge_core::layout::paths::{AGENT_UNIT, PIDFILE};
+    format!(
+        "if [ -d /run/systemd/system ]; then systemctl is-active --quiet {AGENT_UNIT}; else kill -0 \"$(cat {PIDFILE} 2>/dev/null)\" 2>/dev/null; fi"
+    )
+}
+
+/// What the agent prints with `--output json`: the parts the controller
+/// reads (the agent's `skybridge_agent::output` writes them; a test in the
+/// CLI crate holds the two together).
+pub mod agent_output {
+    use serde::Deserialize;
+
+    /// A reconcile's report.
+    #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+    pub struct RunReport {
+        pub changes: Vec<ChangeLine>,
+        pub refused: Vec<NotMade>,
+        pub failed: Vec<NotMade>,
+    }
+
+    /// One change; the controller shows its line.
+    #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+    pub struct ChangeLine {
+        pub summary: String,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+    pub struct NotMade {
+        pub change: String,
+        pub error: String,
+    }
+
+    /// How `agent try` ended.
+    #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+    #[serde(tag = "outcome", rename_all = "kebab-case")]
+    pub enum TryOutcome {
+        Applied { confirm_timeout: u64 },
+        Refused { reason: String },
+        RolledBack { reason: String },
+        RollbackFailed { reason: String, error: String },
+        Expired,
+    }
+
+    /// How `agent confirm` ended.
+    #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+    #[serde(tag = "outcome", rename_all = "kebab-case")]
+    pub enum ConfirmOutcome {
+        Confirmed,
+        AlreadyConfirmed,
+        Pending,
+        RolledBack { reason: String },
+        Unknown,
+    }
+
+    /// The JSON document on the last non-empty line of `stdout`.
+    ///
+    /// # Errors
+    /// When there is none, or it is not a `T`.
+    pub fn parse<T: serde::de::DeserializeOwned>(stdout: &str) -> Result<T, String> {
+        let line = stdout
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .ok_or("the agent printed no report")?;
+        serde_json::from_str(line).map_err(|e| format!("reading the agent's report: {e}"))
+    }
+}
+
+use agent_output::{ConfirmOutcome, TryOutcome};
 
 /// Progress of each node, for the display.
 pub trait Observer {
@@ -248,7 +315,7 @@ impl NodeChanges {
         if self.cluster_file_changed {
             v.push(format!(
                 "cluster/state files updated in {}",
-                "/etc/skybridge"
+                skybridge_core::layout::paths::CONFIG_DIR
             ));
         }
         if !self.agent_running {
@@ -304,28 +371,21 @@ async fn plan_one<S: Session>(
         .await
         .map_err(|e| fail(node, "stage files", e))?;
     let cmd = format!(
-        "{} agent --dry-run --cluster {} --node {}",
+        "{} agent --dry-run --output json --cluster {} --node {}",
         r.agent,
         paths::STAGED_CLUSTER,
         quote(node)
     );
     let out = s.run(&cmd, None).await.map_err(|e| fail(node, "plan", e))?;
-    // Exit 1 with "refused" lines is the SSH guard's opinion of a plain run;
-    // anything else failing is a real error.
-    let refused: Vec<String> = out
-        .stderr
-        .lines()
-        .filter(|l| l.contains("refused:"))
-        .map(|l| l.trim().to_owned())
-        .collect();
-    if !out.success() && refused.is_empty() {
-        return Err(fail(node, "plan", Failed(&cmd, &out)));
-    }
-    let network = out
-        .stdout
-        .lines()
-        .filter(|l| l.starts_with("  "))
-        .map(|l| l.trim().to_owned())
+    // A dry run exits 1 when the SSH guard would refuse something in a plain
+    // run; its report says so. No report at all is a real error.
+    let report: agent_output::RunReport =
+        agent_output::parse(&out.stdout).map_err(|_| fail(node, "plan", Failed(&cmd, &out)))?;
+    let network = report.changes.into_iter().map(|c| c.summary).collect();
+    let refused = report
+        .refused
+        .into_iter()
+        .map(|n| format!("{}: {}", n.change, n.error))
         .collect();
     let same = |a: Option<Vec<u8>>, b: &[u8]| a.as_deref() == Some(b);
     let cluster_now = s
@@ -337,7 +397,7 @@ async fn plan_one<S: Session>(
         .await
         .map_err(|e| fail(node, "plan", e))?;
     let running = s
-        .run(AGENT_RUNNING, None)
+        .run(&agent_running(), None)
         .await
         .map_err(|e| fail(node, "plan", e))?
         .success();
@@ -376,7 +436,7 @@ pub struct Options {
     pub confirm_timeout: Duration,
     /// How long to keep probing all pairs before calling one failed.
     pub verify_timeout: Duration,
-    /// Names this apply on the nodes (`/run/skybridge/try-<id>`).
+    /// Names this apply on the nodes (`agent try --id`, its markers).
     pub id: String,
 }
 
@@ -490,7 +550,7 @@ async fn apply_one<C: Connector>(
         ),
     );
     let cmd = format!(
-        "{agent} agent try --cluster {} --node {} --confirm-timeout {secs} --id {}",
+        "{agent} agent try --output json --cluster {} --node {} --confirm-timeout {secs} --id {}",
         paths::STAGED_CLUSTER,
         quote(node),
         quote(&opts.id)
@@ -499,21 +559,54 @@ async fn apply_one<C: Connector>(
     let deadline = sent + opts.confirm_timeout;
     // The change may cut this very connection: that is what the confirmation finds out.
     let tried = session.run(&cmd, None).await;
-    match &tried {
-        Ok(out) if out.code == Some(3) => {
-            // Refused before changing anything (bad staged file, another try pending).
-            return (
-                Outcome::Failed(fail(node, "apply", Failed("agent try", out))),
-                None,
-            );
-        }
-        _ => {}
-    }
     drop(session);
-    obs.step(node, "confirming over a new connection");
     let mut last = match &tried {
         Err(e) => format!("the change cut the session it was sent on: {e}"),
-        Ok(_) => String::new(),
+        Ok(out) => match agent_output::parse::<TryOutcome>(&out.stdout) {
+            Ok(TryOutcome::Applied { .. }) => String::new(),
+            Ok(TryOutcome::Refused { reason }) => {
+                return (
+                    Outcome::Failed(fail(node, "apply", format!("agent try refused: {reason}"))),
+                    None,
+                );
+            }
+            Ok(TryOutcome::RolledBack { reason }) => {
+                return (
+                    Outcome::RolledBack {
+                        reason: format!(
+                            "FAILED, and the node restored its previous network: {reason}"
+                        ),
+                        reachable_again: true,
+                    },
+                    None,
+                );
+            }
+            Ok(TryOutcome::RollbackFailed { reason, error }) => {
+                return (
+                    Outcome::Failed(fail(
+                        node,
+                        "apply",
+                        format!(
+                            "{reason}; restoring the previous network failed too: {error}; check the node"
+                        ),
+                    )),
+                    None,
+                );
+            }
+            // The watchdog restores; confirm below tells what it found.
+            Ok(TryOutcome::Expired) => "the try outlived its deadline".to_owned(),
+            // Killed, or cut mid-output: the node recorded how it ended, and
+            // confirm keeps it only if it succeeded.
+            Err(e) => format!("{} ({e})", Failed("agent try", out)),
+        },
+    };
+    obs.step(node, "confirming over a new connection");
+    let confirm = format!(
+        "{agent} agent confirm --output json --id {}",
+        quote(&opts.id)
+    );
+    let changed = || Outcome::Changed {
+        changes: changes.describe().len(),
     };
     while Instant::now() + Duration::from_millis(500) < deadline {
         let attempt = tokio::time::timeout_at(deadline, connector.connect(target)).await;
@@ -522,37 +615,41 @@ async fn apply_one<C: Connector>(
             break;
         };
         match attempt {
-            Ok(fresh) => {
-                let confirm = format!("{agent} agent confirm --id {}", quote(&opts.id));
-                match fresh.run(&confirm, None).await {
-                    Ok(out) if out.success() => {
-                        return match tried {
-                            Ok(out) if out.success() => (
-                                Outcome::Changed {
-                                    changes: changes.describe().len(),
-                                },
-                                Some(fresh),
-                            ),
-                            Ok(out) => (
-                                Outcome::Failed(fail(node, "apply", Failed("agent try", &out))),
-                                Some(fresh),
-                            ),
-                            Err(e) => (Outcome::Failed(fail(node, "apply", e)), Some(fresh)),
-                        };
+            Ok(fresh) => match fresh.run(&confirm, None).await {
+                Ok(out) => match agent_output::parse::<ConfirmOutcome>(&out.stdout) {
+                    // Whether or not the change cut the first session: a new
+                    // connection confirmed a try that succeeded.
+                    Ok(ConfirmOutcome::Confirmed | ConfirmOutcome::AlreadyConfirmed) => {
+                        return (changed(), Some(fresh));
                     }
-                    Ok(out) => {
-                        // Too late: the watchdog already restored the previous state.
+                    Ok(ConfirmOutcome::RolledBack { reason }) => {
                         return (
                             Outcome::RolledBack {
-                                reason: Failed("agent confirm", &out).to_string(),
+                                reason: format!(
+                                    "the node restored its previous network before it was confirmed ({reason})"
+                                ),
                                 reachable_again: true,
                             },
                             None,
                         );
                     }
-                    Err(e) => last = e.to_string(),
-                }
-            }
+                    Ok(ConfirmOutcome::Pending) => {
+                        last = "the node was still applying the change".to_owned();
+                    }
+                    Ok(ConfirmOutcome::Unknown) => {
+                        return (
+                            Outcome::Failed(fail(
+                                node,
+                                "apply",
+                                format!("the node knows no try {} ({last})", opts.id),
+                            )),
+                            None,
+                        );
+                    }
+                    Err(_) => last = Failed("agent confirm", &out).to_string(),
+                },
+                Err(e) => last = e.to_string(),
+            },
             Err(e) if e.is_host_key() => {
                 last = e.to_string();
                 break;
@@ -575,16 +672,24 @@ async fn apply_one<C: Connector>(
     let back = deadline + rollback_grace(opts.confirm_timeout);
     tokio::time::sleep_until(deadline).await;
     while Instant::now() < back {
-        if let Ok(s) = connector.connect(target).await {
-            let marker = format!("/run/skybridge/rollback-{}", opts.id);
-            if matches!(s.read(&marker).await, Ok(Some(_))) {
-                return (
-                    Outcome::RolledBack {
-                        reason,
-                        reachable_again: true,
-                    },
-                    None,
-                );
+        if let Ok(s) = connector.connect(target).await
+            && let Ok(out) = s.run(&confirm, None).await
+        {
+            match agent_output::parse::<ConfirmOutcome>(&out.stdout) {
+                Ok(ConfirmOutcome::RolledBack { .. }) => {
+                    return (
+                        Outcome::RolledBack {
+                            reason,
+                            reachable_again: true,
+                        },
+                        None,
+                    );
+                }
+                // Its watchdog is gone and the path works after all.
+                Ok(ConfirmOutcome::Confirmed | ConfirmOutcome::AlreadyConfirmed) => {
+                    return (changed(), Some(s));
+                }
+                _ => {}
             }
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -805,7 +910,7 @@ mod tests {
         assert!(
             c.commands("a")
                 .iter()
-                .any(|cmd| cmd.contains("agent confirm --id 't1'"))
+                .any(|cmd| cmd.contains("agent confirm --output json --id 't1'"))
         );
         // Only the nodes on the new configuration are verified.
         assert!(summary.pairs.is_empty(), "{:?}", summary.pairs);
@@ -824,13 +929,106 @@ mod tests {
                 ..FakeNode::default()
             },
         );
-        let (reached, _) = reach(&c, vec![target("a")], &bin, 4, &Quiet).await;
-        let (mut planned, _) = plan(reached, b"cluster", b"state", 4, &Quiet).await;
-        // The installed files equal the staged ones: nothing to do.
-        planned[0].1.cluster_file_changed = false;
-        let s = execute(&c, planned, &ips(&["a"]), &opts(), &Quiet).await;
+        // b runs the same agent, but an older cluster file.
+        c.node(
+            "b",
+            FakeNode {
+                agent_running: true,
+                installed_sha256: bin.sha256.clone(),
+                ..FakeNode::default()
+            },
+        );
+        for (node, cluster) in [("a", &b"cluster"[..]), ("b", &b"older cluster"[..])] {
+            c.put_file(node, paths::CLUSTER, cluster);
+            c.put_file(node, paths::STATE, b"state");
+        }
+        let (reached, _) = reach(&c, vec![target("a"), target("b")], &bin, 4, &Quiet).await;
+        let (planned, _) = plan(reached, b"cluster", b"state", 4, &Quiet).await;
+        assert!(!planned[0].1.cluster_file_changed);
+        assert!(planned[0].1.converged());
+        assert!(planned[1].1.cluster_file_changed);
+        assert_eq!(
+            planned[1].1.describe(),
+            [format!(
+                "cluster/state files updated in {}",
+                skybridge_core::layout::paths::CONFIG_DIR
+            )]
+        );
+        let s = execute(&c, planned, &ips(&["a", "b"]), &opts(), &Quiet).await;
         assert_eq!(s.nodes["a"], Outcome::Converged);
         assert!(!c.commands("a").iter().any(|cmd| cmd.contains("agent try")));
+        assert_eq!(s.nodes["b"], Outcome::Changed { changes: 1 });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_try_that_cut_its_own_session_and_was_confirmed_anew_is_a_success() {
+        let c = FakeConnector::default();
+        let bin = Binary::new(b"agent".to_vec());
+        c.node(
+            "a",
+            FakeNode {
+                dry_run_changes: vec!["+ route".into()],
+                try_drops_its_session: true,
+                ..FakeNode::default()
+            },
+        );
+        let (summary, failed) = run_all(&c, &["a"], &bin).await;
+        assert!(failed.is_empty());
+        // Binary, files, daemon and the route.
+        assert_eq!(summary.nodes["a"], Outcome::Changed { changes: 4 });
+        assert!(summary.success());
+        assert!(
+            c.commands("a")
+                .iter()
+                .any(|cmd| cmd.contains("agent confirm --output json --id 't1'"))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_try_that_failed_is_reported_rolled_back_and_never_confirmed() {
+        let c = FakeConnector::default();
+        let bin = Binary::new(b"agent".to_vec());
+        c.node(
+            "a",
+            FakeNode {
+                dry_run_changes: vec!["+ route".into()],
+                try_fails: Some("try failed: no space left on device".into()),
+                ..FakeNode::default()
+            },
+        );
+        let (summary, _) = run_all(&c, &["a"], &bin).await;
+        match &summary.nodes["a"] {
+            Outcome::RolledBack {
+                reason,
+                reachable_again,
+            } => {
+                assert!(
+                    reason.starts_with("FAILED") && reason.contains("no space left on device"),
+                    "{reason}"
+                );
+                assert!(reachable_again);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            !c.commands("a")
+                .iter()
+                .any(|cmd| cmd.contains("agent confirm"))
+        );
+        assert!(!summary.success());
+    }
+
+    #[test]
+    fn the_agent_report_is_read_from_its_last_line() {
+        let out = "setting aside try x\n{\"outcome\":\"applied\",\"confirm_timeout\":60}\n\n";
+        assert_eq!(
+            agent_output::parse::<TryOutcome>(out),
+            Ok(TryOutcome::Applied {
+                confirm_timeout: 60
+            })
+        );
+        assert!(agent_output::parse::<TryOutcome>("").is_err());
+        assert!(agent_output::parse::<ConfirmOutcome>("refused: no\n").is_err());
     }
 
     #[tokio::test(start_paused = true)]

@@ -20,6 +20,11 @@ pub struct FakeNode {
     pub dry_run_changes: Vec<String>,
     /// After `agent try`, no new connection gets through (the change cut it).
     pub try_cuts_ssh: bool,
+    /// `agent try` breaks the session it runs on, but succeeds, and new
+    /// connections get through: the designed success path.
+    pub try_drops_its_session: bool,
+    /// `agent try` fails after changing the node and restores it, with this reason.
+    pub try_fails: Option<String>,
     pub agent_running: bool,
 }
 
@@ -27,6 +32,8 @@ pub struct FakeNode {
 struct World {
     nodes: BTreeMap<String, FakeNode>,
     cut: BTreeSet<String>,
+    /// How each node's try stands: "applied", "confirmed", "rolled-back".
+    tries: BTreeMap<String, &'static str>,
     files: BTreeMap<(String, String), Vec<u8>>,
     log: Vec<(String, String)>,
     in_flight: usize,
@@ -54,6 +61,13 @@ impl FakeConnector {
             .filter(|(n, _)| n == node)
             .map(|(_, c)| c.clone())
             .collect()
+    }
+
+    /// Puts a file on `node` as if it were there before.
+    pub fn put_file(&self, node: &str, path: &str, data: &[u8]) {
+        let mut w = self.world.borrow_mut();
+        w.files
+            .insert((node.to_owned(), path.to_owned()), data.to_vec());
     }
 
     pub fn file(&self, node: &str, path: &str) -> Option<Vec<u8>> {
@@ -138,20 +152,50 @@ impl Session for FakeSession {
             ok(String::new())
         } else if command.ends_with("agent pubkey") {
             ok(key_of(&name) + "\n")
-        } else if command.contains("agent --dry-run") {
-            let lines: String = node
+        } else if command.contains("agent --dry-run --output json") {
+            let changes: Vec<_> = node
                 .dry_run_changes
                 .iter()
-                .map(|c| format!("  {c}\n"))
+                .map(|c| serde_json::json!({ "op": "set-up", "reason": "r", "summary": c }))
                 .collect();
-            ok(format!("{name}: would apply:\n{lines}"))
-        } else if command.contains("agent try") {
+            ok(serde_json::json!({
+                "node": name, "dry_run": true, "changes": changes,
+                "refused": [], "failed": [], "applied": 0
+            })
+            .to_string())
+        } else if command.contains("agent try --output json") {
             if node.try_cuts_ssh {
                 w.cut.insert(name.clone());
             }
-            ok("applied\n".into())
-        } else if command.contains("agent confirm") {
-            ok(String::new())
+            let report = match &node.try_fails {
+                Some(reason) => {
+                    w.tries.insert(name.clone(), "rolled-back");
+                    serde_json::json!({ "outcome": "rolled-back", "reason": reason })
+                }
+                None => {
+                    w.tries.insert(name.clone(), "applied");
+                    serde_json::json!({ "outcome": "applied", "confirm_timeout": 3 })
+                }
+            };
+            if node.try_drops_its_session {
+                return Err(SshError::Broken {
+                    target: name,
+                    doing: "running agent try".into(),
+                    message: "Connection reset by peer".into(),
+                });
+            }
+            ok(report.to_string() + "\n")
+        } else if command.contains("agent confirm --output json") {
+            let outcome = match w.tries.get(&name).copied() {
+                Some("applied") => {
+                    w.tries.insert(name.clone(), "confirmed");
+                    serde_json::json!({ "outcome": "confirmed" })
+                }
+                Some("confirmed") => serde_json::json!({ "outcome": "already-confirmed" }),
+                Some(_) => serde_json::json!({ "outcome": "rolled-back", "reason": "restored" }),
+                None => serde_json::json!({ "outcome": "unknown" }),
+            };
+            ok(outcome.to_string())
         } else if command.contains("systemctl is-active") {
             Output {
                 code: Some(if node.agent_running { 0 } else { 1 }),
@@ -164,10 +208,18 @@ impl Session for FakeSession {
                 .filter_map(|l| l.split("&& echo ").nth(1))
                 .map(|r| r.trim_end_matches(" &").trim_matches('\'').to_owned() + "\n")
                 .collect())
-        } else if command.contains("cat") {
-            Output {
-                code: Some(3),
-                ..Output::default()
+        } else if let Some(rest) = command.strip_prefix("if [ -e ") {
+            let path = rest
+                .split(" ]")
+                .next()
+                .unwrap_or_default()
+                .trim_matches('\'');
+            match w.files.get(&(name.clone(), path.to_owned())) {
+                Some(data) => ok(String::from_utf8_lossy(data).into_owned()),
+                None => Output {
+                    code: Some(3),
+                    ..Output::default()
+                },
             }
         } else {
             ok(String::new())

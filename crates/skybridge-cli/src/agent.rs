@@ -1,22 +1,68 @@
-//! `skybridge agent`: runs the node agent, or tears down what it made.
+//! `skybridge agent`: runs the node agent, tears down what it made, or
+//! applies a new cluster file with a dead-man switch (`try`, `confirm`).
+//! The node logic lives in `skybridge-agent`; this file parses arguments and
+//! prints.
 
-mod rollback;
-
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::{Args, Subcommand};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{Args, Subcommand, ValueEnum};
+use skybridge_agent::backend::{Backends, DataPlane, FirewallChoice};
 use skybridge_agent::host::{Host, HostError, LinuxHost};
+use skybridge_agent::output::{ConfirmOutcome, RunReport, TryOutcome};
 use skybridge_agent::reconcile::Report;
-use skybridge_agent::wireguard::{KernelWireGuard, WireGuard};
-use skybridge_agent::{daemon, firewall, keys, netlink, reconcile};
+use skybridge_agent::rollback::{self, Dirs, SystemClock, TryRequest};
+use skybridge_agent::service::LinuxNode;
+use skybridge_agent::{backend, daemon, keys, reconcile};
 use skybridge_core::NodePlan;
+use skybridge_core::layout::paths;
 
 use crate::load;
 
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/skybridge";
+pub const DEFAULT_STATE_DIR: &str = paths::STATE_DIR;
+/// Exit code of `try` when it refused before changing anything.
+const REFUSED: u8 = 3;
+/// Exit code of `confirm` while the try has not finished: ask again.
+const PENDING: u8 = 4;
+
+/// Writes a line to stdout and never fails: the SSH channel of `try` may be
+/// the one its change cuts, and a panic on the closed pipe would leave the
+/// node half-changed until the watchdog's deadline.
+fn say(line: &str) {
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
+/// [`say`] for stderr.
+fn warn(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// How the agent reports what it did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Lines for a person.
+    #[default]
+    Text,
+    /// One JSON document on stdout, for `skybridge apply` (the lines for a
+    /// person go to stderr).
+    Json,
+}
+
+fn firewall_parser() -> impl TypedValueParser<Value = FirewallChoice> {
+    PossibleValuesParser::new(FirewallChoice::NAMES).map(|s| {
+        s.parse::<FirewallChoice>()
+            .expect("one of the listed names")
+    })
+}
+
+fn dataplane_parser() -> impl TypedValueParser<Value = DataPlane> {
+    PossibleValuesParser::new(DataPlane::NAMES)
+        .map(|s| s.parse::<DataPlane>().expect("one of the listed names"))
+}
 
 #[derive(Debug, Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
@@ -34,6 +80,9 @@ pub struct AgentArgs {
     /// Seconds between periodic reconciles (changes reported by the kernel trigger one at once).
     #[arg(long, default_value_t = 10)]
     interval: u64,
+    /// How `--once` and `--dry-run` report.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
 }
 
 #[derive(Debug, Args)]
@@ -55,27 +104,21 @@ struct NodeArgs {
     /// one; `external` is an implementation started by someone else
     /// (wireguard-go, boringtun-cli) that the agent only configures over its
     /// UAPI socket.
-    #[arg(long, value_enum, default_value_t = DataPlane::Auto)]
+    #[arg(long, value_parser = dataplane_parser(), default_value = "auto")]
     wireguard: DataPlane,
     /// Firewall backend: nftables where `nft` works, else iptables (the
     /// manual procedure's CentOS hosts); or force one.
-    #[arg(long, value_enum, default_value_t = FirewallChoice::Auto)]
+    #[arg(long, value_parser = firewall_parser(), default_value = "auto")]
     firewall: FirewallChoice,
 }
 
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum FirewallChoice {
-    Auto,
-    Nftables,
-    Iptables,
-}
-
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum DataPlane {
-    Auto,
-    Kernel,
-    Userspace,
-    External,
+impl NodeArgs {
+    fn backends(&self) -> Backends {
+        Backends {
+            wireguard: self.wireguard,
+            firewall: self.firewall,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -95,15 +138,58 @@ enum Action {
     /// Install a new cluster file and apply it with a dead-man switch: unless
     /// `agent confirm --id ID` comes within the timeout, the node restores its
     /// previous network by itself (run by `skybridge apply`).
-    Try(Box<rollback::TryArgs>),
-    /// Keep what `agent try --id ID` applied.
+    Try(Box<TryArgs>),
+    /// Keep what `agent try --id ID` applied, if it succeeded.
     Confirm {
         #[arg(long)]
         id: String,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
     },
     /// The detached process that rolls an unconfirmed `agent try` back.
     #[command(hide = true)]
-    Watchdog(rollback::WatchdogArgs),
+    Watchdog(Box<WatchdogArgs>),
+}
+
+#[derive(Debug, Args)]
+struct TryArgs {
+    /// The staged cluster file (its state file beside it) and this node.
+    #[command(flatten)]
+    node: NodeArgs,
+    /// Seconds to wait for `agent confirm` before restoring the previous state.
+    #[arg(long, default_value_t = 60)]
+    confirm_timeout: u64,
+    /// Names this try (the controller confirms it by this id).
+    #[arg(long)]
+    id: String,
+    /// Where the agent's cluster file is installed.
+    #[arg(long, default_value = paths::CONFIG_DIR)]
+    install_dir: PathBuf,
+    /// Where the agent binary is installed; a `try` run from another copy
+    /// (staged by `apply`) installs itself there.
+    #[arg(long, default_value = paths::BINARY)]
+    binary: PathBuf,
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+#[derive(Debug, Args)]
+struct WatchdogArgs {
+    #[arg(long)]
+    id: String,
+    #[arg(long)]
+    node: String,
+    #[arg(long, default_value = paths::STATE_DIR)]
+    state_dir: PathBuf,
+    #[arg(long, default_value = paths::CONFIG_DIR)]
+    install_dir: PathBuf,
+    /// What the restored daemon runs.
+    #[arg(long, default_value = paths::BINARY)]
+    binary: PathBuf,
+    #[arg(long, value_parser = dataplane_parser(), default_value = "auto")]
+    wireguard: DataPlane,
+    #[arg(long, value_parser = firewall_parser(), default_value = "auto")]
+    firewall: FirewallChoice,
 }
 
 pub fn dataplane(iface: &str, state_dir: &Path) -> Result<ExitCode> {
@@ -144,13 +230,14 @@ pub fn main(args: AgentArgs) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Some(Action::Down { node, dry_run }) => rt.block_on(down(&node, dry_run)),
-        Some(Action::Try(a)) => rt.block_on(rollback::try_apply(*a)),
-        Some(Action::Confirm { id }) => rollback::confirm(&id),
-        Some(Action::Watchdog(a)) => rt.block_on(rollback::watchdog(a)),
+        Some(Action::Try(a)) => Ok(rt.block_on(try_apply(*a))),
+        Some(Action::Confirm { id, output }) => Ok(confirm(&id, output)),
+        Some(Action::Watchdog(a)) => rt.block_on(watchdog(*a)),
         None => rt.block_on(run(
             &args.node,
             args.once,
             args.dry_run,
+            args.output,
             Duration::from_secs(args.interval.max(1)),
         )),
     }
@@ -175,74 +262,47 @@ fn node_plan(args: &NodeArgs) -> Result<NodePlan, String> {
 }
 
 async fn host(args: &NodeArgs, plan: &NodePlan) -> Result<LinuxHost> {
-    let state_dir = &args.state_dir;
-    let netlink = netlink::Netlink::connect()?;
-    let fw: Box<dyn firewall::Firewall> = match args.firewall {
-        FirewallChoice::Auto => firewall::detect()?,
-        FirewallChoice::Nftables => Box::new(firewall::Nftables::default()),
-        FirewallChoice::Iptables => Box::new(firewall::Iptables),
-    };
-    let wg = if plan
-        .tunnels
-        .iter()
-        .any(|t| matches!(t, skybridge_core::plan::Tunnel::WireGuard(_)))
-    {
-        let private_key = keys::private_key(state_dir)?;
-        let kernel = match args.wireguard {
-            DataPlane::Auto => match KernelWireGuard::probe().await {
-                Ok(k) => Some(k),
-                Err(e) => {
-                    tracing::info!("no kernel WireGuard ({e}); using the userspace data plane");
-                    None
-                }
-            },
-            DataPlane::Kernel => Some(KernelWireGuard::probe().await.context(
-                "--wireguard kernel: this kernel has no usable WireGuard (`modprobe wireguard`), or use --wireguard userspace",
-            )?),
-            DataPlane::Userspace | DataPlane::External => None,
-        };
-        match (args.wireguard, kernel) {
-            (_, Some(netlink)) => WireGuard::Kernel {
-                private_key,
-                netlink,
-                state_dir: state_dir.clone(),
-            },
-            (DataPlane::External, None) => WireGuard::External { private_key },
-            _ => WireGuard::Userspace {
-                private_key,
-                exe: std::env::current_exe()
-                    .context("locating the skybridge binary for the data plane")?,
-                state_dir: state_dir.clone(),
-            },
-        }
-    } else {
-        WireGuard::Unavailable
-    };
-    Ok(LinuxHost::new(netlink, fw, wg, state_dir.clone()))
+    Ok(backend::linux_host(args.backends(), plan, &args.state_dir).await?)
 }
 
 fn print_report(node: &str, r: &Report, dry_run: bool) {
     if r.changes.is_empty() {
-        println!("{node}: converged, no changes");
+        say(&format!("{node}: converged, no changes"));
         return;
     }
     let verb = if dry_run { "would apply" } else { "applying" };
-    println!("{node}: {verb} {} change(s):", r.changes.len());
+    say(&format!("{node}: {verb} {} change(s):", r.changes.len()));
     for c in &r.changes {
-        println!("  {c}");
+        say(&format!("  {c}"));
     }
     for (c, e) in &r.failed {
-        eprintln!("{node}: failed: {c}\n  error: {e}");
+        warn(&format!("{node}: failed: {c}\n  error: {e}"));
     }
 }
 
-async fn run(args: &NodeArgs, once: bool, dry_run: bool, interval: Duration) -> Result<ExitCode> {
+/// One JSON document on stdout.
+fn print_json(json: serde_json::Result<String>) {
+    say(&json.expect("plain data serializes"));
+}
+
+async fn run(
+    args: &NodeArgs,
+    once: bool,
+    dry_run: bool,
+    output: Output,
+    interval: Duration,
+) -> Result<ExitCode> {
     let plan = node_plan(args).map_err(anyhow::Error::msg)?;
     let mut host = host(args, &plan).await?;
     tracing::info!(node = %plan.node, backends = %host.backends(), "agent starting");
     if once || dry_run {
         let r = reconcile::reconcile(&mut host, &plan, dry_run).await?;
-        print_report(&plan.node, &r, dry_run);
+        match output {
+            Output::Text => print_report(&plan.node, &r, dry_run),
+            Output::Json => print_json(serde_json::to_string(&RunReport::new(
+                &plan.node, &r, dry_run,
+            ))),
+        }
         return Ok(if r.converged() {
             ExitCode::SUCCESS
         } else {
@@ -290,11 +350,11 @@ async fn down(args: &NodeArgs, dry_run: bool) -> Result<ExitCode> {
     print_report(&plan.node, &r, dry_run);
     if !dry_run {
         for (k, v) in host.restore_sysctls()? {
-            println!("  ~ sysctl {k} = {v}  (restored)");
+            say(&format!("  ~ sysctl {k} = {v}  (restored)"));
         }
     } else {
         for (k, v) in host.original_sysctls() {
-            println!("  ~ sysctl {k} = {v}  (would restore)");
+            say(&format!("  ~ sysctl {k} = {v}  (would restore)"));
         }
     }
     Ok(if r.converged() {
@@ -302,4 +362,209 @@ async fn down(args: &NodeArgs, dry_run: bool) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+async fn try_apply(a: TryArgs) -> ExitCode {
+    let node = a.node.node.clone().expect("required");
+    let mut linux = LinuxNode {
+        name: node.clone(),
+        backends: a.node.backends(),
+        state_dir: a.node.state_dir.clone(),
+        install_dir: a.install_dir.clone(),
+        binary: a.binary.clone(),
+    };
+    let req = TryRequest {
+        id: a.id.clone(),
+        staged: a.node.cluster.clone().expect("required"),
+        confirm_timeout: a.confirm_timeout,
+    };
+    let dirs = Dirs::new(&a.install_dir, &a.node.state_dir);
+    let lines = |line: &str| match a.output {
+        Output::Text => say(line),
+        Output::Json => warn(line),
+    };
+    let report = rollback::try_apply(&mut linux, &SystemClock, &dirs, &req, &mut { lines }).await;
+    let code = match &report.outcome {
+        TryOutcome::Applied { .. } => ExitCode::SUCCESS,
+        TryOutcome::Refused { reason } => {
+            if a.output == Output::Text {
+                warn(&format!("refused: {reason}"));
+            }
+            ExitCode::from(REFUSED)
+        }
+        TryOutcome::RolledBack { reason } => {
+            lines(&format!("{node}: {reason}; the previous state is restored"));
+            ExitCode::from(2)
+        }
+        TryOutcome::RollbackFailed { reason, error } => {
+            lines(&format!(
+                "{node}: {reason}; restoring the previous state failed too: {error}"
+            ));
+            ExitCode::from(2)
+        }
+        TryOutcome::Expired => {
+            lines(&format!(
+                "{node}: the try outlived its --confirm-timeout: the watchdog restores the previous state"
+            ));
+            ExitCode::from(2)
+        }
+    };
+    if a.output == Output::Json {
+        print_json(serde_json::to_string(&report));
+    }
+    code
+}
+
+fn confirm(id: &str, output: Output) -> ExitCode {
+    let dirs = Dirs::new(Path::new(paths::CONFIG_DIR), Path::new(paths::STATE_DIR));
+    let report = rollback::confirm(&dirs, id);
+    if output == Output::Json {
+        print_json(serde_json::to_string(&report));
+    }
+    let text = output == Output::Text;
+    match &report.outcome {
+        ConfirmOutcome::Confirmed => {
+            if text {
+                say(&format!("confirmed {id}: the new state stays"));
+            }
+            ExitCode::SUCCESS
+        }
+        ConfirmOutcome::AlreadyConfirmed => ExitCode::SUCCESS,
+        ConfirmOutcome::Pending => {
+            warn(&format!(
+                "apply {id} is still being applied on this node: confirm again in a moment"
+            ));
+            ExitCode::from(PENDING)
+        }
+        ConfirmOutcome::RolledBack { reason } => {
+            warn(&format!(
+                "too late: this node already restored the state from before apply {id} ({reason})"
+            ));
+            ExitCode::FAILURE
+        }
+        ConfirmOutcome::Unknown => {
+            warn(&format!("no pending apply {id:?} on this node"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn watchdog(a: WatchdogArgs) -> Result<ExitCode> {
+    let mut linux = LinuxNode {
+        name: a.node.clone(),
+        backends: Backends {
+            wireguard: a.wireguard,
+            firewall: a.firewall,
+        },
+        state_dir: a.state_dir.clone(),
+        install_dir: a.install_dir.clone(),
+        binary: a.binary.clone(),
+    };
+    let dirs = Dirs::new(&a.install_dir, &a.state_dir);
+    rollback::watchdog(&mut linux, &SystemClock, &dirs, &a.id, &mut say)
+        .await
+        .context("rolling back")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The agent writes its reports with `skybridge_agent::output` and the
+    //! controller reads them with `skybridge_apply::apply::agent_output`:
+    //! two definitions of one format, held together here.
+
+    use skybridge_agent::output::{self as written, ChangeEntry};
+    use skybridge_apply::apply::agent_output::{self as read, parse};
+    use skybridge_core::diff::{Change, Op};
+
+    #[test]
+    fn what_the_agent_writes_the_controller_reads() {
+        let change = Change {
+            op: Op::SetUp {
+                link: skybridge_core::layout::marks::WG_IFACE.into(),
+            },
+            reason: "planned up".into(),
+        };
+        let run = written::RunReport {
+            node: "a".into(),
+            dry_run: true,
+            changes: vec![ChangeEntry::from(&change)],
+            refused: vec![written::NotMade {
+                change: change.to_string(),
+                error: "would cut the SSH session from 192.0.2.1".into(),
+            }],
+            failed: Vec::new(),
+            applied: 0,
+        };
+        let got: read::RunReport = parse(&serde_json::to_string(&run).unwrap()).unwrap();
+        assert_eq!(got.changes[0].summary, change.to_string());
+        assert_eq!(got.refused[0].error, run.refused[0].error);
+
+        let outcomes = [
+            (
+                written::TryOutcome::Applied { confirm_timeout: 9 },
+                read::TryOutcome::Applied { confirm_timeout: 9 },
+            ),
+            (
+                written::TryOutcome::Refused { reason: "r".into() },
+                read::TryOutcome::Refused { reason: "r".into() },
+            ),
+            (
+                written::TryOutcome::RolledBack { reason: "r".into() },
+                read::TryOutcome::RolledBack { reason: "r".into() },
+            ),
+            (
+                written::TryOutcome::RollbackFailed {
+                    reason: "r".into(),
+                    error: "e".into(),
+                },
+                read::TryOutcome::RollbackFailed {
+                    reason: "r".into(),
+                    error: "e".into(),
+                },
+            ),
+            (written::TryOutcome::Expired, read::TryOutcome::Expired),
+        ];
+        for (w, r) in outcomes {
+            let report = written::TryReport {
+                node: "a".into(),
+                id: "x".into(),
+                outcome: w,
+                report: Some(run.clone()),
+            };
+            let text = serde_json::to_string(&report).unwrap();
+            assert_eq!(parse::<read::TryOutcome>(&text), Ok(r), "{text}");
+        }
+
+        let confirms = [
+            (
+                written::ConfirmOutcome::Confirmed,
+                read::ConfirmOutcome::Confirmed,
+            ),
+            (
+                written::ConfirmOutcome::AlreadyConfirmed,
+                read::ConfirmOutcome::AlreadyConfirmed,
+            ),
+            (
+                written::ConfirmOutcome::Pending,
+                read::ConfirmOutcome::Pending,
+            ),
+            (
+                written::ConfirmOutcome::RolledBack { reason: "r".into() },
+                read::ConfirmOutcome::RolledBack { reason: "r".into() },
+            ),
+            (
+                written::ConfirmOutcome::Unknown,
+                read::ConfirmOutcome::Unknown,
+            ),
+        ];
+        for (w, r) in confirms {
+            let report = written::ConfirmReport {
+                id: "x".into(),
+                outcome: w,
+            };
+            let text = serde_json::to_string(&report).unwrap();
+            assert_eq!(parse::<read::ConfirmOutcome>(&text), Ok(r), "{text}");
+        }
+    }
 }

@@ -1,0 +1,226 @@
+//! Which backends a node runs, chosen once at start-up: the firewall
+//! (nftables or iptables) and who carries WireGuard traffic (the kernel,
+//! Skybridge's userspace data plane, or an implementation started by
+//! someone else). The daemon, `agent try` and the rollback watchdog all
+//! build their [`LinuxHost`] here, so that a rollback drives the same
+//! backends the daemon it replaces did.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use skybridge_core::NodePlan;
+
+use crate::firewall::{self, FirewallError};
+use crate::host::LinuxHost;
+use crate::keys::{self, KeyError};
+use crate::netlink::{Netlink, NetlinkError};
+use crate::wireguard::{KernelWireGuard, WireGuard, WireGuardError};
+
+/// The firewall backend asked for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FirewallChoice {
+    /// nftables where `nft` works, else iptables.
+    #[default]
+    Auto,
+    Nftables,
+    Iptables,
+}
+
+/// Who carries WireGuard traffic, as asked for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DataPlane {
+    /// The kernel's WireGuard where the kernel has it, else the userspace data plane.
+    #[default]
+    Auto,
+    Kernel,
+    Userspace,
+    /// Started by someone else (wireguard-go, boringtun-cli); the agent only
+    /// configures it over its UAPI socket.
+    External,
+}
+
+/// A backend name that is not one of the listed ones.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} '{given}': use one of {}", .names.join(", "))]
+pub struct UnknownName {
+    what: &'static str,
+    given: String,
+    names: &'static [&'static str],
+}
+
+macro_rules! named {
+    ($ty:ident, $what:literal, $($variant:ident = $name:literal),+) => {
+        impl $ty {
+            /// Every accepted name, as on the command line.
+            pub const NAMES: &'static [&'static str] = &[$($name),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name),+
+                }
+            }
+        }
+
+        impl FromStr for $ty {
+            type Err = UnknownName;
+            fn from_str(s: &str) -> Result<Self, UnknownName> {
+                match s {
+                    $($name => Ok($ty::$variant),)+
+                    _ => Err(UnknownName {
+                        what: $what,
+                        given: s.to_owned(),
+                        names: $ty::NAMES,
+                    }),
+                }
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+named!(
+    FirewallChoice,
+    "firewall backend",
+    Auto = "auto",
+    Nftables = "nftables",
+    Iptables = "iptables"
+);
+named!(
+    DataPlane,
+    "WireGuard data plane",
+    Auto = "auto",
+    Kernel = "kernel",
+    Userspace = "userspace",
+    External = "external"
+);
+
+/// The backend choices of one agent: what the daemon runs with, and what
+/// `try` hands on to the daemon and the watchdog it starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backends {
+    pub wireguard: DataPlane,
+    pub firewall: FirewallChoice,
+}
+
+impl Backends {
+    /// The same choices as command-line flags of `skybridge agent`.
+    pub fn flags(&self) -> Vec<String> {
+        vec![
+            "--wireguard".into(),
+            self.wireguard.as_str().into(),
+            "--firewall".into(),
+            self.firewall.as_str().into(),
+        ]
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error("firewall: {0}")]
+    Firewall(#[from] FirewallError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(
+        "--wireguard kernel: this kernel has no usable WireGuard (`modprobe wireguard`), or use --wireguard userspace: {0}"
+    )]
+    NoKernelWireGuard(#[source] WireGuardError),
+    #[error("locating the skybridge binary for the data plane: {0}")]
+    Exe(#[source] std::io::Error),
+}
+
+/// Opens the backends `choice` names for a node running `plan`, with its
+/// key and memory in `state_dir`.
+///
+/// # Errors
+/// When netlink cannot be opened, no firewall tool works, the node's key
+/// cannot be read or made, or a forced backend is missing.
+pub async fn linux_host(
+    choice: Backends,
+    plan: &NodePlan,
+    state_dir: &Path,
+) -> Result<LinuxHost, BackendError> {
+    let netlink = Netlink::connect()?;
+    let fw: Box<dyn firewall::Firewall> = match choice.firewall {
+        FirewallChoice::Auto => firewall::detect()?,
+        FirewallChoice::Nftables => Box::new(firewall::Nftables::default()),
+        FirewallChoice::Iptables => Box::new(firewall::Iptables),
+    };
+    let wg = if plan
+        .tunnels
+        .iter()
+        .any(|t| matches!(t, skybridge_core::plan::Tunnel::WireGuard(_)))
+    {
+        let private_key = keys::private_key(state_dir)?;
+        let kernel = match choice.wireguard {
+            DataPlane::Auto => match KernelWireGuard::probe().await {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    tracing::info!("no kernel WireGuard ({e}); using the userspace data plane");
+                    None
+                }
+            },
+            DataPlane::Kernel => Some(
+                KernelWireGuard::probe()
+                    .await
+                    .map_err(BackendError::NoKernelWireGuard)?,
+            ),
+            DataPlane::Userspace | DataPlane::External => None,
+        };
+        match (choice.wireguard, kernel) {
+            (_, Some(netlink)) => WireGuard::Kernel {
+                private_key,
+                netlink,
+                state_dir: state_dir.to_owned(),
+            },
+            (DataPlane::External, None) => WireGuard::External { private_key },
+            _ => WireGuard::Userspace {
+                private_key,
+                exe: std::env::current_exe().map_err(BackendError::Exe)?,
+                state_dir: state_dir.to_owned(),
+            },
+        }
+    } else {
+        WireGuard::Unavailable
+    };
+    Ok(LinuxHost::new(netlink, fw, wg, PathBuf::from(state_dir)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_name_parses_back_to_its_choice() {
+        for n in FirewallChoice::NAMES {
+            assert_eq!(n.parse::<FirewallChoice>().unwrap().as_str(), *n);
+        }
+        for n in DataPlane::NAMES {
+            assert_eq!(n.parse::<DataPlane>().unwrap().as_str(), *n);
+        }
+        let e = "nft".parse::<FirewallChoice>().unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "unknown firewall backend 'nft': use one of auto, nftables, iptables"
+        );
+    }
+
+    #[test]
+    fn flags_name_both_choices_as_the_command_line_does() {
+        let b = Backends {
+            wireguard: DataPlane::External,
+            firewall: FirewallChoice::Iptables,
+        };
+        assert_eq!(
+            b.flags(),
+            ["--wireguard", "external", "--firewall", "iptables"]
+        );
+    }
+}

@@ -1,0 +1,237 @@
+//! The agent daemon and the try watchdog as processes on a real node: the
+//! systemd unit where systemd runs, else a detached process with a pidfile
+//! (containers, the lab's namespaces). [`LinuxNode`] is the
+//! [`rollback::Node`] that `agent try` and the watchdog drive.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use skybridge_core::layout::paths;
+
+use crate::backend::{self, Backends};
+use crate::config::node_plan;
+use crate::output::RunReport;
+use crate::reconcile;
+use crate::rollback::{self, RollbackError};
+
+fn node_err(e: impl std::fmt::Display) -> RollbackError {
+    RollbackError::Node(e.to_string())
+}
+
+fn systemd() -> bool {
+    Path::new("/run/systemd/system").is_dir()
+}
+
+fn run(cmd: &[&str]) -> Result<(), RollbackError> {
+    let out = Command::new(cmd[0])
+        .args(&cmd[1..])
+        .output()
+        .map_err(|e| node_err(format!("running {}: {e}", cmd.join(" "))))?;
+    if !out.status.success() {
+        return Err(node_err(format!(
+            "`{}` failed: {}",
+            cmd.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// The pid in the pidfile, if that process is a skybridge agent.
+fn daemon_pid() -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(paths::PIDFILE)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    (cmdline.contains("skybridge") && cmdline.contains("agent")).then_some(pid)
+}
+
+fn open_log(path: &Path) -> Result<std::fs::File, RollbackError> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| node_err(format!("opening {}: {e}", path.display())))
+}
+
+/// A node as `agent try` and the watchdog change it.
+#[derive(Debug, Clone)]
+pub struct LinuxNode {
+    pub name: String,
+    pub backends: Backends,
+    /// The agent's state directory (`--state-dir`).
+    pub state_dir: PathBuf,
+    /// Where the cluster file is installed (`--install-dir`).
+    pub install_dir: PathBuf,
+    /// Where the agent binary is installed: what the daemon runs.
+    pub binary: PathBuf,
+}
+
+impl LinuxNode {
+    fn exe() -> Result<PathBuf, RollbackError> {
+        std::env::current_exe().map_err(|e| node_err(format!("locating the skybridge binary: {e}")))
+    }
+}
+
+impl rollback::Node for LinuxNode {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn check(&self, cluster: &Path) -> Result<(), RollbackError> {
+        node_plan(cluster, &self.name).map(drop).map_err(node_err)
+    }
+
+    fn daemon_running(&self) -> bool {
+        if systemd() {
+            Command::new("systemctl")
+                .args(["is-active", "--quiet", paths::AGENT_UNIT])
+                .status()
+                .is_ok_and(|s| s.success())
+        } else {
+            daemon_pid().is_some()
+        }
+    }
+
+    fn stop_daemon(&mut self) -> Result<(), RollbackError> {
+        if systemd() {
+            // Not running, or no unit yet: nothing to stop either way.
+            let _ = run(&["systemctl", "stop", paths::AGENT_UNIT]);
+            return Ok(());
+        }
+        let Some(pid) = daemon_pid() else {
+            return Ok(());
+        };
+        let pid_s = pid.to_string();
+        let _ = run(&["kill", "-TERM", &pid_s]);
+        let start = Instant::now();
+        let alive = || Path::new(&format!("/proc/{pid}")).exists();
+        while alive() && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if alive() {
+            let _ = run(&["kill", "-KILL", &pid_s]);
+        }
+        let _ = std::fs::remove_file(paths::PIDFILE);
+        Ok(())
+    }
+
+    fn start_daemon(&mut self, cluster: &Path) -> Result<(), RollbackError> {
+        let (exe, node, state_dir) = (&self.binary, &self.name, &self.state_dir);
+        let flags = self.backends.flags();
+        if systemd() {
+            let unit = format!(
+                "[Unit]\nDescription=Skybridge agent for node {node}\nAfter=network-online.target\nWants=network-online.target\nBefore=kubelet.service\n\n[Service]\nType=simple\nExecStart={} agent --cluster {} --node {node} --state-dir {} {}\nRestart=on-failure\nRestartSec=2\n# Stopping the agent must not take the network down with it.\nKillMode=process\n\n[Install]\nWantedBy=multi-user.target\n",
+                exe.display(),
+                cluster.display(),
+                state_dir.display(),
+                flags.join(" ")
+            );
+            let path = Path::new(paths::UNIT_DIR).join(paths::AGENT_UNIT_FILE);
+            std::fs::write(&path, unit)
+                .map_err(|e| node_err(format!("writing {}: {e}", path.display())))?;
+            run(&["systemctl", "daemon-reload"])?;
+            run(&["systemctl", "enable", paths::AGENT_UNIT])?;
+            return run(&["systemctl", "restart", paths::AGENT_UNIT]);
+        }
+        let log = open_log(&state_dir.join(paths::AGENT_LOG_NAME))?;
+        let child = Command::new("setsid")
+            .arg(exe)
+            .arg("agent")
+            .arg("--cluster")
+            .arg(cluster)
+            .args(["--node", node])
+            .arg("--state-dir")
+            .arg(state_dir)
+            .args(&flags)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(node_err)?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| {
+                node_err(format!(
+                    "starting the agent daemon (setsid, from util-linux): {e}"
+                ))
+            })?;
+        std::fs::create_dir_all(paths::RUN_DIR).map_err(node_err)?;
+        std::fs::write(paths::PIDFILE, format!("{}\n", child.id()))
+            .map_err(|e| node_err(format!("writing {}: {e}", paths::PIDFILE)))
+    }
+
+    fn start_watchdog(&mut self, id: &str) -> Result<(), RollbackError> {
+        let log = open_log(&self.state_dir.join(paths::ROLLBACK_LOG_NAME))?;
+        let mut cmd = Command::new("setsid");
+        cmd.arg(Self::exe()?)
+            .args(["agent", "watchdog", "--id", id, "--node", &self.name])
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--install-dir")
+            .arg(&self.install_dir)
+            .arg("--binary")
+            .arg(&self.binary)
+            .args(self.backends.flags())
+            // Its own session, no terminal, nothing tied to the SSH channel: it
+            // outlives the connection that started it.
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(node_err)?)
+            .stderr(log);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| node_err(format!("starting it with setsid (from util-linux): {e}")))?;
+        // setsid execs the watchdog; one that dies at once (a missing binary,
+        // a bad flag) guards nothing.
+        std::thread::sleep(Duration::from_millis(100));
+        match child.try_wait() {
+            Ok(Some(status)) => Err(node_err(format!(
+                "it exited at once ({status}); see {}",
+                self.state_dir.join(paths::ROLLBACK_LOG_NAME).display()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn install_binary(&mut self) -> Result<Option<PathBuf>, RollbackError> {
+        let exe = Self::exe()?;
+        if exe == self.binary {
+            return Ok(None);
+        }
+        if let Some(dir) = self.binary.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| node_err(format!("creating {}: {e}", dir.display())))?;
+        }
+        let tmp = self.binary.with_extension("sb-new");
+        let write = || -> std::io::Result<()> {
+            std::fs::copy(&exe, &tmp)?;
+            std::fs::rename(&tmp, &self.binary)
+        };
+        write().map_err(|e| node_err(format!("installing {}: {e}", self.binary.display())))?;
+        Ok(Some(self.binary.clone()))
+    }
+
+    async fn apply(&mut self, cluster: &Path) -> Result<RunReport, RollbackError> {
+        let plan = node_plan(cluster, &self.name).map_err(node_err)?;
+        let mut host = backend::linux_host(self.backends, &plan, &self.state_dir)
+            .await
+            .map_err(node_err)?;
+        let r = reconcile::reconcile_unguarded(&mut host, &plan)
+            .await
+            .map_err(node_err)?;
+        Ok(RunReport::new(&self.name, &r, false))
+    }
+
+    async fn teardown(&mut self, cluster: &Path) -> Result<RunReport, RollbackError> {
+        let plan = node_plan(cluster, &self.name).map_err(node_err)?;
+        let mut host = backend::linux_host(self.backends, &plan, &self.state_dir)
+            .await
+            .map_err(node_err)?;
+        let r = reconcile::down_unguarded(&mut host, &plan)
+            .await
+            .map_err(node_err)?;
+        host.restore_sysctls().map_err(node_err)?;
+        Ok(RunReport::new(&self.name, &r, false))
+    }
+}
