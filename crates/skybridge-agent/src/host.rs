@@ -3,6 +3,7 @@
 //! records it for unit tests.
 
 use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::path::PathBuf;
 
 use skybridge_core::NodePlan;
@@ -141,9 +142,12 @@ impl LinuxHost {
             source,
         };
         std::fs::create_dir_all(&self.state_dir).map_err(err)?;
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(r).expect("serializable")).map_err(err)?;
-        std::fs::rename(&tmp, &path).map_err(err)
+        // Durable before the sysctl it guards is changed: a crash right after
+        // must still let `agent down` restore the original value.
+        let mut file = atomic_write_file::AtomicWriteFile::open(&path).map_err(err)?;
+        file.write_all(&serde_json::to_vec_pretty(r).expect("serializable"))
+            .map_err(err)?;
+        file.commit().map_err(err)
     }
 
     async fn refresh_links(&mut self) -> Result<(), HostError> {
@@ -191,7 +195,9 @@ impl Host for LinuxHost {
         let links = self.links.links.clone();
         let mut wireguard = None;
         let want = desired_wireguard(plan);
-        for l in &links {
+        // Peers are only compared when the plan has some: reading them could
+        // restart a data plane whose link is about to be deleted.
+        for l in links.iter().filter(|_| want.is_some()) {
             let Some(t) = l.kind.transport() else {
                 continue;
             };
