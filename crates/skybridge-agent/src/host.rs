@@ -3,15 +3,18 @@
 //! records it for unit tests.
 
 use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::path::PathBuf;
 
 use skybridge_core::NodePlan;
-use skybridge_core::diff::{Change, LinkKind, Live, Op, desired_wireguard};
-use skybridge_core::plan::WG_IFACE;
+use skybridge_core::diff::{Change, Live, Op, desired_wireguard};
+use skybridge_core::layout::paths::APPLIED_FILE_NAME;
+use skybridge_core::model::Transport;
 
 use crate::firewall::{Firewall, FirewallError};
 use crate::netlink::{Links, Netlink, NetlinkError};
 use crate::sysctl::{self, SysctlError};
+use crate::tunnel::{TunnelError, Tunnels};
 use crate::wireguard::{WireGuard, WireGuardError, without_learned_endpoints};
 
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +27,8 @@ pub enum HostError {
     Firewall(#[from] FirewallError),
     #[error("wireguard: {0}")]
     WireGuard(#[from] WireGuardError),
+    #[error(transparent)]
+    Tunnel(#[from] TunnelError),
     /// A change held back because it would cut the node off from its operator.
     #[error("{0}")]
     Refused(String),
@@ -60,24 +65,34 @@ pub struct LinuxHost {
     netlink: Netlink,
     links: Links,
     firewall: Box<dyn Firewall>,
-    wireguard: WireGuard,
+    tunnels: Tunnels,
     state_dir: PathBuf,
     /// The interface holding the node's private IP, as of the last read.
     uplink: Option<String>,
 }
 
 impl LinuxHost {
+    /// A host with the GRE and VXLAN backends and the chosen WireGuard one.
     pub fn new(
         netlink: Netlink,
         firewall: Box<dyn Firewall>,
         wireguard: WireGuard,
         state_dir: PathBuf,
     ) -> Self {
+        Self::with_tunnels(netlink, firewall, Tunnels::new(wireguard), state_dir)
+    }
+
+    pub fn with_tunnels(
+        netlink: Netlink,
+        firewall: Box<dyn Firewall>,
+        tunnels: Tunnels,
+        state_dir: PathBuf,
+    ) -> Self {
         LinuxHost {
             netlink,
             links: Links::default(),
             firewall,
-            wireguard,
+            tunnels,
             state_dir,
             uplink: None,
         }
@@ -103,12 +118,14 @@ impl LinuxHost {
         format!(
             "netlink, {}, wireguard {}",
             self.firewall.name(),
-            self.wireguard.name()
+            self.tunnels
+                .name_of(Transport::WireGuard)
+                .unwrap_or("unavailable")
         )
     }
 
     fn remembered_path(&self) -> PathBuf {
-        self.state_dir.join("applied.json")
+        self.state_dir.join(APPLIED_FILE_NAME)
     }
 
     fn remembered(&self) -> Remembered {
@@ -125,14 +142,39 @@ impl LinuxHost {
             source,
         };
         std::fs::create_dir_all(&self.state_dir).map_err(err)?;
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(r).expect("serializable")).map_err(err)?;
-        std::fs::rename(&tmp, &path).map_err(err)
+        // Durable before the sysctl it guards is changed: a crash right after
+        // must still let `agent down` restore the original value.
+        let mut file = atomic_write_file::AtomicWriteFile::open(&path).map_err(err)?;
+        file.write_all(&serde_json::to_vec_pretty(r).expect("serializable"))
+            .map_err(err)?;
+        file.commit().map_err(err)
     }
 
     async fn refresh_links(&mut self) -> Result<(), HostError> {
         self.links = self.netlink.links().await?;
+        self.tunnels.classify(&mut self.links);
         Ok(())
+    }
+
+    /// Deletes link `name` through the backend of its transport; a link no
+    /// backend serves goes over netlink once every backend has let go of it.
+    async fn delete_link(&mut self, name: &str) -> Result<(), HostError> {
+        let transport = self.links.get(name).and_then(|l| l.kind.transport());
+        match transport {
+            Some(t) => {
+                self.tunnels
+                    .backend(t, name)?
+                    .delete(&self.netlink, &self.links, name)
+                    .await?;
+            }
+            None => {
+                self.tunnels.release(name);
+                if self.links.exists(name) {
+                    self.netlink.delete_link(&self.links, name).await?;
+                }
+            }
+        }
+        self.refresh_links().await
     }
 }
 
@@ -150,29 +192,18 @@ impl Host for LinuxHost {
                 sysctls.insert(s.key.clone(), v);
             }
         }
-        if self.links.exists(WG_IFACE) {
-            self.wireguard.revive(WG_IFACE).await?;
-        }
-        let mut links = self.links.links.clone();
+        let links = self.links.links.clone();
         let mut wireguard = None;
-        if let Some(l) = links.iter_mut().find(|l| l.name == WG_IFACE) {
-            // A userspace data plane serves WireGuard on a TUN device; a
-            // link of the other kind (left by a run with the other backend)
-            // shows as foreign, so the diff recreates it.
-            let tun = LinkKind::Other { name: "tun".into() };
-            if self.wireguard.brings_own_link() {
-                if l.kind == tun {
-                    l.kind = LinkKind::WireGuard;
-                } else if l.kind == LinkKind::WireGuard {
-                    l.kind = LinkKind::Other {
-                        name: "wireguard (kernel)".into(),
-                    };
-                }
-            }
-            if let (Some(have), Some(want)) =
-                (self.wireguard.read(&l.name).await?, desired_wireguard(plan))
-            {
-                wireguard = Some(without_learned_endpoints(have, &want));
+        let want = desired_wireguard(plan);
+        // Peers are only compared when the plan has some: reading them could
+        // restart a data plane whose link is about to be deleted.
+        for l in links.iter().filter(|_| want.is_some()) {
+            let Some(t) = l.kind.transport() else {
+                continue;
+            };
+            let backend = self.tunnels.backend(t, &l.name)?;
+            if let (Some(have), Some(want)) = (backend.read_peers(&l.name).await?, &want) {
+                wireguard = Some(without_learned_endpoints(have, want));
             }
         }
         Ok(Live {
@@ -189,28 +220,25 @@ impl Host for LinuxHost {
         match &change.op {
             Op::CreateLink { link } | Op::RecreateLink { link } => {
                 if matches!(change.op, Op::RecreateLink { .. }) {
-                    self.wireguard.stop(&link.name)?;
-                    nl.delete_link(&self.links, &link.name).await?;
+                    self.delete_link(&link.name).await?;
                 }
-                if link.kind == LinkKind::WireGuard && self.wireguard.brings_own_link() {
-                    // A userspace data plane brings its own (TUN) link.
-                    self.wireguard.create(link).await?;
-                } else {
-                    nl.create_link(link).await?;
-                }
+                let transport = link.kind.transport().ok_or_else(|| {
+                    HostError::Refused(format!(
+                        "{}: a link of kind {} is not Skybridge's to create",
+                        link.name, link.kind
+                    ))
+                })?;
+                self.tunnels
+                    .backend(transport, &link.name)?
+                    .create(&nl, link)
+                    .await?;
                 self.refresh_links().await?;
                 nl.set_mtu(&self.links, &link.name, link.mtu).await?;
                 nl.set_up(&self.links, &link.name).await?;
             }
             Op::SetMtu { link, mtu } => nl.set_mtu(&self.links, link, *mtu).await?,
             Op::SetUp { link } => nl.set_up(&self.links, link).await?,
-            Op::DeleteLink { link } => {
-                self.wireguard.stop(link)?;
-                if self.links.exists(link) {
-                    nl.delete_link(&self.links, link).await?;
-                }
-                self.refresh_links().await?;
-            }
+            Op::DeleteLink { link } => self.delete_link(link).await?,
             Op::AddAddress { link, address } => nl.add_address(&self.links, link, address).await?,
             Op::RemoveAddress { link, address } => {
                 nl.remove_address(&self.links, link, address).await?
@@ -232,7 +260,12 @@ impl Host for LinuxHost {
             }
             Op::ReplaceFirewall { rules } => self.firewall.replace(rules)?,
             Op::RemoveFirewall => self.firewall.remove()?,
-            Op::ConfigureWireGuard { config } => self.wireguard.configure(config).await?,
+            Op::ConfigureWireGuard { config } => {
+                self.tunnels
+                    .backend(Transport::WireGuard, &config.interface)?
+                    .update_peers(config)
+                    .await?;
+            }
         }
         Ok(())
     }

@@ -3,11 +3,12 @@
 //! [`reconcile::reconcile`] reads what the node has (only what Skybridge
 //! owns), asks the pure core for the difference, and applies exactly that
 //! through the backends chosen once at start-up ([`host::LinuxHost`]):
-//! netlink for links, addresses and routes; `/proc/sys` for sysctls;
-//! nftables or iptables for the firewall; a WireGuard backend
-//! ([`backend`] picks them). [`rollback`] applies a new cluster file with a
-//! dead-man switch (`agent try` / `confirm` and the watchdog), and
-//! [`output`] is what the agent tells a controller.
+//! netlink for addresses and routes; a [`tunnel`] backend per transport for
+//! tunnel links and their peers; `/proc/sys` for sysctls; nftables or
+//! iptables for the firewall ([`backend`] picks the WireGuard data plane).
+//! [`rollback`] applies a new cluster file with a dead-man switch (`agent
+//! try` / `confirm` and the watchdog), [`lock`] keeps two agents from
+//! interleaving, and [`output`] is what the agent tells a controller.
 
 pub mod backend;
 pub mod config;
@@ -25,5 +26,6 @@ pub mod rollback;
 pub mod service;
 pub mod ssh;
 pub mod sysctl;
+pub mod tunnel;
 pub mod wgkernel;
 pub mod wireguard;

@@ -2,6 +2,8 @@
 //!
 //! Reads return only what Skybridge owns: links named `sb-*` (with their
 //! addresses) and IPv4 routes of the main table carrying [`ROUTE_PROTOCOL`].
+//! What a link of each tunnel type is made of, and how to tell one from the
+//! kernel's description, is up to its backend in [`crate::tunnel`].
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -12,20 +14,17 @@ use netlink_packet_core::{
     NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
-use netlink_packet_route::link::{
-    InfoData, InfoGre, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
-};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteType,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
-use rtnetlink::{Handle, LinkGre, LinkUnspec, LinkVxlan, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 use skybridge_core::diff::{Address, Link, LinkKind};
-use skybridge_core::plan::{IFACE_PREFIX, Route};
-
-/// Route protocol number that marks Skybridge's routes (`ip route show proto 83`).
-pub const ROUTE_PROTOCOL: u8 = 83;
-const MAIN_TABLE: u8 = 254;
+pub use skybridge_core::layout::marks::ROUTE_PROTOCOL;
+use skybridge_core::layout::marks::{IFACE_PREFIX, ROUTE_TABLE as MAIN_TABLE};
+use skybridge_core::plan::Route;
+use skybridge_core::transport::Facts;
 const EOPNOTSUPP: i32 = -95;
 const EEXIST: i32 = -17;
 
@@ -84,7 +83,12 @@ struct Counters {
 /// Owned links with their kernel index.
 #[derive(Debug, Default)]
 pub struct Links {
+    /// Owned links; a link's kind is the kernel's name for it
+    /// ([`LinkKind::Other`]) until [`crate::tunnel::Tunnels::classify`]
+    /// recognizes it as a tunnel.
     pub links: Vec<Link>,
+    /// What the kernel says each owned link is, by name.
+    info: HashMap<String, Vec<LinkInfo>>,
     index: HashMap<String, u32>,
     names: HashMap<u32, String>,
     /// Every IPv4 address of the node and the link holding it.
@@ -136,7 +140,9 @@ impl Netlink {
             out.index.insert(name.clone(), msg.header.index);
             out.names.insert(msg.header.index, name.clone());
             if name.starts_with(IFACE_PREFIX) {
-                out.links.push(parse_link(&msg, name));
+                let (link, info) = parse_link(&msg, name);
+                out.info.insert(link.name.clone(), info);
+                out.links.push(link);
             }
         }
         let mut get = self.handle.address().get();
@@ -186,61 +192,21 @@ impl Netlink {
         Ok(out)
     }
 
-    pub async fn create_link(&self, link: &Link) -> Result<(), NetlinkError> {
-        let what = format!("creating link {}", link.name);
-        let msg = match &link.kind {
-            LinkKind::Gre { local, remote } => LinkGre::new(&link.name)
-                .local(*local)
-                .remote(*remote)
-                .ttl(64)
-                .mtu(link.mtu)
-                .build(),
-            LinkKind::Vxlan {
-                vni,
-                local,
-                remote,
-                port,
-            } => LinkVxlan::new(&link.name, *vni)
-                .local(*local)
-                .remote(*remote)
-                .port(*port)
-                .learning(false)
-                // RFC 7348: zero outer UDP checksum over IPv4 (as `ip link` does by
-                // default). With it on, NAT on the path broke the offloaded
-                // checksum and every TCP segment was dropped (found in the lab).
-                .udp_csum(false)
-                .mtu(link.mtu)
-                .build(),
-            LinkKind::WireGuard => rtnetlink::LinkWireguard::new(&link.name)
-                .mtu(link.mtu)
-                .build(),
-            LinkKind::Other { name } => {
-                return Err(NetlinkError::Request {
-                    what,
-                    source: rtnetlink::Error::InvalidNla(format!(
-                        "cannot create a link of kind {name}"
-                    )),
-                });
-            }
-        };
+    /// Creates a link from a backend's message; `facts` name the transport
+    /// in the error when the kernel lacks it.
+    pub async fn add_link(
+        &self,
+        name: &str,
+        msg: LinkMessage,
+        facts: &'static Facts,
+    ) -> Result<(), NetlinkError> {
+        let what = format!("creating link {name}");
         match self.handle.link().add(msg).execute().await {
             Ok(()) => Ok(()),
-            Err(e) if error_code(&e) == Some(EOPNOTSUPP) => Err(match link.kind {
-                LinkKind::Gre { .. } => NetlinkError::Unsupported {
-                    what,
-                    kind: "GRE",
-                    module: "ip_gre",
-                },
-                LinkKind::Vxlan { .. } => NetlinkError::Unsupported {
-                    what,
-                    kind: "VXLAN",
-                    module: "vxlan",
-                },
-                _ => NetlinkError::Unsupported {
-                    what,
-                    kind: "WireGuard",
-                    module: "wireguard",
-                },
+            Err(e) if error_code(&e) == Some(EOPNOTSUPP) => Err(NetlinkError::Unsupported {
+                what,
+                kind: facts.label,
+                module: facts.kernel_module,
             }),
             Err(e) => Err(request(what)(e)),
         }
@@ -363,6 +329,46 @@ impl Links {
     pub fn exists(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }
+
+    /// What the kernel says owned link `name` is (empty when unknown).
+    pub fn info(&self, name: &str) -> &[LinkInfo] {
+        self.info.get(name).map_or(&[], Vec::as_slice)
+    }
+
+    /// Sets the kind of every owned link that `recognize` knows from what
+    /// the kernel says it is.
+    pub fn classify(&mut self, recognize: impl Fn(&str, &[LinkInfo]) -> Option<LinkKind>) {
+        for l in &mut self.links {
+            let info = self.info.get(&l.name).map_or(&[][..], Vec::as_slice);
+            if let Some(kind) = recognize(&l.name, info) {
+                l.kind = kind;
+            }
+        }
+    }
+
+    /// One owned link as the kernel would describe it, not yet classified.
+    #[cfg(test)]
+    pub(crate) fn for_tests(name: &str, info: Vec<LinkInfo>) -> Self {
+        let link = Link {
+            name: name.to_owned(),
+            kind: LinkKind::Other {
+                name: kernel_kind(&info),
+            },
+            mtu: 1420,
+            up: true,
+            addresses: Vec::new(),
+        };
+        let mut links = Links::default();
+        links.index.insert(name.to_owned(), 1);
+        links.info.insert(name.to_owned(), info);
+        links.links.push(link);
+        links
+    }
+
+    /// The owned link `name` as last read (and classified).
+    pub fn get(&self, name: &str) -> Option<&Link> {
+        self.links.iter().find(|l| l.name == name)
+    }
 }
 
 fn link_name(msg: &LinkMessage) -> Option<String> {
@@ -372,75 +378,36 @@ fn link_name(msg: &LinkMessage) -> Option<String> {
     })
 }
 
-fn parse_link(msg: &LinkMessage, name: String) -> Link {
+fn parse_link(msg: &LinkMessage, name: String) -> (Link, Vec<LinkInfo>) {
     let mut mtu = 0;
-    let mut kind = LinkKind::Other {
-        name: "unknown".into(),
-    };
+    let mut info = Vec::new();
     for a in &msg.attributes {
         match a {
             LinkAttribute::Mtu(m) => mtu = *m,
-            LinkAttribute::LinkInfo(infos) => kind = parse_kind(infos),
+            LinkAttribute::LinkInfo(i) => info = i.clone(),
             _ => {}
         }
     }
-    Link {
+    let link = Link {
         name,
-        kind,
+        kind: LinkKind::Other {
+            name: kernel_kind(&info),
+        },
         mtu,
         up: msg.header.flags.contains(LinkFlags::Up),
         addresses: Vec::new(),
-    }
+    };
+    (link, info)
 }
 
-fn parse_kind(infos: &[LinkInfo]) -> LinkKind {
-    let kind = infos.iter().find_map(|i| match i {
-        LinkInfo::Kind(k) => Some(k.clone()),
-        _ => None,
-    });
-    let data = infos.iter().find_map(|i| match i {
-        LinkInfo::Data(d) => Some(d),
-        _ => None,
-    });
-    match (kind, data) {
-        (Some(InfoKind::Wireguard), _) => LinkKind::WireGuard,
-        (Some(InfoKind::GreTun), Some(InfoData::GreTun(gre))) => {
-            let (mut local, mut remote) = (Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED);
-            for g in gre {
-                match g {
-                    InfoGre::Local(a) => local = *a,
-                    InfoGre::Remote(a) => remote = *a,
-                    _ => {}
-                }
-            }
-            LinkKind::Gre { local, remote }
-        }
-        (Some(InfoKind::Vxlan), Some(InfoData::Vxlan(vx))) => {
-            let (mut vni, mut local, mut remote, mut port) =
-                (0, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED, 0);
-            for v in vx {
-                match v {
-                    InfoVxlan::Id(i) => vni = *i,
-                    InfoVxlan::Local(a) => local = *a,
-                    InfoVxlan::Group(a) => remote = *a,
-                    InfoVxlan::Port(p) => port = *p,
-                    _ => {}
-                }
-            }
-            LinkKind::Vxlan {
-                vni,
-                local,
-                remote,
-                port,
-            }
-        }
-        (Some(k), _) => LinkKind::Other {
-            name: k.to_string(),
-        },
-        (None, _) => LinkKind::Other {
-            name: "none".into(),
-        },
-    }
+/// The kernel's name for a link's kind (`tun`, `wireguard`, …).
+pub fn kernel_kind(info: &[LinkInfo]) -> String {
+    info.iter()
+        .find_map(|i| match i {
+            LinkInfo::Kind(k) => Some(k.to_string()),
+            _ => None,
+        })
+        .unwrap_or_else(|| "none".into())
 }
 
 fn parse_address(msg: &AddressMessage) -> Option<Address> {

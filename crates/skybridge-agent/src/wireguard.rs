@@ -1,22 +1,25 @@
-//! WireGuard backends. A WireGuard interface is configured through the
-//! standard cross-platform configuration protocol (UAPI) on
-//! `/var/run/wireguard/<iface>.sock` for userspace implementations, or the
-//! kernel's generic netlink family; both are behind [`WireGuard`].
+//! What every WireGuard backend shares: the choice of implementation
+//! ([`WireGuard`]), the standard cross-platform configuration protocol (UAPI)
+//! on `/var/run/wireguard/<iface>.sock` that userspace implementations speak,
+//! and the minimal [`Delta`] both the UAPI and the kernel's generic netlink
+//! family are sent. The backends themselves are in [`crate::tunnel`].
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::SocketAddrV4;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use ipnet::Ipv4Net;
-use skybridge_core::diff::{Link, PeerConfig, WireGuardConfig};
+use skybridge_core::diff::{PeerConfig, WireGuardConfig};
+pub use skybridge_core::layout::paths::UAPI_DIR;
 
+use crate::tunnel::TunnelBackend;
+use crate::tunnel::wg_kernel::KernelBackend;
+use crate::tunnel::wg_userspace::{DataPlane, UserspaceBackend};
 pub use crate::wgkernel::KernelWireGuard;
-
-pub const UAPI_DIR: &str = "/var/run/wireguard";
 
 #[derive(Debug, thiserror::Error)]
 pub enum WireGuardError {
@@ -44,7 +47,8 @@ pub enum WireGuardError {
     Unavailable(String),
 }
 
-/// The WireGuard implementation serving this node, chosen once at start-up.
+/// Which WireGuard implementation serves this node, chosen once at start-up
+/// and turned into its [`TunnelBackend`] by [`crate::tunnel::Tunnels::new`].
 #[derive(Debug)]
 pub enum WireGuard {
     /// No data plane here: planning a WireGuard tunnel is an error that says why.
@@ -70,107 +74,30 @@ pub enum WireGuard {
 }
 
 impl WireGuard {
-    pub fn name(&self) -> &'static str {
+    /// The backend of this choice; `None` for [`WireGuard::Unavailable`].
+    pub fn into_backend(self) -> Option<Box<dyn TunnelBackend>> {
         match self {
-            WireGuard::Unavailable => "unavailable",
-            WireGuard::Kernel { .. } => "kernel",
-            WireGuard::External { .. } => "external (UAPI)",
-            WireGuard::Userspace { .. } => "userspace (gotatun)",
-        }
-    }
-
-    /// Whether this backend brings the interface's link itself ([`Self::create`]);
-    /// otherwise the caller creates a link of kind `wireguard` over rtnetlink.
-    pub fn brings_own_link(&self) -> bool {
-        matches!(
-            self,
-            WireGuard::External { .. } | WireGuard::Userspace { .. }
-        )
-    }
-
-    /// Brings the interface into existence (backends that [`Self::brings_own_link`]).
-    pub async fn create(&mut self, link: &Link) -> Result<(), WireGuardError> {
-        match self {
-            WireGuard::Unavailable | WireGuard::Kernel { .. } => {
-                Err(WireGuardError::Unavailable(link.name.clone()))
-            }
-            WireGuard::External { .. } => {
-                if Uapi::new(&link.name).exists() {
-                    Ok(())
-                } else {
-                    Err(WireGuardError::Unavailable(link.name.clone()))
-                }
-            }
-            WireGuard::Userspace { exe, state_dir, .. } => {
-                stop_dataplane(state_dir, &link.name);
-                start_dataplane(exe, state_dir, &link.name).await
-            }
-        }
-    }
-
-    /// Restarts the data plane of an existing interface whose process is gone
-    /// (the persistent TUN kept the link, its addresses and routes).
-    pub async fn revive(&mut self, name: &str) -> Result<bool, WireGuardError> {
-        match self {
-            WireGuard::Userspace { exe, state_dir, .. } if !Uapi::new(name).alive() => {
-                tracing::warn!(
-                    iface = name,
-                    "the WireGuard data plane is not running; restarting it"
-                );
-                stop_dataplane(state_dir, name);
-                start_dataplane(exe, state_dir, name).await.map(|()| true)
-            }
-            _ => Ok(false),
-        }
-    }
-
-    /// Stops whatever serves the interface, if the agent started it.
-    pub fn stop(&mut self, name: &str) -> Result<(), WireGuardError> {
-        // A kernel backend also stops a data plane left by an earlier
-        // userspace run, whose TUN link it is about to replace.
-        if let WireGuard::Userspace { state_dir, .. } | WireGuard::Kernel { state_dir, .. } = self {
-            stop_dataplane(state_dir, name);
-        }
-        Ok(())
-    }
-
-    /// The interface's configuration; `None` when it does not run with this
-    /// node's private key (not configured yet, or restarted).
-    pub async fn read(&self, name: &str) -> Result<Option<WireGuardConfig>, WireGuardError> {
-        match self {
-            WireGuard::Unavailable => Ok(None),
+            WireGuard::Unavailable => None,
             WireGuard::Kernel {
                 private_key,
                 netlink,
-                ..
-            } => Ok(netlink.get(name).await?.and_then(|(have_key, cfg)| {
-                // The kernel reports the key clamped.
-                have_key
-                    .is_some_and(|k| crate::wgkernel::same_private_key(&k, private_key))
-                    .then_some(cfg)
-            })),
-            WireGuard::External { private_key } | WireGuard::Userspace { private_key, .. } => {
-                let uapi = Uapi::new(name);
-                if !uapi.alive() {
-                    return Ok(None);
-                }
-                let (have_key, cfg) = uapi.get(name)?;
-                Ok((have_key.as_deref() == Some(private_key.as_str())).then_some(cfg))
-            }
-        }
-    }
-
-    pub async fn configure(&self, cfg: &WireGuardConfig) -> Result<(), WireGuardError> {
-        match self {
-            WireGuard::Unavailable => Err(WireGuardError::Unavailable(cfg.interface.clone())),
-            WireGuard::Kernel {
+                state_dir,
+            } => Some(Box::new(KernelBackend::new(
                 private_key,
                 netlink,
-                ..
-            } => netlink.set(private_key, cfg).await,
-            WireGuard::External { private_key } | WireGuard::Userspace { private_key, .. } => {
-                Uapi::new(&cfg.interface).set(private_key, cfg)
+                state_dir,
+            ))),
+            WireGuard::External { private_key } => {
+                Some(Box::new(UserspaceBackend::external(private_key)))
             }
+            WireGuard::Userspace {
+                private_key,
+                exe,
+                state_dir,
+            } => Some(Box::new(UserspaceBackend::own(
+                private_key,
+                DataPlane { exe, state_dir },
+            ))),
         }
     }
 }
@@ -377,86 +304,6 @@ impl<'a> Delta<'a> {
                 .collect(),
         }
     }
-}
-
-/// The pid in the data plane's pid file, if that process is still our data plane of `iface`.
-fn dataplane_pid(state_dir: &Path, iface: &str) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(crate::dataplane::pid_file(state_dir, iface))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    (args.contains(&b"wireguard-dataplane".as_slice()) && args.contains(&iface.as_bytes()))
-        .then_some(pid)
-}
-
-fn stop_dataplane(state_dir: &Path, iface: &str) {
-    use nix::sys::signal::{Signal, kill};
-    use nix::unistd::Pid;
-    let Some(pid) = dataplane_pid(state_dir, iface) else {
-        return;
-    };
-    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-    for _ in 0..100 {
-        if dataplane_pid(state_dir, iface).is_none() || kill(Pid::from_raw(pid), None).is_err() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-}
-
-async fn start_dataplane(exe: &Path, state_dir: &Path, iface: &str) -> Result<(), WireGuardError> {
-    use std::os::unix::process::CommandExt as _;
-    let io = |source| WireGuardError::Socket {
-        path: exe.to_owned(),
-        source,
-    };
-    std::fs::create_dir_all(state_dir).map_err(io)?;
-    let log_path = state_dir.join(format!("{iface}.dataplane.log"));
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(io)?;
-    let mut child = std::process::Command::new(exe)
-        .arg("wireguard-dataplane")
-        .arg("--state-dir")
-        .arg(state_dir)
-        .arg(iface)
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone().map_err(io)?)
-        .stderr(log)
-        // Its own process group: a Ctrl-C or a stop of the agent does not reach it.
-        .process_group(0)
-        .spawn()
-        .map_err(io)?;
-    let uapi = Uapi::new(iface);
-    for _ in 0..250 {
-        if uapi.alive() {
-            // Reaped by a thread so no zombie stays behind when it exits later.
-            std::thread::spawn(move || child.wait());
-            return Ok(());
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(5).collect();
-            return Err(WireGuardError::Dataplane {
-                iface: iface.to_owned(),
-                why: format!(
-                    "exited with {status}: {}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-                ),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Err(WireGuardError::Dataplane {
-        iface: iface.to_owned(),
-        why: format!("no UAPI socket after 5 s; see {}", log_path.display()),
-    })
 }
 
 /// Endpoints learned from a peer that roams (no configured endpoint) are not

@@ -15,7 +15,9 @@ use serde::Serialize;
 
 use crate::plan::{FirewallRule, IFACE_PREFIX, NodePlan, Route, Tunnel, WireGuardPeer};
 
-/// What kind of interface, with the parameters that can only be set at creation.
+/// What kind of interface, with the parameters that can only be set at
+/// creation. Made from a plan's tunnel by [`Tunnel::link_kind`]; what each
+/// kind stands for is in [`crate::transport`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum LinkKind {
@@ -178,18 +180,12 @@ impl Change {
 impl fmt::Display for Change {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let what = match &self.op {
-            Op::CreateLink { link } => format!(
-                "link {} ({}, mtu {})",
-                link.name,
-                kind_name(&link.kind),
-                link.mtu
-            ),
-            Op::RecreateLink { link } => format!(
-                "link {} ({}, mtu {})",
-                link.name,
-                kind_name(&link.kind),
-                link.mtu
-            ),
+            Op::CreateLink { link } => {
+                format!("link {} ({}, mtu {})", link.name, link.kind, link.mtu)
+            }
+            Op::RecreateLink { link } => {
+                format!("link {} ({}, mtu {})", link.name, link.kind, link.mtu)
+            }
             Op::SetMtu { link, mtu } => format!("link {link} mtu {mtu}"),
             Op::SetUp { link } => format!("link {link} up"),
             Op::DeleteLink { link } => format!("link {link}"),
@@ -209,20 +205,6 @@ impl fmt::Display for Change {
             ),
         };
         write!(f, "{} {what}  ({})", self.sign(), self.reason)
-    }
-}
-
-fn kind_name(k: &LinkKind) -> String {
-    match k {
-        LinkKind::WireGuard => "wireguard".into(),
-        LinkKind::Gre { local, remote } => format!("gre {local} -> {remote}"),
-        LinkKind::Vxlan {
-            vni,
-            local,
-            remote,
-            port,
-        } => format!("vxlan {vni} {local} -> {remote}:{port}"),
-        LinkKind::Other { name } => name.clone(),
     }
 }
 
@@ -247,40 +229,26 @@ fn route_text(r: &Route) -> String {
 pub fn desired_links(plan: &NodePlan) -> Vec<Link> {
     plan.tunnels
         .iter()
-        .map(|t| match t {
-            Tunnel::WireGuard(w) => Link {
-                name: w.name.clone(),
-                kind: LinkKind::WireGuard,
-                mtu: w.mtu,
-                up: true,
-                addresses: vec![Address {
+        .map(|t| {
+            let address = match t {
+                Tunnel::WireGuard(w) => Address {
                     local: w.address.addr(),
                     prefix_len: w.address.prefix_len(),
                     peer: None,
-                }],
-            },
-            Tunnel::Gre(p) | Tunnel::Vxlan(p) => Link {
-                name: p.name.clone(),
-                kind: match (p.vni, p.port) {
-                    (Some(vni), Some(port)) => LinkKind::Vxlan {
-                        vni,
-                        local: p.local,
-                        remote: p.remote,
-                        port,
-                    },
-                    _ => LinkKind::Gre {
-                        local: p.local,
-                        remote: p.remote,
-                    },
                 },
-                mtu: p.mtu,
-                up: true,
-                addresses: vec![Address {
+                Tunnel::Gre(p) | Tunnel::Vxlan(p) => Address {
                     local: p.address,
                     prefix_len: 32,
                     peer: Some(p.peer_address),
-                }],
-            },
+                },
+            };
+            Link {
+                name: t.name().to_owned(),
+                kind: t.link_kind(),
+                mtu: t.mtu(),
+                up: true,
+                addresses: vec![address],
+            }
         })
         .collect()
 }
@@ -377,7 +345,7 @@ pub fn diff(plan: &NodePlan, live: &Live) -> Vec<Change> {
             Some(l) if l.kind != w.kind => {
                 out.push(Change::new(
                     Op::RecreateLink { link: w.clone() },
-                    format!("is {}, planned {}", kind_name(&l.kind), kind_name(&w.kind)),
+                    format!("is {}, planned {}", l.kind, w.kind),
                 ));
                 for a in &w.addresses {
                     out.push(Change::new(

@@ -20,6 +20,7 @@ pub mod plan;
 pub mod spec;
 pub mod state;
 pub mod table;
+pub mod transport;
 pub mod validate;
 
 pub use diag::{Diagnostic, Pos, Severity};

@@ -20,6 +20,7 @@ use serde::Serialize;
 
 use crate::model::{Cluster, Granularity, Nat, Node, Site, Transport};
 use crate::state::State;
+use crate::transport::{Interfaces, PairParams, mss};
 use crate::validate::is_member;
 
 pub use crate::layout::marks::{FIREWALL_TABLE, IFACE_PREFIX, ROUTE_METRIC, WG_IFACE};
@@ -240,15 +241,60 @@ pub enum FirewallRule {
 }
 
 impl FirewallRule {
-    /// A short stable identifier of the rule's content (FNV-1a of its text),
-    /// stored as the rule's comment in the live firewall so that the agent can
-    /// tell which of its rules are present without parsing the ruleset back.
+    /// A short stable identifier of the rule's content, stored as the rule's
+    /// comment in the live firewall so that the agent can tell which of its
+    /// rules are present without parsing the ruleset back. FNV-1a of
+    /// [`Self::identity`]: nodes in the field compare these, so neither may
+    /// change for a rule whose fields did not.
     pub fn fingerprint(&self) -> String {
-        let text = crate::table::RuleLine(self).to_string();
-        let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
+        let hash = self
+            .identity()
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
         format!("sb:{hash:016x}")
+    }
+
+    /// The rule's fields in a fixed text encoding, the input of
+    /// [`Self::fingerprint`]. It is its own function, not the `plan` table's
+    /// line, so that rewording that table cannot replace every node's
+    /// firewall. It reads like the table because it was the table's text
+    /// when fingerprints were first handed out; it must not follow the
+    /// table from now on (a test pins it).
+    fn identity(&self) -> String {
+        fn list<T: fmt::Display>(items: &[T]) -> String {
+            items
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+        match self {
+            FirewallRule::ForwardAccept {
+                direction: Direction::In,
+            } => "forward     accept from sb-*".to_owned(),
+            FirewallRule::ForwardAccept {
+                direction: Direction::Out,
+            } => "forward     accept to sb-*".to_owned(),
+            FirewallRule::MasqueradeIntoTunnels { sources, to } => {
+                format!("postrouting snat to sb-* from {} to {to}", list(sources))
+            }
+            FirewallRule::MasqueradeFromTunnels { destinations } => {
+                format!("postrouting masquerade from sb-* to {}", list(destinations))
+            }
+            FirewallRule::ClampMss { mss } => format!("forward     clamp TCP MSS to {mss} to sb-*"),
+            FirewallRule::AcceptTunnel { transport, sources } => {
+                let what = match transport {
+                    TunnelProtocol::Udp { port } => format!("udp dport {port}"),
+                    TunnelProtocol::Gre => "gre".to_owned(),
+                };
+                match sources {
+                    Some(ips) => format!("input       accept {what} from {}", list(ips)),
+                    None => format!("input       accept {what} from any (a peer is behind NAT)"),
+                }
+            }
+        }
     }
 }
 
@@ -331,11 +377,25 @@ pub fn plan(cluster: &Cluster, state: &State) -> ClusterPlan {
     }
 }
 
-fn pool_addresses(pool: Ipv4Net) -> impl Iterator<Item = Ipv4Addr> {
+/// The first and last address of the pool that can be handed out: all of
+/// them in a /31 or /32, which have no network and broadcast address.
+fn pool_range(pool: Ipv4Net) -> (u32, u32) {
     let skip_edges = pool.prefix_len() <= 30;
-    let first = u32::from(pool.network()) + u32::from(skip_edges);
-    let last = u32::from(pool.broadcast()) - u32::from(skip_edges);
+    (
+        u32::from(pool.network()) + u32::from(skip_edges),
+        u32::from(pool.broadcast()) - u32::from(skip_edges),
+    )
+}
+
+fn pool_addresses(pool: Ipv4Net) -> impl Iterator<Item = Ipv4Addr> {
+    let (first, last) = pool_range(pool);
     (first..=last).map(Ipv4Addr::from)
+}
+
+/// How many tunnel ends the pool can address: what [`plan`] hands out.
+pub fn pool_capacity(pool: Ipv4Net) -> u64 {
+    let (first, last) = pool_range(pool);
+    u64::from(last - first) + 1
 }
 
 /// MTU of each site's WireGuard interface: one interface talks to every other
@@ -414,11 +474,7 @@ impl Ctx<'_> {
     fn tunnel_name(&self, peer: usize) -> String {
         let host = u32::from(self.members[peer].address)
             - u32::from(self.cluster.network.tunnel_pool.network());
-        match self.transport() {
-            Transport::WireGuard => WG_IFACE.to_owned(),
-            Transport::Gre => format!("{IFACE_PREFIX}gre-{host}"),
-            Transport::Vxlan => format!("{IFACE_PREFIX}vx-{host}"),
-        }
+        self.transport().interface(host)
     }
 
     /// The VNI of the tunnel between two members: a triangular index of the
@@ -483,32 +539,33 @@ impl Ctx<'_> {
             return;
         }
 
-        match self.transport() {
-            Transport::WireGuard => {
-                let mut peers = Vec::new();
-                for p in self.peers(mi) {
-                    let peer = &self.members[p];
-                    let behind = self.behind[p].clone();
-                    if routes_own_traffic {
-                        for dest in &behind {
-                            plan.routes.push(Route {
-                                destination: *dest,
-                                via: None,
-                                device: Some(WG_IFACE.to_owned()),
-                                source: Some(me.node.private_ip),
-                                mtu: None,
-                                metric: ROUTE_METRIC,
-                                to: route_target(&self.cluster.sites[peer.site], peer.node),
-                            });
-                        }
-                    }
+        let facts = self.transport().facts();
+        let mut wg_peers = Vec::new();
+        for p in self.peers(mi) {
+            let peer = &self.members[p];
+            let device = self.tunnel_name(p);
+            if routes_own_traffic {
+                for &dest in &self.behind[p] {
+                    plan.routes.push(Route {
+                        destination: dest,
+                        via: facts.next_hop_is_peer.then_some(peer.address),
+                        device: Some(device.clone()),
+                        source: Some(me.node.private_ip),
+                        mtu: None,
+                        metric: ROUTE_METRIC,
+                        to: route_target(&self.cluster.sites[peer.site], peer.node),
+                    });
+                }
+            }
+            match peer.node.public {
+                Some(ep) => peer_ips.push(ep.ip),
+                None => any_peer_hidden = true,
+            }
+            match facts.interfaces {
+                Interfaces::Shared { .. } => {
                     let mut allowed = vec![Ipv4Net::from(peer.address)];
-                    allowed.extend(behind);
-                    match peer.node.public {
-                        Some(ep) => peer_ips.push(ep.ip),
-                        None => any_peer_hidden = true,
-                    }
-                    peers.push(WireGuardPeer {
+                    allowed.extend(self.behind[p].iter().copied());
+                    wg_peers.push(WireGuardPeer {
                         node: peer.node.name.clone(),
                         public_key: self.state.public_keys.get(&peer.node.name).cloned(),
                         endpoint: peer.node.public.map(|ep| ep.socket(net.listen_port)),
@@ -517,63 +574,43 @@ impl Ctx<'_> {
                             .then_some(net.persistent_keepalive),
                     });
                 }
-                plan.tunnels.push(Tunnel::WireGuard(WireGuardTunnel {
-                    name: WG_IFACE.to_owned(),
-                    address: Ipv4Net::new(me.address, net.tunnel_pool.prefix_len())
-                        .expect("pool prefix is valid"),
-                    listen_port: me
-                        .node
-                        .public
-                        .and_then(|ep| ep.port)
-                        .unwrap_or(net.listen_port),
-                    mtu: self.wg_mtu[me.site],
-                    peers,
-                }));
-            }
-            Transport::Gre | Transport::Vxlan => {
-                for p in self.peers(mi) {
-                    let peer = &self.members[p];
-                    let name = self.tunnel_name(p);
-                    let remote = peer
-                        .node
-                        .public
-                        .expect("validated: gre/vxlan ends have public IPs")
-                        .ip;
-                    peer_ips.push(remote);
-                    if routes_own_traffic {
-                        for &dest in &self.behind[p] {
-                            plan.routes.push(Route {
-                                destination: dest,
-                                // VXLAN is an Ethernet link: without a next hop the kernel
-                                // would ARP for every remote host and nobody answers.
-                                via: (self.transport() == Transport::Vxlan).then_some(peer.address),
-                                device: Some(name.clone()),
-                                source: Some(me.node.private_ip),
-                                mtu: None,
-                                metric: ROUTE_METRIC,
-                                to: route_target(&self.cluster.sites[peer.site], peer.node),
-                            });
-                        }
-                    }
-                    let vxlan = self.transport() == Transport::Vxlan;
-                    let t = PointToPoint {
-                        name,
+                Interfaces::PerPeer { tunnel, .. } => {
+                    let ends = PointToPoint {
+                        name: device,
                         peer: peer.node.name.clone(),
                         local: me.node.private_ip,
-                        remote,
+                        remote: peer
+                            .node
+                            .public
+                            .expect("validated: point-to-point ends have public IPs")
+                            .ip,
                         address: me.address,
                         peer_address: peer.address,
                         mtu: self.ptp_mtu(me.site, peer.site),
-                        vni: vxlan.then(|| Self::vni(mi, p)),
-                        port: vxlan.then_some(net.listen_port),
+                        vni: None,
+                        port: None,
                     };
-                    plan.tunnels.push(if vxlan {
-                        Tunnel::Vxlan(t)
-                    } else {
-                        Tunnel::Gre(t)
-                    });
+                    let pair = PairParams {
+                        pair_id: Self::vni(mi, p),
+                        port: net.listen_port,
+                    };
+                    plan.tunnels.push(tunnel(ends, pair));
                 }
             }
+        }
+        if let Interfaces::Shared { name } = facts.interfaces {
+            plan.tunnels.push(Tunnel::WireGuard(WireGuardTunnel {
+                name: name.to_owned(),
+                address: Ipv4Net::new(me.address, net.tunnel_pool.prefix_len())
+                    .expect("pool prefix is valid"),
+                listen_port: me
+                    .node
+                    .public
+                    .and_then(|ep| ep.port)
+                    .unwrap_or(net.listen_port),
+                mtu: self.wg_mtu[me.site],
+                peers: wg_peers,
+            }));
         }
         plan.sysctls.push(Sysctl {
             key: "net.ipv4.ip_forward".into(),
@@ -610,22 +647,18 @@ impl Ctx<'_> {
                 destinations: local,
             });
         }
-        let min_mtu = plan.tunnels.iter().map(Tunnel::mtu).min().unwrap_or(1500);
+        let min_mtu = plan
+            .tunnels
+            .iter()
+            .map(Tunnel::mtu)
+            .min()
+            .expect("a node with peers has a tunnel");
         plan.firewall
-            .push(FirewallRule::ClampMss { mss: min_mtu - 40 });
+            .push(FirewallRule::ClampMss { mss: mss(min_mtu) });
         peer_ips.sort();
         peer_ips.dedup();
-        let transport = match self.transport() {
-            Transport::WireGuard => TunnelProtocol::Udp {
-                port: net.listen_port,
-            },
-            Transport::Vxlan => TunnelProtocol::Udp {
-                port: net.listen_port,
-            },
-            Transport::Gre => TunnelProtocol::Gre,
-        };
         plan.firewall.push(FirewallRule::AcceptTunnel {
-            transport,
+            transport: facts.underlay.protocol(net.listen_port),
             sources: (!any_peer_hidden).then_some(peer_ips),
         });
     }
@@ -654,9 +687,9 @@ impl Ctx<'_> {
         };
         for p in self.peers(gmi) {
             let peer = &self.members[p];
-            let mtu = match self.transport() {
-                Transport::WireGuard => self.wg_mtu[si],
-                _ => self.ptp_mtu(si, peer.site),
+            let mtu = match self.transport().facts().interfaces {
+                Interfaces::Shared { .. } => self.wg_mtu[si],
+                Interfaces::PerPeer { .. } => self.ptp_mtu(si, peer.site),
             };
             for &dest in &self.behind[p] {
                 route(
@@ -671,4 +704,118 @@ impl Ctx<'_> {
 
 fn route_target(site: &Site, node: &Node) -> String {
     format!("site {} via {}", site.name, node.name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fingerprints handed out before the identity had its own encoding:
+    /// nodes in the field hold these in their firewalls, so the same rule
+    /// must keep its fingerprint or every node would replace its table.
+    #[test]
+    fn fingerprints_of_unchanged_rules_never_change() {
+        let nets = |v: &[&str]| -> Vec<Ipv4Net> { v.iter().map(|n| n.parse().unwrap()).collect() };
+        let local = nets(&["10.0.0.0/16", "10.244.1.0/24"]);
+        let cases = [
+            (
+                FirewallRule::ForwardAccept {
+                    direction: Direction::In,
+                },
+                "sb:004534c0f27dcb28",
+            ),
+            (
+                FirewallRule::ForwardAccept {
+                    direction: Direction::Out,
+                },
+                "sb:46b48f2555fdc74f",
+            ),
+            (
+                FirewallRule::MasqueradeIntoTunnels {
+                    sources: local.clone(),
+                    to: "10.0.0.5".parse().unwrap(),
+                },
+                "sb:9c37364a7d4d773f",
+            ),
+            (
+                FirewallRule::MasqueradeFromTunnels {
+                    destinations: local,
+                },
+                "sb:0f45889b35b97e9e",
+            ),
+            (FirewallRule::ClampMss { mss: 1380 }, "sb:9b2409e5e302899d"),
+            (
+                FirewallRule::AcceptTunnel {
+                    transport: TunnelProtocol::Udp { port: 51820 },
+                    sources: Some(vec![
+                        "192.0.2.1".parse().unwrap(),
+                        "198.51.100.7".parse().unwrap(),
+                    ]),
+                },
+                "sb:060e5c106103ebec",
+            ),
+            (
+                FirewallRule::AcceptTunnel {
+                    transport: TunnelProtocol::Udp { port: 4789 },
+                    sources: None,
+                },
+                "sb:55958abd1c6212be",
+            ),
+            (
+                FirewallRule::AcceptTunnel {
+                    transport: TunnelProtocol::Gre,
+                    sources: Some(vec!["203.0.113.9".parse().unwrap()]),
+                },
+                "sb:d08dcae2bec213ea",
+            ),
+            (
+                FirewallRule::AcceptTunnel {
+                    transport: TunnelProtocol::Gre,
+                    sources: None,
+                },
+                "sb:898a33ed58c4cede",
+            ),
+        ];
+        for (rule, fingerprint) in cases {
+            assert_eq!(rule.fingerprint(), fingerprint, "{rule:?}");
+        }
+    }
+
+    #[test]
+    fn rules_that_differ_in_any_field_have_different_fingerprints() {
+        let a = FirewallRule::ClampMss { mss: 1380 };
+        let b = FirewallRule::ClampMss { mss: 1381 };
+        let c = FirewallRule::AcceptTunnel {
+            transport: TunnelProtocol::Udp { port: 1380 },
+            sources: None,
+        };
+        let d = FirewallRule::AcceptTunnel {
+            transport: TunnelProtocol::Udp { port: 1380 },
+            sources: Some(Vec::new()),
+        };
+        let all = [a, b, c, d].map(|r| r.fingerprint());
+        for (i, x) in all.iter().enumerate() {
+            for y in &all[i + 1..] {
+                assert_ne!(x, y);
+            }
+        }
+    }
+
+    #[test]
+    fn pool_capacity_counts_what_the_planner_hands_out() {
+        for pool in [
+            "10.99.0.0/24",
+            "10.99.0.0/30",
+            "10.99.0.0/31",
+            "10.99.0.1/32",
+        ] {
+            let pool: Ipv4Net = pool.parse().unwrap();
+            assert_eq!(
+                pool_capacity(pool),
+                pool_addresses(pool).count() as u64,
+                "{pool}"
+            );
+        }
+        assert_eq!(pool_capacity("10.99.0.0/24".parse().unwrap()), 254);
+    }
 }

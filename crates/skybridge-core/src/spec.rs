@@ -144,28 +144,7 @@ pub enum Transport {
     Vxlan,
 }
 
-impl Transport {
-    /// Bytes of encapsulation over IPv4, subtracted from the underlay MTU.
-    pub fn overhead(self) -> u32 {
-        match self {
-            Transport::WireGuard => 60,
-            Transport::Gre => 24,
-            Transport::Vxlan => 50,
-        }
-    }
-
-    pub fn is_encrypted(self) -> bool {
-        self == Transport::WireGuard
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Transport::WireGuard => "wireguard",
-            Transport::Gre => "gre",
-            Transport::Vxlan => "vxlan",
-        }
-    }
-}
+// What each transport is and costs: `crate::transport`.
 
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize,

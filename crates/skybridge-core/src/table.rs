@@ -164,7 +164,7 @@ fn nets(list: &[ipnet::Ipv4Net]) -> String {
         .join(", ")
 }
 
-/// One firewall rule as a line of text; also the input of its fingerprint.
+/// One firewall rule as a line of text (its fingerprint does not depend on it).
 pub(crate) struct RuleLine<'a>(pub(crate) &'a FirewallRule);
 
 impl fmt::Display for RuleLine<'_> {

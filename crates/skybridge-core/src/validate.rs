@@ -508,20 +508,17 @@ pub fn is_member(granularity: Granularity, site: &Site, index: usize, node: &Nod
     site.is_gateway_candidate(index) || (granularity == Granularity::Node && node.public.is_some())
 }
 
-/// Addresses of the pool that can be handed out (network and broadcast
-/// excluded where the prefix has them).
-pub fn pool_capacity(pool: Ipv4Net) -> u64 {
-    match pool.prefix_len() {
-        32 => 1,
-        31 => 2,
-        p => (1u64 << (32 - p)) - 2,
-    }
-}
+/// How many tunnel ends a pool can address, defined beside the planner that
+/// hands the addresses out.
+pub use crate::plan::pool_capacity;
 
 fn needed_prefix(ends: u64) -> u8 {
     (1..=30u8)
         .rev()
-        .find(|&p| (1u64 << (32 - p)) - 2 >= ends)
+        .find(|&p| {
+            let pool = Ipv4Net::new(Ipv4Addr::UNSPECIFIED, p).expect("prefix is at most 30");
+            pool_capacity(pool) >= ends
+        })
         .unwrap_or(8)
 }
 

@@ -2,7 +2,6 @@
 //! and the questions every format asks of a node plan.
 
 use std::fmt::Display;
-use std::net::Ipv4Addr;
 
 use skybridge_core::ClusterPlan;
 use skybridge_core::NodePlan;
@@ -95,7 +94,7 @@ pub(crate) fn has_work(node: &NodePlan) -> bool {
 pub(crate) fn wireguard_tunnel(node: &NodePlan) -> Option<&WireGuardTunnel> {
     node.tunnels.iter().find_map(|t| match t {
         Tunnel::WireGuard(w) => Some(w),
-        Tunnel::Gre(_) | Tunnel::Vxlan(_) => None,
+        _ => None,
     })
 }
 
@@ -131,25 +130,13 @@ pub(crate) fn unknown_key_note(peer: &WireGuardPeer) -> [String; 3] {
     ]
 }
 
-/// The next hop of a route. The plan routes into a tunnel by device alone,
-/// which is right for GRE and WireGuard (layer 3, no neighbours); a VXLAN
-/// device is an Ethernet link, where a route without a gateway makes the
-/// kernel ARP for every remote host and nobody answers, so traffic into a
-/// VXLAN tunnel goes via the far end's tunnel address.
-pub(crate) fn next_hop(route: &Route, node: &NodePlan) -> Option<Ipv4Addr> {
-    route.via.or_else(|| {
-        let device = route.device.as_deref()?;
-        node.tunnels.iter().find_map(|t| match t {
-            Tunnel::Vxlan(p) if p.name == device => Some(p.peer_address),
-            _ => None,
-        })
-    })
-}
-
 /// A route in `ip route` syntax: what `ip route replace` takes.
-pub(crate) fn ip_route(route: &Route, node: &NodePlan) -> String {
+///
+/// The plan already names the next hop where a tunnel's link needs one
+/// ([`skybridge_core::transport::Facts::next_hop_is_peer`]).
+pub(crate) fn ip_route(route: &Route) -> String {
     let mut s = route.destination.to_string();
-    if let Some(via) = next_hop(route, node) {
+    if let Some(via) = route.via {
         s.push_str(&format!(" via {via}"));
     }
     if let Some(dev) = &route.device {
@@ -168,9 +155,9 @@ pub(crate) fn ip_route(route: &Route, node: &NodePlan) -> String {
 /// The part of a route that identifies it to `ip route del`: destination,
 /// next hop, device and metric, so an operator's route to the same network
 /// (another metric or gateway) is left alone.
-pub(crate) fn ip_route_key(route: &Route, node: &NodePlan) -> String {
+pub(crate) fn ip_route_key(route: &Route) -> String {
     let mut s = route.destination.to_string();
-    if let Some(via) = next_hop(route, node) {
+    if let Some(via) = route.via {
         s.push_str(&format!(" via {via}"));
     }
     if let Some(dev) = &route.device {

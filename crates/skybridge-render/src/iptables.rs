@@ -100,7 +100,7 @@ fn rule(r: &FirewallRule) -> Vec<((&'static str, &'static str), String)> {
             let what = match transport {
                 TunnelProtocol::Udp { port } => format!("-p udp --dport {port}"),
                 // By number: a host without /etc/protocols (no netbase) cannot resolve "gre".
-                TunnelProtocol::Gre => "-p 47".to_owned(),
+                TunnelProtocol::Gre => format!("-p {}", transport.ip_protocol()),
             };
             match sources {
                 None => vec![(INPUT, format!("{what} -j ACCEPT"))],

@@ -11,9 +11,7 @@
 use skybridge_core::plan::{PointToPoint, Route, Tunnel, WireGuardTunnel};
 use skybridge_core::{ClusterPlan, NodePlan};
 
-use crate::common::{
-    PUBLIC, Text, file, header, join, next_hop, private_key_file, unknown_key_note,
-};
+use crate::common::{PUBLIC, Text, file, header, join, private_key_file, unknown_key_note};
 use crate::{File, KEY_PATH, PrivateKeys, nftables};
 
 const NETWORK_DIR: &str = "/etc/systemd/network";
@@ -70,14 +68,7 @@ fn netdev(plan: &ClusterPlan, node: &NodePlan, tunnel: &Tunnel) -> String {
     install_note(&mut t, tunnel.name());
     t.line("[NetDev]");
     t.line(format!("Name={}", tunnel.name()));
-    t.line(format!(
-        "Kind={}",
-        match tunnel {
-            Tunnel::WireGuard(_) => "wireguard",
-            Tunnel::Gre(_) => "gre",
-            Tunnel::Vxlan(_) => "vxlan",
-        }
-    ));
+    t.line(format!("Kind={}", tunnel.transport().as_str()));
     t.line(format!("MTUBytes={}", tunnel.mtu()));
     t.blank();
     match tunnel {
@@ -178,15 +169,15 @@ fn network(plan: &ClusterPlan, node: &NodePlan, tunnel: &Tunnel) -> String {
         .filter(|r| r.device.as_deref() == Some(tunnel.name()))
     {
         t.blank();
-        t.lines(route(r, node));
+        t.lines(route(r));
     }
     t.finish()
 }
 
 /// A `[Route]` section, with what it leads to as a comment.
-fn route(r: &Route, node: &NodePlan) -> Vec<String> {
+fn route(r: &Route) -> Vec<String> {
     let mut v = vec![format!("# {}", r.to), "[Route]".to_owned()];
-    v.extend(next_hop(r, node).map(|g| format!("Gateway={g}")));
+    v.extend(r.via.map(|g| format!("Gateway={g}")));
     v.push(format!("Destination={}", r.destination));
     v.extend(r.source.map(|s| format!("PreferredSource={s}")));
     v.extend(r.mtu.map(|m| format!("MTUBytes={m}")));
@@ -219,7 +210,7 @@ fn uplink_dropin(plan: &ClusterPlan, node: &NodePlan) -> Option<String> {
     t.comment("(`networkctl status <interface>` names the file), then `networkctl reload`.");
     for r in routes {
         t.blank();
-        t.lines(route(r, node));
+        t.lines(route(r));
     }
     Some(t.finish())
 }

@@ -190,7 +190,7 @@ fn rule(r: &FirewallRule) -> Option<(Chain, Vec<String>)> {
             let what = match transport {
                 TunnelProtocol::Udp { port } => format!("udp dport {port}"),
                 // By number: a host without /etc/protocols (no netbase) cannot resolve "gre".
-                TunnelProtocol::Gre => "ip protocol 47".to_owned(),
+                TunnelProtocol::Gre => format!("ip protocol {}", transport.ip_protocol()),
             };
             // From the known peers only: the rest of the tunnel's traffic is dropped.
             let lines = match sources {

@@ -86,11 +86,7 @@ fn up_body(node: &NodePlan) -> Vec<String> {
             "# Routes (metric {ROUTE_METRIC}: an operator's own route to the same network wins)"
         ));
         for r in &node.routes {
-            up.push(format!(
-                "ip route replace {}  # {}",
-                ip_route(r, node),
-                r.to
-            ));
+            up.push(format!("ip route replace {}  # {}", ip_route(r), r.to));
         }
         up.push(String::new());
     }
@@ -132,7 +128,7 @@ fn down_body(node: &NodePlan) -> Vec<String> {
     let mut down: Vec<String> = node
         .routes
         .iter()
-        .map(|r| format!("route_del {}", ip_route_key(r, node)))
+        .map(|r| format!("route_del {}", ip_route_key(r)))
         .collect();
     for (table, chain, hook, _) in iptables_chains(&node.firewall) {
         down.push(format!("chain_del {table} {chain} {hook}"));

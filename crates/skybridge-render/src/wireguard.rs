@@ -104,13 +104,13 @@ fn hooks(node: &NodePlan, wg: &WireGuardTunnel) -> Vec<String> {
         })
         .collect();
     for r in &node.routes {
-        v.push(format!("PostUp = ip route replace {}", ip_route(r, node)));
+        v.push(format!("PostUp = ip route replace {}", ip_route(r)));
     }
     for r in &node.routes {
         if r.device.as_deref() != Some(wg.name.as_str()) {
             v.push(format!(
                 "PreDown = ip route del {} || true",
-                ip_route_key(r, node)
+                ip_route_key(r)
             ));
         }
     }
