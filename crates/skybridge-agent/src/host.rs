@@ -69,6 +69,8 @@ pub struct LinuxHost {
     state_dir: PathBuf,
     /// The interface holding the node's private IP, as of the last read.
     uplink: Option<String>,
+    /// SSH ports besides 22 whose sessions the reconciler must not cut.
+    ssh_ports: Vec<u16>,
 }
 
 impl LinuxHost {
@@ -95,7 +97,15 @@ impl LinuxHost {
             tunnels,
             state_dir,
             uplink: None,
+            ssh_ports: Vec::new(),
         }
+    }
+
+    /// Also guards sessions to `port` (the node's `ssh.port`).
+    #[must_use]
+    pub fn guarding_ssh_port(mut self, port: Option<u16>) -> Self {
+        self.ssh_ports.extend(port);
+        self
     }
 
     /// Netlink requests sent and messages received so far.
@@ -275,7 +285,7 @@ impl Host for LinuxHost {
     }
 
     fn ssh_peers(&self) -> Vec<std::net::Ipv4Addr> {
-        crate::ssh::peers()
+        crate::ssh::peers(&self.ssh_ports)
     }
 }
 

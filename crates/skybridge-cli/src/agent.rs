@@ -262,7 +262,17 @@ fn node_plan(args: &NodeArgs) -> Result<NodePlan, String> {
 }
 
 async fn host(args: &NodeArgs, plan: &NodePlan) -> Result<LinuxHost> {
-    Ok(backend::linux_host(args.backends(), plan, &args.state_dir).await?)
+    Ok(backend::linux_host(args.backends(), plan, &args.state_dir)
+        .await?
+        .guarding_ssh_port(ssh_port(args)))
+}
+
+/// The node's `ssh.port` in the cluster file: the SSH guard protects the
+/// sessions on it as well as those on 22.
+fn ssh_port(args: &NodeArgs) -> Option<u16> {
+    let source = std::fs::read_to_string(args.cluster.as_deref()?).ok()?;
+    let cluster = skybridge_core::load(&source).ok()?.cluster;
+    cluster.node(args.node.as_deref()?)?.1.ssh.as_ref()?.port
 }
 
 fn print_report(node: &str, r: &Report, dry_run: bool) {

@@ -240,6 +240,39 @@ fn agent_once_converges_the_tunnel_and_a_second_run_changes_nothing() {
 }
 
 #[test]
+fn a_vlan_uplink_gets_its_sysctls_and_converges() {
+    if !root_or_skip("a_vlan_uplink") || !nft_available("a_vlan_uplink") {
+        return;
+    }
+    let w = World::new("vxlan");
+    // The private IP on an interface named like a VLAN (`eth0.100`): the dot
+    // in the name is what matters, and this machine's kernel has neither
+    // 8021q nor dummy links, so one end of a veth pair carries the name.
+    let vlan = "sbt-veth.100";
+    w.a.ip(&[
+        "link",
+        "add",
+        vlan,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "sbt-vlpeer",
+    ]);
+    w.a.ip(&["link", "set", "sbt-vlpeer", "up"]);
+    w.a.ip(&["link", "set", vlan, "up"]);
+    w.a.ip(&["addr", "del", &format!("{A_PRIVATE}/24"), "dev", "sbt-veth"]);
+    w.a.ip(&["addr", "add", &format!("{A_PRIVATE}/24"), "dev", vlan]);
+    let redirects = format!("/proc/sys/net/ipv4/conf/{vlan}/send_redirects");
+    assert_eq!(w.a.ok(&["cat", &redirects]).trim(), "1");
+
+    w.agent_ok("gw-a", &["--once"]);
+    assert_eq!(w.a.ok(&["cat", &redirects]).trim(), "0");
+    let second = w.agent_ok("gw-a", &["--once"]);
+    assert!(second.contains("gw-a: converged, no changes"), "{second}");
+}
+
+#[test]
 fn dry_run_changes_nothing() {
     if !root_or_skip("dry_run_changes_nothing") || !nft_available("dry_run_changes_nothing") {
         return;
