@@ -257,7 +257,7 @@ impl NodeHost for Machine {
             .and_then(|()| f.write_all(contents))
             .and_then(|()| f.sync_all())
             .map_err(|e| io_err("writing", e))?;
-        std::fs::rename(&tmp, &target).map_err(|e| {
+        std::fs::rename(&tmp, target).map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
             io_err("replacing", e)
         })
