@@ -31,6 +31,45 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null && ! apt-cache show --n
   apt-get update -qq
 fi
 
+# A test whose prerequisite is missing records itself here (the test kit,
+# crates/skybridge-cli/tests/support/kit.rs); under CI (`CI` set) it fails
+# instead. The list ends the output, so a skip never reads as a pass.
+skipped=$(mktemp -t skybridge-skipped.XXXXXX)
+log=$(mktemp -t skybridge-test-log.XXXXXX)
+export SKYBRIDGE_SKIPPED_FILE="$skipped"
+started=$SECONDS
+
+summary() {
+  local status=$?
+  if [ -s "$log" ]; then
+    # libtest ends every suite with "finished in N s"; cargo names the suite
+    # on the line before its tests run.
+    echo
+    echo "wall time per test suite:"
+    awk '
+      /^ *Running / {
+        bin = $NF; gsub(/[()]/, "", bin); sub(/.*\//, "", bin); sub(/-[0-9a-f]+$/, "", bin)
+        suite = bin " (" ($2 == "unittests" ? $3 : $2) ")"
+      }
+      /^ *Doc-tests / { suite = "doc-tests " $2 }
+      /^test result:/ {
+        for (i = 1; i <= NF; i++) if ($i == "in") t = $(i + 1)
+        sub(/s$/, "", t)
+        printf "  %8.1f s  %s\n", t, suite
+      }' "$log" | sort -rn
+  fi
+  echo "whole test command: $(( (SECONDS - started) / 60 )) min $(( (SECONDS - started) % 60 )) s"
+  if [ -s "$skipped" ]; then
+    echo
+    echo "SKIPPED ($(wc -l <"$skipped") test(s); they did not run here):"
+    sort "$skipped" | sed 's/^/  /'
+  fi
+  rm -f "$skipped" "$log"
+  exit "$status"
+}
+trap summary EXIT
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked
+# --no-fail-fast: one failing suite must not hide the others' results (or skips).
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"

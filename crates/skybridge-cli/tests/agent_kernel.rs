@@ -2,15 +2,23 @@
 //!
 //! World: two gateways, `gw-a` (site a, 10.1.0.0/24) and `gw-b` (site b,
 //! 10.2.0.0/24), joined by a veth "internet" on which they hold their
-//! documentation-range public IPs. Tunnels are VXLAN: this machine's kernel
-//! has VXLAN but neither GRE nor WireGuard (those are covered in VMs).
+//! documentation-range public IPs. Tunnels are VXLAN or Skybridge's
+//! userspace WireGuard, which every kernel runs; kernel GRE and kernel
+//! WireGuard are covered in VMs (`lab_vm.rs`). Where this file meets them,
+//! it holds with and without the module: the module's absence is a
+//! condition the agent must report, not a reason to skip.
 
 mod support;
 
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use support::{Netns, root_or_skip, skybridge, wire, within};
+use skybridge_core::layout::marks;
+use support::{Netns, kernel_has, skybridge, unmet, wire, within, without_fallback_devices};
+
+/// The data plane the WireGuard tests mean. Without it the agent picks the
+/// kernel's where the module exists, and the test would test that instead.
+const USERSPACE: [&str; 2] = ["--wireguard", "userspace"];
 
 const A_PRIVATE: &str = "10.1.0.1";
 const B_PRIVATE: &str = "10.2.0.1";
@@ -150,7 +158,7 @@ impl World {
         text
     }
 
-    fn daemon(&self, node: &str) -> Daemon {
+    fn daemon(&self, node: &str, extra: &[&str]) -> Daemon {
         let child = self
             .ns(node)
             .command(&skybridge())
@@ -158,6 +166,7 @@ impl World {
             .arg(self.dir.path().join("cluster.yaml"))
             .args(["--node", node, "--interval", "30", "--state-dir"])
             .arg(self.dir.path().join(node))
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -175,32 +184,21 @@ impl Drop for Daemon {
     }
 }
 
-/// Everything an agent could touch in a namespace, as text.
+/// Everything an agent could touch in a namespace, as text (without the
+/// devices a module loaded meanwhile by another test adds by itself).
 fn dump(ns: &Netns) -> String {
     let mut s = String::new();
-    s += &ns.ok(&["ip", "-j", "-d", "link", "show"]);
-    s += &ns.ok(&["ip", "-j", "addr", "show"]);
+    s += &without_fallback_devices(&ns.ok(&["ip", "-o", "-d", "link", "show"]));
+    s += &ns.ok(&["ip", "-o", "addr", "show"]);
     s += &ns.ok(&["ip", "-j", "route", "show", "table", "all"]);
     s += &ns.ok(&["nft", "list", "ruleset"]);
     s += &ns.ok(&["sysctl", "-n", "net.ipv4.ip_forward"]);
     s
 }
 
-fn nft_available(test: &str) -> bool {
-    if std::process::Command::new("nft")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIPPED {test}: nft is not installed (scripts/test.sh installs nftables)");
-        return false;
-    }
-    true
-}
-
 #[test]
 fn agent_once_converges_the_tunnel_and_a_second_run_changes_nothing() {
-    if !root_or_skip("agent_once_converges") || !nft_available("agent_once_converges") {
+    if unmet(&["nft"]) {
         return;
     }
     let w = World::new("vxlan");
@@ -217,12 +215,14 @@ fn agent_once_converges_the_tunnel_and_a_second_run_changes_nothing() {
         links.contains("\"mtu\":1450") && links.contains("\"id\":1"),
         "{links}"
     );
-    let routes = w.a.ok(&["ip", "route", "show", "proto", "83"]);
+    let proto = marks::ROUTE_PROTOCOL.to_string();
+    let routes = w.a.ok(&["ip", "route", "show", "proto", &proto]);
     assert!(
         routes.contains("10.2.0.0/24 via 100.96.0.2 dev sb-vx-2"),
         "{routes}"
     );
-    let rules = w.a.ok(&["nft", "-j", "list", "table", "ip", "skybridge"]);
+    let rules =
+        w.a.ok(&["nft", "-j", "list", "table", "ip", marks::FIREWALL_TABLE]);
     assert!(
         rules.contains("masquerade") && rules.contains("sb:"),
         "{rules}"
@@ -274,7 +274,7 @@ fn a_vlan_uplink_gets_its_sysctls_and_converges() {
 
 #[test]
 fn dry_run_changes_nothing() {
-    if !root_or_skip("dry_run_changes_nothing") || !nft_available("dry_run_changes_nothing") {
+    if unmet(&["nft"]) {
         return;
     }
     let w = World::new("vxlan");
@@ -289,7 +289,7 @@ fn dry_run_changes_nothing() {
 
 #[test]
 fn agent_down_leaves_the_namespace_as_it_was() {
-    if !root_or_skip("agent_down_leaves_the_namespace_as_it_was") || !nft_available("agent_down") {
+    if unmet(&["nft"]) {
         return;
     }
     let w = World::new("vxlan");
@@ -307,9 +307,7 @@ fn agent_down_leaves_the_namespace_as_it_was() {
 
 #[test]
 fn foreign_routes_and_rules_survive_reconcile_and_down() {
-    if !root_or_skip("foreign_routes_and_rules_survive")
-        || !nft_available("foreign_routes_and_rules_survive")
-    {
+    if unmet(&["nft"]) {
         return;
     }
     let w = World::new("vxlan");
@@ -358,13 +356,14 @@ fn foreign_routes_and_rules_survive_reconcile_and_down() {
 
 #[test]
 fn running_agent_restores_a_deleted_route_and_rule_within_two_seconds() {
-    if !root_or_skip("running_agent_restores") || !nft_available("running_agent_restores") {
+    if unmet(&["nft"]) {
         return;
     }
     let w = World::new("vxlan");
-    let _daemon = w.daemon("gw-a");
+    let _daemon = w.daemon("gw-a", &[]);
+    let proto = marks::ROUTE_PROTOCOL.to_string();
     let route_there = || {
-        w.a.ok(&["ip", "route", "show", "proto", "83"])
+        w.a.ok(&["ip", "route", "show", "proto", &proto])
             .contains("10.2.0.0/24 via 100.96.0.2 dev sb-vx-2")
     };
     assert!(
@@ -379,7 +378,7 @@ fn running_agent_restores_a_deleted_route_and_rule_within_two_seconds() {
         "dev",
         "sb-vx-2",
         "proto",
-        "83",
+        &proto,
     ]);
     let took = within(Duration::from_secs(2), route_there);
     assert!(took.is_some(), "deleted route not restored within 2 s");
@@ -391,7 +390,7 @@ fn running_agent_restores_a_deleted_route_and_rule_within_two_seconds() {
             "list",
             "chain",
             "ip",
-            "skybridge",
+            marks::FIREWALL_TABLE,
             "postrouting",
         ]);
         listing
@@ -413,7 +412,7 @@ fn running_agent_restores_a_deleted_route_and_rule_within_two_seconds() {
         "delete",
         "rule",
         "ip",
-        "skybridge",
+        marks::FIREWALL_TABLE,
         "postrouting",
         "handle",
         &before[0],
@@ -433,12 +432,12 @@ fn running_agent_restores_a_deleted_route_and_rule_within_two_seconds() {
 
 #[test]
 fn sigterm_stops_the_agent_without_tearing_the_network_down() {
-    if !root_or_skip("sigterm_stops_the_agent") || !nft_available("sigterm_stops_the_agent") {
+    if unmet(&["nft"]) {
         return;
     }
     let w = World::new("vxlan");
     w.agent_ok("gw-b", &["--once"]);
-    let mut daemon = w.daemon("gw-a");
+    let mut daemon = w.daemon("gw-a", &[]);
     assert!(within(Duration::from_secs(10), || w.a.pings(B_PRIVATE)).is_some());
     let pid = daemon.0.id().to_string();
     support::ok(&["kill", "-TERM", &pid]);
@@ -450,100 +449,118 @@ fn sigterm_stops_the_agent_without_tearing_the_network_down() {
     assert!(w.a.pings(B_PRIVATE), "the tunnel went away with the agent");
 }
 
+/// The kind of the WireGuard link on gw-a, as `ip -d link` shows it.
+fn wg_kind(w: &World) -> &'static str {
+    let link = w.a.ok(&["ip", "-d", "link", "show", marks::WG_IFACE]);
+    let kind = |k: &str| link.lines().any(|l| l.trim_start().starts_with(k));
+    if kind("wireguard ") {
+        "kernel"
+    } else if kind("tun ") {
+        "userspace"
+    } else {
+        panic!("no {} of a known kind: {link}", marks::WG_IFACE)
+    }
+}
+
+/// With `ip_gre` the agent builds the GRE tunnel; without it, it refuses
+/// with an error naming the module and the transports that need none.
 #[test]
-fn a_kernel_without_gre_gets_an_error_naming_the_module() {
-    if !root_or_skip("a_kernel_without_gre") || !nft_available("a_kernel_without_gre") {
+fn gre_needs_the_ip_gre_module_and_its_absence_is_named() {
+    if unmet(&["nft"]) {
         return;
     }
+    let has_gre = kernel_has("gre");
     let w = World::new("gre");
-    let probe = w.a.run(&[
-        "ip",
-        "link",
-        "add",
-        "sbt-greprobe",
-        "type",
-        "gre",
-        "remote",
-        B_PUBLIC,
-        "local",
-        A_PRIVATE,
-    ]);
-    if probe.status.success() {
-        eprintln!("SKIPPED a_kernel_without_gre: this kernel has GRE (covered by the VM tests)");
-        return;
-    }
     let out = w.agent("gw-a", &["--once"]);
-    assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("no GRE support") && err.contains("ip_gre") && err.contains("wireguard"),
-        "{err}"
-    );
+    if has_gre {
+        assert!(out.status.success(), "{err}");
+        let links = w.a.ok(&["ip", "-d", "link", "show", "type", "gre"]);
+        assert!(
+            links.contains(&format!("{}gre-", marks::IFACE_PREFIX)),
+            "{links}"
+        );
+    } else {
+        assert!(!out.status.success());
+        assert!(
+            err.contains("no GRE support") && err.contains("ip_gre") && err.contains("wireguard"),
+            "{err}"
+        );
+    }
 }
 
+/// `--wireguard kernel` gets the kernel's WireGuard or a clear refusal that
+/// changes nothing; the default takes the kernel's where the module exists
+/// and Skybridge's userspace data plane otherwise.
 #[test]
-fn forcing_kernel_wireguard_on_a_kernel_without_it_fails_clearly_and_auto_falls_back() {
-    let test = "kernel_wireguard_missing";
-    if !root_or_skip(test) || !nft_available(test) {
+fn kernel_wireguard_is_used_where_the_module_exists_and_refused_clearly_otherwise() {
+    if unmet(&["nft"]) {
         return;
     }
+    let has_wireguard = kernel_has("wireguard");
     let w = World::new("wireguard");
-    let probe =
-        w.a.run(&["ip", "link", "add", "sbt-wgprobe", "type", "wireguard"]);
-    if probe.status.success() {
-        eprintln!("SKIPPED {test}: this kernel has WireGuard (covered by the VM tests)");
-        return;
+    let forced = w.agent("gw-a", &["--once", "--wireguard", "kernel"]);
+    let err = String::from_utf8_lossy(&forced.stderr);
+    if has_wireguard {
+        assert!(forced.status.success(), "{err}");
+        assert_eq!(wg_kind(&w), "kernel");
+        w.agent_ok("gw-a", &["down"]);
+    } else {
+        assert!(!forced.status.success());
+        assert!(
+            err.contains("--wireguard kernel")
+                && err.contains("modprobe wireguard")
+                && err.contains("--wireguard userspace"),
+            "{err}"
+        );
+        assert!(
+            !w.a.run(&["ip", "link", "show", marks::WG_IFACE])
+                .status
+                .success(),
+            "a refused start must change nothing"
+        );
     }
-    let out = w.agent("gw-a", &["--once", "--wireguard", "kernel"]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("--wireguard kernel")
-            && err.contains("modprobe wireguard")
-            && err.contains("--wireguard userspace"),
-        "{err}"
-    );
-    assert!(
-        !w.a.run(&["ip", "link", "show", "sb-wg0"]).status.success(),
-        "a refused start must change nothing"
-    );
-    // The default picks the userspace data plane on such a kernel.
-    let out = w.agent("gw-a", &["--once", "--dry-run"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
-fn tools(test: &str, tools: &[&str]) -> bool {
-    for t in tools {
-        if std::process::Command::new(t)
-            .arg("--version")
-            .output()
-            .is_err()
-            && std::process::Command::new(t).arg("-v").output().is_err()
-        {
-            eprintln!("SKIPPED {test}: {t} is not installed (scripts/test.sh installs it)");
-            return false;
-        }
+    // The default.
+    w.agent_ok("gw-a", &["--once"]);
+    let pidfile = w
+        .dir
+        .path()
+        .join(format!("gw-a/{}.dataplane.pid", marks::WG_IFACE));
+    if has_wireguard {
+        assert_eq!(wg_kind(&w), "kernel");
+    } else {
+        assert_eq!(wg_kind(&w), "userspace");
+        let pid = std::fs::read_to_string(&pidfile).unwrap_or_else(|e| {
+            panic!(
+                "the userspace data plane wrote no {}: {e}",
+                pidfile.display()
+            )
+        });
+        assert!(
+            std::path::Path::new(&format!("/proc/{}", pid.trim())).exists(),
+            "the userspace data plane ({}) is not running",
+            pid.trim()
+        );
     }
-    true
 }
 
 #[test]
 fn userspace_wireguard_carries_tcp_with_the_tunnel_mtu() {
-    let test = "userspace_wireguard_carries_tcp";
-    if !root_or_skip(test) || !nft_available(test) || !tools(test, &["wg", "iperf3"]) {
+    if unmet(&["nft", "wg", "iperf3"]) {
         return;
     }
     let w = World::new("wireguard");
-    let out = w.agent_ok("gw-a", &["--once"]);
-    assert!(out.contains("+ link sb-wg0 (wireguard, mtu 1440)"), "{out}");
-    w.agent_ok("gw-b", &["--once"]);
+    let out = w.agent_ok("gw-a", &[&["--once"][..], &USERSPACE].concat());
+    assert!(
+        out.contains(&format!("+ link {} (wireguard, mtu 1440)", marks::WG_IFACE)),
+        "{out}"
+    );
+    assert_eq!(wg_kind(&w), "userspace");
+    w.agent_ok("gw-b", &[&["--once"][..], &USERSPACE].concat());
 
     // `wg show` works on Skybridge's data plane: it speaks the standard UAPI.
-    let shown = w.a.ok(&["wg", "show", "sb-wg0"]);
+    let shown = w.a.ok(&["wg", "show", marks::WG_IFACE]);
     assert!(
         shown.contains("listening port: 4789")
             && shown.contains("allowed ips: 10.2.0.0/24, 100.96.0.2/32"),
@@ -554,7 +571,7 @@ fn userspace_wireguard_carries_tcp_with_the_tunnel_mtu() {
         "no ping through the tunnel"
     );
     assert!(
-        w.a.ok(&["wg", "show", "sb-wg0", "latest-handshakes"])
+        w.a.ok(&["wg", "show", marks::WG_IFACE, "latest-handshakes"])
             .split_whitespace()
             .nth(1)
             .is_some_and(|t| t != "0")
@@ -588,7 +605,7 @@ fn userspace_wireguard_carries_tcp_with_the_tunnel_mtu() {
     );
 
     // A second reconcile changes nothing, with the data plane running.
-    let again = w.agent_ok("gw-a", &["--once"]);
+    let again = w.agent_ok("gw-a", &[&["--once"][..], &USERSPACE].concat());
     assert!(again.contains("converged, no changes"), "{again}");
 }
 
@@ -616,13 +633,12 @@ fn lost_pings(a: &Netns, dst: &str, seconds: u32, during: impl FnOnce()) -> u32 
 
 #[test]
 fn killing_the_agent_or_its_data_plane_costs_at_most_a_second_of_traffic() {
-    let test = "killing_the_agent_costs_at_most_a_second";
-    if !root_or_skip(test) || !nft_available(test) || !tools(test, &["wg"]) {
+    if unmet(&["nft", "wg"]) {
         return;
     }
     let w = World::new("wireguard");
-    w.agent_ok("gw-b", &["--once"]);
-    let mut daemon = w.daemon("gw-a");
+    w.agent_ok("gw-b", &[&["--once"][..], &USERSPACE].concat());
+    let mut daemon = w.daemon("gw-a", &USERSPACE);
     assert!(
         within(Duration::from_secs(10), || w.a.pings(B_PRIVATE)).is_some(),
         "the tunnel never came up"
@@ -633,7 +649,7 @@ fn killing_the_agent_or_its_data_plane_costs_at_most_a_second_of_traffic() {
         std::thread::sleep(Duration::from_secs(1));
         daemon.0.kill().unwrap();
         daemon.0.wait().unwrap();
-        daemon = w.daemon("gw-a");
+        daemon = w.daemon("gw-a", &USERSPACE);
     });
     eprintln!("agent killed and restarted: {lost} pings lost");
     assert!(
@@ -642,7 +658,13 @@ fn killing_the_agent_or_its_data_plane_costs_at_most_a_second_of_traffic() {
     );
 
     // SIGKILL the data plane: the persistent TUN keeps the link; the agent brings it back.
-    let pid = std::fs::read_to_string(w.dir.path().join("gw-a/sb-wg0.dataplane.pid")).unwrap();
+    assert_eq!(wg_kind(&w), "userspace");
+    let pid = std::fs::read_to_string(
+        w.dir
+            .path()
+            .join(format!("gw-a/{}.dataplane.pid", marks::WG_IFACE)),
+    )
+    .unwrap();
     let lost = lost_pings(&w.a, B_PRIVATE, 5, || {
         std::thread::sleep(Duration::from_secs(1));
         support::ok(&["kill", "-9", pid.trim()]);
@@ -657,8 +679,7 @@ fn killing_the_agent_or_its_data_plane_costs_at_most_a_second_of_traffic() {
 
 #[test]
 fn the_iptables_backend_installs_its_chains_and_removes_only_them() {
-    let test = "the_iptables_backend";
-    if !root_or_skip(test) || !nft_available(test) || !tools(test, &["iptables"]) {
+    if unmet(&["nft", "iptables"]) {
         return;
     }
     let w = World::new("vxlan");
@@ -677,21 +698,25 @@ fn the_iptables_backend_installs_its_chains_and_removes_only_them() {
     w.agent_ok("gw-b", &["--once", "--firewall", "iptables"]);
     assert!(w.a.pings(B_PRIVATE));
     let rules = w.a.ok(&["iptables-save"]);
+    let (_, fwd) = marks::IPTABLES_FORWARD;
+    let (_, post) = marks::IPTABLES_POSTROUTING;
+    let (_, input) = marks::IPTABLES_INPUT;
+    let any_ours = marks::IFACE_WILDCARD_IPTABLES;
     for needle in [
-        "-A FORWARD -j SKYBRIDGE-FWD",
-        "-A SKYBRIDGE-POST -s 10.1.0.0/24 -o sb-+",
-        "--to-source 10.1.0.1",
-        "-A SKYBRIDGE-IN -s 198.51.100.2/32 -p udp -m udp --dport 4789",
-        "-j DROP",
+        format!("-A FORWARD -j {fwd}"),
+        format!("-A {post} -s 10.1.0.0/24 -o {any_ours}"),
+        "--to-source 10.1.0.1".into(),
+        format!("-A {input} -s 198.51.100.2/32 -p udp -m udp --dport 4789"),
+        "-j DROP".into(),
     ] {
-        assert!(rules.contains(needle), "iptables lacks {needle}:\n{rules}");
+        assert!(rules.contains(&needle), "iptables lacks {needle}:\n{rules}");
     }
     let again = w.agent_ok("gw-a", &["--once", "--firewall", "iptables"]);
     assert!(again.contains("converged, no changes"), "{again}");
     // A rule deleted by hand is noticed.
     let fingerprint = rules
         .lines()
-        .find(|l| l.starts_with("-A SKYBRIDGE-FWD -i sb-+"))
+        .find(|l| l.starts_with(&format!("-A {fwd} -i {any_ours}")))
         .and_then(|l| l.split("--comment ").nth(1))
         .and_then(|c| c.split_whitespace().next())
         .map(|c| c.trim_matches('"'))
@@ -700,9 +725,9 @@ fn the_iptables_backend_installs_its_chains_and_removes_only_them() {
         "iptables",
         "-w",
         "-D",
-        "SKYBRIDGE-FWD",
+        fwd,
         "-i",
-        "sb-+",
+        any_ours,
         "-m",
         "comment",
         "--comment",
@@ -734,5 +759,5 @@ fn the_iptables_backend_installs_its_chains_and_removes_only_them() {
         strip(&after),
         "agent down left iptables different"
     );
-    assert!(!after.contains("SKYBRIDGE"), "{after}");
+    assert!(!after.contains(marks::IPTABLES_CHAIN_PREFIX), "{after}");
 }

@@ -4,9 +4,10 @@
 
 mod support;
 
-use std::process::{Command, Output};
+use std::process::Output;
 
-use support::{root_or_skip, skybridge};
+use skybridge_core::layout::{marks, paths};
+use support::{Lab, skybridge, text, unmet};
 
 /// Three providers, four nodes: gateways reached directly at their elastic
 /// IPs, `hw-worker` (no public IP) through its site's gateway as jump host.
@@ -42,122 +43,56 @@ const CONTROLLER_IP: &str = "192.0.2.1";
 /// Short, so that the rollback test does not wait long.
 const CONFIRM_TIMEOUT: &str = "15";
 
-/// One lab at a time in this process: the rollback test measures a
-/// deadline, and four labs of SSH handshakes at once on two cores made the
-/// timing, not the behaviour, decide.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// What `lab up --ssh` and `apply` use.
+const TOOLS: [&str; 7] = [
+    "/usr/sbin/sshd",
+    "ssh",
+    "ssh-keygen",
+    "setsid",
+    "nft",
+    "nsenter",
+    "ping",
+];
 
-/// A lab with sshd of this test process; `lab down` on drop (before the
-/// turn is given to the next test).
-struct Lab {
-    prefix: String,
-    dir: tempfile::TempDir,
-    _turn: std::sync::MutexGuard<'static, ()>,
+/// `lab up --ssh` with [`CLUSTER`] written as `small.yaml`. No agent runs
+/// until `apply` installs one, with the agent's default data plane: what an
+/// operator gets (the tests assert nothing that depends on it).
+fn up(tag: &str) -> Lab {
+    let lab = Lab::new(tag);
+    let file = lab.file("small.yaml", CLUSTER);
+    let up = lab.run(&["up", "--ssh", &file]);
+    assert!(up.status.success(), "{}", text(&up));
+    assert!(text(&up).contains("sshd on every node"), "{}", text(&up));
+    lab
 }
 
-impl Lab {
-    /// `lab up --ssh` with [`CLUSTER`] written as `small.yaml`.
-    fn up(tag: &str) -> Lab {
-        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-        support::sweep();
-        let lab = Lab {
-            prefix: format!("sbt-{}-{tag}-", std::process::id()),
-            dir: tempfile::tempdir().unwrap(),
-            _turn: turn,
-        };
-        lab.write("small.yaml", CLUSTER);
-        let up = lab.lab(&["up", "--ssh", &lab.path("small.yaml")]);
-        assert!(up.status.success(), "{}", text(&up));
-        assert!(text(&up).contains("sshd on every node"), "{}", text(&up));
-        lab
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).display().to_string()
-    }
-
-    fn write(&self, name: &str, content: &str) {
-        std::fs::write(self.dir.path().join(name), content).unwrap();
-    }
-
-    fn lab(&self, args: &[&str]) -> Output {
-        Command::new(skybridge())
-            .arg("lab")
-            .args(args)
-            .env("SKYBRIDGE_LAB_PREFIX", &self.prefix)
-            .output()
-            .unwrap()
-    }
-
-    /// Runs a shell command on a node (or the controller).
-    fn sh(&self, node: &str, script: &str) -> Output {
-        self.lab(&["exec", node, "--", "sh", "-c", script])
-    }
-
-    /// `skybridge apply FILE --yes ...` run on the controller.
-    fn apply(&self, file: &str, extra: &[&str]) -> Output {
-        let exe = skybridge().display().to_string();
-        let path = self.path(file);
-        let mut args = vec![
-            "exec",
-            "controller",
-            "--",
-            &exe,
-            "apply",
-            &path,
-            "--yes",
-            "--confirm-timeout",
-            CONFIRM_TIMEOUT,
-        ];
-        args.extend_from_slice(extra);
-        self.lab(&args)
-    }
-
-    fn matrix_green(&self) {
-        let check = self.lab(&["check"]);
-        assert!(
-            check.status.success() && text(&check).contains("12 pairs, 10 cross-site, 0 failed"),
-            "{}",
-            text(&check)
-        );
-    }
+/// `skybridge apply FILE --yes ...` run on the controller.
+fn apply(lab: &Lab, file: &str, extra: &[&str]) -> Output {
+    let exe = skybridge().display().to_string();
+    let path = lab.path(file);
+    let mut args = vec![
+        "exec",
+        "controller",
+        "--",
+        &exe,
+        "apply",
+        &path,
+        "--yes",
+        "--confirm-timeout",
+        CONFIRM_TIMEOUT,
+    ];
+    args.extend_from_slice(extra);
+    lab.run(&args)
 }
 
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = self.lab(&["down"]);
-    }
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn tools(test: &str) -> bool {
-    for t in [
-        "/usr/sbin/sshd",
-        "ssh",
-        "ssh-keygen",
-        "setsid",
-        "nft",
-        "nsenter",
-        "ping",
-    ] {
-        if Command::new("sh")
-            .args(["-c", &format!("command -v {t}")])
-            .output()
-            .map(|o| !o.status.success())
-            .unwrap_or(true)
-        {
-            eprintln!("SKIPPED {test}: {t} is not installed (scripts/test.sh installs it)");
-            return false;
-        }
-    }
-    true
+#[track_caller]
+fn matrix_green(lab: &Lab) {
+    let check = lab.run(&["check"]);
+    assert!(
+        check.status.success() && text(&check).contains("12 pairs, 10 cross-site, 0 failed"),
+        "{}",
+        text(&check)
+    );
 }
 
 /// The summary line `apply` prints for a node.
@@ -173,15 +108,14 @@ fn summary_line(out: &Output, node: &str) -> String {
 
 #[test]
 fn apply_over_ssh_converges_a_fresh_lab_then_is_a_no_op_and_refuses_a_changed_host_key() {
-    let test = "apply_over_ssh_fresh";
-    if !root_or_skip(test) || !tools(test) {
+    if unmet(&TOOLS) {
         return;
     }
-    let lab = Lab::up("ap");
+    let lab = up("ap");
     // Before apply: no agent anywhere, so no cross-site pair answers.
-    assert!(!lab.lab(&["check"]).status.success());
+    assert!(!lab.run(&["check"]).status.success());
 
-    let first = lab.apply("small.yaml", &[]);
+    let first = apply(&lab, "small.yaml", &[]);
     assert!(first.status.success(), "{}", text(&first));
     for n in NODES {
         assert!(
@@ -198,23 +132,23 @@ fn apply_over_ssh_converges_a_fresh_lab_then_is_a_no_op_and_refuses_a_changed_ho
     // Keys were made on the nodes and collected beside the cluster file.
     let state = std::fs::read_to_string(lab.path("small.state.yaml")).unwrap();
     for n in NODES {
-        let on_node = lab.sh(n, "/usr/local/bin/skybridge agent pubkey");
+        let on_node = lab.exec(n, &[paths::BINARY, "agent", "pubkey"]);
         let key = String::from_utf8_lossy(&on_node.stdout).trim().to_owned();
         assert!(state.contains(&format!("{n}: {key}")), "{state}");
     }
     // The agent runs as a daemon on every node (no systemd here: pidfile).
     for n in NODES {
         assert!(
-            lab.sh(n, "kill -0 $(cat /run/skybridge/agent.pid)")
+            lab.sh(n, &format!("kill -0 $(cat {})", paths::PIDFILE))
                 .status
                 .success(),
             "no agent daemon on {n}"
         );
     }
-    lab.matrix_green();
+    matrix_green(&lab);
 
     // Again: every node already converged, nothing tried.
-    let again = lab.apply("small.yaml", &[]);
+    let again = apply(&lab, "small.yaml", &[]);
     assert!(again.status.success(), "{}", text(&again));
     for n in NODES {
         assert!(
@@ -222,7 +156,7 @@ fn apply_over_ssh_converges_a_fresh_lab_then_is_a_no_op_and_refuses_a_changed_ho
             "{}",
             text(&again)
         );
-        let markers = lab.sh(n, "ls /run/skybridge | grep -c confirmed-");
+        let markers = lab.sh(n, &format!("ls {} | grep -c confirmed-", paths::RUN_DIR));
         assert_eq!(
             String::from_utf8_lossy(&markers.stdout).trim(),
             "1",
@@ -239,7 +173,7 @@ fn apply_over_ssh_converges_a_fresh_lab_then_is_a_no_op_and_refuses_a_changed_ho
         .status
         .success()
     );
-    let changed = lab.apply("small.yaml", &[]);
+    let changed = apply(&lab, "small.yaml", &[]);
     assert!(!changed.status.success(), "{}", text(&changed));
     let line = summary_line(&changed, "tc-gw");
     assert!(
@@ -251,7 +185,7 @@ fn apply_over_ssh_converges_a_fresh_lab_then_is_a_no_op_and_refuses_a_changed_ho
     );
     assert!(summary_line(&changed, "ali-gw").contains("already converged"));
     // Not even --accept-new-host-keys accepts a changed key.
-    let still = lab.apply("small.yaml", &["--accept-new-host-keys"]);
+    let still = apply(&lab, "small.yaml", &["--accept-new-host-keys"]);
     assert!(
         summary_line(&still, "tc-gw").contains("CHANGED"),
         "{}",
@@ -268,7 +202,7 @@ fn apply_over_ssh_converges_a_fresh_lab_then_is_a_no_op_and_refuses_a_changed_ho
         .status
         .success()
     );
-    let unknown = lab.apply("small.yaml", &[]);
+    let unknown = apply(&lab, "small.yaml", &[]);
     assert!(
         summary_line(&unknown, "hw-gw").contains("not in known_hosts"),
         "{}",
@@ -279,7 +213,7 @@ fn apply_over_ssh_converges_a_fresh_lab_then_is_a_no_op_and_refuses_a_changed_ho
         "{}",
         text(&unknown)
     );
-    let accepted = lab.apply("small.yaml", &["--accept-new-host-keys"]);
+    let accepted = apply(&lab, "small.yaml", &["--accept-new-host-keys"]);
     assert!(accepted.status.success(), "{}", text(&accepted));
     for n in NODES {
         assert!(
@@ -292,17 +226,16 @@ fn apply_over_ssh_converges_a_fresh_lab_then_is_a_no_op_and_refuses_a_changed_ho
 
 #[test]
 fn a_node_whose_sshd_is_down_is_reported_and_the_rest_converge() {
-    let test = "apply_sshd_down";
-    if !root_or_skip(test) || !tools(test) {
+    if unmet(&TOOLS) {
         return;
     }
-    let lab = Lab::up("sd");
+    let lab = up("sd");
     assert!(
         lab.sh("ali-gw", "kill $(cat /run/sshd.pid)")
             .status
             .success()
     );
-    let out = lab.apply("small.yaml", &[]);
+    let out = apply(&lab, "small.yaml", &[]);
     assert!(!out.status.success(), "{}", text(&out));
     let line = summary_line(&out, "ali-gw");
     assert!(
@@ -325,20 +258,19 @@ fn a_node_whose_sshd_is_down_is_reported_and_the_rest_converge() {
             .status
             .success()
     );
-    let again = lab.apply("small.yaml", &[]);
+    let again = apply(&lab, "small.yaml", &[]);
     assert!(again.status.success(), "{}", text(&again));
     assert!(summary_line(&again, "ali-gw").contains("changed"));
-    lab.matrix_green();
+    matrix_green(&lab);
 }
 
 #[test]
 fn a_change_that_cuts_ssh_is_rolled_back_on_those_nodes_within_the_timeout() {
-    let test = "apply_rollback";
-    if !root_or_skip(test) || !tools(test) {
+    if unmet(&TOOLS) {
         return;
     }
-    let lab = Lab::up("rb");
-    let good = lab.apply("small.yaml", &[]);
+    let lab = up("rb");
+    let good = apply(&lab, "small.yaml", &[]);
     assert!(good.status.success(), "{}", text(&good));
     let ctl = lab.sh("controller", "ip -4 -o addr show dev eth0");
     assert!(text(&ctl).contains(CONTROLLER_IP), "{}", text(&ctl));
@@ -346,7 +278,7 @@ fn a_change_that_cuts_ssh_is_rolled_back_on_those_nodes_within_the_timeout() {
     // The mistake: the operator's own address declared as part of aliyun's
     // network. hw-gw and tc-gw would route their replies to the controller
     // into the tunnel, cutting SSH; hw-worker is reached through hw-gw.
-    lab.write(
+    lab.file(
         "small.yaml",
         &CLUSTER.replace(
             "cidrs: [172.26.32.0/24]",
@@ -354,7 +286,7 @@ fn a_change_that_cuts_ssh_is_rolled_back_on_those_nodes_within_the_timeout() {
         ),
     );
     let started = std::time::Instant::now();
-    let bad = lab.apply("small.yaml", &[]);
+    let bad = apply(&lab, "small.yaml", &[]);
     assert!(!bad.status.success(), "{}", text(&bad));
     for n in ["hw-gw", "tc-gw", "hw-worker"] {
         let line = summary_line(&bad, n);
@@ -374,13 +306,19 @@ fn a_change_that_cuts_ssh_is_rolled_back_on_those_nodes_within_the_timeout() {
     );
     // The watchdogs acted by themselves (the controller could not tell them to).
     for n in ["hw-gw", "tc-gw"] {
-        let routes = lab.sh(n, "ip route show proto 83");
+        let routes = lab.sh(n, &format!("ip route show proto {}", marks::ROUTE_PROTOCOL));
         assert!(
             !text(&routes).contains(CONTROLLER_IP),
             "{n}: {}",
             text(&routes)
         );
-        let log = lab.sh(n, "cat /var/lib/skybridge/rollback.log");
+        let log = lab.exec(
+            n,
+            &[
+                "cat",
+                &format!("{}/{}", paths::STATE_DIR, paths::ROLLBACK_LOG_NAME),
+            ],
+        );
         assert!(
             text(&log).contains("not confirmed within 15 s"),
             "{}",
@@ -404,10 +342,10 @@ fn a_change_that_cuts_ssh_is_rolled_back_on_those_nodes_within_the_timeout() {
         started.elapsed()
     );
     // The file fixed: apply converges again and every pair answers.
-    lab.write("small.yaml", CLUSTER);
-    let fixed = lab.apply("small.yaml", &[]);
+    lab.file("small.yaml", CLUSTER);
+    let fixed = apply(&lab, "small.yaml", &[]);
     assert!(fixed.status.success(), "{}", text(&fixed));
-    lab.matrix_green();
+    matrix_green(&lab);
 }
 
 /// `skybridge join` over the same SSH layer: with `--root` every node's files
@@ -415,11 +353,10 @@ fn a_change_that_cuts_ssh_is_rolled_back_on_those_nodes_within_the_timeout() {
 /// is never touched: no modprobe, no swapoff); a second run changes nothing.
 #[test]
 fn join_over_ssh_writes_every_node_s_files_and_a_second_run_changes_nothing() {
-    let test = "join_over_ssh";
-    if !root_or_skip(test) || !tools(test) {
+    if unmet(&TOOLS) {
         return;
     }
-    let lab = Lab::up("join");
+    let lab = up("join");
     let kube = "  kubernetes:
     version: v1.30.4
     apiServer: https://192.168.0.10:6443
@@ -433,9 +370,9 @@ fn join_over_ssh_writes_every_node_s_files_and_a_second_run_changes_nothing() {
       bootstrap: { token: 07401b.f395accd246ae52d, caCertFile: ca.crt, binaries: /opt/kubernetes/bin }
   sites:
 ";
-    lab.write("small.yaml", &CLUSTER.replacen("  sites:\n", kube, 1));
+    lab.file("small.yaml", &CLUSTER.replacen("  sites:\n", kube, 1));
     let ca = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/lab-ca.crt");
-    std::fs::copy(ca, lab.dir.path().join("ca.crt")).unwrap();
+    std::fs::copy(ca, lab.dir().join("ca.crt")).unwrap();
     let join = |extra: &[&str]| {
         let exe = skybridge().display().to_string();
         let path = lab.path("small.yaml");
@@ -451,7 +388,7 @@ fn join_over_ssh_writes_every_node_s_files_and_a_second_run_changes_nothing() {
             "/var/lib/sbt-join",
         ];
         args.extend_from_slice(extra);
-        lab.lab(&args)
+        lab.run(&args)
     };
     let dry = join(&["--dry-run"]);
     assert!(dry.status.success(), "{}", text(&dry));

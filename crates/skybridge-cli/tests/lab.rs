@@ -4,122 +4,83 @@
 
 mod support;
 
-use std::process::{Command, Output};
-
-use support::{root_or_skip, skybridge};
+use skybridge_core::layout::{marks, paths};
+use support::{Lab, text, unmet, wireguard_everywhere};
 
 const LAB: &str = include_str!("../../../examples/lab.yaml");
+/// What a namespace lab uses: iperf3 and tcpdump for the traffic checks.
+const TOOLS: [&str; 8] = [
+    "nft", "wg", "nsenter", "unshare", "ping", "bash", "iperf3", "tcpdump",
+];
+const ALL_GREEN: &str = "42 pairs, 32 cross-site, 0 failed";
 
-/// A lab of this test process; `lab down` on drop, also when the test fails.
-struct Lab {
-    prefix: String,
-    dir: tempfile::TempDir,
+/// `lab up FILE` with Skybridge's userspace WireGuard on every node (but
+/// `except`): the namespace lab shares the host's kernel, whose WireGuard
+/// module (when it has one) is what the VM tests cover.
+fn up_userspace(
+    lab: &Lab,
+    file: &str,
+    cluster: &str,
+    except: &[&str],
+    extra: &[&str],
+) -> std::process::Output {
+    let wg = wireguard_everywhere(cluster, "userspace", except);
+    let mut args: Vec<&str> = vec!["up", file];
+    args.extend(wg.iter().map(String::as_str));
+    args.extend_from_slice(extra);
+    lab.run(&args)
 }
 
-impl Lab {
-    fn new(tag: &str) -> Lab {
-        support::sweep();
-        Lab {
-            prefix: format!("sbt-{}-{tag}-", std::process::id()),
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(skybridge())
-            .arg("lab")
-            .args(args)
-            .env("SKYBRIDGE_LAB_PREFIX", &self.prefix)
-            .output()
-            .unwrap()
-    }
-
-    /// `lab up` that must succeed with this matrix summary.
-    #[track_caller]
-    fn up_green(&self, args: &[&str], summary: &str) {
-        let up = self.run(&[&["up"], args].concat());
-        assert!(
-            up.status.success() && text(&up).contains(summary),
-            "{}",
-            text(&up)
-        );
-    }
-
-    fn file(&self, name: &str, text: &str) -> String {
-        let p = self.dir.path().join(name);
-        std::fs::write(&p, text).unwrap();
-        p.display().to_string()
-    }
-
-    fn namespaces(&self) -> Vec<String> {
-        let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split_whitespace().next())
-            .filter(|n| n.starts_with(&self.prefix))
-            .map(str::to_owned)
-            .collect()
-    }
+#[track_caller]
+fn up_userspace_green(lab: &Lab, file: &str, cluster: &str, summary: &str) {
+    let up = up_userspace(lab, file, cluster, &[], &[]);
+    assert!(
+        up.status.success() && text(&up).contains(summary),
+        "{}\n{}",
+        text(&up),
+        lab.logs()
+    );
 }
 
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = self.run(&["down"]);
+/// The kind of the WireGuard link on a node, as `ip -d link` shows it.
+fn wg_kind(lab: &Lab, node: &str) -> String {
+    let link = text(&lab.exec(node, &["ip", "-d", "link", "show", marks::WG_IFACE]));
+    let kind = |k: &str| link.lines().any(|l| l.trim_start().starts_with(k));
+    if kind("wireguard ") {
+        "kernel".into()
+    } else if kind("tun ") {
+        "userspace".into()
+    } else {
+        format!("unknown: {link}")
     }
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn tools(test: &str) -> bool {
-    for t in [
-        "nft", "wg", "nsenter", "unshare", "ping", "bash", "iperf3", "tcpdump",
-    ] {
-        if Command::new("sh")
-            .args(["-c", &format!("command -v {t}")])
-            .output()
-            .map(|o| !o.status.success())
-            .unwrap_or(true)
-        {
-            eprintln!("SKIPPED {test}: {t} is not installed (scripts/test.sh installs it)");
-            return false;
-        }
-    }
-    true
 }
 
 #[test]
 fn lab_example_over_userspace_wireguard_is_all_green_and_down_leaves_nothing() {
-    let test = "lab_example_over_userspace_wireguard";
-    if !root_or_skip(test) || !tools(test) {
+    if unmet(&TOOLS) {
         return;
     }
     let lab = Lab::new("wg");
     let file = lab.file("lab.yaml", LAB);
-    lab.up_green(&[&file], "42 pairs, 32 cross-site, 0 failed");
+    up_userspace_green(&lab, &file, LAB, ALL_GREEN);
     assert_eq!(lab.namespaces().len(), 11, "{:?}", lab.namespaces());
+    assert_eq!(wg_kind(&lab, "hw-master"), "userspace");
 
     let check = lab.run(&["check"]);
     assert!(check.status.success(), "{}", text(&check));
 
     // The tunnels are Skybridge's WireGuard, and `wg` can read them.
-    let wg = lab.run(&["exec", "hw-master", "--", "wg", "show", "sb-wg0"]);
+    let wg = lab.exec("hw-master", &["wg", "show", marks::WG_IFACE]);
     assert!(
         text(&wg).contains("peer: ") && text(&wg).contains("latest handshake"),
         "{}",
         text(&wg)
     );
     // Each node is its own machine for files: its own key in its own /var/lib.
-    let key =
-        |n: &str| text(&lab.run(&["exec", n, "--", "cat", "/var/lib/skybridge/wireguard.key"]));
+    let key = |n: &str| text(&lab.exec(n, &["cat", paths::KEY_FILE]));
     assert_ne!(key("hw-master"), key("tc-gw"));
     // Only the tunnels join the sites: without them, a cross-site ping fails.
-    let down = lab.run(&["exec", "tc-gw", "--", "ip", "link", "set", "sb-wg0", "down"]);
+    let down = lab.exec("tc-gw", &["ip", "link", "set", marks::WG_IFACE, "down"]);
     assert!(down.status.success());
     let ping = lab.run(&[
         "exec",
@@ -176,8 +137,7 @@ fn lab_example_over_userspace_wireguard_is_all_green_and_down_leaves_nothing() {
 
 #[test]
 fn lab_over_vxlan_is_all_green() {
-    let test = "lab_over_vxlan";
-    if !root_or_skip(test) || !tools(test) {
+    if unmet(&TOOLS) {
         return;
     }
     let lab = Lab::new("vx");
@@ -186,7 +146,7 @@ fn lab_over_vxlan_is_all_green() {
         &LAB.replace("transport: wireguard", "transport: vxlan")
             .replace("listenPort: 51820", "listenPort: 4789"),
     );
-    lab.up_green(&[&file], "42 pairs, 32 cross-site, 0 failed");
+    lab.up_green(&[&file], ALL_GREEN);
     // VXLAN is cleartext: the capture on the internet shows the marker (the warning is deserved).
     assert!(
         marker_seen_on_the_internet(&lab, "tc-worker", "172.26.32.236"),
@@ -199,7 +159,7 @@ fn lab_over_vxlan_is_all_green() {
 fn marker_seen_on_the_internet(lab: &Lab, from: &str, to: &str) -> bool {
     let marker = format!("SKYBRIDGE-MARKER-{}", std::process::id());
     let inet = format!("{}inet", lab.prefix);
-    let capture = Command::new("ip")
+    let capture = std::process::Command::new("ip")
         .args([
             "netns", "exec", &inet, "timeout", "4", "tcpdump", "-i", "br0", "-A", "-U", "-n", "udp",
         ])
@@ -227,45 +187,43 @@ fn marker_seen_on_the_internet(lab: &Lab, from: &str, to: &str) -> bool {
 
 #[test]
 fn lab_interoperates_with_wireguard_go() {
-    let test = "lab_interoperates_with_wireguard_go";
-    if !root_or_skip(test) || !tools(test) {
+    if unmet(&TOOLS) {
         return;
     }
-    if Command::new("sh")
-        .args(["-c", "command -v wireguard-go"])
-        .output()
-        .map(|o| !o.status.success())
-        .unwrap_or(true)
-    {
-        eprintln!("SKIPPED {test}: wireguard-go is not installed (scripts/test.sh installs it)");
+    if unmet(&["wireguard-go"]) {
         return;
     }
     let lab = Lab::new("go");
     let file = lab.file("lab.yaml", LAB);
-    lab.up_green(
-        &[&file, "--wireguard-impl", "tc-gw=wireguard-go"],
-        "42 pairs, 32 cross-site, 0 failed",
+    let up = up_userspace(
+        &lab,
+        &file,
+        LAB,
+        &["tc-gw"],
+        &["--wireguard-impl", "tc-gw=wireguard-go"],
     );
-    let procs = lab.run(&["exec", "tc-gw", "--", "pgrep", "-a", "wireguard-go"]);
     assert!(
-        text(&procs).contains("wireguard-go -f sb-wg0"),
+        up.status.success() && text(&up).contains(ALL_GREEN),
+        "{}\n{}",
+        text(&up),
+        lab.logs()
+    );
+    let procs = lab.exec("tc-gw", &["pgrep", "-a", "wireguard-go"]);
+    assert!(
+        text(&procs).contains(&format!("wireguard-go -f {}", marks::WG_IFACE)),
         "{}",
         text(&procs)
     );
 }
 
 fn probe_log(lab: &Lab, node: &str) -> String {
-    std::fs::read_to_string(format!(
-        "/var/tmp/skybridge-lab/{}lab/{node}.probe.log",
-        lab.prefix
-    ))
-    .unwrap_or_default()
+    std::fs::read_to_string(lab.state_dir("lab").join(format!("{node}.probe.log")))
+        .unwrap_or_default()
 }
 
 #[test]
 fn with_nat_none_the_receiver_sees_the_senders_private_ip() {
-    let test = "with_nat_none";
-    if !root_or_skip(test) || !tools(test) {
+    if unmet(&TOOLS) {
         return;
     }
     let lab = Lab::new("nn");
@@ -274,7 +232,7 @@ fn with_nat_none_the_receiver_sees_the_senders_private_ip() {
         &LAB.replace("nat: masquerade", "nat: none")
             .replace("      mtu: 1450", "      mtu: 1450\n      nat: none"),
     );
-    let up = lab.run(&["up", &file]);
+    let up = up_userspace(&lab, &file, LAB, &[], &[]);
     assert!(up.status.success(), "{}", text(&up));
     assert!(
         lab.run(&[
@@ -299,7 +257,8 @@ fn with_nat_none_the_receiver_sees_the_senders_private_ip() {
     // With the default masquerade, the sender hides behind its site's gateway.
     let lab = Lab::new("mq");
     let file = lab.file("lab.yaml", LAB);
-    assert!(lab.run(&["up", &file]).status.success());
+    let up = up_userspace(&lab, &file, LAB, &[], &[]);
+    assert!(up.status.success(), "{}", text(&up));
     assert!(
         lab.run(&[
             "exec",
@@ -322,8 +281,7 @@ fn with_nat_none_the_receiver_sees_the_senders_private_ip() {
 
 #[test]
 fn lab_refuses_public_ips_outside_the_documentation_ranges() {
-    let test = "lab_refuses_public_ips";
-    if !root_or_skip(test) || !tools(test) {
+    if unmet(&TOOLS) {
         return;
     }
     let lab = Lab::new("rf");
@@ -340,8 +298,7 @@ fn lab_refuses_public_ips_outside_the_documentation_ranges() {
 
 #[test]
 fn a_site_added_to_a_running_lab_converges_without_breaking_existing_flows() {
-    let test = "a_site_added_to_a_running_lab";
-    if !root_or_skip(test) || !tools(test) {
+    if unmet(&TOOLS) {
         return;
     }
     let lab = Lab::new("add");
@@ -349,7 +306,7 @@ fn a_site_added_to_a_running_lab_converges_without_breaking_existing_flows() {
         .find("    - name: tencent")
         .expect("lab.yaml has a tencent site")];
     let file = lab.file("lab.yaml", two_sites);
-    let up = lab.run(&["up", &file]);
+    let up = up_userspace(&lab, &file, two_sites, &[], &[]);
     assert!(
         up.status.success() && text(&up).contains("20 pairs, 12 cross-site, 0 failed"),
         "{}",
@@ -363,32 +320,21 @@ fn a_site_added_to_a_running_lab_converges_without_breaking_existing_flows() {
             .success()
     );
     std::thread::sleep(std::time::Duration::from_millis(300));
-    let flow = Command::new(skybridge())
-        .args([
-            "lab",
-            "exec",
-            "hw-worker",
-            "--",
-            "iperf3",
-            "-c",
-            "172.26.32.236",
-            "-t",
-            "8",
-        ])
-        .env("SKYBRIDGE_LAB_PREFIX", &lab.prefix)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let flow = lab.spawn(&[
+        "exec",
+        "hw-worker",
+        "--",
+        "iperf3",
+        "-c",
+        "172.26.32.236",
+        "-t",
+        "8",
+    ]);
     std::thread::sleep(std::time::Duration::from_secs(1));
     let file = lab.file("lab.yaml", LAB);
-    let again = lab.run(&["up", &file]);
+    let again = up_userspace(&lab, &file, LAB, &[], &[]);
     assert!(again.status.success(), "{}", text(&again));
-    assert!(
-        text(&again).contains("42 pairs, 32 cross-site, 0 failed"),
-        "{}",
-        text(&again)
-    );
+    assert!(text(&again).contains(ALL_GREEN), "{}", text(&again));
     let flow = flow.wait_with_output().unwrap();
     assert!(
         flow.status.success() && text(&flow).contains("receiver"),
@@ -400,33 +346,21 @@ fn a_site_added_to_a_running_lab_converges_without_breaking_existing_flows() {
 
 #[test]
 fn lab_in_a_node_mesh_is_all_green() {
-    let test = "lab_in_a_node_mesh";
-    if !root_or_skip(test) || !tools(test) {
+    if unmet(&TOOLS) {
         return;
     }
     let lab = Lab::new("mesh");
-    let file = lab.file(
-        "mesh.yaml",
-        &LAB.replace("granularity: site", "granularity: node"),
-    );
-    let up = lab.run(&["up", &file]);
-    assert!(
-        up.status.success() && text(&up).contains("42 pairs, 32 cross-site, 0 failed"),
-        "{}",
-        text(&up)
-    );
+    let mesh = LAB.replace("granularity: site", "granularity: node");
+    let file = lab.file("mesh.yaml", &mesh);
+    up_userspace_green(&lab, &file, &mesh, ALL_GREEN);
     // In the mesh, hw-worker (a public node) has its own peers instead of routing via hw-master.
-    let routes = lab.run(&[
-        "exec",
-        "hw-worker",
-        "--",
-        "ip",
-        "route",
-        "show",
-        "proto",
-        "83",
-    ]);
-    assert!(text(&routes).contains("dev sb-wg0"), "{}", text(&routes));
+    let proto = marks::ROUTE_PROTOCOL.to_string();
+    let routes = lab.exec("hw-worker", &["ip", "route", "show", "proto", &proto]);
+    assert!(
+        text(&routes).contains(&format!("dev {}", marks::WG_IFACE)),
+        "{}",
+        text(&routes)
+    );
 }
 
 /// A cluster unlike the example, as a node mesh: four sites, one with two VPC
@@ -470,11 +404,10 @@ spec:
 
 #[test]
 fn a_cluster_unlike_the_example_is_all_green_too() {
-    let test = "a_cluster_unlike_the_example";
-    if !root_or_skip(test) || !tools(test) {
+    if unmet(&TOOLS) {
         return;
     }
     let lab = Lab::new("zoo");
     let file = lab.file("zoo.yaml", ZOO);
-    lab.up_green(&[&file], "72 pairs, 58 cross-site, 0 failed");
+    up_userspace_green(&lab, &file, ZOO, "72 pairs, 58 cross-site, 0 failed");
 }

@@ -1,9 +1,9 @@
 //! The one side-effect boundary of join: a node's files and commands.
 //!
 //! [`NodeHost`] is deliberately small so that any transport can implement it
-//! in a few lines: [`LocalHost`] (this machine, or a directory standing in
-//! for a node's root), and an SSH session (`cat`, `install`, `test -e`, and
-//! the command itself).
+//! in a few lines: [`LocalHost`] (this machine), and an SSH session (`cat`,
+//! `install`, `test -e`, and the command itself). [`Rooted`] is the one way
+//! to stand a directory in for a node's root, over any of them.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -75,50 +75,149 @@ pub trait NodeHost {
     fn run(&self, program: &str, args: &[&str]) -> Result<CommandOutput, HostError>;
 }
 
-/// This machine as the node, or a directory standing in for its root (files
-/// only: commands are refused, so a test never touches the machine).
+/// A shared reference to a node is that node (so that adapters such as
+/// [`Rooted`] can borrow a host as well as own one).
+impl<H: NodeHost + ?Sized> NodeHost for &H {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn read_file(&self, path: &str) -> Result<Option<Vec<u8>>, HostError> {
+        (**self).read_file(path)
+    }
+    fn write_file(&self, path: &str, contents: &[u8], mode: u32) -> Result<(), HostError> {
+        (**self).write_file(path, contents, mode)
+    }
+    fn exists(&self, path: &str) -> Result<bool, HostError> {
+        (**self).exists(path)
+    }
+    fn run(&self, program: &str, args: &[&str]) -> Result<CommandOutput, HostError> {
+        (**self).run(program, args)
+    }
+}
+
+/// Any node with its files under a directory instead of `/`, running no
+/// command: `join --root DIR` to review or stage a node's files, and the
+/// tests' stand-in nodes. The only place a node path is re-rooted.
 #[derive(Debug)]
-pub struct LocalHost {
-    name: String,
-    root: Option<PathBuf>,
+pub struct Rooted<H> {
+    inner: H,
+    root: String,
+}
+
+impl<H: NodeHost> Rooted<H> {
+    /// `root` is a path on `inner`'s side (on the node, for an SSH host).
+    pub fn new(inner: H, root: impl Into<String>) -> Self {
+        Rooted {
+            inner,
+            root: root.into().trim_end_matches('/').to_owned(),
+        }
+    }
+
+    /// The directory standing in for the node's `/`.
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+
+    /// Where the node path `path` is under the root.
+    pub fn path(&self, path: &str) -> String {
+        format!("{}/{}", self.root, path.trim_start_matches('/'))
+    }
+}
+
+impl<H: NodeHost> NodeHost for Rooted<H> {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn read_file(&self, path: &str) -> Result<Option<Vec<u8>>, HostError> {
+        self.inner.read_file(&self.path(path))
+    }
+
+    fn write_file(&self, path: &str, contents: &[u8], mode: u32) -> Result<(), HostError> {
+        self.inner.write_file(&self.path(path), contents, mode)
+    }
+
+    fn exists(&self, path: &str) -> Result<bool, HostError> {
+        self.inner.exists(&self.path(path))
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> Result<CommandOutput, HostError> {
+        Err(HostError::NoCommands(
+            std::iter::once(program)
+                .chain(args.iter().copied())
+                .collect::<Vec<_>>()
+                .join(" "),
+        ))
+    }
+}
+
+/// This machine as the node: files at their real paths, commands run here;
+/// or, through [`Rooted`], a directory standing in for its root.
+#[derive(Debug)]
+pub struct LocalHost(Local);
+
+#[derive(Debug)]
+enum Local {
+    Machine(Machine),
+    Rooted(Rooted<Machine>),
 }
 
 impl LocalHost {
     /// This machine, files at their real paths, commands run here.
     pub fn new(name: impl Into<String>) -> Self {
-        LocalHost {
-            name: name.into(),
-            root: None,
-        }
+        LocalHost(Local::Machine(Machine { name: name.into() }))
     }
 
-    /// A directory standing in for the node's `/`. Commands are refused.
+    /// `Rooted::new(LocalHost::new(name), root)` as a `LocalHost`, for a
+    /// caller that chooses between the two at run time. Commands are
+    /// refused. A root that is not UTF-8 is read lossily.
     pub fn rooted(name: impl Into<String>, root: impl Into<PathBuf>) -> Self {
-        LocalHost {
-            name: name.into(),
-            root: Some(root.into()),
-        }
+        let root = root.into().to_string_lossy().into_owned();
+        LocalHost(Local::Rooted(Rooted::new(
+            Machine { name: name.into() },
+            root,
+        )))
     }
 
-    pub fn root(&self) -> Option<&Path> {
-        self.root.as_deref()
-    }
-
-    fn path(&self, path: &str) -> PathBuf {
-        match &self.root {
-            Some(r) => r.join(path.trim_start_matches('/')),
-            None => PathBuf::from(path),
+    fn host(&self) -> &dyn NodeHost {
+        match &self.0 {
+            Local::Machine(m) => m,
+            Local::Rooted(r) => r,
         }
     }
 }
 
 impl NodeHost for LocalHost {
     fn name(&self) -> &str {
+        self.host().name()
+    }
+    fn read_file(&self, path: &str) -> Result<Option<Vec<u8>>, HostError> {
+        self.host().read_file(path)
+    }
+    fn write_file(&self, path: &str, contents: &[u8], mode: u32) -> Result<(), HostError> {
+        self.host().write_file(path, contents, mode)
+    }
+    fn exists(&self, path: &str) -> Result<bool, HostError> {
+        self.host().exists(path)
+    }
+    fn run(&self, program: &str, args: &[&str]) -> Result<CommandOutput, HostError> {
+        self.host().run(program, args)
+    }
+}
+
+/// This machine, unrooted.
+#[derive(Debug)]
+struct Machine {
+    name: String,
+}
+
+impl NodeHost for Machine {
+    fn name(&self) -> &str {
         &self.name
     }
 
     fn read_file(&self, path: &str) -> Result<Option<Vec<u8>>, HostError> {
-        match std::fs::read(self.path(path)) {
+        match std::fs::read(path) {
             Ok(b) => Ok(Some(b)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(HostError::Io {
@@ -132,7 +231,7 @@ impl NodeHost for LocalHost {
     fn write_file(&self, path: &str, contents: &[u8], mode: u32) -> Result<(), HostError> {
         use std::io::Write as _;
         use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-        let target = self.path(path);
+        let target = Path::new(path);
         let io_err = |op, source| HostError::Io {
             op,
             path: path.to_owned(),
@@ -158,14 +257,14 @@ impl NodeHost for LocalHost {
             .and_then(|()| f.write_all(contents))
             .and_then(|()| f.sync_all())
             .map_err(|e| io_err("writing", e))?;
-        std::fs::rename(&tmp, &target).map_err(|e| {
+        std::fs::rename(&tmp, target).map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
             io_err("replacing", e)
         })
     }
 
     fn exists(&self, path: &str) -> Result<bool, HostError> {
-        self.path(path)
+        Path::new(path)
             .try_exists()
             .map_err(|source| HostError::Io {
                 op: "checking",
@@ -175,12 +274,6 @@ impl NodeHost for LocalHost {
     }
 
     fn run(&self, program: &str, args: &[&str]) -> Result<CommandOutput, HostError> {
-        if self.root.is_some() {
-            return Err(HostError::NoCommands(format!(
-                "{program} {}",
-                args.join(" ")
-            )));
-        }
         let out = Command::new(program)
             .args(args)
             .output()
@@ -224,6 +317,27 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         assert!(h.exists("/etc/x.conf").unwrap());
         assert!(matches!(h.run("true", &[]), Err(HostError::NoCommands(_))));
+    }
+
+    #[test]
+    fn rooted_maps_every_path_under_its_root_and_runs_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = LocalHost::new("n1");
+        let root = dir.path().display().to_string();
+        let r = Rooted::new(&local, format!("{root}/"));
+        assert_eq!(r.root(), root);
+        r.write_file("/etc/x/y.conf", b"a", 0o600).unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("etc/x/y.conf")).unwrap(),
+            b"a"
+        );
+        assert!(r.exists("/etc/x").unwrap());
+        assert!(!local.exists("/etc/x/y.conf").unwrap());
+        assert_eq!(r.read_file("/etc/x/y.conf").unwrap().unwrap(), b"a");
+        assert!(matches!(
+            r.run("true", &["--x"]),
+            Err(HostError::NoCommands(p)) if p == "true --x"
+        ));
     }
 
     #[test]

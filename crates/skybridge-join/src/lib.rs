@@ -20,4 +20,4 @@ pub mod plan;
 pub mod remote;
 
 pub use apply::{Options, Outcome, Report, join};
-pub use host::{CommandOutput, HostError, LocalHost, NodeHost};
+pub use host::{CommandOutput, HostError, LocalHost, NodeHost, Rooted};

@@ -10,6 +10,9 @@ use tokio::runtime::Handle;
 
 use crate::host::{CommandOutput, HostError, NodeHost};
 
+/// `join --root DIR` over SSH: the one rooting adapter, over a session.
+pub use crate::host::Rooted;
+
 /// Exit status of a POSIX shell that could not find the command.
 const SHELL_NOT_FOUND: i32 = 127;
 
@@ -99,73 +102,5 @@ impl<S: Session> NodeHost for SessionHost<S> {
             return Err(HostError::NotFound(program.to_owned()));
         }
         Ok(output(out))
-    }
-}
-
-/// Any node with its files under a directory instead of `/`, running no
-/// command: `join --root DIR` to review or stage a node's files.
-#[derive(Debug)]
-pub struct Rooted<'a, H: ?Sized> {
-    inner: &'a H,
-    root: String,
-}
-
-impl<'a, H: NodeHost + ?Sized> Rooted<'a, H> {
-    pub fn new(inner: &'a H, root: impl Into<String>) -> Self {
-        Rooted {
-            inner,
-            root: root.into().trim_end_matches('/').to_owned(),
-        }
-    }
-
-    fn path(&self, path: &str) -> String {
-        format!("{}/{}", self.root, path.trim_start_matches('/'))
-    }
-}
-
-impl<H: NodeHost + ?Sized> NodeHost for Rooted<'_, H> {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-
-    fn read_file(&self, path: &str) -> Result<Option<Vec<u8>>, HostError> {
-        self.inner.read_file(&self.path(path))
-    }
-
-    fn write_file(&self, path: &str, contents: &[u8], mode: u32) -> Result<(), HostError> {
-        self.inner.write_file(&self.path(path), contents, mode)
-    }
-
-    fn exists(&self, path: &str) -> Result<bool, HostError> {
-        self.inner.exists(&self.path(path))
-    }
-
-    fn run(&self, program: &str, _args: &[&str]) -> Result<CommandOutput, HostError> {
-        Err(HostError::NoCommands(program.to_owned()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::host::LocalHost;
-
-    #[test]
-    fn rooted_maps_every_path_under_its_root_and_runs_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let local = LocalHost::new("n1");
-        let root = dir.path().display().to_string();
-        let r = Rooted::new(&local, format!("{root}/"));
-        r.write_file("/etc/x/y.conf", b"a", 0o600).unwrap();
-        assert_eq!(
-            std::fs::read(dir.path().join("etc/x/y.conf")).unwrap(),
-            b"a"
-        );
-        assert!(r.exists("/etc/x").unwrap());
-        assert_eq!(r.read_file("/etc/x/y.conf").unwrap().unwrap(), b"a");
-        assert!(matches!(
-            r.run("true", &[]),
-            Err(HostError::NoCommands(p)) if p == "true"
-        ));
     }
 }

@@ -1,19 +1,21 @@
 //! Joining a node through a NodeHost: backups, idempotency, dry runs, and
 //! the commands that follow the files, in order. Files go to a directory
-//! standing in for the node's root; commands go to a recording fake.
+//! standing in for the node's root; commands go to the shared recording
+//! fake (`support::FakeNode`).
 
-use std::cell::RefCell;
-use std::collections::BTreeMap;
+mod support;
 
 use skybridge_core::Cluster;
-use skybridge_join::apply::{Options, Outcome, join};
+use skybridge_core::layout::paths;
+use skybridge_join::apply::{Options, Outcome, join, verify_containerd};
 use skybridge_join::containerd::Version;
-use skybridge_join::host::{CommandOutput, HostError, LocalHost, NodeHost};
+use skybridge_join::host::{LocalHost, NodeHost, Rooted};
+use skybridge_join::plan::{self, Base};
+use support::{FakeNode, OPERATOR_CONFIG};
 
 const LAB: &str = include_str!("../../../examples/lab.yaml");
 const LAB_CA: &str = include_str!("../../../examples/lab-ca.crt");
 const NODE: &str = "ali-worker1";
-const OPERATOR_CONFIG: &str = "# Tuned by ops, ticket OPS-1234: keep.\nversion = 2\noom_score = -999\n\n[plugins]\n  [plugins.\"io.containerd.grpc.v1.cri\"]\n    sandbox_image = \"registry.k8s.io/pause:3.6\" # unreachable from aliyun\n    max_concurrent_downloads = 7\n";
 const FSTAB: &str = "UUID=1 / ext4 defaults 0 1\n/swapfile none swap sw 0 0\n";
 
 fn lab() -> Cluster {
@@ -29,9 +31,14 @@ fn opts(suffix: &str) -> Options {
     }
 }
 
+/// The node's files under `dir`, commands refused.
+fn rooted(dir: &std::path::Path) -> Rooted<LocalHost> {
+    Rooted::new(LocalHost::new(NODE), dir.display().to_string())
+}
+
 fn node_root() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let host = LocalHost::rooted(NODE, dir.path());
+    let host = rooted(dir.path());
     host.write_file(
         "/etc/containerd/config.toml",
         OPERATOR_CONFIG.as_bytes(),
@@ -46,7 +53,7 @@ fn node_root() -> tempfile::TempDir {
 #[test]
 fn second_join_changes_nothing_and_the_first_backed_up_what_it_replaced() {
     let dir = node_root();
-    let host = LocalHost::rooted(NODE, dir.path());
+    let host = rooted(dir.path());
     let first = join(&host, &lab(), NODE, &opts("1")).unwrap();
     assert!(first.changed());
     let paths: Vec<&str> = first.changes.iter().map(|c| c.path.as_str()).collect();
@@ -101,7 +108,7 @@ fn second_join_changes_nothing_and_the_first_backed_up_what_it_replaced() {
 #[test]
 fn dry_run_writes_nothing_and_shows_diffs_without_secrets() {
     let dir = node_root();
-    let host = LocalHost::rooted(NODE, dir.path());
+    let host = rooted(dir.path());
     let before: Vec<_> = walk(dir.path());
     let report = join(
         &host,
@@ -166,108 +173,12 @@ fn walk(root: &std::path::Path) -> Vec<(String, Vec<u8>)> {
     out
 }
 
-/// Files under a directory, commands recorded and answered from a script.
-struct FakeNode {
-    files: LocalHost,
-    systemd: bool,
-    ran: RefCell<Vec<String>>,
-    answers: BTreeMap<&'static str, CommandOutput>,
-}
-
-impl FakeNode {
-    fn new(root: &std::path::Path, systemd: bool) -> Self {
-        let ok = |stdout: &str| CommandOutput {
-            status: Some(0),
-            stdout: stdout.into(),
-            stderr: String::new(),
-        };
-        FakeNode {
-            files: LocalHost::rooted(NODE, root),
-            systemd,
-            ran: RefCell::new(Vec::new()),
-            answers: BTreeMap::from([
-                (
-                    "containerd --version",
-                    ok(
-                        "containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+deb12u3\n",
-                    ),
-                ),
-                (
-                    "systemctl is-active --quiet kubelet",
-                    CommandOutput {
-                        status: Some(3),
-                        stdout: String::new(),
-                        stderr: String::new(),
-                    },
-                ),
-                (
-                    "systemctl is-active --quiet kube-proxy",
-                    CommandOutput {
-                        status: Some(3),
-                        stdout: String::new(),
-                        stderr: String::new(),
-                    },
-                ),
-            ]),
-        }
-    }
-}
-
-impl NodeHost for FakeNode {
-    fn name(&self) -> &str {
-        NODE
-    }
-    fn read_file(&self, path: &str) -> Result<Option<Vec<u8>>, HostError> {
-        self.files.read_file(path)
-    }
-    fn write_file(&self, path: &str, contents: &[u8], mode: u32) -> Result<(), HostError> {
-        self.files.write_file(path, contents, mode)
-    }
-    fn exists(&self, path: &str) -> Result<bool, HostError> {
-        if path == "/run/systemd/system" {
-            return Ok(self.systemd);
-        }
-        self.files.exists(path)
-    }
-    fn run(&self, program: &str, args: &[&str]) -> Result<CommandOutput, HostError> {
-        let line = std::iter::once(program)
-            .chain(args.iter().copied())
-            .collect::<Vec<_>>()
-            .join(" ");
-        self.ran.borrow_mut().push(line.clone());
-        if line == "containerd config dump" {
-            // What the daemon would report: the file join wrote.
-            let text = self
-                .files
-                .read_file("/etc/containerd/config.toml")?
-                .unwrap();
-            return Ok(CommandOutput {
-                status: Some(0),
-                stdout: String::from_utf8(text).unwrap(),
-                stderr: String::new(),
-            });
-        }
-        if program == "crictl" {
-            return Err(HostError::NotFound("crictl".into()));
-        }
-        Ok(self
-            .answers
-            .get(line.as_str())
-            .cloned()
-            .unwrap_or(CommandOutput {
-                status: Some(0),
-                stdout: String::new(),
-                stderr: String::new(),
-            }))
-    }
-}
-
 #[test]
 fn commands_follow_the_files_in_order_and_containerd_is_verified() {
     let dir = node_root();
-    let node = FakeNode::new(dir.path(), true);
+    let node = FakeNode::new(NODE, dir.path(), true);
     let report = join(&node, &lab(), NODE, &opts("1")).unwrap();
-    let ran = node.ran.borrow().clone();
+    let ran = node.ran();
     assert_eq!(
         ran,
         [
@@ -296,14 +207,38 @@ fn commands_follow_the_files_in_order_and_containerd_is_verified() {
     assert_eq!(warnings.len(), 2, "{:?}", report.actions);
     assert!(warnings[0].contains("/opt/kubernetes/bin/kubelet does not exist"));
     assert!(!report.failed(), "{:?} {:?}", report.actions, report.checks);
+    // Debian's containerd, given the file join wrote, reports what join wanted.
     assert_eq!(report.checks.len(), 1);
+    assert_eq!(report.checks[0].what, "containerd config dump");
     assert_eq!(report.checks[0].result, Ok(()));
+}
+
+#[test]
+fn the_containerd_check_fails_while_containerd_has_the_operators_settings() {
+    let dir = node_root();
+    let node = FakeNode::new(NODE, dir.path(), true);
+    let base = Base {
+        containerd_version: None,
+        containerd_config: Some(OPERATOR_CONFIG.into()),
+        fstab: None,
+        ca_cert: Some(LAB_CA.into()),
+    };
+    let desired = plan::desired(&lab(), NODE, &base).unwrap();
+    let checks = verify_containerd(&node, &desired);
+    assert_eq!(checks.len(), 1, "{checks:?}");
+    let problems = checks[0].result.clone().unwrap_err();
+    let all = problems.join("\n");
+    assert!(
+        all.contains("sandbox_image is registry.k8s.io/pause:3.6 instead of registry.aliyun.example/google_containers/pause:3.9"),
+        "{all}"
+    );
+    assert!(all.contains("SystemdCgroup"), "{all}");
 }
 
 #[test]
 fn a_node_without_systemd_is_told_what_to_restart() {
     let dir = node_root();
-    let node = FakeNode::new(dir.path(), false);
+    let node = FakeNode::new(NODE, dir.path(), false);
     let report = join(&node, &lab(), NODE, &opts("1")).unwrap();
     assert!(report.failed());
     let failure = report
@@ -321,44 +256,38 @@ fn a_node_without_systemd_is_told_what_to_restart() {
     );
     assert!(
         !node
-            .ran
-            .borrow()
+            .ran()
             .iter()
             .any(|c| c.starts_with("systemctl restart"))
     );
 
     // The restart is owed: the next run (systemd up now) does it although no file changes.
     let pending =
-        std::fs::read_to_string(dir.path().join("var/lib/skybridge/join-pending")).unwrap();
+        std::fs::read_to_string(dir.path().join(paths::JOIN_PENDING.trim_start_matches('/')))
+            .unwrap();
     assert!(pending.starts_with("restart-containerd\n"), "{pending}");
-    let node = FakeNode::new(dir.path(), true);
+    let node = FakeNode::new(NODE, dir.path(), true);
     let again = join(&node, &lab(), NODE, &opts("2")).unwrap();
     assert!(again.changes.is_empty(), "{:?}", again.changes);
     assert!(!again.failed(), "{:?}", again.actions);
     assert!(
-        node.ran
-            .borrow()
+        node.ran()
             .contains(&"systemctl restart containerd".to_owned())
     );
     let pending =
-        std::fs::read_to_string(dir.path().join("var/lib/skybridge/join-pending")).unwrap();
+        std::fs::read_to_string(dir.path().join(paths::JOIN_PENDING.trim_start_matches('/')))
+            .unwrap();
     assert_eq!(pending, "");
     // Paid off: a third run owes nothing.
-    let node = FakeNode::new(dir.path(), true);
+    let node = FakeNode::new(NODE, dir.path(), true);
     join(&node, &lab(), NODE, &opts("3")).unwrap();
-    assert!(
-        !node
-            .ran
-            .borrow()
-            .iter()
-            .any(|c| c.contains("restart containerd"))
-    );
+    assert!(!node.ran().iter().any(|c| c.contains("restart containerd")));
 }
 
 #[test]
 fn old_containerd_gets_the_legacy_mirror_table() {
     let dir = node_root();
-    let host = LocalHost::rooted(NODE, dir.path());
+    let host = rooted(dir.path());
     let report = join(
         &host,
         &lab(),
@@ -388,25 +317,28 @@ fn kubeadm_join_runs_once_and_never_again_once_joined() {
         .unwrap()
         .cluster;
     let dir = node_root();
-    let node = FakeNode::new(dir.path(), true);
+    let node = FakeNode::new(NODE, dir.path(), true);
     for bin in ["/usr/bin/kubeadm", "/usr/bin/kubelet"] {
         node.files.write_file(bin, b"#!/bin/sh\n", 0o755).unwrap();
     }
     let first = join(&node, &seed, "k8s-node3", &opts("1")).unwrap();
     assert!(!first.failed(), "{:?}", first.actions);
-    let ran = node.ran.borrow().clone();
+    let ran = node.ran();
     assert!(
-        ran.contains(&"/usr/bin/kubeadm join --config /etc/skybridge/kubeadm-join.yaml".to_owned()),
+        ran.contains(&format!(
+            "/usr/bin/kubeadm join --config {}",
+            paths::KUBEADM_JOIN_CONFIG
+        )),
         "{ran:?}"
     );
     // kubeadm join leaves the kubelet's kubeconfig behind; with it the node counts as joined.
     node.files
         .write_file("/etc/kubernetes/kubelet.conf", b"apiVersion: v1\n", 0o600)
         .unwrap();
-    node.ran.borrow_mut().clear();
+    node.forget_commands();
     let second = join(&node, &seed, "k8s-node3", &opts("2")).unwrap();
     assert!(second.changes.is_empty(), "{:?}", second.changes);
-    let ran = node.ran.borrow().clone();
+    let ran = node.ran();
     assert!(!ran.iter().any(|c| c.contains("kubeadm")), "{ran:?}");
     // kubelet is not active in the fake: join (re)starts it rather than joining again.
     assert!(

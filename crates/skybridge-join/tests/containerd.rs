@@ -10,36 +10,30 @@
 //! Root only: containerd needs it. Kernel commands (modprobe, sysctl,
 //! swapoff) are recorded, never run: they would change this machine.
 
+mod support;
+
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use skybridge_join::apply::{Options, Outcome, join};
-use skybridge_join::host::{CommandOutput, HostError, LocalHost, NodeHost};
+use skybridge_join::host::{CommandOutput, HostError, NodeHost};
+use support::FakeNode;
+use support::kit::{self, Netns};
 
 const LAB: &str = include_str!("../../../examples/lab.yaml");
 const LAB_CA: &str = include_str!("../../../examples/lab-ca.crt");
 const NODE: &str = "hw-worker";
 
-fn root_and_containerd(test: &str) -> bool {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    if !root {
-        eprintln!("SKIPPED {test}: needs root (containerd); CI runs it as root");
-        return false;
+/// Whether the test must stop here: containerd needs root (the namespace of
+/// the mirror test too).
+fn unmet() -> bool {
+    if !kit::is_root() {
+        kit::skip("needs root (containerd); CI runs it as root");
+        return true;
     }
-    if Command::new("containerd")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIPPED {test}: containerd is not installed (scripts/test.sh installs it)");
-        return false;
-    }
-    true
+    kit::unmet(&["containerd", "ctr"])
 }
 
 /// Debian 12's /etc/containerd/config.toml as an operator left it: a
@@ -140,51 +134,73 @@ impl Drop for Daemon {
     }
 }
 
-/// The node as join sees it: files under `root`; containerd commands go to
-/// the test's daemon (`systemctl restart containerd` restarts it on its
-/// config); kernel and other systemd commands are recorded and succeed.
+/// The node as join sees it: the shared [`FakeNode`] (files under a
+/// directory, kernel and other systemd commands recorded), except that
+/// containerd commands go to the test's real daemon (`systemctl restart
+/// containerd` restarts it on its config).
 struct TestNode {
-    files: LocalHost,
+    fake: FakeNode,
     config: PathBuf,
     tmp: PathBuf,
     daemon: RefCell<Option<Daemon>>,
     restarts: RefCell<u32>,
-    ran: RefCell<Vec<String>>,
+}
+
+impl TestNode {
+    fn new(node_root: &Path, config: &Path, tmp: &Path, daemon: Daemon) -> TestNode {
+        TestNode {
+            fake: FakeNode::new(NODE, node_root, true),
+            config: config.to_path_buf(),
+            tmp: tmp.to_path_buf(),
+            daemon: RefCell::new(Some(daemon)),
+            restarts: RefCell::new(0),
+        }
+    }
+}
+
+fn real(cmd: &mut Command) -> Result<CommandOutput, HostError> {
+    let out = cmd.output().unwrap();
+    Ok(CommandOutput {
+        status: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
 }
 
 impl NodeHost for TestNode {
     fn name(&self) -> &str {
-        NODE
+        self.fake.name()
     }
     fn read_file(&self, path: &str) -> Result<Option<Vec<u8>>, HostError> {
-        self.files.read_file(path)
+        self.fake.read_file(path)
     }
     fn write_file(&self, path: &str, contents: &[u8], mode: u32) -> Result<(), HostError> {
-        self.files.write_file(path, contents, mode)
+        self.fake.write_file(path, contents, mode)
     }
     fn exists(&self, path: &str) -> Result<bool, HostError> {
-        Ok(path == "/run/systemd/system" || self.files.exists(path)?)
+        self.fake.exists(path)
     }
     fn run(&self, program: &str, args: &[&str]) -> Result<CommandOutput, HostError> {
-        let line = format!("{program} {}", args.join(" "));
-        self.ran.borrow_mut().push(line.clone());
-        let real = |cmd: &mut Command| {
-            let out = cmd.output().unwrap();
-            Ok(CommandOutput {
-                status: out.status.code(),
-                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            })
-        };
+        let line = std::iter::once(program)
+            .chain(args.iter().copied())
+            .collect::<Vec<_>>()
+            .join(" ");
         match line.as_str() {
-            "containerd --version" => real(Command::new("containerd").arg("--version")),
-            "containerd config dump" => real(
-                Command::new("containerd")
-                    .arg("--config")
-                    .arg(&self.config)
-                    .args(["config", "dump"]),
-            ),
+            "containerd --version" => {
+                self.fake.record(program, args);
+                real(Command::new("containerd").arg("--version"))
+            }
+            "containerd config dump" => {
+                self.fake.record(program, args);
+                real(
+                    Command::new("containerd")
+                        .arg("--config")
+                        .arg(&self.config)
+                        .args(["config", "dump"]),
+                )
+            }
             "systemctl restart containerd" => {
+                self.fake.record(program, args);
                 let mut d = self.daemon.borrow_mut();
                 drop(d.take());
                 *self.restarts.borrow_mut() += 1;
@@ -195,15 +211,7 @@ impl NodeHost for TestNode {
                 ));
                 real(&mut Command::new("true"))
             }
-            _ if program == "crictl" => Err(HostError::NotFound("crictl".into())),
-            _ if program == "systemctl" && args.first() == Some(&"is-active") => {
-                Ok(CommandOutput {
-                    status: Some(3),
-                    stdout: String::new(),
-                    stderr: String::new(),
-                })
-            }
-            _ => real(&mut Command::new("true")),
+            _ => self.fake.run(program, args),
         }
     }
 }
@@ -211,7 +219,7 @@ impl NodeHost for TestNode {
 #[test]
 fn join_edits_the_real_containerd_config_and_the_restarted_daemon_uses_it() {
     let test = "join_edits_the_real_containerd_config";
-    if !root_and_containerd(test) {
+    if unmet() {
         return;
     }
     let started = Instant::now();
@@ -226,14 +234,7 @@ fn join_edits_the_real_containerd_config_and_the_restarted_daemon_uses_it() {
     let original = operator_config(t);
     std::fs::write(&config, &original).unwrap();
 
-    let node = TestNode {
-        files: LocalHost::rooted(NODE, &node_root),
-        config: config.clone(),
-        tmp: t.to_path_buf(),
-        daemon: RefCell::new(Some(Daemon::start(&config, t, 0))),
-        restarts: RefCell::new(0),
-        ran: RefCell::new(Vec::new()),
-    };
+    let node = TestNode::new(&node_root, &config, t, Daemon::start(&config, t, 0));
     let before = node.daemon.borrow().as_ref().unwrap().log();
     assert!(
         before.contains("SandboxImage:registry.k8s.io/pause:3.6"),
@@ -318,38 +319,9 @@ fn join_edits_the_real_containerd_config_and_the_restarted_daemon_uses_it() {
     );
     assert_eq!(again.checks[0].result, Ok(()));
     // Kernel commands were planned for the node but never run here.
-    let ran = node.ran.borrow();
+    let ran = node.fake.ran();
     assert!(ran.iter().any(|c| c == "modprobe br_netfilter"), "{ran:?}");
     eprintln!("{test}: {:.1} s", started.elapsed().as_secs_f64());
-}
-
-/// A network namespace of this test (`sbt-<pid>-<tag>`), deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Option<Netns> {
-        let name = format!("sbt-{}-{tag}", std::process::id());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            return None;
-        }
-        let ns = Netns(name);
-        let up = Command::new("ip")
-            .args(["netns", "exec", &ns.0, "ip", "link", "set", "lo", "up"])
-            .status()
-            .unwrap();
-        assert!(up.success());
-        Some(ns)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
 }
 
 /// A registry mirror that answers 404 to everything and remembers each
@@ -368,7 +340,7 @@ impl FakeMirror {
         let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
-        let ns_path = format!("/run/netns/{}", ns.0);
+        let ns_path = format!("/run/netns/{}", ns.name);
         let (reqs, stopping) = (requests.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
             // Only this thread enters the namespace; the listener stays in it.
@@ -423,8 +395,9 @@ impl Drop for FakeMirror {
 
 /// `ctr images pull` inside the namespace, resolving registries through `hosts_dir`.
 fn pull(ns: &Netns, socket: &Path, hosts_dir: &Path, image: &str) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &ns.0, "ctr", "--address"])
+    let out = ns
+        .command(Path::new("ctr"))
+        .arg("--address")
         .arg(socket)
         .args(["images", "pull", "--hosts-dir"])
         .arg(hosts_dir)
@@ -441,13 +414,10 @@ fn pull(ns: &Netns, socket: &Path, hosts_dir: &Path, image: &str) -> String {
 #[test]
 fn pulls_go_to_the_sites_mirror_through_the_hosts_files_join_wrote() {
     let test = "pulls_go_to_the_sites_mirror";
-    if !root_and_containerd(test) {
+    if unmet() {
         return;
     }
-    let Some(ns) = Netns::new("jmirror") else {
-        eprintln!("SKIPPED {test}: cannot create a network namespace (iproute2 missing?)");
-        return;
-    };
+    let ns = Netns::new("jmirror");
     let started = Instant::now();
     let mirror = FakeMirror::start(&ns);
     let tmp = tempfile::Builder::new()
@@ -478,14 +448,7 @@ fn pulls_go_to_the_sites_mirror_through_the_hosts_files_join_wrote() {
         &format!("http://127.0.0.1:{}", mirror.port),
     );
     let cluster = skybridge_core::load(&src).unwrap().cluster;
-    let node = TestNode {
-        files: LocalHost::rooted(NODE, &node_root),
-        config: config.clone(),
-        tmp: t.to_path_buf(),
-        daemon: RefCell::new(Some(daemon)),
-        restarts: RefCell::new(0),
-        ran: RefCell::new(Vec::new()),
-    };
+    let node = TestNode::new(&node_root, &config, t, daemon);
     let report = join(
         &node,
         &cluster,

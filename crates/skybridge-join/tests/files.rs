@@ -7,7 +7,11 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 
+#[path = "../../skybridge-cli/tests/support/kit.rs"]
+mod kit;
+
 use skybridge_core::Cluster;
+use skybridge_core::layout::paths;
 use skybridge_join::containerd::Version;
 use skybridge_join::plan::{self, Base, Desired};
 
@@ -103,7 +107,7 @@ fn kubeadm_v1beta4_from_kubernetes_1_31() {
     let join = &d
         .files
         .iter()
-        .find(|f| f.path == "/etc/skybridge/kubeadm-join.yaml")
+        .find(|f| f.path == paths::KUBEADM_JOIN_CONFIG)
         .unwrap();
     assert_eq!(join.mode, 0o600);
     assert!(
@@ -128,14 +132,8 @@ fn fake_binaries(dir: &std::path::Path) {
 
 #[test]
 fn generated_units_pass_systemd_analyze_verify() {
-    if Command::new("systemd-analyze")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!(
-            "SKIPPED generated_units_pass_systemd_analyze_verify: systemd-analyze is not installed (scripts/test.sh installs systemd)"
-        );
+    if kit::which("systemd-analyze").is_none() {
+        kit::skip("systemd-analyze is not installed (scripts/test.sh installs systemd)");
         return;
     }
     let bin = tempfile::tempdir().unwrap();

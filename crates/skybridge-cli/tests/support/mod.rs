@@ -1,215 +1,215 @@
-//! Network namespaces for tests on the real kernel.
-//!
-//! Every namespace is named `sbt-<pid>-<tag>` and deleted by a guard on drop,
-//! also when the test fails. At the first use in a process, namespaces of
-//! test processes that no longer exist are swept. Tests never touch the
-//! host's own namespace and use documentation addresses for "public" IPs.
+//! Support of the CLI's end-to-end tests: the shared [`kit`] (skips,
+//! namespaces, one lab at a time) and [`Lab`], the one handle on a
+//! `skybridge lab` of a test.
 
 #![allow(dead_code)]
 
+mod kit;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::Once;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::{MutexGuard, Once};
+
+pub use kit::*;
 
 pub fn skybridge() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_skybridge"))
 }
 
-/// Whether root-only tests can run; prints why not otherwise.
-pub fn root_or_skip(test: &str) -> bool {
-    let uid = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    if !uid.is_ok_and(|root| root) {
-        eprintln!("SKIPPED {test}: needs root (network namespaces); CI runs it as root");
-        return false;
+/// A lab of this test process, named `sbt-<pid>-<tag>-*`; `lab down` on drop,
+/// also when the test fails, before the turn passes to the next lab.
+pub struct Lab {
+    pub prefix: String,
+    dir: tempfile::TempDir,
+    _turn: MutexGuard<'static, ()>,
+}
+
+impl Lab {
+    /// Waits for this process's turn (see [`one_at_a_time`]), then names a
+    /// new lab. Leftovers of test processes that died are removed first.
+    pub fn new(tag: &str) -> Lab {
+        let turn = one_at_a_time();
+        sweep_stale_labs();
+        Lab {
+            prefix: format!("sbt-{}-{tag}-", std::process::id()),
+            dir: tempfile::tempdir().unwrap(),
+            _turn: turn,
+        }
     }
-    if Command::new("ip").arg("-V").output().is_err() {
-        eprintln!("SKIPPED {test}: iproute2 is not installed (scripts/test.sh installs it)");
-        return false;
+
+    /// `skybridge lab ARGS` on this lab.
+    pub fn run(&self, args: &[&str]) -> Output {
+        lab_command(&self.prefix).args(args).output().unwrap()
     }
-    true
-}
 
-fn sh(args: &[&str]) -> Output {
-    Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("running {args:?}: {e}"))
-}
+    /// `skybridge lab ARGS` on this lab, not waited for.
+    pub fn spawn(&self, args: &[&str]) -> std::process::Child {
+        lab_command(&self.prefix)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
 
-#[track_caller]
-pub fn ok(args: &[&str]) -> String {
-    let out = sh(args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+    /// Runs a program (no shell) on a node.
+    pub fn exec(&self, node: &str, cmd: &[&str]) -> Output {
+        self.run(&[&["exec", node, "--"], cmd].concat())
+    }
 
-static SWEEP: Once = Once::new();
-/// Tests of one process run in parallel: every namespace and veth gets its own number.
-static NEXT: AtomicU32 = AtomicU32::new(0);
+    /// Runs a shell script of the test on a node.
+    pub fn sh(&self, node: &str, script: &str) -> Output {
+        self.exec(node, &["sh", "-c", script])
+    }
 
-fn next() -> u32 {
-    NEXT.fetch_add(1, Ordering::Relaxed)
-}
+    /// A shell script of the test on a node that must succeed; its output.
+    #[track_caller]
+    pub fn sh_ok(&self, node: &str, script: &str) -> String {
+        let out = self.sh(node, script);
+        assert!(out.status.success(), "{node}: {script}: {}", text(&out));
+        text(&out)
+    }
 
-/// Deletes `sbt-<pid>-*` namespaces whose test process is gone.
-pub fn sweep() {
-    SWEEP.call_once(|| {
-        let list = sh(&["ip", "netns", "list"]);
-        for line in String::from_utf8_lossy(&list.stdout).lines() {
-            let name = line.split_whitespace().next().unwrap_or_default();
-            let Some(pid) = name
-                .strip_prefix("sbt-")
-                .and_then(|r| r.split('-').next())
-                .and_then(|p| p.parse::<u32>().ok())
-            else {
+    /// The test's own directory (cluster files, CA files).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    /// Writes `text` as `name` in the test's directory; its path.
+    pub fn file(&self, name: &str, text: &str) -> String {
+        std::fs::write(self.dir.path().join(name), text).unwrap();
+        self.path(name)
+    }
+
+    /// `lab up ARGS` that must succeed with this matrix summary.
+    #[track_caller]
+    pub fn up_green(&self, args: &[&str], summary: &str) {
+        let start = std::time::Instant::now();
+        let up = self.run(&[&["up"], args].concat());
+        eprintln!("lab up took {:.0} s", start.elapsed().as_secs_f64());
+        assert!(
+            up.status.success() && text(&up).contains(summary),
+            "{}\n{}",
+            text(&up),
+            self.logs()
+        );
+    }
+
+    /// The lab's namespaces that exist now.
+    pub fn namespaces(&self) -> Vec<String> {
+        let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| n.starts_with(&self.prefix))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Where the lab keeps the files of cluster `cluster` (the VMs see it as /mnt/sblab).
+    pub fn state_dir(&self, cluster: &str) -> PathBuf {
+        Path::new(skybridge_lab::LAB_DIR).join(format!("{}{cluster}", self.prefix))
+    }
+
+    /// The ends of the nodes' logs (agents, probes, VM consoles), for a failure message.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for entry in std::fs::read_dir(skybridge_lab::LAB_DIR)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let path = entry.path();
+            let ours = entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(&self.prefix);
+            if !ours || !path.is_dir() {
                 continue;
-            };
-            if !Path::new(&format!("/proc/{pid}")).exists() {
-                kill_all_in(name);
-                let _ = sh(&["ip", "netns", "del", name]);
+            }
+            for f in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+                let p = f.path();
+                if p.extension().is_some_and(|e| e == "log") {
+                    let t = std::fs::read_to_string(&p).unwrap_or_default();
+                    let tail: Vec<&str> = t.lines().rev().take(12).collect();
+                    out += &format!(
+                        "--- {}\n{}\n",
+                        p.display(),
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
+                }
             }
         }
-    });
-}
+        out
+    }
 
-fn kill_all_in(name: &str) {
-    let pids = sh(&["ip", "netns", "pids", name]);
-    for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
-        let _ = sh(&["kill", "-9", pid]);
+    /// The pids of the lab's qemu processes, as `lab status` lists them.
+    pub fn qemu_pids(&self) -> Vec<u32> {
+        let status = text(&self.run(&["status"]));
+        status
+            .split("VM pid ")
+            .skip(1)
+            .filter_map(|s| s.split_whitespace().next()?.parse().ok())
+            .collect()
     }
 }
 
-/// A network namespace owned by the test.
-#[derive(Debug)]
-pub struct Netns {
-    pub name: String,
-    /// A process holding a mount namespace in which `/run/wireguard` is this
-    /// node's own (UAPI sockets are named after the interface, and every node
-    /// has an `sb-wg0`); commands then run inside it.
-    holder: Option<std::process::Child>,
-}
-
-impl Netns {
-    pub fn new(tag: &str) -> Netns {
-        sweep();
-        let name = format!("sbt-{}-{}-{tag}", std::process::id(), next());
-        let _ = sh(&["ip", "netns", "del", &name]);
-        ok(&["ip", "netns", "add", &name]);
-        let ns = Netns { name, holder: None };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// Gives the node its own `/run/wireguard`, as separate machines have.
-    pub fn private_run(&mut self) {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.name, "unshare", "--mount", "--propagation", "private", "sh", "-c"])
-            .arg("mkdir -p /run/wireguard && mount -t tmpfs sbt-run /run/wireguard && echo ready && exec sleep infinity")
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut buf = [0u8; 6];
-        std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut buf).unwrap();
-        // `ip netns exec`, `unshare` and `sh -c 'exec ...'` all exec: the pid is the holder itself.
-        self.holder = Some(child);
-    }
-
-    fn prefix(&self) -> Vec<String> {
-        match &self.holder {
-            Some(child) => [
-                "nsenter",
-                "--target",
-                &child.id().to_string(),
-                "--mount",
-                "--net",
-                "--",
-            ]
-            .map(str::to_owned)
-            .to_vec(),
-            None => ["ip", "netns", "exec", &self.name]
-                .map(str::to_owned)
-                .to_vec(),
-        }
-    }
-
-    /// Runs a command inside, asserting success; returns stdout.
-    #[track_caller]
-    pub fn ok(&self, args: &[&str]) -> String {
-        let prefix = self.prefix();
-        let mut full: Vec<&str> = prefix.iter().map(String::as_str).collect();
-        full.extend_from_slice(args);
-        ok(&full)
-    }
-
-    pub fn run(&self, args: &[&str]) -> Output {
-        let prefix = self.prefix();
-        let mut full: Vec<&str> = prefix.iter().map(String::as_str).collect();
-        full.extend_from_slice(args);
-        sh(&full)
-    }
-
-    pub fn command(&self, program: &Path) -> Command {
-        let prefix = self.prefix();
-        let mut c = Command::new(&prefix[0]);
-        c.args(&prefix[1..]).arg(program);
-        c
-    }
-
-    #[track_caller]
-    pub fn ip(&self, args: &[&str]) -> String {
-        let mut full = vec!["ip", "-n", &self.name];
-        full.extend_from_slice(args);
-        ok(&full)
-    }
-
-    /// Whether `dst` answers a ping within about a second.
-    pub fn pings(&self, dst: &str) -> bool {
-        self.run(&["ping", "-c", "1", "-W", "1", dst])
-            .status
-            .success()
-    }
-}
-
-impl Drop for Netns {
+impl Drop for Lab {
     fn drop(&mut self) {
-        kill_all_in(&self.name);
-        if let Some(mut holder) = self.holder.take() {
-            let _ = holder.kill();
-            let _ = holder.wait();
-        }
-        let _ = sh(&["ip", "netns", "del", &self.name]);
+        let _ = self.run(&["down"]);
     }
 }
 
-/// Connects two namespaces with a veth pair named `sbt-veth` on both sides.
-pub fn wire(a: &Netns, b: &Netns) {
-    let peer = format!("sbt-p{}", next());
-    a.ip(&[
-        "link", "add", "sbt-veth", "type", "veth", "peer", "name", &peer, "netns", &b.name,
-    ]);
-    b.ip(&["link", "set", &peer, "name", "sbt-veth"]);
-    a.ip(&["link", "set", "sbt-veth", "up"]);
-    b.ip(&["link", "set", "sbt-veth", "up"]);
+fn lab_command(prefix: &str) -> Command {
+    let mut c = Command::new(skybridge());
+    c.arg("lab").env("SKYBRIDGE_LAB_PREFIX", prefix);
+    c
 }
 
-/// Polls `f` until it is true or `limit` passes; returns how long it took.
-pub fn within(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if f() {
-            return Some(start.elapsed());
+/// `--wireguard-impl NODE=BACKEND` for every node of the cluster file but
+/// `except`: a lab test names the data plane it means instead of getting
+/// whatever this kernel makes the agent pick.
+pub fn wireguard_everywhere(cluster: &str, backend: &str, except: &[&str]) -> Vec<String> {
+    let cluster = skybridge_core::load(cluster)
+        .expect("the test's cluster file is valid")
+        .cluster;
+    cluster
+        .nodes()
+        .map(|(_, n)| n.name.clone())
+        .filter(|n| !except.contains(&n.as_str()))
+        .flat_map(|n| ["--wireguard-impl".to_owned(), format!("{n}={backend}")])
+        .collect()
+}
+
+static LAB_SWEEP: Once = Once::new();
+
+/// Takes down the labs of test processes that died (a killed `cargo test`
+/// never ran its `Drop`s): `lab down` stops their VMs and holders and
+/// removes their state; then their namespaces and directories go.
+pub fn sweep_stale_labs() {
+    LAB_SWEEP.call_once(|| {
+        let entries: Vec<String> = std::fs::read_dir(skybridge_lab::LAB_DIR)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| is_stale(n))
+            .collect();
+        for state in entries.iter().filter_map(|n| n.strip_suffix("lab.json")) {
+            let _ = lab_command(state).arg("down").output();
         }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
+        sweep();
+        for leftover in &entries {
+            let path = Path::new(skybridge_lab::LAB_DIR).join(leftover);
+            let _ = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+        }
+    });
 }
