@@ -241,7 +241,7 @@ fn agent_once_converges_the_tunnel_and_a_second_run_changes_nothing() {
 
 #[test]
 fn a_vlan_uplink_gets_its_sysctls_and_converges() {
-    if !root_or_skip("a_vlan_uplink") || !nft_available("a_vlan_uplink") {
+    if unmet(&["nft"]) {
         return;
     }
     let w = World::new("vxlan");

@@ -464,11 +464,9 @@ spec:
 /// with the guests explicitly.
 #[test]
 fn a_skybridge_binary_under_tmp_runs_in_the_vms_all_green() {
-    let test = "a_skybridge_binary_under_tmp_runs_in_the_vms";
-    if !vm_tests_or_skip(test) {
+    if !vm_tests_or_skip() {
         return;
     }
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let fresh = tempfile::Builder::new()
         .prefix("sbt-fresh-")
         .tempdir_in("/tmp")
@@ -491,7 +489,7 @@ fn a_skybridge_binary_under_tmp_runs_in_the_vms_all_green() {
         up.status.success() && text(&up).contains(MATRIX_ALL_GREEN),
         "{}\n{}",
         text(&up),
-        lab.consoles()
+        lab.logs()
     );
     // The agents in the guests are this copy, found at its host path.
     let bin_text = bin.display().to_string();
