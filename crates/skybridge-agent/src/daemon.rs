@@ -9,6 +9,7 @@ use skybridge_core::NodePlan;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::host::{Host, HostError};
+use crate::lock::{LockError, NodeLock};
 use crate::reconcile::{Report, reconcile};
 
 // Multicast groups (linux/rtnetlink.h, linux/netfilter/nfnetlink.h).
@@ -72,12 +73,18 @@ async fn changed(w: Option<&Watch>) {
 /// that a new cluster file (or state file) takes effect without a restart; a
 /// file that fails to load keeps the last good plan.
 ///
+/// With `lock_dir`, every reconcile holds the node's [`NodeLock`]; while
+/// another agent (`--once`, `try`, `down`, a rollback) holds it, the daemon
+/// skips that round instead of waiting, so a SIGTERM is never stuck behind
+/// the lock, and reconciles again at the next tick.
+///
 /// # Errors
 /// When the signal handlers cannot be installed.
 pub async fn run<H: Host>(
     host: &mut H,
     mut load: impl FnMut() -> Result<NodePlan, String>,
     interval: Duration,
+    lock_dir: Option<&std::path::Path>,
     mut report: impl FnMut(&Result<Report, HostError>),
 ) -> std::io::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
@@ -100,7 +107,16 @@ pub async fn run<H: Host>(
             Err(e) => tracing::error!("{e}; keeping the last good plan"),
         }
         if let Some(p) = &plan {
-            report(&reconcile(host, p, false).await);
+            let lock = lock_dir.map(|d| NodeLock::acquire(d, "agent daemon", Duration::ZERO));
+            match lock {
+                Some(Err(LockError::Busy { holder, .. })) => {
+                    tracing::info!(
+                        "another agent is changing the node ({holder}); reconciling after it"
+                    );
+                }
+                Some(Err(e)) => tracing::error!("{e}; not reconciling"),
+                Some(Ok(_)) | None => report(&reconcile(host, p, false).await),
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}

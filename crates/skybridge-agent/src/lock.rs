@@ -19,6 +19,10 @@ use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use skybridge_core::layout::paths;
 
+/// How long a run that must change the node (`--once`, `try`, `down`, a
+/// rollback) waits for another: longer than any reconcile takes.
+pub const LOCK_PATIENCE: Duration = Duration::from_secs(60);
+
 /// How often a waiting agent tries again.
 const RETRY: Duration = Duration::from_millis(50);
 

@@ -11,6 +11,7 @@ use skybridge_core::layout::paths;
 
 use crate::backend::{self, Backends};
 use crate::config::node_plan;
+use crate::lock::{LOCK_PATIENCE, NodeLock};
 use crate::output::RunReport;
 use crate::reconcile;
 use crate::rollback::{self, RollbackError};
@@ -74,6 +75,23 @@ pub struct LinuxNode {
 impl LinuxNode {
     fn exe() -> Result<PathBuf, RollbackError> {
         std::env::current_exe().map_err(|e| node_err(format!("locating the skybridge binary: {e}")))
+    }
+
+    /// Stops the agent daemon for good before `agent down`: a running one
+    /// would put back within a second what `down` removes, and an enabled
+    /// unit would at the next boot. Whether one was running.
+    ///
+    /// # Errors
+    /// When it cannot be stopped.
+    pub fn retire_daemon(&mut self) -> Result<bool, RollbackError> {
+        use rollback::Node as _;
+        let was = self.daemon_running();
+        self.stop_daemon()?;
+        if systemd() {
+            // No unit (never applied): nothing to disable.
+            let _ = run(&["systemctl", "disable", paths::AGENT_UNIT]);
+        }
+        Ok(was)
     }
 }
 
@@ -213,6 +231,8 @@ impl rollback::Node for LinuxNode {
     }
 
     async fn apply(&mut self, cluster: &Path) -> Result<RunReport, RollbackError> {
+        let _lock =
+            NodeLock::acquire(&self.state_dir, "agent try", LOCK_PATIENCE).map_err(node_err)?;
         let plan = node_plan(cluster, &self.name).map_err(node_err)?;
         let mut host = backend::linux_host(self.backends, &plan, &self.state_dir)
             .await
@@ -224,6 +244,8 @@ impl rollback::Node for LinuxNode {
     }
 
     async fn teardown(&mut self, cluster: &Path) -> Result<RunReport, RollbackError> {
+        let _lock = NodeLock::acquire(&self.state_dir, "agent rollback", LOCK_PATIENCE)
+            .map_err(node_err)?;
         let plan = node_plan(cluster, &self.name).map_err(node_err)?;
         let mut host = backend::linux_host(self.backends, &plan, &self.state_dir)
             .await

@@ -13,6 +13,7 @@ use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Subcommand, ValueEnum};
 use skybridge_agent::backend::{Backends, DataPlane, FirewallChoice};
 use skybridge_agent::host::{Host, HostError, LinuxHost};
+use skybridge_agent::lock::{LOCK_PATIENCE, NodeLock};
 use skybridge_agent::output::{ConfirmOutcome, RunReport, TryOutcome};
 use skybridge_agent::reconcile::Report;
 use skybridge_agent::rollback::{self, Dirs, SystemClock, TryRequest};
@@ -306,6 +307,12 @@ async fn run(
     let mut host = host(args, &plan).await?;
     tracing::info!(node = %plan.node, backends = %host.backends(), "agent starting");
     if once || dry_run {
+        let what = if dry_run {
+            "agent --dry-run"
+        } else {
+            "agent --once"
+        };
+        let _lock = NodeLock::acquire(&args.state_dir, what, LOCK_PATIENCE)?;
         let r = reconcile::reconcile(&mut host, &plan, dry_run).await?;
         match output {
             Output::Text => print_report(&plan.node, &r, dry_run),
@@ -342,6 +349,7 @@ async fn run(
         &mut host,
         load_plan,
         interval,
+        Some(&args.state_dir),
         |r: &Result<Report, HostError>| match r {
             Ok(r) if r.changes.is_empty() => tracing::debug!("converged"),
             Ok(r) => print_report(&name, r, false),
@@ -355,6 +363,22 @@ async fn run(
 
 async fn down(args: &NodeArgs, dry_run: bool) -> Result<ExitCode> {
     let plan = node_plan(args).map_err(anyhow::Error::msg)?;
+    if !dry_run {
+        let mut node = LinuxNode {
+            name: plan.node.clone(),
+            backends: args.backends(),
+            state_dir: args.state_dir.clone(),
+            install_dir: PathBuf::from(paths::CONFIG_DIR),
+            binary: PathBuf::from(paths::BINARY),
+        };
+        if node
+            .retire_daemon()
+            .context("stopping the agent daemon before down")?
+        {
+            say(&format!("{}: stopped the agent daemon", plan.node));
+        }
+    }
+    let _lock = NodeLock::acquire(&args.state_dir, "agent down", LOCK_PATIENCE)?;
     let mut host = host(args, &plan).await?;
     let r = reconcile::down(&mut host, &plan, dry_run).await?;
     print_report(&plan.node, &r, dry_run);

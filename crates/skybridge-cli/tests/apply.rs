@@ -222,6 +222,34 @@ fn apply_over_ssh_converges_a_fresh_lab_then_is_a_no_op_and_refuses_a_changed_ho
             text(&accepted)
         );
     }
+
+    // `agent down` on a node whose daemon runs stops the daemon first: the
+    // daemon used to put the tunnel back within a fraction of a second.
+    let exe = skybridge().display().to_string();
+    let down = lab.exec(
+        "ali-gw",
+        &[
+            &exe,
+            "agent",
+            "down",
+            "--cluster",
+            paths::CLUSTER_FILE,
+            "--node",
+            "ali-gw",
+        ],
+    );
+    assert!(down.status.success(), "{}", text(&down));
+    assert!(
+        text(&down).contains("stopped the agent daemon"),
+        "{}",
+        text(&down)
+    );
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let links = text(&lab.exec("ali-gw", &["ip", "-o", "link"]));
+    assert!(
+        !links.contains(marks::IFACE_PREFIX),
+        "the tunnel came back after down:\n{links}"
+    );
 }
 
 #[test]
