@@ -142,12 +142,20 @@ impl rollback::Node for LinuxNode {
         let (exe, node, state_dir) = (&self.binary, &self.name, &self.state_dir);
         let flags = self.backends.flags();
         if systemd() {
-            let unit = format!(
-                "[Unit]\nDescription=Skybridge agent for node {node}\nAfter=network-online.target\nWants=network-online.target\nBefore=kubelet.service\n\n[Service]\nType=simple\nExecStart={} agent --cluster {} --node {node} --state-dir {} {}\nRestart=on-failure\nRestartSec=2\n# Stopping the agent must not take the network down with it.\nKillMode=process\n\n[Install]\nWantedBy=multi-user.target\n",
-                exe.display(),
-                cluster.display(),
-                state_dir.display(),
-                flags.join(" ")
+            let cluster_name =
+                skybridge_core::load(&std::fs::read_to_string(cluster).map_err(node_err)?)
+                    .map(|v| v.cluster.name)
+                    .unwrap_or_default();
+            let unit = skybridge_render::agent_unit(
+                &cluster_name,
+                node,
+                &format!(
+                    "{} agent --cluster {} --node {node} --state-dir {} {}",
+                    exe.display(),
+                    cluster.display(),
+                    state_dir.display(),
+                    flags.join(" ")
+                ),
             );
             let path = Path::new(paths::UNIT_DIR).join(paths::AGENT_UNIT_FILE);
             std::fs::write(&path, unit)

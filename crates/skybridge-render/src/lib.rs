@@ -33,6 +33,8 @@ mod networkd;
 pub mod nftables;
 mod script;
 mod systemd;
+
+pub use systemd::agent_unit;
 mod wireguard;
 
 use std::collections::BTreeMap;

@@ -11,6 +11,39 @@ use crate::{AGENT_BINARY, CLUSTER_PATH, File};
 
 pub(crate) const FILE_NAME: &str = paths::AGENT_UNIT_FILE;
 
+/// The agent's unit: the same for a node set up by hand from `render` and
+/// for one `apply` installs (which runs the agent with its own arguments).
+/// Names come from a validated cluster file (DNS labels): nothing to quote.
+#[must_use]
+pub fn agent_unit(cluster: &str, node: &str, exec_start: &str) -> String {
+    let mut t = Text::default();
+    t.line("[Unit]");
+    t.line(format!(
+        "Description=Skybridge agent for node {node} of cluster {cluster}"
+    ));
+    t.line("After=network-online.target");
+    t.line("Wants=network-online.target");
+    t.line("Before=kubelet.service");
+    // A cluster file that is briefly invalid (a bad edit, a half copied
+    // file) makes the agent exit; systemd's default start limit would then
+    // leave the unit failed for good. Keep trying.
+    t.line("StartLimitIntervalSec=0");
+    t.blank();
+    t.line("[Service]");
+    t.line("Type=simple");
+    t.line(format!("ExecStart={exec_start}"));
+    t.line("Restart=on-failure");
+    t.line("RestartSec=2");
+    // Stopping the agent must not take the network down with it.
+    t.line("KillMode=process");
+    t.line("StateDirectory=skybridge");
+    t.line("StateDirectoryMode=0700");
+    t.blank();
+    t.line("[Install]");
+    t.line("WantedBy=multi-user.target");
+    t.finish()
+}
+
 pub(crate) fn render(plan: &ClusterPlan) -> Vec<File> {
     plan.nodes
         .iter()
@@ -26,35 +59,17 @@ pub(crate) fn render(plan: &ClusterPlan) -> Vec<File> {
                 paths::AGENT_UNIT
             ));
             t.blank();
-            t.line("[Unit]");
-            t.line(format!(
-                "Description=Skybridge agent for node {} of cluster {}",
-                node.node, plan.cluster
-            ));
-            t.line("After=network-online.target");
-            t.line("Wants=network-online.target");
-            t.line("Before=kubelet.service");
-            // A cluster file that is briefly invalid (a bad edit, a half
-            // copied file) makes the agent exit; systemd's default start
-            // limit would then leave the unit failed for good. Keep trying.
-            t.line("StartLimitIntervalSec=0");
-            t.blank();
-            t.line("[Service]");
-            t.line("Type=simple");
-            t.line(format!(
-                "ExecStart={AGENT_BINARY} agent --cluster {CLUSTER_PATH} --node {}",
-                node.node
-            ));
-            t.line("Restart=on-failure");
-            t.line("RestartSec=2");
-            // Stopping the agent must not take the network down with it.
-            t.line("KillMode=process");
-            t.line("StateDirectory=skybridge");
-            t.line("StateDirectoryMode=0700");
-            t.blank();
-            t.line("[Install]");
-            t.line("WantedBy=multi-user.target");
-            file(node, FILE_NAME, PUBLIC, t.finish())
+            let body = agent_unit(
+                &plan.cluster,
+                &node.node,
+                &format!(
+                    "{AGENT_BINARY} agent --cluster {CLUSTER_PATH} --node {}",
+                    node.node
+                ),
+            );
+            let mut text = t.finish();
+            text.push_str(&body);
+            file(node, FILE_NAME, PUBLIC, text)
         })
         .collect()
 }
