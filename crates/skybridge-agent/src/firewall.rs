@@ -222,18 +222,14 @@ impl Firewall for Iptables {
     }
 
     fn replace(&self, rules: &[FirewallRule]) -> Result<(), FirewallError> {
-        // iptables has no transaction across chains: build the new rules in
-        // the (flushed) own chains, then make sure the jumps exist.
-        self.ensure_chains()?;
-        for (table, chain, _) in skybridge_render::iptables::CHAINS {
-            run("iptables", &["-w", "-t", table, "-F", chain], None)?;
+        // One transaction per table: the chains are emptied and refilled by
+        // the same iptables-restore, never left empty in between (a flush
+        // then appends would drop or let through what the rules decide).
+        for (_, batch) in skybridge_render::iptables::restore_batches(rules) {
+            run("iptables-restore", &["-w", "--noflush"], Some(&batch))?;
         }
-        for (table, chain, args) in skybridge_render::iptables::rules(rules, true) {
-            let mut a = vec!["-w", "-t", table, "-A", chain];
-            a.extend(args.iter().map(String::as_str));
-            run("iptables", &a, None)?;
-        }
-        Ok(())
+        // The jumps into our chains, once they exist.
+        self.ensure_chains()
     }
 
     fn remove(&self) -> Result<(), FirewallError> {

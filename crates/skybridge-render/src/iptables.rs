@@ -63,6 +63,40 @@ pub fn rules(
         .collect()
 }
 
+/// The rules as one `iptables-restore --noflush` batch per table, in
+/// [`CHAINS`] order: each batch declares Skybridge's chains of that table
+/// (which creates or empties them) and appends their rules, so the kernel
+/// swaps a table's chains in one transaction and no packet ever meets them
+/// half-filled. Built-in chains and everyone else's chains are untouched.
+#[must_use]
+pub fn restore_batches(rules: &[FirewallRule]) -> Vec<(&'static str, String)> {
+    let specs = self::rules(rules, true);
+    let mut tables: Vec<&'static str> = Vec::new();
+    for (table, _, _) in CHAINS {
+        if !tables.contains(&table) {
+            tables.push(table);
+        }
+    }
+    tables
+        .into_iter()
+        .map(|table| {
+            let mut batch = format!("*{table}\n");
+            for (t, chain, _) in CHAINS {
+                if t == table {
+                    batch += &format!(":{chain} - [0:0]\n");
+                }
+            }
+            for (t, chain, args) in &specs {
+                if *t == table {
+                    batch += &format!("-A {chain} {}\n", args.join(" "));
+                }
+            }
+            batch += "COMMIT\n";
+            (table, batch)
+        })
+        .collect()
+}
+
 /// One plan rule as rule specifications (space-separated words, none with
 /// spaces or shell metacharacters) and the chain each belongs in.
 fn rule(r: &FirewallRule) -> Vec<((&'static str, &'static str), String)> {
@@ -181,5 +215,35 @@ mod tests {
         );
         let chains: Vec<&str> = r.iter().map(|(_, c, _)| *c).collect();
         assert_eq!(chains, ["SKYBRIDGE-FWD", "SKYBRIDGE-IN"]);
+    }
+
+    #[test]
+    fn restore_batches_declare_only_our_chains_and_hold_every_rule() {
+        let cluster = skybridge_core::load(include_str!("../../../examples/lab.yaml"))
+            .unwrap()
+            .cluster;
+        let plan = skybridge_core::plan(&cluster, &skybridge_core::State::default());
+        let gw = plan.node("hw-master").unwrap();
+        let batches = restore_batches(&gw.firewall);
+        let tables: Vec<&str> = batches.iter().map(|(t, _)| *t).collect();
+        assert_eq!(tables, ["filter", "nat", "mangle"]);
+        let appended: usize = batches
+            .iter()
+            .map(|(_, b)| b.lines().filter(|l| l.starts_with("-A ")).count())
+            .sum();
+        assert_eq!(appended, rules(&gw.firewall, true).len());
+        for (table, batch) in &batches {
+            assert!(batch.starts_with(&format!("*{table}\n")) && batch.ends_with("COMMIT\n"));
+            for line in batch.lines() {
+                let chain = match line.split_once(' ') {
+                    Some(("-A", rest)) => rest.split(' ').next(),
+                    Some((declared, _)) if declared.starts_with(':') => Some(&declared[1..]),
+                    _ => None,
+                };
+                if let Some(chain) = chain {
+                    assert!(chain.starts_with(marks::IPTABLES_CHAIN_PREFIX), "{line}");
+                }
+            }
+        }
     }
 }
