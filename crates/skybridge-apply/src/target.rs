@@ -203,13 +203,18 @@ mod tests {
     fn ssh_settings_win_and_a_jump_host_may_name_a_node() {
         let src = LAB
             .replace(
-                "{ name: ali-worker1, privateIP: 172.26.32.236, roles: [worker] }",
-                "{ name: ali-worker1, privateIP: 172.26.32.236, roles: [worker], ssh: { user: admin, port: 2222, identityFile: /k, jumpHost: tc-gw } }",
+                "{ name: ali-worker1, privateIP: 172.26.32.236, roles: [worker]",
+                "{ name: ali-worker1, privateIP: 172.26.32.236, roles: [worker], ssh: { user: admin, port: 2222, identityFile: /k, jumpHost: tc-gw }",
             )
             .replace(
-                "{ name: ali-worker2, privateIP: 172.26.32.237, roles: [worker] }",
-                "{ name: ali-worker2, privateIP: 172.26.32.237, roles: [worker], ssh: { jumpHost: ops@bastion.example:2200 } }",
+                "{ name: ali-worker2, privateIP: 172.26.32.237, roles: [worker]",
+                "{ name: ali-worker2, privateIP: 172.26.32.237, roles: [worker], ssh: { jumpHost: ops@bastion.example:2200 }",
             );
+        assert_eq!(
+            src.matches("ssh: {").count(),
+            2,
+            "the example's node lines changed"
+        );
         let t = targets(&cluster(&src)).unwrap();
         let w1 = by_name(&t, "ali-worker1");
         assert_eq!(
@@ -280,9 +285,10 @@ mod tests {
     #[test]
     fn a_node_with_no_way_in_is_an_error_naming_it() {
         let src = LAB.replace(
-            "{ name: tc-gw, privateIP: 10.20.1.5, publicIP: 203.0.113.30, roles: [worker, gateway] }",
-            "{ name: tc-gw, privateIP: 10.20.1.5, roles: [worker, gateway] }",
+            "{ name: tc-gw, privateIP: 10.20.1.5, publicIP: 203.0.113.30, roles: [worker, gateway]",
+            "{ name: tc-gw, privateIP: 10.20.1.5, roles: [worker, gateway]",
         );
+        assert_ne!(src, LAB, "the example's node lines changed");
         // Valid (the other sites' gateways are reachable ends), but tencent's
         // nodes have neither a public IP nor a gateway with one.
         let err = targets(&cluster(&src)).unwrap_err();
