@@ -12,7 +12,7 @@ use skybridge_core::layout::paths;
 use crate::backend::{self, Backends};
 use crate::config::node_plan;
 use crate::lock::{LOCK_PATIENCE, NodeLock};
-use crate::output::RunReport;
+use crate::output::{RunReport, run_report};
 use crate::reconcile;
 use crate::rollback::{self, RollbackError};
 
@@ -248,7 +248,7 @@ impl rollback::Node for LinuxNode {
         let r = reconcile::reconcile_unguarded(&mut host, &plan)
             .await
             .map_err(node_err)?;
-        Ok(RunReport::new(&self.name, &r, false))
+        Ok(run_report(&self.name, &r, false))
     }
 
     async fn teardown(&mut self, cluster: &Path) -> Result<RunReport, RollbackError> {
@@ -262,6 +262,6 @@ impl rollback::Node for LinuxNode {
             .await
             .map_err(node_err)?;
         host.restore_sysctls().map_err(node_err)?;
-        Ok(RunReport::new(&self.name, &r, false))
+        Ok(run_report(&self.name, &r, false))
     }
 }

@@ -48,49 +48,12 @@ fn agent_running() -> String {
 /// reads (the agent's `skybridge_agent::output` writes them; a test in the
 /// CLI crate holds the two together).
 pub mod agent_output {
-    use serde::Deserialize;
+    //! The agent's reports, as `skybridge_core::report` defines them for
+    //! both sides, and how to find one in a command's output.
 
-    /// A reconcile's report.
-    #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-    pub struct RunReport {
-        pub changes: Vec<ChangeLine>,
-        pub refused: Vec<NotMade>,
-        pub failed: Vec<NotMade>,
-    }
-
-    /// One change; the controller shows its line.
-    #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-    pub struct ChangeLine {
-        pub summary: String,
-    }
-
-    #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-    pub struct NotMade {
-        pub change: String,
-        pub error: String,
-    }
-
-    /// How `agent try` ended.
-    #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-    #[serde(tag = "outcome", rename_all = "kebab-case")]
-    pub enum TryOutcome {
-        Applied { confirm_timeout: u64 },
-        Refused { reason: String },
-        RolledBack { reason: String },
-        RollbackFailed { reason: String, error: String },
-        Expired,
-    }
-
-    /// How `agent confirm` ended.
-    #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-    #[serde(tag = "outcome", rename_all = "kebab-case")]
-    pub enum ConfirmOutcome {
-        Confirmed,
-        AlreadyConfirmed,
-        Pending,
-        RolledBack { reason: String },
-        Unknown,
-    }
+    pub use skybridge_core::report::{
+        ChangeEntry, ConfirmOutcome, NotMade, RunReport, TryOutcome, TryReport,
+    };
 
     /// The JSON document on the last non-empty line of `stdout`.
     ///

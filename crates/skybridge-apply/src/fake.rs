@@ -153,16 +153,28 @@ impl Session for FakeSession {
         } else if command.ends_with("agent pubkey") {
             ok(key_of(&name) + "\n")
         } else if command.contains("agent --dry-run --output json") {
-            let changes: Vec<_> = node
-                .dry_run_changes
-                .iter()
-                .map(|c| serde_json::json!({ "op": "set-up", "reason": "r", "summary": c }))
-                .collect();
-            ok(serde_json::json!({
-                "node": name, "dry_run": true, "changes": changes,
-                "refused": [], "failed": [], "applied": 0
-            })
-            .to_string())
+            // What the agent writes: the core's report type, one definition.
+            let report = skybridge_core::report::RunReport {
+                node: name.clone(),
+                dry_run: true,
+                changes: node
+                    .dry_run_changes
+                    .iter()
+                    .map(|c| skybridge_core::report::ChangeEntry {
+                        change: skybridge_core::diff::Change {
+                            op: skybridge_core::diff::Op::SetUp {
+                                link: "sb-wg0".into(),
+                            },
+                            reason: "r".into(),
+                        },
+                        summary: c.clone(),
+                    })
+                    .collect(),
+                refused: vec![],
+                failed: vec![],
+                applied: 0,
+            };
+            ok(serde_json::to_string(&report).unwrap_or_default())
         } else if command.contains("agent try --output json") {
             if node.try_cuts_ssh {
                 w.cut.insert(name.clone());

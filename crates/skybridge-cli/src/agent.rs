@@ -14,7 +14,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use skybridge_agent::backend::{Backends, DataPlane, FirewallChoice};
 use skybridge_agent::host::{Host, HostError, LinuxHost};
 use skybridge_agent::lock::{LOCK_PATIENCE, NodeLock};
-use skybridge_agent::output::{ConfirmOutcome, RunReport, TryOutcome};
+use skybridge_agent::output::{ConfirmOutcome, TryOutcome, run_report};
 use skybridge_agent::reconcile::Report;
 use skybridge_agent::rollback::{self, Dirs, SystemClock, TryRequest};
 use skybridge_agent::service::LinuxNode;
@@ -316,9 +316,7 @@ async fn run(
         let r = reconcile::reconcile(&mut host, &plan, dry_run).await?;
         match output {
             Output::Text => print_report(&plan.node, &r, dry_run),
-            Output::Json => print_json(serde_json::to_string(&RunReport::new(
-                &plan.node, &r, dry_run,
-            ))),
+            Output::Json => print_json(serde_json::to_string(&run_report(&plan.node, &r, dry_run))),
         }
         return Ok(if r.converged() {
             ExitCode::SUCCESS
@@ -499,106 +497,4 @@ async fn watchdog(a: WatchdogArgs) -> Result<ExitCode> {
         .await
         .context("rolling back")?;
     Ok(ExitCode::SUCCESS)
-}
-
-#[cfg(test)]
-mod tests {
-    //! The agent writes its reports with `skybridge_agent::output` and the
-    //! controller reads them with `skybridge_apply::apply::agent_output`:
-    //! two definitions of one format, held together here.
-
-    use skybridge_agent::output::{self as written, ChangeEntry};
-    use skybridge_apply::apply::agent_output::{self as read, parse};
-    use skybridge_core::diff::{Change, Op};
-
-    #[test]
-    fn what_the_agent_writes_the_controller_reads() {
-        let change = Change {
-            op: Op::SetUp {
-                link: skybridge_core::layout::marks::WG_IFACE.into(),
-            },
-            reason: "planned up".into(),
-        };
-        let run = written::RunReport {
-            node: "a".into(),
-            dry_run: true,
-            changes: vec![ChangeEntry::from(&change)],
-            refused: vec![written::NotMade {
-                change: change.to_string(),
-                error: "would cut the SSH session from 192.0.2.1".into(),
-            }],
-            failed: Vec::new(),
-            applied: 0,
-        };
-        let got: read::RunReport = parse(&serde_json::to_string(&run).unwrap()).unwrap();
-        assert_eq!(got.changes[0].summary, change.to_string());
-        assert_eq!(got.refused[0].error, run.refused[0].error);
-
-        let outcomes = [
-            (
-                written::TryOutcome::Applied { confirm_timeout: 9 },
-                read::TryOutcome::Applied { confirm_timeout: 9 },
-            ),
-            (
-                written::TryOutcome::Refused { reason: "r".into() },
-                read::TryOutcome::Refused { reason: "r".into() },
-            ),
-            (
-                written::TryOutcome::RolledBack { reason: "r".into() },
-                read::TryOutcome::RolledBack { reason: "r".into() },
-            ),
-            (
-                written::TryOutcome::RollbackFailed {
-                    reason: "r".into(),
-                    error: "e".into(),
-                },
-                read::TryOutcome::RollbackFailed {
-                    reason: "r".into(),
-                    error: "e".into(),
-                },
-            ),
-            (written::TryOutcome::Expired, read::TryOutcome::Expired),
-        ];
-        for (w, r) in outcomes {
-            let report = written::TryReport {
-                node: "a".into(),
-                id: "x".into(),
-                outcome: w,
-                report: Some(run.clone()),
-            };
-            let text = serde_json::to_string(&report).unwrap();
-            assert_eq!(parse::<read::TryOutcome>(&text), Ok(r), "{text}");
-        }
-
-        let confirms = [
-            (
-                written::ConfirmOutcome::Confirmed,
-                read::ConfirmOutcome::Confirmed,
-            ),
-            (
-                written::ConfirmOutcome::AlreadyConfirmed,
-                read::ConfirmOutcome::AlreadyConfirmed,
-            ),
-            (
-                written::ConfirmOutcome::Pending,
-                read::ConfirmOutcome::Pending,
-            ),
-            (
-                written::ConfirmOutcome::RolledBack { reason: "r".into() },
-                read::ConfirmOutcome::RolledBack { reason: "r".into() },
-            ),
-            (
-                written::ConfirmOutcome::Unknown,
-                read::ConfirmOutcome::Unknown,
-            ),
-        ];
-        for (w, r) in confirms {
-            let report = written::ConfirmReport {
-                id: "x".into(),
-                outcome: w,
-            };
-            let text = serde_json::to_string(&report).unwrap();
-            assert_eq!(parse::<read::ConfirmOutcome>(&text), Ok(r), "{text}");
-        }
-    }
 }

@@ -11,14 +11,14 @@ use std::fmt;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use ipnet::Ipv4Net;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::plan::{FirewallRule, IFACE_PREFIX, NodePlan, Route, Tunnel, WireGuardPeer};
 
 /// What kind of interface, with the parameters that can only be set at
 /// creation. Made from a plan's tunnel by [`Tunnel::link_kind`]; what each
 /// kind stands for is in [`crate::transport`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum LinkKind {
     #[serde(rename = "wireguard")]
@@ -39,7 +39,7 @@ pub enum LinkKind {
     },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Address {
     pub local: Ipv4Addr,
     pub prefix_len: u8,
@@ -56,7 +56,7 @@ impl fmt::Display for Address {
 }
 
 /// An interface as planned or as found.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Link {
     pub name: String,
     pub kind: LinkKind,
@@ -67,7 +67,7 @@ pub struct Link {
 
 /// A WireGuard interface's configuration as planned or as read back. Peers
 /// whose public key is not known yet are left out of the plan side.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WireGuardConfig {
     pub interface: String,
@@ -75,7 +75,7 @@ pub struct WireGuardConfig {
     pub peers: Vec<PeerConfig>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PeerConfig {
     pub public_key: String,
@@ -100,7 +100,7 @@ pub struct Live {
     pub wireguard: Option<WireGuardConfig>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Op {
     CreateLink {
@@ -149,7 +149,7 @@ pub enum Op {
 }
 
 /// One step of a reconcile and why it is needed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change {
     #[serde(flatten)]
     pub op: Op,

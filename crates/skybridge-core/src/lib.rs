@@ -17,6 +17,7 @@ pub mod graph;
 pub mod layout;
 pub mod model;
 pub mod plan;
+pub mod report;
 pub mod spec;
 pub mod state;
 pub mod table;

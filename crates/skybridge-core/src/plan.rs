@@ -16,7 +16,7 @@ use std::fmt;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use ipnet::Ipv4Net;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::model::{Cluster, Granularity, Nat, Node, Site, Transport};
 use crate::state::State;
@@ -162,7 +162,7 @@ pub struct PointToPoint {
     pub port: Option<u16>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Route {
     pub destination: Ipv4Net,
@@ -201,7 +201,7 @@ impl Sysctl {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     /// Packets forwarded in from a tunnel.
@@ -210,7 +210,7 @@ pub enum Direction {
     Out,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "protocol", rename_all = "lowercase")]
 pub enum TunnelProtocol {
     Udp { port: u16 },
@@ -218,7 +218,7 @@ pub enum TunnelProtocol {
 }
 
 /// Firewall rules, all matching Skybridge's own interfaces (`sb-*`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "rule", rename_all = "kebab-case")]
 pub enum FirewallRule {
     /// Accept forwarded traffic entering or leaving a tunnel.
