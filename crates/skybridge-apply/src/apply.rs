@@ -44,12 +44,10 @@ fn agent_running() -> String {
     )
 }
 
-/// What the agent prints with `--output json`: the parts the controller
-/// reads (the agent's `skybridge_agent::output` writes them; a test in the
-/// CLI crate holds the two together).
+/// What the agent prints with `--output json`: the reports as
+/// `skybridge_core::report` defines them for both sides, and how to find one
+/// in a command's output.
 pub mod agent_output {
-    //! The agent's reports, as `skybridge_core::report` defines them for
-    //! both sides, and how to find one in a command's output.
 
     pub use skybridge_core::report::{
         ChangeEntry, ConfirmOutcome, NotMade, RunReport, TryOutcome, TryReport,
