@@ -325,7 +325,8 @@ async fn plan_one<S: Session>(
     let node = &r.target.node;
     let s = &r.session;
     obs.step(node, "planning");
-    s.upload(paths::STAGED_CLUSTER, cluster_yaml, 0o644)
+    // The cluster file may hold a bootstrap token: root's eyes only.
+    s.upload(paths::STAGED_CLUSTER, cluster_yaml, 0o600)
         .await
         .map_err(|e| fail(node, "stage files", e))?;
     s.upload(paths::STAGED_STATE, state_yaml, 0o644)
@@ -817,6 +818,22 @@ mod tests {
         assert_eq!(
             c.file("a", paths::STAGED_CLUSTER).as_deref(),
             Some(&b"cluster"[..])
+        );
+        // The staged cluster file may hold a bootstrap token: created under
+        // umask 077 (its folder too) and kept 0600.
+        let staged = c
+            .commands("a")
+            .into_iter()
+            .find(|cmd| {
+                cmd.ends_with(&format!(
+                    "mv -f '{0}.sb-upload' '{0}'",
+                    paths::STAGED_CLUSTER
+                ))
+            })
+            .unwrap();
+        assert!(
+            staged.starts_with("set -e; umask 077; mkdir -p ") && staged.contains("chmod 600 "),
+            "{staged}"
         );
         assert!(
             summary.pairs.iter().all(|p| p.ok) && summary.pairs.len() == 2,

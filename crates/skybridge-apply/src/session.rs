@@ -96,7 +96,7 @@ pub trait Session {
         let dir = if dir.is_empty() { "/" } else { dir };
         let tmp = format!("{path}.sb-upload");
         let cmd = format!(
-            "set -e; mkdir -p {d}; umask 077; cat > {t}; chmod {mode:o} {t}; mv -f {t} {p}",
+            "set -e; umask 077; mkdir -p {d}; cat > {t}; chmod {mode:o} {t}; mv -f {t} {p}",
             d = quote(dir),
             t = quote(&tmp),
             p = quote(path),
