@@ -14,6 +14,7 @@ pub mod cost;
 pub mod diag;
 pub mod diff;
 pub mod graph;
+pub mod health;
 pub mod layout;
 pub mod model;
 pub mod plan;
@@ -26,6 +27,6 @@ pub mod validate;
 
 pub use diag::{Diagnostic, Pos, Severity};
 pub use model::Cluster;
-pub use plan::{ClusterPlan, NodePlan, plan};
+pub use plan::{Actives, ClusterPlan, NodePlan, plan, plan_with};
 pub use state::State;
 pub use validate::{Validated, load};

@@ -14,7 +14,12 @@ pub use crate::spec::{CostsDoc as Costs, Granularity, Nat, Role, Transport};
 pub const DEFAULT_MTU: u32 = 1500;
 pub const DEFAULT_LISTEN_PORT: u16 = 51820;
 pub const DEFAULT_KEEPALIVE: u16 = 25;
-pub const DEFAULT_PROBE_INTERVAL: u32 = 1;
+/// Between two data-path probes of each gateway candidate.
+pub const DEFAULT_PROBE_INTERVAL_MS: u32 = 250;
+/// Probes in a row a candidate may miss before it counts as down.
+pub const DEFAULT_PROBE_MISSES: u32 = 3;
+/// How long a more preferred candidate must stay healthy before traffic moves back to it.
+pub const DEFAULT_FAILBACK_MS: u32 = 5000;
 /// Smallest MTU IPv6 allows on a link; a tunnel must leave at least this much.
 pub const MIN_TUNNEL_MTU: u32 = 1280;
 
@@ -115,7 +120,46 @@ pub struct Network {
     pub tunnel_pool: Ipv4Net,
     pub listen_port: u16,
     pub persistent_keepalive: u16,
-    pub probe_interval: u32,
+    pub failover: Failover,
+}
+
+/// How agents watch a site's gateway candidates and move traffic between them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Failover {
+    /// Between two probes of each candidate.
+    pub probe_interval_ms: u32,
+    /// Probes in a row a candidate may miss before it counts as down.
+    pub probe_misses: u32,
+    /// How long a more preferred candidate must be healthy again before
+    /// traffic moves back to it; `None`: it stays where it is.
+    pub failback_ms: Option<u32>,
+}
+
+impl Default for Failover {
+    fn default() -> Self {
+        Failover {
+            probe_interval_ms: DEFAULT_PROBE_INTERVAL_MS,
+            probe_misses: DEFAULT_PROBE_MISSES,
+            failback_ms: Some(DEFAULT_FAILBACK_MS),
+        }
+    }
+}
+
+impl Failover {
+    pub fn probe_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(u64::from(self.probe_interval_ms))
+    }
+
+    /// Silence after which a candidate counts as down.
+    pub fn down_after(&self) -> std::time::Duration {
+        self.probe_interval() * self.probe_misses
+    }
+
+    pub fn failback(&self) -> Option<std::time::Duration> {
+        self.failback_ms
+            .map(|ms| std::time::Duration::from_millis(u64::from(ms)))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -11,7 +11,7 @@
 //! as in the manual procedure. Point-to-point tunnels (GRE, VXLAN) reuse that
 //! address on each of a node's tunnels, with the far end's as peer.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
@@ -305,11 +305,24 @@ struct Member<'c> {
     address: Ipv4Addr,
 }
 
-/// Plans every node of the cluster.
+/// Which candidate carries a site's traffic, as one node sees it: site name
+/// to gateway candidate. A site that is not in the map (or names a node that
+/// is not one of its candidates) uses its first candidate, the file's choice
+/// while all are healthy.
+pub type Actives = BTreeMap<String, String>;
+
+/// Plans every node of the cluster with every site on its preferred gateway.
 ///
 /// `cluster` must come from [`crate::validate::load`]; the planner relies on
 /// its guarantees (gateways present, pool large enough).
 pub fn plan(cluster: &Cluster, state: &State) -> ClusterPlan {
+    plan_with(cluster, state, &Actives::new())
+}
+
+/// [`plan`] with the active gateways a node's health probes chose: what the
+/// agent applies after a failover. Every node that sees the same health
+/// computes the same plan.
+pub fn plan_with(cluster: &Cluster, state: &State, actives: &Actives) -> ClusterPlan {
     let net = &cluster.network;
     let mut pool_hosts = pool_addresses(net.tunnel_pool);
     let mut members: Vec<Member<'_>> = Vec::new();
@@ -333,9 +346,25 @@ pub fn plan(cluster: &Cluster, state: &State) -> ClusterPlan {
         }
         v
     };
+    let active: Vec<Option<usize>> = cluster
+        .sites
+        .iter()
+        .map(|s| {
+            actives
+                .get(&s.name)
+                .and_then(|name| {
+                    s.gateways
+                        .iter()
+                        .copied()
+                        .find(|&i| s.nodes[i].name == *name)
+                })
+                .or_else(|| s.gateways.first().copied())
+        })
+        .collect();
     let mut ctx = Ctx {
         cluster,
         state,
+        active: &active,
         members: &members,
         member_of: &member_of,
         wg_mtu: wg_mtus(cluster, &site_members),
@@ -349,7 +378,8 @@ pub fn plan(cluster: &Cluster, state: &State) -> ClusterPlan {
     let sites = cluster
         .sites
         .iter()
-        .map(|s| SitePlan {
+        .enumerate()
+        .map(|(si, s)| SitePlan {
             name: s.name.clone(),
             cidrs: s.cidrs.clone(),
             gateway_candidates: s
@@ -357,7 +387,7 @@ pub fn plan(cluster: &Cluster, state: &State) -> ClusterPlan {
                 .iter()
                 .map(|&i| s.nodes[i].name.clone())
                 .collect(),
-            active_gateway: s.preferred_gateway().map(|n| n.name.clone()),
+            active_gateway: ctx.active_gateway(si).map(|n| n.name.clone()),
         })
         .collect();
     let nodes = cluster
@@ -422,6 +452,8 @@ fn wg_mtus(cluster: &Cluster, site_members: &[Vec<usize>]) -> Vec<u32> {
 struct Ctx<'c> {
     cluster: &'c Cluster,
     state: &'c State,
+    /// Per site, the index in its `nodes` of the active gateway.
+    active: &'c [Option<usize>],
     members: &'c [Member<'c>],
     member_of: &'c HashMap<&'c str, usize>,
     wg_mtu: Vec<u32>,
@@ -439,11 +471,14 @@ impl Ctx<'_> {
         sa.mtu.min(sb.mtu) - self.transport().overhead()
     }
 
-    /// Whether member `mi` of site `si` is that site's active gateway.
+    fn active_gateway(&self, si: usize) -> Option<&Node> {
+        self.active[si].map(|i| &self.cluster.sites[si].nodes[i])
+    }
+
+    /// Whether member `mi` is its site's active gateway.
     fn is_active(&self, mi: usize) -> bool {
         let m = &self.members[mi];
-        self.cluster.sites[m.site]
-            .preferred_gateway()
+        self.active_gateway(m.site)
             .is_some_and(|g| g.name == m.node.name)
     }
 
@@ -665,7 +700,7 @@ impl Ctx<'_> {
 
     /// Routes of a node that reaches other sites through its site's active gateway.
     fn plan_via_gateway(&self, plan: &mut NodePlan, si: usize) {
-        let Some(gw) = self.cluster.sites[si].preferred_gateway() else {
+        let Some(gw) = self.active_gateway(si) else {
             return;
         };
         let Some(&gmi) = self.member_of.get(gw.name.as_str()) else {
@@ -799,6 +834,41 @@ mod tests {
                 assert_ne!(x, y);
             }
         }
+    }
+
+    #[test]
+    fn a_failover_moves_the_sites_routes_and_peers_to_the_chosen_candidate() {
+        let v = crate::load(include_str!("../../../examples/lab.yaml")).unwrap();
+        let state = State::default();
+        let before = plan(&v.cluster, &state);
+        let hw = before.sites.iter().find(|s| s.name == "huawei").unwrap();
+        assert_eq!(hw.gateway_candidates, ["hw-master", "hw-worker"]);
+        assert_eq!(hw.active_gateway.as_deref(), Some("hw-master"));
+        let actives: Actives = [("huawei".to_owned(), "hw-worker".to_owned())].into();
+        let after = plan_with(&v.cluster, &state, &actives);
+        let role = |p: &ClusterPlan, n: &str| p.node(n).unwrap().role;
+        assert_eq!(role(&after, "hw-worker"), NodeRole::ActiveGateway);
+        assert_eq!(role(&after, "hw-master"), NodeRole::StandbyGateway);
+        // The standby now routes through the new active gateway.
+        let worker_ip = after.node("hw-worker").unwrap().private_ip;
+        let master = after.node("hw-master").unwrap();
+        assert!(!master.routes.is_empty());
+        assert!(
+            master.routes.iter().all(|r| r.via == Some(worker_ip)),
+            "{:?}",
+            master.routes
+        );
+        // Another site's gateway hands huawei's networks to hw-worker's peer.
+        let Tunnel::WireGuard(wg) = &after.node("ali-gw").unwrap().tunnels[0] else {
+            panic!("lab.yaml is WireGuard");
+        };
+        let peer = |n: &str| wg.peers.iter().find(|p| p.node == n).unwrap();
+        let cidr: Ipv4Net = "192.168.0.0/24".parse().unwrap();
+        assert!(peer("hw-worker").allowed_ips.contains(&cidr));
+        assert!(!peer("hw-master").allowed_ips.contains(&cidr));
+        // An unknown choice falls back to the file's order.
+        let odd: Actives = [("huawei".to_owned(), "ali-gw".to_owned())].into();
+        assert_eq!(plan_with(&v.cluster, &state, &odd), before);
     }
 
     #[test]

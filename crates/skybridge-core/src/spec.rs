@@ -128,9 +128,17 @@ pub struct NetworkDoc {
     /// Seconds between WireGuard keepalives; 0 turns them off.
     #[serde(default)]
     pub persistent_keepalive: Option<S<u16>>,
-    /// Seconds between data-path probes of gateway candidates.
+    /// Time between data-path probes of gateway candidates: `250ms`, `1s`
+    /// (a bare number is seconds).
     #[serde(default)]
-    pub probe_interval: Option<S<u32>>,
+    pub probe_interval: Option<S<String>>,
+    /// Probes in a row a candidate may miss before it counts as down.
+    #[serde(default)]
+    pub probe_misses: Option<S<u32>>,
+    /// How long the preferred gateway must be healthy again before traffic
+    /// moves back to it (`5s`), or `never`.
+    #[serde(default)]
+    pub failback: Option<S<String>>,
 }
 
 #[derive(

@@ -12,11 +12,12 @@ use ipnet::Ipv4Net;
 
 use crate::diag::{Diagnostic, Pos};
 use crate::model::{
-    Cluster, DEFAULT_KEEPALIVE, DEFAULT_LISTEN_PORT, DEFAULT_MTU, DEFAULT_PROBE_INTERVAL,
-    MIN_TUNNEL_MTU, Network, Node, PublicEndpoint, Site, Ssh,
+    Cluster, DEFAULT_KEEPALIVE, DEFAULT_LISTEN_PORT, DEFAULT_MTU, MIN_TUNNEL_MTU, Network, Node,
+    PublicEndpoint, Site, Ssh,
 };
 use crate::spec::{ClusterDoc, Granularity, Nat, Role, S, SiteDoc, SshDoc, Transport};
 
+pub mod failover;
 mod kubernetes;
 pub mod ssh;
 
@@ -228,19 +229,7 @@ fn validate(doc: &ClusterDoc) -> Result<Validated, Vec<Diagnostic>> {
             "use the default 51820 or another free UDP port",
         );
     }
-    let probe_interval = net
-        .probe_interval
-        .as_ref()
-        .map_or(DEFAULT_PROBE_INTERVAL, |p| p.value);
-    if let Some(p) = &net.probe_interval
-        && p.value == 0
-    {
-        c.error(
-            pos(p),
-            "probeInterval must be at least 1 second",
-            "leave it out for the default of 1 s",
-        );
-    }
+    let failover = failover::failover(&mut c, net);
     if let Some(t) = &net.transport
         && !t.value.is_encrypted()
     {
@@ -491,7 +480,7 @@ fn validate(doc: &ClusterDoc) -> Result<Validated, Vec<Diagnostic>> {
                 .persistent_keepalive
                 .as_ref()
                 .map_or(DEFAULT_KEEPALIVE, |k| k.value),
-            probe_interval,
+            failover,
         },
         kubernetes: kube.and_then(|k| k.kubernetes),
         sites,
@@ -937,6 +926,40 @@ mod tests {
         ] {
             assert!(load(src).is_ok(), "{name}: {:?}", errors(src));
         }
+    }
+
+    #[test]
+    fn failover_settings_take_durations_and_report_bad_ones_where_they_are() {
+        let with = |lines: &str| SEED.replace("  network:\n", &format!("  network:\n{lines}"));
+        let v = load(&with(
+            "    probeInterval: 200ms\n    probeMisses: 4\n    failback: never\n",
+        ))
+        .unwrap();
+        let f = v.cluster.network.failover;
+        assert_eq!(
+            (f.probe_interval_ms, f.probe_misses, f.failback_ms),
+            (200, 4, None)
+        );
+        // A bare number is seconds, as the field meant before it took units.
+        let v = load(&with("    probeInterval: 2\n")).unwrap();
+        assert_eq!(v.cluster.network.failover.probe_interval_ms, 2000);
+        assert_eq!(v.cluster.network.failover.failback_ms, Some(5000));
+        let e = errors(&with(
+            "    probeInterval: 10ms\n    probeMisses: 0\n    failback: soon\n",
+        ));
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(
+            e[0].starts_with("7:") && e[0].contains("probeInterval 10ms is outside 50ms..60s"),
+            "{e:?}"
+        );
+        assert!(
+            e[1].starts_with("8:") && e[1].contains("probeMisses 0"),
+            "{e:?}"
+        );
+        assert!(
+            e[2].starts_with("9:") && e[2].contains("failback 'soon'"),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -1,0 +1,354 @@
+//! Which gateway candidate carries each site's traffic, decided from what one
+//! node observes: the rule every node applies, so that all converge on the
+//! same choice without talking to each other.
+//!
+//! The rule: a site's active gateway is its first candidate, in the file's
+//! order, that is healthy and reaches as many other sites as any healthy
+//! candidate does. A node that loses its active gateway switches at once; it
+//! moves back to a more preferred candidate only after that one has been
+//! healthy for the failback hold time, so a flapping link does not move
+//! routes at probe rate. With no healthy candidate the site keeps its last
+//! choice (nothing better is known) and is reported unreachable.
+//!
+//! Time is passed in, never read, so the decisions are tested with a fake clock.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::model::Failover;
+use crate::plan::{Actives, ClusterPlan};
+
+/// One node's view of one gateway candidate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// It answers; with the other sites it reaches through its tunnels
+    /// (for a remote site's candidate, probed through our own tunnel: the one
+    /// site that matters, ours).
+    Up { reach: BTreeSet<String> },
+    /// No answer for the failover's `down_after`: why, for the log.
+    Down { why: String },
+    /// Nothing is known yet (the probes just started): no reason to move.
+    Unknown,
+}
+
+/// A change of a site's active gateway, with what caused it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Switch {
+    pub site: String,
+    pub from: String,
+    pub to: String,
+    pub reason: String,
+}
+
+#[derive(Debug)]
+struct SiteState {
+    name: String,
+    candidates: Vec<String>,
+    current: usize,
+    /// Per candidate: since when it has been continuously eligible.
+    eligible_since: Vec<Option<Instant>>,
+    /// No candidate was healthy at the last update.
+    unreachable: bool,
+}
+
+/// The per-node state of the rule: the current choice per site and how long
+/// each candidate has been eligible.
+#[derive(Debug)]
+pub struct Selector {
+    failback: Option<Duration>,
+    sites: Vec<SiteState>,
+}
+
+impl Selector {
+    /// Every site of `plan` with at least two candidates, each starting on
+    /// `start`'s choice (what the node ran before a restart) or the preferred one.
+    pub fn new(plan: &ClusterPlan, failover: &Failover, start: &Actives) -> Self {
+        let sites = plan
+            .sites
+            .iter()
+            .filter(|s| s.gateway_candidates.len() > 1)
+            .map(|s| SiteState {
+                name: s.name.clone(),
+                current: start
+                    .get(&s.name)
+                    .and_then(|a| s.gateway_candidates.iter().position(|c| c == a))
+                    .unwrap_or(0),
+                eligible_since: vec![None; s.gateway_candidates.len()],
+                candidates: s.gateway_candidates.clone(),
+                unreachable: false,
+            })
+            .collect();
+        Selector {
+            failback: failover.failback(),
+            sites,
+        }
+    }
+
+    /// Whether any site has a choice to make.
+    pub fn is_empty(&self) -> bool {
+        self.sites.is_empty()
+    }
+
+    /// The current choice of every site that has a choice.
+    pub fn actives(&self) -> Actives {
+        self.sites
+            .iter()
+            .map(|s| (s.name.clone(), s.candidates[s.current].clone()))
+            .collect()
+    }
+
+    /// Sites none of whose candidates is healthy.
+    pub fn unreachable(&self) -> Vec<&str> {
+        self.sites
+            .iter()
+            .filter(|s| s.unreachable)
+            .map(|s| s.name.as_str())
+            .collect()
+    }
+
+    /// Applies the rule to what `health` says of each `(site, candidate)` at `now`.
+    pub fn update(
+        &mut self,
+        now: Instant,
+        mut health: impl FnMut(&str, &str) -> Health,
+    ) -> Vec<Switch> {
+        let mut switches = Vec::new();
+        for s in &mut self.sites {
+            let seen: Vec<Health> = s.candidates.iter().map(|c| health(&s.name, c)).collect();
+            if seen.iter().all(|h| *h == Health::Unknown) {
+                continue;
+            }
+            let best = seen
+                .iter()
+                .filter_map(|h| match h {
+                    Health::Up { reach } => Some(reach.len()),
+                    _ => None,
+                })
+                .max();
+            let eligible: Vec<bool> = seen
+                .iter()
+                .map(|h| matches!(h, Health::Up { reach } if Some(reach.len()) == best))
+                .collect();
+            for (since, &ok) in s.eligible_since.iter_mut().zip(&eligible) {
+                *since = match (*since, ok) {
+                    (_, false) => None,
+                    (None, true) => Some(now),
+                    (Some(t), true) => Some(t),
+                };
+            }
+            s.unreachable = best.is_none();
+            let Some(first) = eligible.iter().position(|&e| e) else {
+                continue;
+            };
+            let current_state = &seen[s.current];
+            let next = if !eligible[s.current] && *current_state != Health::Unknown {
+                // Moving away from a candidate that failed: at once.
+                Some((
+                    first,
+                    why_not(current_state, &s.candidates[s.current], best),
+                ))
+            } else if first < s.current {
+                // Back to a more preferred one: only after the hold time.
+                let held = s.eligible_since[first].is_some_and(|t| {
+                    self.failback
+                        .is_some_and(|hold| now.saturating_duration_since(t) >= hold)
+                });
+                held.then(|| {
+                    (
+                        first,
+                        format!(
+                            "{} is preferred and has been healthy for the failback hold time",
+                            s.candidates[first]
+                        ),
+                    )
+                })
+            } else {
+                None
+            };
+            if let Some((to, reason)) = next
+                && to != s.current
+            {
+                switches.push(Switch {
+                    site: s.name.clone(),
+                    from: s.candidates[s.current].clone(),
+                    to: s.candidates[to].clone(),
+                    reason,
+                });
+                s.current = to;
+            }
+        }
+        switches
+    }
+}
+
+fn why_not(h: &Health, name: &str, best: Option<usize>) -> String {
+    match h {
+        Health::Down { why } => format!("{name} is down: {why}"),
+        Health::Up { reach } => format!(
+            "{name} reaches {} other site(s) through its tunnels ({}), another candidate reaches {}",
+            reach.len(),
+            reach.iter().cloned().collect::<Vec<_>>().join(", "),
+            best.unwrap_or(0)
+        ),
+        Health::Unknown => format!("{name}'s health is unknown"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::State;
+
+    const FILE: &str = r#"
+apiVersion: skybridge.dev/v1alpha1
+kind: Cluster
+metadata: {name: ha}
+spec:
+  network: {failback: 5s}
+  sites:
+    - name: a
+      provider: p
+      cidrs: [10.1.0.0/16]
+      nodes:
+        - {name: a1, privateIP: 10.1.0.1, publicIP: 192.0.2.1, roles: [gateway]}
+        - {name: a2, privateIP: 10.1.0.2, publicIP: 192.0.2.2, roles: [gateway]}
+        - {name: a3, privateIP: 10.1.0.3}
+    - name: b
+      provider: q
+      cidrs: [10.2.0.0/16]
+      nodes:
+        - {name: b1, privateIP: 10.2.0.1, publicIP: 198.51.100.1, roles: [gateway]}
+    - name: c
+      provider: r
+      cidrs: [10.3.0.0/16]
+      nodes:
+        - {name: c1, privateIP: 10.3.0.1, publicIP: 203.0.113.1, roles: [gateway]}
+"#;
+
+    fn selector() -> (Selector, Instant) {
+        let v = crate::load(FILE).unwrap();
+        let plan = crate::plan(&v.cluster, &State::default());
+        (
+            Selector::new(&plan, &v.cluster.network.failover, &Actives::new()),
+            Instant::now(),
+        )
+    }
+
+    fn up(sites: &[&str]) -> Health {
+        Health::Up {
+            reach: sites.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    fn down() -> Health {
+        Health::Down {
+            why: "no answer".into(),
+        }
+    }
+
+    #[test]
+    fn only_sites_with_a_choice_are_tracked_and_start_on_the_preferred_gateway() {
+        let (s, _) = selector();
+        assert_eq!(
+            s.actives().into_iter().collect::<Vec<_>>(),
+            [("a".to_owned(), "a1".to_owned())]
+        );
+    }
+
+    #[test]
+    fn a_dead_active_gateway_is_left_at_once_and_taken_back_only_after_the_hold() {
+        let (mut s, t0) = selector();
+        let sw = s.update(t0, |_, c| if c == "a1" { down() } else { up(&["b", "c"]) });
+        assert_eq!(sw.len(), 1);
+        assert_eq!((sw[0].from.as_str(), sw[0].to.as_str()), ("a1", "a2"));
+        assert!(
+            sw[0].reason.contains("a1 is down: no answer"),
+            "{}",
+            sw[0].reason
+        );
+        // a1 is back: nothing moves before the 5 s hold.
+        let mut t = t0;
+        for _ in 0..19 {
+            t += Duration::from_millis(250);
+            assert!(s.update(t, |_, _| up(&["b", "c"])).is_empty());
+        }
+        // A flap restarts the hold.
+        t += Duration::from_millis(250);
+        assert!(
+            s.update(t, |_, c| if c == "a1" { down() } else { up(&["b", "c"]) })
+                .is_empty()
+        );
+        t += Duration::from_millis(250);
+        let first_up_again = t;
+        assert!(s.update(t, |_, _| up(&["b", "c"])).is_empty());
+        t = first_up_again + Duration::from_millis(4900);
+        assert!(s.update(t, |_, _| up(&["b", "c"])).is_empty());
+        t = first_up_again + Duration::from_secs(5);
+        let sw = s.update(t, |_, _| up(&["b", "c"]));
+        assert_eq!((sw[0].from.as_str(), sw[0].to.as_str()), ("a2", "a1"));
+        assert_eq!(s.actives()["a"], "a1");
+    }
+
+    #[test]
+    fn an_alive_gateway_whose_tunnels_are_broken_loses_to_one_that_reaches_more() {
+        let (mut s, t0) = selector();
+        let sw = s.update(t0, |_, c| if c == "a1" { up(&[]) } else { up(&["b", "c"]) });
+        assert_eq!(sw[0].to, "a2");
+        assert!(
+            sw[0].reason.contains("reaches 0 other site(s)"),
+            "{}",
+            sw[0].reason
+        );
+    }
+
+    #[test]
+    fn failback_never_stays() {
+        let v = crate::load(&FILE.replace("failback: 5s", "failback: never")).unwrap();
+        let plan = crate::plan(&v.cluster, &State::default());
+        let mut s = Selector::new(&plan, &v.cluster.network.failover, &Actives::new());
+        let t0 = Instant::now();
+        s.update(t0, |_, c| if c == "a1" { down() } else { up(&["b"]) });
+        assert!(
+            s.update(t0 + Duration::from_secs(3600), |_, _| up(&["b"]))
+                .is_empty()
+        );
+        assert_eq!(s.actives()["a"], "a2");
+    }
+
+    #[test]
+    fn with_every_candidate_down_the_site_keeps_its_choice_and_is_unreachable() {
+        let (mut s, t0) = selector();
+        assert!(s.update(t0, |_, _| down()).is_empty());
+        assert_eq!(s.unreachable(), ["a"]);
+        assert_eq!(s.actives()["a"], "a1");
+        // The first one to heal takes over at once: anything beats nothing.
+        let sw = s.update(t0, |_, c| if c == "a2" { up(&["b"]) } else { down() });
+        assert_eq!(sw[0].to, "a2");
+        assert!(s.unreachable().is_empty());
+    }
+
+    #[test]
+    fn unknown_health_moves_nothing() {
+        let (mut s, t0) = selector();
+        assert!(s.update(t0, |_, _| Health::Unknown).is_empty());
+        assert!(
+            s.update(t0, |_, c| if c == "a1" {
+                Health::Unknown
+            } else {
+                up(&["b"])
+            })
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_restarted_agent_resumes_its_last_choice() {
+        let v = crate::load(FILE).unwrap();
+        let plan = crate::plan(&v.cluster, &State::default());
+        let start: Actives = [("a".to_owned(), "a2".to_owned())].into();
+        let s = Selector::new(&plan, &v.cluster.network.failover, &start);
+        assert_eq!(s.actives()["a"], "a2");
+    }
+}
