@@ -73,6 +73,10 @@ async fn changed(w: Option<&Watch>) {
 /// that a new cluster file (or state file) takes effect without a restart; a
 /// file that fails to load keeps the last good plan.
 ///
+/// With `tick` (the failover's probe interval), `load` is also called that
+/// often, and the node is reconciled at once when the plan it returns
+/// changed: that is how a gateway failover reaches the routes.
+///
 /// With `lock_dir`, every reconcile holds the node's [`NodeLock`]; while
 /// another agent (`--once`, `try`, `down`, a rollback) holds it, the daemon
 /// skips that round instead of waiting, so a SIGTERM is never stuck behind
@@ -82,8 +86,9 @@ async fn changed(w: Option<&Watch>) {
 /// When the signal handlers cannot be installed.
 pub async fn run<H: Host>(
     host: &mut H,
-    mut load: impl FnMut() -> Result<NodePlan, String>,
+    mut load: impl AsyncFnMut() -> Result<NodePlan, String>,
     interval: Duration,
+    tick: Option<Duration>,
     lock_dir: Option<&std::path::Path>,
     mut report: impl FnMut(&Result<Report, HostError>),
 ) -> std::io::Result<()> {
@@ -101,27 +106,50 @@ pub async fn run<H: Host>(
         .inspect_err(|e| tracing::warn!("not watching nftables events ({e}); relying on the timer"))
         .ok();
     let mut plan: Option<NodePlan> = None;
+    // The plan of the last reconcile that ran; a tick reconciles only when
+    // the plan moved away from it.
+    let mut applied: Option<NodePlan> = None;
+    let mut due = true;
+    let mut next_periodic = tokio::time::Instant::now() + interval;
     loop {
-        match load() {
+        match load().await {
             Ok(p) => plan = Some(p),
             Err(e) => tracing::error!("{e}; keeping the last good plan"),
         }
-        if let Some(p) = &plan {
+        if let Some(p) = &plan
+            && (due || applied.as_ref() != Some(p))
+        {
             let lock = lock_dir.map(|d| NodeLock::acquire(d, "agent daemon", Duration::ZERO));
             match lock {
                 Some(Err(LockError::Busy { holder, .. })) => {
                     tracing::info!(
                         "another agent is changing the node ({holder}); reconciling after it"
                     );
+                    applied = None;
                 }
-                Some(Err(e)) => tracing::error!("{e}; not reconciling"),
-                Some(Ok(_)) | None => report(&reconcile(host, p, false).await),
+                Some(Err(e)) => {
+                    tracing::error!("{e}; not reconciling");
+                    applied = None;
+                }
+                Some(Ok(_)) | None => {
+                    report(&reconcile(host, p, false).await);
+                    applied = Some(p.clone());
+                }
             }
+            next_periodic = tokio::time::Instant::now() + interval;
         }
+        due = true;
+        let ticked = async {
+            match tick {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending::<()>().await,
+            }
+        };
         tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
+            () = tokio::time::sleep_until(next_periodic) => {}
             () = changed(routes.as_ref()) => tokio::time::sleep(SETTLE).await,
             () = changed(nft.as_ref()) => tokio::time::sleep(SETTLE).await,
+            () = ticked => due = false,
             _ = term.recv() => break,
             _ = int.recv() => break,
         }

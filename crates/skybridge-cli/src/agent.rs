@@ -12,6 +12,8 @@ use anyhow::{Context, Result};
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Subcommand, ValueEnum};
 use skybridge_agent::backend::{Backends, DataPlane, FirewallChoice};
+use skybridge_agent::failover::Failover;
+use skybridge_agent::health::Targets;
 use skybridge_agent::host::{Host, HostError, LinuxHost};
 use skybridge_agent::lock::{LOCK_PATIENCE, NodeLock};
 use skybridge_agent::output::{ConfirmOutcome, TryOutcome, run_report};
@@ -19,8 +21,8 @@ use skybridge_agent::reconcile::Report;
 use skybridge_agent::rollback::{self, Dirs, SystemClock, TryRequest};
 use skybridge_agent::service::LinuxNode;
 use skybridge_agent::{backend, daemon, keys, reconcile};
-use skybridge_core::NodePlan;
 use skybridge_core::layout::paths;
+use skybridge_core::{Cluster, ClusterPlan, NodePlan, State, plan_with};
 
 use crate::load;
 
@@ -150,6 +152,14 @@ enum Action {
     /// The detached process that rolls an unconfirmed `agent try` back.
     #[command(hide = true)]
     Watchdog(Box<WatchdogArgs>),
+    /// The gateway health prober the agent starts where a site has a second
+    /// gateway candidate: probes the candidates, answers their probes, and
+    /// keeps doing so while the agent restarts.
+    #[command(hide = true)]
+    Health {
+        #[command(flatten)]
+        node: NodeArgs,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -234,6 +244,7 @@ pub fn main(args: AgentArgs) -> Result<ExitCode> {
         Some(Action::Try(a)) => Ok(rt.block_on(try_apply(*a))),
         Some(Action::Confirm { id, output }) => Ok(confirm(&id, output)),
         Some(Action::Watchdog(a)) => rt.block_on(watchdog(*a)),
+        Some(Action::Health { node }) => rt.block_on(health(&node)),
         None => rt.block_on(run(
             &args.node,
             args.once,
@@ -244,22 +255,81 @@ pub fn main(args: AgentArgs) -> Result<ExitCode> {
     }
 }
 
-fn node_plan(args: &NodeArgs) -> Result<NodePlan, String> {
+/// The cluster file of `args` and its state file, loaded and validated.
+fn cluster_and_state(args: &NodeArgs) -> Result<(Cluster, State), String> {
     let file = args.cluster.as_deref().expect("required");
-    let name = args.node.as_deref().expect("required");
     let cluster = load::cluster(file)
         .map_err(|e| format!("{e:#}"))?
         .ok_or_else(|| format!("{} is not valid", file.display()))?;
     let state = load::state(file, args.state.as_deref()).map_err(|e| format!("{e:#}"))?;
-    let plan = skybridge_core::plan(&cluster, &state);
+    Ok((cluster, state))
+}
+
+/// This node's part of `plan`.
+fn mine(args: &NodeArgs, plan: &ClusterPlan) -> Result<NodePlan, String> {
+    let name = args.node.as_deref().expect("required");
     plan.node(name).cloned().ok_or_else(|| {
         let names: Vec<&str> = plan.nodes.iter().map(|n| n.node.as_str()).collect();
         format!(
             "no node named '{name}' in {}; nodes are: {}",
-            file.display(),
+            args.cluster.as_deref().expect("required").display(),
             names.join(", ")
         )
     })
+}
+
+fn node_plan(args: &NodeArgs) -> Result<NodePlan, String> {
+    let (cluster, state) = cluster_and_state(args)?;
+    mine(args, &skybridge_core::plan(&cluster, &state))
+}
+
+/// When the cluster and state files last changed: the daemon and the prober
+/// re-read them only then.
+fn stamp(args: &NodeArgs) -> [Option<std::time::SystemTime>; 2] {
+    let cluster = args.cluster.as_deref().expect("required");
+    let state = args
+        .state
+        .clone()
+        .unwrap_or_else(|| load::default_state_path(cluster));
+    [cluster.to_owned(), state].map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+}
+
+/// The arguments that give the health prober the same files as this agent.
+fn prober_args(args: &NodeArgs) -> Vec<std::ffi::OsString> {
+    let mut v: Vec<std::ffi::OsString> = vec![
+        "--cluster".into(),
+        args.cluster.clone().expect("required").into(),
+        "--node".into(),
+        args.node.clone().expect("required").into(),
+        "--state-dir".into(),
+        args.state_dir.clone().into(),
+    ];
+    if let Some(s) = &args.state {
+        v.extend(["--state".into(), s.clone().into()]);
+    }
+    v
+}
+
+async fn health(args: &NodeArgs) -> Result<ExitCode> {
+    let name = args.node.clone().expect("required");
+    let mut last: Option<[Option<std::time::SystemTime>; 2]> = None;
+    let mut current = (None, skybridge_core::model::Failover::default());
+    let load = || {
+        let now = stamp(args);
+        if last != Some(now) {
+            last = Some(now);
+            match cluster_and_state(args) {
+                Ok((c, s)) => {
+                    let plan = skybridge_core::plan(&c, &s);
+                    current = (Targets::of(&plan, &name), c.network.failover);
+                }
+                Err(e) => tracing::error!("{e}; probing as before"),
+            }
+        }
+        current.clone()
+    };
+    skybridge_agent::health::run(&args.state_dir, load).await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn host(args: &NodeArgs, plan: &NodePlan) -> Result<LinuxHost> {
@@ -325,28 +395,50 @@ async fn run(
         });
     }
     let name = plan.node.clone();
-    // Re-plan only when the cluster or state file changed: a new file pushed by
-    // `apply` takes effect without a restart, and an unchanged one costs nothing.
-    let stamp = || {
-        let cluster = args.cluster.as_deref().expect("required");
-        let state = args
-            .state
-            .clone()
-            .unwrap_or_else(|| load::default_state_path(cluster));
-        [cluster.to_owned(), state].map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-    };
-    let mut last = (stamp(), plan);
-    let load_plan = || {
-        let now = stamp();
-        if now != last.0 {
-            last = (now, node_plan(args)?);
+    let (mut cluster, mut state) = cluster_and_state(args).map_err(anyhow::Error::msg)?;
+    let mut failover = Failover::new(
+        &name,
+        &args.state_dir,
+        std::env::current_exe().context("locating this skybridge binary for the health prober")?,
+        prober_args(args),
+    );
+    failover.reset(
+        &skybridge_core::plan(&cluster, &state),
+        cluster.network.failover,
+    );
+    let tick = failover
+        .enabled()
+        .then(|| cluster.network.failover.probe_interval());
+    // Start on the gateways chosen before a restart, not the file's order.
+    let mut plan = mine(args, &plan_with(&cluster, &state, &failover.actives()))
+        .map_err(anyhow::Error::msg)?;
+    // Re-plan only when the cluster or state file changed, or a site's active
+    // gateway did: a new file pushed by `apply` takes effect without a
+    // restart, and an unchanged one costs nothing.
+    let mut seen = stamp(args);
+    let load_plan = async || {
+        let now = stamp(args);
+        let mut replan = false;
+        if now != seen {
+            seen = now;
+            let (c, s) = cluster_and_state(args)?;
+            failover.reset(&skybridge_core::plan(&c, &s), c.network.failover);
+            (cluster, state) = (c, s);
+            replan = true;
         }
-        Ok(last.1.clone())
+        if failover.tick().await {
+            replan = true;
+        }
+        if replan {
+            plan = mine(args, &plan_with(&cluster, &state, &failover.actives()))?;
+        }
+        Ok(plan.clone())
     };
     daemon::run(
         &mut host,
         load_plan,
         interval,
+        tick,
         Some(&args.state_dir),
         |r: &Result<Report, HostError>| match r {
             Ok(r) if r.changes.is_empty() => tracing::debug!("converged"),
@@ -375,6 +467,8 @@ async fn down(args: &NodeArgs, dry_run: bool) -> Result<ExitCode> {
         {
             say(&format!("{}: stopped the agent daemon", plan.node));
         }
+        // The prober would keep answering for a gateway that no longer forwards.
+        skybridge_agent::health::stop(&args.state_dir);
     }
     let _lock = NodeLock::acquire(&args.state_dir, "agent down", LOCK_PATIENCE)?;
     let mut host = host(args, &plan).await?;

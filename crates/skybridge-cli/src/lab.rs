@@ -61,8 +61,24 @@ pub enum LabCommand {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
-    /// What the running lab is made of.
+    /// What the running lab is made of, with each site's active gateway as its nodes see it.
     Status,
+    /// Break a node to watch its site fail over: `stop` kills its agent and
+    /// data plane and takes its uplink down; `uplink` cuts its link at the
+    /// VPC's switch; `tunnel` makes the site's router drop only its tunnel
+    /// packets, so it still looks alive on the private network.
+    Fail {
+        /// The node to break.
+        node: String,
+        /// How to break it.
+        #[arg(long, value_enum)]
+        how: HowArg,
+    },
+    /// Undo `lab fail` on a node (links up, agent restarted).
+    Heal {
+        /// The node to heal.
+        node: String,
+    },
     /// Remove every namespace and process of the lab.
     Down,
     /// The exec channel's server inside a lab VM (started by the guest's init).
@@ -74,6 +90,13 @@ pub enum LabCommand {
         #[arg(long)]
         port: u16,
     },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum HowArg {
+    Stop,
+    Uplink,
+    Tunnel,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -143,6 +166,48 @@ fn print_matrix(m: &[Probe]) -> bool {
         m.iter().filter(|p| p.cross_site).count()
     );
     failed == 0
+}
+
+/// Each site's active gateway as every node of the lab sees it (from the
+/// agents' `gateways.json`); nothing when no site has a second candidate.
+fn print_gateways(state: &LabState) {
+    use skybridge_agent::failover::Chosen;
+    let file = std::path::Path::new(skybridge_core::layout::paths::STATE_DIR)
+        .join(skybridge_core::layout::paths::GATEWAYS_FILE_NAME);
+    let mut by_site: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let mut unreachable = std::collections::BTreeSet::new();
+    for name in state.nodes.keys() {
+        let Ok(text) =
+            skybridge_lab::run_on(state, name, &["cat".into(), file.display().to_string()])
+        else {
+            continue;
+        };
+        let Ok(chosen) = serde_json::from_str::<Chosen>(&text) else {
+            continue;
+        };
+        for (site, active) in chosen.actives {
+            by_site
+                .entry(site)
+                .or_default()
+                .push(format!("{name}→{active}"));
+        }
+        unreachable.extend(chosen.unreachable);
+    }
+    if by_site.is_empty() {
+        return;
+    }
+    println!("  active gateways, as each node sees them:");
+    for (site, views) in by_site {
+        let mark = if unreachable.contains(&site) {
+            "  UNREACHABLE for some nodes"
+        } else {
+            ""
+        };
+        println!("    {site:<12} {}{mark}", views.join("  "));
+    }
+    for (node, f) in &state.faults {
+        println!("  {node} is failed ({:?}): `lab heal {node}`", f.how);
+    }
 }
 
 pub fn main(cmd: LabCommand) -> Result<ExitCode> {
@@ -342,6 +407,7 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
                     ),
                 }
             }
+            print_gateways(&state);
             if let Some(c) = &state.controller {
                 println!(
                     "  {:<16} {:<17} {:<16} netns {}  (lab up --ssh: the operator's machine)",
@@ -352,6 +418,28 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
                 );
             }
             println!("  namespaces: {}", state.namespaces.join(" "));
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Fail { node, how } => {
+            root()?;
+            let mut state = LabState::load()?;
+            let how = match how {
+                HowArg::Stop => skybridge_lab::fault::How::Stop,
+                HowArg::Uplink => skybridge_lab::fault::How::Uplink,
+                HowArg::Tunnel => skybridge_lab::fault::How::Tunnel,
+            };
+            skybridge_lab::fault::fail(&mut state, &node, how)?;
+            println!(
+                "{node} failed ({}); `skybridge lab status` shows the gateways, `skybridge lab heal {node}` undoes it",
+                format!("{how:?}").to_lowercase()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        LabCommand::Heal { node } => {
+            root()?;
+            let mut state = LabState::load()?;
+            let how = skybridge_lab::fault::heal(&mut state, &node)?;
+            println!("{node} healed ({})", format!("{how:?}").to_lowercase());
             Ok(ExitCode::SUCCESS)
         }
         LabCommand::Down => {

@@ -15,7 +15,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::model::Failover;
 use crate::plan::{Actives, ClusterPlan};
@@ -34,7 +34,7 @@ pub enum Health {
 }
 
 /// A change of a site's active gateway, with what caused it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Switch {
     pub site: String,
     pub from: String,
@@ -84,6 +84,12 @@ impl Selector {
             failback: failover.failback(),
             sites,
         }
+    }
+
+    /// Keeps only the sites `keep` names: an internal node chooses only its
+    /// own site's gateway, as only that one changes its plan.
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.sites.retain(|s| keep(&s.name));
     }
 
     /// Whether any site has a choice to make.

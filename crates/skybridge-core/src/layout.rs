@@ -67,6 +67,16 @@ pub mod paths {
     /// `try`, `down`, each reconcile of the daemon), so that two never
     /// interleave their changes.
     pub const LOCK_FILE_NAME: &str = "agent.lock";
+    /// The health prober's answers for the agent (a unix socket inside the
+    /// state directory).
+    pub const HEALTH_SOCKET_NAME: &str = "health.sock";
+    /// Pid of the health prober, inside the state directory.
+    pub const HEALTH_PID_NAME: &str = "health.pid";
+    /// Log of the health prober, inside the state directory.
+    pub const HEALTH_LOG_NAME: &str = "health.log";
+    /// The active gateways this node chose last (so that a restarted agent
+    /// resumes them), inside the state directory.
+    pub const GATEWAYS_FILE_NAME: &str = "gateways.json";
     /// Pid of a detached agent daemon where systemd does not run.
     pub const PIDFILE: &str = "/run/skybridge/agent.pid";
     /// Where the standard WireGuard UAPI sockets live (`wg(8)` looks here).
@@ -102,6 +112,9 @@ pub mod marks {
     /// Metric of Skybridge's routes: an operator's own route to the same
     /// network (metric 0) keeps precedence instead of colliding.
     pub const ROUTE_METRIC: u32 = 100;
+    /// UDP port of the gateway health probes: between a site's nodes over the
+    /// VPC, and between gateway candidates through the tunnels.
+    pub const HEALTH_PORT: u16 = 51899;
     /// The nftables table Skybridge owns.
     pub const FIREWALL_TABLE: &str = "skybridge";
     /// Prefix of the iptables chains Skybridge owns.

@@ -132,6 +132,7 @@ pub(crate) fn start(
         let log = std::fs::File::create(state.dir.join(format!("{name}.log")))
             .map_err(io("creating a log"))?;
         let mut args = state.enter(name).expect("node exists");
+        state.agent_commands.insert(name.clone(), agent.clone());
         args.extend(agent);
         spawn(&args, log)?;
         probe_listener(state, skybridge, name)?;

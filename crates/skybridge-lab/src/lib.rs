@@ -23,13 +23,15 @@
 //!   `lab up --ssh`.
 //! - `state`: what a running lab is made of, in the root-only lab folder.
 //! - `node`: a node's own files, and running a command on any node.
-//! - `probe`: the all-pairs matrix. `teardown`: `lab down`.
+//! - `probe`: the all-pairs matrix. `teardown`: `lab down`. [`fault`]:
+//!   `lab fail` and `lab heal`, to watch a gateway failover.
 //! - `command` and `error`: the host commands the lab drives, and its errors.
 
 mod agents;
 mod build;
 mod command;
 mod error;
+pub mod fault;
 mod keys;
 mod node;
 mod probe;

@@ -36,6 +36,13 @@ pub struct LabState {
     /// What the nodes are: namespaces or VMs.
     #[serde(default)]
     pub backend: Backend,
+    /// The command line each node's agent was started with (`lab heal`
+    /// restarts it).
+    #[serde(default)]
+    pub agent_commands: BTreeMap<String, Vec<String>>,
+    /// Nodes `lab fail` broke, and how.
+    #[serde(default)]
+    pub faults: BTreeMap<String, crate::fault::Fault>,
 }
 
 /// What the lab makes a node of.
