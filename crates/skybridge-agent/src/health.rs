@@ -115,6 +115,10 @@ enum Message {
         seq: u64,
         /// The sites the answering candidate's tunnel probes reach.
         reach: Vec<String>,
+        /// Its probes have run long enough for `reach` to mean something
+        /// (right after a start, nothing has answered yet).
+        #[serde(default)]
+        reach_known: bool,
     },
 }
 
@@ -133,6 +137,9 @@ pub struct Seen {
     pub loss: f64,
     /// The sites it reaches through its tunnels, from its last answer.
     pub reach: Vec<String>,
+    /// Whether that answer's `reach` was settled (see [`Observations::reach_known`]).
+    #[serde(default)]
+    pub reach_known: bool,
 }
 
 /// Everything the prober knows, served as one JSON document.
@@ -145,6 +152,10 @@ pub struct Observations {
     pub probe_interval_ms: u32,
     /// The sites this node's own tunnel probes reach (a candidate's answer).
     pub reach: Vec<String>,
+    /// The probes have run for the failover's `down_after`: a site missing
+    /// from `reach` is one that did not answer, not one not asked yet.
+    #[serde(default)]
+    pub reach_known: bool,
     pub targets: Vec<Seen>,
 }
 
@@ -152,7 +163,7 @@ impl Observations {
     /// How `site`'s candidate `node` looks from here, for the selection rule.
     pub fn health(&self, failover: &Failover, site: &str, node: &str) -> Health {
         if node == self.node {
-            return if self.candidate {
+            return if self.candidate && self.reach_known {
                 Health::Up {
                     reach: self.reach.iter().cloned().collect(),
                 }
@@ -184,7 +195,7 @@ impl Observations {
                     seen.loss * 100.0
                 ),
             },
-            Some(_) if seen.answered_ever => Health::Up {
+            Some(_) if seen.answered_ever && seen.reach_known => Health::Up {
                 reach: seen.reach.iter().cloned().collect(),
             },
             Some(_) => Health::Unknown,
@@ -200,6 +211,7 @@ struct Tracked {
     last_answer: Option<Instant>,
     rtt: Option<Duration>,
     reach: Vec<String>,
+    reach_known: bool,
     /// Answered or not, for the last probes; the back is the newest (`seq`).
     history: VecDeque<bool>,
 }
@@ -214,6 +226,7 @@ impl Tracked {
             last_answer: None,
             rtt: None,
             reach: Vec::new(),
+            reach_known: false,
             history: VecDeque::with_capacity(WINDOW),
         }
     }
@@ -228,7 +241,7 @@ impl Tracked {
         self.history.push_back(false);
     }
 
-    fn answered(&mut self, seq: u64, reach: Vec<String>, now: Instant) {
+    fn answered(&mut self, seq: u64, reach: Vec<String>, reach_known: bool, now: Instant) {
         let Some(back) = self.seq.checked_sub(seq) else {
             return;
         };
@@ -246,6 +259,7 @@ impl Tracked {
         }
         self.last_answer = Some(now);
         self.reach = reach;
+        self.reach_known = reach_known;
     }
 
     fn seen(&self, now: Instant) -> Seen {
@@ -264,6 +278,7 @@ impl Tracked {
                 lost as f64 / settled as f64
             },
             reach: self.reach.clone(),
+            reach_known: self.reach_known,
         }
     }
 }
@@ -329,6 +344,7 @@ pub async fn run(
 
     let (mut targets, mut failover) = load();
     let mut tracked: HashMap<Ipv4Addr, Tracked> = HashMap::new();
+    let started = Instant::now();
     let mut buf = vec![0u8; 2048];
     let mut tick = tokio::time::interval(failover.probe_interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -366,22 +382,24 @@ pub async fn run(
                     Message::Probe { seq, .. } => {
                         let me = targets.as_ref().map(|t| t.node.clone()).unwrap_or_default();
                         let reach = own_reach(targets.as_ref(), &tracked, &failover);
-                        let answer = Message::Answer { from: me, seq, reach };
+                        let reach_known = started.elapsed() > failover.down_after();
+                        let answer = Message::Answer { from: me, seq, reach, reach_known };
                         let bytes = serde_json::to_vec(&answer).expect("plain data serializes");
                         let _ = udp.send_to(&bytes, from).await;
                     }
-                    Message::Answer { seq, reach, .. } => {
+                    Message::Answer { seq, reach, reach_known, .. } => {
                         if let SocketAddr::V4(v4) = from
                             && let Some(tr) = tracked.get_mut(v4.ip())
                         {
-                            tr.answered(seq, reach, Instant::now());
+                            tr.answered(seq, reach, reach_known, Instant::now());
                         }
                     }
                 }
             }
             conn = unix.accept() => {
                 let Ok((mut stream, _)) = conn else { continue };
-                let obs = observations(targets.as_ref(), &tracked, &failover);
+                let mut obs = observations(targets.as_ref(), &tracked, &failover);
+                obs.reach_known = started.elapsed() > failover.down_after();
                 let bytes = serde_json::to_vec(&obs).expect("plain data serializes");
                 // The agent reads one document and closes; a slow reader
                 // must not stall the probes.
@@ -433,6 +451,7 @@ fn observations(
         candidate: targets.is_some_and(|t| t.candidate),
         probe_interval_ms: failover.probe_interval_ms,
         reach: own_reach(targets, tracked, failover),
+        reach_known: false,
         targets: seen,
     }
 }
@@ -568,6 +587,7 @@ mod tests {
                 tr.answered(
                     tr.seq,
                     vec!["b".into()],
+                    true,
                     t0 + Duration::from_millis(100 * i + 5),
                 );
             }
@@ -578,8 +598,8 @@ mod tests {
         assert_eq!(seen.silent_ms, Some(195));
         assert_eq!(seen.rtt_us, Some(5000));
         // An answer to a probe long gone from the window is ignored.
-        tr.answered(1000, Vec::new(), t0);
-        tr.answered(0, Vec::new(), t0);
+        tr.answered(1000, Vec::new(), true, t0);
+        tr.answered(0, Vec::new(), true, t0);
         assert_eq!(tr.seen(t0 + Duration::from_millis(400)).loss, seen.loss);
     }
 
@@ -592,6 +612,7 @@ mod tests {
             candidate: false,
             probe_interval_ms: 250,
             reach: vec![],
+            reach_known: true,
             targets: vec![Seen {
                 target: Target {
                     node: "gw".into(),
@@ -604,6 +625,7 @@ mod tests {
                 rtt_us: None,
                 loss: 0.0,
                 reach: vec!["b".into()],
+                reach_known: true,
             }],
         };
         assert_eq!(obs(None, false).health(&f, "s", "gw"), Health::Unknown);

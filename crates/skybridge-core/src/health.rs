@@ -192,9 +192,12 @@ impl Selector {
 fn why_not(h: &Health, name: &str, best: Option<usize>) -> String {
     match h {
         Health::Down { why } => format!("{name} is down: {why}"),
+        Health::Up { reach } if reach.is_empty() => format!(
+            "{name} reaches no other site through its tunnels; another candidate reaches {}",
+            best.unwrap_or(0)
+        ),
         Health::Up { reach } => format!(
-            "{name} reaches {} other site(s) through its tunnels ({}), another candidate reaches {}",
-            reach.len(),
+            "{name} reaches only {} through its tunnels; another candidate reaches {} site(s)",
             reach.iter().cloned().collect::<Vec<_>>().join(", "),
             best.unwrap_or(0)
         ),
@@ -303,7 +306,9 @@ spec:
         let sw = s.update(t0, |_, c| if c == "a1" { up(&[]) } else { up(&["b", "c"]) });
         assert_eq!(sw[0].to, "a2");
         assert!(
-            sw[0].reason.contains("reaches 0 other site(s)"),
+            sw[0]
+                .reason
+                .contains("a1 reaches no other site through its tunnels"),
             "{}",
             sw[0].reason
         );
