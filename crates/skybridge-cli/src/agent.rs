@@ -130,11 +130,13 @@ enum Action {
     Down {
         #[command(flatten)]
         node: NodeArgs,
+        /// Print what would be removed and remove nothing.
         #[arg(long)]
         dry_run: bool,
     },
     /// Print this node's WireGuard public key (generating the key pair on first use).
     Pubkey {
+        /// Where the node's private key lives.
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
@@ -144,8 +146,10 @@ enum Action {
     Try(Box<TryArgs>),
     /// Keep what `agent try --id ID` applied, if it succeeded.
     Confirm {
+        /// The id the `agent try` was given.
         #[arg(long)]
         id: String,
+        /// text for a person; json for `skybridge apply`.
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
@@ -180,6 +184,7 @@ struct TryArgs {
     /// (staged by `apply`) installs itself there.
     #[arg(long, default_value = paths::BINARY)]
     binary: PathBuf,
+    /// text for a person; json for `skybridge apply`.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
 }
@@ -258,9 +263,7 @@ pub fn main(args: AgentArgs) -> Result<ExitCode> {
 /// The cluster file of `args` and its state file, loaded and validated.
 fn cluster_and_state(args: &NodeArgs) -> Result<(Cluster, State), String> {
     let file = args.cluster.as_deref().expect("required");
-    let cluster = load::cluster(file)
-        .map_err(|e| format!("{e:#}"))?
-        .ok_or_else(|| format!("{} is not valid", file.display()))?;
+    let cluster = load::cluster(file).map_err(|e| format!("{e:#}"))?;
     let state = load::state(file, args.state.as_deref()).map_err(|e| format!("{e:#}"))?;
     Ok((cluster, state))
 }

@@ -103,9 +103,7 @@ impl Observer for Progress {
 
 pub fn main(args: ApplyArgs) -> Result<ExitCode> {
     let started = Instant::now();
-    let Some(cluster) = load::cluster(&args.file)? else {
-        return Ok(ExitCode::FAILURE);
-    };
+    let cluster = load::cluster(&args.file)?;
     let cluster_yaml =
         std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
     let targets = skybridge_apply::targets(&cluster).with_context(|| {
@@ -190,7 +188,7 @@ pub fn main(args: ApplyArgs) -> Result<ExitCode> {
         return Ok(if failed.is_empty() {
             ExitCode::SUCCESS
         } else {
-            ExitCode::FAILURE
+            ExitCode::from(crate::exit::NODES_FAILED)
         });
     }
     if to_change > 0 && !args.yes {
@@ -292,6 +290,6 @@ pub fn main(args: ApplyArgs) -> Result<ExitCode> {
     Ok(if ok && summary.success() {
         ExitCode::SUCCESS
     } else {
-        ExitCode::FAILURE
+        ExitCode::from(crate::exit::NODES_FAILED)
     })
 }

@@ -52,9 +52,7 @@ pub struct JoinArgs {
 }
 
 pub fn main(args: JoinArgs) -> Result<ExitCode> {
-    let Some(cluster) = load::cluster(&args.file)? else {
-        return Ok(ExitCode::FAILURE);
-    };
+    let cluster = load::cluster(&args.file)?;
     let Some(kube) = &cluster.kubernetes else {
         bail!(
             "{}: cluster {} has no spec.kubernetes section; add one (version, apiServer, clusterDNS, serviceCIDR, podCIDR, join) as in examples/lab.yaml",
@@ -167,7 +165,7 @@ fn remote(args: &JoinArgs, cluster: &Cluster, opts: &Options) -> Result<ExitCode
     Ok(if ok {
         ExitCode::SUCCESS
     } else {
-        ExitCode::FAILURE
+        ExitCode::from(crate::exit::NODES_FAILED)
     })
 }
 

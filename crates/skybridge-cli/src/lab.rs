@@ -8,12 +8,15 @@ use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use skybridge_lab::{LabState, Probe};
 
+use crate::exit;
 use crate::load;
+use crate::output::{self, Output};
 
 #[derive(Debug, Subcommand)]
 pub enum LabCommand {
     /// Build the cluster's providers out of network namespaces, start the agent on every node, and wait for the matrix.
     Up {
+        /// The cluster file (YAML).
         file: PathBuf,
         /// Seconds to wait for every pair to answer.
         #[arg(long, default_value_t = 90)]
@@ -49,20 +52,32 @@ pub enum LabCommand {
     },
     /// Reboot VMs of the systemd image (`systemctl reboot` inside) and wait until they are back.
     Reboot {
+        /// The nodes to reboot.
         nodes: Vec<String>,
+        /// Reboot every VM of the lab.
         #[arg(long, conflicts_with = "nodes")]
         all: bool,
     },
-    /// Every node to every node by private IP (ICMP and TCP); exit 1 if any pair fails.
-    Check,
+    /// Every node to every node by private IP (ICMP and TCP); exit 3 if any pair fails.
+    Check {
+        /// table: the matrix for reading; json, yaml: every pair, for scripts.
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Run a command inside a node (its network and its files).
     Exec {
+        /// The node to run in.
         node: String,
+        /// The command and its arguments, after `--`.
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
-    /// What the running lab is made of, with each site's active gateway as its nodes see it.
-    Status,
+    /// What the running lab is made of.
+    Status {
+        /// table: for reading; json, yaml: the lab's whole state, for scripts.
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Break a node to watch its site fail over: `stop` kills its agent and
     /// data plane and takes its uplink down; `uplink` cuts its link at the
     /// VPC's switch; `tunnel` makes the site's router drop only its tunnel
@@ -87,6 +102,7 @@ pub enum LabCommand {
     /// The lab's TCP probe target (started on every node by `up`).
     #[command(hide = true)]
     Listen {
+        /// The TCP port to accept on.
         #[arg(long)]
         port: u16,
     },
@@ -101,20 +117,27 @@ pub enum HowArg {
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum BackendArg {
+    /// A network namespace on this kernel.
     Namespace,
+    /// A qemu VM running Debian's kernel.
     Vm,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum ImageArg {
+    /// A busybox initramfs over the host's files.
     Initramfs,
+    /// A Debian image with systemd.
     Systemd,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum AgentArg {
+    /// A process the lab starts.
     Process,
+    /// The rendered systemd unit (systemd image).
     Unit,
+    /// No agent.
     None,
 }
 
@@ -141,15 +164,20 @@ fn root() -> Result<()> {
     Ok(())
 }
 
-fn print_matrix(m: &[Probe]) -> bool {
-    println!(
+/// The connectivity matrix for reading.
+fn matrix_table(m: &[Probe]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "{:<16} {:<16} {:<6} {:<5} {:<5} {:>9}",
         "FROM", "TO", "CROSS", "ICMP", "TCP", "RTT"
     );
     for p in m {
         let ok = |b: bool| if b { "ok" } else { "FAIL" };
         let rtt = p.rtt_ms.map_or("-".to_owned(), |r| format!("{r:.2} ms"));
-        println!(
+        let _ = writeln!(
+            out,
             "{:<16} {:<16} {:<6} {:<5} {:<5} {:>9}",
             p.from,
             p.to,
@@ -159,13 +187,69 @@ fn print_matrix(m: &[Probe]) -> bool {
             rtt
         );
     }
-    let failed = m.iter().filter(|p| !(p.icmp && p.tcp)).count();
-    println!(
-        "{} pairs, {} cross-site, {failed} failed",
+    let _ = writeln!(
+        out,
+        "{} pairs, {} cross-site, {} failed",
         m.len(),
-        m.iter().filter(|p| p.cross_site).count()
+        m.iter().filter(|p| p.cross_site).count(),
+        failed(m)
     );
-    failed == 0
+    out
+}
+
+fn failed(m: &[Probe]) -> usize {
+    m.iter().filter(|p| !(p.icmp && p.tcp)).count()
+}
+
+/// Prints the matrix; exit 0 when every pair answered, else [`exit::NODES_FAILED`].
+fn report_matrix(m: &[Probe], output: Output) -> Result<ExitCode> {
+    match output {
+        Output::Table => print!("{}", matrix_table(m)),
+        _ => output::print(output, &m)?,
+    }
+    Ok(if failed(m) == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(exit::NODES_FAILED)
+    })
+}
+
+/// What the lab is made of, for reading.
+fn status_table(state: &LabState) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "lab {} ({})", state.cluster, state.dir.display());
+    for (name, n) in &state.nodes {
+        let _ = match &n.vm {
+            Some(vm) => writeln!(
+                out,
+                "  {name:<16} site {:<12} {:<16} VM pid {} ({}) in {}, console {}",
+                n.site,
+                n.private_ip,
+                vm.pid,
+                vm.accel,
+                n.netns,
+                vm.console.display()
+            ),
+            None => writeln!(
+                out,
+                "  {name:<16} site {:<12} {:<16} netns {}",
+                n.site, n.private_ip, n.netns
+            ),
+        };
+    }
+    if let Some(c) = &state.controller {
+        let _ = writeln!(
+            out,
+            "  {:<16} {:<17} {:<16} netns {}  (lab up --ssh: the operator's machine)",
+            skybridge_lab::sshd::CONTROLLER,
+            "internet",
+            c.private_ip,
+            c.netns
+        );
+    }
+    let _ = writeln!(out, "  namespaces: {}", state.namespaces.join(" "));
+    out
 }
 
 /// Each site's active gateway as every node of the lab sees it (from the
@@ -271,9 +355,7 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
                 };
                 foreign.insert(node.to_owned(), imp);
             }
-            let Some(cluster) = load::cluster(&file)? else {
-                return Ok(ExitCode::FAILURE);
-            };
+            let cluster = load::cluster(&file)?;
             let exe = std::env::current_exe()?;
             let state = skybridge_lab::up_with(&file, &cluster, &exe, &foreign, &options)?;
             if let Some(c) = state.controller.as_ref().filter(|_| options.ssh) {
@@ -301,11 +383,7 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             let m = skybridge_lab::wait_converged(&state, Duration::from_secs(timeout));
-            Ok(if print_matrix(&m) {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            report_matrix(&m, Output::Table)
         }
         LabCommand::Reboot { nodes, all } => {
             root()?;
@@ -344,14 +422,10 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        LabCommand::Check => {
+        LabCommand::Check { output } => {
             root()?;
             let state = LabState::load()?;
-            Ok(if print_matrix(&skybridge_lab::check(&state)) {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            report_matrix(&skybridge_lab::check(&state), output)
         }
         LabCommand::Exec { node, command } => {
             let state = LabState::load()?;
@@ -387,37 +461,15 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        LabCommand::Status => {
+        LabCommand::Status { output } => {
             let state = LabState::load()?;
-            println!("lab {} ({})", state.cluster, state.dir.display());
-            for (name, n) in &state.nodes {
-                match &n.vm {
-                    Some(vm) => println!(
-                        "  {name:<16} site {:<12} {:<16} VM pid {} ({}) in {}, console {}",
-                        n.site,
-                        n.private_ip,
-                        vm.pid,
-                        vm.accel,
-                        n.netns,
-                        vm.console.display()
-                    ),
-                    None => println!(
-                        "  {name:<16} site {:<12} {:<16} netns {}",
-                        n.site, n.private_ip, n.netns
-                    ),
-                }
+            match output {
+                Output::Table => print!("{}", status_table(&state)),
+                _ => output::print(output, &state)?,
             }
-            print_gateways(&state);
-            if let Some(c) = &state.controller {
-                println!(
-                    "  {:<16} {:<17} {:<16} netns {}  (lab up --ssh: the operator's machine)",
-                    skybridge_lab::sshd::CONTROLLER,
-                    "internet",
-                    c.private_ip,
-                    c.netns
-                );
+            if output == Output::Table {
+                print_gateways(&state);
             }
-            println!("  namespaces: {}", state.namespaces.join(" "));
             Ok(ExitCode::SUCCESS)
         }
         LabCommand::Fail { node, how } => {
@@ -451,5 +503,81 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use skybridge_lab::NodeState;
+
+    use super::*;
+
+    const SITE_A_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 10);
+    const SITE_B_IP: Ipv4Addr = Ipv4Addr::new(172, 26, 32, 235);
+
+    fn probe(from: &str, to: &str, ok: bool) -> Probe {
+        Probe {
+            from: from.into(),
+            to: to.into(),
+            cross_site: true,
+            icmp: true,
+            tcp: ok,
+            rtt_ms: ok.then_some(0.42),
+        }
+    }
+
+    fn lab() -> LabState {
+        let node = |site: &str, ip| NodeState {
+            netns: format!("sbt-{site}"),
+            site: site.into(),
+            private_ip: ip,
+            holder: 1,
+            vm: None,
+        };
+        LabState {
+            cluster: "lab".into(),
+            dir: "/run/skybridge-lab".into(),
+            namespaces: vec!["sbt-a".into(), "sbt-b".into()],
+            nodes: [
+                ("a-gw".to_owned(), node("a", SITE_A_IP)),
+                ("b-gw".to_owned(), node("b", SITE_B_IP)),
+            ]
+            .into_iter()
+            .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_matrix_table_reads_the_same_from_run_to_run() {
+        let m = [probe("a-gw", "b-gw", true), probe("b-gw", "a-gw", false)];
+        insta::assert_snapshot!(matrix_table(&m));
+    }
+
+    #[test]
+    fn the_status_table_reads_the_same_from_run_to_run() {
+        insta::assert_snapshot!(status_table(&lab()));
+    }
+
+    #[test]
+    fn a_failed_pair_is_a_node_failure_not_a_runtime_error() {
+        let ok = [probe("a-gw", "b-gw", true)];
+        let bad = [probe("a-gw", "b-gw", true), probe("b-gw", "a-gw", false)];
+        assert_eq!(report_matrix(&ok, Output::Json).unwrap(), ExitCode::SUCCESS);
+        assert_eq!(
+            report_matrix(&bad, Output::Json).unwrap(),
+            ExitCode::from(exit::NODES_FAILED)
+        );
+    }
+
+    #[test]
+    fn lab_status_json_and_yaml_read_back_as_the_lab() {
+        let json = serde_json::to_value(lab()).unwrap();
+        let yaml: serde_json::Value =
+            serde_saphyr::from_str(&serde_saphyr::to_string(&lab()).unwrap()).unwrap();
+        assert_eq!(json, yaml);
+        assert_eq!(json["nodes"]["b-gw"]["private_ip"], "172.26.32.235");
     }
 }

@@ -1,30 +1,90 @@
 //! Reading the cluster and state files, and printing their diagnostics.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{Context, Result, bail};
-use skybridge_core::{Cluster, ClusterPlan, State};
+use anyhow::{Context, Result};
+use skybridge_core::{Cluster, ClusterPlan, Diagnostic, State, Validated};
 
-/// Loads and validates a cluster file. Prints warnings; on errors prints
-/// them all and returns `None`.
-pub fn cluster(path: &Path) -> Result<Option<Cluster>> {
+/// Input the command refuses: exit code [`crate::exit::INVALID_INPUT`].
+/// `reported`: its diagnostics are already on stderr, print nothing more.
+#[derive(Debug)]
+pub struct Invalid {
+    pub reported: bool,
+    message: String,
+}
+
+impl Invalid {
+    pub fn new(message: impl Into<String>) -> Invalid {
+        Invalid {
+            reported: false,
+            message: message.into(),
+        }
+    }
+
+    fn reported(message: impl Into<String>) -> Invalid {
+        Invalid {
+            reported: true,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Invalid {}
+
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// `-q`: warnings about the cluster file and chatter are not printed.
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, Ordering::Relaxed);
+}
+
+pub fn quiet() -> bool {
+    QUIET.load(Ordering::Relaxed)
+}
+
+/// Reads and validates a cluster file without printing anything: its text
+/// and the verdict.
+pub fn read(path: &Path) -> Result<(String, Result<Validated, Vec<Diagnostic>>)> {
     let source = std::fs::read_to_string(path)
         .with_context(|| format!("reading cluster file {}", path.display()))?;
+    tracing::info!(
+        "read cluster file {} ({} bytes)",
+        path.display(),
+        source.len()
+    );
+    let verdict = skybridge_core::load(&source);
+    Ok((source, verdict))
+}
+
+/// Loads and validates a cluster file. Prints warnings (unless `-q`); on
+/// errors prints them all and fails with [`Invalid`].
+pub fn cluster(path: &Path) -> Result<Cluster> {
+    let (source, verdict) = read(path)?;
     let shown = path.display().to_string();
-    match skybridge_core::load(&source) {
+    match verdict {
         Ok(v) => {
-            for w in &v.warnings {
-                eprint!("{}", w.render(&shown, &source));
+            if !quiet() {
+                for w in &v.warnings {
+                    eprint!("{}", w.render(&shown, &source));
+                }
             }
-            Ok(Some(v.cluster))
+            Ok(v.cluster)
         }
         Err(diags) => {
-            for d in &diags {
+            for d in diags.iter().filter(|d| d.is_error() || !quiet()) {
                 eprint!("{}", d.render(&shown, &source));
             }
             let errors = diags.iter().filter(|d| d.is_error()).count();
-            eprintln!("{shown}: {errors} error(s); nothing was changed");
-            Ok(None)
+            let summary = format!("{shown}: {errors} error(s); nothing was changed");
+            eprintln!("{summary}");
+            Err(Invalid::reported(summary).into())
         }
     }
 }
@@ -43,15 +103,22 @@ pub fn state(cluster: &Path, explicit: Option<&Path>) -> Result<State> {
     let source = match std::fs::read_to_string(&path) {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && explicit.is_none() => {
+            tracing::info!(
+                "no state file at {} yet: no public keys known",
+                path.display()
+            );
             return Ok(State::default());
         }
         Err(e) => return Err(e).with_context(|| format!("reading state file {}", path.display())),
     };
+    tracing::info!("read state file {}", path.display());
     State::parse(&source).map_err(|d| {
-        anyhow::anyhow!(
-            "{}",
-            d.render(&path.display().to_string(), &source).trim_end()
+        Invalid::new(
+            d.render(&path.display().to_string(), &source)
+                .trim_end()
+                .to_owned(),
         )
+        .into()
     })
 }
 
@@ -77,11 +144,12 @@ pub fn write_state(path: &Path, state: &State) -> Result<bool> {
 pub fn require_node(plan: &ClusterPlan, node: &str) -> Result<()> {
     if plan.node(node).is_none() {
         let names: Vec<&str> = plan.nodes.iter().map(|n| n.node.as_str()).collect();
-        bail!(
+        return Err(Invalid::new(format!(
             "no node named '{node}' in cluster {}; nodes are: {}",
             plan.cluster,
             names.join(", ")
-        );
+        ))
+        .into());
     }
     Ok(())
 }

@@ -7,24 +7,59 @@ mod join;
 mod keys;
 mod lab;
 mod load;
+mod output;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use skybridge_core::{State, plan, table};
 use skybridge_render::Format;
+
+use output::Output;
+
+/// Exit codes, one meaning each (the agent's `try`/`confirm` keep their own
+/// for `apply`, documented there).
+pub mod exit {
+    /// A runtime failure: a file that cannot be read, a node that cannot be reached.
+    pub const RUNTIME: u8 = 1;
+    /// Invalid input: the command line (clap's own code) or a cluster or
+    /// state file that does not validate. Nothing was changed.
+    pub const INVALID_INPUT: u8 = 2;
+    /// The command ran on several nodes and some of them failed (`apply`,
+    /// `join --all`, `lab check`); the summary says which.
+    pub const NODES_FAILED: u8 = 3;
+}
+
+const AFTER_HELP: &str = "\
+Exit codes:
+  0  success
+  1  runtime failure (a file that cannot be read, a node that cannot be reached)
+  2  invalid input: the command line, or a cluster or state file that does not validate; nothing was changed
+  3  some nodes failed (apply, join --all, lab check); the summary names them
+
+Logging:
+  -v/-q set how much the commands say (-v: steps and files read, -vv: debug, -q: errors only);
+  SKYBRIDGE_LOG (e.g. SKYBRIDGE_LOG=debug, SKYBRIDGE_LOG=skybridge_agent=trace) overrides them.
+  The agent logs at info unless SKYBRIDGE_LOG says otherwise.";
 
 #[derive(Debug, Parser)]
 #[command(
     name = "skybridge",
     version,
-    about = "One Kubernetes cluster across VMs of several cloud providers"
+    about = "One Kubernetes cluster across VMs of several cloud providers",
+    after_help = AFTER_HELP
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Say more: -v the steps and the files read, -vv debug details.
+    #[arg(long, short, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    verbose: u8,
+    /// Say only errors: no warnings about the cluster file, no progress lines.
+    #[arg(long, short, global = true)]
+    quiet: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -45,6 +80,7 @@ enum Command {
     WireguardDataplane {
         /// Interface name, e.g. sb-wg0.
         iface: String,
+        /// Where the node's private key lives.
         #[arg(long, default_value = agent::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
@@ -65,13 +101,21 @@ enum Command {
     Validate {
         /// The cluster file (YAML).
         file: PathBuf,
+        /// table: the diagnostics for reading (on stderr); json, yaml: one
+        /// document with every diagnostic, on stdout.
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
     },
+    /// Print the JSON Schema of the cluster file (for editors and CI checks).
+    Schema,
     /// Show what every node will get: tunnels, peers, routes, sysctls, firewall rules.
     Plan {
+        /// The cluster file (YAML).
         file: PathBuf,
         /// Only this node.
         #[arg(long)]
         node: Option<String>,
+        /// table: for reading; json, yaml: the whole plan, for scripts.
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
         /// Public keys collected from the nodes [default: <file>.state.yaml beside the cluster file].
@@ -96,18 +140,24 @@ enum Command {
     Cost {
         /// The cluster file (YAML).
         file: PathBuf,
-        /// table: for reading; json: for scripts.
+        /// table: for reading; json, yaml: for scripts.
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
     /// Write per-node artifacts for applying the plan by hand.
     Render {
+        /// The cluster file (YAML).
         file: PathBuf,
+        /// Which artifacts to write.
         #[arg(long, value_enum)]
         format: RenderFormat,
-        /// Output folder; one sub-folder per node.
-        #[arg(long)]
-        out: PathBuf,
+        /// The folder to write into, one sub-folder per node. It must be
+        /// empty, missing, or hold an earlier render of the same format.
+        #[arg(long, value_name = "DIR", required_unless_present = "out")]
+        dir: Option<PathBuf>,
+        /// The old name of --dir (it read like --output, which is a report format elsewhere).
+        #[arg(long, value_name = "DIR", hide = true, conflicts_with = "dir")]
+        out: Option<PathBuf>,
         /// Only this node.
         #[arg(long)]
         node: Option<String>,
@@ -115,29 +165,31 @@ enum Command {
         /// instead of leaving a placeholder for the node's own key.
         #[arg(long)]
         generate_keys: bool,
+        /// Public keys collected from the nodes [default: <file>.state.yaml beside the cluster file].
         #[arg(long)]
         state: Option<PathBuf>,
     },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
-enum Output {
-    Table,
-    Json,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
 enum GraphFormat {
+    /// A picture drawn by skybridge itself.
     Svg,
+    /// Graphviz's language.
     Dot,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum RenderFormat {
+    /// skybridge-net.sh (up/down) and a systemd unit that runs it.
     Script,
+    /// systemd-networkd files, a sysctl.d file and an nftables ruleset.
     Networkd,
+    /// The nftables ruleset of the tunnel ends.
     Nftables,
+    /// wg-quick configurations (WireGuard clusters only).
     Wireguard,
+    /// The systemd unit that runs the agent at boot.
     SystemdAgent,
 }
 
@@ -158,17 +210,50 @@ const STARTER: &str = include_str!("starter.yaml");
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    let agent_logs_itself = matches!(
+        cli.command,
+        Command::Agent(_) | Command::WireguardDataplane { .. }
+    );
+    if !agent_logs_itself {
+        init_logging(cli.verbose, cli.quiet);
+    }
+    load::set_quiet(cli.quiet);
+    match run(cli.command) {
         Ok(code) => code,
         Err(e) => {
+            if let Some(invalid) = e.downcast_ref::<load::Invalid>() {
+                if !invalid.reported {
+                    eprintln!("error: {e:#}");
+                }
+                return ExitCode::from(exit::INVALID_INPUT);
+            }
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit::RUNTIME)
         }
     }
 }
 
-fn run(cli: Cli) -> Result<ExitCode> {
-    match cli.command {
+/// Logs go to stderr; `SKYBRIDGE_LOG` (an `EnvFilter`) wins over -v/-q.
+fn init_logging(verbose: u8, quiet: bool) {
+    let level = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, 2) => "debug",
+        (false, _) => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SKYBRIDGE_LOG")
+        .unwrap_or_else(|_| level.into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_target(false)
+        .init();
+}
+
+fn run(command: Command) -> Result<ExitCode> {
+    match command {
         Command::Agent(args) => agent::main(args),
         Command::Join(args) => join::main(args),
         Command::Apply(args) => apply::main(args),
@@ -214,43 +299,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Validate { file } => {
-            let Some(cluster) = load::cluster(&file)? else {
-                return Ok(ExitCode::FAILURE);
-            };
-            let nodes = cluster.nodes().count();
-            println!(
-                "{}: valid: cluster {}, {} site(s), {nodes} node(s), transport {}",
-                file.display(),
-                cluster.name,
-                cluster.sites.len(),
-                cluster.network.transport.as_str()
-            );
+        Command::Schema => {
+            print!("{}", skybridge_core::schema::json());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Validate { file, output } => validate(&file, output),
         Command::Plan {
             file,
             node,
             output,
             state,
         } => {
-            let Some(cluster) = load::cluster(&file)? else {
-                return Ok(ExitCode::FAILURE);
-            };
+            let cluster = load::cluster(&file)?;
             let state = load::state(&file, state.as_deref())?;
             let plan = plan(&cluster, &state);
             if let Some(n) = &node {
                 load::require_node(&plan, n)?;
             }
-            match output {
-                Output::Table => print!("{}", table::render(&plan, node.as_deref())),
-                Output::Json => {
-                    let json = match &node {
-                        Some(n) => serde_json::to_string_pretty(plan.node(n).expect("checked")),
-                        None => serde_json::to_string_pretty(&plan),
-                    }?;
-                    println!("{json}");
-                }
+            match (output, &node) {
+                (Output::Table, _) => print!("{}", table::render(&plan, node.as_deref())),
+                (_, Some(n)) => output::print(output, plan.node(n).expect("checked"))?,
+                (_, None) => output::print(output, &plan)?,
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -259,9 +328,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             format,
             state,
         } => {
-            let Some(cluster) = load::cluster(&file)? else {
-                return Ok(ExitCode::FAILURE);
-            };
+            let cluster = load::cluster(&file)?;
             let state = load::state(&file, state.as_deref())?;
             let graph = skybridge_core::graph::Graph::of(&cluster, &plan(&cluster, &state));
             print!(
@@ -274,34 +341,46 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Cost { file, output } => {
-            let Some(cluster) = load::cluster(&file)? else {
-                return Ok(ExitCode::FAILURE);
-            };
+            let cluster = load::cluster(&file)?;
             let report = skybridge_core::cost::report(&cluster, &[]);
             match output {
                 Output::Table => print!("{}", report.table()),
-                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                _ => output::print(output, &report)?,
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Render {
             file,
             format,
+            dir,
             out,
             node,
             generate_keys,
             state,
         } => {
-            let Some(cluster) = load::cluster(&file)? else {
-                return Ok(ExitCode::FAILURE);
+            let dir = match (dir, out) {
+                (Some(dir), _) => dir,
+                (None, Some(out)) => {
+                    if !load::quiet() {
+                        eprintln!(
+                            "warning: render --out is now --dir (--output is a report format in every other command); --out will go away"
+                        );
+                    }
+                    out
+                }
+                (None, None) => unreachable!("clap requires --dir unless --out is given"),
             };
+            let cluster = load::cluster(&file)?;
             let mut state = load::state(&file, state.as_deref())?;
             let private = if generate_keys {
                 if !matches!(
                     format,
                     RenderFormat::Wireguard | RenderFormat::Networkd | RenderFormat::Script
                 ) {
-                    bail!("--generate-keys applies to the wireguard, networkd and script formats");
+                    return Err(load::Invalid::new(
+                        "--generate-keys applies to the wireguard, networkd and script formats",
+                    )
+                    .into());
                 }
                 let (private, public) = keys::generate_for(&cluster);
                 state = State {
@@ -315,41 +394,102 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(n) = &node {
                 load::require_node(&plan, n)?;
             }
-            let files = skybridge_render::render(&plan, format.into(), private.as_ref())?;
-            let written = write_files(&out, &files, node.as_deref())?;
-            println!("wrote {written} file(s) under {}", out.display());
+            let files = skybridge_render::render(&plan, format.into(), private.as_ref())
+                .map_err(|e| load::Invalid::new(e.to_string()))?;
+            let written = write_files(&dir, format.into(), &files, node.as_deref())?;
+            if !load::quiet() {
+                println!("wrote {written} file(s) under {}", dir.display());
+            }
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
-fn write_files(out: &Path, files: &[skybridge_render::File], node: Option<&str>) -> Result<usize> {
+/// `skybridge validate`: the diagnostics for reading, or as one document.
+fn validate(file: &Path, output: Output) -> Result<ExitCode> {
+    if output == Output::Table {
+        let cluster = load::cluster(file)?;
+        let nodes = cluster.nodes().count();
+        println!(
+            "{}: valid: cluster {}, {} site(s), {nodes} node(s), transport {}",
+            file.display(),
+            cluster.name,
+            cluster.sites.len(),
+            cluster.network.transport.as_str()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let (_, result) = load::read(file)?;
+    let report = output::ValidateReport::new(file, &result);
+    output::print(output, &report)?;
+    Ok(if report.valid {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(exit::INVALID_INPUT)
+    })
+}
+
+/// Writes the rendered files under `dir`, refusing a folder that holds
+/// anything but an earlier render of the same format: mixing formats would
+/// leave a node's folder with two configurations of the same tunnel.
+fn write_files(
+    dir: &Path,
+    format: Format,
+    files: &[skybridge_render::File],
+    node: Option<&str>,
+) -> Result<usize> {
+    use atomic_write_file::unix::OpenOptionsExt as _;
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     use std::os::unix::fs::PermissionsExt as _;
+    let mut entries = Vec::new();
+    match std::fs::read_dir(dir) {
+        Ok(list) => {
+            for e in list {
+                let e = e.with_context(|| format!("listing {}", dir.display()))?;
+                entries.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+    }
+    let mark_path = dir.join(skybridge_render::folder::MARK);
+    let mark = match std::fs::read_to_string(&mark_path) {
+        Ok(text) => Some(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", mark_path.display())),
+    };
+    skybridge_render::folder::check(&entries, mark.as_deref(), format)
+        .map_err(|e| load::Invalid::new(format!("{}: {e}", dir.display())))?;
+    let mark = skybridge_render::folder::mark(format);
     let mut n = 0;
-    for f in files {
+    for f in files.iter().chain(std::iter::once(&mark)) {
         if let Some(node) = node
             && !f.path.starts_with(&format!("{node}/"))
+            && f.path != mark.path
         {
             continue;
         }
-        let path = out.join(&f.path);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join(&f.path);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
         }
-        // Create with the final mode so a private key is never readable by others, not even briefly.
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(f.mode)
-            .open(&path)
-            .with_context(|| format!("writing {}", path.display()))?;
-        file.set_permissions(std::fs::Permissions::from_mode(f.mode))?;
-        file.write_all(f.contents.as_bytes())
-            .with_context(|| format!("writing {}", path.display()))?;
-        n += 1;
+        let write = || -> std::io::Result<()> {
+            let mut options = atomic_write_file::OpenOptions::new();
+            // The temporary file gets the final mode from the start, so a
+            // private key is never readable by others, not even briefly.
+            options.preserve_mode(false).mode(f.mode);
+            let mut file = options.open(&path)?;
+            file.as_file()
+                .set_permissions(std::fs::Permissions::from_mode(f.mode))?;
+            file.write_all(f.contents.as_bytes())?;
+            file.commit()
+        };
+        write().with_context(|| format!("writing {}", path.display()))?;
+        if f.path != mark.path {
+            n += 1;
+        }
     }
     Ok(n)
 }
@@ -371,6 +511,78 @@ mod tests {
                     p.ip
                 );
             }
+        }
+    }
+
+    /// Every subcommand, argument and option a user can see, with where it is.
+    fn blank_help(cmd: &clap::Command, path: &str, blanks: &mut Vec<String>) {
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if arg.is_hide_set() || matches!(id, "help" | "version") {
+                continue;
+            }
+            let help = arg
+                .get_help()
+                .or(arg.get_long_help())
+                .map(ToString::to_string);
+            if help.is_none_or(|h| h.trim().is_empty()) {
+                blanks.push(format!("{path} <{id}>"));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            if sub.is_hide_set() || sub.get_name() == "help" {
+                continue;
+            }
+            let sub_path = format!("{path} {}", sub.get_name());
+            let about = sub
+                .get_about()
+                .or(sub.get_long_about())
+                .map(ToString::to_string);
+            if about.is_none_or(|a| a.trim().is_empty()) {
+                blanks.push(sub_path.clone());
+            }
+            blank_help(sub, &sub_path, blanks);
+        }
+    }
+
+    #[test]
+    fn every_subcommand_argument_and_option_has_a_help_line() {
+        use clap::CommandFactory as _;
+        let cmd = Cli::command();
+        let mut blanks = Vec::new();
+        blank_help(&cmd, "skybridge", &mut blanks);
+        assert!(blanks.is_empty(), "no help line: {blanks:#?}");
+        // The walker sees what it should: a nested subcommand's option.
+        let lab = cmd.find_subcommand("lab").unwrap();
+        assert!(lab.find_subcommand("check").is_some());
+    }
+
+    #[test]
+    fn the_walker_finds_a_blank_help_line() {
+        let cmd = clap::Command::new("t").subcommand(
+            clap::Command::new("s")
+                .about("has one")
+                .arg(clap::Arg::new("file")),
+        );
+        let mut blanks = Vec::new();
+        blank_help(&cmd, "t", &mut blanks);
+        assert_eq!(blanks, ["t s <file>"]);
+    }
+
+    #[test]
+    fn the_help_documents_exit_codes_and_logging() {
+        use clap::CommandFactory as _;
+        let help = Cli::command().render_long_help().to_string();
+        for needle in ["Exit codes:", "SKYBRIDGE_LOG", "--verbose", "--quiet"] {
+            assert!(help.contains(needle), "{needle}: {help}");
+        }
+        for (code, value) in [
+            ("  1  runtime failure", exit::RUNTIME),
+            ("  2  invalid input", exit::INVALID_INPUT),
+            ("  3  some nodes failed", exit::NODES_FAILED),
+        ] {
+            assert!(help.contains(code), "{code}");
+            assert_eq!(code.trim_start().as_bytes()[0], b'0' + value);
         }
     }
 

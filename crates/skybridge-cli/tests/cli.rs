@@ -54,7 +54,7 @@ fn validate_reports_every_error_with_file_line_and_column() {
         .arg("validate")
         .arg(&bad)
         .assert()
-        .code(1)
+        .code(2)
         .stderr(predicate::str::contains(
             "bad.yaml:25:15: error: site aliyun 192.168.0.0/16 overlaps site huawei 192.168.0.0/24",
         ))
@@ -76,7 +76,7 @@ fn validate_reports_yaml_errors_with_position() {
         .arg("validate")
         .arg(&bad)
         .assert()
-        .code(1)
+        .code(2)
         .stderr(predicate::str::contains(
             "typo.yaml:9:5: error: unknown field `tunnelpool`",
         ));
@@ -131,7 +131,7 @@ fn plan_of_an_unknown_node_lists_the_nodes() {
         .args(["plan", "--node", "nope"])
         .arg(examples().join("seed.yaml"))
         .assert()
-        .code(1)
+        .code(2)
         .stderr(predicate::str::contains(
             "no node named 'nope' in cluster seed; nodes are: k8s-master1",
         ));
@@ -171,7 +171,7 @@ fn a_broken_state_file_is_an_error() {
         .arg("plan")
         .arg(&cluster)
         .assert()
-        .code(1)
+        .code(2)
         .stderr(predicate::str::contains(
             "publicKeys.ali-gw is not a WireGuard key",
         ));
@@ -181,7 +181,7 @@ fn a_broken_state_file_is_an_error() {
 fn render_script_writes_persistent_files_for_every_node() {
     let out = tempfile::tempdir().unwrap();
     skybridge()
-        .args(["render", "--format", "script", "--out"])
+        .args(["render", "--format", "script", "--dir"])
         .arg(out.path())
         .arg(examples().join("seed.yaml"))
         .assert()
@@ -219,7 +219,7 @@ fn render_wireguard_with_generated_keys_protects_private_keys() {
             "--format",
             "wireguard",
             "--generate-keys",
-            "--out",
+            "--dir",
         ])
         .arg(out.path())
         .arg(examples().join("lab.yaml"))
@@ -244,11 +244,11 @@ fn render_wireguard_with_generated_keys_protects_private_keys() {
 fn render_wireguard_for_a_gre_cluster_is_refused() {
     let out = tempfile::tempdir().unwrap();
     skybridge()
-        .args(["render", "--format", "wireguard", "--out"])
+        .args(["render", "--format", "wireguard", "--dir"])
         .arg(out.path())
         .arg(examples().join("seed.yaml"))
         .assert()
-        .code(1)
+        .code(2)
         .stderr(predicate::str::contains("transport"));
 }
 
@@ -383,7 +383,7 @@ fn validate_reports_kubernetes_errors_with_file_line_and_column() {
         .arg("validate")
         .arg(&bad)
         .assert()
-        .code(1)
+        .code(2)
         .stderr(predicate::str::contains(
             "k8s.yaml:17:17: error: kubernetes clusterDNS 10.0.0.10 is outside serviceCIDR 10.96.0.0/12",
         ))

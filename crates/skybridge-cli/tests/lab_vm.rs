@@ -301,7 +301,7 @@ fn networkd_and_script_artifacts_applied_by_hand_survive_a_reboot() {
     let dir = lab.state_dir("seed-lab");
     for format in ["networkd", "script"] {
         let out = Command::new(skybridge())
-            .args(["render", &file, "--format", format, "--out"])
+            .args(["render", &file, "--format", format, "--dir"])
             .arg(dir.join(format))
             .output()
             .unwrap();

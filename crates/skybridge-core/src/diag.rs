@@ -8,14 +8,15 @@
 use std::fmt;
 
 /// How serious a diagnostic is. Errors stop the command; warnings are printed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Severity {
     Error,
     Warning,
 }
 
 /// A 1-based position in the cluster file. `line == 0` means "no position known".
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub struct Pos {
     pub line: u64,
     pub column: u64,
@@ -32,10 +33,13 @@ impl Pos {
     }
 }
 
-/// One finding about a cluster file.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One finding about a cluster file. Serialized (`validate -o json`) with
+/// its position flattened into `line` and `column`; never with the source
+/// line, which may hold a secret.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Diagnostic {
     pub severity: Severity,
+    #[serde(flatten)]
     pub pos: Pos,
     /// What is wrong, naming the site/node/field concerned.
     pub message: String,
@@ -43,6 +47,7 @@ pub struct Diagnostic {
     pub hint: Option<String>,
     /// The source line holds a secret (a bootstrap token): render points at
     /// the position without printing the line.
+    #[serde(skip)]
     pub conceal_source: bool,
 }
 

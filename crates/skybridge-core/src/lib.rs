@@ -19,6 +19,7 @@ pub mod layout;
 pub mod model;
 pub mod plan;
 pub mod report;
+pub mod schema;
 pub mod spec;
 pub mod state;
 pub mod table;

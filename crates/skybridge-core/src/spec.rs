@@ -4,13 +4,48 @@
 //! spanned strings so that every problem can be reported with its line and
 //! column, and so that all of them can be reported at once instead of serde
 //! stopping at the first. [`crate::validate`] turns this into [`crate::model`].
+//!
+//! The same types describe the file as a JSON Schema ([`crate::schema`]):
+//! their doc comments are the schema's descriptions.
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-pub type S<T> = Spanned<T>;
+/// A value with its position in the file. A newtype rather than an alias of
+/// [`Spanned`] only so that the schema describes the value it holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct S<T>(pub Spanned<T>);
 
-#[derive(Debug, Deserialize)]
+impl<T> std::ops::Deref for S<T> {
+    type Target = Spanned<T>;
+
+    fn deref(&self) -> &Spanned<T> {
+        &self.0
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for S<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Spanned::deserialize(d).map(S)
+    }
+}
+
+impl<T: JsonSchema> JsonSchema for S<T> {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        T::schema_name()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        generator.subschema_for::<T>()
+    }
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ClusterDoc {
     pub api_version: S<String>,
@@ -19,13 +54,13 @@ pub struct ClusterDoc {
     pub spec: SpecDoc,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Metadata {
     pub name: S<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SpecDoc {
     #[serde(default)]
@@ -36,7 +71,7 @@ pub struct SpecDoc {
     pub sites: S<Vec<SiteDoc>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct KubernetesDoc {
     /// Kubernetes version of the nodes' kubelet and kube-proxy, e.g. v1.30.4.
@@ -60,7 +95,7 @@ pub struct KubernetesDoc {
 pub type MirrorsDoc = std::collections::BTreeMap<String, S<Vec<S<String>>>>;
 
 /// containerd settings; the cluster-wide ones, or a site's overrides.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ContainerdDoc {
     /// The pause image, from a registry the nodes can reach.
@@ -74,7 +109,7 @@ pub struct ContainerdDoc {
 }
 
 /// How the node gets its kubelet credentials: exactly one of the two.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct JoinDoc {
     #[serde(default)]
@@ -83,7 +118,7 @@ pub struct JoinDoc {
     pub bootstrap: Option<S<BootstrapJoinDoc>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct KubeadmJoinDoc {
     /// Bootstrap token `[a-z0-9]{6}.[a-z0-9]{16}` (`kubeadm token create`).
@@ -95,7 +130,7 @@ pub struct KubeadmJoinDoc {
     pub binaries: Option<S<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct BootstrapJoinDoc {
     /// Bootstrap token `[a-z0-9]{6}.[a-z0-9]{16}` for kubelet TLS bootstrapping.
@@ -107,14 +142,14 @@ pub struct BootstrapJoinDoc {
 }
 
 /// A site's Kubernetes overrides.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SiteKubernetesDoc {
     #[serde(default)]
     pub containerd: Option<S<ContainerdDoc>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct NetworkDoc {
     #[serde(default)]
@@ -131,6 +166,7 @@ pub struct NetworkDoc {
     /// Time between data-path probes of gateway candidates: `250ms`, `1s`
     /// (a bare number is seconds).
     #[serde(default)]
+    #[schemars(schema_with = "duration_schema")]
     pub probe_interval: Option<S<String>>,
     /// Probes in a row a candidate may miss before it counts as down.
     #[serde(default)]
@@ -138,11 +174,26 @@ pub struct NetworkDoc {
     /// How long the preferred gateway must be healthy again before traffic
     /// moves back to it (`5s`), or `never`.
     #[serde(default)]
+    #[schemars(schema_with = "duration_schema")]
     pub failback: Option<S<String>>,
+    /// The sites are joined by a private line: GRE and VXLAN carry traffic
+    /// in cleartext knowingly, and the warning about it is not printed.
+    #[serde(default)]
+    pub acknowledge_cleartext: Option<S<bool>>,
 }
 
 #[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Deserialize,
+    serde::Serialize,
+    JsonSchema,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Transport {
@@ -155,7 +206,17 @@ pub enum Transport {
 // What each transport is and costs: `crate::transport`.
 
 #[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Deserialize,
+    serde::Serialize,
+    JsonSchema,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Granularity {
@@ -175,7 +236,17 @@ impl Granularity {
 }
 
 #[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Deserialize,
+    serde::Serialize,
+    JsonSchema,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Nat {
@@ -184,7 +255,17 @@ pub enum Nat {
 }
 
 #[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Deserialize,
+    serde::Serialize,
+    JsonSchema,
 )]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
@@ -193,7 +274,7 @@ pub enum Role {
     Gateway,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SiteDoc {
     pub name: S<String>,
@@ -220,7 +301,7 @@ pub struct SiteDoc {
     pub nodes: S<Vec<NodeDoc>>,
 }
 
-#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CostsDoc {
     /// Price of one vCPU for one hour.
@@ -236,7 +317,7 @@ pub struct CostsDoc {
     pub currency: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NodeDoc {
     pub name: S<String>,
@@ -259,7 +340,7 @@ pub struct NodeDoc {
     pub memory_gib: Option<S<f64>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SshDoc {
     #[serde(default)]
@@ -271,4 +352,16 @@ pub struct SshDoc {
     /// `[user@]host[:port]` or the name of another node of the cluster.
     #[serde(default)]
     pub jump_host: Option<S<String>>,
+}
+
+/// A duration as the file may write it: `250ms`, `1s`, `2m`, a bare number
+/// of seconds (or, for `failback`, `never`).
+fn duration_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "anyOf": [
+            { "type": "string", "pattern": "^\\s*([0-9]+(\\.[0-9]+)?\\s*(ms|s|m)?|never)\\s*$" },
+            { "type": "number", "minimum": 0 },
+            { "type": "null" }
+        ]
+    })
 }

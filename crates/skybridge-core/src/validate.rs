@@ -1,9 +1,11 @@
 //! Validation: from the cluster file's text to a [`Cluster`] that the planner
 //! can trust, or to every problem found, each with its line and column.
 //!
-//! Parsing stops at the first YAML or schema error (serde cannot go on after
-//! it), but every semantic check runs over the whole file, so one run of
-//! `skybridge validate` lists everything that needs fixing.
+//! Schema errors (unknown fields, values of the wrong type) are all
+//! reported at once where the parser can step over them
+//! ([`schema_errors`]); once the file parses, every semantic check runs
+//! over the whole of it, so one run of `skybridge validate` lists
+//! everything that needs fixing.
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
@@ -19,6 +21,7 @@ use crate::spec::{ClusterDoc, Granularity, Nat, Role, S, SiteDoc, SshDoc, Transp
 
 pub mod failover;
 mod kubernetes;
+mod schema_errors;
 pub mod ssh;
 
 pub const API_VERSION: &str = "skybridge.dev/v1alpha1";
@@ -37,35 +40,7 @@ pub struct Validated {
 /// Every diagnostic found (errors and warnings, in file order) when at least
 /// one of them is an error.
 pub fn load(source: &str) -> Result<Validated, Vec<Diagnostic>> {
-    let doc: ClusterDoc = match serde_saphyr::from_str(source) {
-        Ok(doc) => doc,
-        Err(e) => return Err(vec![yaml_error(&e)]),
-    };
-    validate(&doc)
-}
-
-fn yaml_error(e: &serde_saphyr::Error) -> Diagnostic {
-    let pos = e.location().map(|l| Pos::of(&l)).unwrap_or(Pos::UNKNOWN);
-    let text = e.without_snippet().to_string();
-    // serde-saphyr prefixes its message with "error: line L column C: "; we print our own.
-    let message = text
-        .strip_prefix("error: ")
-        .and_then(|rest| {
-            rest.split_once(": ")
-                .filter(|(p, _)| p.starts_with("line "))
-        })
-        .map(|(_, m)| m.to_owned())
-        .unwrap_or(text);
-    let hint = if message.starts_with("unknown field") {
-        "remove or correct the field; field names are case-sensitive (privateIP, publicIP, podCIDR, tunnelPool, listenPort); examples/seed.yaml shows every common field"
-    } else if message.starts_with("missing field") {
-        "add the field; examples/seed.yaml shows a complete cluster file"
-    } else if message.starts_with("unknown variant") {
-        "use one of the values listed"
-    } else {
-        "fix the YAML at this position (indentation, brackets, quoting)"
-    };
-    Diagnostic::error(pos, message).with_hint(hint)
+    validate(&schema_errors::parse(source)?)
 }
 
 fn pos<T>(s: &S<T>) -> Pos {
@@ -230,8 +205,10 @@ fn validate(doc: &ClusterDoc) -> Result<Validated, Vec<Diagnostic>> {
         );
     }
     let failover = failover::failover(&mut c, net);
+    let acknowledged = net.acknowledge_cleartext.as_ref().is_some_and(|a| a.value);
     if let Some(t) = &net.transport
         && !t.value.is_encrypted()
+        && !acknowledged
     {
         c.diags.push(
             Diagnostic::warning(
@@ -241,7 +218,7 @@ fn validate(doc: &ClusterDoc) -> Result<Validated, Vec<Diagnostic>> {
                     t.value.as_str()
                 ),
             )
-            .with_hint("use transport: wireguard unless the sites are joined by a private line"),
+            .with_hint("use transport: wireguard; if the sites are joined by a private line, say so with `acknowledgeCleartext: true` under spec.network"),
         );
     }
 

@@ -65,6 +65,83 @@ pub enum Format {
     SystemdAgent,
 }
 
+impl Format {
+    pub const ALL: [Format; 5] = [
+        Format::Script,
+        Format::Networkd,
+        Format::Nftables,
+        Format::WireGuard,
+        Format::SystemdAgent,
+    ];
+
+    /// The name `skybridge render --format` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Script => "script",
+            Format::Networkd => "networkd",
+            Format::Nftables => "nftables",
+            Format::WireGuard => "wireguard",
+            Format::SystemdAgent => "systemd-agent",
+        }
+    }
+}
+
+/// Which folders `render` may write into. Two formats in one folder would
+/// leave a node with two configurations of the same tunnel (a networkd
+/// netdev and a wg-quick file both bringing up `sb-wg0`), so a folder holds
+/// one format, recorded in its [`MARK`] file. Pure: the caller lists the
+/// folder and reads the mark.
+pub mod folder {
+    use super::{File, Format};
+
+    /// The file in the folder's top level naming the format rendered into it.
+    pub const MARK: &str = ".skybridge-render";
+
+    /// Why a folder was refused.
+    #[derive(Debug, PartialEq, Eq, thiserror::Error)]
+    pub enum FolderError {
+        #[error(
+            "holds a render of format {found}; rendering {wanted} into it would mix two configurations: use another --dir, or empty this one"
+        )]
+        OtherFormat { found: String, wanted: &'static str },
+        #[error(
+            "is not empty and was not written by `skybridge render` (no {MARK} file): use an empty or new --dir"
+        )]
+        Foreign,
+    }
+
+    /// Whether `format` may be rendered into a folder holding `entries`
+    /// (top-level names) whose [`MARK`] file holds `mark`.
+    ///
+    /// # Errors
+    /// [`FolderError::OtherFormat`] when the folder holds another format;
+    /// [`FolderError::Foreign`] when it holds files but no mark.
+    pub fn check(
+        entries: &[String],
+        mark: Option<&str>,
+        format: Format,
+    ) -> Result<(), FolderError> {
+        match mark.map(str::trim) {
+            Some(found) if found == format.name() => Ok(()),
+            Some(found) => Err(FolderError::OtherFormat {
+                found: found.to_owned(),
+                wanted: format.name(),
+            }),
+            None if entries.iter().all(|e| e == MARK) => Ok(()),
+            None => Err(FolderError::Foreign),
+        }
+    }
+
+    /// The mark file to write beside a render of `format`.
+    pub fn mark(format: Format) -> File {
+        File {
+            path: MARK.to_owned(),
+            mode: 0o644,
+            contents: format!("{}\n", format.name()),
+        }
+    }
+}
+
 /// One output file, relative to the output folder (`<node>/<file>`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct File {
@@ -109,4 +186,59 @@ pub fn render(
         Format::WireGuard => wireguard::render(plan, keys)?,
         Format::SystemdAgent => systemd::render(plan),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::folder::{FolderError, MARK, check, mark};
+    use super::*;
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn an_empty_or_missing_folder_takes_any_format() {
+        for f in Format::ALL {
+            assert_eq!(check(&[], None, f), Ok(()));
+        }
+    }
+
+    #[test]
+    fn a_folder_takes_the_format_it_holds_again() {
+        let m = mark(Format::Networkd);
+        assert_eq!(m.path, MARK);
+        let entries = names(&[MARK, "node-a"]);
+        assert_eq!(check(&entries, Some(&m.contents), Format::Networkd), Ok(()));
+    }
+
+    #[test]
+    fn a_folder_refuses_a_second_format() {
+        let entries = names(&[MARK, "node-a"]);
+        let m = mark(Format::Networkd);
+        assert_eq!(
+            check(&entries, Some(&m.contents), Format::WireGuard),
+            Err(FolderError::OtherFormat {
+                found: "networkd".into(),
+                wanted: "wireguard"
+            })
+        );
+    }
+
+    #[test]
+    fn a_folder_with_foreign_files_is_refused() {
+        let entries = names(&["notes.txt"]);
+        assert_eq!(
+            check(&entries, None, Format::Script),
+            Err(FolderError::Foreign)
+        );
+    }
+
+    #[test]
+    fn every_format_name_is_distinct() {
+        let mut seen: Vec<&str> = Format::ALL.iter().map(|f| f.name()).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), Format::ALL.len());
+    }
 }

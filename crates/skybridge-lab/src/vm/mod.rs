@@ -600,7 +600,7 @@ pub fn install(
         let out = Command::new(skybridge)
             .arg("render")
             .arg(&cluster_copy)
-            .args(["--format", "systemd-agent", "--out"])
+            .args(["--format", "systemd-agent", "--dir"])
             .arg(dir.join("render"))
             .output()
             .map_err(io("running skybridge render"))?;
