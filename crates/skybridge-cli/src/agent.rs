@@ -156,6 +156,16 @@ enum Action {
     /// The detached process that rolls an unconfirmed `agent try` back.
     #[command(hide = true)]
     Watchdog(Box<WatchdogArgs>),
+    /// Each site's active gateway as this node sees it, the last failovers
+    /// and why, and what the health prober sees of every candidate.
+    Status {
+        /// Where the agent keeps its state.
+        #[arg(long, default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// How to report.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// The gateway health prober the agent starts where a site has a second
     /// gateway candidate: probes the candidates, answers their probes, and
     /// keeps doing so while the agent restarts.
@@ -250,6 +260,7 @@ pub fn main(args: AgentArgs) -> Result<ExitCode> {
         Some(Action::Confirm { id, output }) => Ok(confirm(&id, output)),
         Some(Action::Watchdog(a)) => rt.block_on(watchdog(*a)),
         Some(Action::Health { node }) => rt.block_on(health(&node)),
+        Some(Action::Status { state_dir, output }) => Ok(rt.block_on(status(&state_dir, output))),
         None => rt.block_on(run(
             &args.node,
             args.once,
@@ -311,6 +322,70 @@ fn prober_args(args: &NodeArgs) -> Vec<std::ffi::OsString> {
         v.extend(["--state".into(), s.clone().into()]);
     }
     v
+}
+
+/// `agent status`: exit 1 when a site is unreachable from here or the
+/// prober does not answer where failover is on.
+async fn status(state_dir: &Path, output: Output) -> ExitCode {
+    let chosen = skybridge_agent::failover::read_chosen(state_dir);
+    let seen = skybridge_agent::health::query(state_dir).await;
+    let healthy = chosen.unreachable.is_empty() && (chosen.actives.is_empty() || seen.is_some());
+    match output {
+        Output::Json => print_json(serde_json::to_string(&serde_json::json!({
+            "gateways": chosen,
+            "probes": seen,
+        }))),
+        Output::Text => {
+            if chosen.actives.is_empty() {
+                say("no site has a second gateway candidate: nothing to fail over");
+            }
+            for (site, gw) in &chosen.actives {
+                let mark = if chosen.unreachable.contains(site) {
+                    "  UNREACHABLE: no candidate answers"
+                } else {
+                    ""
+                };
+                say(&format!("site {site}: active gateway {gw}{mark}"));
+            }
+            for s in chosen.switches.iter().rev().take(5) {
+                say(&format!(
+                    "  failover {}: {} -> {}: {}",
+                    s.site, s.from, s.to, s.reason
+                ));
+            }
+            match &seen {
+                Some(obs) => {
+                    for t in &obs.targets {
+                        let rtt = t
+                            .rtt_us
+                            .map_or("-".to_owned(), |us| format!("{:.2} ms", us as f64 / 1000.0));
+                        let silent = t.silent_ms.map_or("-".to_owned(), |ms| format!("{ms} ms"));
+                        say(&format!(
+                            "  probe {:<16} {:<10} {:<15} {:<7} rtt {:>9}  loss {:>3.0}%  silent {}",
+                            t.target.node,
+                            t.target.site,
+                            t.target.ip,
+                            if t.target.tunnel { "tunnel" } else { "vpc" },
+                            rtt,
+                            t.loss * 100.0,
+                            silent
+                        ));
+                    }
+                }
+                None if !chosen.actives.is_empty() => {
+                    warn(
+                        "the health prober does not answer (see health.log in the state directory)",
+                    );
+                }
+                None => {}
+            }
+        }
+    }
+    if healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 async fn health(args: &NodeArgs) -> Result<ExitCode> {
