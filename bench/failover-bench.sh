@@ -26,10 +26,11 @@ sed -E 's/(name: (hw|ali)-gw2, .*)roles: \[gateway\]/\1roles: [worker]/' example
 grep -q 'hw-gw2.*roles: \[worker\]' "$W/single.yaml"
 lab() { "$SB" lab "$@"; }
 up() { lab up "$1" --timeout 90 >/dev/null 2>&1 || { echo "lab up $1 failed" >&2; lab check | tail -3 >&2; exit 1; }; }
-# gap SECONDS ACTION...: the longest silence of a 10 ms ping while ACTION runs.
+# gap SECONDS ACTION...: the longest silence of a 10 ms ping while ACTION runs
+# (a count, not -w: with a deadline ping exits on the first ICMP error).
 gap() {
   local secs=$1; shift
-  lab exec hw-node -- ping -D -n -i 0.01 -w "$secs" 172.26.32.20 >"$W/ping.txt" 2>&1 &
+  lab exec hw-node -- ping -D -n -i 0.01 -c $((secs * 100)) -W 1 172.26.32.20 >"$W/ping.txt" 2>&1 &
   local pid=$!
   sleep 1
   "$@"
