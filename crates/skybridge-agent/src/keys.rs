@@ -18,6 +18,37 @@ use x25519_dalek::{PublicKey, StaticSecret};
 
 pub const PRIVATE_KEY_FILE: &str = paths::KEY_FILE_NAME;
 
+/// A base64 WireGuard private key. Its `Debug` is redacted: the structs that
+/// carry it derive `Debug`, and a `{:?}` in a log line or a panic message
+/// must not put the node's identity in the journal.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PrivateKey(String);
+
+impl PrivateKey {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for PrivateKey {
+    fn from(key: String) -> Self {
+        PrivateKey(key)
+    }
+}
+
+impl std::ops::Deref for PrivateKey {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PrivateKey(<redacted>)")
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("{what} {path}: {source}")]
@@ -43,7 +74,7 @@ pub enum KeyError {
 /// # Errors
 /// When the state directory cannot be created or a key file is unreadable,
 /// malformed, or readable by others.
-pub fn private_key(state_dir: &Path) -> Result<String, KeyError> {
+pub fn private_key(state_dir: &Path) -> Result<PrivateKey, KeyError> {
     private_key_or_adopt(state_dir, Path::new(paths::LEGACY_KEY_FILE))
 }
 
@@ -51,10 +82,10 @@ pub fn private_key(state_dir: &Path) -> Result<String, KeyError> {
 ///
 /// # Errors
 /// As [`private_key`].
-pub fn private_key_or_adopt(state_dir: &Path, legacy: &Path) -> Result<String, KeyError> {
+pub fn private_key_or_adopt(state_dir: &Path, legacy: &Path) -> Result<PrivateKey, KeyError> {
     let path = state_dir.join(PRIVATE_KEY_FILE);
     if let Some(key) = read_key(&path)? {
-        return Ok(key);
+        return Ok(PrivateKey(key));
     }
     let (key, origin) = match read_key(legacy)? {
         Some(key) => (key, Some(legacy)),
@@ -73,7 +104,7 @@ pub fn private_key_or_adopt(state_dir: &Path, legacy: &Path) -> Result<String, K
             "adopted the WireGuard key installed at the old path"
         );
     }
-    Ok(key)
+    Ok(PrivateKey(key))
 }
 
 /// The key in `path`: `None` when there is none, or when the file is empty
@@ -191,7 +222,10 @@ mod tests {
             .unwrap();
         writeln!(f, "{theirs}").unwrap();
         let state = dir.path().join("state");
-        assert_eq!(private_key_or_adopt(&state, &legacy).unwrap(), theirs);
+        assert_eq!(
+            private_key_or_adopt(&state, &legacy).unwrap().as_str(),
+            theirs
+        );
         let stored = std::fs::read_to_string(state.join(PRIVATE_KEY_FILE)).unwrap();
         assert_eq!(stored.trim(), theirs);
         assert!(legacy.exists(), "the operator's file stays");
@@ -217,7 +251,7 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let key = private_key_or_adopt(dir.path(), &dir.path().join("none")).unwrap();
         assert!(skybridge_core::state::is_wireguard_key(&key));
-        assert_eq!(std::fs::read_to_string(&path).unwrap().trim(), key);
+        assert_eq!(std::fs::read_to_string(&path).unwrap().trim(), key.as_str());
     }
 
     #[test]
@@ -241,6 +275,27 @@ mod tests {
             public_key("yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBml="),
             None
         );
+    }
+
+    #[test]
+    fn debug_output_never_shows_a_private_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = private_key(dir.path()).unwrap();
+        // The structs that carry the key into the data plane derive Debug.
+        let wg = crate::wireguard::WireGuard::External {
+            private_key: key.clone(),
+        };
+        let backend = wg.into_backend().unwrap();
+        let shown = format!(
+            "{key:?} {:?} {backend:?}",
+            crate::wireguard::WireGuard::Userspace {
+                private_key: key.clone(),
+                exe: "/x".into(),
+                state_dir: "/y".into(),
+            }
+        );
+        assert!(!shown.contains(key.as_str()), "{shown}");
+        assert!(shown.contains("redacted"), "{shown}");
     }
 
     #[test]

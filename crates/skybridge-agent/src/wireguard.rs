@@ -16,6 +16,7 @@ use ipnet::Ipv4Net;
 use skybridge_core::diff::{PeerConfig, WireGuardConfig};
 pub use skybridge_core::layout::paths::UAPI_DIR;
 
+use crate::keys::PrivateKey;
 use crate::tunnel::TunnelBackend;
 use crate::tunnel::wg_kernel::KernelBackend;
 use crate::tunnel::wg_userspace::{DataPlane, UserspaceBackend};
@@ -56,18 +57,18 @@ pub enum WireGuard {
     /// The kernel's own WireGuard (module `wireguard`), configured over its
     /// generic netlink family; the link is created over rtnetlink.
     Kernel {
-        private_key: String,
+        private_key: PrivateKey,
         netlink: KernelWireGuard,
         /// Where a userspace data plane of an earlier run may have left its pid.
         state_dir: PathBuf,
     },
     /// A userspace implementation started outside the agent (wireguard-go,
     /// boringtun-cli) serves the interface; the agent configures it over UAPI.
-    External { private_key: String },
+    External { private_key: PrivateKey },
     /// Skybridge's own data plane ([`crate::dataplane`]), in a process of its
     /// own started from `exe`, outliving agent restarts.
     Userspace {
-        private_key: String,
+        private_key: PrivateKey,
         exe: PathBuf,
         state_dir: PathBuf,
     },
