@@ -107,6 +107,27 @@ pub fn private_key_or_adopt(state_dir: &Path, legacy: &Path) -> Result<PrivateKe
     Ok(PrivateKey(key))
 }
 
+/// The key the node already has (its own, or the one at the old path),
+/// without writing anything: what a dry run may look at.
+///
+/// # Errors
+/// As [`private_key`], except that nothing is created.
+pub fn existing_private_key(
+    state_dir: &Path,
+    legacy: &Path,
+) -> Result<Option<PrivateKey>, KeyError> {
+    match read_key(&state_dir.join(PRIVATE_KEY_FILE))? {
+        Some(key) => Ok(Some(PrivateKey(key))),
+        None => Ok(read_key(legacy)?.map(PrivateKey)),
+    }
+}
+
+/// A fresh key that is never stored: a dry run on a node without a key
+/// plans with it ("the key will be generated") and leaves no file behind.
+pub fn ephemeral_private_key() -> PrivateKey {
+    PrivateKey(STANDARD.encode(StaticSecret::random_from_rng(rand_core::OsRng).to_bytes()))
+}
+
 /// The key in `path`: `None` when there is none, or when the file is empty
 /// (what a crash between creating and writing a key file left behind with
 /// earlier versions: it holds no identity to keep).
@@ -275,6 +296,26 @@ mod tests {
             public_key("yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBml="),
             None
         );
+    }
+
+    #[test]
+    fn looking_for_an_existing_key_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let legacy = dir.path().join("old.key");
+        assert_eq!(existing_private_key(&state, &legacy).unwrap(), None);
+        assert!(!state.exists(), "a dry run created the state directory");
+        std::fs::write(&legacy, "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\n").unwrap();
+        std::fs::set_permissions(&legacy, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let found = existing_private_key(&state, &legacy).unwrap().unwrap();
+        assert_eq!(
+            found.as_str(),
+            "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk="
+        );
+        assert!(!state.exists(), "the old key was adopted by a dry run");
+        let ours = private_key_or_adopt(&state, &dir.path().join("none")).unwrap();
+        assert_eq!(existing_private_key(&state, &legacy).unwrap(), Some(ours));
+        assert!(public_key(&ephemeral_private_key()).is_some());
     }
 
     #[test]

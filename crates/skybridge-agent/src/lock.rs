@@ -117,6 +117,54 @@ impl NodeLock {
     }
 }
 
+impl NodeLock {
+    /// A shared hold on the lock for a run that only reads (`--dry-run`):
+    /// it waits for an agent that is changing the node, but creates and
+    /// writes nothing. `None` when no agent ever ran here (no lock file).
+    ///
+    /// # Errors
+    /// As [`NodeLock::acquire`].
+    pub fn read(run_dir: &Path, patience: Duration) -> Result<Option<NodeLock>, LockError> {
+        let path = run_dir.join(paths::LOCK_FILE_NAME);
+        let start = Instant::now();
+        loop {
+            let file = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(source) => {
+                    return Err(LockError::Io {
+                        what: "opening",
+                        path,
+                        source,
+                    });
+                }
+            };
+            match Flock::lock(file, FlockArg::LockSharedNonblock) {
+                Ok(lock) => return Ok(Some(NodeLock { _lock: lock })),
+                Err((mut file, Errno::EWOULDBLOCK)) => {
+                    if start.elapsed() >= patience {
+                        let mut holder = String::new();
+                        let _ = file.read_to_string(&mut holder);
+                        return Err(LockError::Busy {
+                            path,
+                            holder: holder.trim().to_owned(),
+                            waited: patience,
+                        });
+                    }
+                    std::thread::sleep(RETRY);
+                }
+                Err((_, errno)) => {
+                    return Err(LockError::Io {
+                        what: "locking",
+                        path,
+                        source: std::io::Error::from(errno),
+                    });
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,6 +193,31 @@ mod tests {
         std::thread::sleep(Duration::from_millis(150));
         drop(first);
         waiter.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_reader_creates_nothing_and_waits_for_a_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        assert!(NodeLock::read(&run, Duration::ZERO).unwrap().is_none());
+        assert!(!run.exists(), "a dry run created the run directory");
+        let writer = NodeLock::acquire(&run, "agent try", Duration::ZERO).unwrap();
+        let before = std::fs::read(run.join(paths::LOCK_FILE_NAME)).unwrap();
+        assert!(matches!(
+            NodeLock::read(&run, Duration::from_millis(60)),
+            Err(LockError::Busy { .. })
+        ));
+        drop(writer);
+        let reader = NodeLock::read(&run, Duration::ZERO).unwrap();
+        assert!(reader.is_some());
+        assert_eq!(
+            std::fs::read(run.join(paths::LOCK_FILE_NAME)).unwrap(),
+            before
+        );
+        assert!(matches!(
+            NodeLock::acquire(&run, "agent --once", Duration::from_millis(60)),
+            Err(LockError::Busy { .. })
+        ));
     }
 
     #[test]

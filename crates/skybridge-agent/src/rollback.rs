@@ -110,6 +110,11 @@ pub trait Node {
     /// # Errors
     /// When it cannot be copied.
     fn install_binary(&mut self) -> Result<Option<PathBuf>, RollbackError>;
+    /// SHA-256 (hex) of the binary [`Node::install_binary`] installs.
+    ///
+    /// # Errors
+    /// When it cannot be read.
+    fn binary_sha256(&self) -> Result<String, RollbackError>;
     /// Reconciles the node onto `cluster` without the SSH guard (the
     /// controller's new connection, or the watchdog, is the guard).
     ///
@@ -362,6 +367,82 @@ pub struct TryRequest {
     /// The staged cluster file (its state file beside it).
     pub staged: PathBuf,
     pub confirm_timeout: u64,
+    /// What `apply` uploaded; `try` installs nothing else.
+    pub expect: Option<Digests>,
+}
+
+/// SHA-256 (hex) of the staged cluster file, the staged state file and the
+/// agent binary, as `apply` computed them before uploading: another
+/// operator's apply that staged over them, or a broken upload, is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Digests {
+    pub cluster: String,
+    pub state: String,
+    pub binary: String,
+}
+
+impl std::str::FromStr for Digests {
+    type Err = String;
+    /// `CLUSTER,STATE,BINARY`, as `agent try --sha256` takes them.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let hex = |h: &str| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit());
+        match s.split(',').collect::<Vec<_>>()[..] {
+            [c, st, b] if hex(c) && hex(st) && hex(b) => Ok(Digests {
+                cluster: c.to_ascii_lowercase(),
+                state: st.to_ascii_lowercase(),
+                binary: b.to_ascii_lowercase(),
+            }),
+            _ => Err(format!(
+                "--sha256 {s:?}: give the SHA-256 of the cluster file, the state file and the binary, hex, separated by commas"
+            )),
+        }
+    }
+}
+
+/// SHA-256 of a file, hex.
+///
+/// # Errors
+/// When it cannot be read.
+pub fn file_sha256(path: &Path) -> Result<String, RollbackError> {
+    use sha2::Digest as _;
+    let data = std::fs::read(path).map_err(io("reading", path))?;
+    Ok(sha2::Sha256::digest(&data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Whether the staged files and the binary are the ones `apply` uploaded.
+fn check_digests<N: Node>(node: &N, req: &TryRequest) -> Result<(), String> {
+    let Some(want) = &req.expect else {
+        return Ok(());
+    };
+    let state = default_state_path(&req.staged);
+    let binary = node.binary_sha256().map_err(|e| e.to_string())?;
+    for (what, path, want, have) in [
+        (
+            "cluster file",
+            Some(req.staged.as_path()),
+            &want.cluster,
+            file_sha256(&req.staged).map_err(|e| e.to_string())?,
+        ),
+        (
+            "state file",
+            Some(state.as_path()),
+            &want.state,
+            file_sha256(&state).map_err(|e| e.to_string())?,
+        ),
+        ("agent binary", None, &want.binary, binary),
+    ] {
+        if *want != have {
+            return Err(format!(
+                "the staged {what}{} is not the one this apply uploaded (SHA-256 {have}, expected {want}): another apply may have staged over it; run apply again",
+                path.map(|p| format!(" {}", p.display()))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `agent try`. Never fails as a function: every way it ends is a
@@ -400,6 +481,7 @@ fn arm<N: Node, C: Clock>(
 ) -> Result<(), String> {
     let nothing = |e: &dyn std::fmt::Display| format!("{e}; nothing was changed");
     valid_id(&req.id).map_err(|e| nothing(&e))?;
+    check_digests(node, req).map_err(|e| nothing(&e))?;
     std::fs::create_dir_all(&dirs.run)
         .map_err(io("creating", &dirs.run))
         .map_err(|e| nothing(&e))?;
@@ -725,6 +807,7 @@ mod tests {
     const TIMEOUT: u64 = 60;
     const OLD: &str = "old cluster\n";
     const NEW: &str = "new cluster\n";
+    const BINARY_SHA256: &str = "0000000000000000000000000000000000000000000000000000000000000b1e";
 
     fn run_report(failed: bool) -> RunReport {
         RunReport {
@@ -784,6 +867,9 @@ mod tests {
             }
             Ok(None)
         }
+        fn binary_sha256(&self) -> Result<String, RollbackError> {
+            Ok(BINARY_SHA256.into())
+        }
         async fn apply(&mut self, cluster: &Path) -> Result<RunReport, RollbackError> {
             let text = std::fs::read_to_string(cluster).unwrap();
             self.events.push(format!("apply {}", text.trim()));
@@ -831,6 +917,7 @@ mod tests {
             id: id.into(),
             staged: w.staged.clone(),
             confirm_timeout: TIMEOUT,
+            expect: None,
         }
     }
 
@@ -1091,6 +1178,90 @@ mod tests {
         node.watchdog_fails = false;
         let again = try_it(&mut node, &clock, &w, "a2").await;
         assert!(matches!(again.outcome, TryOutcome::Applied { .. }));
+    }
+
+    fn digests(w: &World) -> Digests {
+        Digests {
+            cluster: file_sha256(&w.staged).unwrap(),
+            state: file_sha256(&default_state_path(&w.staged)).unwrap(),
+            binary: BINARY_SHA256.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn staged_files_or_a_binary_other_than_apply_uploaded_are_refused() {
+        let w = world(true);
+        let clock = FakeClock::at(T0);
+        let right = digests(&w);
+        let other = "1".repeat(64);
+        for (expect, what) in [
+            (
+                Digests {
+                    cluster: other.clone(),
+                    ..right.clone()
+                },
+                "cluster file",
+            ),
+            (
+                Digests {
+                    state: other.clone(),
+                    ..right.clone()
+                },
+                "state file",
+            ),
+            (
+                Digests {
+                    binary: other.clone(),
+                    ..right.clone()
+                },
+                "agent binary",
+            ),
+        ] {
+            let mut node = FakeNode {
+                running: true,
+                ..FakeNode::default()
+            };
+            let req = TryRequest {
+                expect: Some(expect),
+                ..request(&w, "h1")
+            };
+            let r = try_apply(&mut node, &clock, &w.dirs, &req, &mut |_| {}).await;
+            match &r.outcome {
+                TryOutcome::Refused { reason } => assert!(
+                    reason.contains(&format!("staged {what}"))
+                        && reason.contains("not the one this apply uploaded")
+                        && reason.ends_with("nothing was changed"),
+                    "{reason}"
+                ),
+                other => panic!("{what}: {other:?}"),
+            }
+            assert!(node.events.is_empty(), "{:?}", node.events);
+            assert_eq!(installed(&w), OLD);
+            assert_eq!(read_state(&w.dirs, "h1"), TryState::default());
+        }
+        let mut node = FakeNode::default();
+        let req = TryRequest {
+            expect: Some(right),
+            ..request(&w, "h2")
+        };
+        let r = try_apply(&mut node, &clock, &w.dirs, &req, &mut |_| {}).await;
+        assert!(matches!(r.outcome, TryOutcome::Applied { .. }), "{r:?}");
+        assert_eq!(installed(&w), NEW);
+    }
+
+    #[test]
+    fn digests_are_three_hex_sha256_values() {
+        let h = "a".repeat(64);
+        let ok: Digests = format!("{h},{h},{}", "B".repeat(64)).parse().unwrap();
+        assert_eq!(ok.binary, "b".repeat(64));
+        for bad in [
+            "",
+            "x,y,z",
+            &format!("{h},{h}"),
+            &format!("{h},{h},{h};reboot"),
+        ] {
+            assert!(bad.parse::<Digests>().is_err(), "{bad}");
+        }
     }
 
     #[tokio::test]

@@ -229,13 +229,25 @@ impl rollback::Node for LinuxNode {
             std::fs::create_dir_all(dir)
                 .map_err(|e| node_err(format!("creating {}: {e}", dir.display())))?;
         }
-        let tmp = self.binary.with_extension("sb-new");
+        // Durable like every other file: a crash right after must not leave
+        // an empty binary that the unit then fails to start at every boot.
         let write = || -> std::io::Result<()> {
-            std::fs::copy(&exe, &tmp)?;
-            std::fs::rename(&tmp, &self.binary)
+            use atomic_write_file::unix::OpenOptionsExt as _;
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let data = std::fs::read(&exe)?;
+            let mut options = atomic_write_file::AtomicWriteFile::options();
+            options.preserve_mode(false).mode(0o755);
+            let mut f = options.open(&self.binary)?;
+            f.write_all(&data)?;
+            f.commit()
         };
         write().map_err(|e| node_err(format!("installing {}: {e}", self.binary.display())))?;
         Ok(Some(self.binary.clone()))
+    }
+
+    fn binary_sha256(&self) -> Result<String, RollbackError> {
+        rollback::file_sha256(&Self::exe()?)
     }
 
     async fn apply(&mut self, cluster: &Path) -> Result<RunReport, RollbackError> {
