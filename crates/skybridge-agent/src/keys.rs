@@ -8,7 +8,7 @@
 //! so a node set up by hand and later run by the agent keeps its identity.
 
 use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -170,15 +170,11 @@ fn read_key(path: &Path) -> Result<Option<String>, KeyError> {
 /// fsynced and renamed over `path`, so that a crash leaves the old file or
 /// the whole key, never a partial one.
 fn store(state_dir: &Path, path: &Path, key: &str) -> Result<(), KeyError> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(state_dir)
-        .map_err(|e| KeyError::Io {
-            what: "creating",
-            path: state_dir.to_owned(),
-            source: e,
-        })?;
+    crate::lock::private_dir(state_dir).map_err(|e| KeyError::Io {
+        what: "creating",
+        path: state_dir.to_owned(),
+        source: e,
+    })?;
     let io = |what, source| KeyError::Io {
         what,
         path: path.to_owned(),
@@ -252,6 +248,17 @@ mod tests {
         assert!(legacy.exists(), "the operator's file stays");
         let dir_mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
         assert_eq!(dir_mode, 0o700);
+    }
+
+    #[test]
+    fn a_state_folder_left_0755_is_tightened_when_the_key_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+        private_key_or_adopt(&state, &dir.path().join("none")).unwrap();
+        let mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
     }
 
     #[test]

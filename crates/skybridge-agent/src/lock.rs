@@ -45,6 +45,25 @@ pub enum LockError {
     },
 }
 
+/// Creates `dir` (and its parents) 0700, and takes group and other access
+/// away from one that already exists: a state or config folder made 0755 by
+/// hand or by an older version may hold keys and tokens.
+///
+/// # Errors
+/// When it cannot be created or its mode changed.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o7700))?;
+    }
+    Ok(())
+}
+
 /// The node's agent lock, held until dropped.
 #[derive(Debug)]
 pub struct NodeLock {
@@ -66,15 +85,11 @@ impl NodeLock {
             path: path.clone(),
             source,
         };
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(run_dir)
-            .map_err(|e| LockError::Io {
-                what: "creating",
-                path: run_dir.to_owned(),
-                source: e,
-            })?;
+        private_dir(run_dir).map_err(|e| LockError::Io {
+            what: "creating",
+            path: run_dir.to_owned(),
+            source: e,
+        })?;
         let start = Instant::now();
         loop {
             let file = std::fs::OpenOptions::new()
@@ -218,6 +233,18 @@ mod tests {
             NodeLock::acquire(&run, "agent --once", Duration::from_millis(60)),
             Err(LockError::Busy { .. })
         ));
+    }
+
+    #[test]
+    fn an_existing_open_folder_is_tightened_to_0700() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let _l = NodeLock::acquire(&state, "agent --once", Duration::ZERO).unwrap();
+        let mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
     }
 
     #[test]

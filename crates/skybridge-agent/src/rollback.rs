@@ -22,7 +22,7 @@
 //! did), `stale-ID` (a pending try whose watchdog never acted, set aside).
 
 use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -351,13 +351,7 @@ fn copy_atomic(from: &Path, to: &Path, mode: u32) -> Result<(), RollbackError> {
 /// A directory only root may enter: the rollback copies may hold a
 /// bootstrap token.
 fn private_dir(dir: &Path) -> Result<(), RollbackError> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io("creating", dir))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(io("restricting", dir))
+    crate::lock::private_dir(dir).map_err(io("creating", dir))
 }
 
 /// What `agent try` was asked to do.
@@ -516,6 +510,7 @@ fn arm<N: Node, C: Clock>(
     let back = dirs.back();
     let _ = std::fs::remove_dir_all(&back);
     let keep = || -> Result<(), RollbackError> {
+        private_dir(&dirs.state)?;
         private_dir(&back)?;
         let (cluster, state) = (dirs.cluster(), dirs.state_file());
         if cluster.exists() {
@@ -1309,6 +1304,16 @@ mod tests {
         assert_eq!(mode(&back.join(paths::CLUSTER_FILE_NAME)), 0o600);
         assert_eq!(mode(&back.join(paths::STATE_FILE_NAME)), 0o600);
         assert_eq!(mode(&w.dirs.cluster()), 0o600);
+
+        // Folders an older version (or a person) left 0755 are tightened.
+        let w = world(true);
+        for d in [&w.dirs.install, &w.dirs.state] {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        try_it(&mut FakeNode::default(), &clock, &w, "c1").await;
+        assert_eq!(mode(&w.dirs.install), 0o700);
+        assert_eq!(mode(&w.dirs.state), 0o700);
 
         let w = world(false);
         let mut node = FakeNode::default();
