@@ -316,6 +316,38 @@ impl Host for LinuxHost {
 }
 
 impl LinuxHost {
+    /// Puts back the sysctl values Skybridge overwrote that `plan` does not
+    /// set, and forgets them: after a rollback, what only the rolled-back
+    /// plan changed.
+    ///
+    /// # Errors
+    /// When the links cannot be read, a value cannot be written back or the
+    /// record not read or updated.
+    pub async fn restore_sysctls_outside(
+        &mut self,
+        plan: &NodePlan,
+    ) -> Result<Vec<(String, String)>, HostError> {
+        self.refresh_links().await?;
+        self.uplink = self.links.holder_of(plan.private_ip).map(str::to_owned);
+        let keep: std::collections::BTreeSet<String> = plan
+            .sysctls
+            .iter()
+            .filter_map(|s| self.resolve(&s.key))
+            .collect();
+        let mut r = self.remembered()?;
+        let mut restored = Vec::new();
+        for (k, v) in r.sysctls.clone() {
+            if keep.contains(&k) {
+                continue;
+            }
+            sysctl::write(&k, &v)?;
+            r.sysctls.remove(&k);
+            self.remember(&r)?;
+            restored.push((k, v));
+        }
+        Ok(restored)
+    }
+
     /// Puts back the sysctl values Skybridge overwrote and forgets them.
     ///
     /// # Errors
