@@ -113,7 +113,8 @@ fn b64(hex: &str) -> Option<String> {
         return None;
     }
     let bytes: Option<Vec<u8>> = (0..32)
-        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
+        // `get`: a value from the socket may hold multi-byte characters.
+        .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
         .collect();
     Some(STANDARD.encode(bytes?))
 }
@@ -335,5 +336,11 @@ mod tests {
         let h = hex(k).unwrap();
         assert_eq!(h.len(), 64);
         assert_eq!(b64(&h).unwrap(), k);
+    }
+    #[test]
+    fn a_key_from_the_socket_with_multibyte_characters_is_refused_not_a_panic() {
+        let odd = format!("{}\u{e9}{}", "0".repeat(31), "0".repeat(31));
+        assert_eq!(odd.len(), 64);
+        assert_eq!(b64(&odd), None);
     }
 }
