@@ -734,14 +734,14 @@ async fn restore<N: Node>(
     say: &mut dyn FnMut(&str),
 ) -> Result<(), RollbackError> {
     let marker = dirs.marker("rollback", id);
-    let _ = std::fs::write(&marker, format!("restoring: {why}\n"));
+    let _ = write_atomic(&marker, format!("restoring: {why}\n").as_bytes(), 0o644);
     let result = restore_files_and_network(node, dirs, say).await;
     let text = match &result {
         Ok(()) => format!("restored: {why}\n"),
         Err(e) => format!("rollback failed: {e} ({why})\n"),
     };
     say(&format!("{}: {}", node.name(), text.trim()));
-    let _ = std::fs::write(&marker, text);
+    let _ = write_atomic(&marker, text.as_bytes(), 0o644);
     result
 }
 

@@ -51,6 +51,19 @@ fn daemon_pid() -> Option<u32> {
     (cmdline.contains("skybridge") && cmdline.contains("agent")).then_some(pid)
 }
 
+/// Replaces `path` with `data` (temporary file, fsync, rename, fsync of the
+/// folder): after a crash the old file or the new one, never a torn one.
+fn write_durably(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    use atomic_write_file::unix::OpenOptionsExt as _;
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut options = atomic_write_file::AtomicWriteFile::options();
+    options.preserve_mode(false).mode(mode);
+    let mut f = options.open(path)?;
+    f.write_all(data)?;
+    f.commit()
+}
+
 fn open_log(path: &Path) -> Result<std::fs::File, RollbackError> {
     std::fs::OpenOptions::new()
         .create(true)
@@ -183,7 +196,7 @@ impl rollback::Node for LinuxNode {
                 ),
             );
             let path = Path::new(paths::UNIT_DIR).join(paths::AGENT_UNIT_FILE);
-            std::fs::write(&path, unit)
+            write_durably(&path, unit.as_bytes(), 0o644)
                 .map_err(|e| node_err(format!("writing {}: {e}", path.display())))?;
             run(&["systemctl", "daemon-reload"])?;
             run(&["systemctl", "enable", paths::AGENT_UNIT])?;
@@ -209,8 +222,12 @@ impl rollback::Node for LinuxNode {
                 ))
             })?;
         std::fs::create_dir_all(paths::RUN_DIR).map_err(node_err)?;
-        std::fs::write(paths::PIDFILE, format!("{}\n", child.id()))
-            .map_err(|e| node_err(format!("writing {}: {e}", paths::PIDFILE)))
+        write_durably(
+            Path::new(paths::PIDFILE),
+            format!("{}\n", child.id()).as_bytes(),
+            0o644,
+        )
+        .map_err(|e| node_err(format!("writing {}: {e}", paths::PIDFILE)))
     }
 
     fn start_watchdog(&mut self, id: &str) -> Result<(), RollbackError> {
@@ -298,18 +315,9 @@ impl rollback::Node for LinuxNode {
         }
         // Durable like every other file: a crash right after must not leave
         // an empty binary that the unit then fails to start at every boot.
-        let write = || -> std::io::Result<()> {
-            use atomic_write_file::unix::OpenOptionsExt as _;
-            use std::io::Write as _;
-            use std::os::unix::fs::OpenOptionsExt as _;
-            let data = std::fs::read(&exe)?;
-            let mut options = atomic_write_file::AtomicWriteFile::options();
-            options.preserve_mode(false).mode(0o755);
-            let mut f = options.open(&self.binary)?;
-            f.write_all(&data)?;
-            f.commit()
-        };
-        write().map_err(|e| node_err(format!("installing {}: {e}", self.binary.display())))?;
+        std::fs::read(&exe)
+            .and_then(|data| write_durably(&self.binary, &data, 0o755))
+            .map_err(|e| node_err(format!("installing {}: {e}", self.binary.display())))?;
         Ok(Some(self.binary.clone()))
     }
 
