@@ -1,9 +1,12 @@
 //! `agent try` / `agent confirm` and the watchdog: a new cluster file applied
 //! with a dead-man switch, like `netplan try`.
 //!
-//! `try` remembers what the node ran before (the installed cluster and state
-//! files, or that there were none), arms a detached watchdog, installs the
-//! staged files, applies them and (re)starts the agent daemon. Unless
+//! `try` checks that the staged files and binary are the ones its apply
+//! uploaded, remembers what the node ran before (the installed cluster and
+//! state files, or that there were none), arms a watchdog (a transient
+//! systemd unit, else a detached process), installs the staged files,
+//! applies them and (re)starts the agent daemon; the watchdog's clock starts
+//! when the try has applied. Unless
 //! `confirm` — run by the controller over a *new* SSH connection, which
 //! proves the path still works — renames the pending marker in time, the
 //! watchdog claims it and restores the previous network and daemon by itself.
