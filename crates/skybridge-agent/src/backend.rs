@@ -204,30 +204,57 @@ async fn open(
             ),
             DataPlane::Userspace | DataPlane::External => None,
         };
-        match (choice.wireguard, kernel) {
-            (_, Some(netlink)) => WireGuard::Kernel {
-                private_key,
-                netlink,
-                state_dir: state_dir.to_owned(),
-            },
-            (DataPlane::External, None) => WireGuard::External { private_key },
-            // Reading an own data plane whose process is gone restarts it.
-            _ if read_only => WireGuard::External { private_key },
-            _ => WireGuard::Userspace {
-                private_key,
-                exe: std::env::current_exe().map_err(BackendError::Exe)?,
-                state_dir: state_dir.to_owned(),
-            },
-        }
+        wireguard(choice.wireguard, kernel, private_key, state_dir, read_only)?
     } else {
         WireGuard::Unavailable
     };
     Ok(LinuxHost::new(netlink, fw, wg, PathBuf::from(state_dir)))
 }
 
+/// Who serves WireGuard, given what was asked and whether the kernel has it.
+fn wireguard(
+    asked: DataPlane,
+    kernel: Option<KernelWireGuard>,
+    private_key: keys::PrivateKey,
+    state_dir: &Path,
+    read_only: bool,
+) -> Result<WireGuard, BackendError> {
+    Ok(match (asked, kernel) {
+        (_, Some(netlink)) => WireGuard::Kernel {
+            private_key,
+            netlink,
+            state_dir: state_dir.to_owned(),
+        },
+        (DataPlane::External, None) => WireGuard::External { private_key },
+        // Reading an own data plane whose process is gone restarts it.
+        _ if read_only => WireGuard::External { private_key },
+        _ => WireGuard::Userspace {
+            private_key,
+            exe: std::env::current_exe().map_err(BackendError::Exe)?,
+            state_dir: state_dir.to_owned(),
+        },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dry_run_only_talks_to_the_userspace_data_plane_never_starts_it() {
+        let key = || keys::ephemeral_private_key();
+        let dir = Path::new("/nonexistent");
+        for asked in [DataPlane::Auto, DataPlane::Userspace] {
+            assert!(matches!(
+                wireguard(asked, None, key(), dir, true).unwrap(),
+                WireGuard::External { .. }
+            ));
+            assert!(matches!(
+                wireguard(asked, None, key(), dir, false).unwrap(),
+                WireGuard::Userspace { .. }
+            ));
+        }
+    }
 
     #[test]
     fn every_name_parses_back_to_its_choice() {
