@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use skybridge_core::NodePlan;
+use skybridge_core::layout::paths;
 
 use crate::firewall::{self, FirewallError};
 use crate::host::LinuxHost;
@@ -147,6 +148,30 @@ pub async fn linux_host(
     plan: &NodePlan,
     state_dir: &Path,
 ) -> Result<LinuxHost, BackendError> {
+    open(choice, plan, state_dir, false).await
+}
+
+/// [`linux_host`] for a dry run, which must leave the node as it found it:
+/// no key is generated (a node without one plans with a key that is never
+/// stored) and Skybridge's own data plane is only talked to, never
+/// (re)started, as one started by someone else would be.
+///
+/// # Errors
+/// As [`linux_host`], except that no key is created.
+pub async fn linux_host_read_only(
+    choice: Backends,
+    plan: &NodePlan,
+    state_dir: &Path,
+) -> Result<LinuxHost, BackendError> {
+    open(choice, plan, state_dir, true).await
+}
+
+async fn open(
+    choice: Backends,
+    plan: &NodePlan,
+    state_dir: &Path,
+    read_only: bool,
+) -> Result<LinuxHost, BackendError> {
     let netlink = Netlink::connect()?;
     let fw: Box<dyn firewall::Firewall> = match choice.firewall {
         FirewallChoice::Auto => firewall::detect()?,
@@ -158,7 +183,12 @@ pub async fn linux_host(
         .iter()
         .any(|t| matches!(t, skybridge_core::plan::Tunnel::WireGuard(_)))
     {
-        let private_key = keys::private_key(state_dir)?;
+        let private_key = if read_only {
+            keys::existing_private_key(state_dir, Path::new(paths::LEGACY_KEY_FILE))?
+                .unwrap_or_else(keys::ephemeral_private_key)
+        } else {
+            keys::private_key(state_dir)?
+        };
         let kernel = match choice.wireguard {
             DataPlane::Auto => match KernelWireGuard::probe().await {
                 Ok(k) => Some(k),
@@ -174,28 +204,57 @@ pub async fn linux_host(
             ),
             DataPlane::Userspace | DataPlane::External => None,
         };
-        match (choice.wireguard, kernel) {
-            (_, Some(netlink)) => WireGuard::Kernel {
-                private_key,
-                netlink,
-                state_dir: state_dir.to_owned(),
-            },
-            (DataPlane::External, None) => WireGuard::External { private_key },
-            _ => WireGuard::Userspace {
-                private_key,
-                exe: std::env::current_exe().map_err(BackendError::Exe)?,
-                state_dir: state_dir.to_owned(),
-            },
-        }
+        wireguard(choice.wireguard, kernel, private_key, state_dir, read_only)?
     } else {
         WireGuard::Unavailable
     };
     Ok(LinuxHost::new(netlink, fw, wg, PathBuf::from(state_dir)))
 }
 
+/// Who serves WireGuard, given what was asked and whether the kernel has it.
+fn wireguard(
+    asked: DataPlane,
+    kernel: Option<KernelWireGuard>,
+    private_key: keys::PrivateKey,
+    state_dir: &Path,
+    read_only: bool,
+) -> Result<WireGuard, BackendError> {
+    Ok(match (asked, kernel) {
+        (_, Some(netlink)) => WireGuard::Kernel {
+            private_key,
+            netlink,
+            state_dir: state_dir.to_owned(),
+        },
+        (DataPlane::External, None) => WireGuard::External { private_key },
+        // Reading an own data plane whose process is gone restarts it.
+        _ if read_only => WireGuard::External { private_key },
+        _ => WireGuard::Userspace {
+            private_key,
+            exe: std::env::current_exe().map_err(BackendError::Exe)?,
+            state_dir: state_dir.to_owned(),
+        },
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dry_run_only_talks_to_the_userspace_data_plane_never_starts_it() {
+        let key = || keys::ephemeral_private_key();
+        let dir = Path::new("/nonexistent");
+        for asked in [DataPlane::Auto, DataPlane::Userspace] {
+            assert!(matches!(
+                wireguard(asked, None, key(), dir, true).unwrap(),
+                WireGuard::External { .. }
+            ));
+            assert!(matches!(
+                wireguard(asked, None, key(), dir, false).unwrap(),
+                WireGuard::Userspace { .. }
+            ));
+        }
+    }
 
     #[test]
     fn every_name_parses_back_to_its_choice() {

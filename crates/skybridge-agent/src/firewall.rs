@@ -150,8 +150,6 @@ fn ruleset_generation() -> std::io::Result<u32> {
     use netlink_sys::{Socket, protocols::NETLINK_NETFILTER};
     const NFNL_SUBSYS_NFTABLES: u16 = 10;
     const NFT_MSG_GETGEN: u16 = 16;
-    const NFT_MSG_NEWGEN: u16 = 15;
-    const NFTA_GEN_ID: u16 = 1;
     const NLM_F_REQUEST: u16 = 1;
     let mut s = Socket::new(NETLINK_NETFILTER)?;
     s.bind_auto()?;
@@ -167,27 +165,35 @@ fn ruleset_generation() -> std::io::Result<u32> {
     s.send(&req, 0)?;
     let mut buf = Vec::with_capacity(4096);
     s.recv(&mut buf, 0)?;
-    let bad = || std::io::Error::other("unexpected nfnetlink answer to GETGEN");
-    let kind = u16::from_ne_bytes(buf.get(4..6).ok_or_else(bad)?.try_into().expect("2 bytes"));
-    if kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN {
-        return Err(bad());
+    gen_id(&buf).ok_or_else(|| std::io::Error::other("unexpected nfnetlink answer to GETGEN"))
+}
+
+/// The generation id in a NEWGEN answer; `None` for anything else, however
+/// short or odd the bytes the kernel sent.
+fn gen_id(buf: &[u8]) -> Option<u32> {
+    const NFNL_SUBSYS_NFTABLES: u16 = 10;
+    const NFT_MSG_NEWGEN: u16 = 15;
+    const NFTA_GEN_ID: u16 = 1;
+    let u16_at = |at: usize| Some(u16::from_ne_bytes(buf.get(at..at + 2)?.try_into().ok()?));
+    if u16_at(4)? != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN {
+        return None;
     }
-    let len = (u32::from_ne_bytes(buf[0..4].try_into().expect("4 bytes")) as usize).min(buf.len());
+    let len = (u32::from_ne_bytes(buf.get(0..4)?.try_into().ok()?) as usize).min(buf.len());
     let mut at = 20;
     while at + 4 <= len {
-        let alen = u16::from_ne_bytes(buf[at..at + 2].try_into().expect("2 bytes")) as usize;
-        let atype = u16::from_ne_bytes(buf[at + 2..at + 4].try_into().expect("2 bytes")) & 0x3fff;
+        let alen = u16_at(at)? as usize;
+        let atype = u16_at(at + 2)? & 0x3fff;
         if alen < 4 {
-            break;
+            return None;
         }
         if atype == NFTA_GEN_ID && alen >= 8 {
-            return Ok(u32::from_be_bytes(
-                buf[at + 4..at + 8].try_into().expect("4 bytes"),
+            return Some(u32::from_be_bytes(
+                buf.get(at + 4..at + 8)?.try_into().ok()?,
             ));
         }
         at += (alen + 3) & !3;
     }
-    Err(bad())
+    None
 }
 
 #[derive(Debug)]
@@ -280,4 +286,32 @@ fn dedup_in_order(items: impl Iterator<Item = String>) -> Vec<String> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_short_or_odd_getgen_answer_is_none_not_a_panic() {
+        // nlmsghdr: length, type NEWGEN, flags, seq, pid; nfgenmsg; NFTA_GEN_ID 42.
+        let mut ok = Vec::new();
+        ok.extend_from_slice(&28u32.to_ne_bytes());
+        ok.extend_from_slice(&((10u16 << 8) | 15).to_ne_bytes());
+        ok.extend_from_slice(&[0; 10]);
+        ok.extend_from_slice(&[0; 4]);
+        ok.extend_from_slice(&8u16.to_ne_bytes());
+        ok.extend_from_slice(&1u16.to_ne_bytes());
+        ok.extend_from_slice(&42u32.to_be_bytes());
+        assert_eq!(gen_id(&ok), Some(42));
+        for cut in 0..ok.len() {
+            assert_eq!(gen_id(&ok[..cut]), None, "{cut} bytes");
+        }
+        // An attribute that claims more bytes than were sent.
+        let mut long = ok.clone();
+        long[20..22].copy_from_slice(&200u16.to_ne_bytes());
+        long.truncate(26);
+        long[0..4].copy_from_slice(&26u32.to_ne_bytes());
+        assert_eq!(gen_id(&long), None);
+    }
 }

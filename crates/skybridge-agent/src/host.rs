@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use skybridge_core::NodePlan;
 use skybridge_core::diff::{Change, Live, Op, desired_wireguard};
@@ -38,6 +38,14 @@ pub enum HostError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{path} is not a valid record of what the agent applied ({source}); it holds the sysctl values to restore: repair it, or move it away to forget them"
+    )]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 /// Reading and changing a node. Implementations own the backends chosen at start-up.
@@ -58,6 +66,23 @@ pub trait Host {
 struct Remembered {
     #[serde(default)]
     sysctls: BTreeMap<String, String>,
+}
+
+/// The record at `path`; empty when there is none yet. A record that
+/// cannot be read is an error, never taken for an empty one: the next write
+/// would then forget the values to restore.
+fn read_remembered(path: &Path) -> Result<Remembered, HostError> {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b).map_err(|source| HostError::Corrupt {
+            path: path.to_owned(),
+            source,
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Remembered::default()),
+        Err(source) => Err(HostError::State {
+            path: path.to_owned(),
+            source,
+        }),
+    }
 }
 
 #[derive(Debug)]
@@ -138,11 +163,8 @@ impl LinuxHost {
         self.state_dir.join(APPLIED_FILE_NAME)
     }
 
-    fn remembered(&self) -> Remembered {
-        std::fs::read(self.remembered_path())
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
+    fn remembered(&self) -> Result<Remembered, HostError> {
+        read_remembered(&self.remembered_path())
     }
 
     fn remember(&self, r: &Remembered) -> Result<(), HostError> {
@@ -259,7 +281,7 @@ impl Host for LinuxHost {
                 let key = &self.resolve(key).ok_or_else(|| {
                     HostError::Refused(format!("no interface holds this node's private IP, so {key} cannot be set; is the cluster file's privateIP right?"))
                 })?;
-                let mut r = self.remembered();
+                let mut r = self.remembered()?;
                 if !r.sysctls.contains_key(key)
                     && let Ok(before) = sysctl::read(key)
                 {
@@ -281,7 +303,11 @@ impl Host for LinuxHost {
     }
 
     fn original_sysctls(&self) -> BTreeMap<String, String> {
-        self.remembered().sysctls
+        // Setting or restoring a sysctl reports a corrupt record as an error.
+        self.remembered()
+            .map_err(|e| tracing::error!("{e}"))
+            .unwrap_or_default()
+            .sysctls
     }
 
     fn ssh_peers(&self) -> Vec<std::net::Ipv4Addr> {
@@ -290,12 +316,44 @@ impl Host for LinuxHost {
 }
 
 impl LinuxHost {
+    /// Puts back the sysctl values Skybridge overwrote that `plan` does not
+    /// set, and forgets them: after a rollback, what only the rolled-back
+    /// plan changed.
+    ///
+    /// # Errors
+    /// When the links cannot be read, a value cannot be written back or the
+    /// record not read or updated.
+    pub async fn restore_sysctls_outside(
+        &mut self,
+        plan: &NodePlan,
+    ) -> Result<Vec<(String, String)>, HostError> {
+        self.refresh_links().await?;
+        self.uplink = self.links.holder_of(plan.private_ip).map(str::to_owned);
+        let keep: std::collections::BTreeSet<String> = plan
+            .sysctls
+            .iter()
+            .filter_map(|s| self.resolve(&s.key))
+            .collect();
+        let mut r = self.remembered()?;
+        let mut restored = Vec::new();
+        for (k, v) in r.sysctls.clone() {
+            if keep.contains(&k) {
+                continue;
+            }
+            sysctl::write(&k, &v)?;
+            r.sysctls.remove(&k);
+            self.remember(&r)?;
+            restored.push((k, v));
+        }
+        Ok(restored)
+    }
+
     /// Puts back the sysctl values Skybridge overwrote and forgets them.
     ///
     /// # Errors
     /// When a value cannot be written back or the state file not updated.
     pub fn restore_sysctls(&self) -> Result<Vec<(String, String)>, HostError> {
-        let r = self.remembered();
+        let r = self.remembered()?;
         let mut restored = Vec::new();
         for (k, v) in &r.sysctls {
             sysctl::write(k, v)?;
@@ -303,5 +361,25 @@ impl LinuxHost {
         }
         self.remember(&Remembered::default())?;
         Ok(restored)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_corrupt_applied_record_is_an_error_naming_the_file_not_an_empty_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(APPLIED_FILE_NAME);
+        assert!(read_remembered(&path).unwrap().sysctls.is_empty());
+        std::fs::write(&path, r#"{"sysctls":{"net.ipv4.ip_forward":"0"}}"#).unwrap();
+        assert_eq!(read_remembered(&path).unwrap().sysctls.len(), 1);
+        for bad in [&b"{\"sysctls\": {\"net.ipv4"[..], b"", b"\xff\xfe"] {
+            std::fs::write(&path, bad).unwrap();
+            let e = read_remembered(&path).unwrap_err();
+            assert!(matches!(e, HostError::Corrupt { .. }), "{e}");
+            assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+        }
     }
 }

@@ -8,7 +8,7 @@
 //! so a node set up by hand and later run by the agent keeps its identity.
 
 use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -17,6 +17,37 @@ use skybridge_core::layout::paths;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 pub const PRIVATE_KEY_FILE: &str = paths::KEY_FILE_NAME;
+
+/// A base64 WireGuard private key. Its `Debug` is redacted: the structs that
+/// carry it derive `Debug`, and a `{:?}` in a log line or a panic message
+/// must not put the node's identity in the journal.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PrivateKey(String);
+
+impl PrivateKey {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for PrivateKey {
+    fn from(key: String) -> Self {
+        PrivateKey(key)
+    }
+}
+
+impl std::ops::Deref for PrivateKey {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PrivateKey(<redacted>)")
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -43,7 +74,7 @@ pub enum KeyError {
 /// # Errors
 /// When the state directory cannot be created or a key file is unreadable,
 /// malformed, or readable by others.
-pub fn private_key(state_dir: &Path) -> Result<String, KeyError> {
+pub fn private_key(state_dir: &Path) -> Result<PrivateKey, KeyError> {
     private_key_or_adopt(state_dir, Path::new(paths::LEGACY_KEY_FILE))
 }
 
@@ -51,10 +82,10 @@ pub fn private_key(state_dir: &Path) -> Result<String, KeyError> {
 ///
 /// # Errors
 /// As [`private_key`].
-pub fn private_key_or_adopt(state_dir: &Path, legacy: &Path) -> Result<String, KeyError> {
+pub fn private_key_or_adopt(state_dir: &Path, legacy: &Path) -> Result<PrivateKey, KeyError> {
     let path = state_dir.join(PRIVATE_KEY_FILE);
     if let Some(key) = read_key(&path)? {
-        return Ok(key);
+        return Ok(PrivateKey(key));
     }
     let (key, origin) = match read_key(legacy)? {
         Some(key) => (key, Some(legacy)),
@@ -73,7 +104,28 @@ pub fn private_key_or_adopt(state_dir: &Path, legacy: &Path) -> Result<String, K
             "adopted the WireGuard key installed at the old path"
         );
     }
-    Ok(key)
+    Ok(PrivateKey(key))
+}
+
+/// The key the node already has (its own, or the one at the old path),
+/// without writing anything: what a dry run may look at.
+///
+/// # Errors
+/// As [`private_key`], except that nothing is created.
+pub fn existing_private_key(
+    state_dir: &Path,
+    legacy: &Path,
+) -> Result<Option<PrivateKey>, KeyError> {
+    match read_key(&state_dir.join(PRIVATE_KEY_FILE))? {
+        Some(key) => Ok(Some(PrivateKey(key))),
+        None => Ok(read_key(legacy)?.map(PrivateKey)),
+    }
+}
+
+/// A fresh key that is never stored: a dry run on a node without a key
+/// plans with it ("the key will be generated") and leaves no file behind.
+pub fn ephemeral_private_key() -> PrivateKey {
+    PrivateKey(STANDARD.encode(StaticSecret::random_from_rng(rand_core::OsRng).to_bytes()))
 }
 
 /// The key in `path`: `None` when there is none, or when the file is empty
@@ -118,15 +170,11 @@ fn read_key(path: &Path) -> Result<Option<String>, KeyError> {
 /// fsynced and renamed over `path`, so that a crash leaves the old file or
 /// the whole key, never a partial one.
 fn store(state_dir: &Path, path: &Path, key: &str) -> Result<(), KeyError> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(state_dir)
-        .map_err(|e| KeyError::Io {
-            what: "creating",
-            path: state_dir.to_owned(),
-            source: e,
-        })?;
+    crate::lock::private_dir(state_dir).map_err(|e| KeyError::Io {
+        what: "creating",
+        path: state_dir.to_owned(),
+        source: e,
+    })?;
     let io = |what, source| KeyError::Io {
         what,
         path: path.to_owned(),
@@ -191,12 +239,26 @@ mod tests {
             .unwrap();
         writeln!(f, "{theirs}").unwrap();
         let state = dir.path().join("state");
-        assert_eq!(private_key_or_adopt(&state, &legacy).unwrap(), theirs);
+        assert_eq!(
+            private_key_or_adopt(&state, &legacy).unwrap().as_str(),
+            theirs
+        );
         let stored = std::fs::read_to_string(state.join(PRIVATE_KEY_FILE)).unwrap();
         assert_eq!(stored.trim(), theirs);
         assert!(legacy.exists(), "the operator's file stays");
         let dir_mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
         assert_eq!(dir_mode, 0o700);
+    }
+
+    #[test]
+    fn a_state_folder_left_0755_is_tightened_when_the_key_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+        private_key_or_adopt(&state, &dir.path().join("none")).unwrap();
+        let mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
     }
 
     #[test]
@@ -217,7 +279,7 @@ mod tests {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let key = private_key_or_adopt(dir.path(), &dir.path().join("none")).unwrap();
         assert!(skybridge_core::state::is_wireguard_key(&key));
-        assert_eq!(std::fs::read_to_string(&path).unwrap().trim(), key);
+        assert_eq!(std::fs::read_to_string(&path).unwrap().trim(), key.as_str());
     }
 
     #[test]
@@ -241,6 +303,47 @@ mod tests {
             public_key("yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBml="),
             None
         );
+    }
+
+    #[test]
+    fn looking_for_an_existing_key_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let legacy = dir.path().join("old.key");
+        assert_eq!(existing_private_key(&state, &legacy).unwrap(), None);
+        assert!(!state.exists(), "a dry run created the state directory");
+        std::fs::write(&legacy, "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\n").unwrap();
+        std::fs::set_permissions(&legacy, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let found = existing_private_key(&state, &legacy).unwrap().unwrap();
+        assert_eq!(
+            found.as_str(),
+            "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk="
+        );
+        assert!(!state.exists(), "the old key was adopted by a dry run");
+        let ours = private_key_or_adopt(&state, &dir.path().join("none")).unwrap();
+        assert_eq!(existing_private_key(&state, &legacy).unwrap(), Some(ours));
+        assert!(public_key(&ephemeral_private_key()).is_some());
+    }
+
+    #[test]
+    fn debug_output_never_shows_a_private_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = private_key(dir.path()).unwrap();
+        // The structs that carry the key into the data plane derive Debug.
+        let wg = crate::wireguard::WireGuard::External {
+            private_key: key.clone(),
+        };
+        let backend = wg.into_backend().unwrap();
+        let shown = format!(
+            "{key:?} {:?} {backend:?}",
+            crate::wireguard::WireGuard::Userspace {
+                private_key: key.clone(),
+                exe: "/x".into(),
+                state_dir: "/y".into(),
+            }
+        );
+        assert!(!shown.contains(key.as_str()), "{shown}");
+        assert!(shown.contains("redacted"), "{shown}");
     }
 
     #[test]

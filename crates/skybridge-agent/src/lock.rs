@@ -45,6 +45,25 @@ pub enum LockError {
     },
 }
 
+/// Creates `dir` (and its parents) 0700, and takes group and other access
+/// away from one that already exists: a state or config folder made 0755 by
+/// hand or by an older version may hold keys and tokens.
+///
+/// # Errors
+/// When it cannot be created or its mode changed.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o7700))?;
+    }
+    Ok(())
+}
+
 /// The node's agent lock, held until dropped.
 #[derive(Debug)]
 pub struct NodeLock {
@@ -66,15 +85,11 @@ impl NodeLock {
             path: path.clone(),
             source,
         };
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(run_dir)
-            .map_err(|e| LockError::Io {
-                what: "creating",
-                path: run_dir.to_owned(),
-                source: e,
-            })?;
+        private_dir(run_dir).map_err(|e| LockError::Io {
+            what: "creating",
+            path: run_dir.to_owned(),
+            source: e,
+        })?;
         let start = Instant::now();
         loop {
             let file = std::fs::OpenOptions::new()
@@ -117,6 +132,54 @@ impl NodeLock {
     }
 }
 
+impl NodeLock {
+    /// A shared hold on the lock for a run that only reads (`--dry-run`):
+    /// it waits for an agent that is changing the node, but creates and
+    /// writes nothing. `None` when no agent ever ran here (no lock file).
+    ///
+    /// # Errors
+    /// As [`NodeLock::acquire`].
+    pub fn read(run_dir: &Path, patience: Duration) -> Result<Option<NodeLock>, LockError> {
+        let path = run_dir.join(paths::LOCK_FILE_NAME);
+        let start = Instant::now();
+        loop {
+            let file = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(source) => {
+                    return Err(LockError::Io {
+                        what: "opening",
+                        path,
+                        source,
+                    });
+                }
+            };
+            match Flock::lock(file, FlockArg::LockSharedNonblock) {
+                Ok(lock) => return Ok(Some(NodeLock { _lock: lock })),
+                Err((mut file, Errno::EWOULDBLOCK)) => {
+                    if start.elapsed() >= patience {
+                        let mut holder = String::new();
+                        let _ = file.read_to_string(&mut holder);
+                        return Err(LockError::Busy {
+                            path,
+                            holder: holder.trim().to_owned(),
+                            waited: patience,
+                        });
+                    }
+                    std::thread::sleep(RETRY);
+                }
+                Err((_, errno)) => {
+                    return Err(LockError::Io {
+                        what: "locking",
+                        path,
+                        source: std::io::Error::from(errno),
+                    });
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,6 +208,43 @@ mod tests {
         std::thread::sleep(Duration::from_millis(150));
         drop(first);
         waiter.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_reader_creates_nothing_and_waits_for_a_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        assert!(NodeLock::read(&run, Duration::ZERO).unwrap().is_none());
+        assert!(!run.exists(), "a dry run created the run directory");
+        let writer = NodeLock::acquire(&run, "agent try", Duration::ZERO).unwrap();
+        let before = std::fs::read(run.join(paths::LOCK_FILE_NAME)).unwrap();
+        assert!(matches!(
+            NodeLock::read(&run, Duration::from_millis(60)),
+            Err(LockError::Busy { .. })
+        ));
+        drop(writer);
+        let reader = NodeLock::read(&run, Duration::ZERO).unwrap();
+        assert!(reader.is_some());
+        assert_eq!(
+            std::fs::read(run.join(paths::LOCK_FILE_NAME)).unwrap(),
+            before
+        );
+        assert!(matches!(
+            NodeLock::acquire(&run, "agent --once", Duration::from_millis(60)),
+            Err(LockError::Busy { .. })
+        ));
+    }
+
+    #[test]
+    fn an_existing_open_folder_is_tightened_to_0700() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let _l = NodeLock::acquire(&state, "agent --once", Duration::ZERO).unwrap();
+        let mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! `agent try` / `agent confirm` and the watchdog: a new cluster file applied
 //! with a dead-man switch, like `netplan try`.
 //!
-//! `try` remembers what the node ran before (the installed cluster and state
-//! files, or that there were none), arms a detached watchdog, installs the
-//! staged files, applies them and (re)starts the agent daemon. Unless
+//! `try` checks that the staged files and binary are the ones its apply
+//! uploaded, remembers what the node ran before (the installed cluster and
+//! state files, or that there were none), arms a watchdog (a transient
+//! systemd unit, else a detached process), installs the staged files,
+//! applies them and (re)starts the agent daemon; the watchdog's clock starts
+//! when the try has applied. Unless
 //! `confirm` — run by the controller over a *new* SSH connection, which
 //! proves the path still works — renames the pending marker in time, the
 //! watchdog claims it and restores the previous network and daemon by itself.
@@ -22,7 +25,7 @@
 //! did), `stale-ID` (a pending try whose watchdog never acted, set aside).
 
 use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -40,6 +43,11 @@ use crate::output::{ConfirmOutcome, ConfirmReport, RunReport, TryOutcome, TryRep
 pub const STALE_GRACE: Duration = Duration::from_secs(30);
 /// How often the watchdog looks at the markers.
 pub const POLL: Duration = Duration::from_millis(200);
+/// How long a try may take to apply. The watchdog's clock starts when the
+/// try has applied, so that the two never change the node at once; a try
+/// that has not applied this long after its confirm timeout is taken for one
+/// that was killed, and the watchdog restores.
+pub const TRY_LIMIT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RollbackError {
@@ -104,12 +112,32 @@ pub trait Node {
     /// # Errors
     /// When it cannot be started: the try must then change nothing.
     fn start_watchdog(&mut self, id: &str) -> Result<(), RollbackError>;
+    /// Stops the daemon and keeps it from starting at boot: a rollback to
+    /// a node that ran no daemon must not leave a unit enabled.
+    ///
+    /// # Errors
+    /// When it cannot be stopped or disabled.
+    fn disable_daemon(&mut self) -> Result<(), RollbackError>;
+    /// Puts back the sysctls the agent changed that `cluster`'s plan does not
+    /// set (those only the rolled-back plan set); the keys and values restored.
+    ///
+    /// # Errors
+    /// When a value cannot be written back or the record not read.
+    async fn restore_other_sysctls(
+        &mut self,
+        cluster: &Path,
+    ) -> Result<Vec<(String, String)>, RollbackError>;
     /// Installs the binary this try runs as the node's agent binary, when it
     /// is another copy; the path it installed.
     ///
     /// # Errors
     /// When it cannot be copied.
     fn install_binary(&mut self) -> Result<Option<PathBuf>, RollbackError>;
+    /// SHA-256 (hex) of the binary [`Node::install_binary`] installs.
+    ///
+    /// # Errors
+    /// When it cannot be read.
+    fn binary_sha256(&self) -> Result<String, RollbackError>;
     /// Reconciles the node onto `cluster` without the SSH guard (the
     /// controller's new connection, or the watchdog, is the guard).
     ///
@@ -170,8 +198,12 @@ pub struct Pending {
 }
 
 impl Pending {
-    pub fn deadline(&self) -> SystemTime {
-        UNIX_EPOCH + Duration::from_secs(self.armed_at.saturating_add(self.confirm_timeout))
+    /// When the watchdog restores: `confirm_timeout` after the try applied
+    /// (`applied_at`), or, for a try that never got that far, after
+    /// [`TRY_LIMIT`] more.
+    pub fn deadline(&self, applied_at: Option<u64>) -> SystemTime {
+        let start = applied_at.unwrap_or_else(|| self.armed_at.saturating_add(TRY_LIMIT.as_secs()));
+        UNIX_EPOCH + Duration::from_secs(start.saturating_add(self.confirm_timeout))
     }
 }
 
@@ -184,6 +216,8 @@ fn secs(t: SystemTime) -> u64 {
 pub struct TryState {
     pub pending: Option<Pending>,
     pub applied: bool,
+    /// When the try applied (seconds since the epoch), if it did.
+    pub applied_at: Option<u64>,
     pub confirmed: bool,
     /// The rollback marker's text, when the previous state was (being) restored.
     pub rolled_back: Option<String>,
@@ -201,6 +235,16 @@ fn read_pending(path: &Path) -> Option<Pending> {
     })
 }
 
+/// When the try applied: the marker's content, or for a marker of an older
+/// agent (empty) its file time.
+fn read_applied_at(path: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.trim().parse().ok().or_else(|| {
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok()?;
+        Some(secs(modified))
+    })
+}
+
 /// Reads the markers of try `id`.
 pub fn read_state(dirs: &Dirs, id: &str) -> TryState {
     let pending_path = dirs.marker("try", id);
@@ -213,6 +257,7 @@ pub fn read_state(dirs: &Dirs, id: &str) -> TryState {
             })
         }),
         applied: dirs.marker("applied", id).exists(),
+        applied_at: read_applied_at(&dirs.marker("applied", id)),
         confirmed: dirs.marker("confirmed", id).exists(),
         rolled_back: std::fs::read_to_string(dirs.marker("rollback", id)).ok(),
     }
@@ -227,12 +272,13 @@ pub enum Arm {
     Busy { id: String },
 }
 
-/// Decides from the pending tries on the node (id and marker) and the time.
-pub fn decide_arm(pending: &[(String, Option<Pending>)], now: SystemTime) -> Arm {
+/// Decides from the pending tries on the node (id, marker, when it applied)
+/// and the time.
+pub fn decide_arm(pending: &[(String, Option<Pending>, Option<u64>)], now: SystemTime) -> Arm {
     let mut stale = Vec::new();
-    for (id, marker) in pending {
+    for (id, marker, applied_at) in pending {
         match marker {
-            Some(p) if now > p.deadline() + STALE_GRACE => stale.push(id.clone()),
+            Some(p) if now > p.deadline(*applied_at) + STALE_GRACE => stale.push(id.clone()),
             _ => return Arm::Busy { id: id.clone() },
         }
     }
@@ -346,13 +392,7 @@ fn copy_atomic(from: &Path, to: &Path, mode: u32) -> Result<(), RollbackError> {
 /// A directory only root may enter: the rollback copies may hold a
 /// bootstrap token.
 fn private_dir(dir: &Path) -> Result<(), RollbackError> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io("creating", dir))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(io("restricting", dir))
+    crate::lock::private_dir(dir).map_err(io("creating", dir))
 }
 
 /// What `agent try` was asked to do.
@@ -362,6 +402,82 @@ pub struct TryRequest {
     /// The staged cluster file (its state file beside it).
     pub staged: PathBuf,
     pub confirm_timeout: u64,
+    /// What `apply` uploaded; `try` installs nothing else.
+    pub expect: Option<Digests>,
+}
+
+/// SHA-256 (hex) of the staged cluster file, the staged state file and the
+/// agent binary, as `apply` computed them before uploading: another
+/// operator's apply that staged over them, or a broken upload, is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Digests {
+    pub cluster: String,
+    pub state: String,
+    pub binary: String,
+}
+
+impl std::str::FromStr for Digests {
+    type Err = String;
+    /// `CLUSTER,STATE,BINARY`, as `agent try --sha256` takes them.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let hex = |h: &str| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit());
+        match s.split(',').collect::<Vec<_>>()[..] {
+            [c, st, b] if hex(c) && hex(st) && hex(b) => Ok(Digests {
+                cluster: c.to_ascii_lowercase(),
+                state: st.to_ascii_lowercase(),
+                binary: b.to_ascii_lowercase(),
+            }),
+            _ => Err(format!(
+                "--sha256 {s:?}: give the SHA-256 of the cluster file, the state file and the binary, hex, separated by commas"
+            )),
+        }
+    }
+}
+
+/// SHA-256 of a file, hex.
+///
+/// # Errors
+/// When it cannot be read.
+pub fn file_sha256(path: &Path) -> Result<String, RollbackError> {
+    use sha2::Digest as _;
+    let data = std::fs::read(path).map_err(io("reading", path))?;
+    Ok(sha2::Sha256::digest(&data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Whether the staged files and the binary are the ones `apply` uploaded.
+fn check_digests<N: Node>(node: &N, req: &TryRequest) -> Result<(), String> {
+    let Some(want) = &req.expect else {
+        return Ok(());
+    };
+    let state = default_state_path(&req.staged);
+    let binary = node.binary_sha256().map_err(|e| e.to_string())?;
+    for (what, path, want, have) in [
+        (
+            "cluster file",
+            Some(req.staged.as_path()),
+            &want.cluster,
+            file_sha256(&req.staged).map_err(|e| e.to_string())?,
+        ),
+        (
+            "state file",
+            Some(state.as_path()),
+            &want.state,
+            file_sha256(&state).map_err(|e| e.to_string())?,
+        ),
+        ("agent binary", None, &want.binary, binary),
+    ] {
+        if *want != have {
+            return Err(format!(
+                "the staged {what}{} is not the one this apply uploaded (SHA-256 {have}, expected {want}): another apply may have staged over it; run apply again",
+                path.map(|p| format!(" {}", p.display()))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `agent try`. Never fails as a function: every way it ends is a
@@ -377,7 +493,7 @@ pub async fn try_apply<N: Node, C: Clock>(
     let outcome = match arm(node, clock, dirs, req, say) {
         Err(reason) => TryOutcome::Refused { reason },
         Ok(()) => match install_and_apply(node, dirs, req, &mut report, say).await {
-            Ok(()) => finish(dirs, req, say),
+            Ok(()) => finish(clock, dirs, req, say),
             Err(e) => fail(node, dirs, &req.id, &e.to_string(), say).await,
         },
     };
@@ -400,17 +516,19 @@ fn arm<N: Node, C: Clock>(
 ) -> Result<(), String> {
     let nothing = |e: &dyn std::fmt::Display| format!("{e}; nothing was changed");
     valid_id(&req.id).map_err(|e| nothing(&e))?;
+    check_digests(node, req).map_err(|e| nothing(&e))?;
     std::fs::create_dir_all(&dirs.run)
         .map_err(io("creating", &dirs.run))
         .map_err(|e| nothing(&e))?;
-    let pending: Vec<(String, Option<Pending>)> = std::fs::read_dir(&dirs.run)
+    let pending: Vec<(String, Option<Pending>, Option<u64>)> = std::fs::read_dir(&dirs.run)
         .map_err(io("reading", &dirs.run))
         .map_err(|e| nothing(&e))?
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let id = name.strip_prefix("try-")?.to_owned();
-            Some((id, read_pending(&e.path())))
+            let applied_at = read_applied_at(&dirs.marker("applied", &id));
+            Some((id, read_pending(&e.path()), applied_at))
         })
         .collect();
     match decide_arm(&pending, clock.now()) {
@@ -434,6 +552,7 @@ fn arm<N: Node, C: Clock>(
     let back = dirs.back();
     let _ = std::fs::remove_dir_all(&back);
     let keep = || -> Result<(), RollbackError> {
+        private_dir(&dirs.state)?;
         private_dir(&back)?;
         let (cluster, state) = (dirs.cluster(), dirs.state_file());
         if cluster.exists() {
@@ -518,8 +637,15 @@ async fn install_and_apply<N: Node>(
 }
 
 /// The try succeeded: tell `confirm` so, unless the watchdog already claimed it.
-fn finish(dirs: &Dirs, req: &TryRequest, say: &mut dyn FnMut(&str)) -> TryOutcome {
-    if let Err(e) = write_atomic(&dirs.marker("applied", &req.id), b"", 0o644) {
+fn finish<C: Clock>(
+    clock: &C,
+    dirs: &Dirs,
+    req: &TryRequest,
+    say: &mut dyn FnMut(&str),
+) -> TryOutcome {
+    // The watchdog's clock starts here.
+    let now = format!("{}\n", secs(clock.now()));
+    if let Err(e) = write_atomic(&dirs.marker("applied", &req.id), now.as_bytes(), 0o644) {
         // Without it no confirm can succeed: the watchdog will roll back.
         return TryOutcome::RollbackFailed {
             reason: format!("recording the successful try: {e}"),
@@ -580,8 +706,9 @@ pub async fn watchdog<N: Node, C: Clock>(
     let pending = read_state(dirs, id).pending;
     loop {
         let now = clock.now();
-        let deadline = pending.map_or(now, |p| p.deadline());
-        match decide_watch(now, deadline, &read_state(dirs, id)) {
+        let state = read_state(dirs, id);
+        let deadline = pending.map_or(now, |p| p.deadline(state.applied_at));
+        match decide_watch(now, deadline, &state) {
             Watch::Wait => clock.sleep(POLL).await,
             Watch::Done(why) => {
                 say(&format!("{name}: apply {id} {why}"));
@@ -610,14 +737,14 @@ async fn restore<N: Node>(
     say: &mut dyn FnMut(&str),
 ) -> Result<(), RollbackError> {
     let marker = dirs.marker("rollback", id);
-    let _ = std::fs::write(&marker, format!("restoring: {why}\n"));
+    let _ = write_atomic(&marker, format!("restoring: {why}\n").as_bytes(), 0o644);
     let result = restore_files_and_network(node, dirs, say).await;
     let text = match &result {
         Ok(()) => format!("restored: {why}\n"),
         Err(e) => format!("rollback failed: {e} ({why})\n"),
     };
     say(&format!("{}: {}", node.name(), text.trim()));
-    let _ = std::fs::write(&marker, text);
+    let _ = write_atomic(&marker, text.as_bytes(), 0o644);
     result
 }
 
@@ -640,6 +767,8 @@ async fn restore_files_and_network<N: Node>(
         report_lines(&r, say);
         let _ = std::fs::remove_file(&cluster);
         let _ = std::fs::remove_file(&state);
+        // Enabled by the try, the unit would fail at every boot without a file.
+        node.disable_daemon()?;
         return check(&r);
     }
     copy_atomic(&back.join(paths::CLUSTER_FILE_NAME), &cluster, 0o600)?;
@@ -651,8 +780,13 @@ async fn restore_files_and_network<N: Node>(
     let r = node.apply(&cluster).await?;
     report_lines(&r, say);
     check(&r)?;
+    for (key, value) in node.restore_other_sysctls(&cluster).await? {
+        say(&format!("  restored {key} = {value}"));
+    }
     if back.join("agent-was-running").exists() {
         node.start_daemon(&cluster)?;
+    } else {
+        node.disable_daemon()?;
     }
     Ok(())
 }
@@ -725,6 +859,7 @@ mod tests {
     const TIMEOUT: u64 = 60;
     const OLD: &str = "old cluster\n";
     const NEW: &str = "new cluster\n";
+    const BINARY_SHA256: &str = "0000000000000000000000000000000000000000000000000000000000000b1e";
 
     fn run_report(failed: bool) -> RunReport {
         RunReport {
@@ -784,6 +919,23 @@ mod tests {
             }
             Ok(None)
         }
+        fn binary_sha256(&self) -> Result<String, RollbackError> {
+            Ok(BINARY_SHA256.into())
+        }
+        fn disable_daemon(&mut self) -> Result<(), RollbackError> {
+            self.running = false;
+            self.events.push("disable".into());
+            Ok(())
+        }
+        async fn restore_other_sysctls(
+            &mut self,
+            cluster: &Path,
+        ) -> Result<Vec<(String, String)>, RollbackError> {
+            let text = std::fs::read_to_string(cluster).unwrap();
+            self.events
+                .push(format!("restore sysctls outside {}", text.trim()));
+            Ok(Vec::new())
+        }
         async fn apply(&mut self, cluster: &Path) -> Result<RunReport, RollbackError> {
             let text = std::fs::read_to_string(cluster).unwrap();
             self.events.push(format!("apply {}", text.trim()));
@@ -831,6 +983,7 @@ mod tests {
             id: id.into(),
             staged: w.staged.clone(),
             confirm_timeout: TIMEOUT,
+            expect: None,
         }
     }
 
@@ -840,6 +993,107 @@ mod tests {
 
     fn installed(w: &World) -> String {
         std::fs::read_to_string(w.dirs.cluster()).unwrap_or_default()
+    }
+
+    #[test]
+    fn the_watchdog_clock_starts_when_the_try_has_applied() {
+        let at = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
+        let p = pending(T0).unwrap();
+        // Applied 50 s after arming (a slow reconcile): the full timeout still runs.
+        let applied = TryState {
+            pending: Some(p),
+            applied: true,
+            applied_at: Some(T0 + 50),
+            ..TryState::default()
+        };
+        let d = p.deadline(applied.applied_at);
+        assert_eq!(d, at(T0 + 50 + TIMEOUT));
+        assert_eq!(decide_watch(at(T0 + TIMEOUT + 1), d, &applied), Watch::Wait);
+        assert_eq!(decide_watch(d, d, &applied), Watch::Expire);
+        // Still applying: the watchdog does not restore under the try's feet,
+        // but a try killed mid-way is undone after TRY_LIMIT.
+        let applying = TryState {
+            pending: Some(p),
+            ..TryState::default()
+        };
+        let d = p.deadline(None);
+        assert_eq!(d, at(T0 + TRY_LIMIT.as_secs() + TIMEOUT));
+        assert_eq!(
+            decide_watch(at(T0 + TIMEOUT + 1), d, &applying),
+            Watch::Wait
+        );
+        assert_eq!(decide_watch(d, d, &applying), Watch::Expire);
+    }
+
+    #[tokio::test]
+    async fn the_applied_marker_records_when_the_try_applied_and_the_watchdog_waits_from_there() {
+        let w = world(true);
+        let clock = FakeClock::at(T0);
+        let mut node = FakeNode::default();
+        try_it(&mut node, &clock, &w, "a1").await;
+        let s = read_state(&w.dirs, "a1");
+        assert_eq!(s.applied_at, Some(T0));
+        // Pending tries count their deadline from when they applied.
+        let p = s.pending.unwrap();
+        let last_busy = T0 + TIMEOUT + STALE_GRACE.as_secs();
+        let pending = vec![("a1".to_owned(), Some(p), Some(T0 + 40))];
+        assert_eq!(
+            decide_arm(&pending, UNIX_EPOCH + Duration::from_secs(last_busy + 1)),
+            Arm::Busy { id: "a1".into() }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_rollback_disables_the_daemon_it_did_not_find_running_and_restores_other_sysctls() {
+        // Nothing installed before: teardown, files gone, unit disabled.
+        let w = world(false);
+        let clock = FakeClock::at(T0);
+        let mut node = FakeNode::default();
+        try_it(&mut node, &clock, &w, "a1").await;
+        watchdog(&mut node, &clock, &w.dirs, "a1", &mut |_| {})
+            .await
+            .unwrap();
+        assert_eq!(
+            node.events.last().map(String::as_str),
+            Some("disable"),
+            "{:?}",
+            node.events
+        );
+        assert!(!node.running);
+
+        // An older file, no daemon: the old network, the sysctls only the new
+        // plan set go back, and the unit the try enabled is disabled.
+        let w = world(true);
+        let mut node = FakeNode::default();
+        try_it(&mut node, &clock, &w, "b1").await;
+        node.events.clear();
+        watchdog(&mut node, &clock, &w.dirs, "b1", &mut |_| {})
+            .await
+            .unwrap();
+        assert_eq!(
+            node.events,
+            [
+                "stop",
+                "apply old cluster",
+                "restore sysctls outside old cluster",
+                "disable"
+            ]
+        );
+        assert_eq!(installed(&w), OLD);
+
+        // A daemon ran before: it runs again.
+        let w = world(true);
+        let mut node = FakeNode {
+            running: true,
+            ..FakeNode::default()
+        };
+        try_it(&mut node, &clock, &w, "c1").await;
+        node.events.clear();
+        watchdog(&mut node, &clock, &w.dirs, "c1", &mut |_| {})
+            .await
+            .unwrap();
+        assert_eq!(node.events.last().map(String::as_str), Some("start"));
+        assert!(node.running);
     }
 
     fn pending(armed_at: u64) -> Option<Pending> {
@@ -852,7 +1106,7 @@ mod tests {
     #[test]
     fn a_pending_try_blocks_a_new_one_until_its_deadline_and_the_grace_have_passed() {
         let at = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
-        let others = vec![("a".to_owned(), pending(T0))];
+        let others = vec![("a".to_owned(), pending(T0), Some(T0))];
         let last_busy = T0 + TIMEOUT + STALE_GRACE.as_secs();
         assert_eq!(
             decide_arm(&others, at(last_busy)),
@@ -865,7 +1119,7 @@ mod tests {
             }
         );
         // A marker nobody can read is never guessed to be stale.
-        let unreadable = vec![("b".to_owned(), None)];
+        let unreadable = vec![("b".to_owned(), None, None)];
         assert_eq!(
             decide_arm(&unreadable, at(u64::MAX / 4)),
             Arm::Busy { id: "b".into() }
@@ -878,21 +1132,21 @@ mod tests {
         let p = pending(T0).unwrap();
         let armed = TryState {
             pending: Some(p),
+            applied: true,
+            applied_at: Some(T0),
             ..TryState::default()
         };
-        let before = p.deadline() - Duration::from_millis(1);
-        assert_eq!(decide_watch(before, p.deadline(), &armed), Watch::Wait);
-        assert_eq!(
-            decide_watch(p.deadline(), p.deadline(), &armed),
-            Watch::Expire
-        );
+        let deadline = p.deadline(Some(T0));
+        let before = deadline - Duration::from_millis(1);
+        assert_eq!(decide_watch(before, deadline, &armed), Watch::Wait);
+        assert_eq!(decide_watch(deadline, deadline, &armed), Watch::Expire);
         let confirmed = TryState {
             pending: None,
             confirmed: true,
             ..TryState::default()
         };
         assert_eq!(
-            decide_watch(p.deadline(), p.deadline(), &confirmed),
+            decide_watch(deadline, deadline, &confirmed),
             Watch::Done("confirmed")
         );
         let by_try = TryState {
@@ -901,7 +1155,7 @@ mod tests {
             ..TryState::default()
         };
         assert!(matches!(
-            decide_watch(before, p.deadline(), &by_try),
+            decide_watch(before, deadline, &by_try),
             Watch::Done(_)
         ));
     }
@@ -997,7 +1251,15 @@ mod tests {
             std::fs::read_to_string(w.dirs.state_file()).unwrap(),
             "old keys\n"
         );
-        assert_eq!(node.events[4..], ["stop", "apply old cluster", "start"]);
+        assert_eq!(
+            node.events[4..],
+            [
+                "stop",
+                "apply old cluster",
+                "restore sysctls outside old cluster",
+                "start"
+            ]
+        );
         assert!(
             log.iter().any(|l| l.contains("not confirmed within 60 s")),
             "{log:?}"
@@ -1093,6 +1355,90 @@ mod tests {
         assert!(matches!(again.outcome, TryOutcome::Applied { .. }));
     }
 
+    fn digests(w: &World) -> Digests {
+        Digests {
+            cluster: file_sha256(&w.staged).unwrap(),
+            state: file_sha256(&default_state_path(&w.staged)).unwrap(),
+            binary: BINARY_SHA256.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn staged_files_or_a_binary_other_than_apply_uploaded_are_refused() {
+        let w = world(true);
+        let clock = FakeClock::at(T0);
+        let right = digests(&w);
+        let other = "1".repeat(64);
+        for (expect, what) in [
+            (
+                Digests {
+                    cluster: other.clone(),
+                    ..right.clone()
+                },
+                "cluster file",
+            ),
+            (
+                Digests {
+                    state: other.clone(),
+                    ..right.clone()
+                },
+                "state file",
+            ),
+            (
+                Digests {
+                    binary: other.clone(),
+                    ..right.clone()
+                },
+                "agent binary",
+            ),
+        ] {
+            let mut node = FakeNode {
+                running: true,
+                ..FakeNode::default()
+            };
+            let req = TryRequest {
+                expect: Some(expect),
+                ..request(&w, "h1")
+            };
+            let r = try_apply(&mut node, &clock, &w.dirs, &req, &mut |_| {}).await;
+            match &r.outcome {
+                TryOutcome::Refused { reason } => assert!(
+                    reason.contains(&format!("staged {what}"))
+                        && reason.contains("not the one this apply uploaded")
+                        && reason.ends_with("nothing was changed"),
+                    "{reason}"
+                ),
+                other => panic!("{what}: {other:?}"),
+            }
+            assert!(node.events.is_empty(), "{:?}", node.events);
+            assert_eq!(installed(&w), OLD);
+            assert_eq!(read_state(&w.dirs, "h1"), TryState::default());
+        }
+        let mut node = FakeNode::default();
+        let req = TryRequest {
+            expect: Some(right),
+            ..request(&w, "h2")
+        };
+        let r = try_apply(&mut node, &clock, &w.dirs, &req, &mut |_| {}).await;
+        assert!(matches!(r.outcome, TryOutcome::Applied { .. }), "{r:?}");
+        assert_eq!(installed(&w), NEW);
+    }
+
+    #[test]
+    fn digests_are_three_hex_sha256_values() {
+        let h = "a".repeat(64);
+        let ok: Digests = format!("{h},{h},{}", "B".repeat(64)).parse().unwrap();
+        assert_eq!(ok.binary, "b".repeat(64));
+        for bad in [
+            "",
+            "x,y,z",
+            &format!("{h},{h}"),
+            &format!("{h},{h},{h};reboot"),
+        ] {
+            assert!(bad.parse::<Digests>().is_err(), "{bad}");
+        }
+    }
+
     #[tokio::test]
     async fn a_pending_try_refuses_another_until_it_is_stale() {
         let w = world(true);
@@ -1138,6 +1484,16 @@ mod tests {
         assert_eq!(mode(&back.join(paths::CLUSTER_FILE_NAME)), 0o600);
         assert_eq!(mode(&back.join(paths::STATE_FILE_NAME)), 0o600);
         assert_eq!(mode(&w.dirs.cluster()), 0o600);
+
+        // Folders an older version (or a person) left 0755 are tightened.
+        let w = world(true);
+        for d in [&w.dirs.install, &w.dirs.state] {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        try_it(&mut FakeNode::default(), &clock, &w, "c1").await;
+        assert_eq!(mode(&w.dirs.install), 0o700);
+        assert_eq!(mode(&w.dirs.state), 0o700);
 
         let w = world(false);
         let mut node = FakeNode::default();

@@ -51,12 +51,50 @@ fn daemon_pid() -> Option<u32> {
     (cmdline.contains("skybridge") && cmdline.contains("agent")).then_some(pid)
 }
 
+/// Replaces `path` with `data` (temporary file, fsync, rename, fsync of the
+/// folder): after a crash the old file or the new one, never a torn one.
+fn write_durably(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    use atomic_write_file::unix::OpenOptionsExt as _;
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut options = atomic_write_file::AtomicWriteFile::options();
+    options.preserve_mode(false).mode(mode);
+    let mut f = options.open(path)?;
+    f.write_all(data)?;
+    f.commit()
+}
+
 fn open_log(path: &Path) -> Result<std::fs::File, RollbackError> {
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
         .map_err(|e| node_err(format!("opening {}: {e}", path.display())))
+}
+
+/// The `systemd-run` command line that runs `watchdog` (program and
+/// arguments) as the transient unit of try `id`. `--service-type=exec`
+/// makes systemd-run fail when the binary cannot be started, so that the
+/// try then changes nothing; `--collect` leaves no failed unit behind.
+fn transient_unit(
+    id: &str,
+    log: &Path,
+    watchdog: &[std::ffi::OsString],
+) -> Vec<std::ffi::OsString> {
+    let mut argv: Vec<std::ffi::OsString> = [
+        "systemd-run".to_owned(),
+        format!("--unit={}{id}", paths::WATCHDOG_UNIT_PREFIX),
+        "--collect".to_owned(),
+        "--quiet".to_owned(),
+        "--service-type=exec".to_owned(),
+        format!("--property=StandardOutput=append:{}", log.display()),
+        format!("--property=StandardError=append:{}", log.display()),
+    ]
+    .into_iter()
+    .map(Into::into)
+    .collect();
+    argv.extend(watchdog.iter().cloned());
+    argv
 }
 
 /// A node as `agent try` and the watchdog change it.
@@ -158,7 +196,7 @@ impl rollback::Node for LinuxNode {
                 ),
             );
             let path = Path::new(paths::UNIT_DIR).join(paths::AGENT_UNIT_FILE);
-            std::fs::write(&path, unit)
+            write_durably(&path, unit.as_bytes(), 0o644)
                 .map_err(|e| node_err(format!("writing {}: {e}", path.display())))?;
             run(&["systemctl", "daemon-reload"])?;
             run(&["systemctl", "enable", paths::AGENT_UNIT])?;
@@ -184,22 +222,51 @@ impl rollback::Node for LinuxNode {
                 ))
             })?;
         std::fs::create_dir_all(paths::RUN_DIR).map_err(node_err)?;
-        std::fs::write(paths::PIDFILE, format!("{}\n", child.id()))
-            .map_err(|e| node_err(format!("writing {}: {e}", paths::PIDFILE)))
+        write_durably(
+            Path::new(paths::PIDFILE),
+            format!("{}\n", child.id()).as_bytes(),
+            0o644,
+        )
+        .map_err(|e| node_err(format!("writing {}: {e}", paths::PIDFILE)))
     }
 
     fn start_watchdog(&mut self, id: &str) -> Result<(), RollbackError> {
-        let log = open_log(&self.state_dir.join(paths::ROLLBACK_LOG_NAME))?;
+        let log_path = self.state_dir.join(paths::ROLLBACK_LOG_NAME);
+        let mut watchdog: Vec<std::ffi::OsString> = vec![Self::exe()?.into()];
+        watchdog.extend(
+            ["agent", "watchdog", "--id", id, "--node", &self.name]
+                .into_iter()
+                .map(Into::into),
+        );
+        for (flag, path) in [
+            ("--state-dir", &self.state_dir),
+            ("--install-dir", &self.install_dir),
+            ("--binary", &self.binary),
+        ] {
+            watchdog.push(flag.into());
+            watchdog.push(path.into());
+        }
+        watchdog.extend(self.backends.flags().into_iter().map(Into::into));
+        if systemd() {
+            // A unit of its own, outside the SSH login's session scope: it
+            // survives the session ending even with KillUserProcesses=yes.
+            let argv = transient_unit(id, &log_path, &watchdog);
+            let out = Command::new(&argv[0])
+                .args(&argv[1..])
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| node_err(format!("running systemd-run: {e}")))?;
+            if !out.status.success() {
+                return Err(node_err(format!(
+                    "systemd-run failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+            return Ok(());
+        }
+        let log = open_log(&log_path)?;
         let mut cmd = Command::new("setsid");
-        cmd.arg(Self::exe()?)
-            .args(["agent", "watchdog", "--id", id, "--node", &self.name])
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .arg("--install-dir")
-            .arg(&self.install_dir)
-            .arg("--binary")
-            .arg(&self.binary)
-            .args(self.backends.flags())
+        cmd.args(&watchdog)
             // Its own session, no terminal, nothing tied to the SSH channel: it
             // outlives the connection that started it.
             .stdin(Stdio::null())
@@ -214,10 +281,27 @@ impl rollback::Node for LinuxNode {
         match child.try_wait() {
             Ok(Some(status)) => Err(node_err(format!(
                 "it exited at once ({status}); see {}",
-                self.state_dir.join(paths::ROLLBACK_LOG_NAME).display()
+                log_path.display()
             ))),
             _ => Ok(()),
         }
+    }
+
+    fn disable_daemon(&mut self) -> Result<(), RollbackError> {
+        self.retire_daemon().map(drop)
+    }
+
+    async fn restore_other_sysctls(
+        &mut self,
+        cluster: &Path,
+    ) -> Result<Vec<(String, String)>, RollbackError> {
+        let _lock = NodeLock::acquire(&self.state_dir, "agent rollback", LOCK_PATIENCE)
+            .map_err(node_err)?;
+        let plan = node_plan(cluster, &self.name).map_err(node_err)?;
+        let mut host = backend::linux_host(self.backends, &plan, &self.state_dir)
+            .await
+            .map_err(node_err)?;
+        host.restore_sysctls_outside(&plan).await.map_err(node_err)
     }
 
     fn install_binary(&mut self) -> Result<Option<PathBuf>, RollbackError> {
@@ -229,13 +313,16 @@ impl rollback::Node for LinuxNode {
             std::fs::create_dir_all(dir)
                 .map_err(|e| node_err(format!("creating {}: {e}", dir.display())))?;
         }
-        let tmp = self.binary.with_extension("sb-new");
-        let write = || -> std::io::Result<()> {
-            std::fs::copy(&exe, &tmp)?;
-            std::fs::rename(&tmp, &self.binary)
-        };
-        write().map_err(|e| node_err(format!("installing {}: {e}", self.binary.display())))?;
+        // Durable like every other file: a crash right after must not leave
+        // an empty binary that the unit then fails to start at every boot.
+        std::fs::read(&exe)
+            .and_then(|data| write_durably(&self.binary, &data, 0o755))
+            .map_err(|e| node_err(format!("installing {}: {e}", self.binary.display())))?;
         Ok(Some(self.binary.clone()))
+    }
+
+    fn binary_sha256(&self) -> Result<String, RollbackError> {
+        rollback::file_sha256(&Self::exe()?)
     }
 
     async fn apply(&mut self, cluster: &Path) -> Result<RunReport, RollbackError> {
@@ -263,5 +350,48 @@ impl rollback::Node for LinuxNode {
             .map_err(node_err)?;
         host.restore_sysctls().map_err(node_err)?;
         Ok(run_report(&self.name, &r, false))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watchdog_runs_as_a_transient_unit_named_after_its_try() {
+        let watchdog: Vec<std::ffi::OsString> = [
+            "/usr/local/bin/skybridge",
+            "agent",
+            "watchdog",
+            "--id",
+            "1-2",
+        ]
+        .into_iter()
+        .map(Into::into)
+        .collect();
+        let argv = transient_unit(
+            "1-2",
+            Path::new("/var/lib/skybridge/rollback.log"),
+            &watchdog,
+        );
+        let argv: Vec<String> = argv
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(argv[0], "systemd-run");
+        assert!(argv.contains(&format!("--unit={}1-2", paths::WATCHDOG_UNIT_PREFIX)));
+        assert!(argv.contains(&"--service-type=exec".to_owned()));
+        assert!(argv.contains(&"--collect".to_owned()));
+        assert!(argv.contains(
+            &"--property=StandardOutput=append:/var/lib/skybridge/rollback.log".to_owned()
+        ));
+        // The watchdog's own command line comes last, unchanged.
+        assert_eq!(
+            argv[argv.len() - 5..],
+            watchdog
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()[..]
+        );
     }
 }

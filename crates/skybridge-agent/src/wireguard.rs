@@ -16,6 +16,7 @@ use ipnet::Ipv4Net;
 use skybridge_core::diff::{PeerConfig, WireGuardConfig};
 pub use skybridge_core::layout::paths::UAPI_DIR;
 
+use crate::keys::PrivateKey;
 use crate::tunnel::TunnelBackend;
 use crate::tunnel::wg_kernel::KernelBackend;
 use crate::tunnel::wg_userspace::{DataPlane, UserspaceBackend};
@@ -56,18 +57,18 @@ pub enum WireGuard {
     /// The kernel's own WireGuard (module `wireguard`), configured over its
     /// generic netlink family; the link is created over rtnetlink.
     Kernel {
-        private_key: String,
+        private_key: PrivateKey,
         netlink: KernelWireGuard,
         /// Where a userspace data plane of an earlier run may have left its pid.
         state_dir: PathBuf,
     },
     /// A userspace implementation started outside the agent (wireguard-go,
     /// boringtun-cli) serves the interface; the agent configures it over UAPI.
-    External { private_key: String },
+    External { private_key: PrivateKey },
     /// Skybridge's own data plane ([`crate::dataplane`]), in a process of its
     /// own started from `exe`, outliving agent restarts.
     Userspace {
-        private_key: String,
+        private_key: PrivateKey,
         exe: PathBuf,
         state_dir: PathBuf,
     },
@@ -112,7 +113,8 @@ fn b64(hex: &str) -> Option<String> {
         return None;
     }
     let bytes: Option<Vec<u8>> = (0..32)
-        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
+        // `get`: a value from the socket may hold multi-byte characters.
+        .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
         .collect();
     Some(STANDARD.encode(bytes?))
 }
@@ -334,5 +336,11 @@ mod tests {
         let h = hex(k).unwrap();
         assert_eq!(h.len(), 64);
         assert_eq!(b64(&h).unwrap(), k);
+    }
+    #[test]
+    fn a_key_from_the_socket_with_multibyte_characters_is_refused_not_a_panic() {
+        let odd = format!("{}\u{e9}{}", "0".repeat(31), "0".repeat(31));
+        assert_eq!(odd.len(), 64);
+        assert_eq!(b64(&odd), None);
     }
 }

@@ -29,7 +29,9 @@ use crate::target::Target;
 
 /// Where things live on a node (see [`skybridge_core::layout::paths`]).
 pub mod paths {
-    pub use skybridge_core::layout::paths::{BINARY, STAGED_BINARY, STAGED_CLUSTER, STAGED_STATE};
+    pub use skybridge_core::layout::paths::{
+        BINARY, STAGED_BINARY, STAGED_CLUSTER, STAGED_STATE, STAGING_DIR,
+    };
     /// The installed cluster file.
     pub const CLUSTER: &str = skybridge_core::layout::paths::CLUSTER_FILE;
     /// The installed state file.
@@ -90,10 +92,7 @@ pub struct Binary {
 
 impl Binary {
     pub fn new(bytes: Vec<u8>) -> Binary {
-        let sha256 = sha2::Sha256::digest(&bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let sha256 = sha256(&bytes);
         Binary { bytes, sha256 }
     }
 }
@@ -120,13 +119,60 @@ fn fail(node: &str, step: &'static str, reason: impl ToString) -> NodeFailure {
 pub struct Reached<S> {
     pub target: Target,
     pub session: S,
-    pub public_key: String,
+    /// `None` only in a dry run, on a node that has no key yet: the agent
+    /// generates it when it first runs.
+    pub public_key: Option<String>,
     /// The installed agent binary differs from this one (which is staged).
     pub binary_installed: bool,
-    /// The binary that runs the node-side steps: the staged one when it differs.
-    pub agent: String,
+    /// The binary that runs the node-side steps: the staged one when it
+    /// differs. `None` only in a dry run, which uploads nothing, on a node
+    /// that has no copy of this binary yet.
+    pub agent: Option<String>,
+    /// The SHA-256 of the binary `agent` names, which `try` checks.
+    pub binary_sha256: String,
+    /// The files [`plan`] staged for this apply, which `try` installs.
+    pub staged: Option<Staged>,
     /// Time spent on this node so far (all steps), for the summary.
     pub elapsed: Duration,
+}
+
+/// The cluster and state files staged for one apply, in a folder of their
+/// own (two operators applying at once never install each other's files),
+/// with the hashes `try` checks before it installs them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Staged {
+    pub dir: String,
+    pub cluster: String,
+    pub cluster_sha256: String,
+    pub state_sha256: String,
+}
+
+impl Staged {
+    /// The staging folder of apply `id` ([`Options::id`]).
+    pub fn new(id: &str, cluster_yaml: &[u8], state_yaml: &[u8]) -> Staged {
+        let dir = format!("{}/{id}", paths::STAGING_DIR);
+        Staged {
+            cluster: format!("{dir}/{}", skybridge_core::layout::paths::CLUSTER_FILE_NAME),
+            state_sha256: sha256(state_yaml),
+            cluster_sha256: sha256(cluster_yaml),
+            dir,
+        }
+    }
+
+    fn state(&self) -> String {
+        format!(
+            "{}/{}",
+            self.dir,
+            skybridge_core::layout::paths::STATE_FILE_NAME
+        )
+    }
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Runs `f` on every item, at most `parallel` at a time, keeping the input order.
@@ -141,16 +187,17 @@ async fn each<T, R>(items: Vec<T>, parallel: usize, f: impl AsyncFn(T) -> R) -> 
     out.into_iter().map(|(_, r)| r).collect()
 }
 
-/// Step 1 on every node.
+/// Step 1 on every node. A `dry_run` uploads nothing and generates no key.
 pub async fn reach<C: Connector>(
     connector: &C,
     targets: Vec<Target>,
     binary: &Binary,
+    dry_run: bool,
     parallel: usize,
     obs: &dyn Observer,
 ) -> (Vec<Reached<C::Session>>, Vec<NodeFailure>) {
     let results = each(targets, parallel, async |t: Target| {
-        reach_one(connector, t, binary, obs).await
+        reach_one(connector, t, binary, dry_run, obs).await
     })
     .await;
     let mut ok = Vec::new();
@@ -171,6 +218,7 @@ async fn reach_one<C: Connector>(
     connector: &C,
     target: Target,
     binary: &Binary,
+    dry_run: bool,
     obs: &dyn Observer,
 ) -> Result<Reached<C::Session>, NodeFailure> {
     let start = Instant::now();
@@ -208,40 +256,71 @@ async fn reach_one<C: Connector>(
         })
     };
     let binary_installed = !has(paths::BINARY);
-    let agent = if binary_installed {
-        if !has(paths::STAGED_BINARY) {
-            obs.step(
-                &node,
-                &format!("uploading the agent ({} MB)", binary.bytes.len() >> 20),
-            );
-            session
-                .upload(paths::STAGED_BINARY, &binary.bytes, 0o755)
-                .await
-                .map_err(|e| fail(&node, "upload agent", e))?;
-        }
-        paths::STAGED_BINARY
+    let agent = if !binary_installed {
+        Some(paths::BINARY)
+    } else if has(paths::STAGED_BINARY) {
+        Some(paths::STAGED_BINARY)
+    } else if dry_run {
+        None
     } else {
-        paths::BINARY
+        obs.step(
+            &node,
+            &format!("uploading the agent ({} MB)", binary.bytes.len() >> 20),
+        );
+        session
+            .upload(paths::STAGED_BINARY, &binary.bytes, 0o755)
+            .await
+            .map_err(|e| fail(&node, "upload agent", e))?;
+        Some(paths::STAGED_BINARY)
     };
-    obs.step(&node, "reading its WireGuard public key");
-    let cmd = format!("{agent} agent pubkey");
-    let out = session
-        .run(&cmd, None)
-        .await
-        .map_err(|e| fail(&node, "public key", e))?;
-    let key = out.stdout.trim().to_owned();
-    if !out.success() || !skybridge_core::state::is_wireguard_key(&key) {
-        return Err(fail(&node, "public key", Failed(&cmd, &out)));
-    }
+    let public_key = match agent {
+        Some(agent) => {
+            obs.step(&node, "reading its WireGuard public key");
+            read_public_key(&session, &node, agent, dry_run).await?
+        }
+        None => None,
+    };
     Ok(Reached {
         target,
         session,
-        public_key: key,
+        public_key,
         binary_installed,
-        agent: agent.to_owned(),
+        agent: agent.map(str::to_owned),
+        binary_sha256: binary.sha256.clone(),
+        staged: None,
         elapsed: start.elapsed(),
     })
 }
+
+/// The node's public key; a dry run asks without generating one, and gets
+/// `None` from a node that has none yet.
+async fn read_public_key<S: Session>(
+    session: &S,
+    node: &str,
+    agent: &str,
+    dry_run: bool,
+) -> Result<Option<String>, NodeFailure> {
+    let cmd = if dry_run {
+        format!("{agent} agent pubkey --no-generate")
+    } else {
+        format!("{agent} agent pubkey")
+    };
+    let out = session
+        .run(&cmd, None)
+        .await
+        .map_err(|e| fail(node, "public key", e))?;
+    if dry_run && out.code == Some(NO_KEY_YET) {
+        return Ok(None);
+    }
+    let key = out.stdout.trim().to_owned();
+    if !out.success() || !skybridge_core::state::is_wireguard_key(&key) {
+        return Err(fail(node, "public key", Failed(&cmd, &out)));
+    }
+    Ok(Some(key))
+}
+
+/// `agent pubkey --no-generate` on a node without a key.
+const NO_KEY_YET: i32 = 3;
 
 /// What applying would change on one node.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -254,11 +333,18 @@ pub struct NodeChanges {
     pub cluster_file_changed: bool,
     pub binary_changed: bool,
     pub agent_running: bool,
+    /// Dry run: the node has no key yet; the agent will generate one.
+    pub key_generated: bool,
+    /// Dry run: why the network changes are not known (no copy of this
+    /// agent on the node to ask, and a dry run uploads none).
+    pub network_unknown: Option<String>,
 }
 
 impl NodeChanges {
     pub fn converged(&self) -> bool {
         self.network.is_empty()
+            && self.network_unknown.is_none()
+            && !self.key_generated
             && !self.cluster_file_changed
             && !self.binary_changed
             && self.agent_running
@@ -279,12 +365,28 @@ impl NodeChanges {
                 skybridge_core::layout::paths::CONFIG_DIR
             ));
         }
+        if self.key_generated {
+            v.push("WireGuard key will be generated on the node".to_owned());
+        }
         if !self.agent_running {
             v.push("agent daemon started".to_owned());
         }
         v.extend(self.network.iter().cloned());
+        if let Some(why) = &self.network_unknown {
+            v.push(format!("network changes not known yet: {why}"));
+        }
         v
     }
+}
+
+/// Where [`plan`] puts the files the agent plans with.
+#[derive(Debug, Clone, Copy)]
+pub enum Stage<'a> {
+    /// In the staging folder of apply `id`, for `try` to install.
+    Apply { id: &'a str },
+    /// In a temporary folder removed by the same command: a dry run leaves
+    /// the node as it found it.
+    DryRun,
 }
 
 /// Step 3 on every node. Nodes that fail here are left out of the rest.
@@ -292,12 +394,13 @@ pub async fn plan<S: Session>(
     reached: Vec<Reached<S>>,
     cluster_yaml: &[u8],
     state_yaml: &[u8],
+    stage: Stage<'_>,
     parallel: usize,
     obs: &dyn Observer,
 ) -> (Vec<(Reached<S>, NodeChanges)>, Vec<NodeFailure>) {
     let results = each(reached, parallel, async |mut r: Reached<S>| {
         let start = Instant::now();
-        let res = plan_one(&r, cluster_yaml, state_yaml, obs).await;
+        let res = plan_one(&mut r, cluster_yaml, state_yaml, stage, obs).await;
         r.elapsed += start.elapsed();
         res.map(|c| (r, c))
     })
@@ -317,38 +420,58 @@ pub async fn plan<S: Session>(
 }
 
 async fn plan_one<S: Session>(
-    r: &Reached<S>,
+    r: &mut Reached<S>,
     cluster_yaml: &[u8],
     state_yaml: &[u8],
+    stage: Stage<'_>,
     obs: &dyn Observer,
 ) -> Result<NodeChanges, NodeFailure> {
     let node = &r.target.node;
     let s = &r.session;
     obs.step(node, "planning");
-    // The cluster file may hold a bootstrap token: root's eyes only.
-    s.upload(paths::STAGED_CLUSTER, cluster_yaml, 0o600)
-        .await
-        .map_err(|e| fail(node, "stage files", e))?;
-    s.upload(paths::STAGED_STATE, state_yaml, 0o644)
-        .await
-        .map_err(|e| fail(node, "stage files", e))?;
-    let cmd = format!(
-        "{} agent --dry-run --output json --cluster {} --node {}",
-        r.agent,
-        paths::STAGED_CLUSTER,
-        quote(node)
-    );
-    let out = s.run(&cmd, None).await.map_err(|e| fail(node, "plan", e))?;
-    // A dry run exits 1 when the SSH guard would refuse something in a plain
-    // run; its report says so. No report at all is a real error.
-    let report: agent_output::RunReport =
-        agent_output::parse(&out.stdout).map_err(|_| fail(node, "plan", Failed(&cmd, &out)))?;
-    let network = report.changes.into_iter().map(|c| c.summary).collect();
-    let refused = report
-        .refused
-        .into_iter()
-        .map(|n| format!("{}: {}", n.change, n.error))
-        .collect();
+    let ask = r.agent.as_deref().map(|agent| {
+        format!(
+            "{agent} agent --dry-run --output json --node {}",
+            quote(node)
+        )
+    });
+    let out = match (stage, &ask) {
+        (_, None) => None,
+        (Stage::Apply { id }, Some(ask)) => {
+            let staged = Staged::new(id, cluster_yaml, state_yaml);
+            // The cluster file may hold a bootstrap token: root's eyes only.
+            s.upload(&staged.cluster, cluster_yaml, 0o600)
+                .await
+                .map_err(|e| fail(node, "stage files", e))?;
+            s.upload(&staged.state(), state_yaml, 0o644)
+                .await
+                .map_err(|e| fail(node, "stage files", e))?;
+            let cmd = format!("{ask} --cluster {}", quote(&staged.cluster));
+            r.staged = Some(staged);
+            let out = s.run(&cmd, None).await.map_err(|e| fail(node, "plan", e))?;
+            Some((cmd, out))
+        }
+        (Stage::DryRun, Some(ask)) => {
+            // Both files through one stdin: `head -c` reads exactly the
+            // cluster file's bytes, `cat` the rest.
+            let cmd = format!(
+                "set -e; umask 077; d=$(mktemp -d); trap 'rm -rf \"$d\"' EXIT; head -c {} > \"$d\"/{c}; cat > \"$d\"/{st}; {ask} --cluster \"$d\"/{c}",
+                cluster_yaml.len(),
+                c = skybridge_core::layout::paths::CLUSTER_FILE_NAME,
+                st = skybridge_core::layout::paths::STATE_FILE_NAME,
+            );
+            let input = [cluster_yaml, state_yaml].concat();
+            let out = s
+                .run(&cmd, Some(&input))
+                .await
+                .map_err(|e| fail(node, "plan", e))?;
+            Some((cmd, out))
+        }
+    };
+    let (network, refused) = match &out {
+        None => (Vec::new(), Vec::new()),
+        Some((cmd, out)) => agent_plan(node, cmd, out)?,
+    };
     let same = |a: Option<Vec<u8>>, b: &[u8]| a.as_deref() == Some(b);
     let cluster_now = s
         .read(paths::CLUSTER)
@@ -370,7 +493,30 @@ async fn plan_one<S: Session>(
         cluster_file_changed: !(same(cluster_now, cluster_yaml) && same(state_now, state_yaml)),
         binary_changed: r.binary_installed,
         agent_running: running,
+        key_generated: r.agent.is_some() && r.public_key.is_none(),
+        network_unknown: r.agent.is_none().then(|| {
+            "the agent is not installed yet (a dry run uploads nothing); its WireGuard key will be generated".to_owned()
+        }),
     })
+}
+
+/// The agent's dry run: the changes, and what its SSH guard would refuse.
+fn agent_plan(
+    node: &str,
+    cmd: &str,
+    out: &crate::session::Output,
+) -> Result<(Vec<String>, Vec<String>), NodeFailure> {
+    // A dry run exits 1 when the SSH guard would refuse something in a plain
+    // run; its report says so. No report at all is a real error.
+    let report: agent_output::RunReport =
+        agent_output::parse(&out.stdout).map_err(|_| fail(node, "plan", Failed(cmd, out)))?;
+    let network = report.changes.into_iter().map(|c| c.summary).collect();
+    let refused = report
+        .refused
+        .into_iter()
+        .map(|n| format!("{}: {}", n.change, n.error))
+        .collect();
+    Ok((network, refused))
 }
 
 /// How one node ended.
@@ -441,11 +587,33 @@ pub async fn execute<C: Connector>(
         opts.parallel,
         async |(r, c): (Reached<C::Session>, NodeChanges)| {
             let start = Instant::now();
-            let (outcome, session) = if c.converged() {
-                obs.step(&r.target.node, "converged, nothing to do");
-                (Outcome::Converged, Some(r.session))
-            } else {
-                apply_one(connector, r.session, &r.target, &r.agent, &c, opts, obs).await
+            let (outcome, session) = match (&r.agent, &r.staged) {
+                _ if c.converged() => {
+                    obs.step(&r.target.node, "converged, nothing to do");
+                    if let Some(staged) = &r.staged {
+                        let _ = r
+                            .session
+                            .run(&format!("rm -rf {}", quote(&staged.dir)), None)
+                            .await;
+                    }
+                    (Outcome::Converged, Some(r.session))
+                }
+                (Some(agent), Some(staged)) => {
+                    let tried = Tried {
+                        agent,
+                        staged,
+                        binary_sha256: &r.binary_sha256,
+                    };
+                    apply_one(connector, r.session, &r.target, &tried, &c, opts, obs).await
+                }
+                _ => (
+                    Outcome::Failed(fail(
+                        &r.target.node,
+                        "apply",
+                        "nothing was staged for this node (a dry run's plan)",
+                    )),
+                    None,
+                ),
             };
             (r.target, outcome, session, r.elapsed + start.elapsed())
         },
@@ -493,11 +661,19 @@ pub async fn execute<C: Connector>(
     summary
 }
 
+/// What `try` runs on a node: the agent, the staged files and the hashes
+/// it checks them against.
+struct Tried<'a> {
+    agent: &'a str,
+    staged: &'a Staged,
+    binary_sha256: &'a str,
+}
+
 async fn apply_one<C: Connector>(
     connector: &C,
     session: C::Session,
     target: &Target,
-    agent: &str,
+    t: &Tried<'_>,
     changes: &NodeChanges,
     opts: &Options,
     obs: &dyn Observer,
@@ -511,11 +687,16 @@ async fn apply_one<C: Connector>(
             changes.describe().len()
         ),
     );
+    let agent = t.agent;
     let cmd = format!(
-        "{agent} agent try --output json --cluster {} --node {} --confirm-timeout {secs} --id {}",
-        paths::STAGED_CLUSTER,
+        "{agent} agent try --output json --cluster {} --node {} --confirm-timeout {secs} --id {} --sha256 {}",
+        quote(&t.staged.cluster),
         quote(node),
-        quote(&opts.id)
+        quote(&opts.id),
+        quote(&format!(
+            "{},{},{}",
+            t.staged.cluster_sha256, t.staged.state_sha256, t.binary_sha256
+        )),
     );
     let sent = Instant::now();
     let deadline = sent + opts.confirm_timeout;
@@ -563,9 +744,12 @@ async fn apply_one<C: Connector>(
         },
     };
     obs.step(node, "confirming over a new connection");
+    // The staged files were installed (or the try refused them): the
+    // folder goes once the outcome is known.
     let confirm = format!(
-        "{agent} agent confirm --output json --id {}",
-        quote(&opts.id)
+        "{agent} agent confirm --output json --id {}; rm -rf {}",
+        quote(&opts.id),
+        quote(&t.staged.dir)
     );
     let changed = || Outcome::Changed {
         changes: changes.describe().len(),
@@ -734,6 +918,15 @@ mod tests {
         }
     }
 
+    /// Where the cluster file of apply `t1` is staged.
+    fn staged_cluster() -> String {
+        format!(
+            "{}/t1/{}",
+            paths::STAGING_DIR,
+            skybridge_core::layout::paths::CLUSTER_FILE_NAME
+        )
+    }
+
     fn opts() -> Options {
         Options {
             parallel: 8,
@@ -756,9 +949,24 @@ mod tests {
         nodes: &[&str],
         bin: &Binary,
     ) -> (Summary, Vec<NodeFailure>) {
-        let (reached, mut failed) =
-            reach(c, nodes.iter().map(|n| target(n)).collect(), bin, 8, &Quiet).await;
-        let (planned, f2) = plan(reached, b"cluster", b"state", 8, &Quiet).await;
+        let (reached, mut failed) = reach(
+            c,
+            nodes.iter().map(|n| target(n)).collect(),
+            bin,
+            false,
+            8,
+            &Quiet,
+        )
+        .await;
+        let (planned, f2) = plan(
+            reached,
+            b"cluster",
+            b"state",
+            Stage::Apply { id: "t1" },
+            8,
+            &Quiet,
+        )
+        .await;
         failed.extend(f2);
         (
             execute(c, planned, &ips(nodes), &opts(), &Quiet).await,
@@ -816,7 +1024,7 @@ mod tests {
                 .any(|cmd| cmd.starts_with(&format!("{} agent try", paths::STAGED_BINARY)))
         );
         assert_eq!(
-            c.file("a", paths::STAGED_CLUSTER).as_deref(),
+            c.file("a", &staged_cluster()).as_deref(),
             Some(&b"cluster"[..])
         );
         // The staged cluster file may hold a bootstrap token: created under
@@ -824,12 +1032,7 @@ mod tests {
         let staged = c
             .commands("a")
             .into_iter()
-            .find(|cmd| {
-                cmd.ends_with(&format!(
-                    "mv -f '{0}.sb-upload' '{0}'",
-                    paths::STAGED_CLUSTER
-                ))
-            })
+            .find(|cmd| cmd.ends_with(&format!("mv -f '{0}.sb-upload' '{0}'", staged_cluster())))
             .unwrap();
         assert!(
             staged.starts_with("set -e; umask 077; mkdir -p ") && staged.contains("chmod 600 "),
@@ -920,8 +1123,16 @@ mod tests {
             c.put_file(node, paths::CLUSTER, cluster);
             c.put_file(node, paths::STATE, b"state");
         }
-        let (reached, _) = reach(&c, vec![target("a"), target("b")], &bin, 4, &Quiet).await;
-        let (planned, _) = plan(reached, b"cluster", b"state", 4, &Quiet).await;
+        let (reached, _) = reach(&c, vec![target("a"), target("b")], &bin, false, 4, &Quiet).await;
+        let (planned, _) = plan(
+            reached,
+            b"cluster",
+            b"state",
+            Stage::Apply { id: "t1" },
+            4,
+            &Quiet,
+        )
+        .await;
         assert!(!planned[0].1.cluster_file_changed);
         assert!(planned[0].1.converged());
         assert!(planned[1].1.cluster_file_changed);
@@ -936,6 +1147,109 @@ mod tests {
         assert_eq!(s.nodes["a"], Outcome::Converged);
         assert!(!c.commands("a").iter().any(|cmd| cmd.contains("agent try")));
         assert_eq!(s.nodes["b"], Outcome::Changed { changes: 1 });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dry_run_uploads_nothing_generates_no_key_and_stages_nothing() {
+        let c = FakeConnector::default();
+        let bin = Binary::new(b"agent".to_vec());
+        // "new": no skybridge yet. "keyless": this binary, never run.
+        // "old": this binary and a key.
+        c.node("new", FakeNode::default());
+        for (n, no_key) in [("keyless", true), ("old", false)] {
+            c.node(
+                n,
+                FakeNode {
+                    installed_sha256: bin.sha256.clone(),
+                    dry_run_changes: vec!["+ route".into()],
+                    agent_running: true,
+                    no_key,
+                    ..FakeNode::default()
+                },
+            );
+        }
+        let nodes = ["new", "keyless", "old"];
+        let (reached, failed) = reach(
+            &c,
+            nodes.iter().map(|n| target(n)).collect(),
+            &bin,
+            true,
+            8,
+            &Quiet,
+        )
+        .await;
+        assert!(failed.is_empty(), "{failed:?}");
+        let keys: Vec<Option<String>> = reached.iter().map(|r| r.public_key.clone()).collect();
+        assert_eq!(keys, [None, None, Some(key_of("old"))]);
+        let (planned, failed) = plan(reached, b"cluster", b"state", Stage::DryRun, 8, &Quiet).await;
+        assert!(failed.is_empty(), "{failed:?}");
+        for n in nodes {
+            for cmd in c.commands(n) {
+                assert!(
+                    !cmd.contains("mv -f") && !cmd.ends_with("agent pubkey"),
+                    "{n}: a dry run ran {cmd}"
+                );
+            }
+        }
+        for n in nodes {
+            let dir = format!("{}/", paths::STAGING_DIR);
+            assert!(
+                !c.commands(n)
+                    .iter()
+                    .any(|cmd| !cmd.starts_with("uname -m") && cmd.contains(&dir)),
+                "{n} got files staged"
+            );
+        }
+        let described: BTreeMap<&str, Vec<String>> = planned
+            .iter()
+            .map(|(r, ch)| (r.target.node.as_str(), ch.describe()))
+            .collect();
+        assert!(
+            described["new"]
+                .iter()
+                .any(|l| l.contains("not known yet") && l.contains("key will be generated")),
+            "{described:?}"
+        );
+        assert!(
+            described["keyless"].contains(&"WireGuard key will be generated on the node".into()),
+            "{described:?}"
+        );
+        assert!(described["keyless"].contains(&"+ route".into()));
+        assert!(!planned.iter().any(|(_, ch)| ch.converged()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn try_is_given_the_hashes_of_what_this_apply_staged() {
+        let c = FakeConnector::default();
+        let bin = Binary::new(b"agent".to_vec());
+        c.node(
+            "a",
+            FakeNode {
+                dry_run_changes: vec!["+ route".into()],
+                ..FakeNode::default()
+            },
+        );
+        let (summary, _) = run_all(&c, &["a"], &bin).await;
+        assert!(summary.success());
+        let try_cmd = c
+            .commands("a")
+            .into_iter()
+            .find(|cmd| cmd.contains("agent try"))
+            .unwrap();
+        let want = format!(
+            "--cluster '{}' --node 'a' --confirm-timeout 3 --id 't1' --sha256 '{},{},{}'",
+            staged_cluster(),
+            sha256(b"cluster"),
+            sha256(b"state"),
+            bin.sha256
+        );
+        assert!(try_cmd.ends_with(&want), "{try_cmd}");
+        // The folder of this apply goes once the outcome is known.
+        assert!(
+            c.commands("a")
+                .iter()
+                .any(|cmd| cmd.ends_with(&format!("rm -rf '{}/t1'", paths::STAGING_DIR)))
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -1020,6 +1334,7 @@ mod tests {
             &c,
             names.iter().map(|n| target(n)).collect(),
             &bin,
+            false,
             4,
             &Quiet,
         )

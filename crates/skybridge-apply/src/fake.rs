@@ -26,6 +26,8 @@ pub struct FakeNode {
     /// `agent try` fails after changing the node and restores it, with this reason.
     pub try_fails: Option<String>,
     pub agent_running: bool,
+    /// The node has made no WireGuard key yet: `agent pubkey` makes one.
+    pub no_key: bool,
 }
 
 #[derive(Debug, Default)]
@@ -140,6 +142,8 @@ impl Session for FakeSession {
                 node.installed_sha256,
                 paths::BINARY
             ))
+        } else if command.contains("agent --dry-run --output json") {
+            dry_run_report(&name, &node)
         } else if let Some(data) = stdin {
             let path = command
                 .rsplit("mv -f ")
@@ -150,31 +154,18 @@ impl Session for FakeSession {
                 .to_owned();
             w.files.insert((name.clone(), path), data.to_vec());
             ok(String::new())
-        } else if command.ends_with("agent pubkey") {
+        } else if command.ends_with("agent pubkey --no-generate") && node.no_key {
+            Output {
+                code: Some(3),
+                ..Output::default()
+            }
+        } else if command.ends_with("agent pubkey") || command.ends_with("--no-generate") {
+            if let Some(n) = w.nodes.get_mut(&name)
+                && command.ends_with("agent pubkey")
+            {
+                n.no_key = false;
+            }
             ok(key_of(&name) + "\n")
-        } else if command.contains("agent --dry-run --output json") {
-            // What the agent writes: the core's report type, one definition.
-            let report = skybridge_core::report::RunReport {
-                node: name.clone(),
-                dry_run: true,
-                changes: node
-                    .dry_run_changes
-                    .iter()
-                    .map(|c| skybridge_core::report::ChangeEntry {
-                        change: skybridge_core::diff::Change {
-                            op: skybridge_core::diff::Op::SetUp {
-                                link: "sb-wg0".into(),
-                            },
-                            reason: "r".into(),
-                        },
-                        summary: c.clone(),
-                    })
-                    .collect(),
-                refused: vec![],
-                failed: vec![],
-                applied: 0,
-            };
-            ok(serde_json::to_string(&report).unwrap_or_default())
         } else if command.contains("agent try --output json") {
             if node.try_cuts_ssh {
                 w.cut.insert(name.clone());
@@ -241,5 +232,34 @@ impl Session for FakeSession {
 
     fn target(&self) -> &Target {
         &self.target
+    }
+}
+
+/// What the agent's dry run writes: the core's report type, one definition.
+fn dry_run_report(name: &str, node: &FakeNode) -> Output {
+    let report = skybridge_core::report::RunReport {
+        node: name.to_owned(),
+        dry_run: true,
+        changes: node
+            .dry_run_changes
+            .iter()
+            .map(|c| skybridge_core::report::ChangeEntry {
+                change: skybridge_core::diff::Change {
+                    op: skybridge_core::diff::Op::SetUp {
+                        link: "sb-wg0".into(),
+                    },
+                    reason: "r".into(),
+                },
+                summary: c.clone(),
+            })
+            .collect(),
+        refused: vec![],
+        failed: vec![],
+        applied: 0,
+    };
+    Output {
+        code: Some(0),
+        stdout: serde_json::to_string(&report).unwrap_or_default(),
+        stderr: String::new(),
     }
 }

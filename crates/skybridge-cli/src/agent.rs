@@ -18,7 +18,7 @@ use skybridge_agent::host::{Host, HostError, LinuxHost};
 use skybridge_agent::lock::{LOCK_PATIENCE, NodeLock};
 use skybridge_agent::output::{ConfirmOutcome, TryOutcome, run_report};
 use skybridge_agent::reconcile::Report;
-use skybridge_agent::rollback::{self, Dirs, SystemClock, TryRequest};
+use skybridge_agent::rollback::{self, Digests, Dirs, SystemClock, TryRequest};
 use skybridge_agent::service::LinuxNode;
 use skybridge_agent::{backend, daemon, keys, reconcile};
 use skybridge_core::layout::paths;
@@ -27,6 +27,9 @@ use skybridge_core::{Cluster, ClusterPlan, NodePlan, State, plan_with};
 use crate::load;
 
 pub const DEFAULT_STATE_DIR: &str = paths::STATE_DIR;
+
+/// `agent pubkey --no-generate` on a node that has no key yet.
+const NO_KEY_YET: u8 = 3;
 /// Exit code of `try` when it refused before changing anything.
 const REFUSED: u8 = 3;
 /// Exit code of `confirm` while the try has not finished: ask again.
@@ -139,6 +142,9 @@ enum Action {
         /// Where the node's private key lives.
         #[arg(long, default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
+        /// Generate nothing: exit with 3 when the node has no key yet (`apply --dry-run`).
+        #[arg(long)]
+        no_generate: bool,
     },
     /// Install a new cluster file and apply it with a dead-man switch: unless
     /// `agent confirm --id ID` comes within the timeout, the node restores its
@@ -197,6 +203,10 @@ struct TryArgs {
     /// text for a person; json for `skybridge apply`.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
+    /// `CLUSTER,STATE,BINARY`: the SHA-256 of what `apply` staged; any
+    /// other file or binary is refused before anything changes.
+    #[arg(long)]
+    sha256: Option<Digests>,
 }
 
 #[derive(Debug, Args)]
@@ -244,8 +254,24 @@ pub fn main(args: AgentArgs) -> Result<ExitCode> {
         .enable_all()
         .build()?;
     match args.action {
-        Some(Action::Pubkey { state_dir }) => {
-            let private = keys::private_key(&state_dir)?;
+        Some(Action::Pubkey {
+            state_dir,
+            no_generate,
+        }) => {
+            let private = if no_generate {
+                match keys::existing_private_key(&state_dir, Path::new(paths::LEGACY_KEY_FILE))? {
+                    Some(key) => key,
+                    None => {
+                        warn(&format!(
+                            "no WireGuard key in {} yet: the agent generates one on first use",
+                            state_dir.display()
+                        ));
+                        return Ok(ExitCode::from(NO_KEY_YET));
+                    }
+                }
+            } else {
+                keys::private_key(&state_dir)?
+            };
             let public = keys::public_key(&private).with_context(|| {
                 format!(
                     "the private key in {} does not decode to 32 bytes",
@@ -416,6 +442,15 @@ async fn host(args: &NodeArgs, plan: &NodePlan) -> Result<LinuxHost> {
         .guarding_ssh_port(ssh_port(args)))
 }
 
+/// [`host`] for a dry run: generates no key, restarts no data plane.
+async fn read_only_host(args: &NodeArgs, plan: &NodePlan) -> Result<LinuxHost> {
+    Ok(
+        backend::linux_host_read_only(args.backends(), plan, &args.state_dir)
+            .await?
+            .guarding_ssh_port(ssh_port(args)),
+    )
+}
+
 /// The node's `ssh.port` in the cluster file: the SSH guard protects the
 /// sessions on it as well as those on 22.
 fn ssh_port(args: &NodeArgs) -> Option<u16> {
@@ -452,15 +487,22 @@ async fn run(
     interval: Duration,
 ) -> Result<ExitCode> {
     let plan = node_plan(args).map_err(anyhow::Error::msg)?;
-    let mut host = host(args, &plan).await?;
+    let mut host = if dry_run {
+        read_only_host(args, &plan).await?
+    } else {
+        host(args, &plan).await?
+    };
     tracing::info!(node = %plan.node, backends = %host.backends(), "agent starting");
     if once || dry_run {
-        let what = if dry_run {
-            "agent --dry-run"
+        let _lock = if dry_run {
+            NodeLock::read(&args.state_dir, LOCK_PATIENCE)?
         } else {
-            "agent --once"
+            Some(NodeLock::acquire(
+                &args.state_dir,
+                "agent --once",
+                LOCK_PATIENCE,
+            )?)
         };
-        let _lock = NodeLock::acquire(&args.state_dir, what, LOCK_PATIENCE)?;
         let r = reconcile::reconcile(&mut host, &plan, dry_run).await?;
         match output {
             Output::Text => print_report(&plan.node, &r, dry_run),
@@ -548,8 +590,21 @@ async fn down(args: &NodeArgs, dry_run: bool) -> Result<ExitCode> {
         // The prober would keep answering for a gateway that no longer forwards.
         skybridge_agent::health::stop(&args.state_dir);
     }
-    let _lock = NodeLock::acquire(&args.state_dir, "agent down", LOCK_PATIENCE)?;
-    let mut host = host(args, &plan).await?;
+    let (_lock, mut host) = if dry_run {
+        (
+            NodeLock::read(&args.state_dir, LOCK_PATIENCE)?,
+            read_only_host(args, &plan).await?,
+        )
+    } else {
+        (
+            Some(NodeLock::acquire(
+                &args.state_dir,
+                "agent down",
+                LOCK_PATIENCE,
+            )?),
+            host(args, &plan).await?,
+        )
+    };
     let r = reconcile::down(&mut host, &plan, dry_run).await?;
     print_report(&plan.node, &r, dry_run);
     if !dry_run {
@@ -581,6 +636,7 @@ async fn try_apply(a: TryArgs) -> ExitCode {
         id: a.id.clone(),
         staged: a.node.cluster.clone().expect("required"),
         confirm_timeout: a.confirm_timeout,
+        expect: a.sha256.clone(),
     };
     let dirs = Dirs::new(&a.install_dir, &a.node.state_dir);
     let lines = |line: &str| match a.output {

@@ -132,19 +132,34 @@ pub fn main(args: ApplyArgs) -> Result<ExitCode> {
         .build()?;
     let progress = Progress::new(&names);
     let parallel = args.parallel.max(1);
+    // Names this apply on the nodes: its staging folder, `try --id`, the markers.
+    let id = format!(
+        "{}-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default(),
+        std::process::id()
+    );
 
-    // 1. Reach every node, install the agent, collect the public keys.
+    // 1. Reach every node, install the agent, collect the public keys (a
+    // dry run uploads nothing and generates no key).
     let (reached, mut failed) = rt.block_on(apply::reach(
-        &connector, targets, &binary, parallel, &progress,
+        &connector,
+        targets,
+        &binary,
+        args.dry_run,
+        parallel,
+        &progress,
     ));
     for r in &reached {
-        state
-            .public_keys
-            .insert(r.target.node.clone(), r.public_key.clone());
+        if let Some(key) = &r.public_key {
+            state.public_keys.insert(r.target.node.clone(), key.clone());
+        }
     }
     let state_text = state.to_yaml();
-    // A dry run changes no local file either: the keys it read are staged
-    // on the nodes for the agent's answer, and written here only for real.
+    // A dry run changes no local file either: the keys it read go to the
+    // agents' dry runs only, and are written here only for real.
     if !args.dry_run {
         load::write_state(&state_path, &state)?;
     }
@@ -154,6 +169,11 @@ pub fn main(args: ApplyArgs) -> Result<ExitCode> {
         reached,
         &cluster_yaml,
         state_text.as_bytes(),
+        if args.dry_run {
+            apply::Stage::DryRun
+        } else {
+            apply::Stage::Apply { id: &id }
+        },
         parallel,
         &progress,
     ));
@@ -210,14 +230,6 @@ pub fn main(args: ApplyArgs) -> Result<ExitCode> {
     }
 
     // 3. Apply with the dead-man switch, confirm, verify.
-    let id = format!(
-        "{}-{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or_default(),
-        std::process::id()
-    );
     let opts = Options {
         parallel,
         confirm_timeout: Duration::from_secs(args.confirm_timeout.max(5)),

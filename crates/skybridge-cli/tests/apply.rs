@@ -95,6 +95,54 @@ fn matrix_green(lab: &Lab) {
     );
 }
 
+/// Every file Skybridge keeps on `node` (path, mode, content hash), less
+/// the ones a running daemon rewrites by itself (its log, its lock note).
+fn node_files(lab: &Lab, node: &str) -> String {
+    let dirs = [
+        paths::CONFIG_DIR,
+        paths::STATE_DIR,
+        paths::RUN_DIR,
+        paths::BINARY,
+    ]
+    .join(" ");
+    lab.sh_ok(
+        node,
+        &format!(
+            "find {dirs} -printf '%p %m %y\\n' 2>/dev/null | grep -v -e '\\.log ' -e '{lock} ' | sort; \
+             find {dirs} -type f ! -name '*.log' ! -name '{lock}' -exec sha256sum {{}} + 2>/dev/null | sort",
+            lock = paths::LOCK_FILE_NAME
+        ),
+    )
+}
+
+/// `apply --dry-run` leaves every node's files and the local state file as
+/// they were, and says what it would do.
+#[track_caller]
+fn dry_run_changes_nothing(lab: &Lab) -> String {
+    let before: Vec<String> = NODES.iter().map(|n| node_files(lab, n)).collect();
+    let state = std::fs::read(lab.path("small.state.yaml")).ok();
+    let dry = apply(lab, "small.yaml", &["--dry-run"]);
+    assert!(dry.status.success(), "{}", text(&dry));
+    assert!(
+        text(&dry).contains("dry run: nothing was changed"),
+        "{}",
+        text(&dry)
+    );
+    for (n, before) in NODES.iter().zip(before) {
+        assert_eq!(
+            node_files(lab, n),
+            before,
+            "the dry run changed {n}'s files"
+        );
+    }
+    assert_eq!(
+        std::fs::read(lab.path("small.state.yaml")).ok(),
+        state,
+        "the dry run wrote the state file"
+    );
+    text(&dry)
+}
+
 /// The summary line `apply` prints for a node.
 fn summary_line(out: &Output, node: &str) -> String {
     let t = text(out);
@@ -114,6 +162,12 @@ fn apply_over_ssh_converges_a_fresh_lab_then_is_a_no_op_and_refuses_a_changed_ho
     let lab = up("ap");
     // Before apply: no agent anywhere, so no cross-site pair answers.
     assert!(!lab.run(&["check"]).status.success());
+    // A dry run uploads no binary, generates no key, stages nothing.
+    let dry = dry_run_changes_nothing(&lab);
+    assert!(
+        dry.contains("key will be generated") && !dry.contains("uploading the agent"),
+        "{dry}"
+    );
 
     let first = apply(&lab, "small.yaml", &[]);
     assert!(first.status.success(), "{}", text(&first));
@@ -146,6 +200,12 @@ fn apply_over_ssh_converges_a_fresh_lab_then_is_a_no_op_and_refuses_a_changed_ho
         );
     }
     matrix_green(&lab);
+    // With the agents installed and running, a dry run asks each of them
+    // (its files in a temporary folder) and still changes nothing.
+    let dry = dry_run_changes_nothing(&lab);
+    for n in NODES {
+        assert!(dry.contains(&format!("{n}: converged")), "{dry}");
+    }
 
     // Again: every node already converged, nothing tried.
     let again = apply(&lab, "small.yaml", &[]);

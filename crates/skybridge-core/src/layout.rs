@@ -92,6 +92,9 @@ pub mod paths {
     pub const AGENT_UNIT: &str = "skybridge-agent";
     /// The agent's systemd unit file name.
     pub const AGENT_UNIT_FILE: &str = "skybridge-agent.service";
+    /// Prefix of the transient unit (`systemd-run`) of the watchdog of one
+    /// `agent try`, followed by the try's id.
+    pub const WATCHDOG_UNIT_PREFIX: &str = "skybridge-watchdog-";
 }
 
 /// How Skybridge marks what it owns, so that it reads, changes and removes

@@ -178,10 +178,15 @@ pub fn join(
     }
 
     let systemd = host.exists("/run/systemd/system").map_err(herr)?;
+    let own_netns = planned.iter().any(changes_the_kernel) && in_own_network_namespace(host);
     let mut failed = false;
     for action in planned {
         let outcome = if failed {
             Outcome::NotRun(EARLIER_FAILED.into())
+        } else if own_netns && changes_the_kernel(&action) {
+            Outcome::Failed(format!(
+                "refusing to run `{action}`: this node is a network namespace of another machine (a lab node?), whose kernel it shares; use --root to write the files only"
+            ))
         } else {
             run_action(host, &action, systemd)
         };
@@ -214,6 +219,24 @@ pub fn join(
         report.checks = verify_containerd(host, &desired);
     }
     Ok(report)
+}
+
+/// Actions that change the whole machine's kernel, not only this node's
+/// network namespace: loading modules, turning swap off.
+fn changes_the_kernel(action: &Action) -> bool {
+    matches!(action, Action::LoadModules | Action::SwapOff)
+}
+
+/// Whether the node's commands run in a network namespace other than the
+/// machine's first process's: a namespace node (the lab) sharing the
+/// machine's kernel. Unknown (a host that takes files only, /proc not
+/// readable) counts as no.
+fn in_own_network_namespace(host: &dyn NodeHost) -> bool {
+    let Ok(out) = host.run("readlink", &["/proc/1/ns/net", "/proc/self/ns/net"]) else {
+        return false;
+    };
+    let lines: Vec<&str> = out.stdout.lines().map(str::trim).collect();
+    out.success() && matches!(lines[..], [init, ours] if !init.is_empty() && init != ours)
 }
 
 fn run_action(host: &dyn NodeHost, action: &Action, systemd: bool) -> Outcome {
@@ -418,6 +441,108 @@ mod tests {
             ..Base::default()
         };
         desired(&c, "hw-worker", &base).unwrap()
+    }
+
+    /// A host that answers `readlink` with two namespaces and records commands.
+    #[derive(Debug)]
+    struct Namespaced {
+        init: &'static str,
+        ours: &'static str,
+        ran: std::cell::RefCell<Vec<String>>,
+    }
+
+    impl NodeHost for Namespaced {
+        fn name(&self) -> &str {
+            "n"
+        }
+        fn read_file(&self, _: &str) -> Result<Option<Vec<u8>>, HostError> {
+            Ok(None)
+        }
+        fn write_file(&self, _: &str, _: &[u8], _: u32) -> Result<(), HostError> {
+            Ok(())
+        }
+        fn exists(&self, _: &str) -> Result<bool, HostError> {
+            Ok(true)
+        }
+        fn run(
+            &self,
+            program: &str,
+            args: &[&str],
+        ) -> Result<crate::host::CommandOutput, HostError> {
+            self.ran
+                .borrow_mut()
+                .push(format!("{program} {}", args.join(" ")));
+            Ok(crate::host::CommandOutput {
+                status: Some(0),
+                stdout: if program == "readlink" {
+                    format!("{}\n{}\n", self.init, self.ours)
+                } else {
+                    String::new()
+                },
+                stderr: String::new(),
+            })
+        }
+    }
+
+    #[test]
+    fn a_node_in_a_network_namespace_of_its_own_is_told_apart_from_a_machine() {
+        let ns = |init, ours| Namespaced {
+            init,
+            ours,
+            ran: Default::default(),
+        };
+        assert!(in_own_network_namespace(&ns(
+            "net:[4026531840]",
+            "net:[4026532999]"
+        )));
+        assert!(!in_own_network_namespace(&ns(
+            "net:[4026531840]",
+            "net:[4026531840]"
+        )));
+        assert!(!in_own_network_namespace(&ns("", "")));
+        assert!(changes_the_kernel(&Action::SwapOff) && changes_the_kernel(&Action::LoadModules));
+        assert!(!changes_the_kernel(&Action::RestartContainerd));
+    }
+
+    #[test]
+    fn join_in_a_lab_namespace_refuses_swapoff_and_modprobe() {
+        let host = Namespaced {
+            init: "net:[4026531840]",
+            ours: "net:[4026532999]",
+            ran: Default::default(),
+        };
+        let c = skybridge_core::load(include_str!("../../../examples/lab.yaml"))
+            .unwrap()
+            .cluster;
+        let opts = Options {
+            dry_run: false,
+            backup_suffix: "1".into(),
+            containerd_version: Some(Version {
+                major: 2,
+                minor: 0,
+                patch: 0,
+            }),
+            ca_cert: Some("-----BEGIN CERTIFICATE-----\n".into()),
+        };
+        let report = join(&host, &c, "hw-worker", &opts).unwrap();
+        let ran = host.ran.borrow().join("\n");
+        assert!(
+            !ran.contains("swapoff") && !ran.contains("modprobe"),
+            "{ran}"
+        );
+        let refused: Vec<&Outcome> = report
+            .actions
+            .iter()
+            .filter(|(a, _)| changes_the_kernel(a))
+            .map(|(_, o)| o)
+            .collect();
+        assert!(!refused.is_empty());
+        for o in refused {
+            assert!(
+                matches!(o, Outcome::Failed(why) if why.contains("network namespace") && why.contains("--root")),
+                "{o:?}"
+            );
+        }
     }
 
     #[test]

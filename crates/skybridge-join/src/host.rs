@@ -230,7 +230,6 @@ impl NodeHost for Machine {
 
     fn write_file(&self, path: &str, contents: &[u8], mode: u32) -> Result<(), HostError> {
         use std::io::Write as _;
-        use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
         let target = Path::new(path);
         let io_err = |op, source| HostError::Io {
             op,
@@ -241,26 +240,18 @@ impl NodeHost for Machine {
             .parent()
             .ok_or_else(|| io_err("writing", io::Error::other("no parent directory")))?;
         std::fs::create_dir_all(dir).map_err(|e| io_err("creating the directory of", e))?;
-        // Write beside the target, then rename: a reader sees the old or the new file, never half.
-        let file_name = target
-            .file_name()
-            .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
-        let tmp = dir.join(format!(".{file_name}.sb-tmp-{}", std::process::id()));
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(|e| io_err("writing", e))?;
-        f.set_permissions(std::fs::Permissions::from_mode(mode))
-            .and_then(|()| f.write_all(contents))
-            .and_then(|()| f.sync_all())
-            .map_err(|e| io_err("writing", e))?;
-        std::fs::rename(&tmp, target).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            io_err("replacing", e)
-        })
+        // Write beside the target, fsync, rename, fsync the folder: a reader
+        // sees the old or the new file, never half, also after a crash.
+        let mut options = atomic_write_file::AtomicWriteFile::options();
+        {
+            use atomic_write_file::unix::OpenOptionsExt as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            options.preserve_mode(false).mode(mode);
+        }
+        let mut f = options.open(target).map_err(|e| io_err("writing", e))?;
+        f.write_all(contents)
+            .and_then(|()| f.commit())
+            .map_err(|e| io_err("writing", e))
     }
 
     fn exists(&self, path: &str) -> Result<bool, HostError> {

@@ -185,6 +185,8 @@ fn commands_follow_the_files_in_order_and_containerd_is_verified() {
             "containerd --version",
             "systemctl is-active --quiet kubelet",
             "systemctl is-active --quiet kube-proxy",
+            // Before changing the kernel: not a namespace of another machine.
+            "readlink /proc/1/ns/net /proc/self/ns/net",
             "modprobe overlay",
             "modprobe br_netfilter",
             "sysctl -p /etc/sysctl.d/90-skybridge-kubernetes.conf",

@@ -205,7 +205,7 @@ mod tests {
 
     fn userspace() -> WireGuard {
         WireGuard::Userspace {
-            private_key: String::new(),
+            private_key: String::new().into(),
             exe: "/nonexistent".into(),
             state_dir: "/nonexistent".into(),
         }

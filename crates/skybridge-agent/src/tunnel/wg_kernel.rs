@@ -9,19 +9,20 @@ use skybridge_core::diff::{Link, LinkKind, WireGuardConfig};
 use skybridge_core::model::Transport;
 
 use super::{Op, TunnelBackend, TunnelError, kind_and_data};
+use crate::keys::PrivateKey;
 use crate::netlink::Netlink;
 use crate::wgkernel::{KernelWireGuard, same_private_key};
 
 #[derive(Debug)]
 pub struct KernelBackend {
-    private_key: String,
+    private_key: PrivateKey,
     netlink: KernelWireGuard,
     /// Where a userspace data plane of an earlier run may have left its pid.
     state_dir: PathBuf,
 }
 
 impl KernelBackend {
-    pub fn new(private_key: String, netlink: KernelWireGuard, state_dir: PathBuf) -> Self {
+    pub fn new(private_key: PrivateKey, netlink: KernelWireGuard, state_dir: PathBuf) -> Self {
         KernelBackend {
             private_key,
             netlink,

@@ -13,6 +13,7 @@ use skybridge_core::layout::marks::WG_IFACE;
 use skybridge_core::model::Transport;
 
 use super::{Op, TunnelBackend, TunnelError, kind_and_data};
+use crate::keys::PrivateKey;
 use crate::netlink::{Links, Netlink};
 use crate::wireguard::{Uapi, WireGuardError};
 
@@ -27,14 +28,14 @@ pub struct DataPlane {
 
 #[derive(Debug)]
 pub struct UserspaceBackend {
-    private_key: String,
+    private_key: PrivateKey,
     /// `None`: the data plane is started outside the agent.
     own: Option<DataPlane>,
 }
 
 impl UserspaceBackend {
     /// Skybridge's own data plane, started and stopped by the agent.
-    pub fn own(private_key: String, data_plane: DataPlane) -> Self {
+    pub fn own(private_key: PrivateKey, data_plane: DataPlane) -> Self {
         UserspaceBackend {
             private_key,
             own: Some(data_plane),
@@ -42,7 +43,7 @@ impl UserspaceBackend {
     }
 
     /// A data plane started outside the agent; the agent only configures it.
-    pub fn external(private_key: String) -> Self {
+    pub fn external(private_key: PrivateKey) -> Self {
         UserspaceBackend {
             private_key,
             own: None,
