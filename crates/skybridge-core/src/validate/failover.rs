@@ -33,7 +33,7 @@ pub fn parse_duration_ms(text: &str) -> Option<u32> {
     };
     let ms = value * scale;
     (ms.is_finite() && ms >= 0.0 && ms <= f64::from(u32::MAX) && ms.fract() == 0.0)
-        .then(|| ms as u32)
+        .then_some(ms as u32)
 }
 
 pub(super) fn failover(c: &mut Checker, net: &NetworkDoc) -> Failover {
