@@ -36,6 +36,33 @@ pub fn render(plan: &ClusterPlan, only: Option<&str>) -> String {
         };
         let _ = writeln!(out, "{:<16} {:<32} {}", s.name, cidrs, gws);
     }
+    for s in &plan.sites {
+        let Some(routes) = &s.cloud_routes else {
+            continue;
+        };
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "site {} (intraSite: vpc-routes): the VPC's route table must hold (`skybridge render --format cloud-routes` prints the {} commands):",
+            s.name, routes.provider
+        );
+        for e in &routes.entries {
+            let _ = writeln!(
+                out,
+                "  {:<20} -> {} ({})  {}",
+                e.destination.to_string(),
+                e.next_hop,
+                e.next_hop_ip,
+                e.to
+            );
+        }
+        let names: Vec<&str> = routes.instances.iter().map(|i| i.node.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "  instances {}: source/destination check off, IP forwarding on",
+            names.join(", ")
+        );
+    }
     for n in plan
         .nodes
         .iter()

@@ -919,6 +919,7 @@ mod tests {
                 "seed-lab.yaml",
                 include_str!("../../../examples/seed-lab.yaml"),
             ),
+            ("zones.yaml", include_str!("../../../examples/zones.yaml")),
         ] {
             assert!(load(src).is_ok(), "{name}: {:?}", errors(src));
         }
