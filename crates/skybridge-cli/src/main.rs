@@ -139,6 +139,9 @@ enum RenderFormat {
     Nftables,
     Wireguard,
     SystemdAgent,
+    /// Per `intraSite: vpc-routes` site: its VPC route-table entries and the
+    /// gateway instances' settings, as the provider's commands.
+    CloudRoutes,
 }
 
 impl From<RenderFormat> for Format {
@@ -149,6 +152,7 @@ impl From<RenderFormat> for Format {
             RenderFormat::Nftables => Format::Nftables,
             RenderFormat::Wireguard => Format::WireGuard,
             RenderFormat::SystemdAgent => Format::SystemdAgent,
+            RenderFormat::CloudRoutes => Format::CloudRoutes,
         }
     }
 }
