@@ -69,10 +69,28 @@ pub fn render(plan: &ClusterPlan, only: Option<&str>) -> String {
         .filter(|n| only.is_none_or(|o| o == n.node))
     {
         let _ = writeln!(out);
-        let _ = write!(out, "{n}");
+        let block = n.to_string();
+        let vpc_routed = plan
+            .sites
+            .iter()
+            .any(|s| s.name == n.site && s.cloud_routes.is_some());
+        if vpc_routed {
+            let _ = write!(
+                out,
+                "{}",
+                block.replace(
+                    NOTHING_TO_DO,
+                    "  nothing to do on the node: the VPC's route table leads to other sites"
+                )
+            );
+        } else {
+            let _ = write!(out, "{block}");
+        }
     }
     out
 }
+
+const NOTHING_TO_DO: &str = "  nothing to do: no other site to reach";
 
 impl fmt::Display for NodePlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -86,7 +104,7 @@ impl fmt::Display for NodePlan {
         }
         writeln!(f, ")")?;
         if self.tunnels.is_empty() && self.routes.is_empty() {
-            return writeln!(f, "  nothing to do: no other site to reach");
+            return writeln!(f, "{NOTHING_TO_DO}");
         }
         if !self.tunnels.is_empty() {
             writeln!(f, "  interfaces:")?;
