@@ -191,6 +191,9 @@ enum RenderFormat {
     Wireguard,
     /// The systemd unit that runs the agent at boot.
     SystemdAgent,
+    /// Per `intraSite: vpc-routes` site: its VPC route-table entries and the
+    /// gateway instances' settings, as the provider's commands.
+    CloudRoutes,
 }
 
 impl From<RenderFormat> for Format {
@@ -201,6 +204,7 @@ impl From<RenderFormat> for Format {
             RenderFormat::Nftables => Format::Nftables,
             RenderFormat::Wireguard => Format::WireGuard,
             RenderFormat::SystemdAgent => Format::SystemdAgent,
+            RenderFormat::CloudRoutes => Format::CloudRoutes,
         }
     }
 }

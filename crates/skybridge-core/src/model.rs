@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use ipnet::Ipv4Net;
 use serde::Serialize;
 
-pub use crate::spec::{CostsDoc as Costs, Granularity, Nat, Role, Transport};
+pub use crate::spec::{CostsDoc as Costs, Granularity, IntraSite, Nat, Role, Transport};
 
 pub const DEFAULT_MTU: u32 = 1500;
 pub const DEFAULT_LISTEN_PORT: u16 = 51820;
@@ -180,7 +180,36 @@ pub struct Site {
     /// site's overrides); `None` when the file has no `spec.kubernetes`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub containerd: Option<Containerd>,
+    /// How nodes off a gateway candidate's subnet reach it.
+    #[serde(skip_serializing_if = "IntraSite::is_default")]
+    pub intra_site: IntraSite,
+    /// Whether the site wrote `intraSite` itself (validation explains both
+    /// modes to a site that needs one and chose neither).
+    #[serde(skip)]
+    pub intra_site_explicit: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub intra_site_encryption: bool,
+    /// Program and arguments run on a failover (`vpc-routes`), see [`Site::failover_hook`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_failover: Option<Vec<String>>,
     pub nodes: Vec<Node>,
+}
+
+/// Environment variables of the `onFailover` command: the site, and the
+/// gateway candidates traffic moves from and to.
+pub const HOOK_ENV_SITE: &str = "SKYBRIDGE_SITE";
+pub const HOOK_ENV_OLD_GATEWAY: &str = "SKYBRIDGE_OLD_GATEWAY";
+pub const HOOK_ENV_NEW_GATEWAY: &str = "SKYBRIDGE_NEW_GATEWAY";
+pub const HOOK_ENV_OLD_GATEWAY_IP: &str = "SKYBRIDGE_OLD_GATEWAY_IP";
+pub const HOOK_ENV_NEW_GATEWAY_IP: &str = "SKYBRIDGE_NEW_GATEWAY_IP";
+
+/// A command to run without a shell: `program` with `args`, `env` added to
+/// the environment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hook {
+    pub program: String,
+    pub args: Vec<String>,
+    pub env: Vec<(&'static str, String)>,
 }
 
 impl Site {
@@ -191,6 +220,35 @@ impl Site {
 
     pub fn is_gateway_candidate(&self, node_index: usize) -> bool {
         self.gateways.contains(&node_index)
+    }
+
+    /// The subnet of the VPC that holds `ip`: the `cidrs` entry containing it.
+    pub fn subnet_of(&self, ip: Ipv4Addr) -> Option<Ipv4Net> {
+        self.cidrs.iter().copied().find(|c| c.contains(&ip))
+    }
+
+    /// Whether two of the site's addresses can be each other's next hop.
+    pub fn same_subnet(&self, a: Ipv4Addr, b: Ipv4Addr) -> bool {
+        self.subnet_of(a).is_some_and(|n| n.contains(&b))
+    }
+
+    /// The `onFailover` command for traffic moving from candidate `old` to
+    /// `new`, with both named in its environment; `None` when the site has
+    /// none. The values travel as arguments and environment, never through
+    /// a shell.
+    pub fn failover_hook(&self, old: &Node, new: &Node) -> Option<Hook> {
+        let (program, args) = self.on_failover.as_ref()?.split_first()?;
+        Some(Hook {
+            program: program.clone(),
+            args: args.to_vec(),
+            env: vec![
+                (HOOK_ENV_SITE, self.name.clone()),
+                (HOOK_ENV_OLD_GATEWAY, old.name.clone()),
+                (HOOK_ENV_NEW_GATEWAY, new.name.clone()),
+                (HOOK_ENV_OLD_GATEWAY_IP, old.private_ip.to_string()),
+                (HOOK_ENV_NEW_GATEWAY_IP, new.private_ip.to_string()),
+            ],
+        })
     }
 }
 

@@ -18,10 +18,13 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Cluster, Granularity, Nat, Node, Site, Transport};
+use crate::model::{Cluster, Granularity, IntraSite, Nat, Node, Site, Transport};
 use crate::state::State;
 use crate::transport::{Interfaces, PairParams, mss};
 use crate::validate::is_member;
+use crate::validate::zones::{
+    INTRA_SITE_OVERHEAD, INTRA_SITE_PORT, intra_site_ends, intra_site_pairs, intra_site_vni,
+};
 
 pub use crate::layout::marks::{FIREWALL_TABLE, IFACE_PREFIX, ROUTE_METRIC, WG_IFACE};
 
@@ -51,7 +54,53 @@ pub struct SitePlan {
     pub gateway_candidates: Vec<String>,
     /// The candidate in use while all are healthy.
     pub active_gateway: Option<String>,
+    /// `intraSite: vpc-routes`: what the VPC's route table must hold.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cloud_routes: Option<CloudRoutes>,
 }
+
+/// The route-table entries a `vpc-routes` site's VPC needs, which Skybridge
+/// cannot create itself: every other site's network to the active gateway.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CloudRoutes {
+    /// The site's `provider`, which picks the command line `render` prints.
+    pub provider: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// The subnets whose route table needs the entries.
+    pub subnets: Vec<Ipv4Net>,
+    pub entries: Vec<CloudRoute>,
+    /// Every gateway candidate: each must forward traffic that is not its
+    /// own (source/destination check off, IP forwarding on), so that a
+    /// failover only has to move the entries.
+    pub instances: Vec<GatewayInstance>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CloudRoute {
+    pub destination: Ipv4Net,
+    /// The active gateway instance the entry points at.
+    pub next_hop: String,
+    #[serde(rename = "nextHopIP")]
+    pub next_hop_ip: Ipv4Addr,
+    /// Why the entry exists: the site it leads to.
+    pub to: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayInstance {
+    pub node: String,
+    #[serde(rename = "privateIP")]
+    pub private_ip: Ipv4Addr,
+    pub active: bool,
+}
+
+/// Interface name stem of a tunnel inside a site (`sb-in-<host>`, host
+/// number of the far end's pool address), apart from every transport's.
+pub const INTRA_SITE_STEM: &str = "in-";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -339,6 +388,26 @@ pub fn plan_with(cluster: &Cluster, state: &State, actives: &Actives) -> Cluster
             }
         }
     }
+    // Nodes that end only tunnels inside their site get their addresses
+    // after every inter-site end, so that spreading a site over more zones
+    // never renumbers a gateway.
+    let mut intra_address: HashMap<&str, Ipv4Addr> = members
+        .iter()
+        .map(|m| (m.node.name.as_str(), m.address))
+        .collect();
+    let intra_pairs: Vec<Vec<(usize, usize)>> = cluster
+        .sites
+        .iter()
+        .map(|s| intra_site_pairs(net.granularity, s))
+        .collect();
+    for site in &cluster.sites {
+        for ni in intra_site_ends(net.granularity, site) {
+            intra_address.insert(
+                &site.nodes[ni].name,
+                pool_hosts.next().expect("validated: pool is large enough"),
+            );
+        }
+    }
     let site_members: Vec<Vec<usize>> = {
         let mut v = vec![Vec::new(); cluster.sites.len()];
         for (mi, m) in members.iter().enumerate() {
@@ -369,6 +438,8 @@ pub fn plan_with(cluster: &Cluster, state: &State, actives: &Actives) -> Cluster
         member_of: &member_of,
         wg_mtu: wg_mtus(cluster, &site_members),
         behind: Vec::new(),
+        intra_address: &intra_address,
+        intra_pairs: &intra_pairs,
     };
     // What lies behind each tunnel end is the same for every node: compute it once.
     ctx.behind = (0..members.len())
@@ -388,6 +459,7 @@ pub fn plan_with(cluster: &Cluster, state: &State, actives: &Actives) -> Cluster
                 .map(|&i| s.nodes[i].name.clone())
                 .collect(),
             active_gateway: ctx.active_gateway(si).map(|n| n.name.clone()),
+            cloud_routes: ctx.cloud_routes(si),
         })
         .collect();
     let nodes = cluster
@@ -459,6 +531,10 @@ struct Ctx<'c> {
     wg_mtu: Vec<u32>,
     /// [`Ctx::networks_behind`] of every member.
     behind: Vec<Vec<Ipv4Net>>,
+    /// The pool address each end of an intra-site tunnel uses on it.
+    intra_address: &'c HashMap<&'c str, Ipv4Addr>,
+    /// Per site, its intra-site tunnels as pairs of node indices.
+    intra_pairs: &'c [Vec<(usize, usize)>],
 }
 
 impl Ctx<'_> {
@@ -549,9 +625,13 @@ impl Ctx<'_> {
         if let Some(mi) = me {
             self.plan_member(&mut plan, mi);
         }
+        self.plan_intra_site(&mut plan, si, ni);
         // Nodes that do not carry the site's traffic themselves go through the active gateway.
         if matches!(role, NodeRole::Internal | NodeRole::StandbyGateway) {
             self.plan_via_gateway(&mut plan, si);
+        }
+        if !self.intra_pairs_of(si, ni).is_empty() {
+            self.clamp_to_narrowest(&mut plan);
         }
         plan
     }
@@ -709,15 +789,42 @@ impl Ctx<'_> {
         if gw.name == plan.node {
             return;
         }
+        let site = &self.cluster.sites[si];
+        // A gateway in another subnet is no next hop: reach it through the
+        // intra-site tunnel, or leave it to the VPC's route table.
+        let across = if site.same_subnet(plan.private_ip, gw.private_ip) {
+            None
+        } else {
+            match site.intra_site {
+                IntraSite::VpcRoutes => return,
+                IntraSite::Tunnel => Some((
+                    self.intra_iface(&gw.name),
+                    self.intra_address[gw.name.as_str()],
+                )),
+            }
+        };
+        let intra_mtu = self.intra_mtu(si);
         let mut route = |destination: Ipv4Net, mtu: u32, to: String| {
-            plan.routes.push(Route {
-                destination,
-                via: Some(gw.private_ip),
-                device: None,
-                source: None,
-                mtu: Some(mtu),
-                metric: ROUTE_METRIC,
-                to,
+            plan.routes.push(match &across {
+                None => Route {
+                    destination,
+                    via: Some(gw.private_ip),
+                    device: None,
+                    source: None,
+                    mtu: Some(mtu),
+                    metric: ROUTE_METRIC,
+                    to,
+                },
+                Some((device, address)) => Route {
+                    destination,
+                    via: Some(*address),
+                    device: Some(device.clone()),
+                    // Not the tunnel's pool address: the far site answers the VPC.
+                    source: Some(plan.private_ip),
+                    mtu: Some(mtu.min(intra_mtu)),
+                    metric: ROUTE_METRIC,
+                    to,
+                },
             });
         };
         for p in self.peers(gmi) {
@@ -734,6 +841,162 @@ impl Ctx<'_> {
                 );
             }
         }
+    }
+}
+
+impl Ctx<'_> {
+    fn intra_mtu(&self, si: usize) -> u32 {
+        self.cluster.sites[si].mtu - INTRA_SITE_OVERHEAD
+    }
+
+    /// The name of a node's intra-site tunnel towards `peer`.
+    fn intra_iface(&self, peer: &str) -> String {
+        let host = u32::from(self.intra_address[peer])
+            - u32::from(self.cluster.network.tunnel_pool.network());
+        format!("{IFACE_PREFIX}{INTRA_SITE_STEM}{host}")
+    }
+
+    /// The intra-site tunnels node `ni` of site `si` ends, as (peer index, VNI).
+    fn intra_pairs_of(&self, si: usize, ni: usize) -> Vec<(usize, u32)> {
+        self.intra_pairs[si]
+            .iter()
+            .filter(|(a, b)| *a == ni || *b == ni)
+            .map(|&(a, b)| (if a == ni { b } else { a }, intra_site_vni(a, b)))
+            .collect()
+    }
+
+    /// Whether any other site has a tunnel end: without one there is
+    /// nothing to reach, inside the site or out of it.
+    fn has_other_sites(&self, si: usize) -> bool {
+        self.members.iter().any(|m| m.site != si)
+    }
+
+    /// `intraSite: tunnel`: a VXLAN tunnel across the VPC (private address
+    /// to private address) to every candidate in another subnet, and on the
+    /// candidates the reverse ones. A candidate routes the pods of the nodes
+    /// behind such a tunnel through it; their own address it leaves to the
+    /// VPC, because a route to it through the tunnel would also catch the
+    /// tunnel's own packets. Replies thus come back on another interface
+    /// than the one the request left by, which strict reverse-path
+    /// filtering would drop: both ends filter loosely.
+    fn plan_intra_site(&self, plan: &mut NodePlan, si: usize, ni: usize) {
+        let pairs = self.intra_pairs_of(si, ni);
+        if pairs.is_empty() || !self.has_other_sites(si) {
+            return;
+        }
+        let site = &self.cluster.sites[si];
+        let node = &site.nodes[ni];
+        let is_candidate = site.is_gateway_candidate(ni);
+        let mut sources = Vec::new();
+        for (pi, vni) in pairs {
+            let peer = &site.nodes[pi];
+            let device = self.intra_iface(&peer.name);
+            let peer_address = self.intra_address[peer.name.as_str()];
+            plan.tunnels.push(Tunnel::Vxlan(PointToPoint {
+                name: device.clone(),
+                peer: peer.name.clone(),
+                local: node.private_ip,
+                remote: peer.private_ip,
+                address: self.intra_address[node.name.as_str()],
+                peer_address,
+                mtu: self.intra_mtu(si),
+                vni: Some(vni),
+                port: Some(INTRA_SITE_PORT),
+            }));
+            sources.push(peer.private_ip);
+            if is_candidate && let Some(pods) = peer.pod_cidr {
+                plan.routes.push(Route {
+                    destination: pods,
+                    via: Some(peer_address),
+                    device: Some(device),
+                    source: Some(node.private_ip),
+                    mtu: None,
+                    metric: ROUTE_METRIC,
+                    to: format!("node {} across site {}", peer.name, site.name),
+                });
+            }
+        }
+        plan.sysctls.push(Sysctl {
+            key: "net.ipv4.conf.all.rp_filter".into(),
+            value: "2".into(),
+        });
+        if !is_candidate {
+            plan.firewall.push(FirewallRule::ForwardAccept {
+                direction: Direction::In,
+            });
+            plan.firewall.push(FirewallRule::ForwardAccept {
+                direction: Direction::Out,
+            });
+        }
+        sources.sort();
+        plan.firewall.push(FirewallRule::AcceptTunnel {
+            transport: TunnelProtocol::Udp {
+                port: INTRA_SITE_PORT,
+            },
+            sources: Some(sources),
+        });
+    }
+
+    /// TCP segments leaving through any tunnel must fit the narrowest of
+    /// them and of the paths behind them, the header of the tunnel inside
+    /// the site included.
+    fn clamp_to_narrowest(&self, plan: &mut NodePlan) {
+        let narrowest = plan
+            .tunnels
+            .iter()
+            .map(Tunnel::mtu)
+            .chain(plan.routes.iter().filter_map(|r| r.mtu))
+            .min();
+        let Some(narrowest) = narrowest else {
+            return;
+        };
+        match plan.firewall.iter_mut().find_map(|r| match r {
+            FirewallRule::ClampMss { mss } => Some(mss),
+            _ => None,
+        }) {
+            Some(m) => *m = mss(narrowest),
+            None => plan.firewall.push(FirewallRule::ClampMss {
+                mss: mss(narrowest),
+            }),
+        }
+    }
+
+    /// `intraSite: vpc-routes`: every network the active gateway routes into
+    /// its tunnels, pointed at it in the VPC's route table.
+    fn cloud_routes(&self, si: usize) -> Option<CloudRoutes> {
+        let site = &self.cluster.sites[si];
+        if site.intra_site != IntraSite::VpcRoutes || !self.has_other_sites(si) {
+            return None;
+        }
+        let gw = self.active_gateway(si)?;
+        let gmi = *self.member_of.get(gw.name.as_str())?;
+        let mut entries = Vec::new();
+        for p in self.peers(gmi) {
+            let peer = &self.members[p];
+            for &destination in &self.behind[p] {
+                entries.push(CloudRoute {
+                    destination,
+                    next_hop: gw.name.clone(),
+                    next_hop_ip: gw.private_ip,
+                    to: format!("site {}", self.cluster.sites[peer.site].name),
+                });
+            }
+        }
+        Some(CloudRoutes {
+            provider: site.provider.clone(),
+            region: site.region.clone(),
+            subnets: site.cidrs.clone(),
+            entries,
+            instances: site
+                .gateways
+                .iter()
+                .map(|&i| GatewayInstance {
+                    node: site.nodes[i].name.clone(),
+                    private_ip: site.nodes[i].private_ip,
+                    active: site.nodes[i].name == gw.name,
+                })
+                .collect(),
+        })
     }
 }
 

@@ -298,7 +298,57 @@ pub struct SiteDoc {
     /// Per-site overrides of `spec.kubernetes` (each provider has its own nearest mirror).
     #[serde(default)]
     pub kubernetes: Option<S<SiteKubernetesDoc>>,
+    /// How nodes in another subnet than a gateway candidate reach it:
+    /// `tunnel` (default) or `vpc-routes`.
+    #[serde(default)]
+    pub intra_site: Option<S<IntraSite>>,
+    /// `tunnel` mode: WireGuard across the VPC instead of VXLAN.
+    #[serde(default)]
+    pub intra_site_encryption: Option<S<bool>>,
+    /// `vpc-routes` mode: the command (program and arguments, never a shell
+    /// line) that moves the VPC's routes to the new gateway on a failover.
+    #[serde(default)]
+    pub on_failover: Option<S<Vec<S<String>>>>,
     pub nodes: S<Vec<NodeDoc>>,
+}
+
+/// How a site's nodes reach a gateway candidate in another subnet of the VPC
+/// (a node can only use an address of its own subnet as next hop).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Deserialize,
+    serde::Serialize,
+    JsonSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum IntraSite {
+    /// Skybridge tunnels across the VPC from such a node to each candidate.
+    #[default]
+    Tunnel,
+    /// The VPC's route table sends other sites' networks to the active
+    /// gateway; Skybridge prints the entries to create.
+    VpcRoutes,
+}
+
+impl IntraSite {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IntraSite::Tunnel => "tunnel",
+            IntraSite::VpcRoutes => "vpc-routes",
+        }
+    }
+
+    pub fn is_default(&self) -> bool {
+        *self == IntraSite::Tunnel
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq, JsonSchema)]

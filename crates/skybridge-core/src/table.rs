@@ -36,16 +36,61 @@ pub fn render(plan: &ClusterPlan, only: Option<&str>) -> String {
         };
         let _ = writeln!(out, "{:<16} {:<32} {}", s.name, cidrs, gws);
     }
+    for s in &plan.sites {
+        let Some(routes) = &s.cloud_routes else {
+            continue;
+        };
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "site {} (intraSite: vpc-routes): the VPC's route table must hold (`skybridge render --format cloud-routes` prints the {} commands):",
+            s.name, routes.provider
+        );
+        for e in &routes.entries {
+            let _ = writeln!(
+                out,
+                "  {:<20} -> {} ({})  {}",
+                e.destination.to_string(),
+                e.next_hop,
+                e.next_hop_ip,
+                e.to
+            );
+        }
+        let names: Vec<&str> = routes.instances.iter().map(|i| i.node.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "  instances {}: source/destination check off, IP forwarding on",
+            names.join(", ")
+        );
+    }
     for n in plan
         .nodes
         .iter()
         .filter(|n| only.is_none_or(|o| o == n.node))
     {
         let _ = writeln!(out);
-        let _ = write!(out, "{n}");
+        let block = n.to_string();
+        let vpc_routed = plan
+            .sites
+            .iter()
+            .any(|s| s.name == n.site && s.cloud_routes.is_some());
+        if vpc_routed {
+            let _ = write!(
+                out,
+                "{}",
+                block.replace(
+                    NOTHING_TO_DO,
+                    "  nothing to do on the node: the VPC's route table leads to other sites"
+                )
+            );
+        } else {
+            let _ = write!(out, "{block}");
+        }
     }
     out
 }
+
+const NOTHING_TO_DO: &str = "  nothing to do: no other site to reach";
 
 impl fmt::Display for NodePlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -59,7 +104,7 @@ impl fmt::Display for NodePlan {
         }
         writeln!(f, ")")?;
         if self.tunnels.is_empty() && self.routes.is_empty() {
-            return writeln!(f, "  nothing to do: no other site to reach");
+            return writeln!(f, "{NOTHING_TO_DO}");
         }
         if !self.tunnels.is_empty() {
             writeln!(f, "  interfaces:")?;

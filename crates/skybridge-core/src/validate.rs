@@ -23,6 +23,7 @@ pub mod failover;
 mod kubernetes;
 mod schema_errors;
 pub mod ssh;
+pub mod zones;
 
 pub const API_VERSION: &str = "skybridge.dev/v1alpha1";
 pub const KIND: &str = "Cluster";
@@ -335,31 +336,23 @@ fn validate(doc: &ClusterDoc) -> Result<Validated, Vec<Diagnostic>> {
             }
         }
     }
-    // A node reaches other sites through a gateway candidate: it must be able
-    // to hand packets to it directly, so both have to be in the same network.
-    for (sd, site) in doc.spec.sites.value.iter().zip(&sites) {
-        for (ni, n) in site.nodes.iter().enumerate() {
-            if is_member(granularity, site, ni, n) {
-                continue;
-            }
-            let Some(net) = site.cidrs.iter().find(|c| c.contains(&n.private_ip)) else {
-                continue;
-            };
-            for &gi in &site.gateways {
-                let g = &site.nodes[gi];
-                if !net.contains(&g.private_ip) {
-                    c.error(
-                        node_pos(sd, &n.name),
-                        format!(
-                            "node {} ({net}) is not in the same network as gateway candidate {} ({}): it could not hand its cross-site traffic to it",
-                            n.name, g.name, g.private_ip
-                        ),
-                        "put the node in its gateway's network, or give it a public IP (granularity: node)",
-                    );
-                }
-            }
-        }
-    }
+    // A node reaches other sites through a gateway candidate: directly in its
+    // own subnet, else as the site's `intraSite` says.
+    zones::check_reach(
+        &mut c,
+        &doc.spec.sites.value,
+        &sites,
+        granularity,
+        transport,
+        listen_port,
+        net.listen_port.as_ref().map_or(Pos::UNKNOWN, pos),
+    );
+    // Nodes with only intra-site tunnels take pool addresses too.
+    let pool_ends = members_total
+        + sites
+            .iter()
+            .map(|s| zones::intra_site_ends(granularity, s).len())
+            .sum::<usize>();
     let sites_with_members = sites
         .iter()
         .filter(|s| {
@@ -409,26 +402,24 @@ fn validate(doc: &ClusterDoc) -> Result<Validated, Vec<Diagnostic>> {
     }
     if let (Some(pool), Some(pp)) = (tunnel_pool, &net.tunnel_pool) {
         let available = pool_capacity(pool);
-        if (members_total as u64) > available {
+        if (pool_ends as u64) > available {
             c.error(
                 pos(pp),
                 format!(
-                    "tunnelPool {pool} has {available} usable addresses but {members_total} tunnel ends need one each"
+                    "tunnelPool {pool} has {available} usable addresses but {pool_ends} tunnel ends need one each"
                 ),
-                format!("use a larger pool, e.g. a /{}", needed_prefix(members_total as u64)),
+                format!("use a larger pool, e.g. a /{}", needed_prefix(pool_ends as u64)),
             );
         }
     } else if let Some(pool) = tunnel_pool {
         let available = pool_capacity(pool);
-        if (members_total as u64) > available {
+        if (pool_ends as u64) > available {
             c.error(
                 Pos::UNKNOWN,
-                format!(
-                    "the default tunnelPool {pool} is too small for {members_total} tunnel ends"
-                ),
+                format!("the default tunnelPool {pool} is too small for {pool_ends} tunnel ends"),
                 format!(
                     "set spec.network.tunnelPool to a /{} that no site uses",
-                    needed_prefix(members_total as u64)
+                    needed_prefix(pool_ends as u64)
                 ),
             );
         }
@@ -715,6 +706,7 @@ fn site<'d>(
         }
     };
 
+    let zones = zones::settings(c, sd);
     Site {
         name: site_name.clone(),
         provider: sd.provider.value.clone(),
@@ -726,6 +718,10 @@ fn site<'d>(
         gateways,
         costs: sd.costs.clone(),
         containerd: None,
+        intra_site: zones.intra_site,
+        intra_site_explicit: zones.explicit,
+        intra_site_encryption: zones.encryption,
+        on_failover: zones.on_failover,
         nodes,
     }
 }
@@ -900,6 +896,7 @@ mod tests {
                 "seed-lab.yaml",
                 include_str!("../../../examples/seed-lab.yaml"),
             ),
+            ("zones.yaml", include_str!("../../../examples/zones.yaml")),
         ] {
             assert!(load(src).is_ok(), "{name}: {:?}", errors(src));
         }

@@ -664,7 +664,14 @@ impl<'a> World<'a> {
                 }
                 return Ok((holder, src));
             }
-            let next = match self.lookup(np, dst)? {
+            // A node without a route of its own sends to its subnet's VPC
+            // router, which a vpc-routes site's route table points at the gateway.
+            let (hop, vpc_router) = match (self.lookup(np, dst), self.vpc_route(site, dst)) {
+                (Ok(hop), _) => (hop, false),
+                (Err(_), Some(gw)) => (Hop::Via(gw), true),
+                (Err(e), None) => return Err(e),
+            };
+            let next = match hop {
                 Hop::Via(gw) => {
                     let Some(&next) = self.by_private_ip.get(&gw) else {
                         return Err(format!(
@@ -674,6 +681,12 @@ impl<'a> World<'a> {
                     if self.site_of[next] != site {
                         return Err(format!(
                             "{at}: route to {dst} via {gw} ({next}) in another site"
+                        ));
+                    }
+                    // Only the VPC's router may forward to another subnet.
+                    if !vpc_router && !self.cluster.sites[site].same_subnet(np.private_ip, gw) {
+                        return Err(format!(
+                            "{at}: route to {dst} via {gw} ({next}), outside {at}'s subnet"
                         ));
                     }
                     from_tunnel = false;
@@ -696,7 +709,14 @@ impl<'a> World<'a> {
                         _ => None,
                     });
                     let local = self.local(site).iter().any(|l| l.contains(&src));
-                    if (self.cluster.sites[site].nat == Nat::Masquerade && local) != masquerade {
+                    // A tunnel inside the site (to a gateway in another
+                    // subnet) does not leave the VPC: whatever its rules do
+                    // to the source, the gateway's decide what the far site sees.
+                    let inside = matches!(t, Tunnel::Gre(p) | Tunnel::Vxlan(p)
+                        if self.site_of.get(p.peer.as_str()) == Some(&site));
+                    if !inside
+                        && (self.cluster.sites[site].nat == Nat::Masquerade && local) != masquerade
+                    {
                         return Err(format!(
                             "{at}: site nat is {:?} but the plan masquerades {src}: {masquerade}",
                             self.cluster.sites[site].nat
@@ -749,7 +769,7 @@ impl<'a> World<'a> {
                             p.peer.as_str()
                         }
                     };
-                    from_tunnel = true;
+                    from_tunnel = !inside;
                     next
                 }
             };
@@ -757,6 +777,18 @@ impl<'a> World<'a> {
             at = next;
         }
         Err(format!("no delivery of {src} -> {dst}: loop {path:?}"))
+    }
+
+    /// The next hop the VPC route table of site `si` gives `dst`, if any.
+    fn vpc_route(&self, si: usize, dst: Ipv4Addr) -> Option<Ipv4Addr> {
+        self.plan.sites[si]
+            .cloud_routes
+            .as_ref()?
+            .entries
+            .iter()
+            .filter(|e| e.destination.contains(&dst))
+            .max_by_key(|e| e.destination.prefix_len())
+            .map(|e| e.next_hop_ip)
     }
 
     fn wg_peer_entry(
@@ -1566,6 +1598,9 @@ fn the_forwarding_model_accepts_the_examples_and_notices_a_missing_route() {
     for src in [
         include_str!("../../../examples/seed.yaml"),
         include_str!("../../../examples/lab.yaml"),
+        include_str!("../../../examples/zones.yaml"),
+        &include_str!("../../../examples/zones.yaml")
+            .replace("intraSite: tunnel", "intraSite: vpc-routes"),
     ] {
         let cluster = load(src).unwrap().cluster;
         let mut plan = plan(&cluster, &State::default());
@@ -1575,10 +1610,17 @@ fn the_forwarding_model_accepts_the_examples_and_notices_a_missing_route() {
             w.round_trip(&a.node, from.private_ip, to.private_ip)
                 .unwrap();
         }
+        // (A vpc-routes site's route table would still carry it.)
+        let vpc_routed: Vec<String> = plan
+            .sites
+            .iter()
+            .filter(|s| s.cloud_routes.is_some())
+            .map(|s| s.name.clone())
+            .collect();
         let internal = plan
             .nodes
             .iter_mut()
-            .find(|n| n.tunnels.is_empty())
+            .find(|n| n.tunnels.is_empty() && !vpc_routed.contains(&n.site))
             .unwrap();
         let name = internal.node.clone();
         internal.routes.clear();
@@ -1594,6 +1636,30 @@ fn the_forwarding_model_accepts_the_examples_and_notices_a_missing_route() {
             )
             .unwrap_err();
         assert!(e.contains("no route"), "{e}");
+    }
+}
+
+/// A site over several subnets, in both `intraSite` modes and with each
+/// candidate active: every cross-site pair gets its packets and replies,
+/// and no node hands a packet to a next hop outside its subnet.
+#[test]
+fn every_pair_of_a_multi_subnet_site_round_trips_under_every_failover() {
+    let zones = include_str!("../../../examples/zones.yaml");
+    for mode in ["tunnel", "vpc-routes"] {
+        let src = zones.replace("intraSite: tunnel", &format!("intraSite: {mode}"));
+        let cluster = load(&src).unwrap().cluster;
+        let site = &cluster.sites[0];
+        for &gi in &site.gateways {
+            let actives = [(site.name.clone(), site.nodes[gi].name.clone())].into();
+            let plan = skybridge_core::plan_with(&cluster, &State::default(), &actives);
+            let w = World::new(&cluster, &plan);
+            for (a, b) in w.foreign_pairs() {
+                let (from, to) = (w.node(&a.node), w.node(&b.node));
+                if let Err(e) = w.round_trip(&a.node, from.private_ip, to.private_ip) {
+                    panic!("{mode}, {} active: {e}", site.nodes[gi].name);
+                }
+            }
+        }
     }
 }
 

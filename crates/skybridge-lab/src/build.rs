@@ -96,6 +96,11 @@ pub fn up_with(
             "--ssh is for the namespace lab without --wireguard-impl: `skybridge apply` installs and runs the agents itself".into(),
         ));
     }
+    if options.backend == Backend::Vm && cluster.sites.iter().any(|s| s.cidrs.len() > 1) {
+        return Err(LabError::Refused(
+            "sites over several subnets are built by the namespace lab only (its VMs join one bridge per site); use --backend namespace".into(),
+        ));
+    }
     if options.backend == Backend::Vm && !foreign.is_empty() {
         return Err(LabError::Refused(
             "--wireguard-impl wireguard-go|boringtun is for the namespace lab; VMs run the agent's own backends".into(),
@@ -226,9 +231,13 @@ fn make_network(
             for range in topology::DOCUMENTATION_RANGES {
                 ip(r, &["route", "add", range, "dev", "wan", "scope", "link"])?;
             }
-            ip(r, &["link", "add", "lan", "type", "bridge"])?;
-            ip(r, &["link", "set", "lan", "up"])?;
-            for (cidr, gw) in &site.lan_gateways {
+            // One bridge per subnet: the router routes between them as a
+            // VPC does, so a node can use only its own subnet's addresses as
+            // next hop, as in the cloud.
+            for (i, (cidr, gw)) in site.lan_gateways.iter().enumerate() {
+                let lan = topology::subnet_bridge(i);
+                ip(r, &["link", "add", &lan, "type", "bridge"])?;
+                ip(r, &["link", "set", &lan, "up"])?;
                 ip(
                     r,
                     &[
@@ -236,11 +245,34 @@ fn make_network(
                         "add",
                         &format!("{gw}/{}", cidr.prefix_len()),
                         "dev",
-                        "lan",
+                        &lan,
                     ],
                 )?;
             }
             in_ns(r, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            // A VPC forwards a gateway's traffic whatever its source (with
+            // the source/destination check off); a namespace inherits the
+            // host's reverse-path filter, which would not.
+            for key in [
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+            ] {
+                in_ns(r, &["sysctl", "-qw", key])?;
+            }
+        }
+        // The VPC's route table (`intraSite: vpc-routes`), as `render
+        // --format cloud-routes` prints it.
+        for (destination, next_hop) in &site.vpc_routes {
+            ip(
+                r,
+                &[
+                    "route",
+                    "replace",
+                    &destination.to_string(),
+                    "via",
+                    &next_hop.to_string(),
+                ],
+            )?;
         }
         let mut nft = std::process::Command::new("ip")
             .args(["netns", "exec", r, "nft", "-f", "-"])
@@ -301,7 +333,14 @@ fn make_network(
             )?;
             ip(
                 r,
-                &["link", "set", &node.router_port, "master", "lan", "up"],
+                &[
+                    "link",
+                    "set",
+                    &node.router_port,
+                    "master",
+                    &node.bridge,
+                    "up",
+                ],
             )?;
             ip(
                 n,

@@ -1,12 +1,17 @@
 //! The lab's topology as a value: namespace names, router ports, gateway and
 //! NAT addresses for a cluster. Pure, so that address choices are tested
 //! without root.
+//!
+//! A site's router is its VPC: one bridge per subnet (`cidrs` entry), between
+//! which it routes as a provider's VPC does, and for an `intraSite:
+//! vpc-routes` site the route-table entries `render --format cloud-routes`
+//! prints.
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
-use skybridge_core::Cluster;
+use skybridge_core::{Cluster, State};
 
 use crate::LabError;
 
@@ -36,6 +41,20 @@ pub struct LabSite {
     pub lan_gateways: Vec<(Ipv4Net, Ipv4Addr)>,
     pub cidrs: Vec<Ipv4Net>,
     pub nodes: Vec<LabNode>,
+    /// `intraSite: vpc-routes`: the VPC route table's entries (destination,
+    /// next hop), as the plan has them with every site on its preferred
+    /// gateway.
+    pub vpc_routes: Vec<(Ipv4Net, Ipv4Addr)>,
+}
+
+/// The router's bridge of the `index`th subnet of a site: the first keeps
+/// the name a one-subnet site's bridge always had.
+pub fn subnet_bridge(index: usize) -> String {
+    if index == 0 {
+        "lan".to_owned()
+    } else {
+        format!("lan{index}")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +67,8 @@ pub struct LabNode {
     pub public_ip: Option<Ipv4Addr>,
     pub cidr: Ipv4Net,
     pub gateway: Ipv4Addr,
+    /// The router's bridge of the node's subnet.
+    pub bridge: String,
 }
 
 impl LabSite {
@@ -119,9 +140,10 @@ impl Topology {
             .nodes()
             .filter_map(|(_, n)| n.public.map(|p| p.ip))
             .collect();
+        let plan = skybridge_core::plan(cluster, &State::default());
         let mut sites = Vec::new();
         let mut port = 0usize;
-        for site in &cluster.sites {
+        for (si, site) in cluster.sites.iter().enumerate() {
             let router_public = DOCUMENTATION_RANGES
                 .iter()
                 .rev()
@@ -159,10 +181,11 @@ impl Topology {
                 .collect::<Result<Vec<_>, _>>()?;
             let mut nodes = Vec::new();
             for n in &site.nodes {
-                let (cidr, gateway) = *lan_gateways
+                let subnet = lan_gateways
                     .iter()
-                    .find(|(c, _)| c.contains(&n.private_ip))
+                    .position(|(c, _)| c.contains(&n.private_ip))
                     .expect("validated: node IP in a site CIDR");
+                let (cidr, gateway) = lan_gateways[subnet];
                 let netns = format!("{prefix}{}", n.name);
                 if netns == internet_ns || n.name.starts_with("r-") {
                     return Err(LabError::Refused(format!(
@@ -178,6 +201,7 @@ impl Topology {
                     public_ip: n.public.map(|p| p.ip),
                     cidr,
                     gateway,
+                    bridge: subnet_bridge(subnet),
                 });
                 port += 1;
             }
@@ -188,6 +212,12 @@ impl Topology {
                 lan_gateways,
                 cidrs: site.cidrs.clone(),
                 nodes,
+                vpc_routes: plan.sites[si]
+                    .cloud_routes
+                    .iter()
+                    .flat_map(|r| &r.entries)
+                    .map(|e| (e.destination, e.next_hop_ip))
+                    .collect(),
             });
         }
         Ok(Topology { internet_ns, sites })
@@ -228,6 +258,39 @@ mod tests {
             3,
             "router addresses are distinct"
         );
+    }
+
+    #[test]
+    fn a_site_over_several_subnets_gets_a_bridge_per_subnet_and_its_route_table() {
+        let zones = include_str!("../../../examples/zones.yaml");
+        let t = Topology::of(&cluster(zones), "sb-").unwrap();
+        let aws = &t.sites[0];
+        let bridge = |n: &str| {
+            aws.nodes
+                .iter()
+                .find(|x| x.name == n)
+                .map(|x| (x.bridge.clone(), x.gateway.to_string()))
+                .unwrap()
+        };
+        assert_eq!(bridge("aws-gw-a"), ("lan".into(), "10.10.15.254".into()));
+        assert_eq!(bridge("aws-b1"), ("lan1".into(), "10.10.31.254".into()));
+        assert_eq!(bridge("aws-c1"), ("lan2".into(), "10.10.47.254".into()));
+        // In tunnel mode the VPC routes only its own subnets.
+        assert!(aws.vpc_routes.is_empty());
+        let t = Topology::of(
+            &cluster(&zones.replace("intraSite: tunnel", "intraSite: vpc-routes")),
+            "sb-",
+        )
+        .unwrap();
+        let gw: Ipv4Addr = "10.10.0.10".parse().unwrap();
+        assert_eq!(
+            t.sites[0].vpc_routes,
+            vec![
+                ("172.26.32.0/24".parse().unwrap(), gw),
+                ("10.20.0.0/16".parse().unwrap(), gw)
+            ]
+        );
+        assert!(t.sites[1].vpc_routes.is_empty());
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //!
 //! Every file lives under `<node>/` and starts with a comment header naming the
 //! cluster and node (the one exception is `private.key`, which must hold the
-//! key alone). A node that gets nothing from a format (an internal node in the
+//! key alone; `cloud-routes` files describe a site's VPC, so they live under
+//! `<site>/` and name the site). A node that gets nothing from a format (an internal node in the
 //! `wireguard` or `nftables` format, a node whose plan is empty) gets no files
 //! for it rather than an empty one or a note.
 //!
@@ -19,6 +20,7 @@
 //! | `nftables` | `skybridge.nft` (tunnel ends only: internal nodes have no rules) |
 //! | `wireguard` | `sb-wg0.conf` for wg-quick (WireGuard tunnel ends only) |
 //! | `systemd-agent` | `skybridge-agent.service`: runs the agent at boot, restarts it on failure |
+//! | `cloud-routes` | per `intraSite: vpc-routes` site, `<site>/cloud-routes.sh`: the VPC route-table entries and gateway instance settings, as the provider's commands |
 //!
 //! With generated keys, every node with a WireGuard tunnel also gets
 //! `private.key` (0600), to be installed at [`KEY_PATH`].
@@ -27,6 +29,7 @@
 //! [`iptables::rules`]) so that the agent installs exactly the rules that
 //! the rendered files hold, tagged with the plan rules' fingerprints.
 
+mod cloud_routes;
 mod common;
 pub mod iptables;
 mod networkd;
@@ -63,15 +66,19 @@ pub enum Format {
     WireGuard,
     /// The systemd unit that runs `skybridge agent` at boot.
     SystemdAgent,
+    /// What the VPC of each `intraSite: vpc-routes` site must hold (site
+    /// files, not node files: `<site>/cloud-routes.sh`).
+    CloudRoutes,
 }
 
 impl Format {
-    pub const ALL: [Format; 5] = [
+    pub const ALL: [Format; 6] = [
         Format::Script,
         Format::Networkd,
         Format::Nftables,
         Format::WireGuard,
         Format::SystemdAgent,
+        Format::CloudRoutes,
     ];
 
     /// The name `skybridge render --format` takes.
@@ -82,6 +89,7 @@ impl Format {
             Format::Nftables => "nftables",
             Format::WireGuard => "wireguard",
             Format::SystemdAgent => "systemd-agent",
+            Format::CloudRoutes => "cloud-routes",
         }
     }
 }
@@ -185,6 +193,7 @@ pub fn render(
         Format::Nftables => nftables::render(plan),
         Format::WireGuard => wireguard::render(plan, keys)?,
         Format::SystemdAgent => systemd::render(plan),
+        Format::CloudRoutes => cloud_routes::render(plan),
     })
 }
 

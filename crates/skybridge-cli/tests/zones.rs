@@ -1,0 +1,100 @@
+//! End to end: a site over three subnets (examples/zones.yaml: gateway
+//! candidates in two of them, a node in the third) joined to two one-subnet
+//! sites, built by the lab with one bridge per subnet behind the site's VPC
+//! router; every pair green in both `intraSite` modes. Namespaces are
+//! `sbt-<pid>-<tag>-*`; run under `flock /tmp/sb-nettest.lock`.
+
+mod support;
+
+use support::{Lab, text, unmet, wireguard_everywhere};
+
+const ZONES: &str = include_str!("../../../examples/zones.yaml");
+const TOOLS: [&str; 6] = ["nft", "nsenter", "unshare", "ping", "bash", "iperf3"];
+/// Nine nodes; aws's five times the other four, both ways, cross sites.
+const ALL_GREEN: &str = "72 pairs, 48 cross-site, 0 failed";
+/// In the subnet without a gateway candidate.
+const NODE_C: &str = "aws-c1";
+
+/// `lab up` with Skybridge's userspace WireGuard on every node (the
+/// namespace lab shares the host's kernel, and its WireGuard module).
+#[track_caller]
+fn up_green(lab: &Lab, name: &str, cluster: &str) {
+    let file = lab.file(name, cluster);
+    let wg = wireguard_everywhere(cluster, "userspace", &[]);
+    let mut args: Vec<&str> = vec![&file];
+    args.extend(wg.iter().map(String::as_str));
+    lab.up_green(&args, ALL_GREEN);
+    let check = lab.run(&["check"]);
+    assert!(
+        check.status.success() && text(&check).contains(ALL_GREEN),
+        "{}",
+        text(&check)
+    );
+}
+
+fn route_to(lab: &Lab, node: &str, dst: &str) -> String {
+    text(&lab.exec(node, &["ip", "-4", "route", "get", dst]))
+}
+
+#[test]
+fn a_site_over_three_subnets_in_tunnel_mode_is_all_green() {
+    if unmet(&TOOLS) {
+        return;
+    }
+    let lab = Lab::new("zt");
+    up_green(&lab, "zones.yaml", ZONES);
+    // The node without a candidate in its subnet reaches aliyun through its
+    // VXLAN tunnel to the active gateway (aws-gw-a), with VXLAN's header
+    // taken off the MTU.
+    let route = route_to(&lab, NODE_C, "172.26.32.236");
+    assert!(route.contains(" dev sb-in-"), "{route}");
+    let link = text(&lab.exec(NODE_C, &["ip", "-d", "link", "show", "type", "vxlan"]));
+    assert!(
+        link.contains("remote 10.10.0.10") && link.contains("remote 10.10.16.10"),
+        "{link}"
+    );
+    assert!(link.contains("dstport 4789"), "{link}");
+    // 10 MB of TCP across both tunnels with segments of the size the plan
+    // computed: the narrowest path (WireGuard to tencent's 1450 underlay:
+    // 1390) less IPv4 and TCP headers.
+    let mss = {
+        let v = skybridge_core::load(ZONES).unwrap();
+        let p = skybridge_core::plan(&v.cluster, &Default::default());
+        let route_mtu = p.node(NODE_C).unwrap().routes[0].mtu.unwrap();
+        skybridge_core::transport::mss(route_mtu)
+    };
+    assert!(route.contains(&format!("mtu {}", mss + 40)), "{route}");
+    lab.sh_ok("ali-worker1", "iperf3 -s -1 -D");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let report = lab.sh_ok(NODE_C, "iperf3 -c 172.26.32.236 -n 10M -J");
+    let used = report
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("\"tcp_mss_default\":"))
+        .and_then(|v| v.trim().trim_end_matches(',').parse::<u32>().ok())
+        .unwrap_or_else(|| panic!("no tcp_mss_default in {report}"));
+    // The kernel takes TCP options (timestamps, 12 bytes) off the route's MSS.
+    assert!(
+        used <= mss && used + 12 >= mss,
+        "MSS {used}, plan {mss}: {report}"
+    );
+    assert!(report.contains("10485760"), "{report}");
+    // aws-a1 shares aws-gw-a's subnet: no tunnel needed for the active gateway.
+    let route = route_to(&lab, "aws-a1", "172.26.32.236");
+    assert!(route.contains("via 10.10.0.10 dev eth0"), "{route}");
+}
+
+#[test]
+fn a_site_over_three_subnets_in_vpc_routes_mode_is_all_green() {
+    if unmet(&TOOLS) {
+        return;
+    }
+    let lab = Lab::new("zv");
+    let cluster = ZONES.replace("intraSite: tunnel", "intraSite: vpc-routes");
+    up_green(&lab, "zones-vpc.yaml", &cluster);
+    // No tunnel inside the site: the node's default route leads to the
+    // VPC's router, whose route table sends aliyun to the active gateway.
+    let link = text(&lab.exec(NODE_C, &["ip", "-d", "link", "show", "type", "vxlan"]));
+    assert!(link.trim().is_empty(), "{link}");
+    let route = route_to(&lab, NODE_C, "172.26.32.236");
+    assert!(route.contains("via 10.10.47.254 dev eth0"), "{route}");
+}
