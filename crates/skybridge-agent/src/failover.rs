@@ -14,8 +14,8 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use skybridge_core::health::{Selector, Switch};
 use skybridge_core::layout::paths::{GATEWAYS_FILE_NAME, HEALTH_LOG_NAME};
-use skybridge_core::model::Failover as Settings;
-use skybridge_core::{Actives, ClusterPlan};
+use skybridge_core::model::{Failover as Settings, Hook, Site};
+use skybridge_core::{Actives, Cluster, ClusterPlan};
 
 use crate::health::{self, Targets};
 
@@ -55,6 +55,8 @@ pub struct Failover {
     chosen: Chosen,
     /// `chosen` is on disk as it is.
     saved: bool,
+    /// This node's site (for its `onFailover` hook).
+    site: Option<Site>,
 }
 
 impl Failover {
@@ -70,13 +72,16 @@ impl Failover {
             selector: None,
             chosen: read_chosen(state_dir),
             saved: false,
+            site: None,
         }
     }
 
-    /// Takes a new cluster plan (the file changed): the sites with a choice
-    /// start from the current choice.
-    pub fn reset(&mut self, plan: &ClusterPlan, settings: Settings) {
+    /// Takes a new cluster (the file changed) and its plan: the sites with
+    /// a choice start from the current choice.
+    pub fn reset(&mut self, cluster: &Cluster, plan: &ClusterPlan) {
+        let settings = cluster.network.failover;
         self.settings = settings;
+        self.site = cluster.node(&self.node).map(|(s, _)| s.clone());
         self.targets = Targets::of(plan, &self.node);
         // Only the sites whose choice changes this node's plan: its own, and
         // for a gateway candidate every other site (it picks their peer).
@@ -143,6 +148,18 @@ impl Failover {
         }
         for s in &switches {
             tracing::warn!(site = %s.site, from = %s.from, to = %s.to, "gateway failover: {}", s.reason);
+            // The new gateway of this node's own site runs the site's hook
+            // (the old one may be dead): one run per failover.
+            if s.to == self.node
+                && let Some(site) = self.site.as_ref().filter(|site| site.name == s.site)
+                && let (Some(old), Some(new)) = (
+                    site.nodes.iter().find(|n| n.name == s.from),
+                    site.nodes.iter().find(|n| n.name == s.to),
+                )
+                && let Some(hook) = site.failover_hook(old, new)
+            {
+                run_hook(hook);
+            }
         }
         let changed = !switches.is_empty();
         if changed || unreachable != self.chosen.unreachable || !self.saved {
@@ -164,5 +181,87 @@ impl Failover {
             atomic_write_file::AtomicWriteFile::open(self.state_dir.join(GATEWAYS_FILE_NAME))?;
         f.write_all(&serde_json::to_vec_pretty(&self.chosen).expect("plain data serializes"))?;
         f.commit()
+    }
+}
+
+/// Runs an `onFailover` hook in the background (the data path moved
+/// already; the hook moves what Skybridge cannot, such as a VPC route
+/// table entry) and logs how it ended. No shell: the program and its
+/// arguments are the cluster file's list.
+pub fn run_hook(hook: Hook) -> std::thread::JoinHandle<Option<std::process::ExitStatus>> {
+    std::thread::spawn(move || {
+        let mut cmd = std::process::Command::new(&hook.program);
+        cmd.args(&hook.args).stdin(std::process::Stdio::null());
+        for (k, v) in &hook.env {
+            cmd.env(k, v);
+        }
+        match cmd.output() {
+            Ok(out) if out.status.success() => {
+                tracing::info!(program = %hook.program, "onFailover hook done");
+                Some(out.status)
+            }
+            Ok(out) => {
+                tracing::error!(
+                    program = %hook.program,
+                    "onFailover hook failed ({}): {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+                Some(out.status)
+            }
+            Err(e) => {
+                tracing::error!(program = %hook.program, "onFailover hook could not start: {e}");
+                None
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hook_gets_the_site_and_both_gateways_in_its_environment_and_no_shell() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("env");
+        let hook = Hook {
+            program: "/usr/bin/env".into(),
+            args: vec![],
+            env: vec![
+                ("SKYBRIDGE_SITE", "huawei".into()),
+                ("SKYBRIDGE_OLD_GATEWAY", "hw-gw1".into()),
+                ("SKYBRIDGE_NEW_GATEWAY", "$(reboot)".into()),
+            ],
+        };
+        let status = run_hook(hook).join().unwrap();
+        assert!(status.is_some_and(|s| s.success()));
+        // The same through a program that writes what it got.
+        let hook = Hook {
+            program: "/bin/sh".into(),
+            args: vec![
+                "-c".into(),
+                "printf '%s %s %s' \"$SKYBRIDGE_SITE\" \"$SKYBRIDGE_OLD_GATEWAY\" \"$SKYBRIDGE_NEW_GATEWAY\" > \"$1\"".into(),
+                "hook".into(),
+                out.display().to_string(),
+            ],
+            env: vec![
+                ("SKYBRIDGE_SITE", "huawei".into()),
+                ("SKYBRIDGE_OLD_GATEWAY", "hw-gw1".into()),
+                ("SKYBRIDGE_NEW_GATEWAY", "$(reboot)".into()),
+            ],
+        };
+        assert!(run_hook(hook).join().unwrap().is_some_and(|s| s.success()));
+        // A value is data: `$(reboot)` arrives as text, never run.
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap(),
+            "huawei hw-gw1 $(reboot)"
+        );
+        let missing = Hook {
+            program: "/nonexistent/hook".into(),
+            args: vec![],
+            env: vec![],
+        };
+        assert_eq!(run_hook(missing).join().unwrap(), None);
     }
 }

@@ -522,10 +522,7 @@ async fn run(
         std::env::current_exe().context("locating this skybridge binary for the health prober")?,
         prober_args(args),
     );
-    failover.reset(
-        &skybridge_core::plan(&cluster, &state),
-        cluster.network.failover,
-    );
+    failover.reset(&cluster, &skybridge_core::plan(&cluster, &state));
     let tick = failover
         .enabled()
         .then(|| cluster.network.failover.probe_interval());
@@ -542,7 +539,7 @@ async fn run(
         if now != seen {
             seen = now;
             let (c, s) = cluster_and_state(args)?;
-            failover.reset(&skybridge_core::plan(&c, &s), c.network.failover);
+            failover.reset(&c, &skybridge_core::plan(&c, &s));
             (cluster, state) = (c, s);
             replan = true;
         }
