@@ -34,6 +34,12 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// Probes remembered per target for the loss ratio.
 const WINDOW: usize = 20;
+/// Copies of each probe datagram (answers to copies of one probe count once).
+/// Found in the lab: under a saturating TCP flow through a debug-build
+/// userspace data plane, single probes were lost three in a row often
+/// enough to fail a healthy gateway over; three copies make that unlikely at
+/// a few hundred bytes per second.
+const PROBE_COPIES: usize = 3;
 
 /// A node or gateway the prober sends probes to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -251,8 +257,11 @@ impl Tracked {
         else {
             return;
         };
+        // Copies of a probe are answered each: the first answer gives the RTT.
+        let first = !self.history[i];
         self.history[i] = true;
         if back == 0
+            && first
             && let Some(sent) = self.last_sent
         {
             self.rtt = Some(now.saturating_duration_since(sent));
@@ -371,8 +380,13 @@ pub async fn run(
                     let msg = Message::Probe { from: ts.node.clone(), seq: tr.seq };
                     let bytes = serde_json::to_vec(&msg).expect("plain data serializes");
                     // A target with no route yet (its tunnel is still coming
-                    // up) is simply not answering.
-                    let _ = udp.send_to(&bytes, SocketAddrV4::new(t.ip, HEALTH_PORT)).await;
+                    // up) is simply not answering. Each probe goes out
+                    // PROBE_COPIES times: a tunnel saturated by the traffic it
+                    // carries drops a share of all packets, and a gateway
+                    // must not look dead because its probes were among them.
+                    for _ in 0..PROBE_COPIES {
+                        let _ = udp.send_to(&bytes, SocketAddrV4::new(t.ip, HEALTH_PORT)).await;
+                    }
                 }
             }
             got = udp.recv_from(&mut buf) => {

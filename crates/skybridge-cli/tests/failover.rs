@@ -283,7 +283,8 @@ fn userspace_wireguard_site_survives_its_gateways_failing_in_every_way() {
         views(&lab)
     );
 
-    // No false failover: a saturating flow through the active gateways, and
+    // No false failover: a saturating flow through the active gateways for
+    // 60 s, and
     // an agent killed on one (its data plane and prober keep going).
     let counted = |lab: &Lab| -> usize {
         ["hw-node", "ali-node", "hw-gw2", "ali-gw2", "ali-gw1"]
@@ -294,7 +295,7 @@ fn userspace_wireguard_site_survives_its_gateways_failing_in_every_way() {
     let before = counted(&lab);
     let flow = lab.exec(
         "hw-node",
-        &["iperf3", "-c", ALI_NODE, "-t", "20", "-P", "4", "-J"],
+        &["iperf3", "-c", ALI_NODE, "-t", "60", "-P", "4", "-J"],
     );
     let rates = intervals(&flow);
     assert!(
