@@ -12,7 +12,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use support::{Lab, text, unmet, wireguard_everywhere};
+use support::{Lab, Pinger, text, unmet, wireguard_everywhere};
 
 const HA: &str = include_str!("../../../examples/ha-lab.yaml");
 const TOOLS: [&str; 7] = ["nft", "wg", "nsenter", "unshare", "ping", "bash", "iperf3"];
@@ -21,53 +21,6 @@ const HW_NODE: &str = "192.168.0.20";
 const ALI_NODE: &str = "172.26.32.20";
 /// The bound on lost traffic when a gateway fails.
 const MAX_GAP: f64 = 3.0;
-
-/// A ping of 50 ms intervals from a node, for about `secs` seconds.
-struct Pinger(std::process::Child);
-
-impl Pinger {
-    fn start(lab: &Lab, from: &str, to: &str, secs: u32) -> Pinger {
-        Pinger(lab.spawn(&[
-            "exec",
-            from,
-            "--",
-            "ping",
-            "-D",
-            "-n",
-            "-i",
-            "0.05",
-            // A count, not a deadline: with -w, ping exits on the first ICMP
-            // error (a route briefly missing on a gateway that is switching).
-            "-c",
-            &(secs * 20).to_string(),
-            "-W",
-            "1",
-            to,
-        ]))
-    }
-
-    /// The longest time without a reply, in seconds (up to the end of the
-    /// ping: traffic that never came back counts whole), and the replies.
-    fn longest_gap(self) -> (f64, usize) {
-        let out = self.0.wait_with_output().unwrap();
-        let ended = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs_f64();
-        let mut stamps: Vec<f64> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| l.contains("bytes from"))
-            .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
-            .collect();
-        let replies = stamps.len();
-        stamps.push(ended);
-        let gap = stamps
-            .windows(2)
-            .map(|w| w[1] - w[0])
-            .fold(0.0_f64, f64::max);
-        (gap, replies)
-    }
-}
 
 /// How many gateway switches `node`'s agent has recorded.
 fn switches(lab: &Lab, node: &str) -> usize {

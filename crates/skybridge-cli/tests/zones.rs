@@ -6,7 +6,7 @@
 
 mod support;
 
-use support::{Lab, text, unmet, wireguard_everywhere};
+use support::{Lab, Pinger, text, unmet, wireguard_everywhere};
 
 const ZONES: &str = include_str!("../../../examples/zones.yaml");
 const TOOLS: [&str; 6] = ["nft", "nsenter", "unshare", "ping", "bash", "iperf3"];
@@ -81,6 +81,28 @@ fn a_site_over_three_subnets_in_tunnel_mode_is_all_green() {
     // aws-a1 shares aws-gw-a's subnet: no tunnel needed for the active gateway.
     let route = route_to(&lab, "aws-a1", "172.26.32.236");
     assert!(route.contains("via 10.10.0.10 dev eth0"), "{route}");
+    // The active gateway dies: the node of the third subnet moves to its
+    // tunnel to aws-gw-b, by the same rule as everyone, within 3 s.
+    let ping = Pinger::start(&lab, NODE_C, "172.26.32.236", 10);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    lab.run(&["fail", "aws-gw-a", "--how", "stop"]);
+    let (gap, replies) = ping.longest_gap();
+    assert!(
+        gap < 3.0 && replies > 100,
+        "aws-c1 lost aliyun for {gap:.3} s ({replies} replies)\n{}",
+        lab.logs()
+    );
+    let route = route_to(&lab, NODE_C, "172.26.32.236");
+    let device = route
+        .split_whitespace()
+        .skip_while(|w| *w != "dev")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    let link = text(&lab.exec(NODE_C, &["ip", "-d", "link", "show", "dev", &device]));
+    assert!(link.contains("remote 10.10.16.10"), "{route}\n{link}");
+    let healed = lab.run(&["heal", "aws-gw-a"]);
+    assert!(healed.status.success(), "{}", text(&healed));
 }
 
 #[test]

@@ -213,3 +213,50 @@ pub fn sweep_stale_labs() {
         }
     });
 }
+
+/// A ping of 50 ms intervals from a node, for about `secs` seconds.
+pub struct Pinger(std::process::Child);
+
+impl Pinger {
+    pub fn start(lab: &Lab, from: &str, to: &str, secs: u32) -> Pinger {
+        Pinger(lab.spawn(&[
+            "exec",
+            from,
+            "--",
+            "ping",
+            "-D",
+            "-n",
+            "-i",
+            "0.05",
+            // A count, not a deadline: with -w, ping exits on the first ICMP
+            // error (a route briefly missing on a gateway that is switching).
+            "-c",
+            &(secs * 20).to_string(),
+            "-W",
+            "1",
+            to,
+        ]))
+    }
+
+    /// The longest time without a reply, in seconds (up to the end of the
+    /// ping: traffic that never came back counts whole), and the replies.
+    pub fn longest_gap(self) -> (f64, usize) {
+        let out = self.0.wait_with_output().unwrap();
+        let ended = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let mut stamps: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("bytes from"))
+            .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
+            .collect();
+        let replies = stamps.len();
+        stamps.push(ended);
+        let gap = stamps
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .fold(0.0_f64, f64::max);
+        (gap, replies)
+    }
+}
