@@ -111,6 +111,21 @@ pub struct LinuxNode {
 }
 
 impl LinuxNode {
+    /// The node lock held as `what`, `cluster`'s plan for this node, and the
+    /// host to apply it on: what every change of a rollback step starts with.
+    async fn locked_host(
+        &self,
+        cluster: &Path,
+        what: &str,
+    ) -> Result<(NodeLock, skybridge_core::NodePlan, crate::host::LinuxHost), RollbackError> {
+        let lock = NodeLock::acquire(&self.state_dir, what, LOCK_PATIENCE).map_err(node_err)?;
+        let plan = node_plan(cluster, &self.name).map_err(node_err)?;
+        let host = backend::linux_host(self.backends, &plan, &self.state_dir)
+            .await
+            .map_err(node_err)?;
+        Ok((lock, plan, host))
+    }
+
     fn exe() -> Result<PathBuf, RollbackError> {
         std::env::current_exe().map_err(|e| node_err(format!("locating the skybridge binary: {e}")))
     }
@@ -295,12 +310,7 @@ impl rollback::Node for LinuxNode {
         &mut self,
         cluster: &Path,
     ) -> Result<Vec<(String, String)>, RollbackError> {
-        let _lock = NodeLock::acquire(&self.state_dir, "agent rollback", LOCK_PATIENCE)
-            .map_err(node_err)?;
-        let plan = node_plan(cluster, &self.name).map_err(node_err)?;
-        let mut host = backend::linux_host(self.backends, &plan, &self.state_dir)
-            .await
-            .map_err(node_err)?;
+        let (_lock, plan, mut host) = self.locked_host(cluster, "agent rollback").await?;
         host.restore_sysctls_outside(&plan).await.map_err(node_err)
     }
 
@@ -326,12 +336,7 @@ impl rollback::Node for LinuxNode {
     }
 
     async fn apply(&mut self, cluster: &Path) -> Result<RunReport, RollbackError> {
-        let _lock =
-            NodeLock::acquire(&self.state_dir, "agent try", LOCK_PATIENCE).map_err(node_err)?;
-        let plan = node_plan(cluster, &self.name).map_err(node_err)?;
-        let mut host = backend::linux_host(self.backends, &plan, &self.state_dir)
-            .await
-            .map_err(node_err)?;
+        let (_lock, plan, mut host) = self.locked_host(cluster, "agent try").await?;
         let r = reconcile::reconcile_unguarded(&mut host, &plan)
             .await
             .map_err(node_err)?;
@@ -339,12 +344,7 @@ impl rollback::Node for LinuxNode {
     }
 
     async fn teardown(&mut self, cluster: &Path) -> Result<RunReport, RollbackError> {
-        let _lock = NodeLock::acquire(&self.state_dir, "agent rollback", LOCK_PATIENCE)
-            .map_err(node_err)?;
-        let plan = node_plan(cluster, &self.name).map_err(node_err)?;
-        let mut host = backend::linux_host(self.backends, &plan, &self.state_dir)
-            .await
-            .map_err(node_err)?;
+        let (_lock, plan, mut host) = self.locked_host(cluster, "agent rollback").await?;
         let r = reconcile::down_unguarded(&mut host, &plan)
             .await
             .map_err(node_err)?;

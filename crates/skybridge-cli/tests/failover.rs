@@ -22,24 +22,27 @@ const ALI_NODE: &str = "172.26.32.20";
 /// The bound on lost traffic when a gateway fails.
 const MAX_GAP: f64 = 3.0;
 
+/// What `node`'s agent recorded in its `gateways.json` (null when none).
+fn chosen(lab: &Lab, node: &str) -> serde_json::Value {
+    let out = lab.exec(node, &["cat", "/var/lib/skybridge/gateways.json"]);
+    serde_json::from_str(&text(&out)).unwrap_or_default()
+}
+
 /// How many gateway switches `node`'s agent has recorded.
 fn switches(lab: &Lab, node: &str) -> usize {
-    let out = lab.exec(node, &["cat", "/var/lib/skybridge/gateways.json"]);
-    let chosen: serde_json::Value = serde_json::from_str(&text(&out)).unwrap_or_default();
-    chosen["switches"].as_array().map_or(0, Vec::len)
+    chosen(lab, node)["switches"].as_array().map_or(0, Vec::len)
 }
 
 /// The active gateway of `site` as `node` sees it.
 fn active(lab: &Lab, node: &str, site: &str) -> String {
-    let out = lab.exec(node, &["cat", "/var/lib/skybridge/gateways.json"]);
-    let chosen: serde_json::Value = serde_json::from_str(&text(&out)).unwrap_or_default();
-    chosen["actives"][site].as_str().unwrap_or("").to_owned()
+    chosen(lab, node)["actives"][site]
+        .as_str()
+        .unwrap_or("")
+        .to_owned()
 }
 
 fn unreachable(lab: &Lab, node: &str) -> BTreeSet<String> {
-    let out = lab.exec(node, &["cat", "/var/lib/skybridge/gateways.json"]);
-    let chosen: serde_json::Value = serde_json::from_str(&text(&out)).unwrap_or_default();
-    chosen["unreachable"]
+    chosen(lab, node)["unreachable"]
         .as_array()
         .into_iter()
         .flatten()
