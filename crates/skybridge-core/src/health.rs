@@ -10,6 +10,13 @@
 //! routes at probe rate. With no healthy candidate the site keeps its last
 //! choice (nothing better is known) and is reported unreachable.
 //!
+//! A candidate that stops answering is left at once. One that answers but
+//! reaches fewer sites than another is left only when that has lasted the
+//! failover's down time: each candidate learns that a remote site died at a
+//! slightly different moment (its own probes, then an answer later), and
+//! without the wait every node would move its site's gateway away and back
+//! whenever another site went dark as a whole.
+//!
 //! Time is passed in, never read, so the decisions are tested with a fake clock.
 
 use std::collections::BTreeSet;
@@ -49,6 +56,9 @@ struct SiteState {
     current: usize,
     /// Per candidate: since when it has been continuously eligible.
     eligible_since: Vec<Option<Instant>>,
+    /// Per candidate: since when it has answered but reached fewer sites
+    /// than the best one.
+    behind_since: Vec<Option<Instant>>,
     /// No candidate was healthy at the last update.
     unreachable: bool,
 }
@@ -58,6 +68,8 @@ struct SiteState {
 #[derive(Debug)]
 pub struct Selector {
     failback: Option<Duration>,
+    /// How long a reach deficit must last before it moves the choice.
+    behind_for: Duration,
     sites: Vec<SiteState>,
 }
 
@@ -76,12 +88,14 @@ impl Selector {
                     .and_then(|a| s.gateway_candidates.iter().position(|c| c == a))
                     .unwrap_or(0),
                 eligible_since: vec![None; s.gateway_candidates.len()],
+                behind_since: vec![None; s.gateway_candidates.len()],
                 candidates: s.gateway_candidates.clone(),
                 unreachable: false,
             })
             .collect();
         Selector {
             failback: failover.failback(),
+            behind_for: failover.down_after(),
             sites,
         }
     }
@@ -144,12 +158,22 @@ impl Selector {
                     (Some(t), true) => Some(t),
                 };
             }
+            for (since, h) in s.behind_since.iter_mut().zip(&seen) {
+                let behind = matches!(h, Health::Up { reach } if Some(reach.len()) < best);
+                *since = if behind { since.or(Some(now)) } else { None };
+            }
             s.unreachable = best.is_none();
             let Some(first) = eligible.iter().position(|&e| e) else {
                 continue;
             };
             let current_state = &seen[s.current];
-            let next = if !eligible[s.current] && *current_state != Health::Unknown {
+            let failed = match current_state {
+                Health::Down { .. } => true,
+                Health::Up { .. } => s.behind_since[s.current]
+                    .is_some_and(|t| now.saturating_duration_since(t) >= self.behind_for),
+                Health::Unknown => false,
+            };
+            let next = if failed {
                 // Moving away from a candidate that failed: at once.
                 Some((
                     first,
@@ -303,7 +327,12 @@ spec:
     #[test]
     fn an_alive_gateway_whose_tunnels_are_broken_loses_to_one_that_reaches_more() {
         let (mut s, t0) = selector();
-        let sw = s.update(t0, |_, c| if c == "a1" { up(&[]) } else { up(&["b", "c"]) });
+        let broken = |_: &str, c: &str| if c == "a1" { up(&[]) } else { up(&["b", "c"]) };
+        // Not at once: the others may just not have noticed the same loss yet.
+        assert!(s.update(t0, broken).is_empty());
+        let almost = t0 + s.behind_for - Duration::from_millis(1);
+        assert!(s.update(almost, broken).is_empty());
+        let sw = s.update(t0 + s.behind_for, broken);
         assert_eq!(sw[0].to, "a2");
         assert!(
             sw[0]
@@ -312,6 +341,25 @@ spec:
             "{}",
             sw[0].reason
         );
+    }
+
+    #[test]
+    fn a_remote_site_going_dark_does_not_move_this_sites_gateway() {
+        let (mut s, t0) = selector();
+        // Site b dies: a1 notices first, a2 one probe later.
+        let step = Duration::from_millis(250);
+        assert!(
+            s.update(t0, |_, c| if c == "a1" {
+                up(&["c"])
+            } else {
+                up(&["b", "c"])
+            })
+            .is_empty()
+        );
+        for i in 1..40 {
+            assert!(s.update(t0 + step * i, |_, _| up(&["c"])).is_empty());
+        }
+        assert_eq!(s.actives()["a"], "a1");
     }
 
     #[test]

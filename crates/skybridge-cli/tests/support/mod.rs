@@ -135,7 +135,7 @@ impl Lab {
                 let p = f.path();
                 if p.extension().is_some_and(|e| e == "log") {
                     let t = std::fs::read_to_string(&p).unwrap_or_default();
-                    let tail: Vec<&str> = t.lines().rev().take(12).collect();
+                    let tail: Vec<&str> = t.lines().rev().take(30).collect();
                     out += &format!(
                         "--- {}\n{}\n",
                         p.display(),
