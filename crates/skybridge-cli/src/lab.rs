@@ -141,6 +141,41 @@ pub enum AgentArg {
     None,
 }
 
+/// The programs every lab command runs, with the Debian package of each.
+const TOOLS: [(&str, &str); 6] = [
+    ("ip", "iproute2"),
+    ("nft", "nftables"),
+    ("nsenter", "util-linux"),
+    ("unshare", "util-linux"),
+    ("ping", "iputils-ping"),
+    ("bash", "bash"),
+];
+
+/// Whether `tool` is a program on PATH.
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::metadata(dir.join(tool))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
+/// The Debian packages of the lab's programs missing from PATH, in order.
+fn missing_packages(have: impl Fn(&str) -> bool) -> Vec<&'static str> {
+    let mut pkgs: Vec<&'static str> = Vec::new();
+    for (tool, pkg) in TOOLS {
+        if !have(tool) && !pkgs.contains(&pkg) {
+            pkgs.push(pkg);
+        }
+    }
+    pkgs
+}
+
+/// Root, and the programs the lab runs. As root on Debian the missing ones
+/// are installed (saying so), as the test command does; elsewhere the error
+/// says what to install.
 fn root() -> Result<()> {
     let uid = std::process::Command::new("id")
         .arg("-u")
@@ -149,17 +184,47 @@ fn root() -> Result<()> {
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
         bail!("the lab makes network namespaces: run it as root");
     }
-    for tool in ["ip", "nft", "nsenter", "unshare", "ping", "bash"] {
-        if std::process::Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .map(|o| !o.status.success())
-            .unwrap_or(true)
-        {
-            bail!(
-                "the lab needs {tool}: apt-get install iproute2 nftables util-linux iputils-ping bash"
-            );
-        }
+    let missing = missing_packages(on_path);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let debian = std::path::Path::new("/etc/debian_version").exists() && on_path("apt-get");
+    if !debian {
+        bail!(
+            "the lab needs {}: install them with your package manager (on Debian: apt-get install {})",
+            TOOLS
+                .iter()
+                .filter(|(t, _)| !on_path(t))
+                .map(|(t, _)| *t)
+                .collect::<Vec<_>>()
+                .join(", "),
+            missing.join(" ")
+        );
+    }
+    eprintln!(
+        "the lab needs {}: installing with apt-get install {}",
+        missing.join(", "),
+        missing.join(" ")
+    );
+    let status = std::process::Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("running apt-get")?;
+    if !status.success() {
+        bail!(
+            "apt-get install {} failed ({status}); install them by hand and run the lab again",
+            missing.join(" ")
+        );
+    }
+    let still = missing_packages(on_path);
+    if !still.is_empty() {
+        bail!(
+            "installed {} but the lab's programs are still not on PATH ({}): is PATH missing /usr/sbin?",
+            missing.join(" "),
+            std::env::var("PATH").unwrap_or_default()
+        );
     }
     Ok(())
 }
@@ -513,6 +578,16 @@ mod tests {
     use skybridge_lab::NodeState;
 
     use super::*;
+
+    #[test]
+    fn missing_programs_map_to_debian_packages_once_each() {
+        assert!(missing_packages(|_| true).is_empty());
+        assert_eq!(
+            missing_packages(|t| !matches!(t, "nft" | "nsenter" | "unshare")),
+            ["nftables", "util-linux"]
+        );
+        assert_eq!(missing_packages(|_| false).len(), 5);
+    }
 
     const SITE_A_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 10);
     const SITE_B_IP: Ipv4Addr = Ipv4Addr::new(172, 26, 32, 235);
