@@ -337,6 +337,42 @@ fn try_watchdog_is_its_own_systemd_unit(lab: &Lab) {
         "the agent is not running after the rollback"
     );
     green_within(lab, std::time::Duration::from_secs(60)).unwrap();
+
+    // A node whose agent did not run before: the try enables the unit, and
+    // its rollback must not leave it enabled (nor running).
+    let unit_is = |what: &str| {
+        text(&lab.sh(node, &format!("systemctl {what} {}", paths::AGENT_UNIT)))
+            .trim()
+            .to_owned()
+    };
+    lab.sh_ok(
+        node,
+        &format!("systemctl disable --now {}", paths::AGENT_UNIT),
+    );
+    let t = try_("vmunit", 5);
+    assert!(t.status.success(), "{}", text(&t));
+    assert_eq!(
+        unit_is("is-enabled"),
+        "enabled",
+        "the try did not enable the agent"
+    );
+    std::thread::sleep(std::time::Duration::from_secs(12));
+    assert_ne!(active("vmunit"), "active", "the watchdog did not finish");
+    assert_ne!(
+        unit_is("is-enabled"),
+        "enabled",
+        "the rollback left the agent unit enabled"
+    );
+    assert_ne!(
+        unit_is("is-active"),
+        "active",
+        "the rollback left the agent running"
+    );
+    lab.sh_ok(
+        node,
+        &format!("systemctl enable --now {}", paths::AGENT_UNIT),
+    );
+    green_within(lab, std::time::Duration::from_secs(60)).unwrap();
 }
 
 /// An invalid cluster file makes the agent exit at every start; once the
