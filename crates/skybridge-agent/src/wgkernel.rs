@@ -18,7 +18,7 @@ use netlink_packet_wireguard::{
 };
 use skybridge_core::diff::{PeerConfig, WireGuardConfig};
 
-use crate::wireguard::{Delta, WireGuardError};
+use crate::wireguard::{Delta, PeerStats, WireGuardError};
 
 /// Peers per set request: keeps each message far below the socket's limit
 /// however many sites the cluster has (`wg(8)` splits the same way).
@@ -118,6 +118,25 @@ impl KernelWireGuard {
                 tracing::debug!(iface, "not a kernel WireGuard device: {e}");
                 Ok(None)
             }
+            Err((_, e)) => Err(e),
+        }
+    }
+
+    /// Each peer's counters; `None` when `iface` is not a kernel WireGuard device.
+    ///
+    /// # Errors
+    /// When the kernel does not answer.
+    pub async fn peer_stats(&self, iface: &str) -> Result<Option<Vec<PeerStats>>, WireGuardError> {
+        let msg = WireguardMessage {
+            cmd: WireguardCmd::GetDevice,
+            attributes: vec![WireguardAttribute::IfName(iface.to_owned())],
+        };
+        match self
+            .exchange(msg, NLM_F_REQUEST | NLM_F_DUMP, &format!("reading {iface}"))
+            .await
+        {
+            Ok(msgs) => Ok(Some(parse_stats(msgs))),
+            Err((Some(code), _)) if code == ENODEV || code == EOPNOTSUPP => Ok(None),
             Err((_, e)) => Err(e),
         }
     }
@@ -297,6 +316,42 @@ pub fn parse_device(
         }
     }
     (private, cfg.normalized())
+}
+
+/// The peers' counters in a get-device dump (a peer continued in the next
+/// message repeats its key and carries no counters there).
+pub fn parse_stats(msgs: impl IntoIterator<Item = WireguardMessage>) -> Vec<PeerStats> {
+    let mut out: Vec<PeerStats> = Vec::new();
+    for msg in msgs {
+        for attr in msg.attributes {
+            let WireguardAttribute::Peers(peers) = attr else {
+                continue;
+            };
+            for WireguardPeer(attrs) in peers {
+                let mut p = PeerStats::default();
+                for a in attrs {
+                    match a {
+                        WireguardPeerAttribute::PublicKey(k) => p.public_key = STANDARD.encode(k),
+                        WireguardPeerAttribute::LastHandshake(t) => {
+                            p.last_handshake = u64::try_from(t.seconds).ok().filter(|s| *s > 0);
+                        }
+                        WireguardPeerAttribute::RxBytes(b) => p.rx_bytes = b,
+                        WireguardPeerAttribute::TxBytes(b) => p.tx_bytes = b,
+                        _ => {}
+                    }
+                }
+                match out.last_mut() {
+                    Some(last) if last.public_key == p.public_key => {
+                        last.rx_bytes = last.rx_bytes.max(p.rx_bytes);
+                        last.tx_bytes = last.tx_bytes.max(p.tx_bytes);
+                        last.last_handshake = last.last_handshake.or(p.last_handshake);
+                    }
+                    _ => out.push(p),
+                }
+            }
+        }
+    }
+    out
 }
 
 fn parse_peer(attrs: Vec<WireguardPeerAttribute>) -> PeerConfig {
