@@ -57,6 +57,9 @@ pub struct NodeStatus {
     pub last_reconcile: Option<LastReconcile>,
     #[serde(default)]
     pub gateways: Vec<SiteGateway>,
+    /// The last gateway failovers this node made and why, newest first.
+    #[serde(default)]
+    pub failovers: Vec<String>,
     #[serde(default)]
     pub tunnels: Vec<TunnelStatus>,
     /// Why the node is unhealthy; empty when it is healthy.

@@ -243,6 +243,9 @@ pub fn render_at(nodes: &[NodeStatus], now: u64) -> Vec<String> {
                     g.site, g.active
                 )));
             }
+            for f in &s.failovers {
+                out.extend(wrap("    failover ", f));
+            }
             if !s.tunnels.is_empty() {
                 out.push(format!(
                     "  {:<15} {:<24} {:>10} {:>10} {:>10} {:>10} {:>6}",
@@ -381,6 +384,7 @@ mod tests {
                 active: "hw-gw2".into(),
                 unreachable: false,
             }],
+            failovers: vec!["huawei: hw-gw1 -> hw-gw2: hw-gw1 is down: no answer at 192.168.0.10".into()],
             tunnels: vec![
                 TunnelStatus {
                     interface: "sb-wg0".into(),
