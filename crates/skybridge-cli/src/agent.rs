@@ -15,8 +15,8 @@ use skybridge_agent::backend::{Backends, DataPlane, FirewallChoice};
 use skybridge_agent::failover::Failover;
 use skybridge_agent::health::Targets;
 use skybridge_agent::host::{Host, HostError, LinuxHost};
-use skybridge_agent::lock::{LOCK_PATIENCE, NodeLock};
 use skybridge_agent::journal;
+use skybridge_agent::lock::{LOCK_PATIENCE, NodeLock};
 use skybridge_agent::output::{ConfirmOutcome, NodeStatus, TryOutcome, run_report};
 use skybridge_agent::reconcile::Report;
 use skybridge_agent::rollback::{self, Digests, Dirs, SystemClock, TryRequest};
@@ -409,7 +409,10 @@ async fn node_status(a: &StatusArgs) -> NodeStatus {
                 .or_else(|| info.as_ref().map(|i| i.cluster.clone()))
                 .unwrap_or_else(|| PathBuf::from(paths::CLUSTER_FILE)),
         ),
-        node: a.node.clone().or_else(|| info.as_ref().map(|i| i.node.clone())),
+        node: a
+            .node
+            .clone()
+            .or_else(|| info.as_ref().map(|i| i.node.clone())),
         state_dir: a.state_dir.clone(),
         state: a
             .state

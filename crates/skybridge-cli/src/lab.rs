@@ -64,7 +64,7 @@ pub enum LabCommand {
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Run a command inside a node (its network and its files).
+    /// Run a command inside a node (its network and its files); exits with its exit code.
     Exec {
         /// The node to run in.
         node: String,
@@ -241,7 +241,10 @@ fn node_health(state: &LabState) -> Vec<skybridge_agent::output::NodeStatus> {
             let stdout = match state.enter(name) {
                 Some(mut args) => {
                     args.extend(ask.iter().cloned());
-                    match std::process::Command::new(&args[0]).args(&args[1..]).output() {
+                    match std::process::Command::new(&args[0])
+                        .args(&args[1..])
+                        .output()
+                    {
                         Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
                         Err(e) => return broken(format!("cannot enter the node: {e}")),
                     }
@@ -505,11 +508,12 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
             let status = std::process::Command::new(&args[0])
                 .args(&args[1..])
                 .status()?;
-            Ok(if status.success() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            // The command's own code, as ssh and `docker exec` pass it on:
+            // a test tells "unhealthy" (3) from "failed" (1) through it.
+            Ok(status
+                .code()
+                .and_then(|c| u8::try_from(c).ok())
+                .map_or(ExitCode::FAILURE, ExitCode::from))
         }
         LabCommand::Status { output } => {
             let state = LabState::load()?;

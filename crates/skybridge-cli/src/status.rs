@@ -21,6 +21,9 @@ use crate::output::{self, Output};
 /// Every line of the table fits this many columns.
 pub const WIDTH: usize = 100;
 
+/// Exit code of the remote command on a node without the agent binary.
+const NOT_INSTALLED: i32 = 100;
+
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// The cluster file.
@@ -121,16 +124,17 @@ async fn ask(connector: &Openssh, t: &Target) -> NodeStatus {
         Ok(s) => s,
         Err(e) => return broken(format!("unreachable: {}", short_ssh(&e))),
     };
+    // ssh reports exit 127 as its own failure: say "not installed" with another code.
     let cmd = format!(
-        "{} agent status --output json --node {}",
-        paths::BINARY,
-        quote(&t.node)
+        "[ -x {bin} ] || exit {NOT_INSTALLED}; {bin} agent status --output json --node {}",
+        quote(&t.node),
+        bin = paths::BINARY,
     );
     let out = session.run(&cmd, None).await;
     session.close().await;
     match out {
         Err(e) => broken(format!("unreachable: {}", short_ssh(&e))),
-        Ok(o) if o.code == Some(127) => broken(format!(
+        Ok(o) if o.code == Some(NOT_INSTALLED) => broken(format!(
             "skybridge is not installed at {}: run `skybridge apply`",
             paths::BINARY
         )),
@@ -156,10 +160,7 @@ fn compare_file(s: &mut NodeStatus, sha256: &str, file: &std::path::Path) {
         s.converged = Some(false);
         s.differences.insert(
             0,
-            format!(
-                "the node runs another cluster file than {}",
-                file.display()
-            ),
+            format!("the node runs another cluster file than {}", file.display()),
         );
         s.problems.push(format!(
             "runs another cluster file than {}: run `skybridge apply {0}`",
@@ -384,7 +385,9 @@ mod tests {
                 active: "hw-gw2".into(),
                 unreachable: false,
             }],
-            failovers: vec!["huawei: hw-gw1 -> hw-gw2: hw-gw1 is down: no answer at 192.168.0.10".into()],
+            failovers: vec![
+                "huawei: hw-gw1 -> hw-gw2: hw-gw1 is down: no answer at 192.168.0.10".into(),
+            ],
             tunnels: vec![
                 TunnelStatus {
                     interface: "sb-wg0".into(),
@@ -414,7 +417,9 @@ mod tests {
         dead.node = "gcp-gw".into();
         dead.agent.running = false;
         dead.converged = Some(false);
-        dead.differences = (0..7).map(|i| format!("+ route 10.{i}.0.0/16 via sb-wg0")).collect();
+        dead.differences = (0..7)
+            .map(|i| format!("+ route 10.{i}.0.0/16 via sb-wg0"))
+            .collect();
         dead.problems = vec![
             "agent not running (pid 4242 is gone)".into(),
             "not converged: 7 change(s) to make".into(),
@@ -446,7 +451,11 @@ mod tests {
         nodes[0].node = "n".repeat(150);
         nodes[0].gateways[0].site = "s".repeat(90);
         for line in render_at(&nodes, NOW) {
-            assert!(line.chars().count() <= WIDTH, "{} > {WIDTH}: {line}", line.len());
+            assert!(
+                line.chars().count() <= WIDTH,
+                "{} > {WIDTH}: {line}",
+                line.len()
+            );
         }
     }
 
