@@ -419,6 +419,51 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_peer_continued_in_the_next_message_keeps_its_counters() {
+        use netlink_packet_wireguard::WireguardTimeSpec;
+        let msg = |attrs: Vec<WireguardPeerAttribute>| WireguardMessage {
+            cmd: WireguardCmd::GetDevice,
+            attributes: vec![WireguardAttribute::Peers(vec![WireguardPeer(attrs)])],
+        };
+        let stats = parse_stats([
+            msg(vec![
+                WireguardPeerAttribute::PublicKey([1; 32]),
+                WireguardPeerAttribute::LastHandshake(WireguardTimeSpec {
+                    seconds: 1_800_000_000,
+                    nano_seconds: 0,
+                }),
+                WireguardPeerAttribute::RxBytes(10),
+                WireguardPeerAttribute::TxBytes(20),
+            ]),
+            // The kernel repeats the key to continue the allowed IPs.
+            msg(vec![WireguardPeerAttribute::PublicKey([1; 32])]),
+            msg(vec![
+                WireguardPeerAttribute::PublicKey([2; 32]),
+                WireguardPeerAttribute::LastHandshake(WireguardTimeSpec {
+                    seconds: 0,
+                    nano_seconds: 0,
+                }),
+            ]),
+        ]);
+        assert_eq!(
+            stats,
+            [
+                PeerStats {
+                    public_key: key(1),
+                    last_handshake: Some(1_800_000_000),
+                    rx_bytes: 10,
+                    tx_bytes: 20,
+                },
+                // Zero is the kernel's "never".
+                PeerStats {
+                    public_key: key(2),
+                    ..PeerStats::default()
+                },
+            ]
+        );
+    }
+
     /// What a set request would leave on a device that had `have`: the
     /// kernel's semantics for flags, applied to our own model.
     fn apply(have: &WireGuardConfig, msgs: &[WireguardMessage]) -> WireGuardConfig {

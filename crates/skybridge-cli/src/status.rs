@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
 use skybridge_agent::output::NodeStatus;
@@ -66,11 +66,12 @@ pub fn main(args: StatusArgs) -> Result<ExitCode> {
             .find(|n| !targets.iter().any(|t| &&t.node == n))
         {
             let names: Vec<&str> = targets.iter().map(|t| t.node.as_str()).collect();
-            bail!(
-                "--node {unknown}: no such node in {}; nodes are: {}",
+            return Err(load::Invalid::new(format!(
+                "no node named '{unknown}' in {}; nodes are: {}",
                 args.file.display(),
                 names.join(", ")
-            );
+            ))
+            .into());
         }
         targets.retain(|t| args.node.contains(&t.node));
     }

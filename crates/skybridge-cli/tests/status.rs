@@ -210,3 +210,22 @@ fn status_is_green_on_a_converged_lab_and_names_the_node_whose_agent_died_or_tha
         text(&only)
     );
 }
+
+#[test]
+fn status_of_an_unknown_node_lists_the_nodes_before_connecting_anywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("health.yaml");
+    std::fs::write(&file, CLUSTER).unwrap();
+    let out = std::process::Command::new(skybridge())
+        .args(["status", "--node", "nope"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("no node named 'nope'")
+            && text(&out).contains("nodes are: hw-gw, hw-worker, ali-gw"),
+        "{}",
+        text(&out)
+    );
+}
