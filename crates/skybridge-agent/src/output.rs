@@ -59,7 +59,7 @@ pub struct NodeStatus {
     pub gateways: Vec<SiteGateway>,
     /// The last gateway failovers this node made and why, newest first.
     #[serde(default)]
-    pub failovers: Vec<String>,
+    pub failovers: Vec<skybridge_core::health::Switch>,
     #[serde(default)]
     pub tunnels: Vec<TunnelStatus>,
     /// Why the node is unhealthy; empty when it is healthy.

@@ -432,13 +432,7 @@ async fn node_status(a: &StatusArgs) -> NodeStatus {
         version: version(),
         agent: journal::agent_state(&a.state_dir),
         gateways: skybridge_agent::status::gateways(&chosen),
-        failovers: chosen
-            .switches
-            .iter()
-            .rev()
-            .take(5)
-            .map(|s| format!("{}: {} -> {}: {}", s.site, s.from, s.to, s.reason))
-            .collect(),
+        failovers: chosen.switches.iter().rev().take(5).cloned().collect(),
         last_reconcile: journal::read_last(&a.state_dir),
         ..NodeStatus::default()
     };

@@ -245,8 +245,14 @@ pub fn render_at(nodes: &[NodeStatus], now: u64) -> Vec<String> {
                     g.site, g.active
                 )));
             }
+            // The reason on a line of its own: it is long, and a person
+            // (or a test) reads it whole.
             for f in &s.failovers {
-                out.extend(wrap("    failover ", f));
+                out.push(clip(&format!(
+                    "    failover {}: {} -> {}",
+                    f.site, f.from, f.to
+                )));
+                out.extend(wrap("      ", &f.reason));
             }
             if !s.tunnels.is_empty() {
                 out.push(format!(
@@ -386,9 +392,12 @@ mod tests {
                 active: "hw-gw2".into(),
                 unreachable: false,
             }],
-            failovers: vec![
-                "huawei: hw-gw1 -> hw-gw2: hw-gw1 is down: no answer at 192.168.0.10".into(),
-            ],
+            failovers: vec![skybridge_core::health::Switch {
+                site: "huawei".into(),
+                from: "hw-gw1".into(),
+                to: "hw-gw2".into(),
+                reason: "hw-gw1 is down: no answer at 192.168.0.10 for 1210 ms (100% of the last probes lost)".into(),
+            }],
             tunnels: vec![
                 TunnelStatus {
                     interface: "sb-wg0".into(),
