@@ -466,9 +466,13 @@ async fn node_status(a: &StatusArgs) -> NodeStatus {
     s
 }
 
+/// How long `agent status` waits for a reconcile or a `try` to finish
+/// before it says it cannot tell: a status answers promptly.
+const STATUS_PATIENCE: Duration = Duration::from_secs(10);
+
 /// What a reconcile would change now, read-only as `agent --dry-run`.
 async fn differences(args: &NodeArgs, plan: &NodePlan) -> Result<Vec<String>> {
-    let _lock = NodeLock::read(&args.state_dir, LOCK_PATIENCE)?;
+    let _lock = NodeLock::read(&args.state_dir, STATUS_PATIENCE)?;
     let mut host = read_only_host(args, plan).await?;
     let r = reconcile::reconcile(&mut host, plan, true).await?;
     Ok(r.changes.iter().map(ToString::to_string).collect())
