@@ -229,3 +229,57 @@ fn status_of_an_unknown_node_lists_the_nodes_before_connecting_anywhere() {
         text(&out)
     );
 }
+
+/// `lab status` on a lab without `--ssh`: the lab's own agents, whose
+/// cluster file is the lab's copy; what they recorded tells `agent status`
+/// where it is.
+#[test]
+fn lab_status_is_green_on_a_converged_lab_and_names_the_stopped_node() {
+    if unmet(&["nft", "nsenter", "ping"]) {
+        return;
+    }
+    let lab = Lab::new("ls");
+    let file = lab.file("health.yaml", CLUSTER);
+    let up = lab.run(&["up", &file]);
+    assert!(up.status.success(), "{}", text(&up));
+    let mut last = lab.run(&["status"]);
+    let green = within(Duration::from_secs(30), || {
+        last = lab.run(&["status"]);
+        last.status.success()
+    });
+    assert!(
+        green.is_some(),
+        "never green: {}\n{}",
+        text(&last),
+        lab.logs()
+    );
+    for n in NODES {
+        assert!(
+            text(&last).contains(&format!("{n}  healthy")),
+            "{}",
+            text(&last)
+        );
+    }
+
+    let fail = lab.run(&["fail", "hw-gw", "--how", "stop"]);
+    assert!(fail.status.success(), "{}", text(&fail));
+    let out = lab.run(&["status"]);
+    assert_eq!(out.status.code(), Some(NODES_FAILED), "{}", text(&out));
+    let t = text(&out);
+    let block: String = t
+        .split("\n\n")
+        .find(|b| b.starts_with("hw-gw  "))
+        .unwrap_or_else(|| panic!("no hw-gw block in {t}"))
+        .to_owned();
+    assert!(
+        block.starts_with("hw-gw  UNHEALTHY") && block.contains("problem: agent not running"),
+        "{t}"
+    );
+    for n in ["hw-worker", "ali-gw"] {
+        assert!(t.contains(&format!("{n}  ")), "{t}");
+        assert!(
+            !t.contains(&format!("{n}  UNHEALTHY\n  agent       NOT")),
+            "{t}"
+        );
+    }
+}
