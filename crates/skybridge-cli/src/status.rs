@@ -9,10 +9,10 @@ use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
 use skybridge_agent::output::NodeStatus;
+use skybridge_apply::Target;
 use skybridge_apply::apply::{agent_output, each};
 use skybridge_apply::session::{Connector as _, Session as _, quote};
 use skybridge_apply::ssh::Openssh;
-use skybridge_apply::{SshError, Target};
 use skybridge_core::layout::paths;
 
 use crate::load;
@@ -123,7 +123,7 @@ async fn ask(connector: &Openssh, t: &Target) -> NodeStatus {
     };
     let session = match connector.connect(t).await {
         Ok(s) => s,
-        Err(e) => return broken(format!("unreachable: {}", short_ssh(&e))),
+        Err(e) => return broken(format!("unreachable: {}", e)),
     };
     // ssh reports exit 127 as its own failure: say "not installed" with another code.
     let cmd = format!(
@@ -134,7 +134,7 @@ async fn ask(connector: &Openssh, t: &Target) -> NodeStatus {
     let out = session.run(&cmd, None).await;
     session.close().await;
     match out {
-        Err(e) => broken(format!("unreachable: {}", short_ssh(&e))),
+        Err(e) => broken(format!("unreachable: {}", e)),
         Ok(o) if o.code == Some(NOT_INSTALLED) => broken(format!(
             "skybridge is not installed at {}: run `skybridge apply`",
             paths::BINARY
@@ -147,10 +147,6 @@ async fn ask(connector: &Openssh, t: &Target) -> NodeStatus {
             Err(e) => broken(format!("{e}: {}", o.stderr.trim())),
         },
     }
-}
-
-fn short_ssh(e: &SshError) -> String {
-    e.to_string()
 }
 
 /// The node runs the file it was given, but is that this file?
