@@ -64,7 +64,7 @@ pub enum LabCommand {
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Run a command inside a node (its network and its files).
+    /// Run a command inside a node (its network and its files); exits with its exit code.
     Exec {
         /// The node to run in.
         node: String,
@@ -72,7 +72,8 @@ pub enum LabCommand {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
-    /// What the running lab is made of.
+    /// What the running lab is made of, and every node's health as
+    /// `skybridge status` shows it (exit 3 when a node is unhealthy).
     Status {
         /// table: for reading; json, yaml: the lab's whole state, for scripts.
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
@@ -277,6 +278,58 @@ fn report_matrix(m: &[Probe], output: Output) -> Result<ExitCode> {
     } else {
         ExitCode::from(exit::NODES_FAILED)
     })
+}
+
+/// `agent status --output json` run inside every node of the lab, in order.
+fn node_health(state: &LabState) -> Vec<skybridge_agent::output::NodeStatus> {
+    use skybridge_agent::output::NodeStatus;
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "skybridge".to_owned());
+    let ask: Vec<String> = vec![
+        exe,
+        "agent".into(),
+        "status".into(),
+        "--output".into(),
+        "json".into(),
+    ];
+    state
+        .nodes
+        .keys()
+        .map(|name| {
+            let broken = |why: String| NodeStatus {
+                node: name.clone(),
+                problems: vec![why],
+                ..NodeStatus::default()
+            };
+            // The report comes with exit 1 on an unhealthy node: read it whatever the code.
+            let stdout = match state.enter(name) {
+                Some(mut args) => {
+                    args.extend(ask.iter().cloned());
+                    match std::process::Command::new(&args[0])
+                        .args(&args[1..])
+                        .output()
+                    {
+                        Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
+                        Err(e) => return broken(format!("cannot enter the node: {e}")),
+                    }
+                }
+                None => match skybridge_lab::run_on(state, name, &ask) {
+                    Ok(out) => out,
+                    Err(e) => return broken(format!("agent status: {e}")),
+                },
+            };
+            match skybridge_apply::apply::agent_output::parse::<NodeStatus>(&stdout) {
+                Ok(mut s) => {
+                    if s.node.is_empty() {
+                        s.node = name.clone();
+                    }
+                    s
+                }
+                Err(e) => broken(e),
+            }
+        })
+        .collect()
 }
 
 /// What the lab is made of, for reading.
@@ -520,11 +573,12 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
             let status = std::process::Command::new(&args[0])
                 .args(&args[1..])
                 .status()?;
-            Ok(if status.success() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            // The command's own code, as ssh and `docker exec` pass it on:
+            // a test tells "unhealthy" (3) from "failed" (1) through it.
+            Ok(status
+                .code()
+                .and_then(|c| u8::try_from(c).ok())
+                .map_or(ExitCode::FAILURE, ExitCode::from))
         }
         LabCommand::Status { output } => {
             let state = LabState::load()?;
@@ -535,7 +589,23 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
             if output == Output::Table {
                 print_gateways(&state);
             }
-            Ok(ExitCode::SUCCESS)
+            // Each node's own report, as `skybridge status` shows a real
+            // cluster: an operator reads the same thing in both.
+            // Entering the nodes takes root; what the lab is made of does not.
+            if root().is_err() {
+                if output == Output::Table {
+                    println!("\n(each node's health: run `skybridge lab status` as root)");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let health = node_health(&state);
+            if output == Output::Table {
+                println!();
+                for line in crate::status::render(&health) {
+                    println!("{line}");
+                }
+            }
+            Ok(crate::status::exit_code(&health))
         }
         LabCommand::Fail { node, how } => {
             root()?;

@@ -96,7 +96,8 @@ fn matrix_green(lab: &Lab) {
 }
 
 /// Every file Skybridge keeps on `node` (path, mode, content hash), less
-/// the ones a running daemon rewrites by itself (its log, its lock note).
+/// the ones a running daemon rewrites by itself (its log, its lock note,
+/// the record of its last reconcile).
 fn node_files(lab: &Lab, node: &str) -> String {
     let dirs = [
         paths::CONFIG_DIR,
@@ -109,8 +110,9 @@ fn node_files(lab: &Lab, node: &str) -> String {
         node,
         &format!(
             "find {dirs} -printf '%p %m %y\\n' 2>/dev/null | grep -v -e '\\.log ' -e '{lock} ' | sort; \
-             find {dirs} -type f ! -name '*.log' ! -name '{lock}' -exec sha256sum {{}} + 2>/dev/null | sort",
-            lock = paths::LOCK_FILE_NAME
+             find {dirs} -type f ! -name '*.log' ! -name '{lock}' ! -name '{last}' -exec sha256sum {{}} + 2>/dev/null | sort",
+            lock = paths::LOCK_FILE_NAME,
+            last = paths::RECONCILE_FILE_NAME
         ),
     )
 }
