@@ -310,6 +310,19 @@ fn try_watchdog_is_its_own_systemd_unit(lab: &Lab) {
     let t = try_("vmconfirm", 60);
     assert!(t.status.success(), "{}", text(&t));
     assert_eq!(active("vmconfirm"), "active", "no watchdog unit after try");
+    // A unit of the system manager, outside any login session: logind's
+    // KillUserProcesses cannot reach it when the operator's SSH session ends.
+    let cgroup = lab.sh_ok(
+        node,
+        &format!(
+            "systemctl show -p ControlGroup --value {}",
+            unit("vmconfirm")
+        ),
+    );
+    assert!(
+        cgroup.trim().starts_with("/system.slice/"),
+        "the watchdog runs in {cgroup}"
+    );
     lab.sh_ok(node, "skybridge agent confirm --id vmconfirm");
     let stopped = (0..20).any(|_| {
         std::thread::sleep(std::time::Duration::from_millis(500));
