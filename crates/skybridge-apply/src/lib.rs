@@ -9,6 +9,7 @@
 //! ([`fake`]) serves the unit tests.
 
 pub mod apply;
+pub mod down;
 pub mod fake;
 pub mod session;
 pub mod ssh;

@@ -3,6 +3,7 @@
 
 mod agent;
 mod apply;
+mod down;
 mod join;
 mod keys;
 mod lab;
@@ -72,6 +73,9 @@ enum Command {
     /// keys, show the changes, apply them (rolled back on a node that cannot be
     /// reached again) and verify connectivity.
     Apply(apply::ApplyArgs),
+    /// Take Skybridge off every node over SSH: the agent's network down,
+    /// then its unit, files, WireGuard key and binary removed.
+    Down(down::DownArgs),
     /// The whole multi-provider topology on this machine, in network namespaces.
     #[command(subcommand)]
     Lab(lab::LabCommand),
@@ -261,6 +265,7 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Agent(args) => agent::main(args),
         Command::Join(args) => join::main(args),
         Command::Apply(args) => apply::main(args),
+        Command::Down(args) => down::main(args),
         Command::Lab(cmd) => lab::main(cmd),
         Command::WireguardDataplane { iface, state_dir } => agent::dataplane(&iface, &state_dir),
         Command::Version => {

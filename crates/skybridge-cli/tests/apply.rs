@@ -578,3 +578,145 @@ fn join_over_ssh_writes_every_node_s_files_and_a_second_run_changes_nothing() {
         );
     }
 }
+
+/// Everything of `node`'s namespace that apply may change (links, routes
+/// of every table, the whole ruleset, the forwarding and per-interface
+/// sysctls) and every Skybridge file: equal before apply and after down.
+fn node_snapshot(lab: &Lab, node: &str) -> String {
+    let net = lab.sh_ok(
+        node,
+        "ip -d link; ip route show table all; ip -6 route show table all; nft list ruleset; \
+         grep -r . /proc/sys/net/ipv4/ip_forward /proc/sys/net/ipv4/conf /proc/sys/net/ipv6/conf 2>/dev/null | sort",
+    );
+    format!("{net}\n--- files\n{}", node_files(lab, node))
+}
+
+/// `skybridge down FILE ...` run on the controller.
+fn down(lab: &Lab, extra: &[&str]) -> Output {
+    let exe = skybridge().display().to_string();
+    let path = lab.path("small.yaml");
+    let mut args = vec!["exec", "controller", "--", &exe, "down", &path];
+    args.extend_from_slice(extra);
+    lab.run(&args)
+}
+
+#[test]
+fn down_over_ssh_restores_every_node_s_namespace_exactly_and_reports_an_unreachable_node() {
+    if unmet(&TOOLS) {
+        return;
+    }
+    let lab = up("dn");
+    let before: Vec<String> = NODES.iter().map(|n| node_snapshot(&lab, n)).collect();
+    let applied = apply(&lab, "small.yaml", &[]);
+    assert!(applied.status.success(), "{}", text(&applied));
+    let daemons: Vec<String> = NODES
+        .iter()
+        .map(|n| {
+            lab.sh_ok(n, &format!("cat {}", paths::PIDFILE))
+                .trim()
+                .to_owned()
+        })
+        .collect();
+
+    // A dry run asks each agent and changes nothing anywhere.
+    let during: Vec<String> = NODES.iter().map(|n| node_snapshot(&lab, n)).collect();
+    let dry = down(&lab, &["--dry-run"]);
+    assert!(dry.status.success(), "{}", text(&dry));
+    assert!(
+        text(&dry).contains("dry run: nothing was changed")
+            && text(&dry).contains(&format!("remove {}", paths::BINARY))
+            && text(&dry).contains(marks::WG_IFACE),
+        "{}",
+        text(&dry)
+    );
+    for (n, during) in NODES.iter().zip(&during) {
+        assert_eq!(
+            &node_snapshot(&lab, n),
+            during,
+            "down --dry-run changed {n}"
+        );
+    }
+
+    // One node cannot be reached: reported, exit 3, the others are taken down.
+    assert!(
+        lab.sh("ali-gw", "kill $(cat /run/sshd.pid)")
+            .status
+            .success()
+    );
+    // Through a shell: `lab exec` turns every failure into 1.
+    let partial = lab.sh(
+        "controller",
+        &format!(
+            "{} down '{}' --yes; echo \"exit code $?\"",
+            skybridge().display(),
+            lab.path("small.yaml")
+        ),
+    );
+    assert!(
+        text(&partial).contains(&format!("exit code {}", 3)),
+        "{}",
+        text(&partial)
+    );
+    let line = summary_line(&partial, "ali-gw");
+    assert!(
+        line.contains("FAILED at connect") && line.contains("Connection refused"),
+        "{}",
+        text(&partial)
+    );
+    for n in ["hw-gw", "hw-worker", "tc-gw"] {
+        assert!(
+            summary_line(&partial, n).contains("down"),
+            "{}",
+            text(&partial)
+        );
+    }
+    // Its agent still runs and its tunnel is still up (it was never reached).
+    let ali = NODES.iter().position(|n| *n == "ali-gw").unwrap();
+    assert!(
+        lab.sh("ali-gw", &format!("kill -0 {}", daemons[ali]))
+            .status
+            .success()
+    );
+    assert!(text(&lab.exec("ali-gw", &["ip", "-o", "link"])).contains(marks::WG_IFACE));
+
+    // sshd back: down again finishes ali-gw; the others have nothing left.
+    assert!(
+        lab.sh("ali-gw", "/usr/sbin/sshd -o PidFile=/run/sshd.pid")
+            .status
+            .success()
+    );
+    let rest = down(&lab, &["--yes"]);
+    assert!(rest.status.success(), "{}", text(&rest));
+    assert!(
+        summary_line(&rest, "ali-gw").contains("down"),
+        "{}",
+        text(&rest)
+    );
+    assert!(
+        summary_line(&rest, "hw-gw").contains("nothing to remove"),
+        "{}",
+        text(&rest)
+    );
+    for ((n, before), pid) in NODES.iter().zip(&before).zip(&daemons) {
+        assert_eq!(
+            &node_snapshot(&lab, n),
+            before,
+            "{n} differs from before apply"
+        );
+        assert!(
+            !lab.sh(n, &format!("kill -0 {pid}")).status.success(),
+            "the agent daemon of {n} still runs"
+        );
+        let left = lab.sh(
+            n,
+            &format!(
+                "ls -d {} {} {} {} 2>/dev/null",
+                paths::CONFIG_DIR,
+                paths::STATE_DIR,
+                paths::RUN_DIR,
+                paths::BINARY
+            ),
+        );
+        assert_eq!(text(&left).trim(), "", "left on {n}");
+    }
+}
