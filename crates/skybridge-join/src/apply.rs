@@ -165,9 +165,38 @@ pub fn join(
         return Ok(report);
     }
 
+    // Recorded before any file is written: a join cut short is revertible.
+    let mut record = Vec::new();
+    for c in &report.changes {
+        record.push(match &c.before {
+            Some(_) => crate::revert::Entry::Replaced {
+                path: c.path.clone(),
+                backup: backup_path(&c.path, &opts.backup_suffix),
+                mode: host.mode(&c.path).map_err(herr)?.unwrap_or(c.mode),
+            },
+            None => crate::revert::Entry::Created {
+                path: c.path.clone(),
+            },
+        });
+    }
+    if !record.is_empty() {
+        let existing = match host.read_file(crate::revert::MANIFEST_PATH).map_err(herr)? {
+            Some(t) => crate::revert::parse(&String::from_utf8_lossy(&t)).map_err(|e| {
+                herr(HostError::Io {
+                    op: "reading",
+                    path: crate::revert::MANIFEST_PATH.into(),
+                    source: std::io::Error::other(e),
+                })
+            })?,
+            None => Vec::new(),
+        };
+        let text = crate::revert::merged(&existing, record);
+        host.write_file(crate::revert::MANIFEST_PATH, text.as_bytes(), 0o600)
+            .map_err(herr)?;
+    }
     for c in &report.changes {
         if let Some(before) = &c.before {
-            let backup = format!("{}.skybridge-backup-{}", c.path, opts.backup_suffix);
+            let backup = backup_path(&c.path, &opts.backup_suffix);
             // 0600: a replaced file may hold a credential.
             host.write_file(&backup, before.as_bytes(), 0o600)
                 .map_err(herr)?;
@@ -219,6 +248,10 @@ pub fn join(
         report.checks = verify_containerd(host, &desired);
     }
     Ok(report)
+}
+
+fn backup_path(path: &str, suffix: &str) -> String {
+    format!("{path}.skybridge-backup-{suffix}")
 }
 
 /// Actions that change the whole machine's kernel, not only this node's
