@@ -494,7 +494,7 @@ fn a_change_that_cuts_ssh_is_rolled_back_on_those_nodes_within_the_timeout() {
 /// land under a directory of its own (nothing runs, so the shared host kernel
 /// is never touched: no modprobe, no swapoff); a second run changes nothing.
 #[test]
-fn join_over_ssh_writes_every_node_s_files_and_a_second_run_changes_nothing() {
+fn join_over_ssh_writes_every_node_s_files_a_second_run_changes_nothing_and_revert_restores_them() {
     if unmet(&TOOLS) {
         return;
     }
@@ -546,6 +546,16 @@ fn join_over_ssh_writes_every_node_s_files_and_a_second_run_changes_nothing() {
         text(&none)
     );
 
+    // hw-worker already has an operator's containerd config, mode 0640.
+    let operator = include_str!("../../skybridge-join/tests/fixtures/operator.config.toml");
+    let src = lab.file("operator.config.toml", operator);
+    lab.sh_ok(
+        "hw-worker",
+        &format!(
+            "mkdir -p {CONFIG_DIR} && cp '{src}' {CONFIG_DIR}/config.toml && chmod 640 {CONFIG_DIR}/config.toml",
+            CONFIG_DIR = "/var/lib/sbt-join/etc/containerd"
+        ),
+    );
     let first = join(&[]);
     assert!(first.status.success(), "{}", text(&first));
     for node in NODES {
@@ -576,6 +586,35 @@ fn join_over_ssh_writes_every_node_s_files_and_a_second_run_changes_nothing() {
             "{node} changed on the second run:\n{}",
             text(&second)
         );
+    }
+
+    // Revert: the operator's config back byte for byte with its mode, and
+    // the files join created gone.
+    let reverted = join(&["--revert"]);
+    assert!(reverted.status.success(), "{}", text(&reverted));
+    assert!(
+        text(&reverted).contains(
+            "restored /etc/containerd/config.toml from /etc/containerd/config.toml.skybridge-backup-"
+        ),
+        "{}",
+        text(&reverted)
+    );
+    let config = lab.exec(
+        "hw-worker",
+        &["cat", "/var/lib/sbt-join/etc/containerd/config.toml"],
+    );
+    assert_eq!(String::from_utf8_lossy(&config.stdout), operator);
+    let mode = lab.sh_ok(
+        "hw-worker",
+        "stat -c %a /var/lib/sbt-join/etc/containerd/config.toml",
+    );
+    assert_eq!(mode.trim(), "640");
+    for node in NODES {
+        let left = lab.sh(
+            node,
+            "ls /var/lib/sbt-join/etc/systemd/system/kubelet.service /var/lib/sbt-join/etc/containerd/config.toml.skybridge-backup-* 2>/dev/null",
+        );
+        assert_eq!(text(&left).trim(), "", "{node} kept join's files");
     }
 }
 
