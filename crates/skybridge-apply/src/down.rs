@@ -376,6 +376,58 @@ mod tests {
         assert!(c.commands("b").is_empty());
     }
 
+    fn installed() -> FakeNode {
+        FakeNode {
+            skybridge_files: vec![
+                paths::BINARY.into(),
+                paths::CLUSTER_FILE.into(),
+                paths::KEY_FILE.into(),
+            ],
+            ..FakeNode::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_whose_agent_down_fails_keeps_its_agent_and_files() {
+        let c = FakeConnector::default();
+        c.node("ok", installed());
+        c.node(
+            "stuck",
+            FakeNode {
+                down_fails: Some("refused: would cut the SSH session".into()),
+                ..installed()
+            },
+        );
+        let (found, failed) = inspect(&c, vec![target("ok"), target("stuck")], 4, &Quiet).await;
+        assert!(failed.is_empty(), "{failed:?}");
+        assert!(found.iter().all(|f| f.network.is_some()));
+        assert!(
+            found[0]
+                .describe()
+                .contains(&format!("remove {}", paths::KEY_FILE)),
+            "{:?}",
+            found[0].describe()
+        );
+        let done = execute(found, 4, &Quiet).await;
+        let ok = done[0].2.as_ref().unwrap();
+        assert_eq!(ok.files.len(), 3);
+        assert!(ok.network.iter().any(|l| l.contains("sb-wg0")));
+        let stuck = done[1].2.as_ref().unwrap_err();
+        assert_eq!(stuck.step, "agent down");
+        assert!(
+            stuck.reason.contains("would cut the SSH session"),
+            "{stuck}"
+        );
+        // The agent is what takes the network down: it stays for the next try.
+        assert!(
+            !c.commands("stuck")
+                .iter()
+                .any(|cmd| cmd.contains("systemctl disable") || cmd.contains("rm -rf")),
+            "{:?}",
+            c.commands("stuck")
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn inspecting_changes_nothing() {
         let c = FakeConnector::default();

@@ -656,6 +656,16 @@ fn down_over_ssh_restores_every_node_s_namespace_exactly_and_reports_an_unreacha
                 .to_owned()
         })
         .collect();
+    // The agent's other processes: the health prober, a userspace data plane.
+    let helpers: Vec<String> = NODES
+        .iter()
+        .map(|n| {
+            text(&lab.sh(n, &format!("cat {}/*.pid 2>/dev/null", paths::STATE_DIR)))
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
 
     // A dry run asks each agent and changes nothing anywhere.
     let during: Vec<String> = NODES.iter().map(|n| node_snapshot(&lab, n)).collect();
@@ -736,16 +746,22 @@ fn down_over_ssh_restores_every_node_s_namespace_exactly_and_reports_an_unreacha
         "{}",
         text(&rest)
     );
-    for ((n, before), pid) in NODES.iter().zip(&before).zip(&daemons) {
+    for (((n, before), pid), helpers) in NODES.iter().zip(&before).zip(&daemons).zip(&helpers) {
         assert_eq!(
             &node_snapshot(&lab, n),
             before,
             "{n} differs from before apply"
         );
-        assert!(
-            !lab.sh(n, &format!("kill -0 {pid}")).status.success(),
-            "the agent daemon of {n} still runs"
-        );
+        for pid in std::iter::once(pid.as_str()).chain(helpers.split_whitespace()) {
+            // A zombie has ended: only its parent (init here) has yet to reap it.
+            let running =
+                format!("s=$(ps -o stat= -p {pid}); [ -n \"$s\" ] && [ \"${{s#Z}}\" = \"$s\" ]");
+            assert!(
+                !lab.sh(n, &running).status.success(),
+                "process {pid} of the agent on {n} still runs: {}",
+                text(&lab.sh(n, &format!("ps -o pid,ppid,lstart,args -p {pid}")))
+            );
+        }
         let left = lab.sh(
             n,
             &format!(
