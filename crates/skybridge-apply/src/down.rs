@@ -112,18 +112,23 @@ pub struct Found<S> {
     pub network: Option<Vec<String>>,
     /// What the agent's SSH guard would refuse to take down (it says so on stderr).
     pub warnings: Vec<String>,
+    /// The agent daemon runs (systemd unit or detached).
+    pub daemon_running: bool,
     pub elapsed: Duration,
 }
 
 impl<S> Found<S> {
     /// Nothing of Skybridge on this node.
     pub fn clean(&self) -> bool {
-        self.files.is_empty() && self.network.is_none()
+        self.files.is_empty() && self.network.is_none() && !self.daemon_running
     }
 
     /// One line per thing that would go.
     pub fn describe(&self) -> Vec<String> {
         let mut v = Vec::new();
+        if self.daemon_running {
+            v.push("stop the agent daemon".to_owned());
+        }
         if let Some(lines) = &self.network {
             v.extend(lines.iter().map(|l| format!("agent down: {}", l.trim())));
         }
@@ -197,6 +202,11 @@ async fn inspect_one<C: Connector>(
         .map_err(|e| fail(&node, "connect", e))?;
     obs.step(&node, "listing what Skybridge left");
     let files = present(&session, &node, "inspect").await?;
+    let daemon_running = session
+        .run(&crate::apply::agent_running(), None)
+        .await
+        .map_err(|e| fail(&node, "inspect", e))?
+        .success();
     let can_ask = [paths::BINARY, paths::CLUSTER_FILE]
         .iter()
         .all(|p| files.iter().any(|f| f == p));
@@ -233,6 +243,7 @@ async fn inspect_one<C: Connector>(
         files,
         network,
         warnings,
+        daemon_running,
         elapsed: start.elapsed(),
     })
 }
@@ -390,7 +401,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_node_whose_agent_down_fails_keeps_its_agent_and_files() {
         let c = FakeConnector::default();
-        c.node("ok", installed());
+        c.node(
+            "ok",
+            FakeNode {
+                agent_running: true,
+                ..installed()
+            },
+        );
         c.node(
             "stuck",
             FakeNode {
@@ -401,6 +418,12 @@ mod tests {
         let (found, failed) = inspect(&c, vec![target("ok"), target("stuck")], 4, &Quiet).await;
         assert!(failed.is_empty(), "{failed:?}");
         assert!(found.iter().all(|f| f.network.is_some()));
+        assert_eq!(found[0].describe()[0], "stop the agent daemon");
+        assert!(
+            !found[1]
+                .describe()
+                .contains(&"stop the agent daemon".to_owned())
+        );
         assert!(
             found[0]
                 .describe()
@@ -436,7 +459,18 @@ mod tests {
         assert!(failed.is_empty());
         assert!(found[0].network.is_none());
         for cmd in c.commands("a") {
-            assert!(!cmd.contains("rm ") && !cmd.contains("systemctl"), "{cmd}");
+            assert!(
+                ![
+                    "rm ",
+                    "systemctl disable",
+                    "systemctl stop",
+                    "daemon-reload",
+                    "agent down --cluster"
+                ]
+                .iter()
+                .any(|w| cmd.contains(w)),
+                "{cmd}"
+            );
         }
     }
 }
