@@ -377,6 +377,9 @@ fn print_revert(node: &str, result: &Result<Reverted, String>, dry_run: bool) ->
     for path in &r.removed {
         println!("  {remove} {path}");
     }
+    for path in &r.removed_dirs {
+        println!("  {remove} folder {path}");
+    }
     for n in &r.notes {
         println!("  note: {n}");
     }

@@ -91,6 +91,15 @@ pub trait NodeHost {
     fn mode(&self, _path: &str) -> Result<Option<u32>, HostError> {
         Ok(None)
     }
+
+    /// Removes the directory if it is empty; `false` when it is not (or is
+    /// gone): someone else's files keep it.
+    ///
+    /// # Errors
+    /// When it could not be removed for another reason.
+    fn remove_empty_dir(&self, path: &str) -> Result<bool, HostError> {
+        Err(HostError::NoCommands(format!("rmdir {path}")))
+    }
 }
 
 /// A shared reference to a node is that node (so that adapters such as
@@ -116,6 +125,9 @@ impl<H: NodeHost + ?Sized> NodeHost for &H {
     }
     fn mode(&self, path: &str) -> Result<Option<u32>, HostError> {
         (**self).mode(path)
+    }
+    fn remove_empty_dir(&self, path: &str) -> Result<bool, HostError> {
+        (**self).remove_empty_dir(path)
     }
 }
 
@@ -171,6 +183,10 @@ impl<H: NodeHost> NodeHost for Rooted<H> {
 
     fn mode(&self, path: &str) -> Result<Option<u32>, HostError> {
         self.inner.mode(&self.path(path))
+    }
+
+    fn remove_empty_dir(&self, path: &str) -> Result<bool, HostError> {
+        self.inner.remove_empty_dir(&self.path(path))
     }
 
     fn run(&self, program: &str, args: &[&str]) -> Result<CommandOutput, HostError> {
@@ -241,6 +257,9 @@ impl NodeHost for LocalHost {
     fn mode(&self, path: &str) -> Result<Option<u32>, HostError> {
         self.host().mode(path)
     }
+    fn remove_empty_dir(&self, path: &str) -> Result<bool, HostError> {
+        self.host().remove_empty_dir(path)
+    }
 }
 
 /// This machine, unrooted.
@@ -300,6 +319,25 @@ impl NodeHost for Machine {
                 source: e,
             }),
             _ => Ok(()),
+        }
+    }
+
+    fn remove_empty_dir(&self, path: &str) -> Result<bool, HostError> {
+        match std::fs::remove_dir(path) {
+            Ok(()) => Ok(true),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::DirectoryNotEmpty
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(source) => Err(HostError::Io {
+                op: "removing the directory",
+                path: path.to_owned(),
+                source,
+            }),
         }
     }
 

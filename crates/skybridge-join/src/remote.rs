@@ -91,6 +91,18 @@ impl<S: Session> NodeHost for SessionHost<S> {
         }
     }
 
+    fn remove_empty_dir(&self, path: &str) -> Result<bool, HostError> {
+        // rmdir refuses a folder that is not empty: that is the answer, not an error.
+        let out = self
+            .runtime
+            .block_on(
+                self.session
+                    .run(&format!("rmdir -- {} 2>/dev/null", quote(path)), None),
+            )
+            .map_err(|e| self.broken("removing the directory", path, e))?;
+        Ok(out.success())
+    }
+
     fn mode(&self, path: &str) -> Result<Option<u32>, HostError> {
         let p = quote(path);
         let out = self

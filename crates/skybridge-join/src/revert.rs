@@ -26,12 +26,16 @@ pub enum Entry {
     },
     /// Did not exist before join.
     Created { path: String },
+    /// A folder join made for a file it created.
+    CreatedDir { path: String },
 }
 
 impl Entry {
     pub fn path(&self) -> &str {
         match self {
-            Entry::Replaced { path, .. } | Entry::Created { path } => path,
+            Entry::Replaced { path, .. } | Entry::Created { path } | Entry::CreatedDir { path } => {
+                path
+            }
         }
     }
 
@@ -41,6 +45,7 @@ impl Entry {
                 format!("replaced\t{mode:o}\t{backup}\t{path}\n")
             }
             Entry::Created { path } => format!("created\t\t\t{path}\n"),
+            Entry::CreatedDir { path } => format!("created-dir\t\t\t{path}\n"),
         }
     }
 }
@@ -70,6 +75,9 @@ pub fn parse(text: &str) -> Result<Vec<Entry>, String> {
             ["created", "", "", path] if !path.is_empty() => Entry::Created {
                 path: path.to_owned(),
             },
+            ["created-dir", "", "", path] if !path.is_empty() => Entry::CreatedDir {
+                path: path.to_owned(),
+            },
             _ => return Err(bad()),
         };
         out.push(entry);
@@ -94,6 +102,8 @@ pub struct Reverted {
     /// `(path, backup)` restored.
     pub restored: Vec<(String, String)>,
     pub removed: Vec<String>,
+    /// Folders join made that are gone again (empty once its files went).
+    pub removed_dirs: Vec<String>,
     /// `systemctl ...` steps run, and how they went.
     pub actions: Vec<(String, Result<(), String>)>,
     pub notes: Vec<String>,
@@ -121,6 +131,7 @@ pub fn revert(host: &dyn NodeHost, dry_run: bool) -> Result<Reverted, String> {
     };
     let entries = parse(&String::from_utf8_lossy(&text))?;
     let mut r = Reverted::default();
+    let mut kept_dirs = Vec::new();
     for e in entries.iter().rev() {
         match e {
             Entry::Replaced { path, backup, mode } => {
@@ -142,6 +153,15 @@ pub fn revert(host: &dyn NodeHost, dry_run: bool) -> Result<Reverted, String> {
                 }
                 r.removed.push(path.clone());
             }
+            // Recorded outermost first, so reached innermost first here;
+            // one that still holds someone else's files stays.
+            Entry::CreatedDir { path } => {
+                if dry_run || host.remove_empty_dir(path).map_err(err)? {
+                    r.removed_dirs.push(path.clone());
+                } else {
+                    kept_dirs.push(path.clone());
+                }
+            }
         }
     }
     if dry_run {
@@ -149,6 +169,12 @@ pub fn revert(host: &dyn NodeHost, dry_run: bool) -> Result<Reverted, String> {
     }
     for p in [MANIFEST_PATH, plan::PENDING_PATH] {
         host.remove_file(p).map_err(err)?;
+    }
+    // The folder of join's records is empty only now.
+    for path in kept_dirs {
+        if host.remove_empty_dir(&path).map_err(err)? {
+            r.removed_dirs.push(path);
+        }
     }
     let touched = |p: &str| entries.iter().any(|e| e.path() == p);
     let mut steps: Vec<Vec<&str>> = Vec::new();

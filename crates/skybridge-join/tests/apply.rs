@@ -349,8 +349,8 @@ fn kubeadm_join_runs_once_and_never_again_once_joined() {
     );
 }
 
-/// Every file under `dir` with its mode and content: what a revert must
-/// give back exactly.
+/// Every file and folder under `dir` with its mode and content: what a
+/// revert must give back exactly.
 fn files_with_modes(dir: &std::path::Path) -> Vec<(String, u32, Vec<u8>)> {
     use std::os::unix::fs::PermissionsExt as _;
     let mut out = Vec::new();
@@ -359,6 +359,12 @@ fn files_with_modes(dir: &std::path::Path) -> Vec<(String, u32, Vec<u8>)> {
         for e in std::fs::read_dir(&d).unwrap() {
             let p = e.unwrap().path();
             if p.is_dir() {
+                let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o7777;
+                out.push((
+                    format!("{}/", p.strip_prefix(dir).unwrap().display()),
+                    mode,
+                    Vec::new(),
+                ));
                 todo.push(p);
             } else {
                 let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o7777;
@@ -402,6 +408,10 @@ fn revert_restores_containerd_s_config_byte_for_byte_with_its_mode_and_removes_w
         "{dry:?}"
     );
     assert!(!dry.removed.is_empty());
+    assert!(
+        dry.removed_dirs.contains(&"/etc/systemd/system".to_owned()),
+        "{dry:?}"
+    );
     assert!(node.ran().is_empty(), "a dry revert ran {:?}", node.ran());
     assert_ne!(files_with_modes(dir.path()), before);
 

@@ -118,6 +118,9 @@ impl NodeHost for FakeNode {
     fn mode(&self, path: &str) -> Result<Option<u32>, HostError> {
         self.files.mode(path)
     }
+    fn remove_empty_dir(&self, path: &str) -> Result<bool, HostError> {
+        self.files.remove_empty_dir(path)
+    }
     fn exists(&self, path: &str) -> Result<bool, HostError> {
         if path == "/run/systemd/system" {
             return Ok(self.systemd);
