@@ -39,7 +39,7 @@ pub mod paths {
 }
 
 /// Is the agent daemon running (systemd unit, or the pidfile of a detached one)?
-fn agent_running() -> String {
+pub(crate) fn agent_running() -> String {
     use skybridge_core::layout::paths::{AGENT_UNIT, PIDFILE};
     format!(
         "if [ -d /run/systemd/system ]; then systemctl is-active --quiet {AGENT_UNIT}; else kill -0 \"$(cat {PIDFILE} 2>/dev/null)\" 2>/dev/null; fi"
@@ -106,7 +106,7 @@ pub struct NodeFailure {
     pub reason: String,
 }
 
-fn fail(node: &str, step: &'static str, reason: impl ToString) -> NodeFailure {
+pub(crate) fn fail(node: &str, step: &'static str, reason: impl ToString) -> NodeFailure {
     NodeFailure {
         node: node.to_owned(),
         step,

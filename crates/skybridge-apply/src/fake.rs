@@ -28,6 +28,10 @@ pub struct FakeNode {
     pub agent_running: bool,
     /// The node has made no WireGuard key yet: `agent pubkey` makes one.
     pub no_key: bool,
+    /// What `down`'s listing finds of Skybridge, until its removal runs.
+    pub skybridge_files: Vec<String>,
+    /// `agent down` fails with this on stderr.
+    pub down_fails: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -135,7 +139,31 @@ impl Session for FakeSession {
             stdout,
             stderr: String::new(),
         };
-        let out = if command.starts_with("uname -m") {
+        let out = if command.starts_with("for p in ") {
+            ok(node
+                .skybridge_files
+                .iter()
+                .map(|f| format!("{f}\n"))
+                .collect())
+        } else if command.contains(" agent down") && !command.contains("--dry-run") {
+            match &node.down_fails {
+                Some(why) => Output {
+                    code: Some(1),
+                    stdout: String::new(),
+                    stderr: why.clone(),
+                },
+                None => ok(format!("{name}: applying 1 change(s):\n  - link sb-wg0\n")),
+            }
+        } else if command.contains(" agent down --dry-run") {
+            ok(format!(
+                "{name}: would apply 1 change(s):\n  - link sb-wg0\n"
+            ))
+        } else if command.contains("systemctl disable --now") {
+            if let Some(n) = w.nodes.get_mut(&name) {
+                n.skybridge_files.clear();
+            }
+            ok(String::new())
+        } else if command.starts_with("uname -m") {
             ok(format!(
                 "{}\n{}  {}\n",
                 std::env::consts::ARCH,

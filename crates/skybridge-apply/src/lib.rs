@@ -6,9 +6,11 @@
 //!
 //! The orchestration only talks to the [`session::Session`] trait; the real
 //! one is the system `ssh` ([`ssh::Openssh`]), the recording one
-//! ([`fake`]) serves the unit tests.
+//! ([`fake`]) serves the unit tests. [`down`] reverses apply over the same
+//! sessions (`skybridge down`).
 
 pub mod apply;
+pub mod down;
 pub mod fake;
 pub mod session;
 pub mod ssh;

@@ -43,13 +43,13 @@ pub struct ApplyArgs {
 }
 
 /// Per-node progress: spinners on a terminal, one line per step otherwise.
-struct Progress {
+pub(crate) struct Progress {
     bars: Option<(MultiProgress, Mutex<BTreeMap<String, ProgressBar>>)>,
     start: Instant,
 }
 
 impl Progress {
-    fn new(nodes: &[String]) -> Progress {
+    pub(crate) fn new(nodes: &[String]) -> Progress {
         if !std::io::stderr().is_terminal() {
             return Progress {
                 bars: None,
@@ -76,7 +76,7 @@ impl Progress {
         }
     }
 
-    fn finish(&self) {
+    pub(crate) fn finish(&self) {
         if let Some((_, bars)) = &self.bars {
             for b in bars.lock().expect("not poisoned").values() {
                 b.finish();

@@ -12,9 +12,11 @@ use skybridge_apply::target::Target;
 use skybridge_core::Cluster;
 use skybridge_core::model::Join;
 use skybridge_join::LocalHost;
+use skybridge_join::NodeHost;
 use skybridge_join::apply::{Options, Outcome, Report};
 use skybridge_join::containerd::Version;
 use skybridge_join::remote::{Rooted, SessionHost};
+use skybridge_join::revert::Reverted;
 
 use crate::load;
 
@@ -31,6 +33,11 @@ pub struct JoinArgs {
     /// Show the file diffs and the commands; change nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Undo join: restore every file it replaced from its backup (same bytes,
+    /// same mode), remove the files it created, restart containerd if its
+    /// config changed.
+    #[arg(long, conflicts_with = "containerd_version")]
+    revert: bool,
     /// Prepare this machine as node NAME (instead of reaching it over SSH).
     #[arg(long)]
     local: bool,
@@ -53,6 +60,9 @@ pub struct JoinArgs {
 
 pub fn main(args: JoinArgs) -> Result<ExitCode> {
     let cluster = load::cluster(&args.file)?;
+    if args.revert {
+        return revert(&args, &cluster);
+    }
     let Some(kube) = &cluster.kubernetes else {
         bail!(
             "{}: cluster {} has no spec.kubernetes section; add one (version, apiServer, clusterDNS, serviceCIDR, podCIDR, join) as in examples/lab.yaml",
@@ -103,9 +113,8 @@ pub fn main(args: JoinArgs) -> Result<ExitCode> {
     remote(&args, &cluster, &opts)
 }
 
-/// Joins the chosen nodes over apply's SSH layer, `--parallel` at a time;
-/// one node failing does not stop the others.
-fn remote(args: &JoinArgs, cluster: &Cluster, opts: &Options) -> Result<ExitCode> {
+/// The nodes `--node`/`--all` choose, and how to reach them.
+fn chosen_targets(args: &JoinArgs, cluster: &Cluster) -> Result<Vec<Target>> {
     let mut targets = skybridge_apply::targets(cluster).with_context(|| {
         format!(
             "{}: working out how to reach the nodes",
@@ -123,6 +132,13 @@ fn remote(args: &JoinArgs, cluster: &Cluster, opts: &Options) -> Result<ExitCode
             );
         }
     }
+    Ok(targets)
+}
+
+/// Joins the chosen nodes over apply's SSH layer, `--parallel` at a time;
+/// one node failing does not stop the others.
+fn remote(args: &JoinArgs, cluster: &Cluster, opts: &Options) -> Result<ExitCode> {
+    let targets = chosen_targets(args, cluster)?;
     let connector = Openssh::new(args.accept_new_host_keys)
         .map_err(|e| anyhow::anyhow!("writing the ssh config for this join: {e}"))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -270,4 +286,108 @@ fn print_report(node: &str, r: &Report, dry_run: bool, root: Option<&Path>) {
             }
         }
     }
+}
+
+/// `join --revert`: on this machine, or on the chosen nodes over SSH one
+/// thread each, `--parallel` at a time, as join.
+fn revert(args: &JoinArgs, cluster: &Cluster) -> Result<ExitCode> {
+    let on = |host: &dyn NodeHost| skybridge_join::revert(host, args.dry_run);
+    let rooted = |host: &dyn NodeHost| match &args.root {
+        Some(dir) => on(&Rooted::new(host, dir.display().to_string())),
+        None => on(host),
+    };
+    if args.local {
+        let node = args
+            .node
+            .clone()
+            .expect("clap requires --node without --all");
+        let result = rooted(&LocalHost::new(node.clone()));
+        return Ok(if print_revert(&node, &result, args.dry_run) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+    let targets = chosen_targets(args, cluster)?;
+    let connector = Openssh::new(args.accept_new_host_keys)
+        .map_err(|e| anyhow::anyhow!("writing the ssh config for this revert: {e}"))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut ok = true;
+    for batch in targets.chunks(args.parallel.max(1)) {
+        let results: Vec<(String, Result<Reverted, String>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = batch
+                .iter()
+                .map(|t| {
+                    let (connector, rt) = (&connector, runtime.handle().clone());
+                    s.spawn(move || {
+                        let result = rt
+                            .block_on(connector.connect(t))
+                            .map_err(|e| e.to_string())
+                            .and_then(|session| {
+                                let host = SessionHost::new(t.node.clone(), session, rt.clone());
+                                let r = rooted(&host);
+                                rt.block_on(host.into_session().close());
+                                r
+                            });
+                        (t.node.clone(), result)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a revert thread panicked"))
+                .collect()
+        });
+        for (node, result) in results {
+            ok &= print_revert(&node, &result, args.dry_run);
+        }
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(crate::exit::NODES_FAILED)
+    })
+}
+
+/// Says what revert did on `node`; whether it went well.
+fn print_revert(node: &str, result: &Result<Reverted, String>, dry_run: bool) -> bool {
+    let r = match result {
+        Ok(r) => r,
+        Err(why) => {
+            println!("{node}: FAILED: {why}");
+            return false;
+        }
+    };
+    let (restore, remove) = if dry_run {
+        ("would restore", "would remove")
+    } else {
+        ("restored", "removed")
+    };
+    println!(
+        "{node}: {} file(s) {restore}, {} {remove}",
+        r.restored.len(),
+        r.removed.len()
+    );
+    for (path, backup) in &r.restored {
+        println!("  {restore} {path} from {backup}");
+    }
+    for path in &r.removed {
+        println!("  {remove} {path}");
+    }
+    for path in &r.removed_dirs {
+        println!("  {remove} folder {path}");
+    }
+    for n in &r.notes {
+        println!("  note: {n}");
+    }
+    for (what, outcome) in &r.actions {
+        match outcome {
+            Ok(()) => println!("  done: {what}"),
+            Err(why) => println!("  FAILED: {what}: {why}"),
+        }
+    }
+    !r.failed()
 }

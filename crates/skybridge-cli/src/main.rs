@@ -3,6 +3,7 @@
 
 mod agent;
 mod apply;
+mod down;
 mod join;
 mod keys;
 mod lab;
@@ -81,6 +82,9 @@ enum Command {
     /// handshake, bytes each way and the probe RTT and loss. Exit 3 when a
     /// node is unhealthy or unreachable.
     Status(status::StatusArgs),
+    /// Take Skybridge off every node over SSH: the agent's network down,
+    /// then its unit, files, WireGuard key and binary removed.
+    Down(down::DownArgs),
     /// The whole multi-provider topology on this machine, in network namespaces.
     #[command(subcommand)]
     Lab(lab::LabCommand),
@@ -271,6 +275,7 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Join(args) => join::main(args),
         Command::Apply(args) => apply::main(args),
         Command::Status(args) => status::main(args),
+        Command::Down(args) => down::main(args),
         Command::Lab(cmd) => lab::main(cmd),
         Command::WireguardDataplane { iface, state_dir } => agent::dataplane(&iface, &state_dir),
         Command::Version => {

@@ -496,7 +496,7 @@ fn a_change_that_cuts_ssh_is_rolled_back_on_those_nodes_within_the_timeout() {
 /// land under a directory of its own (nothing runs, so the shared host kernel
 /// is never touched: no modprobe, no swapoff); a second run changes nothing.
 #[test]
-fn join_over_ssh_writes_every_node_s_files_and_a_second_run_changes_nothing() {
+fn join_over_ssh_writes_every_node_s_files_a_second_run_changes_nothing_and_revert_restores_them() {
     if unmet(&TOOLS) {
         return;
     }
@@ -548,6 +548,16 @@ fn join_over_ssh_writes_every_node_s_files_and_a_second_run_changes_nothing() {
         text(&none)
     );
 
+    // hw-worker already has an operator's containerd config, mode 0640.
+    let operator = include_str!("../../skybridge-join/tests/fixtures/operator.config.toml");
+    let src = lab.file("operator.config.toml", operator);
+    lab.sh_ok(
+        "hw-worker",
+        &format!(
+            "mkdir -p {CONFIG_DIR} && cp '{src}' {CONFIG_DIR}/config.toml && chmod 640 {CONFIG_DIR}/config.toml",
+            CONFIG_DIR = "/var/lib/sbt-join/etc/containerd"
+        ),
+    );
     let first = join(&[]);
     assert!(first.status.success(), "{}", text(&first));
     for node in NODES {
@@ -578,5 +588,192 @@ fn join_over_ssh_writes_every_node_s_files_and_a_second_run_changes_nothing() {
             "{node} changed on the second run:\n{}",
             text(&second)
         );
+    }
+
+    // Revert: the operator's config back byte for byte with its mode, and
+    // the files join created gone.
+    let reverted = join(&["--revert"]);
+    assert!(reverted.status.success(), "{}", text(&reverted));
+    assert!(
+        text(&reverted).contains(
+            "restored /etc/containerd/config.toml from /etc/containerd/config.toml.skybridge-backup-"
+        ),
+        "{}",
+        text(&reverted)
+    );
+    let config = lab.exec(
+        "hw-worker",
+        &["cat", "/var/lib/sbt-join/etc/containerd/config.toml"],
+    );
+    assert_eq!(String::from_utf8_lossy(&config.stdout), operator);
+    let mode = lab.sh_ok(
+        "hw-worker",
+        "stat -c %a /var/lib/sbt-join/etc/containerd/config.toml",
+    );
+    assert_eq!(mode.trim(), "640");
+    for node in NODES {
+        let left = lab.sh(
+            node,
+            "ls /var/lib/sbt-join/etc/systemd/system/kubelet.service /var/lib/sbt-join/etc/containerd/config.toml.skybridge-backup-* 2>/dev/null",
+        );
+        assert_eq!(text(&left).trim(), "", "{node} kept join's files");
+    }
+}
+
+/// Everything of `node`'s namespace that apply may change (links, routes
+/// of every table, the whole ruleset, the forwarding and per-interface
+/// sysctls) and every Skybridge file: equal before apply and after down.
+fn node_snapshot(lab: &Lab, node: &str) -> String {
+    let net = lab.sh_ok(
+        node,
+        "ip -d link; ip route show table all; ip -6 route show table all; nft list ruleset; \
+         grep -r . /proc/sys/net/ipv4/ip_forward /proc/sys/net/ipv4/conf /proc/sys/net/ipv6/conf 2>/dev/null | sort",
+    );
+    format!("{net}\n--- files\n{}", node_files(lab, node))
+}
+
+/// `skybridge down FILE ...` run on the controller.
+fn down(lab: &Lab, extra: &[&str]) -> Output {
+    let exe = skybridge().display().to_string();
+    let path = lab.path("small.yaml");
+    let mut args = vec!["exec", "controller", "--", &exe, "down", &path];
+    args.extend_from_slice(extra);
+    lab.run(&args)
+}
+
+#[test]
+fn down_over_ssh_restores_every_node_s_namespace_exactly_and_reports_an_unreachable_node() {
+    if unmet(&TOOLS) {
+        return;
+    }
+    let lab = up("dn");
+    let before: Vec<String> = NODES.iter().map(|n| node_snapshot(&lab, n)).collect();
+    let applied = apply(&lab, "small.yaml", &[]);
+    assert!(applied.status.success(), "{}", text(&applied));
+    let daemons: Vec<String> = NODES
+        .iter()
+        .map(|n| {
+            lab.sh_ok(n, &format!("cat {}", paths::PIDFILE))
+                .trim()
+                .to_owned()
+        })
+        .collect();
+    // The agent's other processes: the health prober, a userspace data plane.
+    let helpers: Vec<String> = NODES
+        .iter()
+        .map(|n| {
+            text(&lab.sh(n, &format!("cat {}/*.pid 2>/dev/null", paths::STATE_DIR)))
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+
+    // A dry run asks each agent and changes nothing anywhere.
+    let during: Vec<String> = NODES.iter().map(|n| node_snapshot(&lab, n)).collect();
+    let dry = down(&lab, &["--dry-run"]);
+    assert!(dry.status.success(), "{}", text(&dry));
+    assert!(
+        text(&dry).contains("dry run: nothing was changed")
+            && text(&dry).contains(&format!("remove {}", paths::BINARY))
+            && text(&dry).contains(marks::WG_IFACE),
+        "{}",
+        text(&dry)
+    );
+    for (n, during) in NODES.iter().zip(&during) {
+        assert_eq!(
+            &node_snapshot(&lab, n),
+            during,
+            "down --dry-run changed {n}"
+        );
+    }
+
+    // One node cannot be reached: reported, exit 3, the others are taken down.
+    assert!(
+        lab.sh("ali-gw", "kill $(cat /run/sshd.pid)")
+            .status
+            .success()
+    );
+    // Through a shell: `lab exec` turns every failure into 1.
+    let partial = lab.sh(
+        "controller",
+        &format!(
+            "{} down '{}' --yes; echo \"exit code $?\"",
+            skybridge().display(),
+            lab.path("small.yaml")
+        ),
+    );
+    assert!(
+        text(&partial).contains(&format!("exit code {}", 3)),
+        "{}",
+        text(&partial)
+    );
+    let line = summary_line(&partial, "ali-gw");
+    assert!(
+        line.contains("FAILED at connect") && line.contains("Connection refused"),
+        "{}",
+        text(&partial)
+    );
+    for n in ["hw-gw", "hw-worker", "tc-gw"] {
+        assert!(
+            summary_line(&partial, n).contains("down"),
+            "{}",
+            text(&partial)
+        );
+    }
+    // Its agent still runs and its tunnel is still up (it was never reached).
+    let ali = NODES.iter().position(|n| *n == "ali-gw").unwrap();
+    assert!(
+        lab.sh("ali-gw", &format!("kill -0 {}", daemons[ali]))
+            .status
+            .success()
+    );
+    assert!(text(&lab.exec("ali-gw", &["ip", "-o", "link"])).contains(marks::WG_IFACE));
+
+    // sshd back: down again finishes ali-gw; the others have nothing left.
+    assert!(
+        lab.sh("ali-gw", "/usr/sbin/sshd -o PidFile=/run/sshd.pid")
+            .status
+            .success()
+    );
+    let rest = down(&lab, &["--yes"]);
+    assert!(rest.status.success(), "{}", text(&rest));
+    assert!(
+        summary_line(&rest, "ali-gw").contains("down"),
+        "{}",
+        text(&rest)
+    );
+    assert!(
+        summary_line(&rest, "hw-gw").contains("nothing to remove"),
+        "{}",
+        text(&rest)
+    );
+    for (((n, before), pid), helpers) in NODES.iter().zip(&before).zip(&daemons).zip(&helpers) {
+        assert_eq!(
+            &node_snapshot(&lab, n),
+            before,
+            "{n} differs from before apply"
+        );
+        for pid in std::iter::once(pid.as_str()).chain(helpers.split_whitespace()) {
+            // A zombie has ended: only its parent (init here) has yet to reap it.
+            let running =
+                format!("s=$(ps -o stat= -p {pid}); [ -n \"$s\" ] && [ \"${{s#Z}}\" = \"$s\" ]");
+            assert!(
+                !lab.sh(n, &running).status.success(),
+                "process {pid} of the agent on {n} still runs: {}",
+                text(&lab.sh(n, &format!("ps -o pid,ppid,lstart,args -p {pid}")))
+            );
+        }
+        let left = lab.sh(
+            n,
+            &format!(
+                "ls -d {} {} {} {} 2>/dev/null",
+                paths::CONFIG_DIR,
+                paths::STATE_DIR,
+                paths::RUN_DIR,
+                paths::BINARY
+            ),
+        );
+        assert_eq!(text(&left).trim(), "", "left on {n}");
     }
 }

@@ -437,3 +437,68 @@ fn join_prepares_every_lab_node_and_a_second_pass_changes_nothing() {
     .unwrap();
     assert!(unit.contains("--node-ip=172.26.32.235 "), "{unit}");
 }
+
+#[test]
+fn down_of_an_unknown_node_names_the_nodes_there_are_and_reaches_none() {
+    skybridge()
+        .arg("down")
+        .arg(examples().join("lab.yaml"))
+        .args(["--node", "nope", "--dry-run"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("no node named 'nope'"))
+        .stdout("");
+}
+
+#[test]
+fn join_revert_under_a_root_gives_back_the_operator_s_files_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().display().to_string();
+    let config = dir.path().join("etc/containerd/config.toml");
+    std::fs::create_dir_all(config.parent().unwrap()).unwrap();
+    let operator = "# ops\nversion = 2\n[plugins]\n";
+    std::fs::write(&config, operator).unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let join = |extra: &[&str]| {
+        let mut c = skybridge();
+        c.arg("join")
+            .arg(examples().join("lab.yaml"))
+            .args(["--node", "ali-worker1", "--local", "--root", &root])
+            .args(extra);
+        c
+    };
+    // Nothing joined yet: nothing to revert, and the error says why.
+    join(&["--revert"])
+        .assert()
+        .code(1)
+        .stdout(predicate::str::contains("join-manifest"));
+    join(&[]).assert().success();
+    assert_ne!(std::fs::read_to_string(&config).unwrap(), operator);
+    let kubelet = dir.path().join("etc/systemd/system/kubelet.service");
+    assert!(kubelet.exists());
+    join(&["--revert", "--dry-run"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "would restore /etc/containerd/config.toml from /etc/containerd/config.toml.skybridge-backup-",
+        ));
+    assert_ne!(std::fs::read_to_string(&config).unwrap(), operator);
+    join(&["--revert"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "restored /etc/containerd/config.toml",
+        ))
+        .stdout(predicate::str::contains(
+            "note: systemctl restart containerd not run",
+        ));
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), operator);
+    let mode = std::fs::metadata(&config).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o640);
+    assert!(
+        !dir.path()
+            .join("etc/systemd/system/kubelet.service")
+            .exists(),
+        "a file join created is still there"
+    );
+}

@@ -57,6 +57,10 @@ pub mod paths {
     pub const STAGED_STATE: &str = "/var/lib/skybridge/apply/cluster.state.yaml";
     /// Join steps that wait for a later run (a reboot, containerd).
     pub const JOIN_PENDING: &str = "/var/lib/skybridge/join-pending";
+    /// What `join` replaced (with the backup of each) and created, for
+    /// `join --revert`. Kept by `skybridge down`, which removes the agent's
+    /// files only: a node may be reverted after it was taken down.
+    pub const JOIN_MANIFEST: &str = "/var/lib/skybridge/join-manifest";
     /// kubeadm's JoinConfiguration written by `join`.
     pub const KUBEADM_JOIN_CONFIG: &str = "/etc/skybridge/kubeadm-join.yaml";
 
@@ -171,6 +175,14 @@ mod tests {
             Some(paths::STAGED_STATE)
         );
         assert!(paths::STAGING_DIR.starts_with(paths::STATE_DIR));
+        assert_eq!(
+            state.join("join-pending").to_str(),
+            Some(paths::JOIN_PENDING)
+        );
+        assert_eq!(
+            state.join("join-manifest").to_str(),
+            Some(paths::JOIN_MANIFEST)
+        );
         assert!(paths::PIDFILE.starts_with(paths::RUN_DIR));
         assert_eq!(
             format!("{}.service", paths::AGENT_UNIT),

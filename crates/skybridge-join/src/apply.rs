@@ -165,9 +165,64 @@ pub fn join(
         return Ok(report);
     }
 
+    // Recorded before any file is written: a join cut short is revertible.
+    let mut record: Vec<crate::revert::Entry> = Vec::new();
+    let missing_dirs = |path: &str, record: &mut Vec<crate::revert::Entry>| {
+        // The folders `path` needs that are not there yet, outermost first,
+        // so that revert meets them innermost first.
+        let mut missing = Vec::new();
+        let mut dir = path;
+        while let Some((parent, _)) = dir.rsplit_once('/')
+            && !parent.is_empty()
+            && !host.exists(parent).map_err(herr)?
+        {
+            missing.push(parent.to_owned());
+            dir = parent;
+        }
+        for path in missing.into_iter().rev() {
+            if !record.iter().any(|e| e.path() == path) {
+                record.push(crate::revert::Entry::CreatedDir { path });
+            }
+        }
+        Ok::<(), JoinError>(())
+    };
+    // join's own records go too, with the folder it made for them.
+    missing_dirs(crate::revert::MANIFEST_PATH, &mut record)?;
+    for c in &report.changes {
+        if c.before.is_some() {
+            record.push(crate::revert::Entry::Replaced {
+                path: c.path.clone(),
+                backup: backup_path(&c.path, &opts.backup_suffix),
+                mode: host.mode(&c.path).map_err(herr)?.unwrap_or(c.mode),
+            });
+            continue;
+        }
+        missing_dirs(&c.path, &mut record)?;
+        record.push(crate::revert::Entry::Created {
+            path: c.path.clone(),
+        });
+    }
+    if record
+        .iter()
+        .any(|e| !matches!(e, crate::revert::Entry::CreatedDir { .. }))
+    {
+        let existing = match host.read_file(crate::revert::MANIFEST_PATH).map_err(herr)? {
+            Some(t) => crate::revert::parse(&String::from_utf8_lossy(&t)).map_err(|e| {
+                herr(HostError::Io {
+                    op: "reading",
+                    path: crate::revert::MANIFEST_PATH.into(),
+                    source: std::io::Error::other(e),
+                })
+            })?,
+            None => Vec::new(),
+        };
+        let text = crate::revert::merged(&existing, record);
+        host.write_file(crate::revert::MANIFEST_PATH, text.as_bytes(), 0o600)
+            .map_err(herr)?;
+    }
     for c in &report.changes {
         if let Some(before) = &c.before {
-            let backup = format!("{}.skybridge-backup-{}", c.path, opts.backup_suffix);
+            let backup = backup_path(&c.path, &opts.backup_suffix);
             // 0600: a replaced file may hold a credential.
             host.write_file(&backup, before.as_bytes(), 0o600)
                 .map_err(herr)?;
@@ -219,6 +274,10 @@ pub fn join(
         report.checks = verify_containerd(host, &desired);
     }
     Ok(report)
+}
+
+fn backup_path(path: &str, suffix: &str) -> String {
+    format!("{path}.skybridge-backup-{suffix}")
 }
 
 /// Actions that change the whole machine's kernel, not only this node's

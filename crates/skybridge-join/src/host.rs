@@ -73,6 +73,33 @@ pub trait NodeHost {
     /// [`HostError::NotFound`] when the program is not installed; other
     /// failures to start it.
     fn run(&self, program: &str, args: &[&str]) -> Result<CommandOutput, HostError>;
+
+    /// Removes the file; one already gone is fine. Hosts that cannot remove
+    /// files say so instead of pretending.
+    ///
+    /// # Errors
+    /// When the file is there and could not be removed.
+    fn remove_file(&self, path: &str) -> Result<(), HostError> {
+        Err(HostError::NoCommands(format!("rm {path}")))
+    }
+
+    /// The file's permission bits; `None` when it does not exist or this
+    /// host cannot tell (the caller then keeps the mode it would write).
+    ///
+    /// # Errors
+    /// When the host could tell but failed.
+    fn mode(&self, _path: &str) -> Result<Option<u32>, HostError> {
+        Ok(None)
+    }
+
+    /// Removes the directory if it is empty; `false` when it is not (or is
+    /// gone): someone else's files keep it.
+    ///
+    /// # Errors
+    /// When it could not be removed for another reason.
+    fn remove_empty_dir(&self, path: &str) -> Result<bool, HostError> {
+        Err(HostError::NoCommands(format!("rmdir {path}")))
+    }
 }
 
 /// A shared reference to a node is that node (so that adapters such as
@@ -92,6 +119,15 @@ impl<H: NodeHost + ?Sized> NodeHost for &H {
     }
     fn run(&self, program: &str, args: &[&str]) -> Result<CommandOutput, HostError> {
         (**self).run(program, args)
+    }
+    fn remove_file(&self, path: &str) -> Result<(), HostError> {
+        (**self).remove_file(path)
+    }
+    fn mode(&self, path: &str) -> Result<Option<u32>, HostError> {
+        (**self).mode(path)
+    }
+    fn remove_empty_dir(&self, path: &str) -> Result<bool, HostError> {
+        (**self).remove_empty_dir(path)
     }
 }
 
@@ -139,6 +175,18 @@ impl<H: NodeHost> NodeHost for Rooted<H> {
 
     fn exists(&self, path: &str) -> Result<bool, HostError> {
         self.inner.exists(&self.path(path))
+    }
+
+    fn remove_file(&self, path: &str) -> Result<(), HostError> {
+        self.inner.remove_file(&self.path(path))
+    }
+
+    fn mode(&self, path: &str) -> Result<Option<u32>, HostError> {
+        self.inner.mode(&self.path(path))
+    }
+
+    fn remove_empty_dir(&self, path: &str) -> Result<bool, HostError> {
+        self.inner.remove_empty_dir(&self.path(path))
     }
 
     fn run(&self, program: &str, args: &[&str]) -> Result<CommandOutput, HostError> {
@@ -203,6 +251,15 @@ impl NodeHost for LocalHost {
     fn run(&self, program: &str, args: &[&str]) -> Result<CommandOutput, HostError> {
         self.host().run(program, args)
     }
+    fn remove_file(&self, path: &str) -> Result<(), HostError> {
+        self.host().remove_file(path)
+    }
+    fn mode(&self, path: &str) -> Result<Option<u32>, HostError> {
+        self.host().mode(path)
+    }
+    fn remove_empty_dir(&self, path: &str) -> Result<bool, HostError> {
+        self.host().remove_empty_dir(path)
+    }
 }
 
 /// This machine, unrooted.
@@ -252,6 +309,49 @@ impl NodeHost for Machine {
         f.write_all(contents)
             .and_then(|()| f.commit())
             .map_err(|e| io_err("writing", e))
+    }
+
+    fn remove_file(&self, path: &str) -> Result<(), HostError> {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(HostError::Io {
+                op: "removing",
+                path: path.to_owned(),
+                source: e,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn remove_empty_dir(&self, path: &str) -> Result<bool, HostError> {
+        match std::fs::remove_dir(path) {
+            Ok(()) => Ok(true),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::DirectoryNotEmpty
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(source) => Err(HostError::Io {
+                op: "removing the directory",
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    fn mode(&self, path: &str) -> Result<Option<u32>, HostError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        match std::fs::metadata(path) {
+            Ok(m) => Ok(Some(m.permissions().mode() & 0o7777)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(HostError::Io {
+                op: "reading the mode of",
+                path: path.to_owned(),
+                source,
+            }),
+        }
     }
 
     fn exists(&self, path: &str) -> Result<bool, HostError> {

@@ -9,7 +9,8 @@
 //! the commands the diff calls for); [`containerd`], [`kernel`] and [`kube`]
 //! generate or edit the files; [`apply`] executes a plan through a
 //! [`NodeHost`]: this machine or a directory ([`LocalHost`]), or a node over
-//! apply's SSH layer ([`remote::SessionHost`]).
+//! apply's SSH layer ([`remote::SessionHost`]). [`revert`] undoes a join from
+//! the manifest join keeps.
 
 pub mod apply;
 pub mod containerd;
@@ -18,6 +19,8 @@ pub mod kernel;
 pub mod kube;
 pub mod plan;
 pub mod remote;
+pub mod revert;
 
 pub use apply::{Options, Outcome, Report, join};
 pub use host::{CommandOutput, HostError, LocalHost, NodeHost, Rooted};
+pub use revert::revert;

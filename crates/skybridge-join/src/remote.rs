@@ -79,6 +79,51 @@ impl<S: Session> NodeHost for SessionHost<S> {
         Ok(out.success())
     }
 
+    fn remove_file(&self, path: &str) -> Result<(), HostError> {
+        let out = self
+            .runtime
+            .block_on(self.session.run(&format!("rm -f -- {}", quote(path)), None))
+            .map_err(|e| self.broken("removing", path, e))?;
+        if out.success() {
+            Ok(())
+        } else {
+            Err(self.broken("removing", path, out.stderr.trim()))
+        }
+    }
+
+    fn remove_empty_dir(&self, path: &str) -> Result<bool, HostError> {
+        // rmdir refuses a folder that is not empty: that is the answer, not an error.
+        let out = self
+            .runtime
+            .block_on(
+                self.session
+                    .run(&format!("rmdir -- {} 2>/dev/null", quote(path)), None),
+            )
+            .map_err(|e| self.broken("removing the directory", path, e))?;
+        Ok(out.success())
+    }
+
+    fn mode(&self, path: &str) -> Result<Option<u32>, HostError> {
+        let p = quote(path);
+        let out = self
+            .runtime
+            .block_on(
+                self.session
+                    .run(&format!("if [ -e {p} ]; then stat -c %a {p}; fi"), None),
+            )
+            .map_err(|e| self.broken("reading the mode of", path, e))?;
+        let text = out.stdout.trim();
+        if !out.success() {
+            return Err(self.broken("reading the mode of", path, out.stderr.trim()));
+        }
+        if text.is_empty() {
+            return Ok(None);
+        }
+        u32::from_str_radix(text, 8)
+            .map(Some)
+            .map_err(|e| self.broken("reading the mode of", path, e))
+    }
+
     fn run(&self, program: &str, args: &[&str]) -> Result<CommandOutput, HostError> {
         // Argument vectors stay argument vectors: every word is quoted, and
         // `command -v` tells a missing program from one that failed.

@@ -348,3 +348,83 @@ fn kubeadm_join_runs_once_and_never_again_once_joined() {
         "{ran:?}"
     );
 }
+
+/// Every file and folder under `dir` with its mode and content: what a
+/// revert must give back exactly.
+fn files_with_modes(dir: &std::path::Path) -> Vec<(String, u32, Vec<u8>)> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o7777;
+                out.push((
+                    format!("{}/", p.strip_prefix(dir).unwrap().display()),
+                    mode,
+                    Vec::new(),
+                ));
+                todo.push(p);
+            } else {
+                let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o7777;
+                out.push((
+                    p.strip_prefix(dir).unwrap().display().to_string(),
+                    mode,
+                    std::fs::read(&p).unwrap(),
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn revert_restores_containerd_s_config_byte_for_byte_with_its_mode_and_removes_what_join_created() {
+    let dir = node_root();
+    // An operator's unusual mode: revert must give it back, not join's 0644.
+    rooted(dir.path())
+        .write_file(
+            "/etc/containerd/config.toml",
+            OPERATOR_CONFIG.as_bytes(),
+            0o640,
+        )
+        .unwrap();
+    let before = files_with_modes(dir.path());
+    let node = FakeNode::new(NODE, dir.path(), true);
+    let first = join(&node, &lab(), NODE, &opts("1")).unwrap();
+    assert!(first.changed() && !first.failed(), "{first:?}");
+    // A second join writes nothing and must not replace the first record.
+    join(&node, &lab(), NODE, &opts("2")).unwrap();
+    node.forget_commands();
+
+    let dry = skybridge_join::revert(&node, true).unwrap();
+    assert!(
+        dry.restored
+            .iter()
+            .any(|(p, b)| p == "/etc/containerd/config.toml"
+                && b == "/etc/containerd/config.toml.skybridge-backup-1"),
+        "{dry:?}"
+    );
+    assert!(!dry.removed.is_empty());
+    assert!(
+        dry.removed_dirs.contains(&"/etc/systemd/system".to_owned()),
+        "{dry:?}"
+    );
+    assert!(node.ran().is_empty(), "a dry revert ran {:?}", node.ran());
+    assert_ne!(files_with_modes(dir.path()), before);
+
+    let done = skybridge_join::revert(&node, false).unwrap();
+    assert!(!done.failed(), "{done:?}");
+    assert_eq!(files_with_modes(dir.path()), before);
+    assert!(
+        node.ran()
+            .contains(&"systemctl restart containerd".to_owned()),
+        "{:?}",
+        node.ran()
+    );
+    // Nothing left to revert: a clear error, not a silent success.
+    let again = skybridge_join::revert(&node, false).unwrap_err();
+    assert!(again.contains(paths::JOIN_MANIFEST), "{again}");
+}

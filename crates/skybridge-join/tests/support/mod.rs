@@ -112,6 +112,15 @@ impl NodeHost for FakeNode {
     fn write_file(&self, path: &str, contents: &[u8], mode: u32) -> Result<(), HostError> {
         self.files.write_file(path, contents, mode)
     }
+    fn remove_file(&self, path: &str) -> Result<(), HostError> {
+        self.files.remove_file(path)
+    }
+    fn mode(&self, path: &str) -> Result<Option<u32>, HostError> {
+        self.files.mode(path)
+    }
+    fn remove_empty_dir(&self, path: &str) -> Result<bool, HostError> {
+        self.files.remove_empty_dir(path)
+    }
     fn exists(&self, path: &str) -> Result<bool, HostError> {
         if path == "/run/systemd/system" {
             return Ok(self.systemd);
