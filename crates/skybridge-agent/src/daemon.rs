@@ -132,7 +132,11 @@ pub async fn run<H: Host>(
                     applied = None;
                 }
                 Some(Ok(_)) | None => {
-                    report(&reconcile(host, p, false).await);
+                    let started = tokio::time::Instant::now();
+                    let r = reconcile(host, p, false).await;
+                    let same_plan = applied.as_ref() == Some(p);
+                    crate::metrics::global().reconciled(&r, started.elapsed(), same_plan);
+                    report(&r);
                     applied = Some(p.clone());
                 }
             }

@@ -21,6 +21,7 @@ pub mod health;
 pub mod host;
 pub mod keys;
 pub mod lock;
+pub mod metrics;
 pub mod netlink;
 pub mod output;
 pub mod reconcile;
