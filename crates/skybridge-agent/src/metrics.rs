@@ -832,6 +832,60 @@ mod tests {
         assert_eq!((gw("huawei", "hw-gw1"), gw("huawei", "hw-gw2")), (1.0, 0.0));
     }
 
+    /// The sample names of a rendered scrape (`_total`, `_bucket`, ... included).
+    fn exported(text: &str) -> std::collections::BTreeSet<String> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn the_grafana_dashboard_is_json_and_queries_only_metrics_the_agent_exports() {
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../../../contrib/grafana-dashboard.json"))
+                .expect("contrib/grafana-dashboard.json is valid JSON");
+        let m = Metrics::new("");
+        m.reconciled(&Ok(Report::default()), Duration::from_millis(3), false);
+        m.failed_over("aliyun");
+        let names = exported(&m.render(Some(&ha_view()), &sample()));
+        let mut exprs = Vec::new();
+        for panel in dashboard["panels"].as_array().expect("panels") {
+            for t in panel["targets"].as_array().expect("targets") {
+                exprs.push(t["expr"].as_str().expect("a PromQL expr").to_owned());
+            }
+        }
+        assert!(exprs.len() >= 6, "{exprs:?}");
+        let mut queried = std::collections::BTreeSet::new();
+        for e in &exprs {
+            for (i, _) in e.match_indices("skybridge_") {
+                let name: String = e[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    names.contains(&name),
+                    "{e} queries {name}, which the agent does not export"
+                );
+                queried.insert(name);
+            }
+        }
+        // The panels the issue asks for.
+        for wanted in [
+            "skybridge_peer_up",
+            "skybridge_peer_rtt_seconds",
+            "skybridge_peer_loss_ratio",
+            "skybridge_tunnel_receive_bytes_total",
+            "skybridge_tunnel_transmit_bytes_total",
+            "skybridge_failovers_total",
+            "skybridge_reconcile_total",
+        ] {
+            assert!(queried.contains(wanted), "no panel shows {wanted}");
+        }
+        assert!(exprs.iter().any(|e| e.contains("rate(skybridge_tunnel_")));
+    }
+
     #[test]
     fn drift_is_changes_to_an_unchanged_plan_after_a_converged_reconcile() {
         let m = Metrics::new("n");
