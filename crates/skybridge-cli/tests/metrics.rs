@@ -141,6 +141,9 @@ fn every_lab_agent_serves_parsable_metrics_whose_counters_follow_traffic_and_fai
     );
     assert!(ping.status.success(), "{}", text(&ping));
     let after = scrape(&lab, "hw-gw1");
+    // For the README's excerpt and for a failure's context (--nocapture).
+    let url = format!("http://127.0.0.1:{LAB_METRICS_PORT}/metrics");
+    eprintln!("{}", text(&lab.exec("hw-gw1", &["curl", "-s", &url])));
     let (tx1, rx1) = (
         sum(&after, "skybridge_tunnel_transmit_bytes_total", &aliyun),
         sum(&after, "skybridge_tunnel_receive_bytes_total", &aliyun),
