@@ -309,6 +309,19 @@ impl Metrics {
             }
             for t in &v.plan.tunnels {
                 match t {
+                    // Kernel WireGuard has no UAPI socket: its link's
+                    // counters, for all peers together, are what there is.
+                    Tunnel::WireGuard(wg) if sample.wireguard.is_empty() => {
+                        if let Some(&(r, t)) = sample.links.get(&wg.name) {
+                            let l = vec![
+                                ("tunnel".to_owned(), wg.name.clone()),
+                                ("peer".to_owned(), String::new()),
+                                ("site".to_owned(), String::new()),
+                            ];
+                            rx.push((l.clone(), r));
+                            tx.push((l, t));
+                        }
+                    }
                     Tunnel::WireGuard(wg) => {
                         for p in &wg.peers {
                             let Some(s) =
@@ -884,6 +897,24 @@ mod tests {
             assert!(queried.contains(wanted), "no panel shows {wanted}");
         }
         assert!(exprs.iter().any(|e| e.contains("rate(skybridge_tunnel_")));
+    }
+
+    #[test]
+    fn without_per_peer_counters_a_wireguard_link_reports_its_own() {
+        let mut s = sample();
+        s.wireguard.clear();
+        s.links.insert(WG_IFACE.to_owned(), (111, 222));
+        let text = Metrics::new("").render(Some(&ha_view()), &s);
+        let p = parse(&text);
+        let link = [("tunnel", WG_IFACE), ("peer", "")];
+        assert_eq!(
+            value(&p, "skybridge_tunnel_receive_bytes_total", &link),
+            111.0
+        );
+        assert_eq!(
+            value(&p, "skybridge_tunnel_transmit_bytes_total", &link),
+            222.0
+        );
     }
 
     #[test]
