@@ -297,6 +297,11 @@ impl Metrics {
                 }
             }
             for (site, candidates) in &v.candidates {
+                // A site with no failover yet shows 0, not nothing: a
+                // rate() over a series that appears at its first event
+                // misses that event.
+                self.failovers
+                    .get_or_create_owned(&vec![("site".to_owned(), site.clone())]);
                 let active = v.actives.get(site).or_else(|| candidates.first()).cloned();
                 for c in candidates {
                     gateway
@@ -787,6 +792,10 @@ mod tests {
         assert_eq!(
             value(&s, "skybridge_failovers_total", &[("site", "aliyun")]),
             1.0
+        );
+        assert_eq!(
+            value(&s, "skybridge_failovers_total", &[("site", "huawei")]),
+            0.0
         );
         // Silent for less than probe_misses intervals: up; for a minute: down.
         assert_eq!(
