@@ -297,19 +297,24 @@ impl Metrics {
                 }
             }
             for (site, candidates) in &v.candidates {
+                // Only the sites this node chooses a gateway for: the others'
+                // traffic leaves through its own site's gateway, whose
+                // choice it is.
+                let Some(active) = v.actives.get(site) else {
+                    continue;
+                };
                 // A site with no failover yet shows 0, not nothing: a
                 // rate() over a series that appears at its first event
                 // misses that event.
                 self.failovers
                     .get_or_create_owned(&vec![("site".to_owned(), site.clone())]);
-                let active = v.actives.get(site).or_else(|| candidates.first()).cloned();
                 for c in candidates {
                     gateway
                         .get_or_create(&vec![
                             ("site".to_owned(), site.clone()),
                             ("gateway".to_owned(), c.clone()),
                         ])
-                        .set(i64::from(active.as_ref() == Some(c)));
+                        .set(i64::from(active == c));
                 }
             }
             for t in &v.plan.tunnels {
@@ -684,6 +689,7 @@ mod tests {
         }
         let mut actives = Actives::new();
         actives.insert("aliyun".into(), "ali-gw2".into());
+        actives.insert("huawei".into(), "hw-gw1".into());
         View::new(
             &whole,
             plan,
@@ -838,8 +844,7 @@ mod tests {
         assert_eq!(value(&s, "skybridge_peer_handshake_age_seconds", &wg), 42.0);
         // A peer with no stats (no key yet) has no byte counter rather than a 0.
         assert!(!text.contains("peer=\"ali-gw2\",site=\"aliyun\",tunnel="));
-        // The active candidate is 1, the standby 0; a site with no recorded
-        // choice uses its first candidate.
+        // The active candidate is 1, the standby 0.
         let gw = |site, g| {
             value(
                 &s,
@@ -924,6 +929,16 @@ mod tests {
             value(&p, "skybridge_tunnel_transmit_bytes_total", &link),
             222.0
         );
+    }
+
+    #[test]
+    fn a_node_shows_active_gateways_only_for_the_sites_it_chooses_for() {
+        let mut view = ha_view();
+        view.actives.remove("aliyun");
+        let text = Metrics::new("").render(Some(&view), &sample());
+        assert!(text.contains("skybridge_gateway_active{node=\"hw-gw1\",site=\"huawei\""));
+        assert!(!text.contains("site=\"aliyun\",gateway="), "{text}");
+        assert!(!text.contains("skybridge_failovers_total{node=\"hw-gw1\",site=\"aliyun\"}"));
     }
 
     #[test]
