@@ -26,6 +26,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use futures::TryStreamExt as _;
 use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+use netlink_packet_wireguard::{
+    WireguardAttribute, WireguardMessage, WireguardPeer, WireguardPeerAttribute,
+};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
@@ -226,11 +229,14 @@ impl Metrics {
             if has_wireguard(&v.plan) {
                 // The UAPI socket is blocking I/O: keep it off the runtime
                 // thread that the reconcile loop shares.
-                sample.wireguard = tokio::task::spawn_blocking(|| uapi_peer_stats(WG_IFACE))
+                let uapi = tokio::task::spawn_blocking(|| uapi_peer_stats(WG_IFACE))
                     .await
                     .ok()
-                    .flatten()
-                    .unwrap_or_default();
+                    .flatten();
+                sample.wireguard = match uapi {
+                    Some(peers) => peers,
+                    None => kernel_peer_stats(WG_IFACE).await.unwrap_or_default(),
+                };
             }
             match link_stats().await {
                 Ok(l) => sample.links = l,
@@ -516,6 +522,64 @@ fn flush(
             (*secs > 0 || *nanos > 0).then(|| UNIX_EPOCH + Duration::new(*secs, *nanos));
     }
     (*secs, *nanos) = (0, 0);
+}
+
+/// Per-peer counters of a kernel WireGuard device; `None` when the kernel
+/// has no such device (or no WireGuard).
+async fn kernel_peer_stats(iface: &str) -> Option<BTreeMap<String, PeerStats>> {
+    let wg = crate::wgkernel::KernelWireGuard::probe().await.ok()?;
+    match wg.dump(iface).await {
+        Ok(msgs) => Some(parse_kernel_peers(msgs?)),
+        Err(e) => {
+            tracing::warn!("metrics: reading {iface}'s peers: {e}");
+            None
+        }
+    }
+}
+
+/// The peers of a kernel get-device dump, keyed by base64 public key (a
+/// large device's peer can continue in the next message: counters are
+/// taken where they appear).
+pub fn parse_kernel_peers(
+    msgs: impl IntoIterator<Item = WireguardMessage>,
+) -> BTreeMap<String, PeerStats> {
+    let mut out = BTreeMap::new();
+    for msg in msgs {
+        for attr in msg.attributes {
+            let WireguardAttribute::Peers(peers) = attr else {
+                continue;
+            };
+            for WireguardPeer(attrs) in peers {
+                let mut key = None;
+                let mut stats = PeerStats::default();
+                let mut seen = false;
+                for a in attrs {
+                    match a {
+                        WireguardPeerAttribute::PublicKey(k) => key = Some(STANDARD.encode(k)),
+                        WireguardPeerAttribute::RxBytes(n) => (stats.rx_bytes, seen) = (n, true),
+                        WireguardPeerAttribute::TxBytes(n) => (stats.tx_bytes, seen) = (n, true),
+                        WireguardPeerAttribute::LastHandshake(t) => {
+                            stats.last_handshake =
+                                (t.seconds > 0 || t.nano_seconds > 0).then(|| {
+                                    UNIX_EPOCH
+                                        + Duration::new(
+                                            u64::try_from(t.seconds).unwrap_or(0),
+                                            u32::try_from(t.nano_seconds).unwrap_or(0),
+                                        )
+                                });
+                        }
+                        _ => {}
+                    }
+                }
+                if let Some(k) = key
+                    && (seen || !out.contains_key(&k))
+                {
+                    out.insert(k, stats);
+                }
+            }
+        }
+    }
+    out
 }
 
 fn hex_to_b64(hex: &str) -> Option<String> {
@@ -1011,6 +1075,45 @@ mod tests {
         );
         assert_eq!(peers[HW_GW1_KEY].last_handshake, None);
         assert_eq!(peers[HW_GW1_KEY].tx_bytes, 148);
+    }
+
+    #[test]
+    fn kernel_peers_are_keyed_by_base64_with_their_counters_and_handshake() {
+        use netlink_packet_wireguard::{WireguardCmd, WireguardTimeSpec};
+        let peer = |k: u8, rx, tx, secs| {
+            WireguardPeer(vec![
+                WireguardPeerAttribute::PublicKey([k; 32]),
+                WireguardPeerAttribute::LastHandshake(WireguardTimeSpec {
+                    seconds: secs,
+                    nano_seconds: 0,
+                }),
+                WireguardPeerAttribute::RxBytes(rx),
+                WireguardPeerAttribute::TxBytes(tx),
+            ])
+        };
+        let msg = |peers| WireguardMessage {
+            cmd: WireguardCmd::GetDevice,
+            attributes: vec![
+                WireguardAttribute::IfName(WG_IFACE.into()),
+                WireguardAttribute::Peers(peers),
+            ],
+        };
+        // The second message continues peer 2 with its allowed IPs only.
+        let continued = WireguardPeer(vec![WireguardPeerAttribute::PublicKey([2; 32])]);
+        let peers = parse_kernel_peers([
+            msg(vec![peer(1, 0, 148, 0), peer(2, 10, 20, 1_700_000_000)]),
+            msg(vec![continued]),
+        ]);
+        assert_eq!(peers[HW_GW1_KEY].tx_bytes, 148);
+        assert_eq!(peers[HW_GW1_KEY].last_handshake, None);
+        assert_eq!(
+            peers[ALI_GW1_KEY],
+            PeerStats {
+                rx_bytes: 10,
+                tx_bytes: 20,
+                last_handshake: Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
+            }
+        );
     }
 
     #[test]

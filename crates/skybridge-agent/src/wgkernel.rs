@@ -96,6 +96,22 @@ impl KernelWireGuard {
         &self,
         iface: &str,
     ) -> Result<Option<(Option<String>, WireGuardConfig)>, WireGuardError> {
+        let Some(msgs) = self.dump(iface).await? else {
+            return Ok(None);
+        };
+        let (key, cfg) = parse_device(iface, msgs);
+        tracing::debug!(
+            iface,
+            has_private_key = key.is_some(),
+            peers = cfg.peers.len(),
+            "kernel WireGuard device read"
+        );
+        Ok(Some((key, cfg)))
+    }
+
+    /// The raw get-device dump of `iface` (`None` when it is not a kernel
+    /// WireGuard device): the metrics read the peers' counters from it.
+    pub async fn dump(&self, iface: &str) -> Result<Option<Vec<WireguardMessage>>, WireGuardError> {
         let msg = WireguardMessage {
             cmd: WireguardCmd::GetDevice,
             attributes: vec![WireguardAttribute::IfName(iface.to_owned())],
@@ -104,16 +120,7 @@ impl KernelWireGuard {
             .exchange(msg, NLM_F_REQUEST | NLM_F_DUMP, &format!("reading {iface}"))
             .await
         {
-            Ok(msgs) => {
-                let (key, cfg) = parse_device(iface, msgs);
-                tracing::debug!(
-                    iface,
-                    has_private_key = key.is_some(),
-                    peers = cfg.peers.len(),
-                    "kernel WireGuard device read"
-                );
-                Ok(Some((key, cfg)))
-            }
+            Ok(msgs) => Ok(Some(msgs)),
             Err((Some(code), e)) if code == ENODEV || code == EOPNOTSUPP => {
                 tracing::debug!(iface, "not a kernel WireGuard device: {e}");
                 Ok(None)
