@@ -395,7 +395,7 @@ impl Metrics {
         );
         reg.register(
             "gateway_active",
-            "1 for the gateway candidate this node routes a site through, 0 for the standbys",
+            "Per site this node picks a gateway for: 1 for the active candidate, 0 for the standbys",
             gateway,
         );
         // The kernel's (or the data plane's) own counters, passed through:
