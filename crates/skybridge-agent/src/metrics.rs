@@ -53,6 +53,9 @@ type FloatGauge = Gauge<f64, AtomicU64>;
 /// The content type of what [`Metrics::render`] writes: OpenMetrics text,
 /// which Prometheus negotiates and which ends with `# EOF`.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The classic Prometheus text format, for clients that do not ask for
+/// OpenMetrics (curl, `promtool check metrics`, older scrapers).
+pub const CLASSIC_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// A scrape request larger than this is refused: a GET needs a few hundred bytes.
 const MAX_REQUEST: usize = 8192;
 /// A client that sends no complete request within this is dropped.
@@ -679,6 +682,42 @@ pub fn classify(head: &[u8]) -> Request {
     }
 }
 
+/// Whether the request's `Accept` header names OpenMetrics (Prometheus
+/// sends it; curl does not).
+fn wants_openmetrics(head: &[u8]) -> bool {
+    String::from_utf8_lossy(head).lines().skip(1).any(|l| {
+        l.split_once(':').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("accept") && v.contains("application/openmetrics-text")
+        })
+    })
+}
+
+/// OpenMetrics text as the classic text format: there a counter's family
+/// is named with its `_total` suffix, and there is no `# EOF`.
+pub fn to_classic(openmetrics: &str) -> String {
+    let counters: std::collections::BTreeSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 64);
+    for line in openmetrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
 async fn answer(mut conn: tokio::net::TcpStream, metrics: &'static Metrics) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let read = async {
@@ -704,7 +743,14 @@ async fn answer(mut conn: tokio::net::TcpStream, metrics: &'static Metrics) -> s
         (status, "text/plain", "request too large\n".to_owned())
     } else {
         match classify(&head) {
-            Request::Metrics => ("200 OK", CONTENT_TYPE, metrics.scrape().await),
+            Request::Metrics if wants_openmetrics(&head) => {
+                ("200 OK", CONTENT_TYPE, metrics.scrape().await)
+            }
+            Request::Metrics => (
+                "200 OK",
+                CLASSIC_CONTENT_TYPE,
+                to_classic(&metrics.scrape().await),
+            ),
             Request::NotFound => ("404 Not Found", "text/plain", "only /metrics\n".to_owned()),
             Request::MethodNotAllowed => (
                 "405 Method Not Allowed",
@@ -1117,6 +1163,34 @@ mod tests {
     }
 
     #[test]
+    fn the_classic_format_names_counter_families_with_total_and_has_no_eof() {
+        let m = Metrics::new("");
+        m.reconciled(&Ok(Report::default()), Duration::from_millis(3), false);
+        let om = m.render(Some(&ha_view()), &sample());
+        assert!(om.contains("# TYPE skybridge_reconcile counter\n"));
+        let classic = to_classic(&om);
+        assert!(classic.contains("# TYPE skybridge_reconcile_total counter\n"));
+        assert!(classic.contains("# HELP skybridge_tunnel_receive_bytes_total Bytes"));
+        assert!(classic.contains("# TYPE skybridge_peer_up gauge\n"));
+        assert!(classic.contains("# TYPE skybridge_reconcile_duration_seconds histogram\n"));
+        assert!(!classic.contains("# EOF"));
+        // Same samples, same values.
+        let samples = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(samples(&om), samples(&classic));
+        assert!(wants_openmetrics(
+            b"GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text;version=1.0.0,text/plain;q=0.5\r\n\r\n"
+        ));
+        assert!(!wants_openmetrics(
+            b"GET /metrics HTTP/1.1\r\nAccept: */*\r\n\r\n"
+        ));
+    }
+
+    #[test]
     fn only_get_metrics_is_served() {
         assert_eq!(classify(b"GET /metrics HTTP/1.1\r\n\r\n"), Request::Metrics);
         assert_eq!(
@@ -1153,6 +1227,13 @@ mod tests {
         let ok = exchange(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
         assert!(ok.contains("Connection: close"));
+        assert!(ok.contains(CLASSIC_CONTENT_TYPE), "{ok}");
+        let om = exchange(
+            addr,
+            b"GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text\r\n\r\n",
+        )
+        .await;
+        assert!(om.contains(CONTENT_TYPE) && om.ends_with("# EOF\n"), "{om}");
         let body = ok.split("\r\n\r\n").nth(1).unwrap();
         let s = parse(body);
         assert!(

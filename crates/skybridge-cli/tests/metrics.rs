@@ -10,7 +10,9 @@ use skybridge_core::layout::marks::LAB_METRICS_PORT;
 use support::{Lab, text, unmet, wireguard_everywhere};
 
 const HA: &str = include_str!("../../../examples/ha-lab.yaml");
-const TOOLS: [&str; 7] = ["nft", "wg", "nsenter", "unshare", "ping", "bash", "curl"];
+const TOOLS: [&str; 8] = [
+    "nft", "wg", "nsenter", "unshare", "ping", "bash", "curl", "promtool",
+];
 const GREEN: &str = "30 pairs, 18 cross-site, 0 failed";
 const ALI_NODE: &str = "172.26.32.20";
 const ALL: [&str; 6] = [
@@ -33,6 +35,27 @@ const TUNNEL_END: [&str; 3] = [
     "skybridge_tunnel_receive_bytes_total",
     "skybridge_tunnel_transmit_bytes_total",
 ];
+
+/// `node`'s /metrics as curl gets it (the classic text format), checked by
+/// Prometheus' own `promtool check metrics` (lints included).
+fn promtool_accepts(lab: &Lab, node: &str) {
+    let url = format!("http://127.0.0.1:{LAB_METRICS_PORT}/metrics");
+    let out = lab.exec(
+        node,
+        &[
+            "bash",
+            "-c",
+            "set -o pipefail; curl -sS --fail --max-time 5 \"$1\" | promtool check metrics",
+            "check",
+            &url,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "promtool on {node}'s metrics: {}",
+        text(&out)
+    );
+}
 
 /// `node`'s /metrics, parsed (panics with the raw text when it does not parse).
 fn scrape(lab: &Lab, node: &str) -> prometheus_parse::Scrape {
@@ -96,6 +119,7 @@ fn every_lab_agent_serves_parsable_metrics_whose_counters_follow_traffic_and_fai
         let s = scrape(&lab, node);
         let missing: Vec<_> = EVERYWHERE.iter().filter(|n| !has(&s, n)).collect();
         assert!(ok, "{node} lacks {missing:?}\n{}", lab.logs());
+        promtool_accepts(&lab, node);
     }
     let s = scrape(&lab, "hw-gw1");
     for n in TUNNEL_END {
