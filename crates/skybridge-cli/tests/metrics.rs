@@ -205,6 +205,69 @@ fn every_lab_agent_serves_parsable_metrics_whose_counters_follow_traffic_and_fai
     );
 }
 
+/// The bytes of `node`'s tunnels to `site`: (transmitted, received).
+fn tunnel_bytes(lab: &Lab, node: &str, site: &str) -> (f64, f64) {
+    let s = scrape(lab, node);
+    (
+        sum(
+            &s,
+            "skybridge_tunnel_transmit_bytes_total",
+            &[("site", site)],
+        ),
+        sum(
+            &s,
+            "skybridge_tunnel_receive_bytes_total",
+            &[("site", site)],
+        ),
+    )
+}
+
+#[test]
+fn vxlan_tunnel_counters_come_from_the_links_and_grow_with_traffic() {
+    if unmet(&TOOLS) || !support::kernel_has("vxlan") {
+        return;
+    }
+    let lab = Lab::new("metv");
+    let file = lab.file(
+        "ha-vxlan.yaml",
+        &HA.replace("transport: wireguard", "transport: vxlan"),
+    );
+    lab.up_green(&[file.as_str()], GREEN);
+    let s = scrape(&lab, "hw-gw1");
+    // One link per far candidate, each labelled with its peer.
+    for peer in ["ali-gw1", "ali-gw2"] {
+        assert!(
+            s.samples
+                .iter()
+                .any(|x| x.metric == "skybridge_tunnel_transmit_bytes_total"
+                    && x.labels.get("peer") == Some(peer)
+                    && x.labels.get("site") == Some("aliyun")
+                    && x.labels.get("tunnel").is_some_and(|t| t.starts_with("sb-"))),
+            "hw-gw1 has no VXLAN counter towards {peer}"
+        );
+    }
+    // No WireGuard here: no handshake to report.
+    assert!(
+        !s.samples
+            .iter()
+            .any(|x| x.metric == "skybridge_peer_handshake_age_seconds")
+    );
+    promtool_accepts(&lab, "hw-gw1");
+    let (tx0, rx0) = tunnel_bytes(&lab, "hw-gw1", "aliyun");
+    let ping = lab.exec(
+        "hw-node",
+        &[
+            "ping", "-c", "20", "-i", "0.05", "-s", "1000", "-W", "1", ALI_NODE,
+        ],
+    );
+    assert!(ping.status.success(), "{}", text(&ping));
+    let (tx1, rx1) = tunnel_bytes(&lab, "hw-gw1", "aliyun");
+    assert!(
+        tx1 - tx0 >= 20_000.0 && rx1 - rx0 >= 20_000.0,
+        "20 pings of 1000 bytes each way: tx {tx0} -> {tx1}, rx {rx0} -> {rx1}"
+    );
+}
+
 #[test]
 fn a_non_loopback_metrics_address_is_refused_unless_asked_for() {
     let out = std::process::Command::new(support::skybridge())
