@@ -253,7 +253,10 @@ fn vxlan_tunnel_counters_come_from_the_links_and_grow_with_traffic() {
             .any(|x| x.metric == "skybridge_peer_handshake_age_seconds")
     );
     promtool_accepts(&lab, "hw-gw1");
-    let (tx0, rx0) = tunnel_bytes(&lab, "hw-gw1", "aliyun");
+    // The requests' direction, counted at both of its tunnel ends: sent by
+    // hw-gw1 towards aliyun and received by ali-gw1 from huawei.
+    let (sent0, _) = tunnel_bytes(&lab, "hw-gw1", "aliyun");
+    let (_, got0) = tunnel_bytes(&lab, "ali-gw1", "huawei");
     let ping = lab.exec(
         "hw-node",
         &[
@@ -261,10 +264,11 @@ fn vxlan_tunnel_counters_come_from_the_links_and_grow_with_traffic() {
         ],
     );
     assert!(ping.status.success(), "{}", text(&ping));
-    let (tx1, rx1) = tunnel_bytes(&lab, "hw-gw1", "aliyun");
+    let (sent1, _) = tunnel_bytes(&lab, "hw-gw1", "aliyun");
+    let (_, got1) = tunnel_bytes(&lab, "ali-gw1", "huawei");
     assert!(
-        tx1 - tx0 >= 20_000.0 && rx1 - rx0 >= 20_000.0,
-        "20 pings of 1000 bytes each way: tx {tx0} -> {tx1}, rx {rx0} -> {rx1}"
+        sent1 - sent0 >= 20_000.0 && got1 - got0 >= 20_000.0,
+        "20 pings of 1000 bytes: hw-gw1 sent {sent0} -> {sent1}, ali-gw1 received {got0} -> {got1}"
     );
 }
 
