@@ -9,6 +9,7 @@ use skybridge_core::NodePlan;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::host::{Host, HostError};
+use crate::journal::Journal;
 use crate::lock::{LockError, NodeLock};
 use crate::reconcile::{Report, reconcile};
 
@@ -77,7 +78,8 @@ async fn changed(w: Option<&Watch>) {
 /// often, and the node is reconciled at once when the plan it returns
 /// changed: that is how a gateway failover reaches the routes.
 ///
-/// With `lock_dir`, every reconcile holds the node's [`NodeLock`]; while
+/// With `lock_dir` (the state directory), each reconcile is recorded there
+/// for `agent status` ([`Journal`]), and every reconcile holds the node's [`NodeLock`]; while
 /// another agent (`--once`, `try`, `down`, a rollback) holds it, the daemon
 /// skips that round instead of waiting, so a SIGTERM is never stuck behind
 /// the lock, and reconciles again at the next tick.
@@ -110,6 +112,7 @@ pub async fn run<H: Host>(
     // the plan moved away from it.
     let mut applied: Option<NodePlan> = None;
     let mut due = true;
+    let mut journal = Journal::default();
     let mut next_periodic = tokio::time::Instant::now() + interval;
     loop {
         match load().await {
@@ -132,10 +135,13 @@ pub async fn run<H: Host>(
                     applied = None;
                 }
                 Some(Ok(_)) | None => {
+                    let drift = applied.as_ref() == Some(p);
                     let started = tokio::time::Instant::now();
                     let r = reconcile(host, p, false).await;
-                    let same_plan = applied.as_ref() == Some(p);
-                    crate::metrics::global().reconciled(&r, started.elapsed(), same_plan);
+                    crate::metrics::global().reconciled(&r, started.elapsed(), drift);
+                    if let Some(dir) = lock_dir {
+                        journal.record(dir, &r, drift);
+                    }
                     report(&r);
                     applied = Some(p.clone());
                 }

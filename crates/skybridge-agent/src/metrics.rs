@@ -15,20 +15,13 @@
 //! except, for a moment, the [`View`] mutex.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead as _, BufReader, Write as _};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
 use futures::TryStreamExt as _;
 use netlink_packet_route::link::{LinkAttribute, LinkMessage};
-use netlink_packet_wireguard::{
-    WireguardAttribute, WireguardMessage, WireguardPeer, WireguardPeerAttribute,
-};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
@@ -36,7 +29,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use skybridge_core::layout::marks::{IFACE_PREFIX, WG_IFACE};
-use skybridge_core::layout::paths::UAPI_DIR;
 use skybridge_core::model::Failover as Settings;
 use skybridge_core::plan::Tunnel;
 use skybridge_core::{Actives, ClusterPlan, NodePlan};
@@ -46,6 +38,8 @@ use tokio::net::TcpListener;
 use crate::health::{self, Observations};
 use crate::host::HostError;
 use crate::reconcile::Report;
+use crate::wgkernel::KernelWireGuard;
+use crate::wireguard::{self, Uapi};
 
 type Labels = Vec<(String, String)>;
 type FloatGauge = Gauge<f64, AtomicU64>;
@@ -232,14 +226,15 @@ impl Metrics {
             if has_wireguard(&v.plan) {
                 // The UAPI socket is blocking I/O: keep it off the runtime
                 // thread that the reconcile loop shares.
-                let uapi = tokio::task::spawn_blocking(|| uapi_peer_stats(WG_IFACE))
+                let uapi = tokio::task::spawn_blocking(|| Uapi::new(WG_IFACE).peer_stats().ok())
                     .await
                     .ok()
                     .flatten();
-                sample.wireguard = match uapi {
-                    Some(peers) => peers,
-                    None => kernel_peer_stats(WG_IFACE).await.unwrap_or_default(),
+                let stats = match uapi {
+                    Some(peers) => Some(peers),
+                    None => kernel_peer_stats(WG_IFACE).await,
                 };
+                sample.wireguard = stats.map(by_key).unwrap_or_default();
             }
             match link_stats().await {
                 Ok(l) => sample.links = l,
@@ -458,81 +453,12 @@ fn has_wireguard(plan: &NodePlan) -> bool {
         .any(|t| matches!(t, Tunnel::WireGuard(_)))
 }
 
-/// Per-peer counters over the interface's UAPI socket (the userspace data
-/// plane and `--wireguard external`); `None` when there is no socket (kernel
-/// WireGuard: its link counters are in [`link_stats`]).
-fn uapi_peer_stats(iface: &str) -> Option<BTreeMap<String, PeerStats>> {
-    let path = Path::new(UAPI_DIR).join(format!("{iface}.sock"));
-    let mut s = UnixStream::connect(path).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(b"get=1\n\n").ok()?;
-    let lines = BufReader::new(s)
-        .lines()
-        .map_while(Result::ok)
-        .take_while(|l| !l.is_empty());
-    Some(parse_uapi(lines))
-}
-
-/// The peers of a UAPI `get` answer, keyed by base64 public key.
-pub fn parse_uapi(lines: impl IntoIterator<Item = String>) -> BTreeMap<String, PeerStats> {
-    let mut out = BTreeMap::new();
-    let mut key: Option<String> = None;
-    let mut secs = 0u64;
-    let mut nanos = 0u32;
-    for line in lines {
-        let Some((k, v)) = line.split_once('=') else {
-            continue;
-        };
-        match k {
-            "public_key" => {
-                flush(&mut key, &mut secs, &mut nanos, &mut out);
-                let Some(b64) = hex_to_b64(v) else {
-                    continue;
-                };
-                out.insert(b64.clone(), PeerStats::default());
-                key = Some(b64);
-            }
-            "rx_bytes" | "tx_bytes" => {
-                if let Some(s) = key.as_ref().and_then(|k| out.get_mut(k)) {
-                    let n = v.parse().unwrap_or(0);
-                    if k == "rx_bytes" {
-                        s.rx_bytes = n;
-                    } else {
-                        s.tx_bytes = n;
-                    }
-                }
-            }
-            "last_handshake_time_sec" => secs = v.parse().unwrap_or(0),
-            "last_handshake_time_nsec" => nanos = v.parse().unwrap_or(0),
-            _ => {}
-        }
-    }
-    flush(&mut key, &mut secs, &mut nanos, &mut out);
-    out
-}
-
-/// Ends the peer `key`: its handshake time arrives after its counters.
-fn flush(
-    key: &mut Option<String>,
-    secs: &mut u64,
-    nanos: &mut u32,
-    out: &mut BTreeMap<String, PeerStats>,
-) {
-    if let Some(k) = key.take()
-        && let Some(s) = out.get_mut(&k)
-    {
-        s.last_handshake =
-            (*secs > 0 || *nanos > 0).then(|| UNIX_EPOCH + Duration::new(*secs, *nanos));
-    }
-    (*secs, *nanos) = (0, 0);
-}
-
 /// Per-peer counters of a kernel WireGuard device; `None` when the kernel
 /// has no such device (or no WireGuard).
-async fn kernel_peer_stats(iface: &str) -> Option<BTreeMap<String, PeerStats>> {
-    let wg = crate::wgkernel::KernelWireGuard::probe().await.ok()?;
-    match wg.dump(iface).await {
-        Ok(msgs) => Some(parse_kernel_peers(msgs?)),
+async fn kernel_peer_stats(iface: &str) -> Option<Vec<wireguard::PeerStats>> {
+    let wg = KernelWireGuard::probe().await.ok()?;
+    match wg.peer_stats(iface).await {
+        Ok(peers) => peers,
         Err(e) => {
             tracing::warn!("metrics: reading {iface}'s peers: {e}");
             None
@@ -540,59 +466,22 @@ async fn kernel_peer_stats(iface: &str) -> Option<BTreeMap<String, PeerStats>> {
     }
 }
 
-/// The peers of a kernel get-device dump, keyed by base64 public key (a
-/// large device's peer can continue in the next message: counters are
-/// taken where they appear).
-pub fn parse_kernel_peers(
-    msgs: impl IntoIterator<Item = WireguardMessage>,
-) -> BTreeMap<String, PeerStats> {
-    let mut out = BTreeMap::new();
-    for msg in msgs {
-        for attr in msg.attributes {
-            let WireguardAttribute::Peers(peers) = attr else {
-                continue;
+/// The data plane's per-peer counters keyed by public key, with the
+/// handshake as a point in time.
+pub fn by_key(peers: Vec<wireguard::PeerStats>) -> BTreeMap<String, PeerStats> {
+    peers
+        .into_iter()
+        .map(|p| {
+            let stats = PeerStats {
+                rx_bytes: p.rx_bytes,
+                tx_bytes: p.tx_bytes,
+                last_handshake: p
+                    .last_handshake
+                    .map(|s| UNIX_EPOCH + Duration::from_secs(s)),
             };
-            for WireguardPeer(attrs) in peers {
-                let mut key = None;
-                let mut stats = PeerStats::default();
-                let mut seen = false;
-                for a in attrs {
-                    match a {
-                        WireguardPeerAttribute::PublicKey(k) => key = Some(STANDARD.encode(k)),
-                        WireguardPeerAttribute::RxBytes(n) => (stats.rx_bytes, seen) = (n, true),
-                        WireguardPeerAttribute::TxBytes(n) => (stats.tx_bytes, seen) = (n, true),
-                        WireguardPeerAttribute::LastHandshake(t) => {
-                            stats.last_handshake =
-                                (t.seconds > 0 || t.nano_seconds > 0).then(|| {
-                                    UNIX_EPOCH
-                                        + Duration::new(
-                                            u64::try_from(t.seconds).unwrap_or(0),
-                                            u32::try_from(t.nano_seconds).unwrap_or(0),
-                                        )
-                                });
-                        }
-                        _ => {}
-                    }
-                }
-                if let Some(k) = key
-                    && (seen || !out.contains_key(&k))
-                {
-                    out.insert(k, stats);
-                }
-            }
-        }
-    }
-    out
-}
-
-fn hex_to_b64(hex: &str) -> Option<String> {
-    if hex.len() != 64 || !hex.is_ascii() {
-        return None;
-    }
-    let bytes: Option<Vec<u8>> = (0..32)
-        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
-        .collect();
-    Some(STANDARD.encode(bytes?))
+            (p.public_key, stats)
+        })
+        .collect()
 }
 
 /// `(rx, tx)` bytes of every `sb-*` link, from one netlink dump.
@@ -1092,77 +981,6 @@ mod tests {
     }
 
     #[test]
-    fn uapi_peers_are_keyed_by_base64_with_their_counters_and_handshake() {
-        let lines = [
-            "private_key=0000000000000000000000000000000000000000000000000000000000000000",
-            "listen_port=51820",
-            "public_key=0202020202020202020202020202020202020202020202020202020202020202",
-            "endpoint=198.51.100.10:51820",
-            "last_handshake_time_sec=1700000000",
-            "last_handshake_time_nsec=5",
-            "rx_bytes=10",
-            "tx_bytes=20",
-            "public_key=0101010101010101010101010101010101010101010101010101010101010101",
-            "last_handshake_time_sec=0",
-            "last_handshake_time_nsec=0",
-            "rx_bytes=0",
-            "tx_bytes=148",
-            "errno=0",
-        ]
-        .map(str::to_owned);
-        let peers = parse_uapi(lines);
-        assert_eq!(
-            peers[ALI_GW1_KEY],
-            PeerStats {
-                rx_bytes: 10,
-                tx_bytes: 20,
-                last_handshake: Some(UNIX_EPOCH + Duration::new(1_700_000_000, 5)),
-            }
-        );
-        assert_eq!(peers[HW_GW1_KEY].last_handshake, None);
-        assert_eq!(peers[HW_GW1_KEY].tx_bytes, 148);
-    }
-
-    #[test]
-    fn kernel_peers_are_keyed_by_base64_with_their_counters_and_handshake() {
-        use netlink_packet_wireguard::{WireguardCmd, WireguardTimeSpec};
-        let peer = |k: u8, rx, tx, secs| {
-            WireguardPeer(vec![
-                WireguardPeerAttribute::PublicKey([k; 32]),
-                WireguardPeerAttribute::LastHandshake(WireguardTimeSpec {
-                    seconds: secs,
-                    nano_seconds: 0,
-                }),
-                WireguardPeerAttribute::RxBytes(rx),
-                WireguardPeerAttribute::TxBytes(tx),
-            ])
-        };
-        let msg = |peers| WireguardMessage {
-            cmd: WireguardCmd::GetDevice,
-            attributes: vec![
-                WireguardAttribute::IfName(WG_IFACE.into()),
-                WireguardAttribute::Peers(peers),
-            ],
-        };
-        // The second message continues peer 2 with its allowed IPs only.
-        let continued = WireguardPeer(vec![WireguardPeerAttribute::PublicKey([2; 32])]);
-        let peers = parse_kernel_peers([
-            msg(vec![peer(1, 0, 148, 0), peer(2, 10, 20, 1_700_000_000)]),
-            msg(vec![continued]),
-        ]);
-        assert_eq!(peers[HW_GW1_KEY].tx_bytes, 148);
-        assert_eq!(peers[HW_GW1_KEY].last_handshake, None);
-        assert_eq!(
-            peers[ALI_GW1_KEY],
-            PeerStats {
-                rx_bytes: 10,
-                tx_bytes: 20,
-                last_handshake: Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
-            }
-        );
-    }
-
-    #[test]
     fn the_classic_format_names_counter_families_with_total_and_has_no_eof() {
         let m = Metrics::new("");
         m.reconciled(&Ok(Report::default()), Duration::from_millis(3), false);
@@ -1188,6 +1006,33 @@ mod tests {
         assert!(!wants_openmetrics(
             b"GET /metrics HTTP/1.1\r\nAccept: */*\r\n\r\n"
         ));
+    }
+
+    #[test]
+    fn data_plane_counters_are_keyed_by_public_key_with_the_handshake_as_a_time() {
+        let peers = by_key(vec![
+            wireguard::PeerStats {
+                public_key: ALI_GW1_KEY.into(),
+                last_handshake: Some(1_700_000_000),
+                rx_bytes: 10,
+                tx_bytes: 20,
+            },
+            wireguard::PeerStats {
+                public_key: HW_GW1_KEY.into(),
+                last_handshake: None,
+                rx_bytes: 0,
+                tx_bytes: 148,
+            },
+        ]);
+        assert_eq!(
+            peers[ALI_GW1_KEY],
+            PeerStats {
+                rx_bytes: 10,
+                tx_bytes: 20,
+                last_handshake: Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
+            }
+        );
+        assert_eq!(peers[HW_GW1_KEY].last_handshake, None);
     }
 
     #[test]

@@ -172,6 +172,26 @@ impl Netlink {
         Ok(out)
     }
 
+    /// Bytes received and sent by link `name` (`None`: no such link), for `agent status`.
+    ///
+    /// # Errors
+    /// When the kernel does not answer.
+    pub async fn link_bytes(&self, name: &str) -> Result<Option<(u64, u64)>, NetlinkError> {
+        let mut stream = self.handle.link().get().execute();
+        while let Some(msg) = stream.try_next().await.map_err(request("listing links"))? {
+            if link_name(&msg).as_deref() != Some(name) {
+                continue;
+            }
+            for a in &msg.attributes {
+                if let LinkAttribute::Stats64(s) = a {
+                    return Ok(Some((s.rx_bytes, s.tx_bytes)));
+                }
+            }
+            return Ok(Some((0, 0)));
+        }
+        Ok(None)
+    }
+
     /// IPv4 routes of the main table that carry Skybridge's protocol.
     pub async fn routes(&self, links: &Links) -> Result<Vec<Route>, NetlinkError> {
         let filter = RouteMessageBuilder::<Ipv4Addr>::new()

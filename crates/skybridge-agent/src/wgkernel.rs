@@ -18,7 +18,7 @@ use netlink_packet_wireguard::{
 };
 use skybridge_core::diff::{PeerConfig, WireGuardConfig};
 
-use crate::wireguard::{Delta, WireGuardError};
+use crate::wireguard::{Delta, PeerStats, WireGuardError};
 
 /// Peers per set request: keeps each message far below the socket's limit
 /// however many sites the cluster has (`wg(8)` splits the same way).
@@ -96,22 +96,6 @@ impl KernelWireGuard {
         &self,
         iface: &str,
     ) -> Result<Option<(Option<String>, WireGuardConfig)>, WireGuardError> {
-        let Some(msgs) = self.dump(iface).await? else {
-            return Ok(None);
-        };
-        let (key, cfg) = parse_device(iface, msgs);
-        tracing::debug!(
-            iface,
-            has_private_key = key.is_some(),
-            peers = cfg.peers.len(),
-            "kernel WireGuard device read"
-        );
-        Ok(Some((key, cfg)))
-    }
-
-    /// The raw get-device dump of `iface` (`None` when it is not a kernel
-    /// WireGuard device): the metrics read the peers' counters from it.
-    pub async fn dump(&self, iface: &str) -> Result<Option<Vec<WireguardMessage>>, WireGuardError> {
         let msg = WireguardMessage {
             cmd: WireguardCmd::GetDevice,
             attributes: vec![WireguardAttribute::IfName(iface.to_owned())],
@@ -120,11 +104,39 @@ impl KernelWireGuard {
             .exchange(msg, NLM_F_REQUEST | NLM_F_DUMP, &format!("reading {iface}"))
             .await
         {
-            Ok(msgs) => Ok(Some(msgs)),
+            Ok(msgs) => {
+                let (key, cfg) = parse_device(iface, msgs);
+                tracing::debug!(
+                    iface,
+                    has_private_key = key.is_some(),
+                    peers = cfg.peers.len(),
+                    "kernel WireGuard device read"
+                );
+                Ok(Some((key, cfg)))
+            }
             Err((Some(code), e)) if code == ENODEV || code == EOPNOTSUPP => {
                 tracing::debug!(iface, "not a kernel WireGuard device: {e}");
                 Ok(None)
             }
+            Err((_, e)) => Err(e),
+        }
+    }
+
+    /// Each peer's counters; `None` when `iface` is not a kernel WireGuard device.
+    ///
+    /// # Errors
+    /// When the kernel does not answer.
+    pub async fn peer_stats(&self, iface: &str) -> Result<Option<Vec<PeerStats>>, WireGuardError> {
+        let msg = WireguardMessage {
+            cmd: WireguardCmd::GetDevice,
+            attributes: vec![WireguardAttribute::IfName(iface.to_owned())],
+        };
+        match self
+            .exchange(msg, NLM_F_REQUEST | NLM_F_DUMP, &format!("reading {iface}"))
+            .await
+        {
+            Ok(msgs) => Ok(Some(parse_stats(msgs))),
+            Err((Some(code), _)) if code == ENODEV || code == EOPNOTSUPP => Ok(None),
             Err((_, e)) => Err(e),
         }
     }
@@ -306,6 +318,42 @@ pub fn parse_device(
     (private, cfg.normalized())
 }
 
+/// The peers' counters in a get-device dump (a peer continued in the next
+/// message repeats its key and carries no counters there).
+pub fn parse_stats(msgs: impl IntoIterator<Item = WireguardMessage>) -> Vec<PeerStats> {
+    let mut out: Vec<PeerStats> = Vec::new();
+    for msg in msgs {
+        for attr in msg.attributes {
+            let WireguardAttribute::Peers(peers) = attr else {
+                continue;
+            };
+            for WireguardPeer(attrs) in peers {
+                let mut p = PeerStats::default();
+                for a in attrs {
+                    match a {
+                        WireguardPeerAttribute::PublicKey(k) => p.public_key = STANDARD.encode(k),
+                        WireguardPeerAttribute::LastHandshake(t) => {
+                            p.last_handshake = u64::try_from(t.seconds).ok().filter(|s| *s > 0);
+                        }
+                        WireguardPeerAttribute::RxBytes(b) => p.rx_bytes = b,
+                        WireguardPeerAttribute::TxBytes(b) => p.tx_bytes = b,
+                        _ => {}
+                    }
+                }
+                match out.last_mut() {
+                    Some(last) if last.public_key == p.public_key => {
+                        last.rx_bytes = last.rx_bytes.max(p.rx_bytes);
+                        last.tx_bytes = last.tx_bytes.max(p.tx_bytes);
+                        last.last_handshake = last.last_handshake.or(p.last_handshake);
+                    }
+                    _ => out.push(p),
+                }
+            }
+        }
+    }
+    out
+}
+
 fn parse_peer(attrs: Vec<WireguardPeerAttribute>) -> PeerConfig {
     let mut p = PeerConfig {
         public_key: String::new(),
@@ -369,6 +417,51 @@ mod tests {
             listen_port: 51820,
             peers,
         }
+    }
+
+    #[test]
+    fn a_peer_continued_in_the_next_message_keeps_its_counters() {
+        use netlink_packet_wireguard::WireguardTimeSpec;
+        let msg = |attrs: Vec<WireguardPeerAttribute>| WireguardMessage {
+            cmd: WireguardCmd::GetDevice,
+            attributes: vec![WireguardAttribute::Peers(vec![WireguardPeer(attrs)])],
+        };
+        let stats = parse_stats([
+            msg(vec![
+                WireguardPeerAttribute::PublicKey([1; 32]),
+                WireguardPeerAttribute::LastHandshake(WireguardTimeSpec {
+                    seconds: 1_800_000_000,
+                    nano_seconds: 0,
+                }),
+                WireguardPeerAttribute::RxBytes(10),
+                WireguardPeerAttribute::TxBytes(20),
+            ]),
+            // The kernel repeats the key to continue the allowed IPs.
+            msg(vec![WireguardPeerAttribute::PublicKey([1; 32])]),
+            msg(vec![
+                WireguardPeerAttribute::PublicKey([2; 32]),
+                WireguardPeerAttribute::LastHandshake(WireguardTimeSpec {
+                    seconds: 0,
+                    nano_seconds: 0,
+                }),
+            ]),
+        ]);
+        assert_eq!(
+            stats,
+            [
+                PeerStats {
+                    public_key: key(1),
+                    last_handshake: Some(1_800_000_000),
+                    rx_bytes: 10,
+                    tx_bytes: 20,
+                },
+                // Zero is the kernel's "never".
+                PeerStats {
+                    public_key: key(2),
+                    ..PeerStats::default()
+                },
+            ]
+        );
     }
 
     /// What a set request would leave on a device that had `have`: the

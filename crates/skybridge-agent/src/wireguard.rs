@@ -119,6 +119,17 @@ fn b64(hex: &str) -> Option<String> {
     Some(STANDARD.encode(bytes?))
 }
 
+/// One WireGuard peer's counters, whichever data plane carries it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerStats {
+    /// Base64, as in the plan.
+    pub public_key: String,
+    /// Seconds since the Unix epoch; `None`: never.
+    pub last_handshake: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
 /// A client of one interface's UAPI socket.
 #[derive(Debug, Clone)]
 pub struct Uapi {
@@ -220,6 +231,29 @@ impl Uapi {
             }
         }
         Ok((private, cfg.normalized()))
+    }
+
+    /// Each peer's counters: read-only, for `agent status`.
+    ///
+    /// # Errors
+    /// When the socket does not answer.
+    pub fn peer_stats(&self) -> Result<Vec<PeerStats>, WireGuardError> {
+        let mut out: Vec<PeerStats> = Vec::new();
+        for (k, v) in self.exchange("get=1\n\n", "get")? {
+            match (k.as_str(), out.last_mut()) {
+                ("public_key", _) => out.push(PeerStats {
+                    public_key: b64(&v).unwrap_or_default(),
+                    ..PeerStats::default()
+                }),
+                ("last_handshake_time_sec", Some(p)) => {
+                    p.last_handshake = v.parse().ok().filter(|s| *s > 0);
+                }
+                ("rx_bytes", Some(p)) => p.rx_bytes = v.parse().unwrap_or(0),
+                ("tx_bytes", Some(p)) => p.tx_bytes = v.parse().unwrap_or(0),
+                _ => {}
+            }
+        }
+        Ok(out)
     }
 
     /// Brings the interface to `cfg` in one request, touching only what

@@ -175,8 +175,9 @@ fn sha256(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// Runs `f` on every item, at most `parallel` at a time, keeping the input order.
-async fn each<T, R>(items: Vec<T>, parallel: usize, f: impl AsyncFn(T) -> R) -> Vec<R> {
+/// Runs `f` on every item, at most `parallel` at a time, keeping the input
+/// order (also `skybridge status`'s bound on the nodes it asks at once).
+pub async fn each<T, R>(items: Vec<T>, parallel: usize, f: impl AsyncFn(T) -> R) -> Vec<R> {
     let f = &f;
     let mut out: Vec<(usize, R)> = futures::stream::iter(items.into_iter().enumerate())
         .map(|(i, t)| async move { (i, f(t).await) })

@@ -15,9 +15,10 @@ use skybridge_agent::backend::{Backends, DataPlane, FirewallChoice};
 use skybridge_agent::failover::Failover;
 use skybridge_agent::health::Targets;
 use skybridge_agent::host::{Host, HostError, LinuxHost};
+use skybridge_agent::journal;
 use skybridge_agent::lock::{LOCK_PATIENCE, NodeLock};
 use skybridge_agent::metrics::View;
-use skybridge_agent::output::{ConfirmOutcome, TryOutcome, run_report};
+use skybridge_agent::output::{ConfirmOutcome, NodeStatus, TryOutcome, run_report};
 use skybridge_agent::reconcile::Report;
 use skybridge_agent::rollback::{self, Digests, Dirs, SystemClock, TryRequest};
 use skybridge_agent::service::LinuxNode;
@@ -186,16 +187,12 @@ enum Action {
     /// The detached process that rolls an unconfirmed `agent try` back.
     #[command(hide = true)]
     Watchdog(Box<WatchdogArgs>),
-    /// Each site's active gateway as this node sees it, the last failovers
-    /// and why, and what the health prober sees of every candidate.
-    Status {
-        /// Where the agent keeps its state.
-        #[arg(long, default_value = DEFAULT_STATE_DIR)]
-        state_dir: PathBuf,
-        /// How to report.
-        #[arg(long, value_enum, default_value_t = Output::Text)]
-        output: Output,
-    },
+    /// This node's health: whether the agent runs and its version, whether
+    /// the node is converged (and what differs), the last reconcile and drift
+    /// repairs, each site's active gateway, and per tunnel peer the last
+    /// handshake, bytes each way and the probe RTT and loss. Exit 1 when
+    /// anything is unhealthy. What `skybridge status` asks every node.
+    Status(StatusArgs),
     /// The gateway health prober the agent starts where a site has a second
     /// gateway candidate: probes the candidates, answers their probes, and
     /// keeps doing so while the agent restarts.
@@ -204,6 +201,27 @@ enum Action {
         #[command(flatten)]
         node: NodeArgs,
     },
+}
+
+/// `agent status`: this node's health, what `skybridge status` gathers.
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// Where the agent keeps its state.
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// How to report: text for a person, json for `skybridge status`.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    /// The cluster file to check the node against [default: the one the
+    /// agent daemon runs, else the installed one].
+    #[arg(long)]
+    cluster: Option<PathBuf>,
+    /// This node's name in it [default: the agent daemon's].
+    #[arg(long)]
+    node: Option<String>,
+    /// Public keys of the other nodes [default: the agent daemon's, else <cluster>.state.yaml].
+    #[arg(long)]
+    state: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -310,7 +328,7 @@ pub fn main(args: AgentArgs) -> Result<ExitCode> {
         Some(Action::Confirm { id, output }) => Ok(confirm(&id, output)),
         Some(Action::Watchdog(a)) => rt.block_on(watchdog(*a)),
         Some(Action::Health { node }) => rt.block_on(health(&node)),
-        Some(Action::Status { state_dir, output }) => Ok(rt.block_on(status(&state_dir, output))),
+        Some(Action::Status(a)) => Ok(rt.block_on(status(a))),
         None => {
             if let Some(addr) = args.metrics_listen
                 && let Some(why) = metrics_refusal(addr, args.metrics_allow_remote)
@@ -383,68 +401,114 @@ fn prober_args(args: &NodeArgs) -> Vec<std::ffi::OsString> {
     v
 }
 
-/// `agent status`: exit 1 when a site is unreachable from here or the
-/// prober does not answer where failover is on.
-async fn status(state_dir: &Path, output: Output) -> ExitCode {
-    let chosen = skybridge_agent::failover::read_chosen(state_dir);
-    let seen = skybridge_agent::health::query(state_dir).await;
-    let healthy = chosen.unreachable.is_empty() && (chosen.actives.is_empty() || seen.is_some());
-    match output {
-        Output::Json => print_json(serde_json::to_string(&serde_json::json!({
-            "gateways": chosen,
-            "probes": seen,
-        }))),
+/// What `skybridge version` calls this build; the agent records it.
+pub fn version() -> String {
+    format!(
+        "{} ({})",
+        env!("CARGO_PKG_VERSION"),
+        env!("SKYBRIDGE_COMMIT")
+    )
+}
+
+/// `agent status`: everything `skybridge status` shows of this node; exit 1
+/// when anything is unhealthy. Changes nothing on the node.
+async fn status(a: StatusArgs) -> ExitCode {
+    let s = node_status(&a).await;
+    match a.output {
+        Output::Json => print_json(serde_json::to_string(&s)),
         Output::Text => {
-            if chosen.actives.is_empty() {
-                say("no site has a second gateway candidate: nothing to fail over");
-            }
-            for (site, gw) in &chosen.actives {
-                let mark = if chosen.unreachable.contains(site) {
-                    "  UNREACHABLE: no candidate answers"
-                } else {
-                    ""
-                };
-                say(&format!("site {site}: active gateway {gw}{mark}"));
-            }
-            for s in chosen.switches.iter().rev().take(5) {
-                say(&format!(
-                    "  failover {}: {} -> {}: {}",
-                    s.site, s.from, s.to, s.reason
-                ));
-            }
-            match &seen {
-                Some(obs) => {
-                    for t in &obs.targets {
-                        let rtt = t
-                            .rtt_us
-                            .map_or("-".to_owned(), |us| format!("{:.2} ms", us as f64 / 1000.0));
-                        let silent = t.silent_ms.map_or("-".to_owned(), |ms| format!("{ms} ms"));
-                        say(&format!(
-                            "  probe {:<16} {:<10} {:<15} {:<7} rtt {:>9}  loss {:>3.0}%  silent {}",
-                            t.target.node,
-                            t.target.site,
-                            t.target.ip,
-                            if t.target.tunnel { "tunnel" } else { "vpc" },
-                            rtt,
-                            t.loss * 100.0,
-                            silent
-                        ));
-                    }
-                }
-                None if !chosen.actives.is_empty() => {
-                    warn(
-                        "the health prober does not answer (see health.log in the state directory)",
-                    );
-                }
-                None => {}
+            for line in crate::status::render(std::slice::from_ref(&s)) {
+                say(&line);
             }
         }
     }
-    if healthy {
+    if s.healthy() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     }
+}
+
+async fn node_status(a: &StatusArgs) -> NodeStatus {
+    let info = journal::read_info(&a.state_dir);
+    let chosen = skybridge_agent::failover::read_chosen(&a.state_dir);
+    let seen = skybridge_agent::health::query(&a.state_dir).await;
+    // Plan exactly as the running daemon does: its files, its node, its
+    // backends, and the gateways it chose.
+    let args = NodeArgs {
+        cluster: Some(
+            a.cluster
+                .clone()
+                .or_else(|| info.as_ref().map(|i| i.cluster.clone()))
+                .unwrap_or_else(|| PathBuf::from(paths::CLUSTER_FILE)),
+        ),
+        node: a
+            .node
+            .clone()
+            .or_else(|| info.as_ref().map(|i| i.node.clone())),
+        state_dir: a.state_dir.clone(),
+        state: a
+            .state
+            .clone()
+            .or_else(|| info.as_ref().and_then(|i| i.state.clone())),
+        wireguard: info
+            .as_ref()
+            .and_then(|i| i.wireguard.parse().ok())
+            .unwrap_or_default(),
+        firewall: info
+            .as_ref()
+            .and_then(|i| i.firewall.parse().ok())
+            .unwrap_or_default(),
+    };
+    let mut s = NodeStatus {
+        node: args.node.clone().unwrap_or_default(),
+        version: version(),
+        agent: journal::agent_state(&a.state_dir),
+        gateways: skybridge_agent::status::gateways(&chosen),
+        failovers: chosen.switches.iter().rev().take(5).cloned().collect(),
+        last_reconcile: journal::read_last(&a.state_dir),
+        ..NodeStatus::default()
+    };
+    let mut more = Vec::new();
+    let cluster_file = args.cluster.clone().expect("set above");
+    s.cluster_sha256 = rollback::file_sha256(&cluster_file).ok();
+    let plan = match &args.node {
+        None => Err(
+            "no agent has run here yet and no --node was given: cannot tell which node this is"
+                .to_owned(),
+        ),
+        Some(_) => cluster_and_state(&args)
+            .and_then(|(c, st)| mine(&args, &plan_with(&c, &st, &chosen.actives))),
+    };
+    match plan {
+        Ok(plan) => {
+            match differences(&args, &plan).await {
+                Ok(d) => {
+                    s.converged = Some(d.is_empty());
+                    s.differences = d;
+                }
+                Err(e) => more.push(format!("cannot tell whether it is converged: {e:#}")),
+            }
+            s.tunnels = skybridge_agent::status::tunnels(&plan, seen.as_ref()).await;
+        }
+        Err(e) => more.push(e),
+    }
+    let prober = (!chosen.actives.is_empty()).then_some(seen.is_some());
+    s.problems = skybridge_agent::status::problems(&s, prober);
+    s.problems.extend(more);
+    s
+}
+
+/// How long `agent status` waits for a reconcile or a `try` to finish
+/// before it says it cannot tell: a status answers promptly.
+const STATUS_PATIENCE: Duration = Duration::from_secs(10);
+
+/// What a reconcile would change now, read-only as `agent --dry-run`.
+async fn differences(args: &NodeArgs, plan: &NodePlan) -> Result<Vec<String>> {
+    let _lock = NodeLock::read(&args.state_dir, STATUS_PATIENCE)?;
+    let mut host = read_only_host(args, plan).await?;
+    let r = reconcile::reconcile(&mut host, plan, true).await?;
+    Ok(r.changes.iter().map(ToString::to_string).collect())
 }
 
 async fn health(args: &NodeArgs) -> Result<ExitCode> {
@@ -549,6 +613,7 @@ async fn run(
         });
     }
     let name = plan.node.clone();
+    record_start(args, &name);
     let (mut cluster, mut state) = cluster_and_state(args).map_err(anyhow::Error::msg)?;
     let mut failover = Failover::new(
         &name,
@@ -626,6 +691,25 @@ async fn run(
     .await
     .context("running the agent")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Tells `agent status` which daemon runs and with what, so that it can
+/// check the daemon is alive and plan as it does.
+fn record_start(args: &NodeArgs, node: &str) {
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+    let info = journal::AgentInfo {
+        pid: std::process::id(),
+        version: version(),
+        node: node.to_owned(),
+        cluster: absolute(args.cluster.as_deref().expect("required")),
+        state: args.state.as_deref().map(absolute),
+        wireguard: args.wireguard.as_str().to_owned(),
+        firewall: args.firewall.as_str().to_owned(),
+        started: journal::now(),
+    };
+    if let Err(e) = journal::write_info(&args.state_dir, &info) {
+        tracing::warn!("recording this agent for `agent status`: {e}");
+    }
 }
 
 async fn down(args: &NodeArgs, dry_run: bool) -> Result<ExitCode> {

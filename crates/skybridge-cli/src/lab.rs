@@ -64,7 +64,7 @@ pub enum LabCommand {
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Run a command inside a node (its network and its files).
+    /// Run a command inside a node (its network and its files); exits with its exit code.
     Exec {
         /// The node to run in.
         node: String,
@@ -72,7 +72,8 @@ pub enum LabCommand {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
-    /// What the running lab is made of.
+    /// What the running lab is made of, and every node's health as
+    /// `skybridge status` shows it (exit 3 when a node is unhealthy).
     Status {
         /// table: for reading; json, yaml: the lab's whole state, for scripts.
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
@@ -141,6 +142,41 @@ pub enum AgentArg {
     None,
 }
 
+/// The programs every lab command runs, with the Debian package of each.
+const TOOLS: [(&str, &str); 6] = [
+    ("ip", "iproute2"),
+    ("nft", "nftables"),
+    ("nsenter", "util-linux"),
+    ("unshare", "util-linux"),
+    ("ping", "iputils-ping"),
+    ("bash", "bash"),
+];
+
+/// Whether `tool` is a program on PATH.
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::metadata(dir.join(tool))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
+/// The Debian packages of the lab's programs missing from PATH, in order.
+fn missing_packages(have: impl Fn(&str) -> bool) -> Vec<&'static str> {
+    let mut pkgs: Vec<&'static str> = Vec::new();
+    for (tool, pkg) in TOOLS {
+        if !have(tool) && !pkgs.contains(&pkg) {
+            pkgs.push(pkg);
+        }
+    }
+    pkgs
+}
+
+/// Root, and the programs the lab runs. As root on Debian the missing ones
+/// are installed (saying so), as the test command does; elsewhere the error
+/// says what to install.
 fn root() -> Result<()> {
     let uid = std::process::Command::new("id")
         .arg("-u")
@@ -149,17 +185,47 @@ fn root() -> Result<()> {
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
         bail!("the lab makes network namespaces: run it as root");
     }
-    for tool in ["ip", "nft", "nsenter", "unshare", "ping", "bash"] {
-        if std::process::Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .map(|o| !o.status.success())
-            .unwrap_or(true)
-        {
-            bail!(
-                "the lab needs {tool}: apt-get install iproute2 nftables util-linux iputils-ping bash"
-            );
-        }
+    let missing = missing_packages(on_path);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let debian = std::path::Path::new("/etc/debian_version").exists() && on_path("apt-get");
+    if !debian {
+        bail!(
+            "the lab needs {}: install them with your package manager (on Debian: apt-get install {})",
+            TOOLS
+                .iter()
+                .filter(|(t, _)| !on_path(t))
+                .map(|(t, _)| *t)
+                .collect::<Vec<_>>()
+                .join(", "),
+            missing.join(" ")
+        );
+    }
+    eprintln!(
+        "the lab needs {}: installing with apt-get install {}",
+        missing.join(", "),
+        missing.join(" ")
+    );
+    let status = std::process::Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("running apt-get")?;
+    if !status.success() {
+        bail!(
+            "apt-get install {} failed ({status}); install them by hand and run the lab again",
+            missing.join(" ")
+        );
+    }
+    let still = missing_packages(on_path);
+    if !still.is_empty() {
+        bail!(
+            "installed {} but the lab's programs are still not on PATH ({}): is PATH missing /usr/sbin?",
+            missing.join(" "),
+            std::env::var("PATH").unwrap_or_default()
+        );
     }
     Ok(())
 }
@@ -212,6 +278,58 @@ fn report_matrix(m: &[Probe], output: Output) -> Result<ExitCode> {
     } else {
         ExitCode::from(exit::NODES_FAILED)
     })
+}
+
+/// `agent status --output json` run inside every node of the lab, in order.
+fn node_health(state: &LabState) -> Vec<skybridge_agent::output::NodeStatus> {
+    use skybridge_agent::output::NodeStatus;
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "skybridge".to_owned());
+    let ask: Vec<String> = vec![
+        exe,
+        "agent".into(),
+        "status".into(),
+        "--output".into(),
+        "json".into(),
+    ];
+    state
+        .nodes
+        .keys()
+        .map(|name| {
+            let broken = |why: String| NodeStatus {
+                node: name.clone(),
+                problems: vec![why],
+                ..NodeStatus::default()
+            };
+            // The report comes with exit 1 on an unhealthy node: read it whatever the code.
+            let stdout = match state.enter(name) {
+                Some(mut args) => {
+                    args.extend(ask.iter().cloned());
+                    match std::process::Command::new(&args[0])
+                        .args(&args[1..])
+                        .output()
+                    {
+                        Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
+                        Err(e) => return broken(format!("cannot enter the node: {e}")),
+                    }
+                }
+                None => match skybridge_lab::run_on(state, name, &ask) {
+                    Ok(out) => out,
+                    Err(e) => return broken(format!("agent status: {e}")),
+                },
+            };
+            match skybridge_apply::apply::agent_output::parse::<NodeStatus>(&stdout) {
+                Ok(mut s) => {
+                    if s.node.is_empty() {
+                        s.node = name.clone();
+                    }
+                    s
+                }
+                Err(e) => broken(e),
+            }
+        })
+        .collect()
 }
 
 /// What the lab is made of, for reading.
@@ -455,11 +573,12 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
             let status = std::process::Command::new(&args[0])
                 .args(&args[1..])
                 .status()?;
-            Ok(if status.success() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            // The command's own code, as ssh and `docker exec` pass it on:
+            // a test tells "unhealthy" (3) from "failed" (1) through it.
+            Ok(status
+                .code()
+                .and_then(|c| u8::try_from(c).ok())
+                .map_or(ExitCode::FAILURE, ExitCode::from))
         }
         LabCommand::Status { output } => {
             let state = LabState::load()?;
@@ -470,7 +589,23 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
             if output == Output::Table {
                 print_gateways(&state);
             }
-            Ok(ExitCode::SUCCESS)
+            // Each node's own report, as `skybridge status` shows a real
+            // cluster: an operator reads the same thing in both.
+            // Entering the nodes takes root; what the lab is made of does not.
+            if root().is_err() {
+                if output == Output::Table {
+                    println!("\n(each node's health: run `skybridge lab status` as root)");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let health = node_health(&state);
+            if output == Output::Table {
+                println!();
+                for line in crate::status::render(&health) {
+                    println!("{line}");
+                }
+            }
+            Ok(crate::status::exit_code(&health))
         }
         LabCommand::Fail { node, how } => {
             root()?;
@@ -513,6 +648,16 @@ mod tests {
     use skybridge_lab::NodeState;
 
     use super::*;
+
+    #[test]
+    fn missing_programs_map_to_debian_packages_once_each() {
+        assert!(missing_packages(|_| true).is_empty());
+        assert_eq!(
+            missing_packages(|t| !matches!(t, "nft" | "nsenter" | "unshare")),
+            ["nftables", "util-linux"]
+        );
+        assert_eq!(missing_packages(|_| false).len(), 5);
+    }
 
     const SITE_A_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 10);
     const SITE_B_IP: Ipv4Addr = Ipv4Addr::new(172, 26, 32, 235);

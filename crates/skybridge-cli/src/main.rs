@@ -8,6 +8,7 @@ mod keys;
 mod lab;
 mod load;
 mod output;
+mod status;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -28,7 +29,8 @@ pub mod exit {
     /// state file that does not validate. Nothing was changed.
     pub const INVALID_INPUT: u8 = 2;
     /// The command ran on several nodes and some of them failed (`apply`,
-    /// `join --all`, `lab check`); the summary says which.
+    /// `join --all`, `lab check`) or are unhealthy or unreachable (`status`,
+    /// `lab status`); the summary says which.
     pub const NODES_FAILED: u8 = 3;
 }
 
@@ -37,7 +39,8 @@ Exit codes:
   0  success
   1  runtime failure (a file that cannot be read, a node that cannot be reached)
   2  invalid input: the command line, or a cluster or state file that does not validate; nothing was changed
-  3  some nodes failed (apply, join --all, lab check); the summary names them
+  3  some nodes failed (apply, join --all, lab check) or are unhealthy or unreachable (status,
+     lab status); the summary names them
 
 Logging:
   -v/-q set how much the commands say (-v: steps and files read, -vv: debug, -q: errors only);
@@ -72,6 +75,12 @@ enum Command {
     /// keys, show the changes, apply them (rolled back on a node that cannot be
     /// reached again) and verify connectivity.
     Apply(apply::ApplyArgs),
+    /// Every node's health over SSH (as apply reaches it): agent running and
+    /// its version, converged with the file or what differs, last reconcile
+    /// and drift repairs, active gateways, and per tunnel peer the last
+    /// handshake, bytes each way and the probe RTT and loss. Exit 3 when a
+    /// node is unhealthy or unreachable.
+    Status(status::StatusArgs),
     /// The whole multi-provider topology on this machine, in network namespaces.
     #[command(subcommand)]
     Lab(lab::LabCommand),
@@ -261,6 +270,7 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Agent(args) => agent::main(args),
         Command::Join(args) => join::main(args),
         Command::Apply(args) => apply::main(args),
+        Command::Status(args) => status::main(args),
         Command::Lab(cmd) => lab::main(cmd),
         Command::WireguardDataplane { iface, state_dir } => agent::dataplane(&iface, &state_dir),
         Command::Version => {

@@ -96,7 +96,8 @@ fn matrix_green(lab: &Lab) {
 }
 
 /// Every file Skybridge keeps on `node` (path, mode, content hash), less
-/// the ones a running daemon rewrites by itself (its log, its lock note).
+/// the ones a running daemon rewrites by itself (its log, its lock note,
+/// the record of its last reconcile).
 fn node_files(lab: &Lab, node: &str) -> String {
     let dirs = [
         paths::CONFIG_DIR,
@@ -109,8 +110,9 @@ fn node_files(lab: &Lab, node: &str) -> String {
         node,
         &format!(
             "find {dirs} -printf '%p %m %y\\n' 2>/dev/null | grep -v -e '\\.log ' -e '{lock} ' | sort; \
-             find {dirs} -type f ! -name '*.log' ! -name '{lock}' -exec sha256sum {{}} + 2>/dev/null | sort",
-            lock = paths::LOCK_FILE_NAME
+             find {dirs} -type f ! -name '*.log' ! -name '{lock}' ! -name '{last}' -exec sha256sum {{}} + 2>/dev/null | sort",
+            lock = paths::LOCK_FILE_NAME,
+            last = paths::RECONCILE_FILE_NAME
         ),
     )
 }
@@ -223,6 +225,51 @@ fn apply_over_ssh_converges_a_fresh_lab_then_is_a_no_op_and_refuses_a_changed_ho
             "{n} was tried twice"
         );
     }
+
+    // Two applies at once: this one staged its files and learned their
+    // SHA-256, another staged over them before this one's `try` ran. Over the
+    // same sshd, as apply runs it, `try` must refuse and change nothing.
+    let sum = |f: &str| {
+        lab.sh_ok("tc-gw", &format!("sha256sum {f} | cut -d' ' -f1"))
+            .trim()
+            .to_owned()
+    };
+    let ours = format!(
+        "{},{},{}",
+        sum(paths::CLUSTER_FILE),
+        sum(paths::STATE_FILE),
+        sum(paths::BINARY)
+    );
+    let installed_before = sum(paths::CLUSTER_FILE);
+    let staged = format!("{}/sbt-race", paths::STAGING_DIR);
+    let remote = format!(
+        "mkdir -p {staged} && cp {c} {s} {staged}/ && echo '# staged by another apply' >> {staged}/{cn} && \
+         {bin} agent try --output json --cluster {staged}/{cn} --node tc-gw --id sbt-race --confirm-timeout 30 --sha256 {ours}",
+        c = paths::CLUSTER_FILE,
+        s = paths::STATE_FILE,
+        cn = paths::CLUSTER_FILE_NAME,
+        bin = paths::BINARY,
+    );
+    let raced = lab.exec(
+        "controller",
+        &["ssh", "-o", "BatchMode=yes", "root@203.0.113.30", &remote],
+    );
+    assert!(!raced.status.success(), "{}", text(&raced));
+    assert!(
+        text(&raced).contains("the staged cluster file")
+            && text(&raced).contains("is not the one this apply uploaded")
+            && text(&raced).contains("nothing was changed"),
+        "{}",
+        text(&raced)
+    );
+    assert_eq!(sum(paths::CLUSTER_FILE), installed_before);
+    assert!(
+        lab.sh("tc-gw", &format!("kill -0 $(cat {})", paths::PIDFILE))
+            .status
+            .success(),
+        "the refused try stopped tc-gw's agent"
+    );
+    lab.sh_ok("tc-gw", &format!("rm -rf {staged}"));
 
     // tc-gw is re-created with a new host key: apply refuses it, the rest stays converged.
     assert!(

@@ -447,3 +447,41 @@ fn a_cluster_unlike_the_example_is_all_green_too() {
     let file = lab.file("zoo.yaml", ZOO);
     up_userspace_green(&lab, &file, ZOO, "72 pairs, 58 cross-site, 0 failed");
 }
+
+#[test]
+fn lab_up_as_root_on_debian_installs_what_it_lacks_and_says_so() {
+    if unmet(&["apt-get"]) {
+        return;
+    }
+    if !std::path::Path::new("/etc/debian_version").exists() {
+        support::opt_out("not Debian: lab up installs packages only there");
+        return;
+    }
+    // A PATH with every program the lab runs but nft: lab up must ask
+    // apt-get for nftables, say so, and (nft being still off this PATH)
+    // stop with the reason before it creates anything.
+    let lab = Lab::new("inst");
+    let bin = std::env::temp_dir().join(format!("sbt-{}-path", std::process::id()));
+    let _ = std::fs::remove_dir_all(&bin);
+    std::fs::create_dir_all(&bin).unwrap();
+    for tool in ["ip", "nsenter", "unshare", "ping", "bash", "id", "apt-get"] {
+        let real = support::which(tool).unwrap();
+        std::os::unix::fs::symlink(real, bin.join(tool)).unwrap();
+    }
+    let file = lab.file("lab.yaml", LAB);
+    let up = std::process::Command::new(support::skybridge())
+        .args(["lab", "up", &file])
+        .env("SKYBRIDGE_LAB_PREFIX", &lab.prefix)
+        .env("PATH", &bin)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&bin);
+    let err = text(&up);
+    assert!(!up.status.success(), "{err}");
+    assert!(
+        err.contains("the lab needs nftables: installing with apt-get install nftables")
+            && err.contains("still not on PATH"),
+        "{err}"
+    );
+    assert_eq!(lab.namespaces(), Vec::<String>::new());
+}

@@ -274,6 +274,163 @@ fn agent_unit_brings_every_pair_back_after_a_reboot_with_no_operator_action() {
         lab.sh_ok(GATEWAY_ALIYUN, "skybridge agent pubkey"),
         key_before
     );
+
+    try_watchdog_is_its_own_systemd_unit(&lab);
+    a_briefly_invalid_cluster_file_does_not_leave_the_unit_failed(&lab);
+}
+
+/// `agent try` under real systemd: the watchdog runs as its own transient
+/// unit (so the end of the operator's SSH session cannot take it down), is
+/// gone once confirmed, and rolls back by itself when nobody confirms.
+fn try_watchdog_is_its_own_systemd_unit(lab: &Lab) {
+    let node = NODE_HUAWEI;
+    let stage = format!(
+        "mkdir -p {dir} && cp {cluster} {state} {dir}/",
+        dir = paths::STAGING_DIR,
+        cluster = paths::CLUSTER_FILE,
+        state = paths::STATE_FILE,
+    );
+    lab.sh_ok(node, &stage);
+    let unit = |id: &str| format!("{}{id}", paths::WATCHDOG_UNIT_PREFIX);
+    let try_ = |id: &str, secs: u32| {
+        lab.sh(
+            node,
+            &format!(
+                "skybridge agent try --cluster {} --node {node} --confirm-timeout {secs} --id {id}",
+                paths::STAGED_CLUSTER
+            ),
+        )
+    };
+    let active = |id: &str| {
+        text(&lab.sh(node, &format!("systemctl is-active {}", unit(id))))
+            .trim()
+            .to_owned()
+    };
+
+    let t = try_("vmconfirm", 60);
+    assert!(t.status.success(), "{}", text(&t));
+    assert_eq!(active("vmconfirm"), "active", "no watchdog unit after try");
+    lab.sh_ok(node, "skybridge agent confirm --id vmconfirm");
+    let stopped = (0..20).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        active("vmconfirm") != "active"
+    });
+    assert!(stopped, "the watchdog unit outlived the confirmation");
+
+    let t = try_("vmexpire", 5);
+    assert!(t.status.success(), "{}", text(&t));
+    assert_eq!(active("vmexpire"), "active");
+    std::thread::sleep(std::time::Duration::from_secs(12));
+    assert_ne!(active("vmexpire"), "active", "the watchdog did not finish");
+    let log = lab.sh_ok(
+        node,
+        &format!("cat {}/{}", paths::STATE_DIR, paths::ROLLBACK_LOG_NAME),
+    );
+    assert!(
+        log.contains("apply vmexpire not confirmed within 5 s: restoring"),
+        "no rollback of the unconfirmed try in the log:\n{log}"
+    );
+    assert_eq!(
+        lab.sh_ok(node, &format!("systemctl is-active {}", paths::AGENT_UNIT))
+            .trim(),
+        "active",
+        "the agent is not running after the rollback"
+    );
+    green_within(lab, std::time::Duration::from_secs(60)).unwrap();
+
+    // A node whose agent did not run before: the try enables the unit, and
+    // its rollback must not leave it enabled (nor running).
+    let unit_is = |what: &str| {
+        text(&lab.sh(node, &format!("systemctl {what} {}", paths::AGENT_UNIT)))
+            .trim()
+            .to_owned()
+    };
+    lab.sh_ok(
+        node,
+        &format!("systemctl disable --now {}", paths::AGENT_UNIT),
+    );
+    let t = try_("vmunit", 5);
+    assert!(t.status.success(), "{}", text(&t));
+    assert_eq!(
+        unit_is("is-enabled"),
+        "enabled",
+        "the try did not enable the agent"
+    );
+    std::thread::sleep(std::time::Duration::from_secs(12));
+    assert_ne!(active("vmunit"), "active", "the watchdog did not finish");
+    assert_ne!(
+        unit_is("is-enabled"),
+        "enabled",
+        "the rollback left the agent unit enabled"
+    );
+    assert_ne!(
+        unit_is("is-active"),
+        "active",
+        "the rollback left the agent running"
+    );
+    lab.sh_ok(
+        node,
+        &format!("systemctl enable --now {}", paths::AGENT_UNIT),
+    );
+    green_within(lab, std::time::Duration::from_secs(60)).unwrap();
+}
+
+/// An invalid cluster file makes the agent exit at every start; once the
+/// file is fixed the unit must come back by itself, however often it was
+/// started meanwhile.
+fn a_briefly_invalid_cluster_file_does_not_leave_the_unit_failed(lab: &Lab) {
+    let node = GATEWAY_ALIYUN;
+    // Eight starts in a few seconds, each failing on the file: past
+    // systemd's default start limit (5 in 10 s), which would leave the unit
+    // failed for good.
+    lab.sh_ok(
+        node,
+        &format!(
+            "cp {c} /root/cluster.good && echo 'spec: [' > {c} && \
+             for i in 1 2 3 4 5 6 7 8; do systemctl restart {u} || true; sleep 0.4; done",
+            c = paths::CLUSTER_FILE,
+            u = paths::AGENT_UNIT
+        ),
+    );
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let show = |p: &str| {
+        lab.sh_ok(
+            node,
+            &format!("systemctl show -p {p} --value {}", paths::AGENT_UNIT),
+        )
+        .trim()
+        .to_owned()
+    };
+    // The agent did refuse the file (so the test exercises the limit).
+    assert_ne!(
+        show("ExecMainStatus"),
+        "0",
+        "the agent accepted a broken file"
+    );
+    let result = show("Result");
+    assert_ne!(
+        result.trim(),
+        "start-limit-hit",
+        "the agent unit hit the start limit"
+    );
+    lab.sh_ok(
+        node,
+        &format!("cp /root/cluster.good {}", paths::CLUSTER_FILE),
+    );
+    let back = (0..20).any(|_| {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        text(&lab.sh(node, &format!("systemctl is-active {}", paths::AGENT_UNIT))).trim()
+            == "active"
+    });
+    assert!(
+        back,
+        "the agent unit did not come back after the file was fixed: {}",
+        text(&lab.sh(
+            node,
+            &format!("systemctl status {} | head -5", paths::AGENT_UNIT)
+        ))
+    );
+    green_within(lab, std::time::Duration::from_secs(60)).unwrap();
 }
 
 #[test]

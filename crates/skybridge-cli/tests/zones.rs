@@ -120,3 +120,90 @@ fn a_site_over_three_subnets_in_vpc_routes_mode_is_all_green() {
     let route = route_to(&lab, NODE_C, "172.26.32.236");
     assert!(route.contains("via 10.10.47.254 dev eth0"), "{route}");
 }
+
+#[test]
+fn a_vpc_routes_site_moves_its_route_table_with_the_on_failover_hook() {
+    if unmet(&TOOLS) {
+        return;
+    }
+    let lab = Lab::new("zf");
+    // The lab's stand-in for the provider's CLI: the VPC's route table is
+    // the site router's, and the hook moves every entry that led to the old
+    // gateway to the new one, as an operator's `aws ec2 replace-route` would.
+    // The nodes do not see /run/netns (their own mounts); a process kept in
+    // the router's namespace is the handle the hook enters it by.
+    let router = format!("{}r-aws", lab.prefix);
+    let log = lab.path("hook.log");
+    let pid_file = lab.path("router.pid");
+    let hook = lab.file(
+        "move-routes.sh",
+        &format!(
+            r#"#!/bin/sh
+set -eu
+vpc="nsenter --net=/proc/$(cat {pid_file})/ns/net ip"
+$vpc -4 route show | while read -r dst via hop rest; do
+  if [ "$via" = via ] && [ "$hop" = "$SKYBRIDGE_OLD_GATEWAY_IP" ]; then
+    $vpc route replace "$dst" via "$SKYBRIDGE_NEW_GATEWAY_IP"
+  fi
+done
+echo "$SKYBRIDGE_SITE $SKYBRIDGE_OLD_GATEWAY $SKYBRIDGE_NEW_GATEWAY" >> {log}
+"#
+        ),
+    );
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let cluster = ZONES.replace(
+        "intraSite: tunnel",
+        &format!("intraSite: vpc-routes\n      onFailover: [{hook}]"),
+    );
+    up_green(&lab, "zones-hook.yaml", &cluster);
+    /// Killed on drop, also when an assertion fails.
+    struct Holder(std::process::Child);
+    impl Drop for Holder {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let holder = Holder(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &router, "sleep", "600"])
+            .spawn()
+            .unwrap(),
+    );
+    std::fs::write(&pid_file, holder.0.id().to_string()).unwrap();
+    let table = |_: &Lab| {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &router, "-4", "route", "show"])
+            .output()
+            .unwrap();
+        text(&out)
+    };
+    assert!(
+        table(&lab).contains("172.26.32.0/24 via 10.10.0.10"),
+        "{}",
+        table(&lab)
+    );
+
+    // aws-gw-a dies: its agent cannot run anything, aws-gw-b's runs the hook,
+    // and the node of the third subnet (which has no route of its own) is
+    // back through the VPC's table within the detection time plus the hook's.
+    let ping = Pinger::start(&lab, NODE_C, "172.26.32.236", 10);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    lab.run(&["fail", "aws-gw-a", "--how", "stop"]);
+    let (gap, replies) = ping.longest_gap();
+    let ran = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        gap < 3.0 && replies > 100,
+        "aws-c1 lost aliyun for {gap:.3} s ({replies} replies); hook: {ran}\n{}\n{}",
+        table(&lab),
+        lab.logs()
+    );
+    drop(holder);
+    eprintln!("vpc-routes failover with the hook: longest gap {gap:.3} s");
+    assert_eq!(ran.trim(), "aws aws-gw-a aws-gw-b", "{ran}");
+    let now = table(&lab);
+    assert!(
+        now.contains("172.26.32.0/24 via 10.10.16.10") && !now.contains("via 10.10.0.10"),
+        "{now}"
+    );
+}

@@ -11,8 +11,8 @@
 //! choice (nothing better is known) and is reported unreachable.
 //!
 //! A candidate that stops answering is left at once. One that answers but
-//! reaches fewer sites than another is left only when that has lasted the
-//! failover's down time: each candidate learns that a remote site died at a
+//! reaches fewer sites than another is left only when that has lasted two
+//! probe intervals: each candidate learns that a remote site died at a
 //! slightly different moment (its own probes, then an answer later), and
 //! without the wait every node would move its site's gateway away and back
 //! whenever another site went dark as a whole.
@@ -95,7 +95,10 @@ impl Selector {
             .collect();
         Selector {
             failback: failover.failback(),
-            behind_for: failover.down_after(),
+            // The candidates' probes run at different phases and their
+            // answers reach us a probe later: two intervals cover the spread
+            // between their noticing the same loss.
+            behind_for: failover.probe_interval() * 2,
             sites,
         }
     }

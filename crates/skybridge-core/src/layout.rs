@@ -77,6 +77,13 @@ pub mod paths {
     /// The active gateways this node chose last (so that a restarted agent
     /// resumes them), inside the state directory.
     pub const GATEWAYS_FILE_NAME: &str = "gateways.json";
+    /// Who the running agent daemon is (pid, version, the files and node it
+    /// runs), written when it starts, inside the state directory: `agent
+    /// status` tells from it whether the agent runs and what it plans with.
+    pub const AGENT_INFO_FILE_NAME: &str = "agent.json";
+    /// The daemon's last reconcile and its drift repairs, rewritten after
+    /// every reconcile, inside the state directory.
+    pub const RECONCILE_FILE_NAME: &str = "reconcile.json";
     /// Pid of a detached agent daemon where systemd does not run.
     pub const PIDFILE: &str = "/run/skybridge/agent.pid";
     /// Where the standard WireGuard UAPI sockets live (`wg(8)` looks here).

@@ -1,0 +1,285 @@
+//! End to end: `skybridge status FILE` from the lab's `controller` namespace
+//! over real SSH (`lab up --ssh`, the agents installed by `apply`), and
+//! `skybridge lab status` on the same lab: green on a converged cluster, and
+//! exit 3 naming the right node after its agent is killed or it is stopped.
+//! Namespaces are `sbt-<pid>-<tag>-*`.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use skybridge_core::layout::paths;
+use support::{Lab, skybridge, text, unmet, within};
+
+/// Two providers, three nodes: the gateways reached at their elastic IPs,
+/// `hw-worker` (no public IP) through its site's gateway as jump host.
+const CLUSTER: &str = "apiVersion: skybridge.dev/v1alpha1
+kind: Cluster
+metadata:
+  name: health
+spec:
+  network:
+    transport: wireguard
+    tunnelPool: 100.96.0.0/24
+  sites:
+    - name: huawei
+      provider: huaweicloud
+      cidrs: [192.168.0.0/24]
+      nodes:
+        - { name: hw-gw, privateIP: 192.168.0.10, publicIP: 192.0.2.10, roles: [gateway] }
+        - { name: hw-worker, privateIP: 192.168.0.11, roles: [worker] }
+    - name: aliyun
+      provider: alibabacloud
+      cidrs: [172.26.32.0/24]
+      nodes:
+        - { name: ali-gw, privateIP: 172.26.32.235, publicIP: 198.51.100.20, roles: [gateway] }
+";
+const NODES: [&str; 3] = ["hw-gw", "hw-worker", "ali-gw"];
+/// The node whose agent the test kills, and the one it stops.
+const KILLED: &str = "hw-worker";
+const STOPPED: &str = "ali-gw";
+const NODES_FAILED: i32 = 3;
+
+const TOOLS: [&str; 7] = [
+    "/usr/sbin/sshd",
+    "ssh",
+    "ssh-keygen",
+    "setsid",
+    "nft",
+    "nsenter",
+    "ping",
+];
+
+/// `skybridge ARGS` on the controller, as an operator runs it.
+fn on_controller(lab: &Lab, args: &[&str]) -> std::process::Output {
+    let exe = skybridge().display().to_string();
+    lab.run(&[&["exec", "controller", "--", exe.as_str()], args].concat())
+}
+
+/// `status FILE -o json`: its exit code and every node's report by name.
+fn status_json(lab: &Lab) -> (Option<i32>, Value) {
+    let out = on_controller(lab, &["status", &lab.path("health.yaml"), "-o", "json"]);
+    let doc: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("status -o json printed no JSON ({e}): {}", text(&out)));
+    (out.status.code(), doc)
+}
+
+fn node<'a>(doc: &'a Value, name: &str) -> &'a Value {
+    doc["nodes"]
+        .as_array()
+        .and_then(|n| n.iter().find(|n| n["node"] == name))
+        .unwrap_or_else(|| panic!("no {name} in {doc:#}"))
+}
+
+fn problems(doc: &Value, name: &str) -> Vec<String> {
+    node(doc, name)["problems"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.as_str().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn status_is_green_on_a_converged_lab_and_names_the_node_whose_agent_died_or_that_stopped() {
+    if unmet(&TOOLS) {
+        return;
+    }
+    let lab = Lab::new("st");
+    let file = lab.file("health.yaml", CLUSTER);
+    let up = lab.run(&["up", "--ssh", &file]);
+    assert!(up.status.success(), "{}", text(&up));
+
+    // Before apply no agent runs anywhere: every node is named.
+    let (code, doc) = status_json(&lab);
+    assert_eq!(code, Some(NODES_FAILED), "{doc:#}");
+    for n in NODES {
+        assert!(
+            problems(&doc, n)
+                .iter()
+                .any(|p| p.contains("not installed") || p.contains("agent not running")),
+            "{n}: {doc:#}"
+        );
+    }
+
+    let apply = on_controller(&lab, &["apply", &file, "--yes"]);
+    assert!(apply.status.success(), "{}", text(&apply));
+
+    // Green once every daemon has recorded a reconcile.
+    let mut last = (None, Value::Null);
+    let green = within(Duration::from_secs(30), || {
+        last = status_json(&lab);
+        last.0 == Some(0)
+    });
+    assert!(green.is_some(), "never green: {:#}\n{}", last.1, lab.logs());
+    let doc = last.1;
+    assert_eq!(doc["healthy"], true);
+    for n in NODES {
+        let s = node(&doc, n);
+        assert_eq!(s["agent"]["running"], true, "{s:#}");
+        assert_eq!(s["converged"], true, "{s:#}");
+        assert!(s["lastReconcile"]["at"].as_u64().unwrap_or(0) > 0, "{s:#}");
+        // Only gateways hold tunnels; a worker routes through its gateway.
+        let tunnels = s["tunnels"].as_array().expect("tunnels");
+        assert_eq!(tunnels.is_empty(), n == "hw-worker", "{n}: {s:#}");
+    }
+    // The gateways carry traffic across sites (apply's check sent some):
+    // their WireGuard peers have shaken hands and counted bytes both ways.
+    let gw = node(&doc, "hw-gw");
+    let to_ali = gw["tunnels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["peer"] == "ali-gw")
+        .unwrap_or_else(|| panic!("hw-gw has a tunnel to ali-gw: {gw:#}"));
+    assert!(to_ali["handshakeAge"].is_u64(), "{to_ali:#}");
+    assert!(to_ali["rxBytes"].as_u64().unwrap_or(0) > 0, "{to_ali:#}");
+    assert!(to_ali["txBytes"].as_u64().unwrap_or(0) > 0, "{to_ali:#}");
+
+    // The table says the same, within 100 columns.
+    let table = on_controller(&lab, &["status", &file]);
+    assert!(table.status.success(), "{}", text(&table));
+    let table_text = String::from_utf8_lossy(&table.stdout).into_owned();
+    for n in NODES {
+        assert!(
+            table_text.contains(&format!("{n}  healthy")),
+            "{table_text}"
+        );
+    }
+    assert!(
+        table_text.lines().all(|l| l.chars().count() <= 100),
+        "{table_text}"
+    );
+    let lab_status = lab.run(&["status"]);
+    assert!(lab_status.status.success(), "{}", text(&lab_status));
+
+    // One node's agent dies (nothing restarts it in the lab): that node,
+    // and only it, is named.
+    let kill = lab.sh(KILLED, &format!("kill -9 $(cat {})", paths::PIDFILE));
+    assert!(kill.status.success(), "{}", text(&kill));
+    let (code, doc) = status_json(&lab);
+    assert_eq!(code, Some(NODES_FAILED), "{doc:#}");
+    assert!(
+        problems(&doc, KILLED)
+            .iter()
+            .any(|p| p.starts_with("agent not running")),
+        "{doc:#}"
+    );
+    for n in NODES.iter().filter(|n| **n != KILLED) {
+        assert!(problems(&doc, n).is_empty(), "{n}: {doc:#}");
+    }
+    let table = on_controller(&lab, &["status", &file]);
+    assert_eq!(table.status.code(), Some(NODES_FAILED));
+    assert!(
+        text(&table).contains(&format!("{KILLED}  UNHEALTHY"))
+            && text(&table).contains("agent not running"),
+        "{}",
+        text(&table)
+    );
+    // The lab shows the same report and exit code.
+    let lab_status = lab.run(&["status"]);
+    assert_eq!(lab_status.status.code(), Some(NODES_FAILED));
+    assert!(
+        text(&lab_status).contains(&format!("{KILLED}  UNHEALTHY")),
+        "{}",
+        text(&lab_status)
+    );
+
+    // A node that stops as a VM does cannot be asked: it is named
+    // unreachable, and status still reports on the others.
+    let fail = lab.run(&["fail", STOPPED, "--how", "stop"]);
+    assert!(fail.status.success(), "{}", text(&fail));
+    let (code, doc) = status_json(&lab);
+    assert_eq!(code, Some(NODES_FAILED), "{doc:#}");
+    assert!(
+        problems(&doc, STOPPED)
+            .iter()
+            .any(|p| p.starts_with("unreachable")),
+        "{doc:#}"
+    );
+    assert_eq!(node(&doc, "hw-gw")["agent"]["running"], true, "{doc:#}");
+    // `--node` asks only the nodes named.
+    let only = on_controller(&lab, &["status", &file, "--node", "hw-gw"]);
+    assert!(
+        text(&only).contains("hw-gw  ")
+            && !text(&only)
+                .lines()
+                .any(|l| l.starts_with(&format!("{STOPPED} "))),
+        "{}",
+        text(&only)
+    );
+}
+
+#[test]
+fn status_of_an_unknown_node_lists_the_nodes_before_connecting_anywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("health.yaml");
+    std::fs::write(&file, CLUSTER).unwrap();
+    let out = std::process::Command::new(skybridge())
+        .args(["status", "--node", "nope"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("no node named 'nope'")
+            && text(&out).contains("nodes are: hw-gw, hw-worker, ali-gw"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// `lab status` on a lab without `--ssh`: the lab's own agents, whose
+/// cluster file is the lab's copy; what they recorded tells `agent status`
+/// where it is.
+#[test]
+fn lab_status_is_green_on_a_converged_lab_and_names_the_stopped_node() {
+    if unmet(&["nft", "nsenter", "ping"]) {
+        return;
+    }
+    let lab = Lab::new("ls");
+    let file = lab.file("health.yaml", CLUSTER);
+    let up = lab.run(&["up", &file]);
+    assert!(up.status.success(), "{}", text(&up));
+    let mut last = lab.run(&["status"]);
+    let green = within(Duration::from_secs(30), || {
+        last = lab.run(&["status"]);
+        last.status.success()
+    });
+    assert!(
+        green.is_some(),
+        "never green: {}\n{}",
+        text(&last),
+        lab.logs()
+    );
+    for n in NODES {
+        assert!(
+            text(&last).contains(&format!("{n}  healthy")),
+            "{}",
+            text(&last)
+        );
+    }
+
+    let fail = lab.run(&["fail", "hw-gw", "--how", "stop"]);
+    assert!(fail.status.success(), "{}", text(&fail));
+    let out = lab.run(&["status"]);
+    assert_eq!(out.status.code(), Some(NODES_FAILED), "{}", text(&out));
+    let t = text(&out);
+    let block: String = t
+        .split("\n\n")
+        .find(|b| b.starts_with("hw-gw  "))
+        .unwrap_or_else(|| panic!("no hw-gw block in {t}"))
+        .to_owned();
+    assert!(
+        block.starts_with("hw-gw  UNHEALTHY") && block.contains("problem: agent not running"),
+        "{t}"
+    );
+    for n in ["hw-worker", "ali-gw"] {
+        assert!(t.contains(&format!("{n}  ")), "{t}");
+        assert!(
+            !t.contains(&format!("{n}  UNHEALTHY\n  agent       NOT")),
+            "{t}"
+        );
+    }
+}
