@@ -11,7 +11,9 @@ cd "$(dirname "$0")/.."
 # sshd per lab node for the apply tests; kmod, debootstrap and e2fsprogs for
 # the VM lab (its kernel, qemu and busybox are fetched by `lab up --backend vm`
 # itself with `apt-get download` into /var/cache/skybridge-lab, never installed).
-PACKAGES=(iproute2 nftables iptables wireguard-tools wireguard-go iperf3 iputils-ping util-linux procps tcpdump containerd systemd openssh-server openssh-client kmod debootstrap e2fsprogs)
+# curl scrapes the agents' metrics in the lab, and promtool (from prometheus)
+# checks what they serve.
+PACKAGES=(curl prometheus iproute2 nftables iptables wireguard-tools wireguard-go iperf3 iputils-ping util-linux procps tcpdump containerd systemd openssh-server openssh-client kmod debootstrap e2fsprogs)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -136,7 +136,9 @@ pub async fn run<H: Host>(
                 }
                 Some(Ok(_)) | None => {
                     let drift = applied.as_ref() == Some(p);
+                    let started = tokio::time::Instant::now();
                     let r = reconcile(host, p, false).await;
+                    crate::metrics::global().reconciled(&r, started.elapsed(), drift);
                     if let Some(dir) = lock_dir {
                         journal.record(dir, &r, drift);
                     }

@@ -22,6 +22,7 @@ pub mod host;
 pub mod journal;
 pub mod keys;
 pub mod lock;
+pub mod metrics;
 pub mod netlink;
 pub mod output;
 pub mod reconcile;

@@ -17,6 +17,7 @@ use skybridge_agent::health::Targets;
 use skybridge_agent::host::{Host, HostError, LinuxHost};
 use skybridge_agent::journal;
 use skybridge_agent::lock::{LOCK_PATIENCE, NodeLock};
+use skybridge_agent::metrics::View;
 use skybridge_agent::output::{ConfirmOutcome, NodeStatus, TryOutcome, run_report};
 use skybridge_agent::reconcile::Report;
 use skybridge_agent::rollback::{self, Digests, Dirs, SystemClock, TryRequest};
@@ -90,6 +91,29 @@ pub struct AgentArgs {
     /// How `--once` and `--dry-run` report.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
+    /// Serve Prometheus metrics on `ADDR:PORT` at `/metrics` (off unless
+    /// given). A loopback address unless `--metrics-allow-remote`: the
+    /// metrics name every node and site of the cluster.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Let `--metrics-listen` take a non-loopback address (expose it to the
+    /// monitoring network only).
+    #[arg(long, requires = "metrics_listen")]
+    metrics_allow_remote: bool,
+}
+
+/// Exit code of a daemon refused before it started (as clap's usage errors).
+const USAGE: u8 = 2;
+
+/// Why `addr` may not serve metrics, if it may not.
+pub fn metrics_refusal(addr: std::net::SocketAddr, allow_remote: bool) -> Option<String> {
+    (!addr.ip().is_loopback() && !allow_remote).then(|| {
+        format!(
+            "--metrics-listen {addr} is not a loopback address: the metrics name every node and \
+             site of the cluster; listen on 127.0.0.1 (and scrape through a tunnel or a local \
+             agent), or pass --metrics-allow-remote to serve them on {addr} anyway"
+        )
+    })
 }
 
 #[derive(Debug, Args)]
@@ -305,13 +329,22 @@ pub fn main(args: AgentArgs) -> Result<ExitCode> {
         Some(Action::Watchdog(a)) => rt.block_on(watchdog(*a)),
         Some(Action::Health { node }) => rt.block_on(health(&node)),
         Some(Action::Status(a)) => Ok(rt.block_on(status(a))),
-        None => rt.block_on(run(
-            &args.node,
-            args.once,
-            args.dry_run,
-            args.output,
-            Duration::from_secs(args.interval.max(1)),
-        )),
+        None => {
+            if let Some(addr) = args.metrics_listen
+                && let Some(why) = metrics_refusal(addr, args.metrics_allow_remote)
+            {
+                warn(&format!("error: {why}"));
+                return Ok(ExitCode::from(USAGE));
+            }
+            rt.block_on(run(
+                &args.node,
+                args.once,
+                args.dry_run,
+                args.output,
+                Duration::from_secs(args.interval.max(1)),
+                args.metrics_listen,
+            ))
+        }
     }
 }
 
@@ -549,6 +582,7 @@ async fn run(
     dry_run: bool,
     output: Output,
     interval: Duration,
+    metrics_listen: Option<std::net::SocketAddr>,
 ) -> Result<ExitCode> {
     let plan = node_plan(args).map_err(anyhow::Error::msg)?;
     let mut host = if dry_run {
@@ -592,8 +626,26 @@ async fn run(
         .enabled()
         .then(|| cluster.network.failover.probe_interval());
     // Start on the gateways chosen before a restart, not the file's order.
-    let mut plan = mine(args, &plan_with(&cluster, &state, &failover.actives()))
-        .map_err(anyhow::Error::msg)?;
+    let whole = plan_with(&cluster, &state, &failover.actives());
+    let mut plan = mine(args, &whole).map_err(anyhow::Error::msg)?;
+    let metrics = skybridge_agent::metrics::global();
+    let view = |whole: &ClusterPlan, plan: &NodePlan, failover: &Failover, cluster: &Cluster| {
+        View::new(
+            whole,
+            plan.clone(),
+            failover.actives(),
+            cluster.network.failover,
+            &args.state_dir,
+        )
+    };
+    metrics.set_view(view(&whole, &plan, &failover, &cluster));
+    if let Some(addr) = metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening for metrics scrapes on {addr}"))?;
+        tracing::info!("serving metrics on http://{addr}/metrics");
+        tokio::spawn(skybridge_agent::metrics::serve(listener, metrics));
+    }
     // Re-plan only when the cluster or state file changed, or a site's active
     // gateway did: a new file pushed by `apply` takes effect without a
     // restart, and an unchanged one costs nothing.
@@ -608,11 +660,19 @@ async fn run(
             (cluster, state) = (c, s);
             replan = true;
         }
+        let before = failover.actives();
         if failover.tick().await {
+            for (site, gw) in failover.actives() {
+                if before.get(&site) != Some(&gw) {
+                    metrics.failed_over(&site);
+                }
+            }
             replan = true;
         }
         if replan {
-            plan = mine(args, &plan_with(&cluster, &state, &failover.actives()))?;
+            let whole = plan_with(&cluster, &state, &failover.actives());
+            plan = mine(args, &whole)?;
+            metrics.set_view(view(&whole, &plan, &failover, &cluster));
         }
         Ok(plan.clone())
     };

@@ -97,6 +97,8 @@ pub(crate) fn start(
             cluster_copy.display().to_string(),
             "--node".into(),
             name.clone(),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{}", marks::LAB_METRICS_PORT),
         ];
         agent.extend(options.agent_args.get(name).into_iter().flatten().cloned());
         if let Some(vm) = state.nodes.get(name).and_then(|n| n.vm.as_ref()) {
