@@ -81,7 +81,7 @@ pub fn report(cluster: &Cluster, traffic: &[Traffic]) -> Report {
                 .iter()
                 .filter_map(|n| Some((n.vcpus?, n.memory_gib?)));
             let vcpus = sized.clone().map(|(c, _)| c).sum::<u32>();
-            let memory_gib = sized.map(|(_, m)| m).sum::<f64>();
+            let memory_gib = total(sized.map(|(_, m)| m));
             let unsized_nodes: Vec<String> = s
                 .nodes
                 .iter()
@@ -177,14 +177,11 @@ pub fn report(cluster: &Cluster, traffic: &[Traffic]) -> Report {
             continue;
         }
         let monthly = |s: &SiteCost| {
-            workers
-                .iter()
-                .map(|(c, m)| {
-                    (f64::from(*c) * s.vcpu_hour.unwrap_or_default()
-                        + m * s.gb_hour.unwrap_or_default())
-                        * HOURS_PER_MONTH
-                })
-                .sum::<f64>()
+            total(workers.iter().map(|(c, m)| {
+                (f64::from(*c) * s.vcpu_hour.unwrap_or_default()
+                    + m * s.gb_hour.unwrap_or_default())
+                    * HOURS_PER_MONTH
+            }))
         };
         let now = monthly(here);
         if let Some(best) = priced
@@ -283,12 +280,16 @@ impl Report {
             .iter()
             .filter_map(|c| c.compute_per_month)
             .collect();
-        let total = if priced.len() == self.sites.len() {
+        let label = if priced.len() == self.sites.len() {
             "total"
         } else {
             "total (priced sites)"
         };
-        let _ = writeln!(s, "{total:<21} {:>54}", money(Some(priced.iter().sum())));
+        let _ = writeln!(
+            s,
+            "{label:<21} {:>54}",
+            money(Some(total(priced.iter().copied())))
+        );
         if !self.egress.is_empty() {
             let _ = writeln!(
                 s,
@@ -320,9 +321,24 @@ impl Report {
     }
 }
 
+/// A sum that is 0.0, not -0.0, when there is nothing to add (the float
+/// `Sum` starts at -0.0, which a table would print as "-0.0").
+fn total(values: impl Iterator<Item = f64>) -> f64 {
+    values.fold(0.0, |a, b| a + b)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nothing_to_add_is_zero_not_minus_zero() {
+        assert!(total(std::iter::empty()).is_sign_positive());
+        // No node of this example has a size.
+        let v = crate::load(include_str!("../../../examples/zones.yaml")).unwrap();
+        let text = report(&v.cluster, &[]).table();
+        assert!(!text.contains("-0.0"), "{text}");
+    }
 
     const TWO_SITES: &str = "
 apiVersion: skybridge.dev/v1alpha1
