@@ -19,7 +19,7 @@
 //! The agent reads what the prober saw from a unix socket in the state
 //! directory ([`query`]) and decides with [`skybridge_core::health`].
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -121,6 +121,10 @@ enum Message {
         seq: u64,
         /// The sites the answering candidate's tunnel probes reach.
         reach: Vec<String>,
+        /// Per site of `reach`: milliseconds since its newest answer (absent
+        /// from probers before this field, which count as not fresh).
+        #[serde(default)]
+        reach_age_ms: BTreeMap<String, u64>,
         /// Its probes have run long enough for `reach` to mean something
         /// (right after a start, nothing has answered yet).
         #[serde(default)]
@@ -143,6 +147,10 @@ pub struct Seen {
     pub loss: f64,
     /// The sites it reaches through its tunnels, from its last answer.
     pub reach: Vec<String>,
+    /// Per site of `reach`: how old the candidate's newest answer from it was
+    /// when the candidate answered us.
+    #[serde(default)]
+    pub reach_age_ms: BTreeMap<String, u64>,
     /// Whether that answer's `reach` was settled (see [`Observations::reach_known`]).
     #[serde(default)]
     pub reach_known: bool,
@@ -158,6 +166,9 @@ pub struct Observations {
     pub probe_interval_ms: u32,
     /// The sites this node's own tunnel probes reach (a candidate's answer).
     pub reach: Vec<String>,
+    /// Per site of `reach`: milliseconds since its newest answer.
+    #[serde(default)]
+    pub reach_age_ms: BTreeMap<String, u64>,
     /// The probes have run for the failover's `down_after`: a site missing
     /// from `reach` is one that did not answer, not one not asked yet.
     #[serde(default)]
@@ -168,10 +179,12 @@ pub struct Observations {
 impl Observations {
     /// How `site`'s candidate `node` looks from here, for the selection rule.
     pub fn health(&self, failover: &Failover, site: &str, node: &str) -> Health {
+        let fresh_ms = skybridge_core::health::fresh_within(failover).as_millis() as u64;
         if node == self.node {
             return if self.candidate && self.reach_known {
                 Health::Up {
                     reach: self.reach.iter().cloned().collect(),
+                    fresh: fresh(&self.reach_age_ms, 0, fresh_ms),
                 }
             } else {
                 Health::Unknown
@@ -201,12 +214,23 @@ impl Observations {
                     seen.loss * 100.0
                 ),
             },
-            Some(_) if seen.answered_ever && seen.reach_known => Health::Up {
+            // The answer itself is `ms` old: what it says was heard just
+            // then is that much older now.
+            Some(ms) if seen.answered_ever && seen.reach_known => Health::Up {
                 reach: seen.reach.iter().cloned().collect(),
+                fresh: fresh(&seen.reach_age_ms, ms, fresh_ms),
             },
             Some(_) => Health::Unknown,
         }
     }
+}
+
+/// The sites heard from within `within_ms`, from ages reported `late_ms` ago.
+fn fresh(ages: &BTreeMap<String, u64>, late_ms: u64, within_ms: u64) -> BTreeSet<String> {
+    ages.iter()
+        .filter(|(_, age)| age.saturating_add(late_ms) <= within_ms)
+        .map(|(site, _)| site.clone())
+        .collect()
 }
 
 struct Tracked {
@@ -217,6 +241,7 @@ struct Tracked {
     last_answer: Option<Instant>,
     rtt: Option<Duration>,
     reach: Vec<String>,
+    reach_age_ms: BTreeMap<String, u64>,
     reach_known: bool,
     /// Answered or not, for the last probes; the back is the newest (`seq`).
     history: VecDeque<bool>,
@@ -232,6 +257,7 @@ impl Tracked {
             last_answer: None,
             rtt: None,
             reach: Vec::new(),
+            reach_age_ms: BTreeMap::new(),
             reach_known: false,
             history: VecDeque::with_capacity(WINDOW),
         }
@@ -247,7 +273,7 @@ impl Tracked {
         self.history.push_back(false);
     }
 
-    fn answered(&mut self, seq: u64, reach: Vec<String>, reach_known: bool, now: Instant) {
+    fn answered(&mut self, seq: u64, reach: Reach, reach_known: bool, now: Instant) {
         let Some(back) = self.seq.checked_sub(seq) else {
             return;
         };
@@ -267,7 +293,8 @@ impl Tracked {
             self.rtt = Some(now.saturating_duration_since(sent));
         }
         self.last_answer = Some(now);
-        self.reach = reach;
+        self.reach = reach.sites;
+        self.reach_age_ms = reach.age_ms;
         self.reach_known = reach_known;
     }
 
@@ -287,6 +314,7 @@ impl Tracked {
                 lost as f64 / settled as f64
             },
             reach: self.reach.clone(),
+            reach_age_ms: self.reach_age_ms.clone(),
             reach_known: self.reach_known,
         }
     }
@@ -395,16 +423,19 @@ pub async fn run(
                 match msg {
                     Message::Probe { seq, .. } => {
                         let me = targets.as_ref().map(|t| t.node.clone()).unwrap_or_default();
-                        let reach = own_reach(targets.as_ref(), &tracked, &failover);
+                        let Reach { sites: reach, age_ms: reach_age_ms } =
+                            own_reach(targets.as_ref(), &tracked, &failover);
                         let reach_known = started.elapsed() > failover.down_after();
-                        let answer = Message::Answer { from: me, seq, reach, reach_known };
+                        let answer =
+                            Message::Answer { from: me, seq, reach, reach_age_ms, reach_known };
                         let bytes = serde_json::to_vec(&answer).expect("plain data serializes");
                         let _ = udp.send_to(&bytes, from).await;
                     }
-                    Message::Answer { seq, reach, reach_known, .. } => {
+                    Message::Answer { seq, reach, reach_age_ms, reach_known, .. } => {
                         if let SocketAddr::V4(v4) = from
                             && let Some(tr) = tracked.get_mut(v4.ip())
                         {
+                            let reach = Reach { sites: reach, age_ms: reach_age_ms };
                             tr.answered(seq, reach, reach_known, Instant::now());
                         }
                     }
@@ -428,27 +459,43 @@ pub async fn run(
     Ok(())
 }
 
+/// The sites a candidate's tunnel probes reach, with how long ago each
+/// answered last.
+#[derive(Debug, Default)]
+struct Reach {
+    sites: Vec<String>,
+    age_ms: BTreeMap<String, u64>,
+}
+
 /// The other sites this node's tunnel probes reach: each site one of whose
-/// candidates answered within the failover's `down_after`.
+/// candidates answered within the failover's `down_after`, with the age of
+/// the newest such answer.
 fn own_reach(
     targets: Option<&Targets>,
     tracked: &HashMap<Ipv4Addr, Tracked>,
     failover: &Failover,
-) -> Vec<String> {
+) -> Reach {
     if !targets.is_some_and(|t| t.candidate) {
-        return Vec::new();
+        return Reach::default();
     }
     let now = Instant::now();
-    let sites: BTreeSet<String> = tracked
-        .values()
-        .filter(|t| t.target.tunnel)
-        .filter(|t| {
-            t.last_answer
-                .is_some_and(|a| now.saturating_duration_since(a) <= failover.down_after())
-        })
-        .map(|t| t.target.site.clone())
-        .collect();
-    sites.into_iter().collect()
+    let mut age_ms: BTreeMap<String, u64> = BTreeMap::new();
+    for t in tracked.values().filter(|t| t.target.tunnel) {
+        let Some(age) = t.last_answer.map(|a| now.saturating_duration_since(a)) else {
+            continue;
+        };
+        if age <= failover.down_after() {
+            let ms = age.as_millis() as u64;
+            age_ms
+                .entry(t.target.site.clone())
+                .and_modify(|m| *m = (*m).min(ms))
+                .or_insert(ms);
+        }
+    }
+    Reach {
+        sites: age_ms.keys().cloned().collect(),
+        age_ms,
+    }
 }
 
 fn observations(
@@ -459,12 +506,14 @@ fn observations(
     let now = Instant::now();
     let mut seen: Vec<Seen> = tracked.values().map(|t| t.seen(now)).collect();
     seen.sort_by(|a, b| (&a.target.site, &a.target.node).cmp(&(&b.target.site, &b.target.node)));
+    let reach = own_reach(targets, tracked, failover);
     Observations {
         node: targets.map(|t| t.node.clone()).unwrap_or_default(),
         site: targets.map(|t| t.site.clone()).unwrap_or_default(),
         candidate: targets.is_some_and(|t| t.candidate),
         probe_interval_ms: failover.probe_interval_ms,
-        reach: own_reach(targets, tracked, failover),
+        reach: reach.sites,
+        reach_age_ms: reach.age_ms,
         reach_known: false,
         targets: seen,
     }
@@ -616,7 +665,10 @@ mod tests {
             if i % 2 == 0 {
                 tr.answered(
                     tr.seq,
-                    vec!["b".into()],
+                    Reach {
+                        sites: vec!["b".into()],
+                        age_ms: BTreeMap::new(),
+                    },
                     true,
                     t0 + Duration::from_millis(100 * i + 5),
                 );
@@ -628,8 +680,8 @@ mod tests {
         assert_eq!(seen.silent_ms, Some(195));
         assert_eq!(seen.rtt_us, Some(5000));
         // An answer to a probe long gone from the window is ignored.
-        tr.answered(1000, Vec::new(), true, t0);
-        tr.answered(0, Vec::new(), true, t0);
+        tr.answered(1000, Reach::default(), true, t0);
+        tr.answered(0, Reach::default(), true, t0);
         assert_eq!(tr.seen(t0 + Duration::from_millis(400)).loss, seen.loss);
     }
 
@@ -642,6 +694,7 @@ mod tests {
             candidate: false,
             probe_interval_ms: 250,
             reach: vec![],
+            reach_age_ms: BTreeMap::new(),
             reach_known: true,
             targets: vec![Seen {
                 target: Target {
@@ -655,13 +708,19 @@ mod tests {
                 rtt_us: None,
                 loss: 0.0,
                 reach: vec!["b".into()],
+                reach_age_ms: [("b".to_owned(), 100)].into(),
                 reach_known: true,
             }],
         };
         assert_eq!(obs(None, false).health(&f, "s", "gw"), Health::Unknown);
         assert_eq!(obs(Some(100), false).health(&f, "s", "gw"), Health::Unknown);
         assert!(
-            matches!(obs(Some(100), true).health(&f, "s", "gw"), Health::Up { reach } if reach.len() == 1)
+            matches!(obs(Some(100), true).health(&f, "s", "gw"), Health::Up { reach, fresh } if reach.len() == 1 && fresh.len() == 1)
+        );
+        // The same answer, 600 ms later: b was heard 700 ms ago, no longer
+        // fresh (625 ms with the defaults), but still reached.
+        assert!(
+            matches!(obs(Some(600), true).health(&f, "s", "gw"), Health::Up { reach, fresh } if reach.len() == 1 && fresh.is_empty())
         );
         assert!(
             matches!(obs(Some(751), true).health(&f, "s", "gw"), Health::Down { why } if why.contains("for 751 ms"))

@@ -711,6 +711,7 @@ mod tests {
             rtt_us: Some(1500),
             loss: 0.25,
             reach: vec![],
+            reach_age_ms: BTreeMap::new(),
             reach_known: true,
         }
     }
@@ -733,6 +734,7 @@ mod tests {
                 candidate: true,
                 probe_interval_ms: 250,
                 reach: vec![],
+                reach_age_ms: BTreeMap::new(),
                 reach_known: true,
                 targets: vec![
                     seen("hw-gw2", "huawei", false, 100),

@@ -622,9 +622,13 @@ async fn run(
         prober_args(args),
     );
     failover.reset(&cluster, &skybridge_core::plan(&cluster, &state));
+    // The prober's view changes once per probe interval, at a phase of its
+    // own: looking four times as often brings a failover to the routes
+    // within a quarter interval of its detection instead of a whole one
+    // (a unix-socket read and a few comparisons each time).
     let tick = failover
         .enabled()
-        .then(|| cluster.network.failover.probe_interval());
+        .then(|| cluster.network.failover.probe_interval() / 4);
     // Start on the gateways chosen before a restart, not the file's order.
     let whole = plan_with(&cluster, &state, &failover.actives());
     let mut plan = mine(args, &whole).map_err(anyhow::Error::msg)?;

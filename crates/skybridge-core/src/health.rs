@@ -11,11 +11,14 @@
 //! choice (nothing better is known) and is reported unreachable.
 //!
 //! A candidate that stops answering is left at once. One that answers but
-//! reaches fewer sites than another is left only when that has lasted two
-//! probe intervals: each candidate learns that a remote site died at a
-//! slightly different moment (its own probes, then an answer later), and
-//! without the wait every node would move its site's gateway away and back
-//! whenever another site went dark as a whole.
+//! reaches fewer sites than another is left at once too when another
+//! candidate has heard *right now* from a site it lost: that site is alive,
+//! so the loss is this candidate's own tunnel path (the Kilo case). Without
+//! such fresh evidence the deficit must last two probe intervals: each
+//! candidate learns that a remote site died at a slightly different moment
+//! (its own probes, then an answer later), and without the wait every node
+//! would move its site's gateway away and back whenever another site went
+//! dark as a whole.
 //!
 //! Time is passed in, never read, so the decisions are tested with a fake clock.
 
@@ -32,8 +35,13 @@ use crate::plan::{Actives, ClusterPlan};
 pub enum Health {
     /// It answers; with the other sites it reaches through its tunnels
     /// (for a remote site's candidate, probed through our own tunnel: the one
-    /// site that matters, ours).
-    Up { reach: BTreeSet<String> },
+    /// site that matters, ours), and of those the ones it has heard from so
+    /// recently that they cannot have died before another candidate's loss
+    /// of them was noticed (see [`fresh_within`]).
+    Up {
+        reach: BTreeSet<String>,
+        fresh: BTreeSet<String>,
+    },
     /// No answer for the failover's `down_after`: why, for the log.
     Down { why: String },
     /// Nothing is known yet (the probes just started): no reason to move.
@@ -146,13 +154,13 @@ impl Selector {
             let best = seen
                 .iter()
                 .filter_map(|h| match h {
-                    Health::Up { reach } => Some(reach.len()),
+                    Health::Up { reach, .. } => Some(reach.len()),
                     _ => None,
                 })
                 .max();
             let eligible: Vec<bool> = seen
                 .iter()
-                .map(|h| matches!(h, Health::Up { reach } if Some(reach.len()) == best))
+                .map(|h| matches!(h, Health::Up { reach, .. } if Some(reach.len()) == best))
                 .collect();
             for (since, &ok) in s.eligible_since.iter_mut().zip(&eligible) {
                 *since = match (*since, ok) {
@@ -162,7 +170,7 @@ impl Selector {
                 };
             }
             for (since, h) in s.behind_since.iter_mut().zip(&seen) {
-                let behind = matches!(h, Health::Up { reach } if Some(reach.len()) < best);
+                let behind = matches!(h, Health::Up { reach, .. } if Some(reach.len()) < best);
                 *since = if behind { since.or(Some(now)) } else { None };
             }
             s.unreachable = best.is_none();
@@ -170,17 +178,27 @@ impl Selector {
                 continue;
             };
             let current_state = &seen[s.current];
-            let failed = match current_state {
-                Health::Down { .. } => true,
-                Health::Up { .. } => s.behind_since[s.current]
-                    .is_some_and(|t| now.saturating_duration_since(t) >= self.behind_for),
-                Health::Unknown => false,
-            };
+            let failed =
+                match current_state {
+                    Health::Down { .. } => true,
+                    Health::Up { reach, .. } => s.behind_since[s.current]
+                        .is_some_and(|t| now.saturating_duration_since(t) >= self.behind_for)
+                        || seen.iter().any(
+                            |h| matches!(h, Health::Up { fresh, .. } if !fresh.is_subset(reach)),
+                        ),
+                    Health::Unknown => false,
+                };
             let next = if failed {
                 // Moving away from a candidate that failed: at once.
                 Some((
                     first,
-                    why_not(current_state, &s.candidates[s.current], best),
+                    why_not(
+                        current_state,
+                        &s.candidates[s.current],
+                        best,
+                        &seen,
+                        &s.candidates,
+                    ),
                 ))
             } else if first < s.current {
                 // Back to a more preferred one: only after the hold time.
@@ -216,20 +234,65 @@ impl Selector {
     }
 }
 
-fn why_not(h: &Health, name: &str, best: Option<usize>) -> String {
-    match h {
-        Health::Down { why } => format!("{name} is down: {why}"),
-        Health::Up { reach } if reach.is_empty() => format!(
-            "{name} reaches no other site through its tunnels; another candidate reaches {}",
+fn why_not(
+    h: &Health,
+    name: &str,
+    best: Option<usize>,
+    seen: &[Health],
+    candidates: &[String],
+) -> String {
+    let Health::Up { reach, .. } = h else {
+        return match h {
+            Health::Down { why } => format!("{name} is down: {why}"),
+            _ => format!("{name}'s health is unknown"),
+        };
+    };
+    let reaches = if reach.is_empty() {
+        format!("{name} reaches no other site through its tunnels")
+    } else {
+        format!(
+            "{name} reaches only {} through its tunnels",
+            reach.iter().cloned().collect::<Vec<_>>().join(", ")
+        )
+    };
+    // The fresh evidence that the lost sites are alive, when there is some.
+    let witness = seen
+        .iter()
+        .zip(candidates)
+        .find_map(|(other, c)| match other {
+            Health::Up { fresh, .. } if !fresh.is_subset(reach) => Some(format!(
+                "{c} heard from {} just now",
+                fresh
+                    .difference(reach)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            _ => None,
+        });
+    match witness {
+        Some(w) => format!("{reaches}; {w}"),
+        None => format!(
+            "{reaches}; another candidate reaches {} site(s)",
             best.unwrap_or(0)
         ),
-        Health::Up { reach } => format!(
-            "{name} reaches only {} through its tunnels; another candidate reaches {} site(s)",
-            reach.iter().cloned().collect::<Vec<_>>().join(", "),
-            best.unwrap_or(0)
-        ),
-        Health::Unknown => format!("{name}'s health is unknown"),
     }
+}
+
+/// How recently a candidate must have heard from a site for that site to
+/// count as alive *now*, when another candidate reports it lost.
+///
+/// A candidate reports a site lost once it has been silent for `down_after`.
+/// If the site as a whole died, every other candidate's newest answer from
+/// it is then at least about `down_after` old too (minus the spread of the
+/// probes' phases, under one interval, which the answer's age already
+/// covers). Half an interval below `down_after` leaves room for delays, and
+/// a candidate whose tunnels alone were cut is still seen hearing from the
+/// site within two intervals (its probe, then our probe of it).
+pub fn fresh_within(failover: &Failover) -> Duration {
+    failover
+        .down_after()
+        .saturating_sub(failover.probe_interval() / 2)
 }
 
 #[cfg(test)]
@@ -272,9 +335,19 @@ spec:
         )
     }
 
+    /// Reaches `sites`, none heard from just now (the cautious case).
     fn up(sites: &[&str]) -> Health {
         Health::Up {
             reach: sites.iter().map(|s| (*s).to_owned()).collect(),
+            fresh: BTreeSet::new(),
+        }
+    }
+
+    /// Reaches `sites` and has heard from all of them just now.
+    fn live(sites: &[&str]) -> Health {
+        Health::Up {
+            reach: sites.iter().map(|s| (*s).to_owned()).collect(),
+            fresh: sites.iter().map(|s| (*s).to_owned()).collect(),
         }
     }
 
@@ -344,6 +417,70 @@ spec:
             "{}",
             sw[0].reason
         );
+    }
+
+    #[test]
+    fn a_gateway_whose_tunnels_are_cut_is_left_at_once_when_another_hears_the_sites_now() {
+        let (mut s, t0) = selector();
+        let cut = |_: &str, c: &str| {
+            if c == "a1" {
+                up(&[])
+            } else {
+                live(&["b", "c"])
+            }
+        };
+        let sw = s.update(t0, cut);
+        assert_eq!(sw.len(), 1, "{sw:?}");
+        assert_eq!(sw[0].to, "a2");
+        assert!(
+            sw[0].reason.contains("a1 reaches no other site")
+                && sw[0].reason.contains("a2 heard from b, c just now"),
+            "{}",
+            sw[0].reason
+        );
+        // Part of the sites is enough evidence: c is alive and a1 lost it.
+        let (mut s, t0) = selector();
+        let sw = s.update(t0, |_, c| {
+            if c == "a1" {
+                live(&["b"])
+            } else {
+                Health::Up {
+                    reach: ["b", "c"].map(str::to_owned).into(),
+                    fresh: ["c".to_owned()].into(),
+                }
+            }
+        });
+        assert_eq!(sw[0].to, "a2", "{sw:?}");
+    }
+
+    #[test]
+    fn a_remote_site_going_dark_does_not_move_this_sites_gateway_even_with_fresh_others() {
+        let (mut s, t0) = selector();
+        // b dies: a1 has noticed; a2 still lists b but its last answer is
+        // old (not fresh), and c is fresh for both.
+        let step = Duration::from_millis(250);
+        let partly = |_: &str, c: &str| {
+            if c == "a1" {
+                live(&["c"])
+            } else {
+                Health::Up {
+                    reach: ["b", "c"].map(str::to_owned).into(),
+                    fresh: ["c".to_owned()].into(),
+                }
+            }
+        };
+        assert!(s.update(t0, partly).is_empty());
+        for i in 1..40 {
+            assert!(s.update(t0 + step * i, |_, _| live(&["c"])).is_empty());
+        }
+        assert_eq!(s.actives()["a"], "a1");
+    }
+
+    #[test]
+    fn freshness_is_below_the_silence_that_declares_a_loss() {
+        let f = Failover::default();
+        assert!(fresh_within(&f) < f.down_after());
+        assert!(fresh_within(&f) >= f.probe_interval() * 2);
     }
 
     #[test]
