@@ -2,14 +2,14 @@
 //! read what it saw at every probe interval, apply the selection rule, and
 //! remember the choice.
 //!
-//! The daemon calls [`Failover::tick`] at the probe interval and re-plans
+//! The daemon calls [`Failover::tick`] four times per probe interval and re-plans
 //! with [`Failover::actives`] when it changed; routes and peers then move by
 //! an ordinary reconcile.
 
 use std::ffi::OsString;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use skybridge_core::health::{Selector, Switch};
@@ -57,7 +57,16 @@ pub struct Failover {
     saved: bool,
     /// This node's site (for its `onFailover` hook).
     site: Option<Site>,
+    /// When the prober was last started, and how long to wait before the
+    /// next start if it is gone again (doubling up to [`RESTART_MAX`]): a
+    /// prober that dies at once (its port taken) is not respawned at tick rate.
+    restarted: Option<(Instant, Duration)>,
 }
+
+/// The first wait before starting a prober again that died.
+const RESTART_MIN: Duration = Duration::from_secs(1);
+/// The longest wait between two starts of a prober that keeps dying.
+const RESTART_MAX: Duration = Duration::from_secs(60);
 
 impl Failover {
     /// `prober_args` are the arguments after `exe agent health`.
@@ -73,6 +82,7 @@ impl Failover {
             chosen: read_chosen(state_dir),
             saved: false,
             site: None,
+            restarted: None,
         }
     }
 
@@ -99,6 +109,35 @@ impl Failover {
         }
     }
 
+    /// Starts the prober if it is not running, with a growing wait between
+    /// starts of one that keeps dying.
+    fn keep_prober_running(&mut self) {
+        let now = Instant::now();
+        if health::prober_pid(&self.state_dir).is_some() {
+            // Running: a later death starts from the shortest wait again
+            // once it has run for the longest one.
+            if self
+                .restarted
+                .is_some_and(|(at, _)| now.saturating_duration_since(at) >= RESTART_MAX)
+            {
+                self.restarted = None;
+            }
+            return;
+        }
+        let wait = match self.restarted {
+            Some((at, wait)) if now.saturating_duration_since(at) < wait => return,
+            Some((_, wait)) => (wait * 2).min(RESTART_MAX),
+            None => RESTART_MIN,
+        };
+        let log = self.state_dir.join(HEALTH_LOG_NAME);
+        match health::ensure_running(&self.exe, &self.prober_args, &self.state_dir, &log) {
+            Ok(true) => tracing::info!("started the health prober (log: {})", log.display()),
+            Ok(false) => {}
+            Err(e) => tracing::error!("starting the health prober: {e}"),
+        }
+        self.restarted = Some((now, wait));
+    }
+
     /// Whether this node takes part in failover (some site has a choice).
     pub fn enabled(&self) -> bool {
         self.selector.is_some()
@@ -116,20 +155,18 @@ impl Failover {
             .unwrap_or_default()
     }
 
-    /// One probe interval: start the prober if it is gone, read it, apply
-    /// the rule. True when a site's active gateway changed.
+    /// A quarter probe interval: start the prober if it is gone, read it,
+    /// apply the rule. True when a site's active gateway changed.
     pub async fn tick(&mut self) -> bool {
-        let Some(selector) = &mut self.selector else {
+        if self.selector.is_none() {
             return false;
-        };
-        let log = self.state_dir.join(HEALTH_LOG_NAME);
-        match health::ensure_running(&self.exe, &self.prober_args, &self.state_dir, &log) {
-            Ok(true) => tracing::info!("started the health prober (log: {})", log.display()),
-            Ok(false) => {}
-            Err(e) => tracing::error!("starting the health prober: {e}"),
         }
+        self.keep_prober_running();
         // No prober answer means nothing is known: never a reason to move.
         let Some(obs) = health::query(&self.state_dir).await else {
+            return false;
+        };
+        let Some(selector) = &mut self.selector else {
             return false;
         };
         let settings = self.settings;
@@ -220,6 +257,59 @@ pub fn run_hook(hook: Hook) -> std::thread::JoinHandle<Option<std::process::Exit
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prober_that_dies_at_once_is_started_again_with_a_growing_wait_not_at_tick_rate() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let starts = dir.path().join("starts");
+        // Stands in for `skybridge`: records each start and exits, as a
+        // prober whose port is taken does.
+        let exe = dir.path().join("fake-skybridge");
+        std::fs::write(
+            &exe,
+            format!("#!/bin/sh\necho started >> '{}'\n", starts.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut f = Failover::new("n", dir.path(), exe, Vec::new());
+        let count = || {
+            std::fs::read_to_string(&starts)
+                .map(|s| s.lines().count())
+                .unwrap_or(0)
+        };
+        let settle = |n: usize| {
+            for _ in 0..100 {
+                if count() >= n {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        // Eight ticks (a quarter of a 250 ms interval each) well within the
+        // first wait: one start, not eight.
+        let first = Instant::now();
+        for _ in 0..8 {
+            f.keep_prober_running();
+            std::thread::sleep(Duration::from_millis(62));
+        }
+        settle(1);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            first.elapsed() < RESTART_MIN,
+            "too slow a machine for this test"
+        );
+        assert_eq!(count(), 1);
+        // After the first wait (1 s) one more start, then the wait doubles.
+        std::thread::sleep(RESTART_MIN.saturating_sub(first.elapsed()) + Duration::from_millis(50));
+        f.keep_prober_running();
+        settle(2);
+        assert_eq!(count(), 2);
+        assert_eq!(f.restarted.map(|(_, w)| w), Some(Duration::from_secs(2)));
+        f.keep_prober_running();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(count(), 2);
+    }
 
     #[test]
     fn the_hook_gets_the_site_and_both_gateways_in_its_environment_and_no_shell() {
