@@ -82,7 +82,8 @@ pub enum LabCommand {
     /// Break a node to watch its site fail over: `stop` kills its agent and
     /// data plane and takes its uplink down; `uplink` cuts its link at the
     /// VPC's switch; `tunnel` makes the site's router drop only its tunnel
-    /// packets, so it still looks alive on the private network.
+    /// packets, so it still looks alive on the private network. In a VM lab,
+    /// `uplink` and `tunnel` (`stop`: use `lab reboot`).
     Fail {
         /// The node to break.
         node: String,

@@ -80,6 +80,63 @@ fn with_router_dropping(lab: &Lab, site: &str, rule: &str, f: impl FnOnce()) {
     nft("delete table ip sbt-block");
 }
 
+/// examples/seed-lab.yaml with a second gateway candidate for aliyun:
+/// k8s-node3 stands by for k8s-node2.
+fn seed_lab_with_standby(transport: &str) -> String {
+    let file = SEED_LAB
+        .replace("transport: gre", &format!("transport: {transport}"))
+        .replace(
+            "{ name: k8s-node3, privateIP: 172.26.32.236, roles: [worker] }",
+            "{ name: k8s-node3, privateIP: 172.26.32.236, publicIP: 198.51.100.124, roles: [worker, gateway] }",
+        );
+    assert!(file.contains("198.51.100.124"), "seed-lab.yaml changed");
+    file
+}
+
+/// Breaks aliyun's active gateway with `lab fail --how HOW` under a ping from
+/// huawei's internal node to aliyun's standby; traffic must come back within
+/// the failover bound, through the standby, and move back after `heal`.
+fn aliyun_fails_over_in_vms(lab: &Lab, how: &str) {
+    let standby = "k8s-node3";
+    let chosen = |node: &str| {
+        let out = lab.exec(node, &["cat", "/var/lib/skybridge/gateways.json"]);
+        let v: serde_json::Value = serde_json::from_str(&text(&out)).unwrap_or_default();
+        v["actives"]["aliyun"].as_str().unwrap_or("").to_owned()
+    };
+    let on_preferred =
+        || chosen(GATEWAY_HUAWEI) == GATEWAY_ALIYUN && chosen(standby) == GATEWAY_ALIYUN;
+    // A cut just before (or lab up) may have left the standby in charge
+    // until the failback hold has passed.
+    assert!(
+        support::within(std::time::Duration::from_secs(30), on_preferred).is_some(),
+        "aliyun is not on its preferred gateway {GATEWAY_ALIYUN}\n{}",
+        lab.logs()
+    );
+    let ping = support::Pinger::start(lab, NODE_HUAWEI, NODE_ALIYUN_IP, 20);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let fail = lab.run(&["fail", GATEWAY_ALIYUN, "--how", how]);
+    assert!(fail.status.success(), "{}", text(&fail));
+    // The guest's clock is not ours: the gap between its replies, and their
+    // count (400 probes in 20 s; the 3 s bound loses at most 60).
+    let (gap, replies) = ping.longest_gap_between_replies();
+    eprintln!("{GATEWAY_ALIYUN} --how {how}: longest gap {gap:.3} s, {replies} replies");
+    assert!(
+        gap < 3.0 && replies > 300,
+        "{GATEWAY_ALIYUN} --how {how}: traffic stopped for {gap:.3} s ({replies} of 400 replies)\n{}",
+        lab.logs()
+    );
+    for viewer in [GATEWAY_HUAWEI, standby] {
+        assert_eq!(chosen(viewer), standby, "{viewer}'s choice for aliyun");
+    }
+    let heal = lab.run(&["heal", GATEWAY_ALIYUN]);
+    assert!(heal.status.success(), "{}", text(&heal));
+    // Failback after the hold time (5 s by default).
+    assert!(
+        support::within(std::time::Duration::from_secs(30), on_preferred).is_some(),
+        "aliyun did not fail back to {GATEWAY_ALIYUN}"
+    );
+}
+
 fn cross_site_ping(lab: &Lab) -> bool {
     lab.exec(NODE_HUAWEI, &["ping", "-c", "2", "-W", "2", NODE_ALIYUN_IP])
         .status
@@ -92,7 +149,7 @@ fn seed_topology_over_kernel_gre_in_vms_is_all_green_and_down_leaves_nothing() {
         return;
     }
     let lab = Lab::new("vgre");
-    let file = lab.file("seed-lab.yaml", SEED_LAB);
+    let file = lab.file("seed-lab.yaml", &seed_lab_with_standby("gre"));
     up_green(&lab, &file, &[]);
 
     // The guests run Debian's kernel (which may be the host's own release on
@@ -121,6 +178,9 @@ fn seed_topology_over_kernel_gre_in_vms_is_all_green_and_down_leaves_nothing() {
         cross_site_ping(&lab),
         "cross-site ping after GRE is let through again"
     );
+    // Gateway failover over the kernel's GRE: aliyun's active gateway still
+    // answers on its VPC, but the router drops its GRE (the Kilo case).
+    aliyun_fails_over_in_vms(&lab, "tunnel");
 
     let check = lab.run(&["check"]);
     assert!(
@@ -152,10 +212,7 @@ fn seed_topology_over_kernel_wireguard_in_vms_is_all_green() {
         return;
     }
     let lab = Lab::new("vwg");
-    let file = lab.file(
-        "seed-lab-wg.yaml",
-        &SEED_LAB.replace("transport: gre", "transport: wireguard"),
-    );
+    let file = lab.file("seed-lab-wg.yaml", &seed_lab_with_standby("wireguard"));
     // No --wireguard flag: the agent picks the kernel where it has the module.
     up_green(&lab, &file, &[]);
     assert_eq!(wg_kind(&lab, GATEWAY_HUAWEI), "kernel");
@@ -180,6 +237,10 @@ fn seed_topology_over_kernel_wireguard_in_vms_is_all_green() {
             "a cross-site ping went through with WireGuard dropped"
         );
     });
+    // Gateway failover over kernel WireGuard: aliyun's active gateway's
+    // cable is cut at the VPC's switch.
+    assert_eq!(wg_kind(&lab, "k8s-node3"), "kernel");
+    aliyun_fails_over_in_vms(&lab, "uplink");
 }
 
 #[test]

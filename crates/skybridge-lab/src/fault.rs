@@ -10,7 +10,9 @@
 //!   network and looks alive to anything that does not probe the data path —
 //!   the case a health check on the VM misses.
 //!
-//! Namespace labs only: a VM's faults are a `lab reboot` away.
+//! `uplink` and `tunnel` happen outside the node, so they work on VMs too;
+//! `stop` needs the node's processes and works on namespace nodes (a VM's
+//! crash is a `lab reboot` away).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -51,7 +53,12 @@ const FAULT_TABLE: &str = "sb-lab-fault";
 /// # Errors
 /// When the node is unknown, a VM, already failed, or a command fails.
 pub fn fail(state: &mut LabState, node: &str, how: How) -> Result<(), LabError> {
-    let n = namespace_node(state, node)?;
+    let n = lab_node(state, node)?;
+    if how == How::Stop && n.vm.is_some() {
+        return Err(LabError::Refused(format!(
+            "{node} is a VM: `--how stop` works on namespace nodes; use --how uplink or --how tunnel, or `lab reboot {node}`"
+        )));
+    }
     if let Some(f) = state.faults.get(node) {
         return Err(LabError::Refused(format!(
             "{node} has already failed ({:?}); `lab heal {node}` first",
@@ -91,7 +98,7 @@ pub fn fail(state: &mut LabState, node: &str, how: How) -> Result<(), LabError> 
 /// # Errors
 /// When the node has not failed or a command fails.
 pub fn heal(state: &mut LabState, node: &str) -> Result<How, LabError> {
-    let n = namespace_node(state, node)?;
+    let n = lab_node(state, node)?;
     let Some(fault) = state.faults.get(node).cloned() else {
         return Err(LabError::Refused(format!("{node} has not failed")));
     };
@@ -129,24 +136,18 @@ pub fn heal(state: &mut LabState, node: &str) -> Result<How, LabError> {
     Ok(fault.how)
 }
 
-fn namespace_node(state: &LabState, node: &str) -> Result<crate::NodeState, LabError> {
-    let n = state.nodes.get(node).ok_or_else(|| {
+fn lab_node(state: &LabState, node: &str) -> Result<crate::NodeState, LabError> {
+    state.nodes.get(node).cloned().ok_or_else(|| {
         LabError::Refused(format!(
             "no node {node} in lab {}; nodes: {}",
             state.cluster,
             state.nodes.keys().cloned().collect::<Vec<_>>().join(", ")
         ))
-    })?;
-    if n.vm.is_some() {
-        return Err(LabError::Refused(format!(
-            "{node} is a VM: fault injection works on namespace nodes; `lab reboot {node}` restarts a VM"
-        )));
-    }
-    Ok(n.clone())
+    })
 }
 
 fn site_of(state: &LabState, node: &str) -> Result<String, LabError> {
-    Ok(namespace_node(state, node)?.site)
+    Ok(lab_node(state, node)?.site)
 }
 
 fn default_via(netns: &str) -> Result<Option<Ipv4Addr>, LabError> {
@@ -191,8 +192,16 @@ fn node_processes(netns: &str) -> Result<Vec<u32>, LabError> {
 /// The router namespace of `node`'s site and the name there of the other
 /// end of the node's `eth0`.
 fn router_port(state: &LabState, node: &str) -> Result<(String, String), LabError> {
-    let n = namespace_node(state, node)?;
+    let n = lab_node(state, node)?;
     let router = router_of(state, &n.site)?;
+    if let Some(vm) = &n.vm {
+        if vm.tap.is_empty() {
+            return Err(LabError::Refused(format!(
+                "{node}'s lab was brought up by an older skybridge that did not record its tap; `lab up` again"
+            )));
+        }
+        return Ok((router, vm.tap.clone()));
+    }
     let peer_index = run(&[
         "ip",
         "netns",

@@ -241,18 +241,31 @@ impl Pinger {
     /// The longest time without a reply, in seconds (up to the end of the
     /// ping: traffic that never came back counts whole), and the replies.
     pub fn longest_gap(self) -> (f64, usize) {
+        let ended = |_: &[f64]| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs_f64()
+        };
+        self.gap(ended)
+    }
+
+    /// The longest time between two replies, and the replies, for a ping
+    /// whose clock is not ours (a VM's): the end of the ping is its last
+    /// reply, so check the count of replies too.
+    pub fn longest_gap_between_replies(self) -> (f64, usize) {
+        self.gap(|stamps| stamps.last().copied().unwrap_or_default())
+    }
+
+    fn gap(self, ended: impl FnOnce(&[f64]) -> f64) -> (f64, usize) {
         let out = self.0.wait_with_output().unwrap();
-        let ended = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs_f64();
         let mut stamps: Vec<f64> = String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter(|l| l.contains("bytes from"))
             .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
             .collect();
         let replies = stamps.len();
-        stamps.push(ended);
+        stamps.push(ended(&stamps));
         let gap = stamps
             .windows(2)
             .map(|w| w[1] - w[0])

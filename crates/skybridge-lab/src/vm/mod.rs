@@ -57,6 +57,10 @@ pub struct VmNode {
     pub accel: String,
     #[serde(default)]
     pub image: Image,
+    /// Its tap on the site's VPC bridge, in the router namespace (where
+    /// `lab fail --how uplink` cuts the cable).
+    #[serde(default)]
+    pub tap: String,
 }
 
 /// Everything prepared once per `lab up`: fetched packages, the initramfs,
@@ -331,6 +335,7 @@ pub fn start(
         } else {
             Image::Initramfs
         },
+        tap: tap.clone(),
     })
 }
 
@@ -696,6 +701,7 @@ mod tests {
             console: console.clone(),
             accel: "tcg".into(),
             image: Image::Initramfs,
+            tap: "n1".into(),
         };
         let start = Instant::now();
         let err = wait_ready(&[("k8s-master1".into(), vm)], BOOT_TIMEOUT)
