@@ -682,6 +682,7 @@ async fn run(
         interval,
         tick,
         Some(&args.state_dir),
+        &skybridge_agent::notify::Notifier::from_env(),
         |r: &Result<Report, HostError>| match r {
             Ok(r) if r.changes.is_empty() => tracing::debug!("converged"),
             Ok(r) => print_report(&name, r, false),

@@ -30,7 +30,12 @@ pub fn agent_unit(cluster: &str, node: &str, exec_start: &str) -> String {
     t.line("StartLimitIntervalSec=0");
     t.blank();
     t.line("[Service]");
-    t.line("Type=simple");
+    // Ready after the first reconcile round (converged or not: the errors
+    // are in `systemctl status`), so `After=` this unit means "the network
+    // was set up once"; the watchdog restarts an agent whose loop hangs.
+    t.line("Type=notify");
+    t.line("NotifyAccess=main");
+    t.line("WatchdogSec=30s");
     t.line(format!("ExecStart={exec_start}"));
     t.line("Restart=on-failure");
     t.line("RestartSec=2");
