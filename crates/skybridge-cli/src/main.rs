@@ -650,13 +650,22 @@ mod tests {
         ] {
             assert!(names.contains(&want), "{want} missing from {names:?}");
         }
-        assert!(!names.iter().any(|n| n.contains("dataplane") || n.contains("help")), "{names:?}");
+        assert!(
+            !names
+                .iter()
+                .any(|n| n.contains("dataplane") || n.contains("help")),
+            "{names:?}"
+        );
         for (name, text) in &pages {
             let text = String::from_utf8(text.clone()).unwrap();
             assert!(text.contains(".TH "), "{name}");
             assert!(text.contains(".SH NAME"), "{name}");
         }
-        let apply = &pages.iter().find(|(n, _)| n == "skybridge-apply.1").unwrap().1;
+        let apply = &pages
+            .iter()
+            .find(|(n, _)| n == "skybridge-apply.1")
+            .unwrap()
+            .1;
         let apply = String::from_utf8_lossy(apply);
         assert!(apply.contains("ARCH=PATH"), "{apply}");
     }

@@ -126,15 +126,25 @@ mod tests {
 
     #[test]
     fn the_packaged_unit_differs_only_in_its_description_node_and_binary() {
-        let ours = agent_unit("c", "n", "/usr/local/bin/skybridge agent --cluster x --node n");
+        let ours = agent_unit(
+            "c",
+            "n",
+            "/usr/local/bin/skybridge agent --cluster x --node n",
+        );
         let packaged = packaged_agent_unit("/usr/bin/skybridge");
         assert!(packaged.contains(
             "\nExecStart=/usr/bin/skybridge agent --cluster /etc/skybridge/cluster.yaml --node ${SKYBRIDGE_NODE}\n"
         ));
-        assert!(packaged.contains("\nEnvironment=SKYBRIDGE_NODE=%H\nEnvironmentFile=-/etc/default/skybridge-agent\n"));
+        assert!(packaged.contains(
+            "\nEnvironment=SKYBRIDGE_NODE=%H\nEnvironmentFile=-/etc/default/skybridge-agent\n"
+        ));
         let rest = |u: &str| -> Vec<String> {
             u.lines()
-                .filter(|l| !l.starts_with("Description=") && !l.starts_with("Environment") && !l.starts_with("ExecStart="))
+                .filter(|l| {
+                    !l.starts_with("Description=")
+                        && !l.starts_with("Environment")
+                        && !l.starts_with("ExecStart=")
+                })
                 .map(str::to_owned)
                 .collect()
         };
