@@ -317,7 +317,7 @@ pub fn main(args: AgentArgs) -> Result<ExitCode> {
                 .into());
             }
             print!("{}", skybridge_render::packaged_agent_unit(&binary));
-            return Ok(ExitCode::SUCCESS);
+            Ok(ExitCode::SUCCESS)
         }
         Some(Action::Pubkey {
             state_dir,
