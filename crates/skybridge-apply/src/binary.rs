@@ -234,11 +234,16 @@ impl Binaries {
                 ));
             }
         }
-        let own_bytes = read(own)?;
-        let own_arch = elf_arch(&own_bytes).map_err(|e| format!("{}: {e}", own.display()))?;
-        by_arch
-            .entry(own_arch)
-            .or_insert_with(|| Binary::new(own_bytes));
+        // Its header first: with a --binary of its own architecture, the
+        // running binary (hundreds of MB in a debug build) is not read.
+        let mut header = Vec::with_capacity(64);
+        std::fs::File::open(own)
+            .and_then(|f| std::io::Read::read_to_end(&mut std::io::Read::take(f, 64), &mut header))
+            .map_err(|e| format!("{}: {e}", own.display()))?;
+        let own_arch = elf_arch(&header).map_err(|e| format!("{}: {e}", own.display()))?;
+        if !by_arch.contains_key(own_arch) {
+            by_arch.insert(own_arch, Binary::new(read(own)?));
+        }
         Ok(Binaries {
             own: own_arch,
             by_arch,
@@ -421,6 +426,21 @@ mod tests {
             assert_eq!(
                 both.for_node("x", "x86_64").unwrap().bytes,
                 std::fs::read(&own).unwrap()
+            );
+            // A --binary of the running binary's architecture replaces it.
+            let static_build = dir.path().join("static");
+            std::fs::write(&static_build, header(2, 1, 2, 62)).unwrap();
+            let replaced = Binaries::load(
+                &own,
+                &[BinaryArg {
+                    arch: "x86_64",
+                    path: static_build,
+                }],
+            )
+            .unwrap();
+            assert_eq!(
+                replaced.for_node("x", "x86_64").unwrap().bytes,
+                header(2, 1, 2, 62)
             );
             let e = both.for_node("r", "riscv64").unwrap_err();
             assert!(
