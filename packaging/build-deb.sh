@@ -92,6 +92,14 @@ if [ -d /run/systemd/system ]; then systemctl daemon-reload || true; fi
 SCRIPT
 chmod 755 "$root/DEBIAN/postinst" "$root/DEBIAN/prerm" "$root/DEBIAN/postrm"
 
+# A dynamically linked build needs a glibc with every symbol version it
+# uses; a static one (README: "A binary for any node") needs none.
+depends=
+if ldd "$binary" 2>/dev/null | grep -q 'libc\.so'; then
+  glibc=$(grep -ao 'GLIBC_2\.[0-9]*' "$binary" | sort -uV | tail -n 1 | sed 's/GLIBC_//')
+  [ -n "$glibc" ] && depends="Depends: libc6 (>= $glibc)
+"
+fi
 size=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
 cat >"$root/DEBIAN/control" <<CONTROL
 Package: skybridge
@@ -101,7 +109,7 @@ Maintainer: Skybridge authors <skybridge@example.invalid>
 Installed-Size: $size
 Section: net
 Priority: optional
-Recommends: nftables, iproute2, openssh-client
+${depends}Recommends: nftables, iproute2, openssh-client
 Homepage: https://example.invalid/skybridge
 Description: one Kubernetes cluster across VMs of several cloud providers
  Skybridge plans, renders, applies and keeps applied the tunnels between

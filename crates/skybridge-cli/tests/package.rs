@@ -173,6 +173,8 @@ fn build_deb_packages_the_binary_pages_completions_and_unit() {
     ] {
         assert!(info.contains(&field), "{field}:\n{info}");
     }
+    // The debug binary is linked dynamically: the package says which glibc it needs.
+    assert!(info.contains("Depends: libc6 (>= 2."), "{info}");
     for script in ["postinst", "prerm", "postrm"] {
         assert!(info.contains(script), "{script}:\n{info}");
     }
