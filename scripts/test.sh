@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 # itself with `apt-get download` into /var/cache/skybridge-lab, never installed).
 # curl scrapes the agents' metrics in the lab, and promtool (from prometheus)
 # checks what they serve. groff and man-db read the manual pages `skybridge man` writes.
-PACKAGES=(curl prometheus iproute2 nftables iptables wireguard-tools wireguard-go iperf3 iputils-ping util-linux procps tcpdump containerd systemd openssh-server openssh-client kmod debootstrap e2fsprogs)
+PACKAGES=(curl prometheus groff-base man-db iproute2 nftables iptables wireguard-tools wireguard-go iperf3 iputils-ping util-linux procps tcpdump containerd systemd openssh-server openssh-client kmod debootstrap e2fsprogs)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -11,6 +11,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::host::{Host, HostError};
 use crate::journal::Journal;
 use crate::lock::{LockError, NodeLock};
+use crate::notify::Notifier;
 use crate::reconcile::{Report, reconcile};
 
 // Multicast groups (linux/rtnetlink.h, linux/netfilter/nfnetlink.h).
@@ -84,6 +85,13 @@ async fn changed(w: Option<&Watch>) {
 /// skips that round instead of waiting, so a SIGTERM is never stuck behind
 /// the lock, and reconciles again at the next tick.
 ///
+/// Under a `Type=notify` unit ([`Notifier`]): `READY=1` once the first
+/// round is over, whether it converged, failed or was skipped (a node that
+/// cannot converge is reported, not left in "activating"); `WATCHDOG=1`
+/// after every round, which the loop starts at least every half
+/// `WatchdogSec` (a round that hangs lets the watchdog restart the agent);
+/// `STATUS=` when its line changes; `STOPPING=1` on the way out.
+///
 /// # Errors
 /// When the signal handlers cannot be installed.
 pub async fn run<H: Host>(
@@ -92,6 +100,7 @@ pub async fn run<H: Host>(
     interval: Duration,
     tick: Option<Duration>,
     lock_dir: Option<&std::path::Path>,
+    notify: &Notifier,
     mut report: impl FnMut(&Result<Report, HostError>),
 ) -> std::io::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
@@ -114,10 +123,17 @@ pub async fn run<H: Host>(
     let mut due = true;
     let mut journal = Journal::default();
     let mut next_periodic = tokio::time::Instant::now() + interval;
+    let mut ready = false;
+    let mut status = String::new();
     loop {
+        // What this round did, for systemd's STATUS= (None: nothing new).
+        let mut said: Option<String> = None;
         match load().await {
             Ok(p) => plan = Some(p),
-            Err(e) => tracing::error!("{e}; keeping the last good plan"),
+            Err(e) => {
+                tracing::error!("{e}; keeping the last good plan");
+                said = Some(format!("error: {e}; keeping the last good plan"));
+            }
         }
         if let Some(p) = &plan
             && (due || applied.as_ref() != Some(p))
@@ -128,10 +144,12 @@ pub async fn run<H: Host>(
                     tracing::info!(
                         "another agent is changing the node ({holder}); reconciling after it"
                     );
+                    said = Some(format!("waiting for another agent ({holder})"));
                     applied = None;
                 }
                 Some(Err(e)) => {
                     tracing::error!("{e}; not reconciling");
+                    said = Some(format!("error: {e}; not reconciling"));
                     applied = None;
                 }
                 Some(Ok(_)) | None => {
@@ -143,12 +161,32 @@ pub async fn run<H: Host>(
                         journal.record(dir, &r, drift);
                     }
                     report(&r);
+                    said = Some(status_line(&r));
                     applied = Some(p.clone());
                 }
             }
             next_periodic = tokio::time::Instant::now() + interval;
         }
+        let changed_status = said.filter(|s| *s != status);
+        if let Some(s) = &changed_status {
+            status.clone_from(s);
+        }
+        if ready {
+            notify.alive(changed_status.as_deref());
+        } else {
+            if status.is_empty() {
+                status = "started; no reconcile yet".to_owned();
+            }
+            notify.ready(&status);
+            ready = true;
+        }
         due = true;
+        let watchdog = async {
+            match notify.watchdog_interval() {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending::<()>().await,
+            }
+        };
         let ticked = async {
             match tick {
                 Some(t) => tokio::time::sleep(t).await,
@@ -160,10 +198,62 @@ pub async fn run<H: Host>(
             () = changed(routes.as_ref()) => tokio::time::sleep(SETTLE).await,
             () = changed(nft.as_ref()) => tokio::time::sleep(SETTLE).await,
             () = ticked => due = false,
+            // Only to come round: load (a new file, a failover) and feed the watchdog.
+            () = watchdog => due = false,
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
     tracing::info!("stopping; the network stays as it is");
+    notify.stopping("stopping; the network stays as it is");
     Ok(())
+}
+
+/// One line on what a reconcile did, for `systemctl status`.
+pub fn status_line(r: &Result<Report, HostError>) -> String {
+    match r {
+        Ok(r) if r.changes.is_empty() => "converged".to_owned(),
+        Ok(r) if r.failed.is_empty() => format!("converged: applied {} change(s)", r.changes.len()),
+        Ok(r) => format!(
+            "{} of {} change(s) failed, retrying: {}",
+            r.failed.len(),
+            r.changes.len(),
+            r.failed[0].1
+        ),
+        Err(e) => format!("error reading the node: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skybridge_core::diff::{Change, Op};
+
+    fn report(n: usize, failed: usize) -> Result<Report, HostError> {
+        let c = Change {
+            op: Op::RemoveFirewall,
+            reason: "drifted".into(),
+        };
+        Ok(Report {
+            changes: vec![c.clone(); n],
+            applied: n - failed,
+            failed: (0..failed)
+                .map(|_| (c.clone(), HostError::Refused("no route".into())))
+                .collect(),
+        })
+    }
+
+    #[test]
+    fn the_status_line_says_converged_changes_or_errors() {
+        assert_eq!(status_line(&report(0, 0)), "converged");
+        assert_eq!(status_line(&report(3, 0)), "converged: applied 3 change(s)");
+        assert_eq!(
+            status_line(&report(3, 1)),
+            "1 of 3 change(s) failed, retrying: no route"
+        );
+        assert_eq!(
+            status_line(&Err(HostError::Refused("netlink is gone".into()))),
+            "error reading the node: netlink is gone"
+        );
+    }
 }

@@ -24,6 +24,7 @@ pub mod keys;
 pub mod lock;
 pub mod metrics;
 pub mod netlink;
+pub mod notify;
 pub mod output;
 pub mod reconcile;
 pub mod rollback;

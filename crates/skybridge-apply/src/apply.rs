@@ -83,19 +83,7 @@ impl Observer for Quiet {
     fn step(&self, _: &str, _: &str) {}
 }
 
-/// The agent binary to install: its bytes and their SHA-256.
-#[derive(Debug)]
-pub struct Binary {
-    pub bytes: Vec<u8>,
-    pub sha256: String,
-}
-
-impl Binary {
-    pub fn new(bytes: Vec<u8>) -> Binary {
-        let sha256 = sha256(&bytes);
-        Binary { bytes, sha256 }
-    }
-}
+pub use crate::binary::{Binaries, Binary};
 
 /// Why a node was left out, and at which step.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -192,13 +180,13 @@ pub async fn each<T, R>(items: Vec<T>, parallel: usize, f: impl AsyncFn(T) -> R)
 pub async fn reach<C: Connector>(
     connector: &C,
     targets: Vec<Target>,
-    binary: &Binary,
+    binaries: &Binaries,
     dry_run: bool,
     parallel: usize,
     obs: &dyn Observer,
 ) -> (Vec<Reached<C::Session>>, Vec<NodeFailure>) {
     let results = each(targets, parallel, async |t: Target| {
-        reach_one(connector, t, binary, dry_run, obs).await
+        reach_one(connector, t, binaries, dry_run, obs).await
     })
     .await;
     let mut ok = Vec::new();
@@ -218,7 +206,7 @@ pub async fn reach<C: Connector>(
 async fn reach_one<C: Connector>(
     connector: &C,
     target: Target,
-    binary: &Binary,
+    binaries: &Binaries,
     dry_run: bool,
     obs: &dyn Observer,
 ) -> Result<Reached<C::Session>, NodeFailure> {
@@ -239,17 +227,10 @@ async fn reach_one<C: Connector>(
         .await
         .map_err(|e| fail(&node, "inspect", e))?;
     let mut lines = out.stdout.lines();
-    let arch = lines.next().unwrap_or_default().trim().to_owned();
-    if arch != std::env::consts::ARCH {
-        return Err(fail(
-            &node,
-            "inspect",
-            format!(
-                "the node is {arch}, this skybridge binary is {}; run apply with a {arch} build",
-                std::env::consts::ARCH
-            ),
-        ));
-    }
+    // The binary of the node's architecture, or the node is left as it is.
+    let binary = binaries
+        .for_node(&node, lines.next().unwrap_or_default())
+        .map_err(|e| fail(&node, "architecture", e))?;
     let has = |path: &str| {
         out.stdout.lines().any(|l| {
             let mut f = l.split_whitespace();
@@ -908,6 +889,14 @@ mod tests {
     use crate::fake::{FakeConnector, FakeNode, key_of};
     use crate::session::SshError;
 
+    /// `bin` for the architecture the fake nodes report by default.
+    fn one(bin: &Binary) -> Binaries {
+        Binaries::single(
+            crate::binary::canonical(std::env::consts::ARCH).unwrap(),
+            bin.clone(),
+        )
+    }
+
     fn target(node: &str) -> Target {
         Target {
             node: node.into(),
@@ -953,7 +942,7 @@ mod tests {
         let (reached, mut failed) = reach(
             c,
             nodes.iter().map(|n| target(n)).collect(),
-            bin,
+            &one(bin),
             false,
             8,
             &Quiet,
@@ -1124,7 +1113,15 @@ mod tests {
             c.put_file(node, paths::CLUSTER, cluster);
             c.put_file(node, paths::STATE, b"state");
         }
-        let (reached, _) = reach(&c, vec![target("a"), target("b")], &bin, false, 4, &Quiet).await;
+        let (reached, _) = reach(
+            &c,
+            vec![target("a"), target("b")],
+            &one(&bin),
+            false,
+            4,
+            &Quiet,
+        )
+        .await;
         let (planned, _) = plan(
             reached,
             b"cluster",
@@ -1173,7 +1170,7 @@ mod tests {
         let (reached, failed) = reach(
             &c,
             nodes.iter().map(|n| target(n)).collect(),
-            &bin,
+            &one(&bin),
             true,
             8,
             &Quiet,
@@ -1334,7 +1331,7 @@ mod tests {
         let (reached, failed) = reach(
             &c,
             names.iter().map(|n| target(n)).collect(),
-            &bin,
+            &one(&bin),
             false,
             4,
             &Quiet,
@@ -1347,6 +1344,67 @@ mod tests {
             start.elapsed() < Duration::from_millis(1000),
             "{:?}",
             start.elapsed()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_of_another_architecture_is_refused_untouched_and_the_others_are_applied() {
+        let c = FakeConnector::default();
+        let bin = Binary::new(b"agent".to_vec());
+        let here = crate::binary::canonical(std::env::consts::ARCH).unwrap();
+        let other = if here == "aarch64" {
+            "x86_64"
+        } else {
+            "aarch64"
+        };
+        c.node("a", FakeNode::default());
+        c.node(
+            "arm",
+            FakeNode {
+                arch: Some(other.into()),
+                ..FakeNode::default()
+            },
+        );
+        let (summary, failed) = run_all(&c, &["a", "arm"], &bin).await;
+        assert!(
+            matches!(summary.nodes["a"], Outcome::Changed { .. }),
+            "{summary:?}"
+        );
+        assert!(!summary.nodes.contains_key("arm"), "{summary:?}");
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert_eq!(failed[0].step, "architecture");
+        assert_eq!(
+            failed[0].reason,
+            format!(
+                "node arm is {other}, this skybridge is {here}: pass --binary {other}=PATH (a skybridge built for {other}); nothing was changed on arm"
+            )
+        );
+        // Only the read-only inspection ran there.
+        assert_eq!(c.commands("arm").len(), 1, "{:?}", c.commands("arm"));
+        assert!(c.commands("arm")[0].starts_with("uname -m"));
+
+        // With a binary of its own architecture, that node gets it.
+        let mut both = one(&bin);
+        let arm_bin = Binary::new(b"arm agent".to_vec());
+        both.insert_unchecked(other, arm_bin.clone());
+        let (reached, failed) = reach(
+            &c,
+            vec![target("a"), target("arm")],
+            &both,
+            false,
+            4,
+            &Quiet,
+        )
+        .await;
+        assert!(failed.is_empty(), "{failed:?}");
+        assert_eq!(reached[1].binary_sha256, arm_bin.sha256);
+        assert_eq!(
+            c.file("arm", paths::STAGED_BINARY).as_deref(),
+            Some(&b"arm agent"[..])
+        );
+        assert_eq!(
+            c.file("a", paths::STAGED_BINARY).as_deref(),
+            Some(&b"agent"[..])
         );
     }
 }

@@ -32,6 +32,8 @@ pub struct FakeNode {
     pub skybridge_files: Vec<String>,
     /// `agent down` fails with this on stderr.
     pub down_fails: Option<String>,
+    /// What `uname -m` prints [default: this machine's architecture].
+    pub arch: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -166,7 +168,7 @@ impl Session for FakeSession {
         } else if command.starts_with("uname -m") {
             ok(format!(
                 "{}\n{}  {}\n",
-                std::env::consts::ARCH,
+                node.arch.as_deref().unwrap_or(std::env::consts::ARCH),
                 node.installed_sha256,
                 paths::BINARY
             ))

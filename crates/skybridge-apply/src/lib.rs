@@ -10,12 +10,15 @@
 //! sessions (`skybridge down`).
 
 pub mod apply;
+pub mod binary;
 pub mod down;
 pub mod fake;
 pub mod session;
 pub mod ssh;
 pub mod target;
 
-pub use apply::{Binary, NodeChanges, NodeFailure, Observer, Options, Outcome, Reached, Summary};
+pub use apply::{
+    Binaries, Binary, NodeChanges, NodeFailure, Observer, Options, Outcome, Reached, Summary,
+};
 pub use session::{Connector, Output, Session, SshError};
 pub use target::{Target, TargetError, targets};

@@ -184,6 +184,14 @@ enum Action {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Print the agent's systemd unit as a distribution package installs it:
+    /// the installed cluster file, the node's name from
+    /// /etc/default/skybridge-agent (`SKYBRIDGE_NODE=`), else the host name.
+    Unit {
+        /// Where the package installs skybridge (an absolute path).
+        #[arg(long, default_value = "/usr/bin/skybridge")]
+        binary: String,
+    },
     /// The detached process that rolls an unconfirmed `agent try` back.
     #[command(hide = true)]
     Watchdog(Box<WatchdogArgs>),
@@ -296,6 +304,21 @@ pub fn main(args: AgentArgs) -> Result<ExitCode> {
         .enable_all()
         .build()?;
     match args.action {
+        Some(Action::Unit { binary }) => {
+            // It becomes ExecStart's first word: nothing systemd would split or expand.
+            if !binary.starts_with('/')
+                || !binary
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "/._+-".contains(c))
+            {
+                return Err(load::Invalid::new(format!(
+                    "--binary {binary:?}: give an absolute path of letters, digits and / . _ + -"
+                ))
+                .into());
+            }
+            print!("{}", skybridge_render::packaged_agent_unit(&binary));
+            Ok(ExitCode::SUCCESS)
+        }
         Some(Action::Pubkey {
             state_dir,
             no_generate,
@@ -686,6 +709,7 @@ async fn run(
         interval,
         tick,
         Some(&args.state_dir),
+        &skybridge_agent::notify::Notifier::from_env(),
         |r: &Result<Report, HostError>| match r {
             Ok(r) if r.changes.is_empty() => tracing::debug!("converged"),
             Ok(r) => print_report(&name, r, false),

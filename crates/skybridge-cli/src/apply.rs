@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use skybridge_apply::apply::{self, Binary, Observer, Options, Outcome};
+use skybridge_apply::apply::{self, Binaries, Observer, Options, Outcome};
 use skybridge_apply::ssh::Openssh;
 
 use crate::load;
@@ -40,6 +40,13 @@ pub struct ApplyArgs {
     /// Public keys collected from the nodes [default: <file>.state.yaml beside the cluster file].
     #[arg(long)]
     state: Option<PathBuf>,
+    /// The skybridge binary to install on nodes of architecture ARCH (as
+    /// `uname -m` names it: x86_64, aarch64, ...), checked to be an ELF
+    /// executable for it before any node is contacted; repeatable. Without
+    /// one, nodes of this binary's architecture get this binary and others
+    /// are refused.
+    #[arg(long = "binary", value_name = "ARCH=PATH")]
+    binaries: Vec<skybridge_apply::binary::BinaryArg>,
 }
 
 /// Per-node progress: spinners on a terminal, one line per step otherwise.
@@ -118,8 +125,9 @@ pub fn main(args: ApplyArgs) -> Result<ExitCode> {
         .unwrap_or_else(|| load::default_state_path(&args.file));
     let mut state = load::state(&args.file, args.state.as_deref())?;
     let exe = std::env::current_exe().context("locating this skybridge binary to install it")?;
-    let binary =
-        Binary::new(std::fs::read(&exe).with_context(|| format!("reading {}", exe.display()))?);
+    // Every binary is checked before any node is contacted.
+    let binaries = Binaries::load(&exe, &args.binaries)
+        .map_err(|e| load::Invalid::new(format!("{e}; nothing was changed")))?;
     let private_ips: BTreeMap<String, String> = cluster
         .nodes()
         .map(|(_, n)| (n.name.clone(), n.private_ip.to_string()))
@@ -147,7 +155,7 @@ pub fn main(args: ApplyArgs) -> Result<ExitCode> {
     let (reached, mut failed) = rt.block_on(apply::reach(
         &connector,
         targets,
-        &binary,
+        &binaries,
         args.dry_run,
         parallel,
         &progress,

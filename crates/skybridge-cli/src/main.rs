@@ -8,6 +8,7 @@ mod join;
 mod keys;
 mod lab;
 mod load;
+mod man;
 mod output;
 mod status;
 
@@ -121,6 +122,12 @@ enum Command {
     },
     /// Print the JSON Schema of the cluster file (for editors and CI checks).
     Schema,
+    /// Write the manual pages (skybridge.1 and one per subcommand, e.g.
+    /// skybridge-lab-up.1) into a folder, for `man -l` or /usr/share/man/man1.
+    Man {
+        /// The folder to write the pages into (created if missing; pages of the same name are replaced).
+        dir: PathBuf,
+    },
     /// Show what every node will get: tunnels, peers, routes, sysctls, firewall rules.
     Plan {
         /// The cluster file (YAML).
@@ -320,6 +327,12 @@ fn run(command: Command) -> Result<ExitCode> {
         }
         Command::Schema => {
             print!("{}", skybridge_core::schema::json());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir } => {
+            use clap::CommandFactory as _;
+            let n = man::write(Cli::command(), &dir)?;
+            println!("wrote {n} manual page(s) under {}", dir.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { file, output } => validate(&file, output),
@@ -620,5 +633,40 @@ mod tests {
                 assert!(text.contains(sub), "{shell}: {sub}");
             }
         }
+    }
+
+    #[test]
+    fn every_visible_command_gets_a_manual_page_and_hidden_ones_none() {
+        use clap::CommandFactory as _;
+        let pages = man::pages(Cli::command()).unwrap();
+        let names: Vec<&str> = pages.iter().map(|(n, _)| n.as_str()).collect();
+        for want in [
+            "skybridge.1",
+            "skybridge-apply.1",
+            "skybridge-lab.1",
+            "skybridge-lab-up.1",
+            "skybridge-agent.1",
+            "skybridge-man.1",
+        ] {
+            assert!(names.contains(&want), "{want} missing from {names:?}");
+        }
+        assert!(
+            !names
+                .iter()
+                .any(|n| n.contains("dataplane") || n.contains("help")),
+            "{names:?}"
+        );
+        for (name, text) in &pages {
+            let text = String::from_utf8(text.clone()).unwrap();
+            assert!(text.contains(".TH "), "{name}");
+            assert!(text.contains(".SH NAME"), "{name}");
+        }
+        let apply = &pages
+            .iter()
+            .find(|(n, _)| n == "skybridge-apply.1")
+            .unwrap()
+            .1;
+        let apply = String::from_utf8_lossy(apply);
+        assert!(apply.contains("ARCH=PATH"), "{apply}");
     }
 }

@@ -10,6 +10,7 @@
 
 mod support;
 
+use std::ffi::OsStr;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
@@ -159,9 +160,14 @@ impl World {
     }
 
     fn daemon(&self, node: &str, extra: &[&str]) -> Daemon {
+        self.daemon_with_env(node, extra, &[])
+    }
+
+    fn daemon_with_env(&self, node: &str, extra: &[&str], env: &[(&str, &OsStr)]) -> Daemon {
         let child = self
             .ns(node)
             .command(&skybridge())
+            .envs(env.iter().copied())
             .args(["agent", "--cluster"])
             .arg(self.dir.path().join("cluster.yaml"))
             .args(["--node", node, "--interval", "30", "--state-dir"])
@@ -447,6 +453,67 @@ fn sigterm_stops_the_agent_without_tearing_the_network_down() {
         "agent exit status after SIGTERM: {status}"
     );
     assert!(w.a.pings(B_PRIVATE), "the tunnel went away with the agent");
+}
+
+/// The daemon speaks systemd's notify protocol (what `Type=notify` and
+/// `WatchdogSec=` in its unit rely on) to the socket `NOTIFY_SOCKET` names:
+/// READY=1 only once its first reconcile is done, WATCHDOG=1 while its loop
+/// runs, STOPPING=1 on SIGTERM.
+#[test]
+fn the_daemon_is_ready_after_its_first_reconcile_then_feeds_the_watchdog_and_says_it_stops() {
+    if unmet(&["nft"]) {
+        return;
+    }
+    let w = World::new("vxlan");
+    let sock_path = w.dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let recv = || {
+        let mut buf = [0u8; 4096];
+        let n = sock.recv(&mut buf).expect("a notification within 15 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    // A 2 s watchdog: the daemon must come round at least every second.
+    let mut daemon = w.daemon_with_env(
+        "gw-a",
+        &[],
+        &[
+            ("NOTIFY_SOCKET", sock_path.as_os_str()),
+            ("WATCHDOG_USEC", OsStr::new("2000000")),
+        ],
+    );
+    let ready = recv();
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    assert!(
+        ready.contains("STATUS=converged: applied "),
+        "the first round applies the plan: {ready:?}"
+    );
+    // Ready means reconciled once: the tunnel is there already.
+    w.a.ok(&["ip", "link", "show", "sb-vx-2"]);
+    // The first rounds' own changes wake the loop (netlink events); once
+    // they settle only the watchdog's timer does (the periodic reconcile
+    // is 30 s away): count its pings over 3 s.
+    let settle = std::time::Instant::now() + Duration::from_millis(1500);
+    let mut pings = 0;
+    let end = settle + Duration::from_secs(3);
+    while std::time::Instant::now() < end {
+        let m = recv();
+        assert!(!m.contains("READY=1"), "READY sent twice: {m:?}");
+        if std::time::Instant::now() > settle && m.lines().any(|l| l == "WATCHDOG=1") {
+            pings += 1;
+        }
+    }
+    assert!((2..=5).contains(&pings), "{pings} watchdog pings in 3 s");
+    support::ok(&["kill", "-TERM", &daemon.0.id().to_string()]);
+    let last = loop {
+        let m = recv();
+        if !m.lines().all(|l| l == "WATCHDOG=1") {
+            break m;
+        }
+    };
+    assert!(last.lines().any(|l| l == "STOPPING=1"), "{last:?}");
+    assert!(daemon.0.wait().unwrap().success());
 }
 
 /// The kind of the WireGuard link on gw-a, as `ip -d link` shows it.

@@ -777,3 +777,64 @@ fn down_over_ssh_restores_every_node_s_namespace_exactly_and_reports_an_unreacha
         assert_eq!(text(&left).trim(), "", "left on {n}");
     }
 }
+
+/// `--binary` is checked before any node is contacted: a file that is not an
+/// ELF executable, or one of another architecture than the one it is given
+/// for, stops apply with nothing changed anywhere. (A node of another
+/// architecture than the binary's is refused too; the lab's nodes all run
+/// this machine's, so that is a unit test in skybridge-apply.)
+#[test]
+fn a_binary_for_the_wrong_architecture_is_refused_before_any_node_is_touched() {
+    if unmet(&TOOLS) {
+        return;
+    }
+    let lab = up("ab");
+    let here = std::env::consts::ARCH;
+    let other = if here == "aarch64" {
+        "x86_64"
+    } else {
+        "aarch64"
+    };
+    let script = lab.file("not-elf", "#!/bin/sh\necho I am not skybridge\n");
+    let exe = skybridge().display().to_string();
+    let before: Vec<String> = NODES.iter().map(|n| node_files(&lab, n)).collect();
+    for (arg, says) in [
+        (
+            format!("{here}={script}"),
+            "not an ELF executable".to_owned(),
+        ),
+        (
+            format!("{other}={exe}"),
+            format!("this file is built for {here}, not {other}"),
+        ),
+    ] {
+        let out = apply(&lab, "small.yaml", &["--binary", &arg]);
+        let t = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{t}");
+        assert!(
+            t.contains(&format!("--binary {arg}: {says}")) && t.contains("nothing was changed"),
+            "{t}"
+        );
+        assert!(!t.contains("connecting to"), "a node was contacted: {t}");
+    }
+    for (n, before) in NODES.iter().zip(before) {
+        assert_eq!(node_files(&lab, n), before, "{n} was changed");
+    }
+    assert!(
+        !std::path::Path::new(&lab.path("small.state.yaml")).exists(),
+        "the state file was written"
+    );
+    // The right binary for the nodes' architecture is taken (a dry run:
+    // every node is reached and inspected, nothing uploaded).
+    let dry = apply(
+        &lab,
+        "small.yaml",
+        &["--dry-run", "--binary", &format!("{here}={exe}")],
+    );
+    assert!(dry.status.success(), "{}", text(&dry));
+    assert!(
+        text(&dry).contains("dry run: nothing was changed"),
+        "{}",
+        text(&dry)
+    );
+}

@@ -37,7 +37,7 @@ pub mod nftables;
 mod script;
 mod systemd;
 
-pub use systemd::agent_unit;
+pub use systemd::{PACKAGE_ENV_FILE, agent_unit, packaged_agent_unit};
 mod wireguard;
 
 use std::collections::BTreeMap;

@@ -16,11 +16,36 @@ pub(crate) const FILE_NAME: &str = paths::AGENT_UNIT_FILE;
 /// Names come from a validated cluster file (DNS labels): nothing to quote.
 #[must_use]
 pub fn agent_unit(cluster: &str, node: &str, exec_start: &str) -> String {
+    unit(
+        &format!("Skybridge agent for node {node} of cluster {cluster}"),
+        &[],
+        exec_start,
+    )
+}
+
+/// Where a package's unit reads the node's name from.
+pub const PACKAGE_ENV_FILE: &str = "/etc/default/skybridge-agent";
+
+/// The agent's unit as a distribution package installs it (disabled),
+/// before anyone knows the node: the cluster file is the installed one and
+/// the node's name `SKYBRIDGE_NODE` from [`PACKAGE_ENV_FILE`], else the host
+/// name (`%H`). `binary` is where the package puts `skybridge`.
+#[must_use]
+pub fn packaged_agent_unit(binary: &str) -> String {
+    unit(
+        "Skybridge agent (this node's network for its cluster)",
+        &[
+            "Environment=SKYBRIDGE_NODE=%H".to_owned(),
+            format!("EnvironmentFile=-{PACKAGE_ENV_FILE}"),
+        ],
+        &format!("{binary} agent --cluster {CLUSTER_PATH} --node ${{SKYBRIDGE_NODE}}"),
+    )
+}
+
+fn unit(description: &str, environment: &[String], exec_start: &str) -> String {
     let mut t = Text::default();
     t.line("[Unit]");
-    t.line(format!(
-        "Description=Skybridge agent for node {node} of cluster {cluster}"
-    ));
+    t.line(format!("Description={description}"));
     t.line("After=network-online.target");
     t.line("Wants=network-online.target");
     t.line("Before=kubelet.service");
@@ -30,7 +55,15 @@ pub fn agent_unit(cluster: &str, node: &str, exec_start: &str) -> String {
     t.line("StartLimitIntervalSec=0");
     t.blank();
     t.line("[Service]");
-    t.line("Type=simple");
+    // Ready after the first reconcile round (converged or not: the errors
+    // are in `systemctl status`), so `After=` this unit means "the network
+    // was set up once"; the watchdog restarts an agent whose loop hangs.
+    t.line("Type=notify");
+    t.line("NotifyAccess=main");
+    t.line("WatchdogSec=30s");
+    for line in environment {
+        t.line(line);
+    }
     t.line(format!("ExecStart={exec_start}"));
     t.line("Restart=on-failure");
     t.line("RestartSec=2");
@@ -89,5 +122,32 @@ mod tests {
             assert!(unit.contains("\nStartLimitIntervalSec=0\n"), "{}", f.path);
             assert!(f.contents.contains("\nRestart=on-failure\n"), "{}", f.path);
         }
+    }
+
+    #[test]
+    fn the_packaged_unit_differs_only_in_its_description_node_and_binary() {
+        let ours = agent_unit(
+            "c",
+            "n",
+            "/usr/local/bin/skybridge agent --cluster x --node n",
+        );
+        let packaged = packaged_agent_unit("/usr/bin/skybridge");
+        assert!(packaged.contains(
+            "\nExecStart=/usr/bin/skybridge agent --cluster /etc/skybridge/cluster.yaml --node ${SKYBRIDGE_NODE}\n"
+        ));
+        assert!(packaged.contains(
+            "\nEnvironment=SKYBRIDGE_NODE=%H\nEnvironmentFile=-/etc/default/skybridge-agent\n"
+        ));
+        let rest = |u: &str| -> Vec<String> {
+            u.lines()
+                .filter(|l| {
+                    !l.starts_with("Description=")
+                        && !l.starts_with("Environment")
+                        && !l.starts_with("ExecStart=")
+                })
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(rest(&ours), rest(&packaged));
     }
 }
