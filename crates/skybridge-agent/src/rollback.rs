@@ -172,6 +172,10 @@ impl Dirs {
     }
 
     fn marker(&self, kind: &str, id: &str) -> PathBuf {
+        if kind == "try" {
+            // `skybridge down` looks for pending tries by this name.
+            return self.run.join(format!("{}{id}", paths::TRY_MARKER_PREFIX));
+        }
         self.run.join(format!("{kind}-{id}"))
     }
 

@@ -32,6 +32,8 @@ pub struct FakeNode {
     pub skybridge_files: Vec<String>,
     /// `agent down` fails with this on stderr.
     pub down_fails: Option<String>,
+    /// The id of an `agent try` pending on the node.
+    pub pending_try: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -139,7 +141,13 @@ impl Session for FakeSession {
             stdout,
             stderr: String::new(),
         };
-        let out = if command.starts_with("for p in ") {
+        let out = if command.starts_with("for m in ") {
+            ok(node
+                .pending_try
+                .as_ref()
+                .map(|id| format!("{id}\n"))
+                .unwrap_or_default())
+        } else if command.starts_with("for p in ") {
             ok(node
                 .skybridge_files
                 .iter()
