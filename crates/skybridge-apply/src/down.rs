@@ -203,7 +203,11 @@ async fn inspect_one<C: Connector>(
         .map_err(|e| fail(&node, "inspect", e))?;
     let pending: Vec<&str> = out.stdout.split_whitespace().collect();
     if !out.success() {
-        return Err(fail(&node, "inspect", Failed("looking for pending tries", &out)));
+        return Err(fail(
+            &node,
+            "inspect",
+            Failed("looking for pending tries", &out),
+        ));
     }
     if !pending.is_empty() && !force {
         return Err(fail(
@@ -430,7 +434,8 @@ mod tests {
                 ..installed()
             },
         );
-        let (found, failed) = inspect(&c, vec![target("ok"), target("stuck")], 4, false, &Quiet).await;
+        let (found, failed) =
+            inspect(&c, vec![target("ok"), target("stuck")], 4, false, &Quiet).await;
         assert!(failed.is_empty(), "{failed:?}");
         assert!(found.iter().all(|f| f.network.is_some()));
         assert_eq!(found[0].describe()[0], "stop the agent daemon");
@@ -479,7 +484,10 @@ mod tests {
             inspect(&c, vec![target("trying"), target("idle")], 4, false, &Quiet).await;
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].target.node, "idle");
-        assert_eq!((failed[0].node.as_str(), failed[0].step), ("trying", "inspect"));
+        assert_eq!(
+            (failed[0].node.as_str(), failed[0].step),
+            ("trying", "inspect")
+        );
         assert!(
             failed[0].reason.contains("try 1700000000-42") && failed[0].reason.contains("--force"),
             "{}",
@@ -501,7 +509,11 @@ mod tests {
     fn the_pending_try_listing_names_the_markers_the_agent_writes() {
         let cmd = pending_tries_command();
         assert!(
-            cmd.contains(&format!("'{}'/{}*", paths::RUN_DIR, paths::TRY_MARKER_PREFIX)),
+            cmd.contains(&format!(
+                "'{}'/{}*",
+                paths::RUN_DIR,
+                paths::TRY_MARKER_PREFIX
+            )),
             "{cmd}"
         );
     }
