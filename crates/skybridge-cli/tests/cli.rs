@@ -340,9 +340,34 @@ fn join_of_an_unknown_node_names_the_nodes_there_are() {
         .arg(examples().join("lab.yaml"))
         .args(["--node", "nope"])
         .assert()
-        .code(1)
+        .code(2)
         .stderr(predicate::str::contains("no node named 'nope'"))
         .stderr(predicate::str::contains("hw-master"));
+}
+
+/// apply, down, join and status share one check of `--node`: invalid input
+/// (exit 2) before any node is reached, with the closest name as a hint.
+#[test]
+fn a_misspelled_node_gets_a_hint_from_every_command_that_takes_node() {
+    for (cmd, extra) in [
+        ("apply", &["--dry-run"][..]),
+        ("down", &["--dry-run"][..]),
+        ("join", &["--dry-run"][..]),
+        ("status", &[][..]),
+    ] {
+        skybridge()
+            .arg(cmd)
+            .arg(examples().join("lab.yaml"))
+            .args(["--node", "tc-gw", "--node", "hw-mastre"])
+            .args(extra)
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains(
+                "no node named 'hw-mastre' in",
+            ))
+            .stderr(predicate::str::contains("did you mean 'hw-master'?"))
+            .stdout("");
+    }
 }
 
 #[test]
@@ -445,7 +470,7 @@ fn down_of_an_unknown_node_names_the_nodes_there_are_and_reaches_none() {
         .arg(examples().join("lab.yaml"))
         .args(["--node", "nope", "--dry-run"])
         .assert()
-        .code(1)
+        .code(2)
         .stderr(predicate::str::contains("no node named 'nope'"))
         .stdout("");
 }
