@@ -362,9 +362,7 @@ fn a_misspelled_node_gets_a_hint_from_every_command_that_takes_node() {
             .args(extra)
             .assert()
             .code(2)
-            .stderr(predicate::str::contains(
-                "no node named 'hw-mastre' in",
-            ))
+            .stderr(predicate::str::contains("no node named 'hw-mastre' in"))
             .stderr(predicate::str::contains("did you mean 'hw-master'?"))
             .stdout("");
     }
