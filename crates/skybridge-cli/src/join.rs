@@ -452,6 +452,30 @@ fn revert(args: &JoinArgs, cluster: &Cluster) -> Result<ExitCode> {
     }
     let (targets, skipped) = chosen_targets(args, cluster)?;
     let remote = Remote::new(args, "revert")?;
+    if !args.dry_run && !args.yes {
+        let plans = remote.each(&targets, args.root.as_deref(), |host| {
+            skybridge_join::revert(host, true)
+        });
+        writeln!(out, "Revert plan for cluster {}:", cluster.name)?;
+        let mut to_change = 0;
+        for (node, plan) in &plans {
+            if plan
+                .as_ref()
+                .is_ok_and(|r| !r.restored.is_empty() || !r.removed.is_empty())
+            {
+                to_change += 1;
+            }
+            print_revert(&mut out, node, plan, true)?;
+        }
+        if !load::confirm(
+            false,
+            to_change,
+            "would be reverted",
+            &format!("Revert join on {to_change} node(s)?"),
+        )? {
+            return Ok(ExitCode::FAILURE);
+        }
+    }
     let mut nodes = Vec::new();
     for (node, result) in remote.each(&targets, args.root.as_deref(), on) {
         nodes.push(print_revert(&mut out, &node, &result, args.dry_run)?);
