@@ -154,6 +154,26 @@ fn chosen_targets(args: &JoinArgs, cluster: &Cluster) -> Result<(Vec<Target>, Ve
     load::choose(&args.file, targets, &args.node)
 }
 
+/// Why a node was not joined or reverted: `connect` (it could not be
+/// reached, nothing was changed) or the step that failed.
+#[derive(Debug)]
+struct Failure {
+    step: &'static str,
+    why: String,
+}
+
+impl Failure {
+    fn report(&self, node: &str) -> NodeReport {
+        NodeReport::failed(node, self.step, &self.why)
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FAILED at {}: {}", self.step, self.why)
+    }
+}
+
 /// Apply's SSH layer for join and revert: one thread per node, `--parallel`
 /// at a time.
 struct Remote {
@@ -175,15 +195,16 @@ impl Remote {
         })
     }
 
-    /// Runs `f` on every target over a session of its own (under `root`
-    /// when given); one node failing does not stop the others. Results in
-    /// target order.
+    /// Runs `f` (the step named `step`) on every target over a session of
+    /// its own (under `root` when given); one node failing does not stop
+    /// the others. Results in target order.
     fn each<R: Send>(
         &self,
         targets: &[Target],
         root: Option<&Path>,
+        step: &'static str,
         f: impl Fn(&dyn NodeHost) -> Result<R, String> + Sync,
-    ) -> Vec<(String, Result<R, String>)> {
+    ) -> Vec<(String, Result<R, Failure>)> {
         let f = &f;
         let mut all = Vec::new();
         for batch in targets.chunks(self.parallel) {
@@ -195,7 +216,10 @@ impl Remote {
                         s.spawn(move || {
                             let result = rt
                                 .block_on(self.connector.connect(t))
-                                .map_err(|e| e.to_string())
+                                .map_err(|e| Failure {
+                                    step: "connect",
+                                    why: e.to_string(),
+                                })
                                 .and_then(|session| {
                                     let host =
                                         SessionHost::new(t.node.clone(), session, rt.clone());
@@ -206,7 +230,7 @@ impl Remote {
                                         None => f(&host),
                                     };
                                     rt.block_on(host.into_session().close());
-                                    r
+                                    r.map_err(|why| Failure { step, why })
                                 });
                             (t.node.clone(), result)
                         })
@@ -230,7 +254,7 @@ fn remote(args: &JoinArgs, cluster: &Cluster, opts: &Options) -> Result<ExitCode
     let remote = Remote::new(args, "join")?;
     let root = args.root.as_deref();
     let run = |opts: &Options| {
-        remote.each(&targets, root, |host| {
+        remote.each(&targets, root, "join", |host| {
             skybridge_join::join(host, cluster, host.name(), opts).map_err(|e| format!("{e:#}"))
         })
     };
@@ -258,7 +282,7 @@ fn remote(args: &JoinArgs, cluster: &Cluster, opts: &Options) -> Result<ExitCode
                         writeln!(out, "      {line}")?;
                     }
                 }
-                Err(why) => writeln!(out, "  {node}: FAILED: {why}")?,
+                Err(f) => writeln!(out, "  {node}: {f}")?,
             }
         }
         drop(out);
@@ -278,7 +302,7 @@ fn remote(args: &JoinArgs, cluster: &Cluster, opts: &Options) -> Result<ExitCode
     for (node, result) in run(opts) {
         match &result {
             Ok(report) => print_report(&mut out, &node, report, args.dry_run, root)?,
-            Err(why) => writeln!(out, "{node}: FAILED: {why}")?,
+            Err(f) => writeln!(out, "{node}: {f}")?,
         }
         nodes.push(join_report(&node, &result));
     }
@@ -313,9 +337,9 @@ fn join_changes(r: &Report) -> Vec<String> {
     files.chain(steps).collect()
 }
 
-fn join_report(node: &str, result: &Result<Report, String>) -> NodeReport {
+fn join_report(node: &str, result: &Result<Report, Failure>) -> NodeReport {
     match result {
-        Err(why) => NodeReport::failed(node, "join", why),
+        Err(f) => f.report(node),
         Ok(r) => {
             let mut n = NodeReport::ok(node, join_changes(r));
             if r.failed() {
@@ -440,7 +464,11 @@ fn revert(args: &JoinArgs, cluster: &Cluster) -> Result<ExitCode> {
         let result = match &args.root {
             Some(dir) => on(&Rooted::new(&host, dir.display().to_string())),
             None => on(&host),
-        };
+        }
+        .map_err(|why| Failure {
+            step: "revert",
+            why,
+        });
         let report = print_revert(&mut out, &node, &result, args.dry_run)?;
         let summary = RunReport::new("join --revert", &cluster.name, args.dry_run, vec![report]);
         print_summary(args, &summary)?;
@@ -453,7 +481,7 @@ fn revert(args: &JoinArgs, cluster: &Cluster) -> Result<ExitCode> {
     let (targets, skipped) = chosen_targets(args, cluster)?;
     let remote = Remote::new(args, "revert")?;
     if !args.dry_run && !args.yes {
-        let plans = remote.each(&targets, args.root.as_deref(), |host| {
+        let plans = remote.each(&targets, args.root.as_deref(), "revert", |host| {
             skybridge_join::revert(host, true)
         });
         writeln!(out, "Revert plan for cluster {}:", cluster.name)?;
@@ -477,7 +505,7 @@ fn revert(args: &JoinArgs, cluster: &Cluster) -> Result<ExitCode> {
         }
     }
     let mut nodes = Vec::new();
-    for (node, result) in remote.each(&targets, args.root.as_deref(), on) {
+    for (node, result) in remote.each(&targets, args.root.as_deref(), "revert", on) {
         nodes.push(print_revert(&mut out, &node, &result, args.dry_run)?);
     }
     nodes.extend(skipped.iter().map(|n| NodeReport::skipped(n)));
@@ -490,14 +518,14 @@ fn revert(args: &JoinArgs, cluster: &Cluster) -> Result<ExitCode> {
 fn print_revert(
     out: &mut dyn Write,
     node: &str,
-    result: &Result<Reverted, String>,
+    result: &Result<Reverted, Failure>,
     dry_run: bool,
 ) -> std::io::Result<NodeReport> {
     let r = match result {
         Ok(r) => r,
-        Err(why) => {
-            writeln!(out, "{node}: FAILED: {why}")?;
-            return Ok(NodeReport::failed(node, "revert", why));
+        Err(f) => {
+            writeln!(out, "{node}: {f}")?;
+            return Ok(f.report(node));
         }
     };
     let (restore, remove) = if dry_run {
