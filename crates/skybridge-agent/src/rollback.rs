@@ -172,6 +172,10 @@ impl Dirs {
     }
 
     fn marker(&self, kind: &str, id: &str) -> PathBuf {
+        if kind == "try" {
+            // `skybridge down` looks for pending tries by this name.
+            return self.run.join(format!("{}{id}", paths::TRY_MARKER_PREFIX));
+        }
         self.run.join(format!("{kind}-{id}"))
     }
 
@@ -526,7 +530,7 @@ fn arm<N: Node, C: Clock>(
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            let id = name.strip_prefix("try-")?.to_owned();
+            let id = name.strip_prefix(paths::TRY_MARKER_PREFIX)?.to_owned();
             let applied_at = read_applied_at(&dirs.marker("applied", &id));
             Some((id, read_pending(&e.path()), applied_at))
         })
@@ -952,6 +956,17 @@ mod tests {
         _tmp: tempfile::TempDir,
         dirs: Dirs,
         staged: PathBuf,
+    }
+
+    #[test]
+    fn a_pending_try_is_named_as_skybridge_down_looks_for_it() {
+        let w = world(false);
+        let marker = w.dirs.marker("try", "a1");
+        assert_eq!(
+            marker.file_name().and_then(|n| n.to_str()),
+            Some(format!("{}a1", paths::TRY_MARKER_PREFIX).as_str())
+        );
+        assert_eq!(marker.parent(), Some(w.dirs.run.as_path()));
     }
 
     /// A node that runs [`OLD`] (when `installed`), with [`NEW`] staged.

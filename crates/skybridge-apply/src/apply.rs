@@ -189,11 +189,20 @@ pub async fn reach<C: Connector>(
         reach_one(connector, t, binaries, dry_run, obs).await
     })
     .await;
+    split(results, obs)
+}
+
+/// The nodes a step went well on, and the failures (each shown to `obs`),
+/// in input order.
+pub(crate) fn split<T>(
+    results: Vec<Result<T, NodeFailure>>,
+    obs: &dyn Observer,
+) -> (Vec<T>, Vec<NodeFailure>) {
     let mut ok = Vec::new();
     let mut failed = Vec::new();
     for r in results {
         match r {
-            Ok(r) => ok.push(r),
+            Ok(v) => ok.push(v),
             Err(e) => {
                 obs.step(&e.node, &format!("FAILED: {}", e.reason));
                 failed.push(e);

@@ -22,7 +22,7 @@ use std::time::Duration;
 use skybridge_core::layout::paths;
 use tokio::time::Instant;
 
-use crate::apply::{NodeFailure, Observer, each, fail};
+use crate::apply::{NodeFailure, Observer, each, fail, split};
 use crate::session::{Connector, Failed, Session, quote};
 use crate::target::Target;
 
@@ -61,6 +61,16 @@ fn probe_command() -> String {
         jp = quote(name_in_state_dir(paths::JOIN_PENDING)),
         jm = quote(name_in_state_dir(paths::JOIN_MANIFEST)),
         key = quote(paths::KEY_FILE),
+    )
+}
+
+/// Prints the id of every pending `agent try` (its marker in the run
+/// directory), one per line.
+fn pending_tries_command() -> String {
+    format!(
+        "for m in {run}/{prefix}*; do if [ -e \"$m\" ]; then echo \"${{m##*/{prefix}}}\"; fi; done",
+        run = quote(paths::RUN_DIR),
+        prefix = paths::TRY_MARKER_PREFIX,
     )
 }
 
@@ -137,36 +147,21 @@ impl<S> Found<S> {
     }
 }
 
-/// Step 1 on every node.
+/// Step 1 on every node. A node with an apply's `try` pending is refused
+/// (a failure at step `inspect`) unless `force`: its watchdog could restore
+/// the network right after the down.
 pub async fn inspect<C: Connector>(
     connector: &C,
     targets: Vec<Target>,
     parallel: usize,
+    force: bool,
     obs: &dyn Observer,
 ) -> (Vec<Found<C::Session>>, Vec<NodeFailure>) {
     let results = each(targets, parallel, async |t: Target| {
-        inspect_one(connector, t, obs).await
+        inspect_one(connector, t, force, obs).await
     })
     .await;
     split(results, obs)
-}
-
-fn split<T>(
-    results: Vec<Result<T, NodeFailure>>,
-    obs: &dyn Observer,
-) -> (Vec<T>, Vec<NodeFailure>) {
-    let mut ok = Vec::new();
-    let mut failed = Vec::new();
-    for r in results {
-        match r {
-            Ok(v) => ok.push(v),
-            Err(e) => {
-                obs.step(&e.node, &format!("FAILED: {}", e.reason));
-                failed.push(e);
-            }
-        }
-    }
-    (ok, failed)
 }
 
 async fn present<S: Session>(
@@ -191,6 +186,7 @@ async fn present<S: Session>(
 async fn inspect_one<C: Connector>(
     connector: &C,
     target: Target,
+    force: bool,
     obs: &dyn Observer,
 ) -> Result<Found<C::Session>, NodeFailure> {
     let start = Instant::now();
@@ -200,6 +196,29 @@ async fn inspect_one<C: Connector>(
         .connect(&target)
         .await
         .map_err(|e| fail(&node, "connect", e))?;
+    let cmd = pending_tries_command();
+    let out = session
+        .run(&cmd, None)
+        .await
+        .map_err(|e| fail(&node, "inspect", e))?;
+    let pending: Vec<&str> = out.stdout.split_whitespace().collect();
+    if !out.success() {
+        return Err(fail(
+            &node,
+            "inspect",
+            Failed("looking for pending tries", &out),
+        ));
+    }
+    if !pending.is_empty() && !force {
+        return Err(fail(
+            &node,
+            "inspect",
+            format!(
+                "an apply is still trying a change here (try {}): its watchdog could restore the network right after down. Wait until that apply has confirmed or rolled back (at most its --confirm-timeout), then run down again; or run down with --force to take the node down anyway. Nothing was changed",
+                pending.join(", ")
+            ),
+        ));
+    }
     obs.step(&node, "listing what Skybridge left");
     let files = present(&session, &node, "inspect").await?;
     let daemon_running = session
@@ -372,7 +391,7 @@ mod tests {
                 ..FakeNode::default()
             },
         );
-        let (found, failed) = inspect(&c, vec![target("a"), target("b")], 4, &Quiet).await;
+        let (found, failed) = inspect(&c, vec![target("a"), target("b")], 4, false, &Quiet).await;
         assert_eq!(failed.len(), 1);
         assert_eq!((failed[0].node.as_str(), failed[0].step), ("b", "connect"));
         assert_eq!(found.len(), 1);
@@ -415,7 +434,8 @@ mod tests {
                 ..installed()
             },
         );
-        let (found, failed) = inspect(&c, vec![target("ok"), target("stuck")], 4, &Quiet).await;
+        let (found, failed) =
+            inspect(&c, vec![target("ok"), target("stuck")], 4, false, &Quiet).await;
         assert!(failed.is_empty(), "{failed:?}");
         assert!(found.iter().all(|f| f.network.is_some()));
         assert_eq!(found[0].describe()[0], "stop the agent daemon");
@@ -452,10 +472,57 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_node_with_a_pending_try_is_refused_unless_forced() {
+        let c = FakeConnector::default();
+        let trying = FakeNode {
+            pending_try: Some("1700000000-42".into()),
+            ..installed()
+        };
+        c.node("trying", trying.clone());
+        c.node("idle", installed());
+        let (found, failed) =
+            inspect(&c, vec![target("trying"), target("idle")], 4, false, &Quiet).await;
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].target.node, "idle");
+        assert_eq!(
+            (failed[0].node.as_str(), failed[0].step),
+            ("trying", "inspect")
+        );
+        assert!(
+            failed[0].reason.contains("try 1700000000-42") && failed[0].reason.contains("--force"),
+            "{}",
+            failed[0].reason
+        );
+        assert!(
+            !c.commands("trying")
+                .iter()
+                .any(|cmd| cmd.contains("agent down")),
+            "{:?}",
+            c.commands("trying")
+        );
+        let (found, failed) = inspect(&c, vec![target("trying")], 4, true, &Quiet).await;
+        assert!(failed.is_empty(), "{failed:?}");
+        assert_eq!(found.len(), 1);
+    }
+
+    #[test]
+    fn the_pending_try_listing_names_the_markers_the_agent_writes() {
+        let cmd = pending_tries_command();
+        assert!(
+            cmd.contains(&format!(
+                "'{}'/{}*",
+                paths::RUN_DIR,
+                paths::TRY_MARKER_PREFIX
+            )),
+            "{cmd}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn inspecting_changes_nothing() {
         let c = FakeConnector::default();
         c.node("a", FakeNode::default());
-        let (found, failed) = inspect(&c, vec![target("a")], 4, &Quiet).await;
+        let (found, failed) = inspect(&c, vec![target("a")], 4, false, &Quiet).await;
         assert!(failed.is_empty());
         assert!(found[0].network.is_none());
         for cmd in c.commands("a") {

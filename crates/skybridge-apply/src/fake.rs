@@ -34,6 +34,8 @@ pub struct FakeNode {
     pub down_fails: Option<String>,
     /// What `uname -m` prints [default: this machine's architecture].
     pub arch: Option<String>,
+    /// The id of an `agent try` pending on the node.
+    pub pending_try: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -141,7 +143,13 @@ impl Session for FakeSession {
             stdout,
             stderr: String::new(),
         };
-        let out = if command.starts_with("for p in ") {
+        let out = if command.starts_with("for m in ") {
+            ok(node
+                .pending_try
+                .as_ref()
+                .map(|id| format!("{id}\n"))
+                .unwrap_or_default())
+        } else if command.starts_with("for p in ") {
             ok(node
                 .skybridge_files
                 .iter()

@@ -382,14 +382,19 @@ fn cluster_and_state(args: &NodeArgs) -> Result<(Cluster, State), String> {
 /// This node's part of `plan`.
 fn mine(args: &NodeArgs, plan: &ClusterPlan) -> Result<NodePlan, String> {
     let name = args.node.as_deref().expect("required");
-    plan.node(name).cloned().ok_or_else(|| {
-        let names: Vec<&str> = plan.nodes.iter().map(|n| n.node.as_str()).collect();
-        format!(
-            "no node named '{name}' in {}; nodes are: {}",
-            args.cluster.as_deref().expect("required").display(),
-            names.join(", ")
-        )
-    })
+    let names: Vec<&str> = plan.nodes.iter().map(|n| n.node.as_str()).collect();
+    load::check_nodes(
+        &args
+            .cluster
+            .as_deref()
+            .expect("required")
+            .display()
+            .to_string(),
+        &names,
+        &[name.to_owned()],
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(plan.node(name).cloned().expect("checked"))
 }
 
 fn node_plan(args: &NodeArgs) -> Result<NodePlan, String> {

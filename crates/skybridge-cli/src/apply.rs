@@ -3,19 +3,20 @@
 //! the files, shows progress and plans, asks, and prints the summary.
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use skybridge_apply::apply::{self, Binaries, Observer, Options, Outcome};
 use skybridge_apply::ssh::Openssh;
 
 use crate::load;
+use crate::output::{self, NodeReport, NodeResult, Output, PairReport, RunReport};
 
 #[derive(Debug, Args)]
 pub struct ApplyArgs {
@@ -24,9 +25,17 @@ pub struct ApplyArgs {
     /// Show what every node would change, change nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Apply without asking.
+    /// Apply without asking (needed when there is no terminal to ask on).
     #[arg(long, short)]
     yes: bool,
+    /// Only this node (repeatable); the others are not contacted and the
+    /// summary lists them as skipped.
+    #[arg(long, value_name = "NAME")]
+    node: Vec<String>,
+    /// table: the plan and summary for reading; json, yaml: one document
+    /// on stdout with each node's result (the plan and progress go to stderr).
+    #[arg(long, short, value_enum, default_value_t = Output::Table)]
+    output: Output,
     /// Nodes worked on at the same time.
     #[arg(long, default_value_t = 10)]
     parallel: usize,
@@ -113,12 +122,14 @@ pub fn main(args: ApplyArgs) -> Result<ExitCode> {
     let cluster = load::cluster(&args.file)?;
     let cluster_yaml =
         std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
-    let targets = skybridge_apply::targets(&cluster).with_context(|| {
+    let all = skybridge_apply::targets(&cluster).with_context(|| {
         format!(
             "{}: working out how to reach the nodes",
             args.file.display()
         )
     })?;
+    let order: Vec<String> = all.iter().map(|t| t.node.clone()).collect();
+    let (targets, skipped) = load::choose(&args.file, all, &args.node)?;
     let state_path = args
         .state
         .clone()
@@ -189,52 +200,73 @@ pub fn main(args: ApplyArgs) -> Result<ExitCode> {
     progress.finish();
     drop(progress);
 
+    let mut out = output::human(args.output);
     let to_change = planned.iter().filter(|(_, c)| !c.converged()).count();
-    println!(
+    writeln!(
+        out,
         "Plan for cluster {} ({} node(s)):",
         cluster.name,
         names.len()
-    );
+    )?;
     for (r, c) in &planned {
         if c.converged() {
-            println!("  {}: converged, no changes", r.target.node);
+            writeln!(out, "  {}: converged, no changes", r.target.node)?;
             continue;
         }
-        println!("  {}:", r.target.node);
+        writeln!(out, "  {}:", r.target.node)?;
         for line in c.describe() {
-            println!("      {line}");
+            writeln!(out, "      {line}")?;
         }
         for w in &c.warnings {
-            println!("      note: the SSH guard of a plain agent run would say: {w}");
+            writeln!(
+                out,
+                "      note: the SSH guard of a plain agent run would say: {w}"
+            )?;
         }
     }
     for f in &failed {
-        println!("  {}: FAILED at {}: {}", f.node, f.step, f.reason);
+        writeln!(out, "  {}: FAILED at {}: {}", f.node, f.step, f.reason)?;
     }
+    if !skipped.is_empty() {
+        writeln!(out, "  skipped (not in --node): {}", skipped.join(", "))?;
+    }
+    // What each node changes (or would), for the summary.
+    let mut reports: BTreeMap<String, NodeReport> = planned
+        .iter()
+        .map(|(r, c)| {
+            let node = &r.target.node;
+            (node.clone(), NodeReport::ok(node, c.describe()))
+        })
+        .chain(failed.iter().map(|f| {
+            (
+                f.node.clone(),
+                NodeReport::failed(&f.node, f.step, &f.reason),
+            )
+        }))
+        .chain(skipped.iter().map(|n| (n.clone(), NodeReport::skipped(n))))
+        .collect();
+    let in_order = |mut reports: BTreeMap<String, NodeReport>| -> Vec<NodeReport> {
+        order.iter().filter_map(|n| reports.remove(n)).collect()
+    };
     if args.dry_run {
-        println!("dry run: nothing was changed");
-        return Ok(if failed.is_empty() {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(crate::exit::NODES_FAILED)
-        });
+        writeln!(out, "dry run: nothing was changed")?;
+        let report = RunReport::new("apply", &cluster.name, true, in_order(reports));
+        if args.output != Output::Table {
+            output::print(args.output, &report)?;
+        }
+        return Ok(exit(report.ok));
     }
-    if to_change > 0 && !args.yes {
-        if !std::io::stdin().is_terminal() {
-            bail!(
-                "{to_change} node(s) would change and there is no terminal to ask on: review the plan with --dry-run, then run again with --yes"
-            );
-        }
-        eprint!(
-            "Apply to {to_change} node(s)? Each node rolls back by itself if it cannot be reached again within {} s. [y/N] ",
+    drop(out);
+    if !load::confirm(
+        args.yes,
+        to_change,
+        "would change",
+        &format!(
+            "Apply to {to_change} node(s)? Each node rolls back by itself if it cannot be reached again within {} s.",
             args.confirm_timeout
-        );
-        let mut answer = String::new();
-        std::io::stdin().read_line(&mut answer)?;
-        if !matches!(answer.trim(), "y" | "Y" | "yes") {
-            println!("nothing was changed");
-            return Ok(ExitCode::FAILURE);
-        }
+        ),
+    )? {
+        return Ok(ExitCode::FAILURE);
     }
 
     // 3. Apply with the dead-man switch, confirm, verify.
@@ -256,21 +288,25 @@ pub fn main(args: ApplyArgs) -> Result<ExitCode> {
     progress.finish();
     drop(progress);
 
-    println!("Summary:");
-    let mut ok = true;
+    let mut out = output::human(args.output);
+    writeln!(out, "Summary:")?;
     for (node, outcome) in &summary.nodes {
         match outcome {
             Outcome::Changed { changes } => {
-                println!("  {node}: changed ({changes} change(s)), confirmed")
+                writeln!(out, "  {node}: changed ({changes} change(s)), confirmed")?;
             }
-            Outcome::Converged => println!("  {node}: already converged"),
+            Outcome::Converged => {
+                writeln!(out, "  {node}: already converged")?;
+                if let Some(r) = reports.get_mut(node) {
+                    r.changes.clear();
+                }
+            }
             Outcome::RolledBack {
                 reason,
                 reachable_again,
             } => {
-                ok = false;
-                println!(
-                    "  {node}: ROLLED BACK: {reason}{}",
+                let why = format!(
+                    "{reason}{}",
                     if *reachable_again {
                         "; it is reachable again".to_owned()
                     } else {
@@ -280,36 +316,70 @@ pub fn main(args: ApplyArgs) -> Result<ExitCode> {
                         )
                     }
                 );
+                writeln!(out, "  {node}: ROLLED BACK: {why}")?;
+                reports.insert(
+                    node.clone(),
+                    NodeReport {
+                        result: NodeResult::RolledBack,
+                        error: Some(why),
+                        ..NodeReport::ok(node, Vec::new())
+                    },
+                );
             }
             Outcome::Failed(f) => {
-                ok = false;
-                println!("  {node}: FAILED at {}: {}", f.step, f.reason);
+                writeln!(out, "  {node}: FAILED at {}: {}", f.step, f.reason)?;
+                reports.insert(node.clone(), NodeReport::failed(node, f.step, &f.reason));
             }
         }
     }
     for f in &failed {
-        ok = false;
-        println!("  {}: FAILED at {}: {}", f.node, f.step, f.reason);
+        writeln!(out, "  {}: FAILED at {}: {}", f.node, f.step, f.reason)?;
+    }
+    for n in &skipped {
+        writeln!(out, "  {n}: skipped (not in --node)")?;
     }
     let bad: Vec<_> = summary.pairs.iter().filter(|p| !p.ok).collect();
-    println!(
+    writeln!(
+        out,
         "Connectivity: {} pair(s) checked by private IP, {} failed",
         summary.pairs.len(),
         bad.len()
-    );
+    )?;
     for p in &bad {
-        println!("  {} cannot reach {}", p.from, p.to);
+        writeln!(out, "  {} cannot reach {}", p.from, p.to)?;
     }
     if let Some((slowest, t)) = summary.node_times.iter().max_by_key(|(_, t)| **t) {
-        println!(
+        writeln!(
+            out,
             "apply took {:.1} s; slowest node {slowest}: {:.1} s (all steps but the connectivity check)",
             started.elapsed().as_secs_f64(),
             t.as_secs_f64()
-        );
+        )?;
     }
-    Ok(if ok && summary.success() {
+    let mut report = RunReport::new("apply", &cluster.name, false, in_order(reports));
+    report.ok &= summary.success() && failed.is_empty();
+    report.connectivity = Some(
+        summary
+            .pairs
+            .iter()
+            .map(|p| PairReport {
+                from: p.from.clone(),
+                to: p.to.clone(),
+                ok: p.ok,
+            })
+            .collect(),
+    );
+    if args.output != Output::Table {
+        output::print(args.output, &report)?;
+    }
+    Ok(exit(report.ok))
+}
+
+/// 0, or [`crate::exit::NODES_FAILED`] when a node failed.
+pub(crate) fn exit(ok: bool) -> ExitCode {
+    if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(crate::exit::NODES_FAILED)
-    })
+    }
 }

@@ -2,33 +2,43 @@
 //! SSH. The steps live in `skybridge_apply::down`; this file reads the file,
 //! shows what would go, asks, and prints the summary as apply does.
 
-use std::io::IsTerminal as _;
+use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Args;
 use skybridge_apply::down;
 use skybridge_apply::ssh::Openssh;
 use skybridge_core::layout::paths;
 
-use crate::apply::Progress;
+use crate::apply::{Progress, exit};
 use crate::load;
+use crate::output::{self, NodeReport, Output, RunReport};
 
 #[derive(Debug, Args)]
 pub struct DownArgs {
     /// The cluster file.
     file: PathBuf,
-    /// Only this node.
-    #[arg(long)]
-    node: Option<String>,
+    /// Only this node (repeatable); the others are not contacted.
+    #[arg(long, value_name = "NAME")]
+    node: Vec<String>,
     /// Show what every node would remove, change nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Take down without asking.
+    /// Take down without asking (needed when there is no terminal to ask on).
     #[arg(long, short)]
     yes: bool,
+    /// Take down a node even while an apply is trying a change on it (its
+    /// watchdog may then restore that apply's network after the down).
+    #[arg(long)]
+    force: bool,
+    /// table: for reading; json, yaml: one document on stdout with each
+    /// node's result (what would go and progress go to stderr).
+    #[arg(long, short, value_enum, default_value_t = Output::Table)]
+    output: Output,
     /// Nodes worked on at the same time.
     #[arg(long, default_value_t = 10)]
     parallel: usize,
@@ -40,23 +50,14 @@ pub struct DownArgs {
 pub fn main(args: DownArgs) -> Result<ExitCode> {
     let started = Instant::now();
     let cluster = load::cluster(&args.file)?;
-    let mut targets = skybridge_apply::targets(&cluster).with_context(|| {
+    let all = skybridge_apply::targets(&cluster).with_context(|| {
         format!(
             "{}: working out how to reach the nodes",
             args.file.display()
         )
     })?;
-    if let Some(node) = &args.node {
-        targets.retain(|t| &t.node == node);
-        if targets.is_empty() {
-            let names: Vec<&str> = cluster.nodes().map(|(_, n)| n.name.as_str()).collect();
-            bail!(
-                "no node named '{node}' in {}; nodes are: {}",
-                args.file.display(),
-                names.join(", ")
-            );
-        }
-    }
+    let order: Vec<String> = all.iter().map(|t| t.node.clone()).collect();
+    let (targets, skipped) = load::choose(&args.file, all, &args.node)?;
     let names: Vec<String> = targets.iter().map(|t| t.node.clone()).collect();
     let connector =
         Openssh::new(args.accept_new_host_keys).context("writing the ssh config for this down")?;
@@ -66,55 +67,81 @@ pub fn main(args: DownArgs) -> Result<ExitCode> {
     let parallel = args.parallel.max(1);
 
     let progress = Progress::new(&names);
-    let (found, failed) = rt.block_on(down::inspect(&connector, targets, parallel, &progress));
+    let (found, failed) = rt.block_on(down::inspect(
+        &connector, targets, parallel, args.force, &progress,
+    ));
     progress.finish();
     drop(progress);
 
-    println!(
+    let mut out = output::human(args.output);
+    writeln!(
+        out,
         "Down for cluster {} ({} node(s)):",
         cluster.name,
         names.len()
-    );
+    )?;
     for f in &found {
         if f.clean() {
-            println!(
+            writeln!(
+                out,
                 "  {}: nothing of Skybridge, nothing to remove",
                 f.target.node
-            );
+            )?;
             continue;
         }
-        println!("  {}:", f.target.node);
+        writeln!(out, "  {}:", f.target.node)?;
         for line in f.describe() {
-            println!("      {line}");
+            writeln!(out, "      {line}")?;
         }
         for w in &f.warnings {
-            println!("      note: {w}");
+            writeln!(out, "      note: {w}")?;
         }
     }
     for f in &failed {
-        println!("  {}: FAILED at {}: {}", f.node, f.step, f.reason);
+        writeln!(out, "  {}: FAILED at {}: {}", f.node, f.step, f.reason)?;
     }
+    if !skipped.is_empty() {
+        writeln!(out, "  skipped (not in --node): {}", skipped.join(", "))?;
+    }
+    let mut reports: BTreeMap<String, NodeReport> = found
+        .iter()
+        .map(|f| {
+            (
+                f.target.node.clone(),
+                NodeReport::ok(&f.target.node, f.describe()),
+            )
+        })
+        .chain(failed.iter().map(|f| {
+            (
+                f.node.clone(),
+                NodeReport::failed(&f.node, f.step, &f.reason),
+            )
+        }))
+        .chain(skipped.iter().map(|n| (n.clone(), NodeReport::skipped(n))))
+        .collect();
+    let in_order = |mut reports: BTreeMap<String, NodeReport>| -> Vec<NodeReport> {
+        order.iter().filter_map(|n| reports.remove(n)).collect()
+    };
     if args.dry_run {
-        println!("dry run: nothing was changed");
-        return Ok(exit(failed.is_empty()));
+        writeln!(out, "dry run: nothing was changed")?;
+        let report = RunReport::new("down", &cluster.name, true, in_order(reports));
+        if args.output != Output::Table {
+            output::print(args.output, &report)?;
+        }
+        return Ok(exit(report.ok));
     }
+    drop(out);
     let to_remove = found.iter().filter(|f| !f.clean()).count();
-    if to_remove > 0 && !args.yes {
-        if !std::io::stdin().is_terminal() {
-            bail!(
-                "{to_remove} node(s) would be taken down and there is no terminal to ask on: review with --dry-run, then run again with --yes"
-            );
-        }
-        eprint!(
-            "Take Skybridge off {to_remove} node(s)? The tunnels, routes and firewall rules go, and the agent, its unit, files and WireGuard key (in {}) are removed. [y/N] ",
+    if !load::confirm(
+        args.yes,
+        to_remove,
+        "would be taken down",
+        &format!(
+            "Take Skybridge off {to_remove} node(s)? The tunnels, routes and firewall rules go, and the agent, its unit, files and WireGuard key (in {}) are removed.",
             paths::STATE_DIR
-        );
-        let mut answer = String::new();
-        std::io::stdin().read_line(&mut answer)?;
-        if !matches!(answer.trim(), "y" | "Y" | "yes") {
-            println!("nothing was changed");
-            return Ok(ExitCode::FAILURE);
-        }
+        ),
+    )? {
+        return Ok(ExitCode::FAILURE);
     }
 
     let live: Vec<String> = found.iter().map(|f| f.target.node.clone()).collect();
@@ -123,42 +150,50 @@ pub fn main(args: DownArgs) -> Result<ExitCode> {
     progress.finish();
     drop(progress);
 
-    println!("Summary:");
-    let mut ok = failed.is_empty();
+    let mut out = output::human(args.output);
+    writeln!(out, "Summary:")?;
     for (node, _, result) in &done {
         match result {
             Ok(r) if r.network.is_empty() && r.files.is_empty() => {
-                println!("  {node}: nothing to remove");
+                writeln!(out, "  {node}: nothing to remove")?;
+                reports.insert(node.clone(), NodeReport::ok(node, Vec::new()));
             }
             Ok(r) => {
-                println!("  {node}: down, {} path(s) removed", r.files.len());
+                writeln!(out, "  {node}: down, {} path(s) removed", r.files.len())?;
                 for line in &r.network {
-                    println!("      {}", line.trim());
+                    writeln!(out, "      {}", line.trim())?;
                 }
+                let changes = r
+                    .network
+                    .iter()
+                    .map(|l| l.trim().to_owned())
+                    .chain(r.files.iter().map(|f| format!("removed {f}")))
+                    .collect();
+                reports.insert(node.clone(), NodeReport::ok(node, changes));
             }
             Err(f) => {
-                ok = false;
-                println!("  {node}: FAILED at {}: {}", f.step, f.reason);
+                writeln!(out, "  {node}: FAILED at {}: {}", f.step, f.reason)?;
+                reports.insert(node.clone(), NodeReport::failed(node, f.step, &f.reason));
             }
         }
     }
     for f in &failed {
-        println!("  {}: FAILED at {}: {}", f.node, f.step, f.reason);
+        writeln!(out, "  {}: FAILED at {}: {}", f.node, f.step, f.reason)?;
+    }
+    for n in &skipped {
+        writeln!(out, "  {n}: skipped (not in --node)")?;
     }
     if let Some((slowest, t, _)) = done.iter().max_by_key(|(_, t, _)| *t) {
-        println!(
+        writeln!(
+            out,
             "down took {:.1} s; slowest node {slowest}: {:.1} s",
             started.elapsed().as_secs_f64(),
             t.as_secs_f64()
-        );
+        )?;
     }
-    Ok(exit(ok))
-}
-
-fn exit(ok: bool) -> ExitCode {
-    if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(crate::exit::NODES_FAILED)
+    let report = RunReport::new("down", &cluster.name, false, in_order(reports));
+    if args.output != Output::Table {
+        output::print(args.output, &report)?;
     }
+    Ok(exit(report.ok))
 }

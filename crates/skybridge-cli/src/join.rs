@@ -1,6 +1,7 @@
 //! `skybridge join`: prepare VMs as Kubernetes nodes (kernel settings,
 //! containerd, kubelet, kube-proxy) from the cluster file.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -18,21 +19,36 @@ use skybridge_join::containerd::Version;
 use skybridge_join::remote::{Rooted, SessionHost};
 use skybridge_join::revert::Reverted;
 
+use crate::apply::exit;
 use crate::load;
+use crate::output::{self, NodeReport, Output, RunReport};
 
 #[derive(Debug, Args)]
 pub struct JoinArgs {
     /// The cluster file (with spec.kubernetes).
     file: PathBuf,
-    /// The node to prepare.
-    #[arg(long, required_unless_present = "all", conflicts_with = "all")]
-    node: Option<String>,
+    /// The node to prepare (repeatable over SSH; exactly one with --local).
+    #[arg(
+        long,
+        value_name = "NAME",
+        required_unless_present = "all",
+        conflicts_with = "all"
+    )]
+    node: Vec<String>,
     /// Every node of the cluster (over SSH).
     #[arg(long, conflicts_with = "local")]
     all: bool,
     /// Show the file diffs and the commands; change nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Over SSH: join without asking (needed when there is no terminal to
+    /// ask on). Without it, join first shows what each node would get and asks.
+    #[arg(long, short)]
+    yes: bool,
+    /// table: for reading; json, yaml: one document on stdout with each
+    /// node's result (diffs, questions and progress go to stderr).
+    #[arg(long, short, value_enum, default_value_t = Output::Table)]
+    output: Output,
     /// Undo join: restore every file it replaced from its backup (same bytes,
     /// same mode), remove the files it created, restart containerd if its
     /// config changed.
@@ -60,6 +76,14 @@ pub struct JoinArgs {
 
 pub fn main(args: JoinArgs) -> Result<ExitCode> {
     let cluster = load::cluster(&args.file)?;
+    let known: Vec<&str> = cluster.nodes().map(|(_, n)| n.name.as_str()).collect();
+    load::check_nodes(&args.file.display().to_string(), &known, &args.node)?;
+    if args.local && args.node.len() != 1 {
+        return Err(load::Invalid::new(
+            "--local prepares this machine as one node: give exactly one --node",
+        )
+        .into());
+    }
     if args.revert {
         return revert(&args, &cluster);
     }
@@ -93,122 +117,256 @@ pub fn main(args: JoinArgs) -> Result<ExitCode> {
         ca_cert,
     };
     if args.local {
-        let node = args
-            .node
-            .clone()
-            .expect("clap requires --node without --all");
+        let node = args.node[0].clone();
         let host = match &args.root {
             Some(dir) => LocalHost::rooted(node.clone(), dir),
             None => LocalHost::new(node.clone()),
         };
         let report = skybridge_join::join(&host, &cluster, &node, &opts)
             .with_context(|| format!("joining node {node}"))?;
-        print_report(&node, &report, args.dry_run, args.root.as_deref());
-        return Ok(if report.failed() {
-            ExitCode::FAILURE
-        } else {
+        let mut out = output::human(args.output);
+        print_report(&mut out, &node, &report, args.dry_run, args.root.as_deref())?;
+        let summary = RunReport::new(
+            "join",
+            &cluster.name,
+            args.dry_run,
+            vec![join_report(&node, &Ok(report))],
+        );
+        print_summary(&args, &summary)?;
+        return Ok(if summary.ok {
             ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
         });
     }
     remote(&args, &cluster, &opts)
 }
 
-/// The nodes `--node`/`--all` choose, and how to reach them.
-fn chosen_targets(args: &JoinArgs, cluster: &Cluster) -> Result<Vec<Target>> {
-    let mut targets = skybridge_apply::targets(cluster).with_context(|| {
+/// The nodes `--node`/`--all` choose, how to reach them, and the nodes
+/// left out.
+fn chosen_targets(args: &JoinArgs, cluster: &Cluster) -> Result<(Vec<Target>, Vec<String>)> {
+    let targets = skybridge_apply::targets(cluster).with_context(|| {
         format!(
             "{}: working out how to reach the nodes",
             args.file.display()
         )
     })?;
-    if let Some(node) = &args.node {
-        targets.retain(|t| &t.node == node);
-        if targets.is_empty() {
-            let names: Vec<&str> = cluster.nodes().map(|(_, n)| n.name.as_str()).collect();
-            bail!(
-                "no node named '{node}' in {}; nodes are: {}",
-                args.file.display(),
-                names.join(", ")
-            );
-        }
-    }
-    Ok(targets)
+    load::choose(&args.file, targets, &args.node)
 }
 
-/// Joins the chosen nodes over apply's SSH layer, `--parallel` at a time;
-/// one node failing does not stop the others.
-fn remote(args: &JoinArgs, cluster: &Cluster, opts: &Options) -> Result<ExitCode> {
-    let targets = chosen_targets(args, cluster)?;
-    let connector = Openssh::new(args.accept_new_host_keys)
-        .map_err(|e| anyhow::anyhow!("writing the ssh config for this join: {e}"))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let mut ok = true;
-    for batch in targets.chunks(args.parallel.max(1)) {
-        let results: Vec<(String, Result<Report, String>)> = std::thread::scope(|s| {
-            let handles: Vec<_> = batch
-                .iter()
-                .map(|t| {
-                    let (connector, rt) = (&connector, runtime.handle().clone());
-                    s.spawn(move || {
-                        (
-                            t.node.clone(),
-                            join_one(connector, t, rt, cluster, args, opts),
-                        )
+/// Why a node was not joined or reverted: `connect` (it could not be
+/// reached, nothing was changed) or the step that failed.
+#[derive(Debug)]
+struct Failure {
+    step: &'static str,
+    why: String,
+}
+
+impl Failure {
+    fn report(&self, node: &str) -> NodeReport {
+        NodeReport::failed(node, self.step, &self.why)
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FAILED at {}: {}", self.step, self.why)
+    }
+}
+
+/// Apply's SSH layer for join and revert: one thread per node, `--parallel`
+/// at a time.
+struct Remote {
+    connector: Openssh,
+    runtime: tokio::runtime::Runtime,
+    parallel: usize,
+}
+
+impl Remote {
+    fn new(args: &JoinArgs, doing: &str) -> Result<Remote> {
+        Ok(Remote {
+            connector: Openssh::new(args.accept_new_host_keys)
+                .map_err(|e| anyhow::anyhow!("writing the ssh config for this {doing}: {e}"))?,
+            runtime: tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?,
+            parallel: args.parallel.max(1),
+        })
+    }
+
+    /// Runs `f` (the step named `step`) on every target over a session of
+    /// its own (under `root` when given); one node failing does not stop
+    /// the others. Results in target order.
+    fn each<R: Send>(
+        &self,
+        targets: &[Target],
+        root: Option<&Path>,
+        step: &'static str,
+        f: impl Fn(&dyn NodeHost) -> Result<R, String> + Sync,
+    ) -> Vec<(String, Result<R, Failure>)> {
+        let f = &f;
+        let mut all = Vec::new();
+        for batch in targets.chunks(self.parallel) {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = batch
+                    .iter()
+                    .map(|t| {
+                        let rt = self.runtime.handle().clone();
+                        s.spawn(move || {
+                            let result = rt
+                                .block_on(self.connector.connect(t))
+                                .map_err(|e| Failure {
+                                    step: "connect",
+                                    why: e.to_string(),
+                                })
+                                .and_then(|session| {
+                                    let host =
+                                        SessionHost::new(t.node.clone(), session, rt.clone());
+                                    let r = match root {
+                                        Some(dir) => {
+                                            f(&Rooted::new(&host, dir.display().to_string()))
+                                        }
+                                        None => f(&host),
+                                    };
+                                    rt.block_on(host.into_session().close());
+                                    r.map_err(|why| Failure { step, why })
+                                });
+                            (t.node.clone(), result)
+                        })
                     })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("a join thread panicked"))
-                .collect()
-        });
-        for (node, result) in results {
-            match result {
-                Ok(report) => {
-                    print_report(&node, &report, args.dry_run, args.root.as_deref());
-                    ok &= !report.failed();
+                    .collect();
+                all.extend(
+                    handles
+                        .into_iter()
+                        .map(|h| h.join().expect("a node's thread panicked")),
+                );
+            });
+        }
+        all
+    }
+}
+
+/// Joins the chosen nodes over SSH. Unless `--dry-run` or `--yes`, a dry
+/// run on every node first shows what each would get, and asks.
+fn remote(args: &JoinArgs, cluster: &Cluster, opts: &Options) -> Result<ExitCode> {
+    let (targets, skipped) = chosen_targets(args, cluster)?;
+    let remote = Remote::new(args, "join")?;
+    let root = args.root.as_deref();
+    let run = |opts: &Options| {
+        remote.each(&targets, root, "join", |host| {
+            skybridge_join::join(host, cluster, host.name(), opts).map_err(|e| format!("{e:#}"))
+        })
+    };
+    if !args.dry_run && !args.yes {
+        let dry = Options {
+            dry_run: true,
+            ..opts.clone()
+        };
+        let plans = run(&dry);
+        let mut out = output::human(args.output);
+        writeln!(
+            out,
+            "Join plan for cluster {} ({} node(s)):",
+            cluster.name,
+            targets.len()
+        )?;
+        let mut to_change = 0;
+        for (node, plan) in &plans {
+            match plan {
+                Ok(r) if !r.changed() => writeln!(out, "  {node}: no changes")?,
+                Ok(r) => {
+                    to_change += 1;
+                    writeln!(out, "  {node}:")?;
+                    for line in join_changes(r) {
+                        writeln!(out, "      {line}")?;
+                    }
                 }
-                Err(why) => {
-                    eprintln!("{node}: FAILED: {why}");
-                    ok = false;
-                }
+                Err(f) => writeln!(out, "  {node}: {f}")?,
             }
         }
+        drop(out);
+        if !load::confirm(
+            false,
+            to_change,
+            "would be changed by join",
+            &format!(
+                "Join {to_change} node(s)? Their files are backed up first; `join --revert` restores them."
+            ),
+        )? {
+            return Ok(ExitCode::FAILURE);
+        }
     }
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(crate::exit::NODES_FAILED)
-    })
+    let mut out = output::human(args.output);
+    let mut nodes = Vec::new();
+    for (node, result) in run(opts) {
+        match &result {
+            Ok(report) => print_report(&mut out, &node, report, args.dry_run, root)?,
+            Err(f) => writeln!(out, "{node}: {f}")?,
+        }
+        nodes.push(join_report(&node, &result));
+    }
+    nodes.extend(skipped.iter().map(|n| NodeReport::skipped(n)));
+    let summary = RunReport::new("join", &cluster.name, args.dry_run, nodes);
+    print_summary(args, &summary)?;
+    Ok(exit(summary.ok))
 }
 
-fn join_one(
-    connector: &Openssh,
-    target: &Target,
-    rt: tokio::runtime::Handle,
-    cluster: &Cluster,
-    args: &JoinArgs,
-    opts: &Options,
-) -> Result<Report, String> {
-    let session = rt
-        .block_on(connector.connect(target))
-        .map_err(|e| e.to_string())?;
-    let host = SessionHost::new(target.node.clone(), session, rt.clone());
-    let result = match &args.root {
-        Some(dir) => skybridge_join::join(
-            &Rooted::new(&host, dir.display().to_string()),
-            cluster,
-            &target.node,
-            opts,
-        ),
-        None => skybridge_join::join(&host, cluster, &target.node, opts),
+/// The document of `-o json|yaml`, on stdout after everything else.
+fn print_summary(args: &JoinArgs, summary: &RunReport) -> Result<()> {
+    if args.output != Output::Table {
+        output::print(args.output, summary)?;
     }
-    .map_err(|e| format!("{e:#}"));
-    rt.block_on(host.into_session().close());
-    result
+    Ok(())
+}
+
+/// What join changed (or would change) on a node, one line each.
+fn join_changes(r: &Report) -> Vec<String> {
+    let files = r.changes.iter().map(|c| {
+        let kind = if c.before.is_some() { "~" } else { "+" };
+        format!("{kind} {}", c.path)
+    });
+    let steps = r
+        .actions
+        .iter()
+        .filter_map(|(action, outcome)| match outcome {
+            Outcome::Done => Some(format!("ran: {action}")),
+            Outcome::Planned => Some(format!("would run: {action}")),
+            _ => None,
+        });
+    files.chain(steps).collect()
+}
+
+fn join_report(node: &str, result: &Result<Report, Failure>) -> NodeReport {
+    match result {
+        Err(f) => f.report(node),
+        Ok(r) => {
+            let mut n = NodeReport::ok(node, join_changes(r));
+            if r.failed() {
+                let failed_steps = r
+                    .actions
+                    .iter()
+                    .filter_map(|(action, outcome)| match outcome {
+                        Outcome::Failed(why) => Some(format!("{action}: {why}")),
+                        _ => None,
+                    });
+                let failed_checks = r.checks.iter().filter_map(|c| {
+                    c.result
+                        .as_ref()
+                        .err()
+                        .map(|p| format!("check {}: {}", c.what, p.join("; ")))
+                });
+                n.result = output::NodeResult::Failed;
+                n.error = Some(
+                    failed_steps
+                        .chain(failed_checks)
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                );
+            }
+            n
+        }
+    }
 }
 
 /// Reads the cluster CA certificate; refuses a file that holds a private
@@ -236,34 +394,41 @@ fn read_ca_cert(cluster_file: &Path, ca: &str) -> Result<String> {
     Ok(pem)
 }
 
-fn print_report(node: &str, r: &Report, dry_run: bool, root: Option<&Path>) {
+fn print_report(
+    out: &mut dyn Write,
+    node: &str,
+    r: &Report,
+    dry_run: bool,
+    root: Option<&Path>,
+) -> std::io::Result<()> {
     for n in &r.notes {
-        println!("{node}: note: {n}");
+        writeln!(out, "{node}: note: {n}")?;
     }
     if !r.changed() {
-        println!("{node}: no changes");
+        writeln!(out, "{node}: no changes")?;
     } else if dry_run {
-        println!(
+        writeln!(
+            out,
             "{node}: would change {} file(s) and run {} step(s):",
             r.changes.len(),
             r.actions.len()
-        );
+        )?;
     } else {
-        println!("{node}: changed {} file(s):", r.changes.len());
+        writeln!(out, "{node}: changed {} file(s):", r.changes.len())?;
     }
     let shown_root = root
         .map(|d| format!(" under {}", d.display()))
         .unwrap_or_default();
     for c in &r.changes {
         if dry_run {
-            print!("{}", c.diff());
+            write!(out, "{}", c.diff())?;
         } else {
             let kind = if c.before.is_some() { "~" } else { "+" };
-            println!("  {kind} {}{shown_root}", c.path);
+            writeln!(out, "  {kind} {}{shown_root}", c.path)?;
         }
     }
     for b in &r.backups {
-        println!("  backup {b}");
+        writeln!(out, "  backup {b}")?;
     }
     for (action, outcome) in &r.actions {
         let (tag, why) = match outcome {
@@ -273,92 +438,94 @@ fn print_report(node: &str, r: &Report, dry_run: bool, root: Option<&Path>) {
             Outcome::Warning(why) => ("WARNING", format!(": {why}")),
             Outcome::Failed(why) => ("FAILED", format!(": {why}")),
         };
-        println!("  {tag}: {action}{why}");
+        writeln!(out, "  {tag}: {action}{why}")?;
     }
     for c in &r.checks {
         match &c.result {
-            Ok(()) => println!("  check ok: {}", c.what),
+            Ok(()) => writeln!(out, "  check ok: {}", c.what)?,
             Err(problems) => {
-                println!("  check FAILED: {}", c.what);
+                writeln!(out, "  check FAILED: {}", c.what)?;
                 for p in problems {
-                    println!("    {p}");
+                    writeln!(out, "    {p}")?;
                 }
             }
         }
     }
+    Ok(())
 }
 
-/// `join --revert`: on this machine, or on the chosen nodes over SSH one
-/// thread each, `--parallel` at a time, as join.
+/// `join --revert`: on this machine, or on the chosen nodes over SSH as join.
 fn revert(args: &JoinArgs, cluster: &Cluster) -> Result<ExitCode> {
     let on = |host: &dyn NodeHost| skybridge_join::revert(host, args.dry_run);
-    let rooted = |host: &dyn NodeHost| match &args.root {
-        Some(dir) => on(&Rooted::new(host, dir.display().to_string())),
-        None => on(host),
-    };
+    let mut out = output::human(args.output);
     if args.local {
-        let node = args
-            .node
-            .clone()
-            .expect("clap requires --node without --all");
-        let result = rooted(&LocalHost::new(node.clone()));
-        return Ok(if print_revert(&node, &result, args.dry_run) {
+        let node = args.node[0].clone();
+        let host = LocalHost::new(node.clone());
+        let result = match &args.root {
+            Some(dir) => on(&Rooted::new(&host, dir.display().to_string())),
+            None => on(&host),
+        }
+        .map_err(|why| Failure {
+            step: "revert",
+            why,
+        });
+        let report = print_revert(&mut out, &node, &result, args.dry_run)?;
+        let summary = RunReport::new("join --revert", &cluster.name, args.dry_run, vec![report]);
+        print_summary(args, &summary)?;
+        return Ok(if summary.ok {
             ExitCode::SUCCESS
         } else {
             ExitCode::FAILURE
         });
     }
-    let targets = chosen_targets(args, cluster)?;
-    let connector = Openssh::new(args.accept_new_host_keys)
-        .map_err(|e| anyhow::anyhow!("writing the ssh config for this revert: {e}"))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let mut ok = true;
-    for batch in targets.chunks(args.parallel.max(1)) {
-        let results: Vec<(String, Result<Reverted, String>)> = std::thread::scope(|s| {
-            let handles: Vec<_> = batch
-                .iter()
-                .map(|t| {
-                    let (connector, rt) = (&connector, runtime.handle().clone());
-                    s.spawn(move || {
-                        let result = rt
-                            .block_on(connector.connect(t))
-                            .map_err(|e| e.to_string())
-                            .and_then(|session| {
-                                let host = SessionHost::new(t.node.clone(), session, rt.clone());
-                                let r = rooted(&host);
-                                rt.block_on(host.into_session().close());
-                                r
-                            });
-                        (t.node.clone(), result)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("a revert thread panicked"))
-                .collect()
+    let (targets, skipped) = chosen_targets(args, cluster)?;
+    let remote = Remote::new(args, "revert")?;
+    if !args.dry_run && !args.yes {
+        let plans = remote.each(&targets, args.root.as_deref(), "revert", |host| {
+            skybridge_join::revert(host, true)
         });
-        for (node, result) in results {
-            ok &= print_revert(&node, &result, args.dry_run);
+        writeln!(out, "Revert plan for cluster {}:", cluster.name)?;
+        let mut to_change = 0;
+        for (node, plan) in &plans {
+            if plan
+                .as_ref()
+                .is_ok_and(|r| !r.restored.is_empty() || !r.removed.is_empty())
+            {
+                to_change += 1;
+            }
+            print_revert(&mut out, node, plan, true)?;
+        }
+        if !load::confirm(
+            false,
+            to_change,
+            "would be reverted",
+            &format!("Revert join on {to_change} node(s)?"),
+        )? {
+            return Ok(ExitCode::FAILURE);
         }
     }
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(crate::exit::NODES_FAILED)
-    })
+    let mut nodes = Vec::new();
+    for (node, result) in remote.each(&targets, args.root.as_deref(), "revert", on) {
+        nodes.push(print_revert(&mut out, &node, &result, args.dry_run)?);
+    }
+    nodes.extend(skipped.iter().map(|n| NodeReport::skipped(n)));
+    let summary = RunReport::new("join --revert", &cluster.name, args.dry_run, nodes);
+    print_summary(args, &summary)?;
+    Ok(exit(summary.ok))
 }
 
-/// Says what revert did on `node`; whether it went well.
-fn print_revert(node: &str, result: &Result<Reverted, String>, dry_run: bool) -> bool {
+/// Says what revert did on `node`; its line in the summary.
+fn print_revert(
+    out: &mut dyn Write,
+    node: &str,
+    result: &Result<Reverted, Failure>,
+    dry_run: bool,
+) -> std::io::Result<NodeReport> {
     let r = match result {
         Ok(r) => r,
-        Err(why) => {
-            println!("{node}: FAILED: {why}");
-            return false;
+        Err(f) => {
+            writeln!(out, "{node}: {f}")?;
+            return Ok(f.report(node));
         }
     };
     let (restore, remove) = if dry_run {
@@ -366,28 +533,45 @@ fn print_revert(node: &str, result: &Result<Reverted, String>, dry_run: bool) ->
     } else {
         ("restored", "removed")
     };
-    println!(
+    writeln!(
+        out,
         "{node}: {} file(s) {restore}, {} {remove}",
         r.restored.len(),
         r.removed.len()
-    );
+    )?;
+    let mut changes = Vec::new();
     for (path, backup) in &r.restored {
-        println!("  {restore} {path} from {backup}");
+        changes.push(format!("{restore} {path} from {backup}"));
     }
     for path in &r.removed {
-        println!("  {remove} {path}");
+        changes.push(format!("{remove} {path}"));
     }
     for path in &r.removed_dirs {
-        println!("  {remove} folder {path}");
+        changes.push(format!("{remove} folder {path}"));
+    }
+    for line in &changes {
+        writeln!(out, "  {line}")?;
     }
     for n in &r.notes {
-        println!("  note: {n}");
+        writeln!(out, "  note: {n}")?;
     }
+    let mut failed = Vec::new();
     for (what, outcome) in &r.actions {
         match outcome {
-            Ok(()) => println!("  done: {what}"),
-            Err(why) => println!("  FAILED: {what}: {why}"),
+            Ok(()) => {
+                writeln!(out, "  done: {what}")?;
+                changes.push(format!("done: {what}"));
+            }
+            Err(why) => {
+                writeln!(out, "  FAILED: {what}: {why}")?;
+                failed.push(format!("{what}: {why}"));
+            }
         }
     }
-    !r.failed()
+    let mut report = NodeReport::ok(node, changes);
+    if r.failed() {
+        report.result = output::NodeResult::Failed;
+        report.error = Some(failed.join("\n"));
+    }
+    Ok(report)
 }

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
+use skybridge_apply::Target;
 use skybridge_core::{Cluster, ClusterPlan, Diagnostic, State, Validated};
 
 /// Input the command refuses: exit code [`crate::exit::INVALID_INPUT`].
@@ -142,14 +143,139 @@ pub fn write_state(path: &Path, state: &State) -> Result<bool> {
 }
 
 pub fn require_node(plan: &ClusterPlan, node: &str) -> Result<()> {
-    if plan.node(node).is_none() {
-        let names: Vec<&str> = plan.nodes.iter().map(|n| n.node.as_str()).collect();
-        return Err(Invalid::new(format!(
-            "no node named '{node}' in cluster {}; nodes are: {}",
-            plan.cluster,
-            names.join(", ")
-        ))
-        .into());
-    }
+    let names: Vec<&str> = plan.nodes.iter().map(|n| n.node.as_str()).collect();
+    check_nodes(
+        &format!("cluster {}", plan.cluster),
+        &names,
+        std::slice::from_ref(&node.to_owned()),
+    )?;
     Ok(())
+}
+
+/// Every `--node NAME` must be a node of the file (`place` says which):
+/// else [`Invalid`], naming the first unknown one, the closest name when
+/// one is a likely typo, and every node.
+pub fn check_nodes(place: &str, known: &[&str], chosen: &[String]) -> Result<(), Invalid> {
+    let Some(unknown) = chosen.iter().find(|c| !known.contains(&c.as_str())) else {
+        return Ok(());
+    };
+    let owned: Vec<String> = known.iter().map(|k| (*k).to_owned()).collect();
+    let hint = skybridge_core::validate::closest(unknown, &owned)
+        .map(|c| format!("did you mean '{c}'? "))
+        .unwrap_or_default();
+    Err(Invalid::new(format!(
+        "no node named '{unknown}' in {place}; {hint}nodes are: {}",
+        known.join(", ")
+    )))
+}
+
+/// `--node NAME...` of `apply`, `down`, `join` and `status`: the targets
+/// chosen (all when `chosen` is empty) and the names of the others, in
+/// file order. Checked before any node is reached.
+pub fn choose(
+    file: &Path,
+    targets: Vec<Target>,
+    chosen: &[String],
+) -> Result<(Vec<Target>, Vec<String>)> {
+    let known: Vec<&str> = targets.iter().map(|t| t.node.as_str()).collect();
+    check_nodes(&file.display().to_string(), &known, chosen)?;
+    if chosen.is_empty() {
+        return Ok((targets, Vec::new()));
+    }
+    let (kept, skipped): (Vec<Target>, Vec<Target>) =
+        targets.into_iter().partition(|t| chosen.contains(&t.node));
+    Ok((kept, skipped.into_iter().map(|t| t.node).collect()))
+}
+
+/// The confirmation of `apply`, `down` and `join`: true when `yes` or
+/// nothing is to be done, else asks on the terminal (the question on
+/// stderr). Without a terminal it refuses, saying to review with
+/// `--dry-run` and run again with `--yes`; when the answer is not yes it
+/// says that nothing was changed and returns false.
+pub fn confirm(yes: bool, nodes: usize, would: &str, question: &str) -> Result<bool> {
+    use std::io::IsTerminal as _;
+    if yes || nodes == 0 {
+        return Ok(true);
+    }
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!(
+            "{nodes} node(s) {would} and there is no terminal to ask on: review with --dry-run, then run again with --yes. Nothing was changed"
+        );
+    }
+    eprint!("{question} [y/N] ");
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    if matches!(answer.trim(), "y" | "Y" | "yes") {
+        return Ok(true);
+    }
+    eprintln!("nothing was changed");
+    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NODES: [&str; 3] = ["hw-gw", "hw-worker", "ali-gw"];
+
+    #[test]
+    fn a_known_name_passes_and_an_unknown_one_is_named_with_every_node() {
+        assert!(check_nodes("c.yaml", &NODES, &["ali-gw".into(), "hw-gw".into()]).is_ok());
+        assert!(check_nodes("c.yaml", &NODES, &[]).is_ok());
+        let e = check_nodes("c.yaml", &NODES, &["hw-gw".into(), "nope".into()])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "no node named 'nope' in c.yaml; nodes are: hw-gw, hw-worker, ali-gw"
+        );
+    }
+
+    #[test]
+    fn a_typo_gets_the_closest_name() {
+        let e = check_nodes("c.yaml", &NODES, &["hw-wroker".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("did you mean 'hw-worker'?"), "{e}");
+        let e = check_nodes("c.yaml", &NODES, &["ALI-GW".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("did you mean 'ali-gw'?"), "{e}");
+    }
+
+    fn target(node: &str) -> Target {
+        Target {
+            node: node.into(),
+            user: "root".into(),
+            host: format!("{node}.example"),
+            port: 22,
+            identity_file: None,
+            jump: None,
+        }
+    }
+
+    #[test]
+    fn choosing_keeps_file_order_and_names_the_skipped_nodes() {
+        let targets: Vec<Target> = NODES.iter().map(|n| target(n)).collect();
+        let (kept, skipped) = choose(
+            Path::new("c.yaml"),
+            targets.clone(),
+            &["ali-gw".into(), "hw-gw".into()],
+        )
+        .unwrap();
+        let kept: Vec<&str> = kept.iter().map(|t| t.node.as_str()).collect();
+        assert_eq!(kept, ["hw-gw", "ali-gw"]);
+        assert_eq!(skipped, ["hw-worker"]);
+        let (all, none) = choose(Path::new("c.yaml"), targets.clone(), &[]).unwrap();
+        assert_eq!((all.len(), none.len()), (3, 0));
+        let e = choose(Path::new("c.yaml"), targets, &["hw-gq".into()]).unwrap_err();
+        assert!(e.downcast_ref::<Invalid>().is_some());
+        assert!(e.to_string().contains("did you mean 'hw-gw'?"), "{e}");
+    }
+
+    #[test]
+    fn yes_or_nothing_to_do_needs_no_terminal() {
+        assert!(confirm(true, 3, "would change", "?").unwrap());
+        assert!(confirm(false, 0, "would change", "?").unwrap());
+    }
 }

@@ -30,19 +30,21 @@ pub mod exit {
     /// Invalid input: the command line (clap's own code) or a cluster or
     /// state file that does not validate. Nothing was changed.
     pub const INVALID_INPUT: u8 = 2;
-    /// The command ran on several nodes and some of them failed (`apply`,
-    /// `join --all`, `lab check`) or are unhealthy or unreachable (`status`,
-    /// `lab status`); the summary says which.
+    /// The command ran on several nodes and some of them failed or could
+    /// not be reached (`apply`, `down`, `join` over SSH, `lab check`) or are
+    /// unhealthy (`status`, `lab status`); the summary says which.
     pub const NODES_FAILED: u8 = 3;
 }
 
 const AFTER_HELP: &str = "\
 Exit codes:
   0  success
-  1  runtime failure (a file that cannot be read, a node that cannot be reached)
-  2  invalid input: the command line, or a cluster or state file that does not validate; nothing was changed
-  3  some nodes failed (apply, join --all, lab check) or are unhealthy or unreachable (status,
-     lab status); the summary names them
+  1  runtime failure (a file that cannot be read, a node that cannot be reached); also a question
+     answered no, or not asked for want of a terminal (give --yes); nothing was changed
+  2  invalid input: the command line (also an unknown --node), or a cluster or state file that
+     does not validate; nothing was changed
+  3  some nodes failed or could not be reached (apply, down, join over SSH, lab check) or are
+     unhealthy (status, lab status); the summary names them
 
 Logging:
   -v/-q set how much the commands say (-v: steps and files read, -vv: debug, -q: errors only);

@@ -78,3 +78,157 @@ impl ValidateReport {
         }
     }
 }
+
+/// Where a command's text for people goes: stdout with `-o table`; stderr
+/// with `-o json|yaml`, whose stdout holds the document only, so that
+/// `skybridge apply -o json | jq` works.
+pub fn human(output: Output) -> Box<dyn std::io::Write> {
+    match output {
+        Output::Table => Box::new(std::io::stdout()),
+        _ => Box::new(std::io::stderr()),
+    }
+}
+
+/// How one node came out of `apply`, `join` or `down`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NodeResult {
+    /// Done (or, in a dry run, looked at); `changes` says what changed.
+    Ok,
+    /// A step failed; `error` says which and why.
+    Failed,
+    /// It could not be reached over SSH; nothing was changed on it.
+    Unreachable,
+    /// `apply` only: the change was not confirmed and the node restored
+    /// its previous network.
+    RolledBack,
+    /// Left out by `--node`; it was not contacted.
+    Skipped,
+}
+
+/// One node in [`RunReport`].
+#[derive(Debug, Serialize)]
+pub struct NodeReport {
+    pub name: String,
+    pub result: NodeResult,
+    /// What changed on the node (in a dry run: what would change), one line
+    /// each; empty when it already was as the file says.
+    pub changes: Vec<String>,
+    /// Why the node failed or was rolled back.
+    pub error: Option<String>,
+}
+
+impl NodeReport {
+    pub fn ok(name: &str, changes: Vec<String>) -> NodeReport {
+        NodeReport {
+            name: name.to_owned(),
+            result: NodeResult::Ok,
+            changes,
+            error: None,
+        }
+    }
+
+    /// A failure at `step`; at the `connect` step the node is unreachable.
+    pub fn failed(name: &str, step: &str, reason: &str) -> NodeReport {
+        NodeReport {
+            name: name.to_owned(),
+            result: if step == "connect" {
+                NodeResult::Unreachable
+            } else {
+                NodeResult::Failed
+            },
+            changes: Vec::new(),
+            error: Some(format!("{step}: {reason}")),
+        }
+    }
+
+    pub fn skipped(name: &str) -> NodeReport {
+        NodeReport {
+            name: name.to_owned(),
+            result: NodeResult::Skipped,
+            changes: Vec::new(),
+            error: None,
+        }
+    }
+}
+
+/// `apply`, `join`, `join --revert` and `down` with `-o json|yaml`: one
+/// document on stdout after the command ran.
+#[derive(Debug, Serialize)]
+pub struct RunReport {
+    /// `apply`, `join`, `join --revert` or `down`.
+    pub command: &'static str,
+    pub cluster: String,
+    pub dry_run: bool,
+    /// Every node ok (or skipped) and, for apply, every pair reached.
+    pub ok: bool,
+    /// In the file's order (join: in the order the nodes finished batches).
+    pub nodes: Vec<NodeReport>,
+    /// `apply` only: every pair of applied nodes, checked by private IP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connectivity: Option<Vec<PairReport>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PairReport {
+    pub from: String,
+    pub to: String,
+    pub ok: bool,
+}
+
+impl RunReport {
+    pub fn new(
+        command: &'static str,
+        cluster: &str,
+        dry_run: bool,
+        nodes: Vec<NodeReport>,
+    ) -> RunReport {
+        let ok = nodes
+            .iter()
+            .all(|n| matches!(n.result, NodeResult::Ok | NodeResult::Skipped));
+        RunReport {
+            command,
+            cluster: cluster.to_owned(),
+            dry_run,
+            ok,
+            nodes,
+            connectivity: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_report_has_the_documented_fields_and_results() {
+        let r = RunReport::new(
+            "apply",
+            "small",
+            false,
+            vec![
+                NodeReport::ok("a", vec!["+ link sb-wg0".into()]),
+                NodeReport::failed("b", "connect", "Connection refused"),
+                NodeReport::failed("c", "plan", "agent said no"),
+                NodeReport::skipped("d"),
+            ],
+        );
+        assert!(!r.ok);
+        let v = serde_json::to_value(&r).unwrap();
+        let results: Vec<&str> = v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["result"].as_str().unwrap())
+            .collect();
+        assert_eq!(results, ["ok", "unreachable", "failed", "skipped"]);
+        assert_eq!(v["nodes"][0]["changes"][0], "+ link sb-wg0");
+        assert_eq!(v["nodes"][1]["error"], "connect: Connection refused");
+        assert!(v.get("connectivity").is_none());
+        let only_ok = RunReport::new("down", "small", true, vec![NodeReport::skipped("d")]);
+        assert!(only_ok.ok);
+        let yaml = serde_saphyr::to_string(&only_ok).unwrap();
+        assert!(yaml.contains("result: skipped"), "{yaml}");
+    }
+}

@@ -53,28 +53,13 @@ pub struct ClusterStatus {
 
 pub fn main(args: StatusArgs) -> Result<ExitCode> {
     let cluster = load::cluster(&args.file)?;
-    let mut targets = skybridge_apply::targets(&cluster).with_context(|| {
+    let targets = skybridge_apply::targets(&cluster).with_context(|| {
         format!(
             "{}: working out how to reach the nodes",
             args.file.display()
         )
     })?;
-    if !args.node.is_empty() {
-        if let Some(unknown) = args
-            .node
-            .iter()
-            .find(|n| !targets.iter().any(|t| &&t.node == n))
-        {
-            let names: Vec<&str> = targets.iter().map(|t| t.node.as_str()).collect();
-            return Err(load::Invalid::new(format!(
-                "no node named '{unknown}' in {}; nodes are: {}",
-                args.file.display(),
-                names.join(", ")
-            ))
-            .into());
-        }
-        targets.retain(|t| args.node.contains(&t.node));
-    }
+    let (targets, _) = load::choose(&args.file, targets, &args.node)?;
     let file_sha256 = skybridge_agent::rollback::file_sha256(&args.file)
         .with_context(|| format!("reading {}", args.file.display()))?;
     let connector = Openssh::new(args.accept_new_host_keys)

@@ -7,63 +7,17 @@ mod support;
 use std::process::Output;
 
 use skybridge_core::layout::{marks, paths};
-use support::{Lab, skybridge, text, unmet};
+use support::{Lab, SMALL, SSH_TOOLS as TOOLS, skybridge, text, unmet};
 
-/// Three providers, four nodes: gateways reached directly at their elastic
-/// IPs, `hw-worker` (no public IP) through its site's gateway as jump host.
-const CLUSTER: &str = "apiVersion: skybridge.dev/v1alpha1
-kind: Cluster
-metadata:
-  name: small
-spec:
-  network:
-    transport: wireguard
-    tunnelPool: 100.96.0.0/24
-  sites:
-    - name: huawei
-      provider: huaweicloud
-      cidrs: [192.168.0.0/24]
-      nodes:
-        - { name: hw-gw, privateIP: 192.168.0.10, publicIP: 192.0.2.10, roles: [gateway] }
-        - { name: hw-worker, privateIP: 192.168.0.11, roles: [worker] }
-    - name: aliyun
-      provider: alibabacloud
-      cidrs: [172.26.32.0/24]
-      nodes:
-        - { name: ali-gw, privateIP: 172.26.32.235, publicIP: 198.51.100.20, roles: [gateway] }
-    - name: tencent
-      provider: tencentcloud
-      cidrs: [10.20.0.0/16]
-      nodes:
-        - { name: tc-gw, privateIP: 10.20.1.5, publicIP: 203.0.113.30, roles: [gateway] }
-";
 const NODES: [&str; 4] = ["hw-gw", "hw-worker", "ali-gw", "tc-gw"];
 /// `lab up --ssh` gives the controller the first free documentation address.
 const CONTROLLER_IP: &str = "192.0.2.1";
 /// Short, so that the rollback test does not wait long.
 const CONFIRM_TIMEOUT: &str = "15";
 
-/// What `lab up --ssh` and `apply` use.
-const TOOLS: [&str; 7] = [
-    "/usr/sbin/sshd",
-    "ssh",
-    "ssh-keygen",
-    "setsid",
-    "nft",
-    "nsenter",
-    "ping",
-];
-
-/// `lab up --ssh` with [`CLUSTER`] written as `small.yaml`. No agent runs
-/// until `apply` installs one, with the agent's default data plane: what an
-/// operator gets (the tests assert nothing that depends on it).
+/// `lab up --ssh` with [`SMALL`] written as `small.yaml`.
 fn up(tag: &str) -> Lab {
-    let lab = Lab::new(tag);
-    let file = lab.file("small.yaml", CLUSTER);
-    let up = lab.run(&["up", "--ssh", &file]);
-    assert!(up.status.success(), "{}", text(&up));
-    assert!(text(&up).contains("sshd on every node"), "{}", text(&up));
-    lab
+    Lab::up_ssh(tag, "small.yaml", SMALL)
 }
 
 /// `skybridge apply FILE --yes ...` run on the controller.
@@ -415,7 +369,7 @@ fn a_change_that_cuts_ssh_is_rolled_back_on_those_nodes_within_the_timeout() {
     // into the tunnel, cutting SSH; hw-worker is reached through hw-gw.
     lab.file(
         "small.yaml",
-        &CLUSTER.replace(
+        &SMALL.replace(
             "cidrs: [172.26.32.0/24]",
             &format!("cidrs: [172.26.32.0/24, {CONTROLLER_IP}/32]"),
         ),
@@ -486,22 +440,13 @@ fn a_change_that_cuts_ssh_is_rolled_back_on_those_nodes_within_the_timeout() {
         started.elapsed()
     );
     // The file fixed: apply converges again and every pair answers.
-    lab.file("small.yaml", CLUSTER);
+    lab.file("small.yaml", SMALL);
     let fixed = apply(&lab, "small.yaml", &[]);
     assert!(fixed.status.success(), "{}", text(&fixed));
     matrix_green(&lab);
 }
 
-/// `skybridge join` over the same SSH layer: with `--root` every node's files
-/// land under a directory of its own (nothing runs, so the shared host kernel
-/// is never touched: no modprobe, no swapoff); a second run changes nothing.
-#[test]
-fn join_over_ssh_writes_every_node_s_files_a_second_run_changes_nothing_and_revert_restores_them() {
-    if unmet(&TOOLS) {
-        return;
-    }
-    let lab = up("join");
-    let kube = "  kubernetes:
+const KUBERNETES: &str = "  kubernetes:
     version: v1.30.4
     apiServer: https://192.168.0.10:6443
     clusterDNS: 10.96.0.10
@@ -514,9 +459,25 @@ fn join_over_ssh_writes_every_node_s_files_a_second_run_changes_nothing_and_reve
       bootstrap: { token: 07401b.f395accd246ae52d, caCertFile: ca.crt, binaries: /opt/kubernetes/bin }
   sites:
 ";
-    lab.file("small.yaml", &CLUSTER.replacen("  sites:\n", kube, 1));
+
+/// Writes [`SMALL`] with a `kubernetes` section (bootstrap join, the
+/// example CA) as `name`, and the CA beside it.
+fn with_kubernetes(lab: &Lab, name: &str) -> String {
     let ca = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/lab-ca.crt");
     std::fs::copy(ca, lab.dir().join("ca.crt")).unwrap();
+    lab.file(name, &SMALL.replacen("  sites:\n", KUBERNETES, 1))
+}
+
+/// `skybridge join` over the same SSH layer: with `--root` every node's files
+/// land under a directory of its own (nothing runs, so the shared host kernel
+/// is never touched: no modprobe, no swapoff); a second run changes nothing.
+#[test]
+fn join_over_ssh_writes_every_node_s_files_a_second_run_changes_nothing_and_revert_restores_them() {
+    if unmet(&TOOLS) {
+        return;
+    }
+    let lab = up("join");
+    with_kubernetes(&lab, "small.yaml");
     let join = |extra: &[&str]| {
         let exe = skybridge().display().to_string();
         let path = lab.path("small.yaml");
@@ -530,6 +491,7 @@ fn join_over_ssh_writes_every_node_s_files_a_second_run_changes_nothing_and_reve
             "--all",
             "--root",
             "/var/lib/sbt-join",
+            "--yes",
         ];
         args.extend_from_slice(extra);
         lab.run(&args)
@@ -837,4 +799,183 @@ fn a_binary_for_the_wrong_architecture_is_refused_before_any_node_is_touched() {
         "{}",
         text(&dry)
     );
+}
+
+/// The JSON document a command printed on stdout (its progress and plan
+/// went to stderr).
+#[track_caller]
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no JSON document on stdout ({e}): {}", text(out)))
+}
+
+/// Each node's `result` in a summary document, by name.
+fn results(doc: &serde_json::Value) -> Vec<(String, String)> {
+    doc["nodes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no nodes in {doc:#}"))
+        .iter()
+        .map(|n| {
+            (
+                n["name"].as_str().unwrap_or_default().to_owned(),
+                n["result"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// `apply --node`, `join` without `--yes` and `down` on a node with a
+/// pending try, on one lab: only the chosen node is touched, every refusal
+/// changes nothing, and the JSON summaries say which node was skipped.
+#[test]
+fn apply_and_join_of_one_node_touch_only_it_and_down_waits_for_a_pending_try() {
+    if unmet(&TOOLS) {
+        return;
+    }
+    let lab = up("one");
+    let others = ["hw-worker", "ali-gw", "tc-gw"];
+    let before: Vec<String> = others.iter().map(|n| node_snapshot(&lab, n)).collect();
+
+    // apply --node hw-gw -o json: one document on stdout, hw-gw applied,
+    // the others skipped and never contacted.
+    let file = lab.path("small.yaml");
+    let applied = lab.on_controller(&[
+        "apply",
+        &file,
+        "--yes",
+        "--confirm-timeout",
+        CONFIRM_TIMEOUT,
+        "--node",
+        "hw-gw",
+        "-o",
+        "json",
+    ]);
+    assert!(applied.status.success(), "{}", text(&applied));
+    let doc = json(&applied);
+    assert_eq!(doc["command"], "apply");
+    assert_eq!(doc["ok"], true, "{doc:#}");
+    assert_eq!(
+        results(&doc),
+        [
+            ("hw-gw".to_owned(), "ok".to_owned()),
+            ("hw-worker".to_owned(), "skipped".to_owned()),
+            ("ali-gw".to_owned(), "skipped".to_owned()),
+            ("tc-gw".to_owned(), "skipped".to_owned()),
+        ]
+    );
+    let hw_gw = &doc["nodes"][0];
+    assert!(
+        hw_gw["changes"].as_array().is_some_and(|c| !c.is_empty()) && hw_gw["error"].is_null(),
+        "{doc:#}"
+    );
+    assert!(String::from_utf8_lossy(&applied.stderr).contains("Plan for cluster small"));
+    assert!(text(&lab.exec("hw-gw", &["ip", "-o", "link"])).contains(marks::WG_IFACE));
+    for (n, before) in others.iter().zip(&before) {
+        assert_eq!(
+            &node_snapshot(&lab, n),
+            before,
+            "apply --node hw-gw changed {n}"
+        );
+    }
+
+    // join without --yes and without a terminal: refused before any change.
+    let k8s = with_kubernetes(&lab, "k8s.yaml");
+    let join = |extra: &[&str]| {
+        lab.on_controller(
+            &[
+                &[
+                    "join",
+                    k8s.as_str(),
+                    "--node",
+                    "hw-gw",
+                    "--root",
+                    "/var/lib/sbt-join",
+                ][..],
+                extra,
+            ]
+            .concat(),
+        )
+    };
+    let refused = join(&[]);
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("no terminal to ask on") && text(&refused).contains("--yes"),
+        "{}",
+        text(&refused)
+    );
+    // What it would have done is shown before the refusal.
+    assert!(
+        text(&refused).contains("+ /etc/systemd/system/kubelet.service"),
+        "{}",
+        text(&refused)
+    );
+    let nothing = lab.sh("hw-gw", "ls /var/lib/sbt-join 2>&1");
+    assert!(
+        !nothing.status.success(),
+        "join without --yes wrote: {}",
+        text(&nothing)
+    );
+    let joined = join(&["--yes", "-o", "json"]);
+    assert!(joined.status.success(), "{}", text(&joined));
+    let doc = json(&joined);
+    assert_eq!(doc["command"], "join");
+    assert_eq!(results(&doc)[0], ("hw-gw".to_owned(), "ok".to_owned()));
+    assert!(
+        doc["nodes"][0]["changes"].as_array().is_some_and(|c| c
+            .iter()
+            .any(|l| l == "+ /etc/systemd/system/kubelet.service")),
+        "{doc:#}"
+    );
+    assert!(
+        results(&doc)[1..].iter().all(|(_, r)| r == "skipped"),
+        "{doc:#}"
+    );
+    lab.sh_ok(
+        "hw-gw",
+        "test -f /var/lib/sbt-join/etc/systemd/system/kubelet.service",
+    );
+
+    // An apply's try pending on hw-gw (its marker as the agent writes it):
+    // down refuses the node and changes nothing, --force takes it down.
+    let deadline = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    lab.sh_ok(
+        "hw-gw",
+        &format!(
+            "printf '{{\"armed_at\":{deadline},\"confirm_timeout\":600}}' > {}/{}sbt-pending",
+            paths::RUN_DIR,
+            paths::TRY_MARKER_PREFIX
+        ),
+    );
+    let pending = node_snapshot(&lab, "hw-gw");
+    let refused = down(&lab, &["--yes", "--node", "hw-gw"]);
+    assert_eq!(refused.status.code(), Some(3), "{}", text(&refused));
+    let line = summary_line(&refused, "hw-gw");
+    assert!(
+        line.contains("FAILED at inspect")
+            && line.contains("try sbt-pending")
+            && line.contains("--force"),
+        "{}",
+        text(&refused)
+    );
+    assert_eq!(
+        node_snapshot(&lab, "hw-gw"),
+        pending,
+        "a refused down changed hw-gw"
+    );
+    let forced = down(&lab, &["--yes", "--node", "hw-gw", "--force", "-o", "json"]);
+    assert!(forced.status.success(), "{}", text(&forced));
+    let doc = json(&forced);
+    assert_eq!(doc["command"], "down");
+    assert_eq!(results(&doc)[0], ("hw-gw".to_owned(), "ok".to_owned()));
+    assert!(!text(&lab.exec("hw-gw", &["ip", "-o", "link"])).contains(marks::WG_IFACE));
+    for (n, before) in others.iter().zip(&before) {
+        assert_eq!(
+            &node_snapshot(&lab, n),
+            before,
+            "down --node hw-gw changed {n}"
+        );
+    }
 }

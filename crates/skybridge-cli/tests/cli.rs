@@ -340,9 +340,32 @@ fn join_of_an_unknown_node_names_the_nodes_there_are() {
         .arg(examples().join("lab.yaml"))
         .args(["--node", "nope"])
         .assert()
-        .code(1)
+        .code(2)
         .stderr(predicate::str::contains("no node named 'nope'"))
         .stderr(predicate::str::contains("hw-master"));
+}
+
+/// apply, down, join and status share one check of `--node`: invalid input
+/// (exit 2) before any node is reached, with the closest name as a hint.
+#[test]
+fn a_misspelled_node_gets_a_hint_from_every_command_that_takes_node() {
+    for (cmd, extra) in [
+        ("apply", &["--dry-run"][..]),
+        ("down", &["--dry-run"][..]),
+        ("join", &["--dry-run"][..]),
+        ("status", &[][..]),
+    ] {
+        skybridge()
+            .arg(cmd)
+            .arg(examples().join("lab.yaml"))
+            .args(["--node", "tc-gw", "--node", "hw-mastre"])
+            .args(extra)
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains("no node named 'hw-mastre' in"))
+            .stderr(predicate::str::contains("did you mean 'hw-master'?"))
+            .stdout("");
+    }
 }
 
 #[test]
@@ -445,7 +468,7 @@ fn down_of_an_unknown_node_names_the_nodes_there_are_and_reaches_none() {
         .arg(examples().join("lab.yaml"))
         .args(["--node", "nope", "--dry-run"])
         .assert()
-        .code(1)
+        .code(2)
         .stderr(predicate::str::contains("no node named 'nope'"))
         .stdout("");
 }
@@ -501,4 +524,61 @@ fn join_revert_under_a_root_gives_back_the_operator_s_files_and_says_so() {
             .exists(),
         "a file join created is still there"
     );
+}
+
+/// `join -o json|yaml`: one document on stdout (the diffs go to stderr),
+/// with the node's result and what changed, for join and for its revert.
+#[test]
+fn join_local_reports_as_json_and_yaml_documents_on_stdout() {
+    let (_dir, cluster, root) = join_fixture();
+    let run = |extra: &[&str]| {
+        let out = skybridge()
+            .arg("join")
+            .arg(&cluster)
+            .args(["--node", "tc-worker", "--local", "--root"])
+            .arg(&root)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{extra:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let dry: serde_json::Value = serde_saphyr::from_str(&run(&["--dry-run", "-o", "yaml"]))
+        .unwrap_or_else(|e| panic!("not YAML: {e}"));
+    assert_eq!(dry["command"], "join");
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(dry["nodes"][0]["name"], "tc-worker");
+    assert_eq!(dry["nodes"][0]["result"], "ok");
+    assert!(
+        dry["nodes"][0]["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c == "~ /etc/containerd/config.toml"),
+        "{dry:#}"
+    );
+    assert!(
+        !root.join("etc/systemd").exists(),
+        "the dry run wrote files"
+    );
+
+    let joined: serde_json::Value = serde_json::from_str(&run(&["-o", "json"])).unwrap();
+    assert_eq!(joined["ok"], true, "{joined:#}");
+    assert!(root.join("etc/systemd/system/kubelet.service").exists());
+
+    let reverted: serde_json::Value =
+        serde_json::from_str(&run(&["--revert", "-o", "json"])).unwrap();
+    assert_eq!(reverted["command"], "join --revert");
+    assert_eq!(reverted["nodes"][0]["result"], "ok");
+    assert!(
+        reverted["nodes"][0]["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c
+                .as_str()
+                .is_some_and(|c| c.starts_with("restored /etc/containerd/config.toml from "))),
+        "{reverted:#}"
+    );
+    assert!(!root.join("etc/systemd/system/kubelet.service").exists());
 }

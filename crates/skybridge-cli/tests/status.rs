@@ -2,7 +2,9 @@
 //! over real SSH (`lab up --ssh`, the agents installed by `apply`), and
 //! `skybridge lab status` on the same lab: green on a converged cluster, and
 //! exit 3 naming the right node after its agent is killed or it is stopped.
-//! Namespaces are `sbt-<pid>-<tag>-*`.
+//! Namespaces are `sbt-<pid>-<tag>-*`. The cluster is the first two sites
+//! of apply's (`support::two_sites`): `hw-gw`, `hw-worker` through its
+//! gateway, `ali-gw`.
 
 mod support;
 
@@ -10,56 +12,17 @@ use std::time::Duration;
 
 use serde_json::Value;
 use skybridge_core::layout::paths;
-use support::{Lab, skybridge, text, unmet, within};
+use support::{Lab, SSH_TOOLS as TOOLS, skybridge, text, two_sites, unmet, within};
 
-/// Two providers, three nodes: the gateways reached at their elastic IPs,
-/// `hw-worker` (no public IP) through its site's gateway as jump host.
-const CLUSTER: &str = "apiVersion: skybridge.dev/v1alpha1
-kind: Cluster
-metadata:
-  name: health
-spec:
-  network:
-    transport: wireguard
-    tunnelPool: 100.96.0.0/24
-  sites:
-    - name: huawei
-      provider: huaweicloud
-      cidrs: [192.168.0.0/24]
-      nodes:
-        - { name: hw-gw, privateIP: 192.168.0.10, publicIP: 192.0.2.10, roles: [gateway] }
-        - { name: hw-worker, privateIP: 192.168.0.11, roles: [worker] }
-    - name: aliyun
-      provider: alibabacloud
-      cidrs: [172.26.32.0/24]
-      nodes:
-        - { name: ali-gw, privateIP: 172.26.32.235, publicIP: 198.51.100.20, roles: [gateway] }
-";
 const NODES: [&str; 3] = ["hw-gw", "hw-worker", "ali-gw"];
 /// The node whose agent the test kills, and the one it stops.
 const KILLED: &str = "hw-worker";
 const STOPPED: &str = "ali-gw";
 const NODES_FAILED: i32 = 3;
 
-const TOOLS: [&str; 7] = [
-    "/usr/sbin/sshd",
-    "ssh",
-    "ssh-keygen",
-    "setsid",
-    "nft",
-    "nsenter",
-    "ping",
-];
-
-/// `skybridge ARGS` on the controller, as an operator runs it.
-fn on_controller(lab: &Lab, args: &[&str]) -> std::process::Output {
-    let exe = skybridge().display().to_string();
-    lab.run(&[&["exec", "controller", "--", exe.as_str()], args].concat())
-}
-
 /// `status FILE -o json`: its exit code and every node's report by name.
 fn status_json(lab: &Lab) -> (Option<i32>, Value) {
-    let out = on_controller(lab, &["status", &lab.path("health.yaml"), "-o", "json"]);
+    let out = lab.on_controller(&["status", &lab.path("health.yaml"), "-o", "json"]);
     let doc: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("status -o json printed no JSON ({e}): {}", text(&out)));
     (out.status.code(), doc)
@@ -86,10 +49,8 @@ fn status_is_green_on_a_converged_lab_and_names_the_node_whose_agent_died_or_tha
     if unmet(&TOOLS) {
         return;
     }
-    let lab = Lab::new("st");
-    let file = lab.file("health.yaml", CLUSTER);
-    let up = lab.run(&["up", "--ssh", &file]);
-    assert!(up.status.success(), "{}", text(&up));
+    let lab = Lab::up_ssh("st", "health.yaml", &two_sites());
+    let file = lab.path("health.yaml");
 
     // Before apply no agent runs anywhere: every node is named.
     let (code, doc) = status_json(&lab);
@@ -103,7 +64,7 @@ fn status_is_green_on_a_converged_lab_and_names_the_node_whose_agent_died_or_tha
         );
     }
 
-    let apply = on_controller(&lab, &["apply", &file, "--yes"]);
+    let apply = lab.on_controller(&["apply", &file, "--yes"]);
     assert!(apply.status.success(), "{}", text(&apply));
 
     // Green once every daemon has recorded a reconcile.
@@ -138,7 +99,7 @@ fn status_is_green_on_a_converged_lab_and_names_the_node_whose_agent_died_or_tha
     assert!(to_ali["txBytes"].as_u64().unwrap_or(0) > 0, "{to_ali:#}");
 
     // The table says the same, within 100 columns.
-    let table = on_controller(&lab, &["status", &file]);
+    let table = lab.on_controller(&["status", &file]);
     assert!(table.status.success(), "{}", text(&table));
     let table_text = String::from_utf8_lossy(&table.stdout).into_owned();
     for n in NODES {
@@ -169,7 +130,7 @@ fn status_is_green_on_a_converged_lab_and_names_the_node_whose_agent_died_or_tha
     for n in NODES.iter().filter(|n| **n != KILLED) {
         assert!(problems(&doc, n).is_empty(), "{n}: {doc:#}");
     }
-    let table = on_controller(&lab, &["status", &file]);
+    let table = lab.on_controller(&["status", &file]);
     assert_eq!(table.status.code(), Some(NODES_FAILED));
     assert!(
         text(&table).contains(&format!("{KILLED}  UNHEALTHY"))
@@ -200,7 +161,7 @@ fn status_is_green_on_a_converged_lab_and_names_the_node_whose_agent_died_or_tha
     );
     assert_eq!(node(&doc, "hw-gw")["agent"]["running"], true, "{doc:#}");
     // `--node` asks only the nodes named.
-    let only = on_controller(&lab, &["status", &file, "--node", "hw-gw"]);
+    let only = lab.on_controller(&["status", &file, "--node", "hw-gw"]);
     assert!(
         text(&only).contains("hw-gw  ")
             && !text(&only)
@@ -215,7 +176,7 @@ fn status_is_green_on_a_converged_lab_and_names_the_node_whose_agent_died_or_tha
 fn status_of_an_unknown_node_lists_the_nodes_before_connecting_anywhere() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("health.yaml");
-    std::fs::write(&file, CLUSTER).unwrap();
+    std::fs::write(&file, two_sites()).unwrap();
     let out = std::process::Command::new(skybridge())
         .args(["status", "--node", "nope"])
         .arg(&file)
@@ -239,7 +200,7 @@ fn lab_status_is_green_on_a_converged_lab_and_names_the_stopped_node() {
         return;
     }
     let lab = Lab::new("ls");
-    let file = lab.file("health.yaml", CLUSTER);
+    let file = lab.file("health.yaml", &two_sites());
     let up = lab.run(&["up", &file]);
     assert!(up.status.success(), "{}", text(&up));
     let mut last = lab.run(&["status"]);

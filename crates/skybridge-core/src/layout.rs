@@ -67,6 +67,10 @@ pub mod paths {
     /// Run-time markers (tmpfs: a reboot ends a `try`, and the daemon then
     /// runs what is installed).
     pub const RUN_DIR: &str = "/run/skybridge";
+    /// Name of the marker of a pending `agent try` inside [`RUN_DIR`],
+    /// followed by the try's id: while it exists the try's watchdog may
+    /// still restore the previous network.
+    pub const TRY_MARKER_PREFIX: &str = "try-";
     /// The lock every agent run that changes the node holds (`--once`,
     /// `try`, `down`, each reconcile of the daemon), so that two never
     /// interleave their changes.

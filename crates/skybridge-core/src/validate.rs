@@ -468,6 +468,7 @@ pub fn is_member(granularity: Granularity, site: &Site, index: usize, node: &Nod
 /// How many tunnel ends a pool can address, defined beside the planner that
 /// hands the addresses out.
 pub use crate::plan::pool_capacity;
+pub use schema_errors::closest;
 
 fn needed_prefix(ends: u64) -> u8 {
     (1..=30u8)

@@ -273,3 +273,73 @@ impl Pinger {
         (gap, replies)
     }
 }
+
+// The SSH lab of `apply.rs` and `status.rs`: `lab up --ssh`, the commands run
+// on the controller as an operator runs them.
+
+/// What `lab up --ssh` and the commands over SSH (apply, status, down) use.
+pub const SSH_TOOLS: [&str; 7] = [
+    "/usr/sbin/sshd",
+    "ssh",
+    "ssh-keygen",
+    "setsid",
+    "nft",
+    "nsenter",
+    "ping",
+];
+
+/// Three providers, four nodes: gateways reached directly at their elastic
+/// IPs, `hw-worker` (no public IP) through its site's gateway as jump host.
+pub const SMALL: &str = "apiVersion: skybridge.dev/v1alpha1
+kind: Cluster
+metadata:
+  name: small
+spec:
+  network:
+    transport: wireguard
+    tunnelPool: 100.96.0.0/24
+  sites:
+    - name: huawei
+      provider: huaweicloud
+      cidrs: [192.168.0.0/24]
+      nodes:
+        - { name: hw-gw, privateIP: 192.168.0.10, publicIP: 192.0.2.10, roles: [gateway] }
+        - { name: hw-worker, privateIP: 192.168.0.11, roles: [worker] }
+    - name: aliyun
+      provider: alibabacloud
+      cidrs: [172.26.32.0/24]
+      nodes:
+        - { name: ali-gw, privateIP: 172.26.32.235, publicIP: 198.51.100.20, roles: [gateway] }
+    - name: tencent
+      provider: tencentcloud
+      cidrs: [10.20.0.0/16]
+      nodes:
+        - { name: tc-gw, privateIP: 10.20.1.5, publicIP: 203.0.113.30, roles: [gateway] }
+";
+/// The first two sites of [`SMALL`]: `hw-gw`, `hw-worker` (through its
+/// gateway) and `ali-gw`.
+pub fn two_sites() -> String {
+    let cut = SMALL
+        .find("    - name: tencent\n")
+        .expect("SMALL has a tencent site");
+    SMALL[..cut].to_owned()
+}
+
+impl Lab {
+    /// `lab up --ssh` with `cluster` written as `file`: sshd in every node
+    /// and a `controller` namespace; no agent runs until `apply` installs one.
+    pub fn up_ssh(tag: &str, file: &str, cluster: &str) -> Lab {
+        let lab = Lab::new(tag);
+        let path = lab.file(file, cluster);
+        let up = lab.run(&["up", "--ssh", &path]);
+        assert!(up.status.success(), "{}", text(&up));
+        assert!(text(&up).contains("sshd on every node"), "{}", text(&up));
+        lab
+    }
+
+    /// `skybridge ARGS` on the controller, as an operator runs it.
+    pub fn on_controller(&self, args: &[&str]) -> Output {
+        let exe = skybridge().display().to_string();
+        self.run(&[&["exec", "controller", "--", exe.as_str()], args].concat())
+    }
+}

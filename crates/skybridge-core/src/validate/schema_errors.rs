@@ -194,7 +194,7 @@ fn unknown(message: &str, what: &str) -> Option<(String, Vec<String>)> {
 
 /// The expected name a typo most likely meant: equal but for case, or a few
 /// edits away; none when nothing is close.
-fn closest(got: &str, expected: &[String]) -> Option<String> {
+pub fn closest(got: &str, expected: &[String]) -> Option<String> {
     let lower = got.to_lowercase();
     expected
         .iter()
