@@ -11,6 +11,7 @@
 //! interleaving, and [`output`] is what the agent tells a controller.
 
 pub mod backend;
+pub mod check;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;

@@ -91,9 +91,10 @@ pub struct AgentArgs {
     /// How `--once` and `--dry-run` report.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
-    /// Serve Prometheus metrics on `ADDR:PORT` at `/metrics` (off unless
-    /// given). A loopback address unless `--metrics-allow-remote`: the
-    /// metrics name every node and site of the cluster.
+    /// Serve Prometheus metrics on `ADDR:PORT` at `/metrics` [default: the
+    /// cluster file's `spec.monitoring.metricsListen`, else off]. A loopback
+    /// address unless `--metrics-allow-remote`: the metrics name every node
+    /// and site of the cluster.
     #[arg(long, value_name = "ADDR:PORT")]
     metrics_listen: Option<std::net::SocketAddr>,
     /// Let `--metrics-listen` take a non-loopback address (expose it to the
@@ -639,7 +640,9 @@ async fn run(
         )
     };
     metrics.set_view(view(&whole, &plan, &failover, &cluster));
-    if let Some(addr) = metrics_listen {
+    // The flag wins; else the cluster file's `spec.monitoring`, so that the
+    // daemon `agent try` restarts after an apply serves them too.
+    if let Some(addr) = metrics_listen.or(whole.metrics_listen) {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("listening for metrics scrapes on {addr}"))?;
