@@ -342,7 +342,12 @@ fn parse_icmp(packet: &[u8], id: u16) -> Option<(Ipv4Addr, u16, bool)> {
             let orig = icmp.get(ICMP_HEADER..)?;
             let ihl = usize::from(orig.first()? & 0x0f) * 4;
             let inner = orig.get(ihl..)?;
-            let to = Ipv4Addr::new(*orig.get(16)?, *orig.get(17)?, *orig.get(18)?, *orig.get(19)?);
+            let to = Ipv4Addr::new(
+                *orig.get(16)?,
+                *orig.get(17)?,
+                *orig.get(18)?,
+                *orig.get(19)?,
+            );
             (*inner.first()? == 8 && be16(inner, 4)? == id).then_some((to, be16(inner, 6)?, false))
         }
         _ => None,
@@ -439,7 +444,10 @@ mod tests {
     #[test]
     fn the_binary_search_finds_every_link_mtu_between_the_bounds() {
         for mtu in MIN_PROBE..=1500 {
-            let mut link = FakeLink { mtu, probes: vec![] };
+            let mut link = FakeLink {
+                mtu,
+                probes: vec![],
+            };
             assert_eq!(
                 largest_fitting(MIN_PROBE, 1420, |s| link.fits(s)),
                 Some(mtu.min(1420)),

@@ -32,6 +32,7 @@ pub mod service;
 pub mod ssh;
 pub mod status;
 pub mod sysctl;
+pub mod throughput;
 pub mod tunnel;
 pub mod wgkernel;
 pub mod wireguard;

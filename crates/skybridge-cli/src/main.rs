@@ -3,6 +3,7 @@
 
 mod agent;
 mod apply;
+mod check;
 mod down;
 mod join;
 mod keys;
@@ -41,7 +42,7 @@ Exit codes:
   1  runtime failure (a file that cannot be read, a node that cannot be reached)
   2  invalid input: the command line, or a cluster or state file that does not validate; nothing was changed
   3  some nodes failed (apply, join --all, lab check) or are unhealthy or unreachable (status,
-     lab status); the summary names them
+     lab status, check); the summary names them
 
 Logging:
   -v/-q set how much the commands say (-v: steps and files read, -vv: debug, -q: errors only);
@@ -82,6 +83,12 @@ enum Command {
     /// handshake, bytes each way and the probe RTT and loss. Exit 3 when a
     /// node is unhealthy or unreachable.
     Status(status::StatusArgs),
+    /// Measure the network over SSH (as apply reaches the nodes), with the
+    /// agent on every node: the all-pairs matrix of reachability, RTT and
+    /// loss; the MTU usable between each pair of sites' gateways against
+    /// the plan's; with --throughput the TCP rate between them. Exit 3 when
+    /// a node is unreachable or a path is narrower than planned.
+    Check(check::CheckArgs),
     /// Take Skybridge off every node over SSH: the agent's network down,
     /// then its unit, files, WireGuard key and binary removed.
     Down(down::DownArgs),
@@ -275,6 +282,7 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Join(args) => join::main(args),
         Command::Apply(args) => apply::main(args),
         Command::Status(args) => status::main(args),
+        Command::Check(args) => check::main(args),
         Command::Down(args) => down::main(args),
         Command::Lab(cmd) => lab::main(cmd),
         Command::WireguardDataplane { iface, state_dir } => agent::dataplane(&iface, &state_dir),
