@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use skybridge_core::model::Cluster;
-use skybridge_core::plan::{ClusterPlan, NodeRole};
+use skybridge_core::plan::{ClusterPlan, NodePlan, NodeRole, Tunnel};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 /// Echo requests per pinged node.
@@ -354,6 +354,17 @@ fn parse_icmp(packet: &[u8], id: u16) -> Option<(Ipv4Addr, u16, bool)> {
     }
 }
 
+/// The MTU of `me`'s tunnel to the gateway `peer`, as planned.
+pub fn planned_mtu(me: &NodePlan, peer: &str) -> Option<u32> {
+    me.tunnels
+        .iter()
+        .find(|t| match t {
+            Tunnel::WireGuard(w) => w.peers.iter().any(|p| p.node == peer),
+            Tunnel::Gre(p) | Tunnel::Vxlan(p) => p.peer == peer,
+        })
+        .map(Tunnel::mtu)
+}
+
 /// What `node` measures, planned as `plan` (with the gateways the agent
 /// chose) says.
 pub fn run(cluster: &Cluster, plan: &ClusterPlan, node: &str) -> NodeCheck {
@@ -394,12 +405,7 @@ pub fn run(cluster: &Cluster, plan: &ClusterPlan, node: &str) -> NodeCheck {
         let Some(gw) = far.active_gateway.as_deref().and_then(|g| plan.node(g)) else {
             continue;
         };
-        let Some(planned) = me
-            .routes
-            .iter()
-            .filter(|r| r.to == far.name)
-            .find_map(|r| r.mtu)
-        else {
+        let Some(planned) = planned_mtu(me, &gw.node) else {
             continue;
         };
         let public = cluster

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
-use skybridge_agent::check::{NodeCheck, PathMtu};
+use skybridge_agent::check::{NodeCheck, PathMtu, planned_mtu};
 use skybridge_agent::throughput::Throughput;
 use skybridge_apply::Target;
 use skybridge_apply::apply::{agent_output, each};
@@ -252,13 +252,10 @@ pub fn site_pairs(cluster: &Cluster, plan: &ClusterPlan, nodes: &[NodeCheck]) ->
             };
             let ab = measured(&ga, &b.name);
             let ba = measured(&gb, &a.name);
-            let planned = ab.or(ba).map(|p| p.planned).or_else(|| {
-                plan.node(&ga)?
-                    .routes
-                    .iter()
-                    .find(|r| r.to == b.name)
-                    .and_then(|r| r.mtu)
-            });
+            let planned = ab
+                .or(ba)
+                .map(|p| p.planned)
+                .or_else(|| planned_mtu(plan.node(&ga)?, &gb));
             let usable = [ab, ba]
                 .into_iter()
                 .flatten()
@@ -296,8 +293,8 @@ pub fn problems(nodes: &[NodeCheck], pairs: &[SitePair]) -> Vec<String> {
                  {planned}: lower `mtu` of the narrower site by {} (or fix the link)",
                 planned - usable
             )),
-            (Some(_), None) => out.push(format!(
-                "{between}: no MTU measured between {} and {}",
+            (_, None) => out.push(format!(
+                "{between}: no MTU measured between {} and {}: neither gateway reached the other",
                 p.gateways[0], p.gateways[1]
             )),
             _ => {}
@@ -384,7 +381,7 @@ pub fn render(r: &CheckReport) -> Vec<String> {
     for p in &r.site_pairs {
         let flag = match (p.planned_mtu, p.usable_mtu) {
             (Some(a), Some(b)) if b < a => " !",
-            (Some(_), None) => " ?",
+            (_, None) => " ?",
             _ => "",
         };
         let rate = match (&p.throughput, &p.throughput_error) {
