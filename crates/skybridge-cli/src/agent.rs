@@ -215,6 +215,7 @@ enum Action {
     /// Push TCP traffic to an `agent throughput-serve` for a few seconds and
     /// report the rate it received.
     Throughput {
+        /// The receiver: the far node's private IP and the port it listens on.
         #[arg(long, value_name = "ADDR:PORT")]
         to: std::net::SocketAddr,
         /// Seconds of sending.

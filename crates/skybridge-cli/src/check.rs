@@ -220,6 +220,13 @@ async fn throughput(
     agent_output::parse::<Throughput>(&sent.stdout).map_err(|e| format!("{}: {e}", from.node))
 }
 
+impl SitePair {
+    /// Measured, and smaller than the plan's tunnel MTU.
+    pub fn narrower_than_planned(&self) -> bool {
+        matches!((self.planned_mtu, self.usable_mtu), (Some(p), Some(u)) if u < p)
+    }
+}
+
 /// Every pair of sites with an active gateway each, in file order, with
 /// the MTU the plan gives their tunnel and the narrowest either measured.
 pub fn site_pairs(cluster: &Cluster, plan: &ClusterPlan, nodes: &[NodeCheck]) -> Vec<SitePair> {
@@ -290,8 +297,8 @@ pub fn problems(nodes: &[NodeCheck], pairs: &[SitePair]) -> Vec<String> {
         match (p.planned_mtu, p.usable_mtu) {
             (Some(planned), Some(usable)) if usable < planned => out.push(format!(
                 "{between}: packets over {usable} bytes do not cross whole, the plan's tunnel MTU is \
-                 {planned}: lower `mtu` of the narrower site by {} (or fix the link)",
-                planned - usable
+                 {planned}: lower the sites' `mtu` until the tunnel's is at most {usable} (or fix \
+                 the narrow link)"
             )),
             (_, None) => out.push(format!(
                 "{between}: no MTU measured between {} and {}: neither gateway reached the other",
@@ -371,18 +378,33 @@ pub fn render(r: &CheckReport) -> Vec<String> {
             }
         }
     }
-    if !r.site_pairs.is_empty() {
+    out.extend(pair_lines(&r.site_pairs));
+    if !r.problems.is_empty() {
+        out.push(String::new());
+    }
+    for p in &r.problems {
+        out.extend(wrap("problem: ", p));
+    }
+    out
+}
+
+/// A blank line, a header and one line per pair of sites: the MTU planned
+/// and usable (`!` when narrower, `?` when unmeasured) and the throughput.
+/// Nothing when there are no pairs.
+pub fn pair_lines(pairs: &[SitePair]) -> Vec<String> {
+    let mut out = Vec::new();
+    if !pairs.is_empty() {
         out.push(String::new());
         out.push(format!(
             "{:<27} {:<33} {:>7} {:>7} {:>14}",
             "SITES", "GATEWAYS", "PLANNED", "USABLE", "THROUGHPUT"
         ));
     }
-    for p in &r.site_pairs {
-        let flag = match (p.planned_mtu, p.usable_mtu) {
-            (Some(a), Some(b)) if b < a => " !",
-            (_, None) => " ?",
-            _ => "",
+    for p in pairs {
+        let flag = match p.usable_mtu {
+            _ if p.narrower_than_planned() => " !",
+            None => " ?",
+            Some(_) => "",
         };
         let rate = match (&p.throughput, &p.throughput_error) {
             (Some(t), _) => rate(t.bits_per_second),
@@ -400,12 +422,6 @@ pub fn render(r: &CheckReport) -> Vec<String> {
             ),
             rate
         )));
-    }
-    if !r.problems.is_empty() {
-        out.push(String::new());
-    }
-    for p in &r.problems {
-        out.extend(wrap("problem: ", p));
     }
     out
 }
