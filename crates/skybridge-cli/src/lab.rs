@@ -280,7 +280,6 @@ fn report_matrix(m: &[Probe], pairs: &[SitePair], output: Output) -> Result<Exit
                 println!("{line}");
             }
         }
-        _ if pairs.is_empty() => output::print(output, &m)?,
         _ => output::print(
             output,
             &serde_json::json!({ "matrix": m, "sitePairs": pairs }),
@@ -304,12 +303,13 @@ fn node_health(state: &LabState) -> Vec<skybridge_agent::output::NodeStatus> {
     })
 }
 
-/// `agent ACTION --output json` run inside every node of the lab, in
-/// order; `broken` makes the report of a node that gave none.
-fn ask_nodes<T: serde::de::DeserializeOwned + Named>(
+/// `agent ACTION --output json` run inside every node of the lab, all at
+/// once (a check takes seconds per node), reported in order; `broken` makes
+/// the report of a node that gave none.
+fn ask_nodes<T: serde::de::DeserializeOwned + Named + Send>(
     state: &LabState,
     action: &str,
-    broken: impl Fn(&str, String) -> T,
+    broken: impl Fn(&str, String) -> T + Sync,
 ) -> Vec<T> {
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
@@ -321,39 +321,49 @@ fn ask_nodes<T: serde::de::DeserializeOwned + Named>(
         "--output".into(),
         "json".into(),
     ];
-    state
-        .nodes
-        .keys()
-        .map(|name| {
-            let broken = |why: String| broken(name, why);
-            // The report comes with exit 1 on an unhealthy node: read it whatever the code.
-            let stdout = match state.enter(name) {
-                Some(mut args) => {
-                    args.extend(ask.iter().cloned());
-                    match std::process::Command::new(&args[0])
-                        .args(&args[1..])
-                        .output()
-                    {
-                        Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
-                        Err(e) => return broken(format!("cannot enter the node: {e}")),
-                    }
+    let ask_one = |name: &String| {
+        let broken = |why: String| broken(name, why);
+        // The report comes with exit 1 on an unhealthy node: read it whatever the code.
+        let stdout = match state.enter(name) {
+            Some(mut args) => {
+                args.extend(ask.iter().cloned());
+                match std::process::Command::new(&args[0])
+                    .args(&args[1..])
+                    .output()
+                {
+                    Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
+                    Err(e) => return broken(format!("cannot enter the node: {e}")),
                 }
-                None => match skybridge_lab::run_on(state, name, &ask) {
-                    Ok(out) => out,
-                    Err(e) => return broken(format!("agent {action}: {e}")),
-                },
-            };
-            match skybridge_apply::apply::agent_output::parse::<T>(&stdout) {
-                Ok(mut s) => {
-                    if s.name().is_empty() {
-                        *s.name() = name.clone();
-                    }
-                    s
-                }
-                Err(e) => broken(e),
             }
-        })
-        .collect()
+            None => match skybridge_lab::run_on(state, name, &ask) {
+                Ok(out) => out,
+                Err(e) => return broken(format!("agent {action}: {e}")),
+            },
+        };
+        match skybridge_apply::apply::agent_output::parse::<T>(&stdout) {
+            Ok(mut s) => {
+                if s.name().is_empty() {
+                    *s.name() = name.clone();
+                }
+                s
+            }
+            Err(e) => broken(e),
+        }
+    };
+    std::thread::scope(|scope| {
+        let asks: Vec<_> = state
+            .nodes
+            .keys()
+            .map(|name| scope.spawn(|| ask_one(name)))
+            .collect();
+        asks.into_iter()
+            .zip(state.nodes.keys())
+            .map(|(a, name)| {
+                a.join()
+                    .unwrap_or_else(|_| broken(name, format!("asking {name} panicked")))
+            })
+            .collect()
+    })
 }
 
 /// A node's report, which names the node.

@@ -150,13 +150,7 @@ fn check_over_ssh_is_green_measures_throughput_and_flags_a_narrowed_router_link(
     );
 
     // aliyun's router uplink narrowed: the pair is flagged with what fits.
-    let router = format!("{}r-aliyun", lab.prefix);
-    let narrow = std::process::Command::new("ip")
-        .args(["-n", &router, "link", "set", "wan", "mtu"])
-        .arg(NARROW_LINK.to_string())
-        .output()
-        .unwrap();
-    assert!(narrow.status.success(), "{}", text(&narrow));
+    narrow_aliyun(&lab);
     let (code, doc) = check_json(&lab, &[]);
     assert_eq!(code, Some(NODES_FAILED), "{doc:#}");
     let usable = NARROW_LINK - WIREGUARD_OVERHEAD;
@@ -173,4 +167,51 @@ fn check_over_ssh_is_green_measures_throughput_and_flags_a_narrowed_router_link(
         "{}",
         text(&table)
     );
+}
+
+/// `lab check` on a lab whose agents the lab started: the matrix, and each
+/// pair of sites' usable MTU from `agent check` inside the gateways.
+#[test]
+fn lab_check_shows_the_usable_mtu_and_fails_on_a_narrowed_router_link() {
+    if unmet(&["nft", "nsenter", "ping"]) {
+        return;
+    }
+    let lab = Lab::new("lc");
+    let file = lab.file("measured.yaml", CLUSTER);
+    let up = lab.run(&["up", &file]);
+    assert!(up.status.success(), "{}", text(&up));
+    let mut last = lab.run(&["check", "-o", "json"]);
+    let green = within(Duration::from_secs(30), || {
+        last = lab.run(&["check", "-o", "json"]);
+        last.status.success()
+    });
+    assert!(
+        green.is_some(),
+        "never green: {}\n{}",
+        text(&last),
+        lab.logs()
+    );
+    let doc: Value = serde_json::from_slice(&last.stdout).expect("JSON");
+    assert_eq!(the_pair(&doc)["usableMtu"], PLANNED_MTU, "{doc:#}");
+
+    narrow_aliyun(&lab);
+    let out = lab.run(&["check"]);
+    assert_eq!(out.status.code(), Some(NODES_FAILED), "{}", text(&out));
+    let usable = NARROW_LINK - WIREGUARD_OVERHEAD;
+    assert!(
+        text(&out).contains(&format!("{PLANNED_MTU}  {usable} !")),
+        "{}",
+        text(&out)
+    );
+}
+
+/// Narrows aliyun's router uplink (inside the lab's router namespace).
+fn narrow_aliyun(lab: &Lab) {
+    let router = format!("{}r-aliyun", lab.prefix);
+    let narrow = std::process::Command::new("ip")
+        .args(["-n", &router, "link", "set", "wan", "mtu"])
+        .arg(NARROW_LINK.to_string())
+        .output()
+        .unwrap();
+    assert!(narrow.status.success(), "{}", text(&narrow));
 }
