@@ -4,6 +4,7 @@
 mod agent;
 mod apply;
 mod check;
+mod cost;
 mod down;
 mod join;
 mod keys;
@@ -160,6 +161,17 @@ enum Command {
     Cost {
         /// The cluster file (YAML).
         file: PathBuf,
+        /// Price the cross-site traffic flowing now: every tunnel end's
+        /// transmit counter, read twice over SSH (as `status` reads it),
+        /// projected to a month.
+        #[arg(long)]
+        live: bool,
+        /// Seconds between the two readings of `--live`.
+        #[arg(long, default_value_t = 10, requires = "live")]
+        sample: u64,
+        /// Record the host keys of nodes never contacted before (`--live`).
+        #[arg(long, requires = "live")]
+        accept_new_host_keys: bool,
         /// table: for reading; json, yaml: for scripts.
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
@@ -367,9 +379,25 @@ fn run(command: Command) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Cost { file, output } => {
+        Command::Cost {
+            file,
+            live,
+            sample,
+            accept_new_host_keys,
+            output,
+        } => {
             let cluster = load::cluster(&file)?;
-            let report = skybridge_core::cost::report(&cluster, &[]);
+            let traffic = if live {
+                cost::measure(
+                    &cluster,
+                    &file,
+                    std::time::Duration::from_secs(sample.max(1)),
+                    accept_new_host_keys,
+                )?
+            } else {
+                Vec::new()
+            };
+            let report = skybridge_core::cost::report(&cluster, &traffic);
             match output {
                 Output::Table => print!("{}", report.table()),
                 _ => output::print(output, &report)?,

@@ -115,7 +115,7 @@ pub fn exit_code(nodes: &[NodeStatus]) -> ExitCode {
 
 /// The node's own report; a node that cannot be reached or does not answer
 /// is an unhealthy report saying why, never an error of the whole command.
-async fn ask(connector: &Openssh, t: &Target) -> NodeStatus {
+pub(crate) async fn ask(connector: &Openssh, t: &Target) -> NodeStatus {
     let broken = |why: String| NodeStatus {
         node: t.node.clone(),
         problems: vec![why],

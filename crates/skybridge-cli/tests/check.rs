@@ -3,7 +3,8 @@
 //! with every pair's RTT and an MTU equal to the plan's; `--throughput`
 //! measures every pair of sites; a router link narrowed with `ip link set
 //! mtu` is flagged with the measured value. On the way, the metrics address
-//! of `spec.monitoring` survives `apply` (the daemon it starts serves it).
+//! of `spec.monitoring` survives `apply` (the daemon it starts serves it),
+//! and `cost --live` sees the traffic a ping sends across the sites.
 //! Namespaces are `sbt-<pid>-<tag>-*`.
 
 mod support;
@@ -11,7 +12,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{Lab, skybridge, text, unmet, within};
+use support::{Lab, Pinger, skybridge, text, unmet, within};
 
 /// Two providers, three nodes, WireGuard (60 bytes of overhead: the plan's
 /// tunnel MTU is 1440 on 1500-byte links). Metrics on a port the lab itself
@@ -148,6 +149,27 @@ fn check_over_ssh_is_green_measures_throughput_and_flags_a_narrowed_router_link(
         rate["bitsPerSecond"].as_f64().is_some_and(|b| b > 0.0) && rate["bytes"].as_u64() > Some(0),
         "{doc:#}"
     );
+
+    // `cost --live` prices the traffic flowing now: a ping across the
+    // sites during its sample shows as egress both ways.
+    let pinger = Pinger::start(&lab, "hw-worker", "172.26.32.235", 8);
+    let cost = on_controller(
+        &lab,
+        &["cost", &file, "--live", "--sample", "3", "-o", "json"],
+    );
+    let _ = pinger.longest_gap();
+    assert!(cost.status.success(), "{}", text(&cost));
+    let cost: Value = serde_json::from_slice(&cost.stdout).expect("cost -o json");
+    for (from, to) in [("huawei", "aliyun"), ("aliyun", "huawei")] {
+        let flow = cost["egress"]
+            .as_array()
+            .and_then(|e| e.iter().find(|e| e["from"] == from && e["to"] == to))
+            .unwrap_or_else(|| panic!("no egress {from} -> {to}: {cost:#}"));
+        assert!(
+            flow["gbPerMonth"].as_f64().is_some_and(|g| g > 0.0),
+            "{cost:#}"
+        );
+    }
 
     // aliyun's router uplink narrowed: the pair is flagged with what fits.
     narrow_aliyun(&lab);
