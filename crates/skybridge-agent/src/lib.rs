@@ -11,6 +11,7 @@
 //! interleaving, and [`output`] is what the agent tells a controller.
 
 pub mod backend;
+pub mod check;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
@@ -32,6 +33,7 @@ pub mod service;
 pub mod ssh;
 pub mod status;
 pub mod sysctl;
+pub mod throughput;
 pub mod tunnel;
 pub mod wgkernel;
 pub mod wireguard;

@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Subcommand, ValueEnum};
 use skybridge_agent::backend::{Backends, DataPlane, FirewallChoice};
+use skybridge_agent::check::NodeCheck;
 use skybridge_agent::failover::Failover;
 use skybridge_agent::health::Targets;
 use skybridge_agent::host::{Host, HostError, LinuxHost};
@@ -91,9 +92,10 @@ pub struct AgentArgs {
     /// How `--once` and `--dry-run` report.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
-    /// Serve Prometheus metrics on `ADDR:PORT` at `/metrics` (off unless
-    /// given). A loopback address unless `--metrics-allow-remote`: the
-    /// metrics name every node and site of the cluster.
+    /// Serve Prometheus metrics on `ADDR:PORT` at `/metrics` [default: the
+    /// cluster file's `spec.monitoring.metricsListen`, else off]. A loopback
+    /// address unless `--metrics-allow-remote`: the metrics name every node
+    /// and site of the cluster.
     #[arg(long, value_name = "ADDR:PORT")]
     metrics_listen: Option<std::net::SocketAddr>,
     /// Let `--metrics-listen` take a non-loopback address (expose it to the
@@ -201,6 +203,39 @@ enum Action {
     /// handshake, bytes each way and the probe RTT and loss. Exit 1 when
     /// anything is unhealthy. What `skybridge status` asks every node.
     Status(StatusArgs),
+    /// Measure the network from this node: ping every other node's private
+    /// IP (reachability, RTT, loss) and, on an active gateway, probe the
+    /// largest packet that reaches each other site's active gateway through
+    /// the tunnel and on the underlay (ICMP with DF, on a raw socket: run as
+    /// root). What `skybridge check` asks every node; exit 1 when a node
+    /// does not answer or a path is narrower than planned.
+    Check(StatusArgs),
+    /// Receive one `agent throughput` sender and report the bytes it sent
+    /// (`skybridge check --throughput` starts it for the measurement).
+    ThroughputServe {
+        /// Where to accept the sender, e.g. this node's private IP and a port.
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: std::net::SocketAddr,
+        /// Seconds to wait for the sender, and for each of its writes.
+        #[arg(long, default_value_t = 20)]
+        wait: u64,
+    },
+    /// Push TCP traffic to an `agent throughput-serve` for a few seconds and
+    /// report the rate it received.
+    Throughput {
+        /// The receiver: the far node's private IP and the port it listens on.
+        #[arg(long, value_name = "ADDR:PORT")]
+        to: std::net::SocketAddr,
+        /// Seconds of sending.
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+        /// Seconds to keep trying to connect (the receiver may be starting).
+        #[arg(long, default_value_t = 10)]
+        wait: u64,
+        /// text for a person; json for `skybridge check`.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// The gateway health prober the agent starts where a site has a second
     /// gateway candidate: probes the candidates, answers their probes, and
     /// keeps doing so while the agent restarts.
@@ -352,6 +387,38 @@ pub fn main(args: AgentArgs) -> Result<ExitCode> {
         Some(Action::Watchdog(a)) => rt.block_on(watchdog(*a)),
         Some(Action::Health { node }) => rt.block_on(health(&node)),
         Some(Action::Status(a)) => Ok(rt.block_on(status(a))),
+        Some(Action::Check(a)) => Ok(check(&a)),
+        Some(Action::ThroughputServe { listen, wait }) => {
+            let got = rt.block_on(skybridge_agent::throughput::serve(
+                listen,
+                Duration::from_secs(wait),
+            ))?;
+            say(&format!("received {got} bytes"));
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Action::Throughput {
+            to,
+            seconds,
+            wait,
+            output,
+        }) => {
+            let t = rt.block_on(skybridge_agent::throughput::send(
+                to,
+                Duration::from_secs(seconds.max(1)),
+                Duration::from_secs(wait),
+            ))?;
+            match output {
+                Output::Json => print_json(serde_json::to_string(&t)),
+                Output::Text => say(&format!(
+                    "{}: {:.1} Mbit/s ({} bytes in {:.1} s)",
+                    t.to,
+                    t.bits_per_second / 1e6,
+                    t.bytes,
+                    t.seconds
+                )),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         None => {
             if let Some(addr) = args.metrics_listen
                 && let Some(why) = metrics_refusal(addr, args.metrics_allow_remote)
@@ -457,37 +524,103 @@ async fn status(a: StatusArgs) -> ExitCode {
     }
 }
 
-async fn node_status(a: &StatusArgs) -> NodeStatus {
-    let info = journal::read_info(&a.state_dir);
-    let chosen = skybridge_agent::failover::read_chosen(&a.state_dir);
-    let seen = skybridge_agent::health::query(&a.state_dir).await;
-    // Plan exactly as the running daemon does: its files, its node, its
-    // backends, and the gateways it chose.
-    let args = NodeArgs {
+/// The files, node and backends of the running daemon, where `a` does not
+/// name them: `status` and `check` plan exactly as the daemon does.
+fn as_daemon(a: &StatusArgs, info: Option<&journal::AgentInfo>) -> NodeArgs {
+    NodeArgs {
         cluster: Some(
             a.cluster
                 .clone()
-                .or_else(|| info.as_ref().map(|i| i.cluster.clone()))
+                .or_else(|| info.map(|i| i.cluster.clone()))
                 .unwrap_or_else(|| PathBuf::from(paths::CLUSTER_FILE)),
         ),
-        node: a
-            .node
-            .clone()
-            .or_else(|| info.as_ref().map(|i| i.node.clone())),
+        node: a.node.clone().or_else(|| info.map(|i| i.node.clone())),
         state_dir: a.state_dir.clone(),
         state: a
             .state
             .clone()
-            .or_else(|| info.as_ref().and_then(|i| i.state.clone())),
+            .or_else(|| info.and_then(|i| i.state.clone())),
         wireguard: info
-            .as_ref()
             .and_then(|i| i.wireguard.parse().ok())
             .unwrap_or_default(),
         firewall: info
-            .as_ref()
             .and_then(|i| i.firewall.parse().ok())
             .unwrap_or_default(),
+    }
+}
+
+fn check(a: &StatusArgs) -> ExitCode {
+    let info = journal::read_info(&a.state_dir);
+    let chosen = skybridge_agent::failover::read_chosen(&a.state_dir);
+    let args = as_daemon(a, info.as_ref());
+    let measured = match cluster_and_state(&args) {
+        Err(e) => NodeCheck {
+            node: args.node.clone().unwrap_or_default(),
+            problems: vec![e],
+            ..NodeCheck::default()
+        },
+        Ok((cluster, state)) => match &args.node {
+            None => NodeCheck {
+                problems: vec![
+                    "no agent has run here yet and no --node was given: cannot tell which node this is"
+                        .to_owned(),
+                ],
+                ..NodeCheck::default()
+            },
+            Some(node) => skybridge_agent::check::run(
+                &cluster,
+                &plan_with(&cluster, &state, &chosen.actives),
+                node,
+            ),
+        },
     };
+    let bad = !measured.problems.is_empty()
+        || measured.pings.iter().any(|p| p.received == 0)
+        || measured
+            .paths
+            .iter()
+            .any(|p| p.usable().is_none_or(|u| u < p.planned));
+    match a.output {
+        Output::Json => print_json(serde_json::to_string(&measured)),
+        Output::Text => {
+            for p in &measured.pings {
+                say(&format!(
+                    "{:<24} {:<15} {}/{} answered{}",
+                    p.node,
+                    p.ip,
+                    p.received,
+                    p.sent,
+                    p.rtt_us
+                        .map(|us| format!(", {:.2} ms", us as f64 / 1000.0))
+                        .unwrap_or_default()
+                ));
+            }
+            for p in &measured.paths {
+                say(&format!(
+                    "to {} ({}): MTU planned {}, usable {}",
+                    p.site,
+                    p.gateway,
+                    p.planned,
+                    p.usable().map_or("none".to_owned(), |u| u.to_string())
+                ));
+            }
+            for p in &measured.problems {
+                say(&format!("problem: {p}"));
+            }
+        }
+    }
+    if bad {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+async fn node_status(a: &StatusArgs) -> NodeStatus {
+    let info = journal::read_info(&a.state_dir);
+    let chosen = skybridge_agent::failover::read_chosen(&a.state_dir);
+    let seen = skybridge_agent::health::query(&a.state_dir).await;
+    let args = as_daemon(a, info.as_ref());
     let mut s = NodeStatus {
         node: args.node.clone().unwrap_or_default(),
         version: version(),
@@ -671,7 +804,9 @@ async fn run(
         )
     };
     metrics.set_view(view(&whole, &plan, &failover, &cluster));
-    if let Some(addr) = metrics_listen {
+    // The flag wins; else the cluster file's `spec.monitoring`, so that the
+    // daemon `agent try` restarts after an apply serves them too.
+    if let Some(addr) = metrics_listen.or(whole.metrics_listen) {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("listening for metrics scrapes on {addr}"))?;

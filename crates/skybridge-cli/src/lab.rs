@@ -6,7 +6,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
+use skybridge_agent::check::NodeCheck;
+use skybridge_core::layout::paths;
 use skybridge_lab::{LabState, Probe};
+
+use crate::check::SitePair;
 
 use crate::exit;
 use crate::load;
@@ -269,12 +273,21 @@ fn failed(m: &[Probe]) -> usize {
 }
 
 /// Prints the matrix; exit 0 when every pair answered, else [`exit::NODES_FAILED`].
-fn report_matrix(m: &[Probe], output: Output) -> Result<ExitCode> {
+fn report_matrix(m: &[Probe], pairs: &[SitePair], output: Output) -> Result<ExitCode> {
     match output {
-        Output::Table => print!("{}", matrix_table(m)),
-        _ => output::print(output, &m)?,
+        Output::Table => {
+            print!("{}", matrix_table(m));
+            for line in crate::check::pair_lines(pairs) {
+                println!("{line}");
+            }
+        }
+        _ => output::print(
+            output,
+            &serde_json::json!({ "matrix": m, "sitePairs": pairs }),
+        )?,
     }
-    Ok(if failed(m) == 0 {
+    let narrow = pairs.iter().any(SitePair::narrower_than_planned);
+    Ok(if failed(m) == 0 && !narrow {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(exit::NODES_FAILED)
@@ -284,53 +297,107 @@ fn report_matrix(m: &[Probe], output: Output) -> Result<ExitCode> {
 /// `agent status --output json` run inside every node of the lab, in order.
 fn node_health(state: &LabState) -> Vec<skybridge_agent::output::NodeStatus> {
     use skybridge_agent::output::NodeStatus;
+    ask_nodes(state, "status", |node, why| NodeStatus {
+        node: node.to_owned(),
+        problems: vec![why],
+        ..NodeStatus::default()
+    })
+}
+
+/// `agent ACTION --output json` run inside every node of the lab, all at
+/// once (a check takes seconds per node), reported in order; `broken` makes
+/// the report of a node that gave none.
+fn ask_nodes<T: serde::de::DeserializeOwned + Named + Send>(
+    state: &LabState,
+    action: &str,
+    broken: impl Fn(&str, String) -> T + Sync,
+) -> Vec<T> {
     let exe = std::env::current_exe()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "skybridge".to_owned());
     let ask: Vec<String> = vec![
         exe,
         "agent".into(),
-        "status".into(),
+        action.into(),
         "--output".into(),
         "json".into(),
     ];
-    state
-        .nodes
-        .keys()
-        .map(|name| {
-            let broken = |why: String| NodeStatus {
-                node: name.clone(),
-                problems: vec![why],
-                ..NodeStatus::default()
-            };
-            // The report comes with exit 1 on an unhealthy node: read it whatever the code.
-            let stdout = match state.enter(name) {
-                Some(mut args) => {
-                    args.extend(ask.iter().cloned());
-                    match std::process::Command::new(&args[0])
-                        .args(&args[1..])
-                        .output()
-                    {
-                        Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
-                        Err(e) => return broken(format!("cannot enter the node: {e}")),
-                    }
+    let ask_one = |name: &String| {
+        let broken = |why: String| broken(name, why);
+        // The report comes with exit 1 on an unhealthy node: read it whatever the code.
+        let stdout = match state.enter(name) {
+            Some(mut args) => {
+                args.extend(ask.iter().cloned());
+                match std::process::Command::new(&args[0])
+                    .args(&args[1..])
+                    .output()
+                {
+                    Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
+                    Err(e) => return broken(format!("cannot enter the node: {e}")),
                 }
-                None => match skybridge_lab::run_on(state, name, &ask) {
-                    Ok(out) => out,
-                    Err(e) => return broken(format!("agent status: {e}")),
-                },
-            };
-            match skybridge_apply::apply::agent_output::parse::<NodeStatus>(&stdout) {
-                Ok(mut s) => {
-                    if s.node.is_empty() {
-                        s.node = name.clone();
-                    }
-                    s
-                }
-                Err(e) => broken(e),
             }
-        })
-        .collect()
+            None => match skybridge_lab::run_on(state, name, &ask) {
+                Ok(out) => out,
+                Err(e) => return broken(format!("agent {action}: {e}")),
+            },
+        };
+        match skybridge_apply::apply::agent_output::parse::<T>(&stdout) {
+            Ok(mut s) => {
+                if s.name().is_empty() {
+                    *s.name() = name.clone();
+                }
+                s
+            }
+            Err(e) => broken(e),
+        }
+    };
+    std::thread::scope(|scope| {
+        let asks: Vec<_> = state
+            .nodes
+            .keys()
+            .map(|name| scope.spawn(|| ask_one(name)))
+            .collect();
+        asks.into_iter()
+            .zip(state.nodes.keys())
+            .map(|(a, name)| {
+                a.join()
+                    .unwrap_or_else(|_| broken(name, format!("asking {name} panicked")))
+            })
+            .collect()
+    })
+}
+
+/// A node's report, which names the node.
+trait Named {
+    fn name(&mut self) -> &mut String;
+}
+
+impl Named for skybridge_agent::output::NodeStatus {
+    fn name(&mut self) -> &mut String {
+        &mut self.node
+    }
+}
+
+impl Named for NodeCheck {
+    fn name(&mut self) -> &mut String {
+        &mut self.node
+    }
+}
+
+/// The MTU usable between each pair of sites, as the lab's gateways measure
+/// it with `agent check`; empty when the lab has no cluster copy (`--ssh`
+/// before `apply`).
+fn lab_site_pairs(state: &LabState) -> Vec<crate::check::SitePair> {
+    let Ok(cluster) = crate::load::cluster(&state.dir.join(paths::CLUSTER_FILE_NAME)) else {
+        return Vec::new();
+    };
+    let plan = skybridge_core::plan(&cluster, &skybridge_core::State::default());
+    let checks = ask_nodes(state, "check", |node, why| NodeCheck {
+        node: node.to_owned(),
+        problems: vec![why],
+        ..NodeCheck::default()
+    });
+    crate::check::site_pairs(&cluster, &plan, &checks)
 }
 
 /// What the lab is made of, for reading.
@@ -502,7 +569,7 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             let m = skybridge_lab::wait_converged(&state, Duration::from_secs(timeout));
-            report_matrix(&m, Output::Table)
+            report_matrix(&m, &[], Output::Table)
         }
         LabCommand::Reboot { nodes, all } => {
             root()?;
@@ -544,7 +611,11 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
         LabCommand::Check { output } => {
             root()?;
             let state = LabState::load()?;
-            report_matrix(&skybridge_lab::check(&state), output)
+            report_matrix(
+                &skybridge_lab::check(&state),
+                &lab_site_pairs(&state),
+                output,
+            )
         }
         LabCommand::Exec { node, command } => {
             let state = LabState::load()?;
@@ -711,9 +782,37 @@ mod tests {
     fn a_failed_pair_is_a_node_failure_not_a_runtime_error() {
         let ok = [probe("a-gw", "b-gw", true)];
         let bad = [probe("a-gw", "b-gw", true), probe("b-gw", "a-gw", false)];
-        assert_eq!(report_matrix(&ok, Output::Json).unwrap(), ExitCode::SUCCESS);
         assert_eq!(
-            report_matrix(&bad, Output::Json).unwrap(),
+            report_matrix(&ok, &[], Output::Json).unwrap(),
+            ExitCode::SUCCESS
+        );
+        assert_eq!(
+            report_matrix(&bad, &[], Output::Json).unwrap(),
+            ExitCode::from(exit::NODES_FAILED)
+        );
+    }
+
+    #[test]
+    fn a_pair_of_sites_narrower_than_planned_fails_the_lab_check() {
+        let ok = [probe("a-gw", "b-gw", true)];
+        let pair = |usable| SitePair {
+            sites: ["a".into(), "b".into()],
+            gateways: ["a-gw".into(), "b-gw".into()],
+            planned_mtu: Some(1440),
+            usable_mtu: usable,
+            ..SitePair::default()
+        };
+        assert_eq!(
+            report_matrix(&ok, &[pair(Some(1440))], Output::Json).unwrap(),
+            ExitCode::SUCCESS
+        );
+        // Unmeasured (no agent yet) is shown, not judged: the matrix judges reachability.
+        assert_eq!(
+            report_matrix(&ok, &[pair(None)], Output::Json).unwrap(),
+            ExitCode::SUCCESS
+        );
+        assert_eq!(
+            report_matrix(&ok, &[pair(Some(1340))], Output::Json).unwrap(),
             ExitCode::from(exit::NODES_FAILED)
         );
     }

@@ -3,6 +3,8 @@
 
 mod agent;
 mod apply;
+mod check;
+mod cost;
 mod down;
 mod join;
 mod keys;
@@ -44,7 +46,7 @@ Exit codes:
   2  invalid input: the command line (also an unknown --node), or a cluster or state file that
      does not validate; nothing was changed
   3  some nodes failed or could not be reached (apply, down, join over SSH, lab check) or are
-     unhealthy (status, lab status); the summary names them
+     unhealthy or unreachable (status, lab status, check); the summary names them
 
 Logging:
   -v/-q set how much the commands say (-v: steps and files read, -vv: debug, -q: errors only);
@@ -85,6 +87,12 @@ enum Command {
     /// handshake, bytes each way and the probe RTT and loss. Exit 3 when a
     /// node is unhealthy or unreachable.
     Status(status::StatusArgs),
+    /// Measure the network over SSH (as apply reaches the nodes), with the
+    /// agent on every node: the all-pairs matrix of reachability, RTT and
+    /// loss; the MTU usable between each pair of sites' gateways against
+    /// the plan's; with --throughput the TCP rate between them. Exit 3 when
+    /// a node is unreachable or a path is narrower than planned.
+    Check(check::CheckArgs),
     /// Take Skybridge off every node over SSH: the agent's network down,
     /// then its unit, files, WireGuard key and binary removed.
     Down(down::DownArgs),
@@ -162,6 +170,17 @@ enum Command {
     Cost {
         /// The cluster file (YAML).
         file: PathBuf,
+        /// Price the cross-site traffic flowing now: every tunnel end's
+        /// transmit counter, read twice over SSH (as `status` reads it),
+        /// projected to a month.
+        #[arg(long)]
+        live: bool,
+        /// Seconds between the two readings of `--live`.
+        #[arg(long, default_value_t = 10, requires = "live")]
+        sample: u64,
+        /// Record the host keys of nodes never contacted before (`--live`).
+        #[arg(long, requires = "live")]
+        accept_new_host_keys: bool,
         /// table: for reading; json, yaml: for scripts.
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
@@ -284,6 +303,7 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Join(args) => join::main(args),
         Command::Apply(args) => apply::main(args),
         Command::Status(args) => status::main(args),
+        Command::Check(args) => check::main(args),
         Command::Down(args) => down::main(args),
         Command::Lab(cmd) => lab::main(cmd),
         Command::WireguardDataplane { iface, state_dir } => agent::dataplane(&iface, &state_dir),
@@ -374,9 +394,25 @@ fn run(command: Command) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Cost { file, output } => {
+        Command::Cost {
+            file,
+            live,
+            sample,
+            accept_new_host_keys,
+            output,
+        } => {
             let cluster = load::cluster(&file)?;
-            let report = skybridge_core::cost::report(&cluster, &[]);
+            let traffic = if live {
+                cost::measure(
+                    &cluster,
+                    &file,
+                    std::time::Duration::from_secs(sample.max(1)),
+                    accept_new_host_keys,
+                )?
+            } else {
+                Vec::new()
+            };
+            let report = skybridge_core::cost::report(&cluster, &traffic);
             match output {
                 Output::Table => print!("{}", report.table()),
                 _ => output::print(output, &report)?,

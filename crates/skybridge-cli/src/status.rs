@@ -100,7 +100,7 @@ pub fn exit_code(nodes: &[NodeStatus]) -> ExitCode {
 
 /// The node's own report; a node that cannot be reached or does not answer
 /// is an unhealthy report saying why, never an error of the whole command.
-async fn ask(connector: &Openssh, t: &Target) -> NodeStatus {
+pub(crate) async fn ask(connector: &Openssh, t: &Target) -> NodeStatus {
     let broken = |why: String| NodeStatus {
         node: t.node.clone(),
         problems: vec![why],
@@ -297,7 +297,7 @@ fn bytes(b: u64) -> String {
 }
 
 /// `s` cut to `width` characters, the cut marked.
-fn fit(s: &str, width: usize) -> String {
+pub(crate) fn fit(s: &str, width: usize) -> String {
     if s.chars().count() <= width {
         s.to_owned()
     } else {
@@ -307,13 +307,13 @@ fn fit(s: &str, width: usize) -> String {
     }
 }
 
-fn clip(line: &str) -> String {
+pub(crate) fn clip(line: &str) -> String {
     fit(line, WIDTH)
 }
 
 /// `text` after `prefix`, wrapped at word boundaries to [`WIDTH`]: a
 /// problem is never cut off.
-fn wrap(prefix: &str, text: &str) -> Vec<String> {
+pub(crate) fn wrap(prefix: &str, text: &str) -> Vec<String> {
     let indent = " ".repeat(prefix.chars().count());
     let room = WIDTH - indent.len();
     let mut lines = Vec::new();

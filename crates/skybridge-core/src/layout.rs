@@ -133,6 +133,10 @@ pub mod marks {
     /// UDP port of the gateway health probes: between a site's nodes over the
     /// VPC, and between gateway candidates through the tunnels.
     pub const HEALTH_PORT: u16 = 51899;
+    /// TCP port `skybridge check --throughput` measures on: the receiving
+    /// gateway's `agent throughput-serve` listens there on its private IP
+    /// while the other site's gateway sends through the tunnel.
+    pub const THROUGHPUT_PORT: u16 = 51898;
     /// TCP port of the agent's metrics in the lab (`agent --metrics-listen
     /// 127.0.0.1:PORT`; each lab node is its own network namespace).
     pub const LAB_METRICS_PORT: u16 = 9879;

@@ -30,7 +30,24 @@ pub struct Cluster {
     pub network: Network,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<Kubernetes>,
+    #[serde(skip_serializing_if = "Monitoring::is_off")]
+    pub monitoring: Monitoring,
     pub sites: Vec<Site>,
+}
+
+/// What every agent exposes for monitoring (`spec.monitoring`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Monitoring {
+    /// Where agents serve Prometheus metrics; validated to be loopback
+    /// unless `metricsAllowRemote`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+impl Monitoring {
+    pub fn is_off(&self) -> bool {
+        self.metrics_listen.is_none()
+    }
 }
 
 pub const DEFAULT_SANDBOX_IMAGE: &str = "registry.k8s.io/pause:3.9";

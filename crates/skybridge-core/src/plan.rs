@@ -35,6 +35,9 @@ pub struct ClusterPlan {
     pub transport: Transport,
     pub granularity: Granularity,
     pub tunnel_pool: Ipv4Net,
+    /// Where every agent serves its metrics (`spec.monitoring.metricsListen`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub sites: Vec<SitePlan>,
     pub nodes: Vec<NodePlan>,
 }
@@ -474,6 +477,7 @@ pub fn plan_with(cluster: &Cluster, state: &State, actives: &Actives) -> Cluster
         transport: net.transport,
         granularity: net.granularity,
         tunnel_pool: net.tunnel_pool,
+        metrics_listen: cluster.monitoring.metrics_listen,
         sites,
         nodes,
     }

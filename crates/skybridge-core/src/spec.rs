@@ -68,7 +68,24 @@ pub struct SpecDoc {
     /// How `skybridge join` makes the VMs Kubernetes nodes; optional for the network alone.
     #[serde(default)]
     pub kubernetes: Option<S<KubernetesDoc>>,
+    /// What the agents expose for monitoring; nothing unless set.
+    #[serde(default)]
+    pub monitoring: MonitoringDoc,
     pub sites: S<Vec<SiteDoc>>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MonitoringDoc {
+    /// `ADDR:PORT` where every agent serves Prometheus metrics at `/metrics`,
+    /// e.g. `127.0.0.1:9879`; off when absent. `agent --metrics-listen` wins.
+    #[serde(default)]
+    pub metrics_listen: Option<S<String>>,
+    /// Let `metricsListen` be a non-loopback address (`0.0.0.0:9879`): the
+    /// metrics name every node and site, so expose them to the monitoring
+    /// network only.
+    #[serde(default)]
+    pub metrics_allow_remote: Option<S<bool>>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]

@@ -21,6 +21,7 @@ use crate::spec::{ClusterDoc, Granularity, Nat, Role, S, SiteDoc, SshDoc, Transp
 
 pub mod failover;
 mod kubernetes;
+mod monitoring;
 mod schema_errors;
 pub mod ssh;
 pub mod zones;
@@ -206,6 +207,7 @@ fn validate(doc: &ClusterDoc) -> Result<Validated, Vec<Diagnostic>> {
         );
     }
     let failover = failover::failover(&mut c, net);
+    let monitoring = monitoring::monitoring(&mut c, &doc.spec.monitoring);
     let acknowledged = net.acknowledge_cleartext.as_ref().is_some_and(|a| a.value);
     if let Some(t) = &net.transport
         && !t.value.is_encrypted()
@@ -451,6 +453,7 @@ fn validate(doc: &ClusterDoc) -> Result<Validated, Vec<Diagnostic>> {
             failover,
         },
         kubernetes: kube.and_then(|k| k.kubernetes),
+        monitoring,
         sites,
     };
     Ok(Validated {
@@ -935,6 +938,71 @@ mod tests {
             e[2].starts_with("9:") && e[2].contains("failback 'soon'"),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn the_metrics_address_travels_from_the_file_into_the_plan() {
+        let with = |lines: &str| {
+            SEED.replace(
+                "  network:\n",
+                &format!("  monitoring:\n{lines}  network:\n"),
+            )
+        };
+        let v = load(&with("    metricsListen: 127.0.0.1:9879\n")).unwrap();
+        let addr: std::net::SocketAddr = "127.0.0.1:9879".parse().unwrap();
+        assert_eq!(v.cluster.monitoring.metrics_listen, Some(addr));
+        let plan = crate::plan(&v.cluster, &crate::State::default());
+        assert_eq!(plan.metrics_listen, Some(addr));
+        let json = serde_json::to_value(&plan).unwrap();
+        assert_eq!(json["metricsListen"], "127.0.0.1:9879");
+        // Without the setting the plan says nothing about metrics.
+        let plain = crate::plan(&load(SEED).unwrap().cluster, &crate::State::default());
+        assert_eq!(plain.metrics_listen, None);
+        assert!(
+            serde_json::to_value(&plain)
+                .unwrap()
+                .get("metricsListen")
+                .is_none()
+        );
+        // A remote address is served only when the file asks for it.
+        let v = load(&with(
+            "    metricsListen: 0.0.0.0:9879\n    metricsAllowRemote: true\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            v.cluster.monitoring.metrics_listen,
+            Some("0.0.0.0:9879".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn a_bad_or_remote_metrics_address_is_an_error_at_its_position() {
+        let with = |lines: &str| {
+            SEED.replace(
+                "  network:\n",
+                &format!("  monitoring:\n{lines}  network:\n"),
+            )
+        };
+        let e = errors(&with("    metricsListen: 0.0.0.0:9879\n"));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("7:") && e[0].contains("not a loopback address"),
+            "{e:?}"
+        );
+        let d = load(&with("    metricsListen: 0.0.0.0:9879\n")).unwrap_err();
+        assert!(
+            d[0].hint
+                .as_deref()
+                .is_some_and(|h| h.contains("metricsAllowRemote: true")),
+            "{d:?}"
+        );
+        let e = errors(&with("    metricsListen: localhost\n"));
+        assert!(
+            e.len() == 1 && e[0].starts_with("7:") && e[0].contains("not an ADDR:PORT"),
+            "{e:?}"
+        );
+        let e = errors(&with("    metricsListen: 127.0.0.1:0\n"));
+        assert!(e.len() == 1 && e[0].contains("port 0"), "{e:?}");
     }
 
     #[test]
