@@ -96,8 +96,9 @@ pub struct Live {
     /// Fingerprints ([`FirewallRule::fingerprint`]) of the rules in
     /// Skybridge's firewall table, in order; `None` when the table is absent.
     pub firewall: Option<Vec<String>>,
-    /// Configuration of the WireGuard interface, when it exists.
-    pub wireguard: Option<WireGuardConfig>,
+    /// Configuration of each WireGuard interface the plan names that exists
+    /// and runs with this node's key.
+    pub wireguard: Vec<WireGuardConfig>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -253,19 +254,23 @@ pub fn desired_links(plan: &NodePlan) -> Vec<Link> {
         .collect()
 }
 
-/// The WireGuard configuration a plan asks for, without peers whose key is unknown.
-pub fn desired_wireguard(plan: &NodePlan) -> Option<WireGuardConfig> {
-    plan.tunnels.iter().find_map(|t| match t {
-        Tunnel::WireGuard(w) => Some(
-            WireGuardConfig {
-                interface: w.name.clone(),
-                listen_port: w.listen_port,
-                peers: w.peers.iter().filter_map(peer_config).collect(),
-            }
-            .normalized(),
-        ),
-        _ => None,
-    })
+/// The WireGuard configurations a plan asks for (one per interface: the
+/// other sites', the site's own), without peers whose key is unknown.
+pub fn desired_wireguard(plan: &NodePlan) -> Vec<WireGuardConfig> {
+    plan.tunnels
+        .iter()
+        .filter_map(|t| match t {
+            Tunnel::WireGuard(w) => Some(
+                WireGuardConfig {
+                    interface: w.name.clone(),
+                    listen_port: w.listen_port,
+                    peers: w.peers.iter().filter_map(peer_config).collect(),
+                }
+                .normalized(),
+            ),
+            _ => None,
+        })
+        .collect()
 }
 
 fn peer_config(p: &WireGuardPeer) -> Option<PeerConfig> {
@@ -300,6 +305,7 @@ fn same_route(a: &Route, b: &Route) -> bool {
         && a.source == b.source
         && a.mtu == b.mtu
         && a.metric == b.metric
+        && a.table == b.table
 }
 
 /// Changes that take `live` to `plan`, in an order that can be applied as is:
@@ -414,8 +420,12 @@ pub fn diff(plan: &NodePlan, live: &Live) -> Vec<Change> {
         }
     }
     // WireGuard before routes: a route through sb-wg0 needs the interface configured.
-    if let Some(want) = desired_wireguard(plan) {
-        let reason = match &live.wireguard {
+    for want in desired_wireguard(plan) {
+        let have = live
+            .wireguard
+            .iter()
+            .find(|h| h.interface == want.interface);
+        let reason = match have {
             None => Some("not configured".to_owned()),
             Some(have) if have.listen_port != want.listen_port => {
                 Some(format!("listen port is {}", have.listen_port))
@@ -623,6 +633,7 @@ mod tests {
             source: None,
             mtu: None,
             metric: 100,
+            table: None,
             to: String::new(),
         });
         let ops: Vec<Op> = diff(&p, &live).into_iter().map(|c| c.op).collect();
