@@ -980,11 +980,14 @@ impl Ctx<'_> {
         for (pi, _) in self.intra_pairs_of(si, ni) {
             let peer = &site.nodes[pi];
             let key = self.state.public_keys.get(&peer.name).cloned();
-            let mut allowed = vec![Ipv4Net::from(self.intra_address[peer.name.as_str()])];
-            let own: Vec<Ipv4Net> = std::iter::once(Ipv4Net::from(peer.private_ip))
+            // Its pool address too: a gateway that masquerades what it
+            // forwards into the site (`nat: masquerade`) sends from it.
+            let own: Vec<Ipv4Net> = [self.intra_address[peer.name.as_str()], peer.private_ip]
+                .into_iter()
+                .map(Ipv4Net::from)
                 .chain(peer.pod_cidr)
                 .collect();
-            allowed.extend(&own);
+            let mut allowed = own.clone();
             if uses_gateway && self.active[si] == Some(pi) {
                 let gmi = self.member_of[peer.name.as_str()];
                 allowed.extend(self.peers(gmi).flat_map(|p| self.behind[p].iter().copied()));
