@@ -407,7 +407,10 @@ fn zones_with_intra_site_encryption_render_the_site_interface_its_table_and_rule
             .collect();
         snapshot_all(&format!("zones_encrypted_{name}"), &files);
         let all: String = files.iter().map(|f| f.contents.as_str()).collect();
-        assert!(all.contains("table 83") || all.contains("Table=83"), "{name}");
+        assert!(
+            all.contains("table 83") || all.contains("Table=83"),
+            "{name}"
+        );
         assert!(all.contains("51821"), "{name}");
     }
 }
