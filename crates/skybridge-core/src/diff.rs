@@ -578,6 +578,56 @@ mod tests {
             .clone()
     }
 
+    /// aws-gw-b of examples/zones.yaml with `intraSiteEncryption: true` and
+    /// every key known: both WireGuard interfaces, routes in table 83.
+    fn encrypted_zones_gateway() -> NodePlan {
+        let src = include_str!("../../../examples/zones.yaml").replace(
+            "intraSite: tunnel",
+            "intraSite: tunnel\n      intraSiteEncryption: true",
+        );
+        let v = load(&src).unwrap();
+        let state = State {
+            public_keys: v
+                .cluster
+                .sites
+                .iter()
+                .flat_map(|s| &s.nodes)
+                .map(|n| {
+                    (
+                        n.name.clone(),
+                        format!("{:A<42}A=", n.name.replace('-', "")),
+                    )
+                })
+                .collect(),
+        };
+        plan(&v.cluster, &state).node("aws-gw-b").unwrap().clone()
+    }
+
+    #[test]
+    fn each_wireguard_interface_and_routing_table_is_compared_on_its_own() {
+        let p = encrypted_zones_gateway();
+        let mut live = converged(&p);
+        assert_eq!(live.wireguard.len(), 2);
+        assert!(diff(&p, &live).is_empty());
+        // The site's interface lost its configuration; the other sites' kept it.
+        live.wireguard
+            .retain(|w| w.interface == crate::plan::WG_IFACE);
+        let ops: Vec<Op> = diff(&p, &live).into_iter().map(|c| c.op).collect();
+        assert!(
+            matches!(&ops[..], [Op::ConfigureWireGuard { config }] if config.interface == crate::plan::WG_INTRA_IFACE),
+            "{ops:?}"
+        );
+        // A route in main where the plan wants table 83 is another route.
+        let mut live = converged(&p);
+        let r = live.routes.iter_mut().find(|r| r.table.is_some()).unwrap();
+        r.table = None;
+        let ops: Vec<Op> = diff(&p, &live).into_iter().map(|c| c.op).collect();
+        assert!(
+            matches!(&ops[..], [Op::RemoveRoute { route: a }, Op::AddRoute { route: b }] if a.table.is_none() && b.table == Some(crate::plan::INTRA_ROUTE_TABLE)),
+            "{ops:?}"
+        );
+    }
+
     /// What the kernel would hold after applying `plan` completely.
     fn converged(plan: &NodePlan) -> Live {
         Live {
