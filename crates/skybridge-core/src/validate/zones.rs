@@ -489,6 +489,18 @@ mod tests {
     }
 
     #[test]
+    fn a_gateway_listening_on_the_intra_site_wireguard_port_is_an_error_at_the_node() {
+        let src = split_huawei("      intraSite: tunnel\n      intraSiteEncryption: true\n")
+            .replace("112.124.59.21,", "\"112.124.59.21:51821\",");
+        let e = diags(&src);
+        assert!(
+            e.len() == 1
+                && e[0].contains("node k8s-master2: its WireGuard port 51821 is also the UDP port of the tunnels inside site huawei"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
     fn the_pool_must_hold_the_intra_site_ends_too() {
         // Two gateways plus k8s-node1's intra-site address: a /31 holds two.
         let src = split_huawei("      intraSite: tunnel\n")
