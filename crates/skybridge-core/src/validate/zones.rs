@@ -241,7 +241,15 @@ pub(super) fn check_reach(
         }
         let at = sd.intra_site.as_ref().map_or(pos(&sd.name), pos);
         let port = intra_site_port(site);
-        if transport == Transport::WireGuard && listen_port == port {
+        // VXLAN devices share one socket per port, so only WireGuard between
+        // sites collides with VXLAN inside; WireGuard inside collides with
+        // any UDP transport between sites.
+        let collides = match transport {
+            Transport::WireGuard => true,
+            Transport::Vxlan => site.intra_site_encryption,
+            Transport::Gre => false,
+        };
+        if collides && listen_port == port {
             let what = if site.intra_site_encryption {
                 "WireGuard interface"
             } else {
@@ -484,6 +492,20 @@ mod tests {
             e.len() == 1
                 && e[0]
                     .starts_with("10:17: error: site huawei: listenPort 4789 is also the UDP port"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn vxlan_between_sites_on_the_intra_site_wireguard_port_is_an_error() {
+        let src = split_huawei("      intraSite: tunnel\n      intraSiteEncryption: true\n")
+            .replace("transport: wireguard", "transport: vxlan")
+            .replace("listenPort: 51820", "listenPort: 51821");
+        let e = diags(&src);
+        assert!(
+            e.iter()
+                .any(|d| d
+                    .contains("listenPort 51821 is also the UDP port of the WireGuard interface")),
             "{e:?}"
         );
     }
