@@ -81,7 +81,10 @@ impl Host for FakeHost {
             }
             Op::ReplaceFirewall { rules } => live.firewall = Some(fingerprints(rules)),
             Op::RemoveFirewall => live.firewall = None,
-            Op::ConfigureWireGuard { config } => live.wireguard = Some(config.clone()),
+            Op::ConfigureWireGuard { config } => {
+                live.wireguard.retain(|w| w.interface != config.interface);
+                live.wireguard.push(config.clone());
+            }
         }
         self.applied.push(change.op.clone());
         Ok(())

@@ -225,17 +225,19 @@ impl Host for LinuxHost {
             }
         }
         let links = self.links.links.clone();
-        let mut wireguard = None;
-        let want = desired_wireguard(plan);
-        // Peers are only compared when the plan has some: reading them could
-        // restart a data plane whose link is about to be deleted.
-        for l in links.iter().filter(|_| want.is_some()) {
+        let mut wireguard = Vec::new();
+        // Peers are only read on interfaces the plan configures: reading them
+        // could restart a data plane whose link is about to be deleted.
+        for want in desired_wireguard(plan) {
+            let Some(l) = links.iter().find(|l| l.name == want.interface) else {
+                continue;
+            };
             let Some(t) = l.kind.transport() else {
                 continue;
             };
             let backend = self.tunnels.backend(t, &l.name)?;
-            if let (Some(have), Some(want)) = (backend.read_peers(&l.name).await?, &want) {
-                wireguard = Some(without_learned_endpoints(have, want));
+            if let Some(have) = backend.read_peers(&l.name).await? {
+                wireguard.push(without_learned_endpoints(have, &want));
             }
         }
         Ok(Live {
@@ -275,8 +277,18 @@ impl Host for LinuxHost {
             Op::RemoveAddress { link, address } => {
                 nl.remove_address(&self.links, link, address).await?
             }
-            Op::AddRoute { route } => nl.add_route(&self.links, route).await?,
-            Op::RemoveRoute { route } => nl.remove_route(&self.links, route).await?,
+            Op::AddRoute { route } => {
+                if route.table.is_some() {
+                    nl.ensure_intra_rule().await?;
+                }
+                nl.add_route(&self.links, route).await?;
+            }
+            Op::RemoveRoute { route } => {
+                nl.remove_route(&self.links, route).await?;
+                if route.table.is_some() {
+                    nl.remove_intra_rule_if_unused(&self.links).await?;
+                }
+            }
             Op::SetSysctl { key, value } => {
                 let key = &self.resolve(key).ok_or_else(|| {
                     HostError::Refused(format!("no interface holds this node's private IP, so {key} cannot be set; is the cluster file's privateIP right?"))

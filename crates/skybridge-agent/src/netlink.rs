@@ -1,7 +1,9 @@
 //! Links, addresses and routes through rtnetlink — never by running `ip`.
 //!
 //! Reads return only what Skybridge owns: links named `sb-*` (with their
-//! addresses) and IPv4 routes of the main table carrying [`ROUTE_PROTOCOL`].
+//! addresses) and IPv4 routes of the main table and of [`INTRA_ROUTE_TABLE`]
+//! carrying [`ROUTE_PROTOCOL`], and the one routing rule that consults that
+//! table.
 //! What a link of each tunnel type is made of, and how to tell one from the
 //! kernel's description, is up to its backend in [`crate::tunnel`].
 
@@ -13,18 +15,25 @@ use ipnet::Ipv4Net;
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
 };
+use netlink_packet_route::IpProtocol;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteType,
 };
+use netlink_packet_route::rule::{
+    RuleAction, RuleAttribute, RuleFlags, RuleMessage, RulePortRange,
+};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 use skybridge_core::diff::{Address, Link, LinkKind};
 pub use skybridge_core::layout::marks::ROUTE_PROTOCOL;
-use skybridge_core::layout::marks::{IFACE_PREFIX, ROUTE_TABLE as MAIN_TABLE};
+use skybridge_core::layout::marks::{
+    IFACE_PREFIX, INTRA_ROUTE_TABLE, INTRA_RULE_PRIORITY, ROUTE_TABLE as MAIN_TABLE,
+};
 use skybridge_core::plan::Route;
 use skybridge_core::transport::Facts;
+use skybridge_core::validate::zones::INTRA_SITE_WG_PORT;
 const EOPNOTSUPP: i32 = -95;
 const EEXIST: i32 = -17;
 
@@ -192,24 +201,101 @@ impl Netlink {
         Ok(None)
     }
 
-    /// IPv4 routes of the main table that carry Skybridge's protocol.
+    /// IPv4 routes of the main table and of [`INTRA_ROUTE_TABLE`] that carry
+    /// Skybridge's protocol.
     pub async fn routes(&self, links: &Links) -> Result<Vec<Route>, NetlinkError> {
-        let filter = RouteMessageBuilder::<Ipv4Addr>::new()
-            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
-            .table_id(u32::from(MAIN_TABLE))
-            .build();
-        let mut stream = self.handle.route().get(filter).execute();
         let mut out = Vec::new();
-        self.count(1, 0);
-        while let Some(msg) = stream.try_next().await.map_err(request("listing routes"))? {
-            self.count(0, 1);
-            if msg.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)
-                && route_table(&msg) == u32::from(MAIN_TABLE)
-            {
-                out.push(parse_route(&msg, &links.names));
+        for table in [u32::from(MAIN_TABLE), INTRA_ROUTE_TABLE] {
+            let filter = RouteMessageBuilder::<Ipv4Addr>::new()
+                .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+                .table_id(table)
+                .build();
+            let mut stream = self.handle.route().get(filter).execute();
+            self.count(1, 0);
+            while let Some(msg) = stream.try_next().await.map_err(request("listing routes"))? {
+                self.count(0, 1);
+                if msg.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)
+                    && route_table(&msg) == table
+                {
+                    out.push(parse_route(&msg, &links.names));
+                }
             }
         }
         Ok(out)
+    }
+
+    /// The rule `not ipproto udp sport INTRA_SITE_WG_PORT lookup
+    /// INTRA_ROUTE_TABLE`, if present: every packet but the intra-site
+    /// WireGuard's own UDP sees the routes that send a site node's private
+    /// IP into the tunnel, so the tunnel's packets to that IP still take
+    /// the VPC.
+    async fn intra_rule(&self) -> Result<Option<RuleMessage>, NetlinkError> {
+        let mut stream = self.handle.rule().get(rtnetlink::IpVersion::V4).execute();
+        self.count(1, 0);
+        while let Some(msg) = stream.try_next().await.map_err(request("listing rules"))? {
+            self.count(0, 1);
+            let ours = msg.attributes.iter().any(|a| {
+                matches!(a, RuleAttribute::Protocol(RouteProtocol::Other(p)) if *p == ROUTE_PROTOCOL)
+            }) && msg
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RuleAttribute::Priority(p) if *p == INTRA_RULE_PRIORITY));
+            if ours {
+                return Ok(Some(msg));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Adds the rule of [`Self::intra_rule`] unless it is there.
+    pub async fn ensure_intra_rule(&self) -> Result<(), NetlinkError> {
+        if self.intra_rule().await?.is_some() {
+            return Ok(());
+        }
+        let mut req = self
+            .handle
+            .rule()
+            .add()
+            .v4()
+            .table_id(INTRA_ROUTE_TABLE)
+            .priority(INTRA_RULE_PRIORITY)
+            .action(RuleAction::ToTable);
+        let msg = req.message_mut();
+        msg.header.flags |= RuleFlags::Invert;
+        msg.attributes.extend([
+            RuleAttribute::IpProtocol(IpProtocol::Udp),
+            RuleAttribute::SourcePortRange(RulePortRange {
+                start: INTRA_SITE_WG_PORT,
+                end: INTRA_SITE_WG_PORT,
+            }),
+            RuleAttribute::Protocol(RouteProtocol::Other(ROUTE_PROTOCOL)),
+        ]);
+        req.execute().await.map_err(request(format!(
+            "adding the routing rule of table {INTRA_ROUTE_TABLE}"
+        )))
+    }
+
+    /// Removes the rule of [`Self::intra_rule`] once its table is empty.
+    pub async fn remove_intra_rule_if_unused(&self, links: &Links) -> Result<(), NetlinkError> {
+        let in_use = self
+            .routes(links)
+            .await?
+            .iter()
+            .any(|r| r.table == Some(INTRA_ROUTE_TABLE));
+        if in_use {
+            return Ok(());
+        }
+        if let Some(msg) = self.intra_rule().await? {
+            self.handle
+                .rule()
+                .del(msg)
+                .execute()
+                .await
+                .map_err(request(format!(
+                    "removing the routing rule of table {INTRA_ROUTE_TABLE}"
+                )))?;
+        }
+        Ok(())
     }
 
     /// Creates a link from a backend's message; `facts` name the transport
@@ -483,6 +569,7 @@ fn parse_route(msg: &RouteMessage, names: &HashMap<u32, String>) -> Route {
         source: None,
         mtu: None,
         metric: 0,
+        table: Some(route_table(msg)).filter(|&t| t != u32::from(MAIN_TABLE)),
         to: String::new(),
     };
     let mut oif = None;
@@ -533,6 +620,9 @@ fn route_message(links: &Links, r: &Route) -> Result<RouteMessage, NetlinkError>
     }
     if let Some(s) = r.source {
         b = b.pref_source(s);
+    }
+    if let Some(t) = r.table {
+        b = b.table_id(t);
     }
     let mut msg = b.build();
     if r.via.is_none() && r.device.is_some() {

@@ -32,6 +32,54 @@ fn up_green(lab: &Lab, name: &str, cluster: &str) {
     );
 }
 
+/// The MSS the plan gives aws-c1's routes to other sites.
+fn plan_mss(cluster: &str) -> u32 {
+    let v = skybridge_core::load(cluster).unwrap();
+    let p = skybridge_core::plan(&v.cluster, &Default::default());
+    let route_mtu = p
+        .node(NODE_C)
+        .unwrap()
+        .routes
+        .iter()
+        .find_map(|r| r.mtu)
+        .unwrap();
+    skybridge_core::transport::mss(route_mtu)
+}
+
+/// 10 MB of TCP from aws-c1 to aliyun's worker, in segments of `mss`.
+#[track_caller]
+fn iperf_at_mss(lab: &Lab, mss: u32) {
+    lab.sh_ok("ali-worker1", "iperf3 -s -1 -D");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let report = lab.sh_ok(NODE_C, "iperf3 -c 172.26.32.236 -n 10M -J");
+    let used = report
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("\"tcp_mss_default\":"))
+        .and_then(|v| v.trim().trim_end_matches(',').parse::<u32>().ok())
+        .unwrap_or_else(|| panic!("no tcp_mss_default in {report}"));
+    // The kernel takes TCP options (timestamps, 12 bytes) off the route's MSS.
+    assert!(
+        used <= mss && used + 12 >= mss,
+        "MSS {used}, plan {mss}: {report}"
+    );
+    assert!(report.contains("10485760"), "{report}");
+}
+
+/// aws-c1's longest loss of aliyun while aws-gw-a dies, in seconds.
+#[track_caller]
+fn fail_active_gateway(lab: &Lab) {
+    let ping = Pinger::start(lab, NODE_C, "172.26.32.236", 10);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    lab.run(&["fail", "aws-gw-a", "--how", "stop"]);
+    let (gap, replies) = ping.longest_gap();
+    assert!(
+        gap < 3.0 && replies > 100,
+        "aws-c1 lost aliyun for {gap:.3} s ({replies} replies)\n{}",
+        lab.logs()
+    );
+    eprintln!("aws-c1 across the failover of aws-gw-a: longest gap {gap:.3} s");
+}
+
 fn route_to(lab: &Lab, node: &str, dst: &str) -> String {
     text(&lab.exec(node, &["ip", "-4", "route", "get", dst]))
 }
@@ -57,41 +105,15 @@ fn a_site_over_three_subnets_in_tunnel_mode_is_all_green() {
     // 10 MB of TCP across both tunnels with segments of the size the plan
     // computed: the narrowest path (WireGuard to tencent's 1450 underlay:
     // 1390) less IPv4 and TCP headers.
-    let mss = {
-        let v = skybridge_core::load(ZONES).unwrap();
-        let p = skybridge_core::plan(&v.cluster, &Default::default());
-        let route_mtu = p.node(NODE_C).unwrap().routes[0].mtu.unwrap();
-        skybridge_core::transport::mss(route_mtu)
-    };
+    let mss = plan_mss(ZONES);
     assert!(route.contains(&format!("mtu {}", mss + 40)), "{route}");
-    lab.sh_ok("ali-worker1", "iperf3 -s -1 -D");
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    let report = lab.sh_ok(NODE_C, "iperf3 -c 172.26.32.236 -n 10M -J");
-    let used = report
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("\"tcp_mss_default\":"))
-        .and_then(|v| v.trim().trim_end_matches(',').parse::<u32>().ok())
-        .unwrap_or_else(|| panic!("no tcp_mss_default in {report}"));
-    // The kernel takes TCP options (timestamps, 12 bytes) off the route's MSS.
-    assert!(
-        used <= mss && used + 12 >= mss,
-        "MSS {used}, plan {mss}: {report}"
-    );
-    assert!(report.contains("10485760"), "{report}");
+    iperf_at_mss(&lab, mss);
     // aws-a1 shares aws-gw-a's subnet: no tunnel needed for the active gateway.
     let route = route_to(&lab, "aws-a1", "172.26.32.236");
     assert!(route.contains("via 10.10.0.10 dev eth0"), "{route}");
     // The active gateway dies: the node of the third subnet moves to its
     // tunnel to aws-gw-b, by the same rule as everyone, within 3 s.
-    let ping = Pinger::start(&lab, NODE_C, "172.26.32.236", 10);
-    std::thread::sleep(std::time::Duration::from_secs(1));
-    lab.run(&["fail", "aws-gw-a", "--how", "stop"]);
-    let (gap, replies) = ping.longest_gap();
-    assert!(
-        gap < 3.0 && replies > 100,
-        "aws-c1 lost aliyun for {gap:.3} s ({replies} replies)\n{}",
-        lab.logs()
-    );
+    fail_active_gateway(&lab);
     let route = route_to(&lab, NODE_C, "172.26.32.236");
     let device = route
         .split_whitespace()
@@ -101,6 +123,97 @@ fn a_site_over_three_subnets_in_tunnel_mode_is_all_green() {
         .to_owned();
     let link = text(&lab.exec(NODE_C, &["ip", "-d", "link", "show", "dev", &device]));
     assert!(link.contains("remote 10.10.16.10"), "{route}\n{link}");
+    let healed = lab.run(&["heal", "aws-gw-a"]);
+    assert!(healed.status.success(), "{}", text(&healed));
+}
+
+/// Counts, in the VPC router of site aws, what crosses between aws-c1 and
+/// the two gateway candidates (and anything else that is not another aws
+/// worker): `wg` the intra-site WireGuard's UDP, `leak` everything else.
+const VPC_COUNTERS: &str = "table ip sbt_vpc {
+  counter wg {}
+  counter leak {}
+  chain forward {
+    type filter hook forward priority -10; policy accept;
+    ip saddr 10.10.32.20 ip daddr { 10.10.0.10, 10.10.16.10 } udp sport 51821 udp dport 51821 counter name wg accept
+    ip daddr 10.10.32.20 ip saddr { 10.10.0.10, 10.10.16.10 } udp sport 51821 udp dport 51821 counter name wg accept
+    ip saddr 10.10.32.20 ip daddr != { 10.10.0.20, 10.10.16.20 } counter name leak
+    ip daddr 10.10.32.20 ip saddr != { 10.10.0.20, 10.10.16.20 } counter name leak
+  }
+}
+";
+
+#[test]
+fn a_site_over_three_subnets_with_intra_site_encryption_sends_only_wireguard_across_the_vpc() {
+    if unmet(&TOOLS) {
+        return;
+    }
+    let lab = Lab::new("ze");
+    let cluster = ZONES.replace(
+        "intraSite: tunnel",
+        "intraSite: tunnel\n      intraSiteEncryption: true",
+    );
+    up_green(&lab, "zones-enc.yaml", &cluster);
+    // One WireGuard interface inside the site, its port apart from the
+    // other sites' one; aliyun through it, narrower by WireGuard's header
+    // where that is the narrowest.
+    let route = route_to(&lab, NODE_C, "172.26.32.236");
+    assert!(route.contains(" dev sb-wgi0 "), "{route}");
+    let vxlan = text(&lab.exec(NODE_C, &["ip", "-d", "link", "show", "type", "vxlan"]));
+    assert!(vxlan.trim().is_empty(), "{vxlan}");
+    let mss = plan_mss(&cluster);
+    assert!(route.contains(&format!("mtu {}", mss + 40)), "{route}");
+    // The gateway's own address is reached through the tunnel, except by the
+    // tunnel's own packets.
+    let route = route_to(&lab, NODE_C, "10.10.0.10");
+    assert!(
+        route.contains("dev sb-wgi0") && route.contains("table 83"),
+        "{route}"
+    );
+    let rule = text(&lab.exec(NODE_C, &["ip", "rule", "show", "priority", "32700"]));
+    assert!(
+        rule.contains("not") && rule.contains("sport 51821") && rule.contains("lookup 83"),
+        "{rule}"
+    );
+
+    // From here on the VPC router counts what crosses it.
+    let router = format!("{}r-aws", lab.prefix);
+    let rules = lab.file("vpc-counters.nft", VPC_COUNTERS);
+    let nft = |args: &[&str]| {
+        let mut cmd = vec!["ip", "netns", "exec", &router, "nft"];
+        cmd.extend_from_slice(args);
+        let out = std::process::Command::new(cmd[0])
+            .args(&cmd[1..])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        text(&out)
+    };
+    nft(&["-f", &rules]);
+    let packets = |name: &str| -> u64 {
+        let out = nft(&["list", "counter", "ip", "sbt_vpc", name]);
+        out.split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{out}"))
+    };
+    iperf_at_mss(&lab, mss);
+    lab.sh_ok(NODE_C, "ping -c 3 -i 0.2 -W 1 10.10.0.10");
+    lab.sh_ok("ali-worker1", "ping -c 3 -i 0.2 -W 1 10.10.32.20");
+    let check = lab.run(&["check"]);
+    assert!(text(&check).contains(ALL_GREEN), "{}", text(&check));
+    let (wg, leak) = (packets("wg"), packets("leak"));
+    assert!(
+        wg > 7000 && leak == 0,
+        "between aws-c1 and its gateways the VPC carried {wg} WireGuard packets and {leak} others"
+    );
+
+    fail_active_gateway(&lab);
+    // aws-c1 kept its route: the other candidate's peer took aliyun's network.
+    let route = route_to(&lab, NODE_C, "172.26.32.236");
+    assert!(route.contains(" dev sb-wgi0 "), "{route}");
+    assert_eq!(packets("leak"), 0);
     let healed = lab.run(&["heal", "aws-gw-a"]);
     assert!(healed.status.success(), "{}", text(&healed));
 }

@@ -96,8 +96,9 @@ pub struct Live {
     /// Fingerprints ([`FirewallRule::fingerprint`]) of the rules in
     /// Skybridge's firewall table, in order; `None` when the table is absent.
     pub firewall: Option<Vec<String>>,
-    /// Configuration of the WireGuard interface, when it exists.
-    pub wireguard: Option<WireGuardConfig>,
+    /// Configuration of each WireGuard interface the plan names that exists
+    /// and runs with this node's key.
+    pub wireguard: Vec<WireGuardConfig>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -253,19 +254,23 @@ pub fn desired_links(plan: &NodePlan) -> Vec<Link> {
         .collect()
 }
 
-/// The WireGuard configuration a plan asks for, without peers whose key is unknown.
-pub fn desired_wireguard(plan: &NodePlan) -> Option<WireGuardConfig> {
-    plan.tunnels.iter().find_map(|t| match t {
-        Tunnel::WireGuard(w) => Some(
-            WireGuardConfig {
-                interface: w.name.clone(),
-                listen_port: w.listen_port,
-                peers: w.peers.iter().filter_map(peer_config).collect(),
-            }
-            .normalized(),
-        ),
-        _ => None,
-    })
+/// The WireGuard configurations a plan asks for (one per interface: the
+/// other sites', the site's own), without peers whose key is unknown.
+pub fn desired_wireguard(plan: &NodePlan) -> Vec<WireGuardConfig> {
+    plan.tunnels
+        .iter()
+        .filter_map(|t| match t {
+            Tunnel::WireGuard(w) => Some(
+                WireGuardConfig {
+                    interface: w.name.clone(),
+                    listen_port: w.listen_port,
+                    peers: w.peers.iter().filter_map(peer_config).collect(),
+                }
+                .normalized(),
+            ),
+            _ => None,
+        })
+        .collect()
 }
 
 fn peer_config(p: &WireGuardPeer) -> Option<PeerConfig> {
@@ -300,6 +305,7 @@ fn same_route(a: &Route, b: &Route) -> bool {
         && a.source == b.source
         && a.mtu == b.mtu
         && a.metric == b.metric
+        && a.table == b.table
 }
 
 /// Changes that take `live` to `plan`, in an order that can be applied as is:
@@ -414,8 +420,12 @@ pub fn diff(plan: &NodePlan, live: &Live) -> Vec<Change> {
         }
     }
     // WireGuard before routes: a route through sb-wg0 needs the interface configured.
-    if let Some(want) = desired_wireguard(plan) {
-        let reason = match &live.wireguard {
+    for want in desired_wireguard(plan) {
+        let have = live
+            .wireguard
+            .iter()
+            .find(|h| h.interface == want.interface);
+        let reason = match have {
             None => Some("not configured".to_owned()),
             Some(have) if have.listen_port != want.listen_port => {
                 Some(format!("listen port is {}", have.listen_port))
@@ -568,6 +578,56 @@ mod tests {
             .clone()
     }
 
+    /// aws-gw-b of examples/zones.yaml with `intraSiteEncryption: true` and
+    /// every key known: both WireGuard interfaces, routes in table 83.
+    fn encrypted_zones_gateway() -> NodePlan {
+        let src = include_str!("../../../examples/zones.yaml").replace(
+            "intraSite: tunnel",
+            "intraSite: tunnel\n      intraSiteEncryption: true",
+        );
+        let v = load(&src).unwrap();
+        let state = State {
+            public_keys: v
+                .cluster
+                .sites
+                .iter()
+                .flat_map(|s| &s.nodes)
+                .map(|n| {
+                    (
+                        n.name.clone(),
+                        format!("{:A<42}A=", n.name.replace('-', "")),
+                    )
+                })
+                .collect(),
+        };
+        plan(&v.cluster, &state).node("aws-gw-b").unwrap().clone()
+    }
+
+    #[test]
+    fn each_wireguard_interface_and_routing_table_is_compared_on_its_own() {
+        let p = encrypted_zones_gateway();
+        let mut live = converged(&p);
+        assert_eq!(live.wireguard.len(), 2);
+        assert!(diff(&p, &live).is_empty());
+        // The site's interface lost its configuration; the other sites' kept it.
+        live.wireguard
+            .retain(|w| w.interface == crate::plan::WG_IFACE);
+        let ops: Vec<Op> = diff(&p, &live).into_iter().map(|c| c.op).collect();
+        assert!(
+            matches!(&ops[..], [Op::ConfigureWireGuard { config }] if config.interface == crate::plan::WG_INTRA_IFACE),
+            "{ops:?}"
+        );
+        // A route in main where the plan wants table 83 is another route.
+        let mut live = converged(&p);
+        let r = live.routes.iter_mut().find(|r| r.table.is_some()).unwrap();
+        r.table = None;
+        let ops: Vec<Op> = diff(&p, &live).into_iter().map(|c| c.op).collect();
+        assert!(
+            matches!(&ops[..], [Op::RemoveRoute { route: a }, Op::AddRoute { route: b }] if a.table.is_none() && b.table == Some(crate::plan::INTRA_ROUTE_TABLE)),
+            "{ops:?}"
+        );
+    }
+
     /// What the kernel would hold after applying `plan` completely.
     fn converged(plan: &NodePlan) -> Live {
         Live {
@@ -623,6 +683,7 @@ mod tests {
             source: None,
             mtu: None,
             metric: 100,
+            table: None,
             to: String::new(),
         });
         let ops: Vec<Op> = diff(&p, &live).into_iter().map(|c| c.op).collect();

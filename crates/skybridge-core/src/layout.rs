@@ -121,12 +121,24 @@ pub mod marks {
     pub const IFACE_WILDCARD_IPTABLES: &str = "sb-+";
     /// The same prefix as an nftables interface wildcard.
     pub const IFACE_WILDCARD_NFT: &str = "sb-*";
-    /// The single WireGuard interface of a node.
+    /// The WireGuard interface of a node's tunnels to other sites.
     pub const WG_IFACE: &str = "sb-wg0";
+    /// The WireGuard interface of a node's tunnels inside its own site
+    /// (`intraSiteEncryption: true`), apart from [`WG_IFACE`] so that the
+    /// two peer sets never share allowed IPs.
+    pub const WG_INTRA_IFACE: &str = "sb-wgi0";
     /// Route protocol number of Skybridge's routes (`ip route show proto 83`).
     pub const ROUTE_PROTOCOL: u8 = 83;
     /// The routing table Skybridge's routes go into (`main`).
     pub const ROUTE_TABLE: u8 = 254;
+    /// The routing table of the routes that send a site node's own address
+    /// into [`WG_INTRA_IFACE`]: looked up (rule [`INTRA_RULE_PRIORITY`])
+    /// by every packet except the WireGuard interface's own UDP, which must
+    /// still reach that address over the VPC.
+    pub const INTRA_ROUTE_TABLE: u32 = 83;
+    /// Priority of the routing rule that consults [`INTRA_ROUTE_TABLE`],
+    /// just before `main` (32766).
+    pub const INTRA_RULE_PRIORITY: u32 = 32700;
     /// Metric of Skybridge's routes: an operator's own route to the same
     /// network (metric 0) keeps precedence instead of colliding.
     pub const ROUTE_METRIC: u32 = 100;

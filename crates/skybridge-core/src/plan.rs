@@ -23,10 +23,13 @@ use crate::state::State;
 use crate::transport::{Interfaces, PairParams, mss};
 use crate::validate::is_member;
 use crate::validate::zones::{
-    INTRA_SITE_OVERHEAD, INTRA_SITE_PORT, intra_site_ends, intra_site_pairs, intra_site_vni,
+    INTRA_SITE_OVERHEAD, INTRA_SITE_PORT, INTRA_SITE_WG_PORT, intra_site_ends, intra_site_pairs,
+    intra_site_vni,
 };
 
-pub use crate::layout::marks::{FIREWALL_TABLE, IFACE_PREFIX, ROUTE_METRIC, WG_IFACE};
+pub use crate::layout::marks::{
+    FIREWALL_TABLE, IFACE_PREFIX, INTRA_ROUTE_TABLE, ROUTE_METRIC, WG_IFACE, WG_INTRA_IFACE,
+};
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -231,6 +234,10 @@ pub struct Route {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u32>,
     pub metric: u32,
+    /// `None`: the main table. `Some(`[`INTRA_ROUTE_TABLE`]`)`: the table
+    /// every packet but the intra-site WireGuard's own consults first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<u32>,
     /// Why the route exists: the site or node it leads to.
     pub to: String,
 }
@@ -672,6 +679,7 @@ impl Ctx<'_> {
                         source: Some(me.node.private_ip),
                         mtu: None,
                         metric: ROUTE_METRIC,
+                        table: None,
                         to: route_target(&self.cluster.sites[peer.site], peer.node),
                     });
                 }
@@ -801,9 +809,14 @@ impl Ctx<'_> {
         } else {
             match site.intra_site {
                 IntraSite::VpcRoutes => return,
+                // One interface for every candidate: its peers' allowed IPs,
+                // not a next hop, pick the active one.
+                IntraSite::Tunnel if site.intra_site_encryption => {
+                    Some((WG_INTRA_IFACE.to_owned(), None))
+                }
                 IntraSite::Tunnel => Some((
                     self.intra_iface(&gw.name),
-                    self.intra_address[gw.name.as_str()],
+                    Some(self.intra_address[gw.name.as_str()]),
                 )),
             }
         };
@@ -817,16 +830,18 @@ impl Ctx<'_> {
                     source: None,
                     mtu: Some(mtu),
                     metric: ROUTE_METRIC,
+                    table: None,
                     to,
                 },
                 Some((device, address)) => Route {
                     destination,
-                    via: Some(*address),
+                    via: *address,
                     device: Some(device.clone()),
                     // Not the tunnel's pool address: the far site answers the VPC.
                     source: Some(plan.private_ip),
                     mtu: Some(mtu.min(intra_mtu)),
                     metric: ROUTE_METRIC,
+                    table: None,
                     to,
                 },
             });
@@ -850,7 +865,12 @@ impl Ctx<'_> {
 
 impl Ctx<'_> {
     fn intra_mtu(&self, si: usize) -> u32 {
-        self.cluster.sites[si].mtu - INTRA_SITE_OVERHEAD
+        let site = &self.cluster.sites[si];
+        if site.intra_site_encryption {
+            site.mtu - Transport::WireGuard.overhead()
+        } else {
+            site.mtu - INTRA_SITE_OVERHEAD
+        }
     }
 
     /// The name of a node's intra-site tunnel towards `peer`.
@@ -889,6 +909,9 @@ impl Ctx<'_> {
             return;
         }
         let site = &self.cluster.sites[si];
+        if site.intra_site_encryption {
+            return self.plan_intra_site_wireguard(plan, si, ni);
+        }
         let node = &site.nodes[ni];
         let is_candidate = site.is_gateway_candidate(ni);
         let mut sources = Vec::new();
@@ -916,6 +939,7 @@ impl Ctx<'_> {
                     source: Some(node.private_ip),
                     mtu: None,
                     metric: ROUTE_METRIC,
+                    table: None,
                     to: format!("node {} across site {}", peer.name, site.name),
                 });
             }
@@ -936,6 +960,93 @@ impl Ctx<'_> {
         plan.firewall.push(FirewallRule::AcceptTunnel {
             transport: TunnelProtocol::Udp {
                 port: INTRA_SITE_PORT,
+            },
+            sources: Some(sources),
+        });
+    }
+
+    /// `intraSite: tunnel` with `intraSiteEncryption: true`: one WireGuard
+    /// interface ([`WG_INTRA_IFACE`]) with a peer per intra-site pair,
+    /// across the VPC between private addresses. Each peer's allowed IPs are
+    /// its own: its pool address, private IP and pods; the peer that is this
+    /// node's active gateway also takes every network the gateway leads to,
+    /// so the sets never overlap and a failover moves those networks from
+    /// one candidate's peer to the other's by the same rule as the routes.
+    /// Traffic to a peer's private IP goes into the tunnel too (both ways,
+    /// so the VPC sees only WireGuard between the two), through
+    /// [`INTRA_ROUTE_TABLE`], which the interface's own UDP skips.
+    fn plan_intra_site_wireguard(&self, plan: &mut NodePlan, si: usize, ni: usize) {
+        let site = &self.cluster.sites[si];
+        let node = &site.nodes[ni];
+        let uses_gateway = matches!(plan.role, NodeRole::Internal | NodeRole::StandbyGateway);
+        let mut peers = Vec::new();
+        let mut sources = Vec::new();
+        for (pi, _) in self.intra_pairs_of(si, ni) {
+            let peer = &site.nodes[pi];
+            let key = self.state.public_keys.get(&peer.name).cloned();
+            // Its pool address too: a gateway that masquerades what it
+            // forwards into the site (`nat: masquerade`) sends from it.
+            let own: Vec<Ipv4Net> = [self.intra_address[peer.name.as_str()], peer.private_ip]
+                .into_iter()
+                .map(Ipv4Net::from)
+                .chain(peer.pod_cidr)
+                .collect();
+            let mut allowed = own.clone();
+            if uses_gateway && self.active[si] == Some(pi) {
+                let gmi = self.member_of[peer.name.as_str()];
+                allowed.extend(self.peers(gmi).flat_map(|p| self.behind[p].iter().copied()));
+            }
+            // Until the peer's key is collected it has no peer here: its
+            // address stays on the VPC rather than in a tunnel to nowhere.
+            if key.is_some() {
+                for destination in own {
+                    let private = destination == Ipv4Net::from(peer.private_ip);
+                    plan.routes.push(Route {
+                        destination,
+                        via: None,
+                        device: Some(WG_INTRA_IFACE.to_owned()),
+                        source: Some(node.private_ip),
+                        mtu: None,
+                        metric: ROUTE_METRIC,
+                        table: private.then_some(INTRA_ROUTE_TABLE),
+                        to: format!("node {} across site {}", peer.name, site.name),
+                    });
+                }
+            }
+            peers.push(WireGuardPeer {
+                node: peer.name.clone(),
+                public_key: key,
+                endpoint: Some(SocketAddrV4::new(peer.private_ip, INTRA_SITE_WG_PORT)),
+                allowed_ips: allowed,
+                persistent_keepalive: None,
+            });
+            sources.push(peer.private_ip);
+        }
+        plan.tunnels.push(Tunnel::WireGuard(WireGuardTunnel {
+            name: WG_INTRA_IFACE.to_owned(),
+            // A host address: the pool's prefix belongs to the other sites'
+            // interface on a gateway.
+            address: Ipv4Net::from(self.intra_address[node.name.as_str()]),
+            listen_port: INTRA_SITE_WG_PORT,
+            mtu: self.intra_mtu(si),
+            peers,
+        }));
+        plan.sysctls.push(Sysctl {
+            key: "net.ipv4.conf.all.rp_filter".into(),
+            value: "2".into(),
+        });
+        if !site.is_gateway_candidate(ni) {
+            plan.firewall.push(FirewallRule::ForwardAccept {
+                direction: Direction::In,
+            });
+            plan.firewall.push(FirewallRule::ForwardAccept {
+                direction: Direction::Out,
+            });
+        }
+        sources.sort();
+        plan.firewall.push(FirewallRule::AcceptTunnel {
+            transport: TunnelProtocol::Udp {
+                port: INTRA_SITE_WG_PORT,
             },
             sources: Some(sources),
         });

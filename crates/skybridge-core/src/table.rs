@@ -198,7 +198,8 @@ impl fmt::Display for RouteLine<'_> {
         if let Some(m) = r.mtu {
             let _ = write!(s, " mtu {m}");
         }
-        write!(f, "{s:<60} metric {}  # {}", r.metric, r.to)
+        let table = r.table.map(|t| format!(" table {t}")).unwrap_or_default();
+        write!(f, "{s:<60} metric {}{table}  # {}", r.metric, r.to)
     }
 }
 

@@ -6,9 +6,10 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use skybridge_core::plan::{
-    Actives, ClusterPlan, FirewallRule, NodePlan, PointToPoint, Tunnel, TunnelProtocol,
+    Actives, ClusterPlan, FirewallRule, INTRA_ROUTE_TABLE, NodePlan, PointToPoint, Tunnel,
+    TunnelProtocol, WG_IFACE, WG_INTRA_IFACE, WireGuardTunnel,
 };
-use skybridge_core::validate::zones::{INTRA_SITE_PORT, INTRA_SITE_VNI_BASE};
+use skybridge_core::validate::zones::{INTRA_SITE_PORT, INTRA_SITE_VNI_BASE, INTRA_SITE_WG_PORT};
 use skybridge_core::{Cluster, State, load, plan, plan_with};
 
 const ZONES: &str = include_str!("../../../examples/zones.yaml");
@@ -301,4 +302,198 @@ fn the_plan_table_lists_the_route_table_of_a_vpc_routes_site() {
         ),
         "{text}"
     );
+}
+
+// `intraSiteEncryption: true`: the same pairs, as peers of one WireGuard
+// interface per node instead of VXLAN links.
+
+fn encrypted_src() -> String {
+    ZONES.replace(
+        "intraSite: tunnel",
+        "intraSite: tunnel\n      intraSiteEncryption: true",
+    )
+}
+
+/// Every node's key collected, as `apply` leaves the state file.
+fn all_keys(c: &Cluster) -> State {
+    State {
+        public_keys: c
+            .sites
+            .iter()
+            .flat_map(|s| &s.nodes)
+            .enumerate()
+            .map(|(i, n)| (n.name.clone(), format!("{:A<42}A=", format!("key{i}"))))
+            .collect(),
+    }
+}
+
+fn site_wg(n: &NodePlan) -> Option<&WireGuardTunnel> {
+    n.tunnels.iter().find_map(|t| match t {
+        Tunnel::WireGuard(w) if w.name == WG_INTRA_IFACE => Some(w),
+        _ => None,
+    })
+}
+
+#[test]
+fn with_encryption_the_pairs_are_peers_of_one_interface_apart_from_the_other_sites() {
+    let c = load(&encrypted_src()).unwrap().cluster;
+    let p = plan(&c, &all_keys(&c));
+    let node = |n: &str| p.node(n).unwrap();
+    let peers = |n: &str| -> Vec<String> {
+        site_wg(node(n))
+            .map(|w| w.peers.iter().map(|p| p.node.clone()).collect())
+            .unwrap_or_default()
+    };
+    // The pairs of VXLAN mode, no VXLAN link.
+    assert_eq!(peers(NODE_A), [GW_B]);
+    assert_eq!(peers(NODE_B), [GW_A]);
+    assert_eq!(peers(NODE_C), [GW_A, GW_B]);
+    assert_eq!(peers(GW_A), [GW_B, NODE_B, NODE_C]);
+    assert_eq!(peers(GW_B), [GW_A, NODE_A, NODE_C]);
+    for n in p.nodes.iter() {
+        assert!(intra(n).is_empty(), "{}", n.node);
+    }
+    let gw = node(GW_A);
+    let wg = site_wg(gw).unwrap();
+    // Its own port and a host address: the other sites' interface keeps
+    // the pool's prefix and port.
+    assert_eq!(wg.listen_port, INTRA_SITE_WG_PORT);
+    assert_eq!(wg.address.prefix_len(), 32);
+    let inter = gw.tunnels.iter().find(|t| t.name() == WG_IFACE).unwrap();
+    assert!(
+        matches!(inter, Tunnel::WireGuard(w) if w.listen_port == 51820 && w.address.prefix_len() == 24)
+    );
+    // Endpoints are private addresses across the VPC.
+    for peer in &wg.peers {
+        let far = node(&peer.node);
+        assert_eq!(
+            peer.endpoint.map(|e| *e.ip()),
+            Some(far.private_ip),
+            "{}",
+            peer.node
+        );
+    }
+    // Firewall: the port from the site's own peers only.
+    assert!(gw.firewall.contains(&FirewallRule::AcceptTunnel {
+        transport: TunnelProtocol::Udp {
+            port: INTRA_SITE_WG_PORT
+        },
+        sources: Some(vec![
+            node(GW_B).private_ip,
+            node(NODE_B).private_ip,
+            node(NODE_C).private_ip
+        ]),
+    }));
+    assert!(node(NODE_C).firewall.contains(&FirewallRule::AcceptTunnel {
+        transport: TunnelProtocol::Udp {
+            port: INTRA_SITE_WG_PORT
+        },
+        sources: Some(vec![gw.private_ip, node(GW_B).private_ip]),
+    }));
+}
+
+/// On every node under either choice of active gateway: no two peers share
+/// an allowed IP, the other sites' networks are on exactly the active
+/// gateway's peer (where the node reaches it across subnets), and a
+/// peer's private IP is routed into the tunnel through the table the
+/// tunnel's own packets skip.
+#[test]
+fn allowed_ips_never_overlap_and_follow_the_active_gateway() {
+    let c = load(&encrypted_src()).unwrap().cluster;
+    let state = all_keys(&c);
+    let others: Vec<Ipv4Net> = OTHER_SITES.iter().map(|s| s.parse().unwrap()).collect();
+    for active in [GW_A, GW_B] {
+        let p = plan_with(&c, &state, &on(active));
+        for n in p.nodes.iter().filter(|n| n.site == SITE) {
+            let Some(wg) = site_wg(n) else { continue };
+            let mut seen: HashMap<Ipv4Net, &str> = HashMap::new();
+            for peer in &wg.peers {
+                for net in &peer.allowed_ips {
+                    if let Some(first) = seen.insert(*net, &peer.node) {
+                        panic!(
+                            "{active}: {} has {net} on {first} and {}",
+                            n.node, peer.node
+                        );
+                    }
+                }
+                let far = p.node(&peer.node).unwrap();
+                let private = Ipv4Net::from(far.private_ip);
+                assert!(peer.allowed_ips.contains(&private));
+                assert!(n.routes.iter().any(|r| r.destination == private
+                    && r.device.as_deref() == Some(WG_INTRA_IFACE)
+                    && r.table == Some(INTRA_ROUTE_TABLE)));
+                let carries = others.iter().all(|o| peer.allowed_ips.contains(o));
+                let through_it = peer.node == active && n.node != active;
+                assert_eq!(
+                    carries, through_it,
+                    "{active}: {} peer {}",
+                    n.node, peer.node
+                );
+                if !through_it {
+                    assert!(others.iter().all(|o| !peer.allowed_ips.contains(o)));
+                }
+            }
+            // Routes to other sites name the interface, not a peer.
+            if wg.peers.iter().any(|p| p.node == active) && n.node != active {
+                for o in &others {
+                    let r = n.routes.iter().find(|r| r.destination == *o).unwrap();
+                    assert_eq!(r.device.as_deref(), Some(WG_INTRA_IFACE));
+                    assert_eq!(r.via, None);
+                    assert!(r.mtu.unwrap() <= wg.mtu);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn with_encryption_mtu_and_mss_account_for_wireguard_inside_the_site() {
+    // GRE between sites (1476) and WireGuard inside aws (1500 - 60 = 1440):
+    // the site's tunnel is the narrowest.
+    let src = encrypted_src()
+        .replace("transport: wireguard", "transport: gre")
+        .replace("      mtu: 1450\n", "");
+    let c = load(&src).unwrap().cluster;
+    let p = plan(&c, &all_keys(&c));
+    let n = p.node(NODE_C).unwrap();
+    assert_eq!(site_wg(n).unwrap().mtu, 1440);
+    assert!(n.routes.iter().filter_map(|r| r.mtu).all(|m| m == 1440));
+    for name in [NODE_C, GW_A] {
+        assert!(
+            p.node(name)
+                .unwrap()
+                .firewall
+                .contains(&FirewallRule::ClampMss { mss: 1400 }),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn a_peer_whose_key_is_not_collected_keeps_its_address_on_the_vpc() {
+    let c = load(&encrypted_src()).unwrap().cluster;
+    let mut state = all_keys(&c);
+    state.public_keys.remove(GW_B);
+    let p = plan(&c, &state);
+    let n = p.node(NODE_C).unwrap();
+    let gw_b = Ipv4Net::from(p.node(GW_B).unwrap().private_ip);
+    assert!(!n.routes.iter().any(|r| r.destination == gw_b));
+    let gw_a = Ipv4Net::from(p.node(GW_A).unwrap().private_ip);
+    assert!(n.routes.iter().any(|r| r.destination == gw_a));
+}
+
+#[test]
+fn the_plan_table_of_an_encrypted_site() {
+    let c = load(&encrypted_src()).unwrap().cluster;
+    let p = plan(&c, &all_keys(&c));
+    for name in [GW_A, NODE_C] {
+        let one = ClusterPlan {
+            nodes: vec![p.node(name).unwrap().clone()],
+            ..p.clone()
+        };
+        insta::assert_snapshot!(
+            format!("encrypted_{name}"),
+            skybridge_core::table::render(&one, None)
+        );
+    }
 }

@@ -5,7 +5,9 @@ use std::fmt::Display;
 
 use skybridge_core::ClusterPlan;
 use skybridge_core::NodePlan;
-use skybridge_core::plan::{Route, Tunnel, WireGuardPeer, WireGuardTunnel};
+use skybridge_core::layout::marks::INTRA_RULE_PRIORITY;
+use skybridge_core::plan::{INTRA_ROUTE_TABLE, Route, Tunnel, WireGuardPeer, WireGuardTunnel};
+use skybridge_core::validate::zones::INTRA_SITE_WG_PORT;
 
 use crate::{File, KEY_PATH, PrivateKeys};
 
@@ -149,6 +151,9 @@ pub(crate) fn ip_route(route: &Route) -> String {
         s.push_str(&format!(" mtu {mtu}"));
     }
     s.push_str(&format!(" metric {}", route.metric));
+    if let Some(table) = route.table {
+        s.push_str(&format!(" table {table}"));
+    }
     s
 }
 
@@ -164,7 +169,24 @@ pub(crate) fn ip_route_key(route: &Route) -> String {
         s.push_str(&format!(" dev {dev}"));
     }
     s.push_str(&format!(" metric {}", route.metric));
+    if let Some(table) = route.table {
+        s.push_str(&format!(" table {table}"));
+    }
     s
+}
+
+/// The routing rule, in `ip rule` syntax, that makes every packet but the
+/// intra-site WireGuard's own consult [`INTRA_ROUTE_TABLE`]; `None` when no
+/// route of the node is in that table.
+pub(crate) fn intra_rule(node: &NodePlan) -> Option<String> {
+    node.routes
+        .iter()
+        .any(|r| r.table == Some(INTRA_ROUTE_TABLE))
+        .then(|| {
+            format!(
+                "not ipproto udp sport {INTRA_SITE_WG_PORT} lookup {INTRA_ROUTE_TABLE} priority {INTRA_RULE_PRIORITY}"
+            )
+        })
 }
 
 pub(crate) fn join<T: Display>(items: &[T], sep: &str) -> String {

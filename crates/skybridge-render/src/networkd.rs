@@ -8,7 +8,9 @@
 //! systemd-networkd neither sets global sysctls nor firewalls, so a sysctl.d
 //! file and the nftables ruleset come along.
 
-use skybridge_core::plan::{PointToPoint, Route, Tunnel, WireGuardTunnel};
+use skybridge_core::layout::marks::INTRA_RULE_PRIORITY;
+use skybridge_core::plan::{INTRA_ROUTE_TABLE, PointToPoint, Route, Tunnel, WireGuardTunnel};
+use skybridge_core::validate::zones::INTRA_SITE_WG_PORT;
 use skybridge_core::{ClusterPlan, NodePlan};
 
 use crate::common::{PUBLIC, Text, file, header, join, private_key_file, unknown_key_note};
@@ -163,6 +165,7 @@ fn network(plan: &ClusterPlan, node: &NodePlan, tunnel: &Tunnel) -> String {
             t.line(format!("Peer={}/32", p.peer_address));
         }
     }
+    let mut tabled = false;
     for r in node
         .routes
         .iter()
@@ -170,6 +173,18 @@ fn network(plan: &ClusterPlan, node: &NodePlan, tunnel: &Tunnel) -> String {
     {
         t.blank();
         t.lines(route(r));
+        tabled |= r.table.is_some();
+    }
+    if tabled {
+        // `not ipproto udp sport PORT lookup TABLE`: the tunnel's own packets
+        // to a site node's private IP keep taking the VPC.
+        t.blank();
+        t.line("[RoutingPolicyRule]");
+        t.line(format!("Table={INTRA_ROUTE_TABLE}"));
+        t.line(format!("Priority={INTRA_RULE_PRIORITY}"));
+        t.line("IPProtocol=udp");
+        t.line(format!("SourcePort={INTRA_SITE_WG_PORT}"));
+        t.line("InvertRule=yes");
     }
     t.finish()
 }
@@ -182,6 +197,7 @@ fn route(r: &Route) -> Vec<String> {
     v.extend(r.source.map(|s| format!("PreferredSource={s}")));
     v.extend(r.mtu.map(|m| format!("MTUBytes={m}")));
     v.push(format!("Metric={}", r.metric));
+    v.extend(r.table.map(|n| format!("Table={n}")));
     v
 }
 

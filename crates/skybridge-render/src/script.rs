@@ -9,12 +9,13 @@
 //! A changed plan is applied by running the old script's `down` first
 //! (`systemctl stop`), then the new one's `up`.
 
-use skybridge_core::plan::{FirewallRule, PointToPoint, ROUTE_METRIC, Tunnel};
+use skybridge_core::layout::marks::INTRA_RULE_PRIORITY;
+use skybridge_core::plan::{FirewallRule, INTRA_ROUTE_TABLE, PointToPoint, ROUTE_METRIC, Tunnel};
 use skybridge_core::{ClusterPlan, NodePlan};
 
 use crate::common::{
-    PUBLIC, Text, file, has_work, header, ip_route, ip_route_key, join, key_dir, private_key,
-    private_key_file, unknown_key_note,
+    PUBLIC, Text, file, has_work, header, intra_rule, ip_route, ip_route_key, join, key_dir,
+    private_key, private_key_file, unknown_key_note,
 };
 use crate::{File, KEY_PATH, PrivateKeys, SCRIPT_PATH, iptables};
 
@@ -88,6 +89,14 @@ fn up_body(node: &NodePlan) -> Vec<String> {
         for r in &node.routes {
             up.push(format!("ip route replace {}  # {}", ip_route(r), r.to));
         }
+        if let Some(rule) = intra_rule(node) {
+            up.push(format!(
+                "# Table {INTRA_ROUTE_TABLE} for every packet but the site's WireGuard's own UDP"
+            ));
+            up.push(format!(
+                "ip rule show priority {INTRA_RULE_PRIORITY} | grep -q . || ip rule add {rule}"
+            ));
+        }
         up.push(String::new());
     }
     if !node.sysctls.is_empty() {
@@ -130,6 +139,11 @@ fn down_body(node: &NodePlan) -> Vec<String> {
         .iter()
         .map(|r| format!("route_del {}", ip_route_key(r)))
         .collect();
+    if intra_rule(node).is_some() {
+        down.push(format!(
+            "ip rule del priority {INTRA_RULE_PRIORITY} 2>/dev/null || true"
+        ));
+    }
     for (table, chain, hook, _) in iptables_chains(&node.firewall) {
         down.push(format!("chain_del {table} {chain} {hook}"));
     }

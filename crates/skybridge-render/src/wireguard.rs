@@ -10,12 +10,13 @@
 
 use skybridge_core::ClusterPlan;
 use skybridge_core::NodePlan;
+use skybridge_core::layout::marks::INTRA_RULE_PRIORITY;
 use skybridge_core::model::Transport;
-use skybridge_core::plan::{WireGuardPeer, WireGuardTunnel};
+use skybridge_core::plan::{Route, Tunnel, WireGuardPeer, WireGuardTunnel};
 
 use crate::common::{
-    SECRET, Text, file, header, ip_route, ip_route_key, join, key_dir, private_key,
-    private_key_file, unknown_key_note, wireguard_tunnel,
+    SECRET, Text, file, header, intra_rule, ip_route, ip_route_key, join, key_dir, private_key,
+    private_key_file, unknown_key_note,
 };
 use crate::{File, KEY_PATH, PrivateKeys, RenderError};
 
@@ -32,17 +33,34 @@ pub(crate) fn render(
     }
     let mut files = Vec::new();
     for node in &plan.nodes {
-        let Some(wg) = wireguard_tunnel(node) else {
-            continue;
-        };
-        let text = conf(plan, node, wg, private_key(node, keys));
-        files.push(file(node, &format!("{}.conf", wg.name), SECRET, text));
-        files.extend(private_key_file(node, keys));
+        let wgs: Vec<&WireGuardTunnel> = node
+            .tunnels
+            .iter()
+            .filter_map(|t| match t {
+                Tunnel::WireGuard(w) => Some(w),
+                _ => None,
+            })
+            .collect();
+        for (i, wg) in wgs.iter().enumerate() {
+            // The first interface also carries the node's sysctls and the
+            // routes through no WireGuard interface of its own.
+            let text = conf(plan, node, wg, i == 0, private_key(node, keys));
+            files.push(file(node, &format!("{}.conf", wg.name), SECRET, text));
+        }
+        if !wgs.is_empty() {
+            files.extend(private_key_file(node, keys));
+        }
     }
     Ok(files)
 }
 
-fn conf(plan: &ClusterPlan, node: &NodePlan, wg: &WireGuardTunnel, key: Option<&str>) -> String {
+fn conf(
+    plan: &ClusterPlan,
+    node: &NodePlan,
+    wg: &WireGuardTunnel,
+    first: bool,
+    key: Option<&str>,
+) -> String {
     let mut t = Text::default();
     header(&mut t, plan, node);
     t.comment("");
@@ -80,7 +98,7 @@ fn conf(plan: &ClusterPlan, node: &NodePlan, wg: &WireGuardTunnel, key: Option<&
             t.line(format!("PostUp = wg set %i private-key {KEY_PATH}"));
         }
     }
-    t.lines(hooks(node, wg));
+    t.lines(hooks(node, wg, first));
     for peer in &wg.peers {
         t.blank();
         t.lines(peer_section(peer));
@@ -91,28 +109,53 @@ fn conf(plan: &ClusterPlan, node: &NodePlan, wg: &WireGuardTunnel, key: Option<&
 /// Sysctls and routes as `PostUp`, and `PreDown` for the routes that do not
 /// vanish with the interface (those through the site's gateway). wg-quick
 /// runs each hook with `eval` and stops at a failure, hence `|| true`.
-fn hooks(node: &NodePlan, wg: &WireGuardTunnel) -> Vec<String> {
-    let mut v: Vec<String> = node
-        .sysctls
+fn hooks(node: &NodePlan, wg: &WireGuardTunnel, first: bool) -> Vec<String> {
+    let wg_names: Vec<&str> = node
+        .tunnels
         .iter()
-        .map(|s| {
+        .filter(|t| matches!(t, Tunnel::WireGuard(_)))
+        .map(Tunnel::name)
+        .collect();
+    // This interface's routes, and on the first one those through none.
+    let routes: Vec<&Route> = node
+        .routes
+        .iter()
+        .filter(|r| match r.device.as_deref() {
+            Some(d) if wg_names.contains(&d) => d == wg.name,
+            _ => first,
+        })
+        .collect();
+    let mut v: Vec<String> = Vec::new();
+    if first {
+        v.extend(node.sysctls.iter().map(|s| {
             let uplink = format!(
                 "$(ip -o -4 addr show | awk '$4 ~ /^{}\\// {{print $2; exit}}')",
                 node.private_ip.to_string().replace('.', "\\.")
             );
             format!("PostUp = sysctl -q -w {}={}", s.key_for(&uplink), s.value)
-        })
-        .collect();
-    for r in &node.routes {
+        }));
+    }
+    for r in &routes {
         v.push(format!("PostUp = ip route replace {}", ip_route(r)));
     }
-    for r in &node.routes {
+    let rule = intra_rule(node).filter(|_| routes.iter().any(|r| r.table.is_some()));
+    if let Some(rule) = &rule {
+        v.push(format!(
+            "PostUp = ip rule show priority {INTRA_RULE_PRIORITY} | grep -q . || ip rule add {rule}"
+        ));
+    }
+    for r in &routes {
         if r.device.as_deref() != Some(wg.name.as_str()) {
             v.push(format!(
                 "PreDown = ip route del {} || true",
                 ip_route_key(r)
             ));
         }
+    }
+    if rule.is_some() {
+        v.push(format!(
+            "PreDown = ip rule del priority {INTRA_RULE_PRIORITY} || true"
+        ));
     }
     v
 }

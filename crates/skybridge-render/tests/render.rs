@@ -377,3 +377,40 @@ fn routes_into_vxlan_go_via_the_far_end() {
         "{network}"
     );
 }
+
+/// examples/zones.yaml with `intraSiteEncryption: true`, every key collected:
+/// a gateway and the node of the subnet without one, in the formats that
+/// set up interfaces and routes (sb-wgi0, table 83 and its rule).
+#[test]
+fn zones_with_intra_site_encryption_render_the_site_interface_its_table_and_rule() {
+    let src = include_str!("../../../examples/zones.yaml").replace(
+        "intraSite: tunnel",
+        "intraSite: tunnel\n      intraSiteEncryption: true",
+    );
+    let bare = plan_of(&src, &State::default());
+    let state = State {
+        public_keys: node_names(&bare)
+            .into_iter()
+            .map(|n| (n.clone(), fake_key("pub", &n)))
+            .collect(),
+    };
+    let p = plan_of(&src, &state);
+    for (format, name) in [
+        (Format::Script, "script"),
+        (Format::Networkd, "networkd"),
+        (Format::WireGuard, "wireguard"),
+    ] {
+        let files: Vec<File> = render(&p, format, None)
+            .unwrap()
+            .into_iter()
+            .filter(|f| f.path.starts_with("aws-gw-a/") || f.path.starts_with("aws-c1/"))
+            .collect();
+        snapshot_all(&format!("zones_encrypted_{name}"), &files);
+        let all: String = files.iter().map(|f| f.contents.as_str()).collect();
+        assert!(
+            all.contains("table 83") || all.contains("Table=83"),
+            "{name}"
+        );
+        assert!(all.contains("51821"), "{name}");
+    }
+}

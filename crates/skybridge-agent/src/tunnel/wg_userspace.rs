@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use netlink_packet_route::link::{InfoKind, LinkInfo};
 use skybridge_core::diff::{Link, LinkKind, WireGuardConfig};
-use skybridge_core::layout::marks::WG_IFACE;
+use skybridge_core::layout::marks::{WG_IFACE, WG_INTRA_IFACE};
 use skybridge_core::model::Transport;
 
 use super::{Op, TunnelBackend, TunnelError, kind_and_data};
@@ -83,8 +83,9 @@ impl TunnelBackend for UserspaceBackend {
     /// Userspace implementations serve the interface on a TUN device; only
     /// a data plane makes one under Skybridge's WireGuard name.
     fn recognize(&self, name: &str, info: &[LinkInfo]) -> Option<LinkKind> {
-        (name == WG_IFACE && matches!(kind_and_data(info), (Some(InfoKind::Tun), _)))
-            .then_some(LinkKind::WireGuard)
+        ([WG_IFACE, WG_INTRA_IFACE].contains(&name)
+            && matches!(kind_and_data(info), (Some(InfoKind::Tun), _)))
+        .then_some(LinkKind::WireGuard)
     }
 
     fn create<'a>(&'a mut self, _nl: &'a Netlink, link: &'a Link) -> Op<'a, ()> {

@@ -23,6 +23,19 @@ use super::{Checker, is_member, node_pos, pos};
 pub const INTRA_SITE_PORT: u16 = 4789;
 /// Bytes VXLAN adds over IPv4 (outer IPv4, UDP, VXLAN, inner Ethernet).
 pub const INTRA_SITE_OVERHEAD: u32 = 50;
+/// UDP listen port of the WireGuard interface inside a site
+/// (`intraSiteEncryption: true`, interface [`crate::layout::marks::WG_INTRA_IFACE`]):
+/// next to WireGuard's usual 51820, which the cluster's listen port may hold.
+pub const INTRA_SITE_WG_PORT: u16 = 51821;
+
+/// The UDP port a site's intra-site tunnels use.
+pub fn intra_site_port(site: &Site) -> u16 {
+    if site.intra_site_encryption {
+        INTRA_SITE_WG_PORT
+    } else {
+        INTRA_SITE_PORT
+    }
+}
 /// The VNIs of intra-site tunnels: above every VNI an inter-site tunnel can
 /// get (validation caps those at 5000 tunnel ends, whose pairs stay below
 /// 12.5 million), so the two can never collide on a gateway.
@@ -44,22 +57,16 @@ pub(super) fn settings(c: &mut Checker, sd: &SiteDoc) -> Settings {
         .intra_site
         .as_ref()
         .map_or(IntraSite::Tunnel, |m| m.value);
+    let encryption = sd.intra_site_encryption.as_ref().is_some_and(|e| e.value);
     if let Some(e) = &sd.intra_site_encryption
         && e.value
+        && intra_site == IntraSite::VpcRoutes
     {
-        if intra_site == IntraSite::VpcRoutes {
-            c.error(
-                pos(e),
-                format!("site {name}: intraSiteEncryption applies to intraSite: tunnel, but the site uses vpc-routes"),
-                "remove intraSiteEncryption: the VPC's own routes carry the traffic",
-            );
-        } else {
-            c.error(
-                pos(e),
-                format!("site {name}: intraSiteEncryption: true is not supported yet: tunnels inside a site are VXLAN over the VPC's private addresses, not WireGuard"),
-                "remove intraSiteEncryption (or set it to false); traffic between sites stays encrypted with transport: wireguard",
-            );
-        }
+        c.error(
+            pos(e),
+            format!("site {name}: intraSiteEncryption applies to intraSite: tunnel, but the site uses vpc-routes"),
+            "remove intraSiteEncryption, or use intraSite: tunnel: with vpc-routes the VPC's own routes carry the traffic, which Skybridge cannot encrypt",
+        );
     }
     let on_failover = sd.on_failover.as_ref().and_then(|hook| {
         let Some(program) = hook.value.first() else {
@@ -94,8 +101,7 @@ pub(super) fn settings(c: &mut Checker, sd: &SiteDoc) -> Settings {
     Settings {
         intra_site,
         explicit: sd.intra_site.is_some(),
-        // Only `false` passes validation until intra-site WireGuard exists.
-        encryption: false,
+        encryption: encryption && intra_site == IntraSite::Tunnel,
         on_failover,
     }
 }
@@ -234,15 +240,43 @@ pub(super) fn check_reach(
             continue;
         }
         let at = sd.intra_site.as_ref().map_or(pos(&sd.name), pos);
-        if transport == Transport::WireGuard && listen_port == INTRA_SITE_PORT {
+        let port = intra_site_port(site);
+        // VXLAN devices share one socket per port, so only WireGuard between
+        // sites collides with VXLAN inside; WireGuard inside collides with
+        // any UDP transport between sites.
+        let collides = match transport {
+            Transport::WireGuard => true,
+            Transport::Vxlan => site.intra_site_encryption,
+            Transport::Gre => false,
+        };
+        if collides && listen_port == port {
+            let what = if site.intra_site_encryption {
+                "WireGuard interface"
+            } else {
+                "VXLAN tunnels"
+            };
             c.error(
                 listen_pos,
                 format!(
-                    "site {}: listenPort {INTRA_SITE_PORT} is also the UDP port of the VXLAN tunnels inside the site (nodes in other subnets than their gateway)",
+                    "site {}: listenPort {port} is also the UDP port of the {what} inside the site (nodes in other subnets than their gateway)",
                     site.name
                 ),
                 "use another listenPort, such as the default 51820",
             );
+        }
+        if transport == Transport::WireGuard {
+            for n in &site.nodes {
+                if n.public.and_then(|ep| ep.port) == Some(port) {
+                    c.error(
+                        node_pos(sd, &n.name),
+                        format!(
+                            "node {}: its WireGuard port {port} is also the UDP port of the tunnels inside site {}",
+                            n.name, site.name
+                        ),
+                        "give the node another port in its publicIP",
+                    );
+                }
+            }
         }
         let max = MAX_TUNNEL_SITE_NODES;
         if site.nodes.len() > max {
@@ -353,18 +387,23 @@ mod tests {
 
     #[test]
     fn intra_site_encryption_and_on_failover_are_checked_where_written() {
+        // With tunnel mode, encryption is a choice like any other.
         let e = diags(&split_huawei(
             "      intraSite: tunnel\n      intraSiteEncryption: true\n      onFailover: [move-routes, \"--table\"]\n",
         ));
-        assert_eq!(e.len(), 2, "{e:?}");
+        assert_eq!(e.len(), 1, "{e:?}");
         assert!(
-            e[0].starts_with(
-                "17:28: error: site huawei: intraSiteEncryption: true is not supported yet"
-            ),
+            e[0].starts_with("18:20: error: site huawei: onFailover program 'move-routes' is not an absolute path"),
             "{e:?}"
         );
+        // With vpc-routes there is no tunnel to encrypt.
+        let e = diags(&split_huawei(
+            "      intraSite: vpc-routes\n      intraSiteEncryption: true\n",
+        ));
         assert!(
-            e[1].starts_with("18:20: error: site huawei: onFailover program 'move-routes' is not an absolute path"),
+            e.len() == 1
+                && e[0].starts_with("17:28: error: site huawei: intraSiteEncryption applies to intraSite: tunnel, but the site uses vpc-routes")
+                && e[0].contains("use intraSite: tunnel"),
             "{e:?}"
         );
         let e = diags(&split_huawei(
@@ -373,6 +412,33 @@ mod tests {
         assert!(
             e.len() == 1
                 && e[0].starts_with("17:19: error: site huawei: onFailover is an empty command"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn encryption_is_on_only_where_the_file_asks_for_it() {
+        let on = load(&split_huawei(
+            "      intraSite: tunnel\n      intraSiteEncryption: true\n",
+        ))
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        assert!(on.cluster.sites[0].intra_site_encryption);
+        assert_eq!(intra_site_port(&on.cluster.sites[0]), INTRA_SITE_WG_PORT);
+        assert!(!on.cluster.sites[1].intra_site_encryption);
+        let off = load(&split_huawei("      intraSite: tunnel\n")).unwrap();
+        assert_eq!(intra_site_port(&off.cluster.sites[0]), INTRA_SITE_PORT);
+    }
+
+    #[test]
+    fn wireguard_on_the_intra_site_wireguard_port_is_an_error_at_listen_port() {
+        let src = split_huawei("      intraSite: tunnel\n      intraSiteEncryption: true\n")
+            .replace("listenPort: 51820", "listenPort: 51821");
+        let e = diags(&src);
+        assert!(
+            e.len() == 1
+                && e[0].starts_with(
+                    "10:17: error: site huawei: listenPort 51821 is also the UDP port of the WireGuard interface"
+                ),
             "{e:?}"
         );
     }
@@ -426,6 +492,32 @@ mod tests {
             e.len() == 1
                 && e[0]
                     .starts_with("10:17: error: site huawei: listenPort 4789 is also the UDP port"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn vxlan_between_sites_on_the_intra_site_wireguard_port_is_an_error() {
+        let src = split_huawei("      intraSite: tunnel\n      intraSiteEncryption: true\n")
+            .replace("transport: wireguard", "transport: vxlan")
+            .replace("listenPort: 51820", "listenPort: 51821");
+        let e = diags(&src);
+        assert!(
+            e.iter()
+                .any(|d| d
+                    .contains("listenPort 51821 is also the UDP port of the WireGuard interface")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_gateway_listening_on_the_intra_site_wireguard_port_is_an_error_at_the_node() {
+        let src = split_huawei("      intraSite: tunnel\n      intraSiteEncryption: true\n")
+            .replace("112.124.59.21,", "\"112.124.59.21:51821\",");
+        let e = diags(&src);
+        assert!(
+            e.len() == 1
+                && e[0].contains("node k8s-master2: its WireGuard port 51821 is also the UDP port of the tunnels inside site huawei"),
             "{e:?}"
         );
     }
