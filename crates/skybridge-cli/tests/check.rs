@@ -12,65 +12,33 @@ mod support;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{Lab, Pinger, skybridge, text, unmet, within};
+use support::{Lab, Pinger, SSH_TOOLS, text, two_sites, unmet, within};
 
-/// Two providers, three nodes, WireGuard (60 bytes of overhead: the plan's
-/// tunnel MTU is 1440 on 1500-byte links). Metrics on a port the lab itself
-/// never passes to an agent, so only the file can have set it.
-const CLUSTER: &str = "apiVersion: skybridge.dev/v1alpha1
-kind: Cluster
-metadata:
-  name: measured
-spec:
-  monitoring:
-    metricsListen: 127.0.0.1:9900
-  network:
-    transport: wireguard
-    tunnelPool: 100.96.0.0/24
-  sites:
-    - name: huawei
-      provider: huaweicloud
-      cidrs: [192.168.0.0/24]
-      nodes:
-        - { name: hw-gw, privateIP: 192.168.0.10, publicIP: 192.0.2.10, roles: [gateway] }
-        - { name: hw-worker, privateIP: 192.168.0.11, roles: [worker] }
-    - name: aliyun
-      provider: alibabacloud
-      cidrs: [172.26.32.0/24]
-      nodes:
-        - { name: ali-gw, privateIP: 172.26.32.235, publicIP: 198.51.100.20, roles: [gateway] }
-";
-const NODES: [&str; 3] = ["hw-gw", "hw-worker", "ali-gw"];
+/// The first two sites of the SSH lab's cluster (three nodes, WireGuard: 60
+/// bytes of overhead, so the plan's tunnel MTU is 1440 on 1500-byte links),
+/// with metrics on a port the lab itself never passes to an agent, so only
+/// the file can have set it.
+fn cluster() -> String {
+    let two = two_sites();
+    let with = two.replacen(
+        "spec:\n",
+        "spec:\n  monitoring:\n    metricsListen: 127.0.0.1:9900\n",
+        1,
+    );
+    assert_ne!(with, two, "the SSH lab's cluster has no spec");
+    with
+}
 const PLANNED_MTU: u64 = 1440;
 const WIREGUARD_OVERHEAD: u64 = 60;
 /// What the test narrows aliyun's router uplink to.
 const NARROW_LINK: u64 = 1400;
+const NODES: [&str; 3] = support::TWO_SITES_NODES;
 const NODES_FAILED: i32 = 3;
-
-const TOOLS: [&str; 8] = [
-    "/usr/sbin/sshd",
-    "ssh",
-    "ssh-keygen",
-    "setsid",
-    "nft",
-    "nsenter",
-    "ping",
-    "curl",
-];
-
-/// `skybridge ARGS` on the controller, as an operator runs it.
-fn on_controller(lab: &Lab, args: &[&str]) -> std::process::Output {
-    let exe = skybridge().display().to_string();
-    lab.run(&[&["exec", "controller", "--", exe.as_str()], args].concat())
-}
 
 /// `check FILE ARGS -o json`: its exit code and report.
 fn check_json(lab: &Lab, args: &[&str]) -> (Option<i32>, Value) {
     let file = lab.path("measured.yaml");
-    let out = on_controller(
-        lab,
-        &[&["check", file.as_str(), "-o", "json"], args].concat(),
-    );
+    let out = lab.on_controller(&[&["check", file.as_str(), "-o", "json"], args].concat());
     let doc: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("check -o json printed no JSON ({e}): {}", text(&out)));
     (out.status.code(), doc)
@@ -84,14 +52,12 @@ fn the_pair(doc: &Value) -> &Value {
 
 #[test]
 fn check_over_ssh_is_green_measures_throughput_and_flags_a_narrowed_router_link() {
-    if unmet(&TOOLS) {
+    if unmet(&[SSH_TOOLS.as_slice(), &["curl"]].concat()) {
         return;
     }
-    let lab = Lab::new("ck");
-    let file = lab.file("measured.yaml", CLUSTER);
-    let up = lab.run(&["up", "--ssh", &file]);
-    assert!(up.status.success(), "{}", text(&up));
-    let apply = on_controller(&lab, &["apply", &file, "--yes"]);
+    let lab = Lab::up_ssh("ck", "measured.yaml", &cluster());
+    let file = lab.path("measured.yaml");
+    let apply = lab.on_controller(&["apply", &file, "--yes"]);
     assert!(apply.status.success(), "{}", text(&apply));
 
     // The daemon `apply` started serves metrics where the file says.
@@ -133,7 +99,7 @@ fn check_over_ssh_is_green_measures_throughput_and_flags_a_narrowed_router_link(
     assert_eq!(pair["usableMtu"], PLANNED_MTU, "{doc:#}");
 
     // The table fits 100 columns and names every node.
-    let table = on_controller(&lab, &["check", &file]);
+    let table = lab.on_controller(&["check", &file]);
     assert!(table.status.success(), "{}", text(&table));
     let table = String::from_utf8_lossy(&table.stdout).into_owned();
     assert!(table.lines().all(|l| l.chars().count() <= 100), "{table}");
@@ -153,10 +119,7 @@ fn check_over_ssh_is_green_measures_throughput_and_flags_a_narrowed_router_link(
     // `cost --live` prices the traffic flowing now: a ping across the
     // sites during its sample shows as egress both ways.
     let pinger = Pinger::start(&lab, "hw-worker", "172.26.32.235", 8);
-    let cost = on_controller(
-        &lab,
-        &["cost", &file, "--live", "--sample", "3", "-o", "json"],
-    );
+    let cost = lab.on_controller(&["cost", &file, "--live", "--sample", "3", "-o", "json"]);
     let _ = pinger.longest_gap();
     assert!(cost.status.success(), "{}", text(&cost));
     let cost: Value = serde_json::from_slice(&cost.stdout).expect("cost -o json");
@@ -182,7 +145,7 @@ fn check_over_ssh_is_green_measures_throughput_and_flags_a_narrowed_router_link(
         problems.contains(&format!("packets over {usable} bytes")),
         "{doc:#}"
     );
-    let table = on_controller(&lab, &["check", &file]);
+    let table = lab.on_controller(&["check", &file]);
     assert_eq!(table.status.code(), Some(NODES_FAILED), "{}", text(&table));
     assert!(
         text(&table).contains(&format!("{usable} !")),
@@ -199,7 +162,7 @@ fn lab_check_shows_the_usable_mtu_and_fails_on_a_narrowed_router_link() {
         return;
     }
     let lab = Lab::new("lc");
-    let file = lab.file("measured.yaml", CLUSTER);
+    let file = lab.file("measured.yaml", &cluster());
     let up = lab.run(&["up", &file]);
     assert!(up.status.success(), "{}", text(&up));
     let mut last = lab.run(&["check", "-o", "json"]);

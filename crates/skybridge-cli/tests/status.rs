@@ -14,7 +14,7 @@ use serde_json::Value;
 use skybridge_core::layout::paths;
 use support::{Lab, SSH_TOOLS as TOOLS, skybridge, text, two_sites, unmet, within};
 
-const NODES: [&str; 3] = ["hw-gw", "hw-worker", "ali-gw"];
+const NODES: [&str; 3] = support::TWO_SITES_NODES;
 /// The node whose agent the test kills, and the one it stops.
 const KILLED: &str = "hw-worker";
 const STOPPED: &str = "ali-gw";

@@ -316,6 +316,9 @@ spec:
       nodes:
         - { name: tc-gw, privateIP: 10.20.1.5, publicIP: 203.0.113.30, roles: [gateway] }
 ";
+/// The nodes of [`two_sites`], in the file's order.
+pub const TWO_SITES_NODES: [&str; 3] = ["hw-gw", "hw-worker", "ali-gw"];
+
 /// The first two sites of [`SMALL`]: `hw-gw`, `hw-worker` (through its
 /// gateway) and `ali-gw`.
 pub fn two_sites() -> String {
