@@ -16,7 +16,7 @@ use skybridge_apply::apply::{self, Binaries, Observer, Options, Outcome};
 use skybridge_apply::ssh::Openssh;
 
 use crate::load;
-use crate::output::{self, NodeReport, NodeResult, Output, PairReport, RunReport};
+use crate::output::{self, NodeReport, NodeResult, Output, PairReport, Reports, RunReport};
 
 #[derive(Debug, Args)]
 pub struct ApplyArgs {
@@ -224,33 +224,19 @@ pub fn main(args: ApplyArgs) -> Result<ExitCode> {
             )?;
         }
     }
-    for f in &failed {
-        writeln!(out, "  {}: FAILED at {}: {}", f.node, f.step, f.reason)?;
-    }
-    if !skipped.is_empty() {
-        writeln!(out, "  skipped (not in --node): {}", skipped.join(", "))?;
-    }
+    output::write_failed_and_skipped(&mut out, &failed, &skipped)?;
     // What each node changes (or would), for the summary.
-    let mut reports: BTreeMap<String, NodeReport> = planned
-        .iter()
-        .map(|(r, c)| {
-            let node = &r.target.node;
-            (node.clone(), NodeReport::ok(node, c.describe()))
-        })
-        .chain(failed.iter().map(|f| {
-            (
-                f.node.clone(),
-                NodeReport::failed(&f.node, f.step, &f.reason),
-            )
-        }))
-        .chain(skipped.iter().map(|n| (n.clone(), NodeReport::skipped(n))))
-        .collect();
-    let in_order = |mut reports: BTreeMap<String, NodeReport>| -> Vec<NodeReport> {
-        order.iter().filter_map(|n| reports.remove(n)).collect()
-    };
+    let mut reports = Reports::new(
+        &order,
+        planned
+            .iter()
+            .map(|(r, c)| (r.target.node.clone(), c.describe())),
+        &failed,
+        &skipped,
+    );
     if args.dry_run {
         writeln!(out, "dry run: nothing was changed")?;
-        let report = RunReport::new("apply", &cluster.name, true, in_order(reports));
+        let report = RunReport::new("apply", &cluster.name, true, reports.in_order());
         if args.output != Output::Table {
             output::print(args.output, &report)?;
         }
@@ -317,18 +303,15 @@ pub fn main(args: ApplyArgs) -> Result<ExitCode> {
                     }
                 );
                 writeln!(out, "  {node}: ROLLED BACK: {why}")?;
-                reports.insert(
-                    node.clone(),
-                    NodeReport {
-                        result: NodeResult::RolledBack,
-                        error: Some(why),
-                        ..NodeReport::ok(node, Vec::new())
-                    },
-                );
+                reports.set(NodeReport {
+                    result: NodeResult::RolledBack,
+                    error: Some(why),
+                    ..NodeReport::ok(node, Vec::new())
+                });
             }
             Outcome::Failed(f) => {
                 writeln!(out, "  {node}: FAILED at {}: {}", f.step, f.reason)?;
-                reports.insert(node.clone(), NodeReport::failed(node, f.step, &f.reason));
+                reports.set(NodeReport::failed(node, f.step, &f.reason));
             }
         }
     }
@@ -356,7 +339,7 @@ pub fn main(args: ApplyArgs) -> Result<ExitCode> {
             t.as_secs_f64()
         )?;
     }
-    let mut report = RunReport::new("apply", &cluster.name, false, in_order(reports));
+    let mut report = RunReport::new("apply", &cluster.name, false, reports.in_order());
     report.ok &= summary.success() && failed.is_empty();
     report.connectivity = Some(
         summary

@@ -2,7 +2,6 @@
 //! SSH. The steps live in `skybridge_apply::down`; this file reads the file,
 //! shows what would go, asks, and prints the summary as apply does.
 
-use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,7 +15,7 @@ use skybridge_core::layout::paths;
 
 use crate::apply::{Progress, exit};
 use crate::load;
-use crate::output::{self, NodeReport, Output, RunReport};
+use crate::output::{self, NodeReport, Output, Reports, RunReport};
 
 #[derive(Debug, Args)]
 pub struct DownArgs {
@@ -97,34 +96,16 @@ pub fn main(args: DownArgs) -> Result<ExitCode> {
             writeln!(out, "      note: {w}")?;
         }
     }
-    for f in &failed {
-        writeln!(out, "  {}: FAILED at {}: {}", f.node, f.step, f.reason)?;
-    }
-    if !skipped.is_empty() {
-        writeln!(out, "  skipped (not in --node): {}", skipped.join(", "))?;
-    }
-    let mut reports: BTreeMap<String, NodeReport> = found
-        .iter()
-        .map(|f| {
-            (
-                f.target.node.clone(),
-                NodeReport::ok(&f.target.node, f.describe()),
-            )
-        })
-        .chain(failed.iter().map(|f| {
-            (
-                f.node.clone(),
-                NodeReport::failed(&f.node, f.step, &f.reason),
-            )
-        }))
-        .chain(skipped.iter().map(|n| (n.clone(), NodeReport::skipped(n))))
-        .collect();
-    let in_order = |mut reports: BTreeMap<String, NodeReport>| -> Vec<NodeReport> {
-        order.iter().filter_map(|n| reports.remove(n)).collect()
-    };
+    output::write_failed_and_skipped(&mut out, &failed, &skipped)?;
+    let mut reports = Reports::new(
+        &order,
+        found.iter().map(|f| (f.target.node.clone(), f.describe())),
+        &failed,
+        &skipped,
+    );
     if args.dry_run {
         writeln!(out, "dry run: nothing was changed")?;
-        let report = RunReport::new("down", &cluster.name, true, in_order(reports));
+        let report = RunReport::new("down", &cluster.name, true, reports.in_order());
         if args.output != Output::Table {
             output::print(args.output, &report)?;
         }
@@ -156,7 +137,7 @@ pub fn main(args: DownArgs) -> Result<ExitCode> {
         match result {
             Ok(r) if r.network.is_empty() && r.files.is_empty() => {
                 writeln!(out, "  {node}: nothing to remove")?;
-                reports.insert(node.clone(), NodeReport::ok(node, Vec::new()));
+                reports.set(NodeReport::ok(node, Vec::new()));
             }
             Ok(r) => {
                 writeln!(out, "  {node}: down, {} path(s) removed", r.files.len())?;
@@ -169,11 +150,11 @@ pub fn main(args: DownArgs) -> Result<ExitCode> {
                     .map(|l| l.trim().to_owned())
                     .chain(r.files.iter().map(|f| format!("removed {f}")))
                     .collect();
-                reports.insert(node.clone(), NodeReport::ok(node, changes));
+                reports.set(NodeReport::ok(node, changes));
             }
             Err(f) => {
                 writeln!(out, "  {node}: FAILED at {}: {}", f.step, f.reason)?;
-                reports.insert(node.clone(), NodeReport::failed(node, f.step, &f.reason));
+                reports.set(NodeReport::failed(node, f.step, &f.reason));
             }
         }
     }
@@ -191,7 +172,7 @@ pub fn main(args: DownArgs) -> Result<ExitCode> {
             t.as_secs_f64()
         )?;
     }
-    let report = RunReport::new("down", &cluster.name, false, in_order(reports));
+    let report = RunReport::new("down", &cluster.name, false, reports.in_order());
     if args.output != Output::Table {
         output::print(args.output, &report)?;
     }

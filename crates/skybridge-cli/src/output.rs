@@ -107,7 +107,7 @@ pub enum NodeResult {
 }
 
 /// One node in [`RunReport`].
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct NodeReport {
     pub name: String,
     pub result: NodeResult,
@@ -150,6 +150,75 @@ impl NodeReport {
             error: None,
         }
     }
+}
+
+/// Each node's report while a run over SSH goes on, kept by node name and
+/// given out in the file's order: what `apply` and `down` build their
+/// summary and `-o json` document from.
+#[derive(Debug)]
+pub struct Reports {
+    order: Vec<String>,
+    by_node: std::collections::BTreeMap<String, NodeReport>,
+}
+
+impl Reports {
+    /// The nodes that were reached, with what they change (or would); the
+    /// ones that failed before that; the ones `--node` left out.
+    pub fn new(
+        order: &[String],
+        reached: impl IntoIterator<Item = (String, Vec<String>)>,
+        failed: &[skybridge_apply::apply::NodeFailure],
+        skipped: &[String],
+    ) -> Reports {
+        let by_node = reached
+            .into_iter()
+            .map(|(node, changes)| (node.clone(), NodeReport::ok(&node, changes)))
+            .chain(failed.iter().map(|f| {
+                (
+                    f.node.clone(),
+                    NodeReport::failed(&f.node, f.step, &f.reason),
+                )
+            }))
+            .chain(skipped.iter().map(|n| (n.clone(), NodeReport::skipped(n))))
+            .collect();
+        Reports {
+            order: order.to_vec(),
+            by_node,
+        }
+    }
+
+    /// Replaces `report.name`'s report.
+    pub fn set(&mut self, report: NodeReport) {
+        self.by_node.insert(report.name.clone(), report);
+    }
+
+    pub fn get_mut(&mut self, node: &str) -> Option<&mut NodeReport> {
+        self.by_node.get_mut(node)
+    }
+
+    /// The reports in the file's order.
+    pub fn in_order(&self) -> Vec<NodeReport> {
+        self.order
+            .iter()
+            .filter_map(|n| self.by_node.get(n).cloned())
+            .collect()
+    }
+}
+
+/// The lines for nodes that failed before the change and nodes `--node`
+/// left out, under the plan of `apply` or `down`.
+pub fn write_failed_and_skipped(
+    out: &mut impl std::io::Write,
+    failed: &[skybridge_apply::apply::NodeFailure],
+    skipped: &[String],
+) -> std::io::Result<()> {
+    for f in failed {
+        writeln!(out, "  {}: FAILED at {}: {}", f.node, f.step, f.reason)?;
+    }
+    if !skipped.is_empty() {
+        writeln!(out, "  skipped (not in --node): {}", skipped.join(", "))?;
+    }
+    Ok(())
 }
 
 /// `apply`, `join`, `join --revert` and `down` with `-o json|yaml`: one
