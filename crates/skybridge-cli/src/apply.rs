@@ -230,6 +230,13 @@ pub fn main(args: ApplyArgs) -> Result<ExitCode> {
     if !skipped.is_empty() {
         writeln!(out, "  skipped (not in --node): {}", skipped.join(", "))?;
     }
+    for (arch, size) in binaries.with_debug_info() {
+        writeln!(
+            out,
+            "note: the agent for {arch} is {} MB with debug info, uploaded to every node that lacks it; a release build (cargo build --release) is stripped and a fraction of that",
+            size >> 20
+        )?;
+    }
     // What each node changes (or would), for the summary.
     let mut reports: BTreeMap<String, NodeReport> = planned
         .iter()
