@@ -72,7 +72,10 @@ chmod 644 "$root"/usr/share/man/man1/* "$root"/usr/share/*/*/skybridge* \
 
 # The unit is installed, never enabled or started: the node has no cluster
 # file yet. Removing the package stops and disables the agent (the network
-# stays as it is: `skybridge agent down` takes it down first, if wanted).
+# stays as it is: `skybridge agent down` takes it down first, if wanted),
+# but only when systemd runs the package's unit: a skybridge-agent.service
+# in /etc/systemd/system (what `skybridge apply` installs) overrides it, and
+# that agent keeps running.
 cat >"$root/DEBIAN/postinst" <<'SCRIPT'
 #!/bin/sh
 set -e
@@ -82,7 +85,11 @@ cat >"$root/DEBIAN/prerm" <<'SCRIPT'
 #!/bin/sh
 set -e
 if [ "$1" = remove ] && [ -d /run/systemd/system ]; then
-  systemctl disable --now skybridge-agent.service >/dev/null 2>&1 || true
+  fragment=$(systemctl show --property=FragmentPath --value skybridge-agent.service 2>/dev/null || true)
+  case "$fragment" in
+    /lib/systemd/system/skybridge-agent.service | /usr/lib/systemd/system/skybridge-agent.service)
+      systemctl disable --now skybridge-agent.service >/dev/null 2>&1 || true ;;
+  esac
 fi
 SCRIPT
 cat >"$root/DEBIAN/postrm" <<'SCRIPT'

@@ -151,6 +151,63 @@ pub fn elf_arch(bytes: &[u8]) -> Result<&'static str, String> {
         })
 }
 
+/// Whether an ELF file has DWARF debug info (`.debug_info` or
+/// `.debug_line`, or their compressed `.zdebug_` forms): a debug build, or a
+/// release build with `strip` turned off. `.debug_gdb_scripts`, which Rust
+/// puts in every binary and `strip` keeps, is no debug info. Anything that
+/// is not a well-formed ELF file says no.
+pub fn has_debug_info(bytes: &[u8]) -> bool {
+    debug_sections(bytes).unwrap_or(false)
+}
+
+fn debug_sections(bytes: &[u8]) -> Option<bool> {
+    if bytes.get(..4)? != b"\x7fELF" {
+        return None;
+    }
+    let class64 = *bytes.get(4)? == 2;
+    let little_endian = *bytes.get(5)? == 1;
+    let int = |at: usize, len: usize| -> Option<usize> {
+        let b = bytes.get(at..at.checked_add(len)?)?;
+        let mut v: u64 = 0;
+        for i in 0..len {
+            let byte = if little_endian { b[len - 1 - i] } else { b[i] };
+            v = (v << 8) | u64::from(byte);
+        }
+        usize::try_from(v).ok()
+    };
+    // The section header table and the index of its names' section.
+    let (shoff, shentsize, shnum, shstrndx) = if class64 {
+        (int(0x28, 8)?, int(0x3a, 2)?, int(0x3c, 2)?, int(0x3e, 2)?)
+    } else {
+        (int(0x20, 4)?, int(0x2e, 2)?, int(0x30, 2)?, int(0x32, 2)?)
+    };
+    // sh_name, sh_offset and sh_size of section `i`.
+    let section = |i: usize| -> Option<(usize, usize, usize)> {
+        let at = shoff.checked_add(i.checked_mul(shentsize)?)?;
+        if class64 {
+            Some((int(at, 4)?, int(at + 0x18, 8)?, int(at + 0x20, 8)?))
+        } else {
+            Some((int(at, 4)?, int(at + 0x10, 4)?, int(at + 0x14, 4)?))
+        }
+    };
+    let (_, names_at, names_len) = section(shstrndx)?;
+    let names = bytes.get(names_at..names_at.checked_add(names_len)?)?;
+    Some((0..shnum).any(|i| {
+        section(i)
+            .and_then(|(name, _, _)| names.get(name..))
+            .and_then(|n| n.split(|b| *b == 0).next())
+            .is_some_and(|n| {
+                [
+                    &b".debug_info"[..],
+                    b".debug_line",
+                    b".zdebug_info",
+                    b".zdebug_line",
+                ]
+                .contains(&n)
+            })
+    }))
+}
+
 /// One `--binary ARCH=PATH`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BinaryArg {
@@ -250,6 +307,16 @@ impl Binaries {
         })
     }
 
+    /// The binaries that carry debug info (architecture, size in bytes):
+    /// each node gets all of it, many times a stripped release build.
+    pub fn with_debug_info(&self) -> Vec<(&'static str, usize)> {
+        self.by_arch
+            .iter()
+            .filter(|(_, b)| has_debug_info(&b.bytes))
+            .map(|(arch, b)| (*arch, b.bytes.len()))
+            .collect()
+    }
+
     /// The binary for a node whose `uname -m` printed `uname`.
     ///
     /// # Errors
@@ -329,6 +396,98 @@ mod tests {
             elf_arch(&exe).unwrap(),
             canonical(std::env::consts::ARCH).unwrap()
         );
+    }
+
+    /// A 64-bit little-endian ELF file whose sections are named `names`
+    /// (index 0 is the empty section, the last one the names' table).
+    fn with_sections(names: &[&str]) -> Vec<u8> {
+        let mut table = vec![0u8];
+        let mut offsets = vec![0usize];
+        for n in names.iter().chain([&".shstrtab"]) {
+            offsets.push(table.len());
+            table.extend(n.as_bytes());
+            table.push(0);
+        }
+        let mut elf = header(2, 1, 3, 62);
+        let table_at = elf.len();
+        elf.extend(&table);
+        let shoff = elf.len();
+        let shnum = offsets.len();
+        for (i, name) in offsets.iter().enumerate() {
+            let mut sh = [0u8; 64];
+            if i > 0 {
+                sh[..4].copy_from_slice(&u32::try_from(*name).unwrap().to_le_bytes());
+            }
+            if i == shnum - 1 {
+                sh[0x18..0x20].copy_from_slice(&(table_at as u64).to_le_bytes());
+                sh[0x20..0x28].copy_from_slice(&(table.len() as u64).to_le_bytes());
+            }
+            elf.extend(sh);
+        }
+        elf[0x28..0x30].copy_from_slice(&(shoff as u64).to_le_bytes());
+        elf[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
+        elf[0x3c..0x3e].copy_from_slice(&u16::try_from(shnum).unwrap().to_le_bytes());
+        elf[0x3e..0x40].copy_from_slice(&u16::try_from(shnum - 1).unwrap().to_le_bytes());
+        elf
+    }
+
+    #[test]
+    fn debug_sections_are_found_by_name() {
+        assert!(!has_debug_info(&with_sections(&[".text", ".rodata"])));
+        assert!(!has_debug_info(&with_sections(&[
+            ".text",
+            ".debug_gdb_scripts"
+        ])));
+        assert!(has_debug_info(&with_sections(&[".text", ".debug_info"])));
+        assert!(has_debug_info(&with_sections(&[".zdebug_line"])));
+        // Not ELF, or a header only: no.
+        assert!(!has_debug_info(b"#!/bin/sh\n"));
+        assert!(!has_debug_info(&header(2, 1, 3, 62)));
+        // A table that runs past the end of the file: no, and no panic.
+        let mut cut = with_sections(&[".debug_info"]);
+        cut.truncate(cut.len() - 40);
+        assert!(!has_debug_info(&cut));
+    }
+
+    /// This test binary is a debug build; `objcopy --strip-debug` of it
+    /// (binutils, when installed) is not.
+    #[test]
+    fn a_debug_build_has_debug_info_and_a_stripped_copy_has_none() {
+        let exe = std::env::current_exe().unwrap();
+        assert!(has_debug_info(&std::fs::read(&exe).unwrap()));
+        let dir = tempfile::tempdir().unwrap();
+        let stripped = dir.path().join("stripped");
+        let Ok(out) = std::process::Command::new("objcopy")
+            .arg("--strip-debug")
+            .arg(&exe)
+            .arg(&stripped)
+            .output()
+        else {
+            eprintln!("SKIP the stripped half: objcopy is not installed (binutils)");
+            return;
+        };
+        assert!(out.status.success(), "{out:?}");
+        let bytes = std::fs::read(&stripped).unwrap();
+        assert!(elf_arch(&bytes).is_ok());
+        assert!(!has_debug_info(&bytes));
+        let b = Binaries::load(&exe, &[]).unwrap();
+        assert_eq!(
+            b.with_debug_info(),
+            vec![(
+                elf_arch(&bytes).unwrap(),
+                std::fs::metadata(&exe).unwrap().len() as usize
+            )]
+        );
+        let here = elf_arch(&bytes).unwrap();
+        let b = Binaries::load(
+            &exe,
+            &[BinaryArg {
+                arch: here,
+                path: stripped,
+            }],
+        )
+        .unwrap();
+        assert_eq!(b.with_debug_info(), vec![]);
     }
 
     #[test]

@@ -225,6 +225,13 @@ pub fn main(args: ApplyArgs) -> Result<ExitCode> {
         }
     }
     output::write_failed_and_skipped(&mut out, &failed, &skipped)?;
+    for (arch, size) in binaries.with_debug_info() {
+        writeln!(
+            out,
+            "note: the agent for {arch} is {} MB with debug info, uploaded to every node that lacks it; a release build (cargo build --release) is stripped and a fraction of that",
+            size >> 20
+        )?;
+    }
     // What each node changes (or would), for the summary.
     let mut reports = Reports::new(
         &order,

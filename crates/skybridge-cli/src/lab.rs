@@ -49,8 +49,11 @@ pub enum LabCommand {
         /// (built once with debootstrap).
         #[arg(long, value_enum, default_value = "initramfs")]
         image: ImageArg,
-        /// How the agent runs: a process the lab starts, the rendered
-        /// systemd unit (systemd image), or not at all (apply something by hand).
+        /// How the agent runs. With `--image systemd` the default is `unit`:
+        /// the rendered systemd unit, enabled, so the network comes back after
+        /// `lab reboot`; `none` installs nothing (apply something by hand).
+        /// Namespaces and initramfs VMs have no systemd: there the default and
+        /// only choice is `process`, a process the lab starts.
         #[arg(long, value_enum)]
         agent: Option<AgentArg>,
     },
@@ -139,11 +142,11 @@ pub enum ImageArg {
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum AgentArg {
-    /// A process the lab starts.
+    /// A process the lab starts (namespaces and initramfs VMs; their default).
     Process,
-    /// The rendered systemd unit (systemd image).
+    /// The rendered systemd unit, enabled (systemd image; its default).
     Unit,
-    /// No agent.
+    /// No agent: apply something by hand (systemd image).
     None,
 }
 

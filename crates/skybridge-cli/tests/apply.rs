@@ -7,7 +7,7 @@ mod support;
 use std::process::Output;
 
 use skybridge_core::layout::{marks, paths};
-use support::{Lab, SMALL, SSH_TOOLS as TOOLS, skybridge, text, unmet};
+use support::{Lab, SMALL, SSH_TOOLS as TOOLS, skybridge, text, unmet, which};
 
 const NODES: [&str; 4] = ["hw-gw", "hw-worker", "ali-gw", "tc-gw"];
 /// `lab up --ssh` gives the controller the first free documentation address.
@@ -799,6 +799,25 @@ fn a_binary_for_the_wrong_architecture_is_refused_before_any_node_is_touched() {
         "{}",
         text(&dry)
     );
+    // This debug build carries its debug info to every node: apply says so.
+    let note = format!("note: the agent for {} is ", std::env::consts::ARCH);
+    assert!(
+        text(&dry).contains(&note) && text(&dry).contains("MB with debug info"),
+        "{}",
+        text(&dry)
+    );
+    // A stripped copy (binutils' objcopy) is not noted.
+    if which("objcopy").is_some() {
+        let stripped = lab.path("skybridge-stripped");
+        support::ok(&["objcopy", "--strip-debug", &exe, &stripped]);
+        let dry = apply(
+            &lab,
+            "small.yaml",
+            &["--dry-run", "--binary", &format!("{here}={stripped}")],
+        );
+        assert!(dry.status.success(), "{}", text(&dry));
+        assert!(!text(&dry).contains("with debug info"), "{}", text(&dry));
+    }
 }
 
 /// The JSON document a command printed on stdout (its progress and plan

@@ -296,6 +296,43 @@ fn lab_refuses_public_ips_outside_the_documentation_ranges() {
     assert_eq!(lab.namespaces(), Vec::<String>::new());
 }
 
+/// `--agent` asks for what the nodes cannot do: refused with the reason
+/// and the way out, before anything is made (no namespace, no VM).
+#[test]
+fn lab_refuses_an_agent_mode_the_nodes_cannot_run() {
+    if unmet(&TOOLS) {
+        return;
+    }
+    let lab = Lab::new("am");
+    let file = lab.file("lab.yaml", LAB);
+    for (args, says) in [
+        (
+            vec!["--agent", "unit"],
+            "namespaces and initramfs VMs have no systemd",
+        ),
+        (
+            vec!["--backend", "vm", "--agent", "none"],
+            "namespaces and initramfs VMs have no systemd",
+        ),
+        (
+            vec![
+                "--backend",
+                "vm",
+                "--image",
+                "systemd",
+                "--agent",
+                "process",
+            ],
+            "the systemd image run the agent as its unit (the default",
+        ),
+    ] {
+        let up = lab.run(&[&["up", file.as_str()], args.as_slice()].concat());
+        assert!(!up.status.success(), "{args:?}: {}", text(&up));
+        assert!(text(&up).contains(says), "{args:?}: {}", text(&up));
+        assert_eq!(lab.namespaces(), Vec::<String>::new(), "{args:?}");
+    }
+}
+
 #[test]
 fn a_site_added_to_a_running_lab_converges_without_breaking_existing_flows() {
     if unmet(&TOOLS) {

@@ -78,17 +78,17 @@ pub fn up_with(
     let systemd = options.backend == Backend::Vm && options.image == vm::Image::Systemd;
     if options.agent != AgentMode::Process && !systemd {
         return Err(LabError::Refused(
-            "the agent runs as a unit, or not at all, only in VMs with the systemd image (--backend vm --image systemd)".into(),
+            "namespaces and initramfs VMs have no systemd: they run the agent as a process the lab starts (leave --agent out); its unit, or no agent, needs VMs with the systemd image (--backend vm --image systemd)".into(),
         ));
     }
     if systemd && options.agent == AgentMode::Process {
         return Err(LabError::Refused(
-            "VMs with the systemd image run the agent as its unit (--agent unit) or not at all (--agent none)".into(),
+            "VMs with the systemd image run the agent as its unit (the default, --agent unit) or not at all (--agent none); a process the lab starts is for namespaces and initramfs VMs".into(),
         ));
     }
     if options.agent == AgentMode::Unit && !options.agent_args.is_empty() {
         return Err(LabError::Refused(
-            "per-node agent arguments need --agent process; the rendered unit runs the agent as written".into(),
+            "per-node agent arguments (--wireguard-impl NODE=kernel|userspace) need the agent as a process (namespaces or initramfs VMs); the rendered unit runs the agent as written".into(),
         ));
     }
     if options.ssh && (options.backend != Backend::Namespace || !foreign.is_empty()) {
