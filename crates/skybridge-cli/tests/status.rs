@@ -115,6 +115,22 @@ fn status_is_green_on_a_converged_lab_and_names_the_node_whose_agent_died_or_tha
     let lab_status = lab.run(&["status"]);
     assert!(lab_status.status.success(), "{}", text(&lab_status));
 
+    // `graph --live` asks the same nodes over SSH: every node drawn, the
+    // one link green with its traffic.
+    let graph = lab.on_controller(&["graph", &file, "--live", "--sample", "1"]);
+    assert!(graph.status.success(), "{}", text(&graph));
+    let svg = String::from_utf8(graph.stdout).unwrap();
+    let (lines, texts) = drawn(&svg);
+    assert_eq!(
+        lines,
+        [("hw-gw ali-gw".to_owned(), "#2e8b57".to_owned())],
+        "{svg}"
+    );
+    for n in NODES {
+        assert!(texts.iter().any(|(t, _)| t.contains(n)), "{n}: {svg}");
+    }
+    assert!(texts.iter().any(|(t, _)| t.contains("bit/s")), "{svg}");
+
     // One node's agent dies (nothing restarts it in the lab): that node,
     // and only it, is named.
     let kill = lab.sh(KILLED, &format!("kill -9 $(cat {})", paths::PIDFILE));
@@ -160,6 +176,22 @@ fn status_is_green_on_a_converged_lab_and_names_the_node_whose_agent_died_or_tha
         "{doc:#}"
     );
     assert_eq!(node(&doc, "hw-gw")["agent"]["running"], true, "{doc:#}");
+    // The picture draws the stopped gateway's tunnel red and names it.
+    let graph = lab.on_controller(&["graph", &file, "--live", "--sample", "1"]);
+    assert!(graph.status.success(), "{}", text(&graph));
+    let svg = String::from_utf8(graph.stdout).unwrap();
+    let (lines, texts) = drawn(&svg);
+    assert_eq!(
+        lines,
+        [("hw-gw ali-gw".to_owned(), RED.to_owned())],
+        "{svg}"
+    );
+    assert!(
+        texts
+            .iter()
+            .any(|(t, fill)| t.contains("ali-gw") && t.ends_with("(no answer)") && fill == RED),
+        "{svg}"
+    );
     // `--node` asks only the nodes named.
     let only = lab.on_controller(&["status", &file, "--node", "hw-gw"]);
     assert!(

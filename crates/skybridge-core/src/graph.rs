@@ -260,7 +260,8 @@ impl Graph {
     /// The picture with what the nodes report now: the active gateways
     /// they name, each tunnel up or down with its RTT and traffic, the
     /// nodes that did not answer. A tunnel no end reports on is down; one
-    /// is up when every report on it says so.
+    /// is up when every report on it says so, and, when one end did not
+    /// answer, the other end's probes still get answers.
     #[must_use]
     pub fn with_live(mut self, live: &Live) -> Graph {
         self.live = true;
@@ -584,7 +585,11 @@ fn tunnel_state(live: &Live, (a, b): &(String, String)) -> LinkState {
         .iter()
         .filter(|t| (&t.node == a && &t.peer == b) || (&t.node == b && &t.peer == a))
         .collect();
-    if reports.is_empty() || reports.iter().any(|t| !t.up) {
+    // An end that gives no report may be gone: only a probe answer (an
+    // RTT) from the other end shows the tunnel still carries traffic.
+    let end_silent = live.silent.contains(a) || live.silent.contains(b);
+    let probed = reports.iter().any(|t| t.rtt_ms.is_some());
+    if reports.is_empty() || reports.iter().any(|t| !t.up) || (end_silent && !probed) {
         return LinkState::Down;
     }
     let rtt_ms = reports.iter().filter_map(|t| t.rtt_ms).reduce(f64::min);
@@ -932,6 +937,26 @@ mod tests {
         let g = graph_of(include_str!("../../../examples/lab.yaml")).with_live(&Live::default());
         assert!(g.links.iter().all(|l| l.state == LinkState::Down));
         assert_eq!(rate(999.0), "999 bit/s");
+
+        // One end silent: the other's word (a recent handshake) is not
+        // enough, a probe answer is.
+        let g = graph_of(include_str!("../../../examples/lab.yaml"));
+        let mut live = Live {
+            silent: ["ali-gw".to_owned()].into(),
+            tunnels: vec![LiveTunnel {
+                node: "hw-master".into(),
+                peer: "ali-gw".into(),
+                up: true,
+                ..LiveTunnel::default()
+            }],
+            ..Live::default()
+        };
+        assert_eq!(g.clone().with_live(&live).links[0].state, LinkState::Down);
+        live.tunnels[0].rtt_ms = Some(2.0);
+        assert!(matches!(
+            g.with_live(&live).links[0].state,
+            LinkState::Up { .. }
+        ));
         assert_eq!(rate(2_500_000.0), "2.5 Mbit/s");
     }
 
