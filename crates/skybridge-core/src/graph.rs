@@ -352,7 +352,12 @@ impl Graph {
             })
             .collect();
         let width = rects.iter().map(|r| r.x + r.w).fold(400.0_f64, f64::max) + MARGIN;
-        let height = rects.iter().map(|r| r.y + r.h).fold(120.0_f64, f64::max) + MARGIN + LEGEND_H;
+        let legend = if self.live {
+            LEGEND_H + LINE_H
+        } else {
+            LEGEND_H
+        };
+        let height = rects.iter().map(|r| r.y + r.h).fold(120.0_f64, f64::max) + MARGIN + legend;
         (rects, width, height)
     }
 
@@ -511,19 +516,21 @@ impl Graph {
                 );
             }
         }
+        let legend_y = height - MARGIN / 2.0 - 8.0 - if self.live { LINE_H } else { 0.0 };
         let _ = writeln!(
             s,
-            r##"<text x="{MARGIN}" y="{:.0}" fill="#33475b">{}</text>"##,
-            height - MARGIN / 2.0 - 8.0,
-            esc(&format!(
-                "\u{2605} active gateway   \u{2606} standby gateway   \u{25c6} mesh member   \u{00b7} internal node{}",
-                if self.live {
-                    "   green: up   red: down or no answer"
-                } else {
-                    ""
-                }
-            ))
+            r##"<text x="{MARGIN}" y="{legend_y:.0}" fill="#33475b">{}</text>"##,
+            esc(
+                "\u{2605} active gateway   \u{2606} standby gateway   \u{25c6} mesh member   \u{00b7} internal node"
+            )
         );
+        if self.live {
+            let _ = writeln!(
+                s,
+                r##"<text x="{MARGIN}" y="{:.0}" fill="#33475b">green: up (RTT, traffic both ways)   <tspan fill="{DOWN_RED}">red: down, or no answer</tspan></text>"##,
+                legend_y + LINE_H
+            );
+        }
         s.push_str("</svg>\n");
         s
     }
@@ -879,7 +886,9 @@ mod tests {
             drawn.iter().all(|(_, stroke)| stroke == "#2e8b57"),
             "{drawn:?}"
         );
-        assert!(!svg.contains(DOWN_RED));
+        // Red only in the legend.
+        assert_eq!(svg.matches(DOWN_RED).count(), 1, "{svg}");
+        assert!(!svg.contains("DOWN"));
     }
 
     #[test]
