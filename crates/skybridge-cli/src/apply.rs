@@ -66,7 +66,12 @@ pub(crate) struct Progress {
 
 impl Progress {
     pub(crate) fn new(nodes: &[String]) -> Progress {
-        if !std::io::stderr().is_terminal() {
+        Progress::drawn(nodes, std::io::stderr().is_terminal())
+    }
+
+    /// Spinners only `on_terminal`: logs and `-o json` runs get lines.
+    fn drawn(nodes: &[String], on_terminal: bool) -> Progress {
+        if !on_terminal {
             return Progress {
                 bars: None,
                 start: Instant::now(),
@@ -371,5 +376,18 @@ pub(crate) fn exit(ok: bool) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(crate::exit::NODES_FAILED)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_terminal_apply_draws_no_spinner() {
+        let p = Progress::drawn(&["hw-gw".to_owned()], false);
+        assert!(p.bars.is_none(), "steps go to stderr as plain lines");
+        p.step("hw-gw", "reach");
+        p.finish();
     }
 }

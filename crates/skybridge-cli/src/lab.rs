@@ -86,6 +86,17 @@ pub enum LabCommand {
         #[arg(long, short, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// The topology as `skybridge graph --live` draws it, from what the
+    /// lab's nodes report now: tunnels up (green, RTT and traffic) or down
+    /// (red), each site's active gateway. SVG or DOT on standard output.
+    Graph {
+        /// svg: a picture drawn by skybridge itself; dot: Graphviz's language.
+        #[arg(long, value_enum, default_value_t = crate::graph::GraphFormat::Svg)]
+        format: crate::graph::GraphFormat,
+        /// Seconds between the two readings of the tunnels' counters.
+        #[arg(long, default_value_t = 3)]
+        sample: u64,
+    },
     /// Break a node to watch its site fail over: `stop` kills its agent and
     /// data plane and takes its uplink down; `uplink` cuts its link at the
     /// VPC's switch; `tunnel` makes the site's router drop only its tunnel
@@ -681,6 +692,26 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
                 }
             }
             Ok(crate::status::exit_code(&health))
+        }
+        LabCommand::Graph { format, sample } => {
+            root()?;
+            let state = LabState::load()?;
+            let file = state.dir.join(paths::CLUSTER_FILE_NAME);
+            let cluster = crate::load::cluster(&file).with_context(|| {
+                "the lab has no cluster file of its own yet (an --ssh lab before `apply`): \
+                 run `skybridge graph FILE --live` from the controller"
+            })?;
+            let (before, after, seconds) = crate::cost::twice(
+                || node_health(&state),
+                std::time::Duration::from_secs(sample.max(1)),
+            );
+            let live = crate::graph::live(&cluster, &before, &after, seconds);
+            let picture = skybridge_core::graph::Graph::of(
+                &cluster,
+                &skybridge_core::plan(&cluster, &skybridge_core::State::default()),
+            );
+            print!("{}", crate::graph::draw(picture, Some(&live), format));
+            Ok(ExitCode::SUCCESS)
         }
         LabCommand::Fail { node, how } => {
             root()?;

@@ -6,6 +6,7 @@ mod apply;
 mod check;
 mod cost;
 mod down;
+mod graph;
 mod join;
 mod keys;
 mod lab;
@@ -159,8 +160,19 @@ enum Command {
         /// The cluster file (YAML).
         file: PathBuf,
         /// svg: a picture drawn by skybridge itself; dot: Graphviz's language.
-        #[arg(long, value_enum, default_value_t = GraphFormat::Svg)]
-        format: GraphFormat,
+        #[arg(long, value_enum, default_value_t = graph::GraphFormat::Svg)]
+        format: graph::GraphFormat,
+        /// Draw what the nodes report now, asked over SSH as `status` asks:
+        /// each tunnel up (green, with RTT and traffic) or down (red), the
+        /// active gateway each site's nodes name, nodes that do not answer.
+        #[arg(long)]
+        live: bool,
+        /// Seconds between the two readings of the tunnels' counters (`--live`).
+        #[arg(long, default_value_t = 3, requires = "live")]
+        sample: u64,
+        /// Record the host keys of nodes never contacted before (`--live`).
+        #[arg(long, requires = "live")]
+        accept_new_host_keys: bool,
         /// Public keys collected from the nodes [default: <file>.state.yaml beside the cluster file].
         #[arg(long)]
         state: Option<PathBuf>,
@@ -210,14 +222,6 @@ enum Command {
         #[arg(long)]
         state: Option<PathBuf>,
     },
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum GraphFormat {
-    /// A picture drawn by skybridge itself.
-    Svg,
-    /// Graphviz's language.
-    Dot,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -380,18 +384,27 @@ fn run(command: Command) -> Result<ExitCode> {
         Command::Graph {
             file,
             format,
+            live,
+            sample,
+            accept_new_host_keys,
             state,
         } => {
             let cluster = load::cluster(&file)?;
             let state = load::state(&file, state.as_deref())?;
-            let graph = skybridge_core::graph::Graph::of(&cluster, &plan(&cluster, &state));
-            print!(
-                "{}",
-                match format {
-                    GraphFormat::Svg => graph.to_svg(),
-                    GraphFormat::Dot => graph.to_dot(),
-                }
-            );
+            let picture = skybridge_core::graph::Graph::of(&cluster, &plan(&cluster, &state));
+            let live = if live {
+                let (before, after, seconds) = cost::sample(
+                    &cluster,
+                    &file,
+                    std::time::Duration::from_secs(sample.max(1)),
+                    false,
+                    accept_new_host_keys,
+                )?;
+                Some(graph::live(&cluster, &before, &after, seconds))
+            } else {
+                None
+            };
+            print!("{}", graph::draw(picture, live.as_ref(), format));
             Ok(ExitCode::SUCCESS)
         }
         Command::Cost {

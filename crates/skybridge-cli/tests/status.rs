@@ -115,6 +115,22 @@ fn status_is_green_on_a_converged_lab_and_names_the_node_whose_agent_died_or_tha
     let lab_status = lab.run(&["status"]);
     assert!(lab_status.status.success(), "{}", text(&lab_status));
 
+    // `graph --live` asks the same nodes over SSH: every node drawn, the
+    // one link green with its traffic.
+    let graph = lab.on_controller(&["graph", &file, "--live", "--sample", "1"]);
+    assert!(graph.status.success(), "{}", text(&graph));
+    let svg = String::from_utf8(graph.stdout).unwrap();
+    let (lines, texts) = drawn(&svg);
+    assert_eq!(
+        lines,
+        [("hw-gw ali-gw".to_owned(), "#2e8b57".to_owned())],
+        "{svg}"
+    );
+    for n in NODES {
+        assert!(texts.iter().any(|(t, _)| t.contains(n)), "{n}: {svg}");
+    }
+    assert!(texts.iter().any(|(t, _)| t.contains("bit/s")), "{svg}");
+
     // One node's agent dies (nothing restarts it in the lab): that node,
     // and only it, is named.
     let kill = lab.sh(KILLED, &format!("kill -9 $(cat {})", paths::PIDFILE));
@@ -160,6 +176,22 @@ fn status_is_green_on_a_converged_lab_and_names_the_node_whose_agent_died_or_tha
         "{doc:#}"
     );
     assert_eq!(node(&doc, "hw-gw")["agent"]["running"], true, "{doc:#}");
+    // The picture draws the stopped gateway's tunnel red and names it.
+    let graph = lab.on_controller(&["graph", &file, "--live", "--sample", "1"]);
+    assert!(graph.status.success(), "{}", text(&graph));
+    let svg = String::from_utf8(graph.stdout).unwrap();
+    let (lines, texts) = drawn(&svg);
+    assert_eq!(
+        lines,
+        [("hw-gw ali-gw".to_owned(), RED.to_owned())],
+        "{svg}"
+    );
+    assert!(
+        texts
+            .iter()
+            .any(|(t, fill)| t.contains("ali-gw") && t.ends_with("(no answer)") && fill == RED),
+        "{svg}"
+    );
     // `--node` asks only the nodes named.
     let only = lab.on_controller(&["status", &file, "--node", "hw-gw"]);
     assert!(
@@ -243,4 +275,117 @@ fn lab_status_is_green_on_a_converged_lab_and_names_the_stopped_node() {
             "{t}"
         );
     }
+}
+
+/// An SVG's tunnel lines (`data-tunnel`, stroke) and texts (content, fill).
+type Drawn = (Vec<(String, String)>, Vec<(String, String)>);
+
+fn drawn(svg: &str) -> Drawn {
+    let doc = roxmltree::Document::parse(svg)
+        .unwrap_or_else(|e| panic!("not well-formed SVG ({e}):\n{svg}"));
+    assert_eq!(doc.root_element().tag_name().name(), "svg");
+    let attr = |n: &roxmltree::Node<'_, '_>, a: &str| n.attribute(a).unwrap_or("").to_owned();
+    let lines = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("line"))
+        .map(|n| (attr(&n, "data-tunnel"), attr(&n, "stroke")))
+        .collect();
+    let texts = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("text"))
+        .map(|n| (n.text().unwrap_or("").to_owned(), attr(&n, "fill")))
+        .collect();
+    (lines, texts)
+}
+
+const RED: &str = "#d0021b";
+
+/// `lab graph` on examples/ha-lab.yaml (two gateway candidates per site,
+/// userspace WireGuard): on the converged lab every node is drawn and no
+/// link is red, and the tunnels carry an RTT; after `lab fail hw-gw1 --how
+/// stop` the site's standby is drawn active and only hw-gw1's tunnels are red.
+#[test]
+fn lab_graph_draws_live_links_and_the_gateway_a_failover_made_active() {
+    const HA: &str = include_str!("../../../examples/ha-lab.yaml");
+    if unmet(&["nft", "wg", "nsenter", "unshare", "ping", "bash"]) {
+        return;
+    }
+    let lab = Lab::new("lg");
+    let file = lab.file("ha-lab.yaml", HA);
+    let wg = support::wireguard_everywhere(HA, "userspace", &[]);
+    let mut args = vec![file.as_str()];
+    args.extend(wg.iter().map(String::as_str));
+    lab.up_green(&args, "30 pairs, 18 cross-site, 0 failed");
+    let graph = |lab: &Lab| {
+        let out = lab.run(&["graph", "--sample", "1"]);
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+
+    let mut svg = String::new();
+    let green = within(Duration::from_secs(30), || {
+        svg = graph(&lab);
+        let (lines, _) = drawn(&svg);
+        !lines.is_empty() && lines.iter().all(|(_, stroke)| stroke != RED)
+    });
+    assert!(
+        green.is_some(),
+        "a red link on a converged lab:\n{svg}\n{}",
+        lab.logs()
+    );
+    let (lines, texts) = drawn(&svg);
+    // One link between the two sites, between the preferred candidates.
+    assert_eq!(
+        lines,
+        [("hw-gw1 ali-gw1".to_owned(), "#2e8b57".to_owned())],
+        "{svg}"
+    );
+    for n in [
+        "hw-gw1", "hw-gw2", "hw-node", "ali-gw1", "ali-gw2", "ali-node",
+    ] {
+        assert!(texts.iter().any(|(t, _)| t.contains(n)), "{n}: {svg}");
+    }
+    assert!(
+        texts.iter().any(|(t, _)| t.contains(" ms")),
+        "no RTT on the link: {svg}"
+    );
+    assert!(
+        texts.iter().any(|(t, _)| t.starts_with("\u{2605} hw-gw1 ")),
+        "{svg}"
+    );
+
+    let fail = lab.run(&["fail", "hw-gw1", "--how", "stop"]);
+    assert!(fail.status.success(), "{}", text(&fail));
+    let failed_over = within(Duration::from_secs(30), || {
+        svg = graph(&lab);
+        let (_, texts) = drawn(&svg);
+        texts.iter().any(|(t, _)| t.starts_with("\u{2605} hw-gw2 "))
+    });
+    assert!(
+        failed_over.is_some(),
+        "hw-gw2 never drawn active:\n{svg}\n{}",
+        lab.logs()
+    );
+    let (lines, texts) = drawn(&svg);
+    assert!(
+        texts.iter().any(|(t, _)| t.starts_with("\u{2606} hw-gw1 ")),
+        "{svg}"
+    );
+    let red: Vec<&str> = lines
+        .iter()
+        .filter(|(_, stroke)| stroke == RED)
+        .map(|(t, _)| t.as_str())
+        .collect();
+    assert_eq!(red, ["hw-gw1 ali-gw1", "hw-gw1 ali-gw2"], "{svg}");
+    assert_eq!(
+        lines[0],
+        ("hw-gw2 ali-gw1".to_owned(), "#2e8b57".to_owned()),
+        "{svg}"
+    );
+    assert!(
+        texts
+            .iter()
+            .any(|(t, fill)| t == "DOWN hw-gw1\u{2013}ali-gw1" && fill == RED),
+        "{svg}"
+    );
 }

@@ -10,8 +10,15 @@
 //! clipped at the boxes' edges; the tunnels between standby candidates are
 //! counted in its label rather than drawn, so a picture of six sites with two
 //! candidates each stays readable.
+//!
+//! `graph --live` lays a [`Live`] overlay over the planned picture
+//! ([`Graph::with_live`]): what the nodes report now, gathered by the CLI.
+//! Each site's active gateway becomes the one its nodes name, a link is
+//! drawn green or red by the tunnel between the active gateways, and any
+//! other tunnel of the pair that is down is named in the label and drawn as
+//! a red dashed line beside it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use crate::model::Cluster;
@@ -33,8 +40,12 @@ const LEGEND_H: f64 = 40.0;
 pub enum LinkState {
     /// Not measured: drawn neutral.
     Planned,
-    /// Up, with the round-trip time in milliseconds when known.
-    Up { rtt_ms: Option<f64> },
+    /// Up, with the round-trip time in milliseconds and the traffic (both
+    /// ways, bits per second) when known.
+    Up {
+        rtt_ms: Option<f64>,
+        bits_per_second: Option<f64>,
+    },
     /// Down: drawn red.
     Down,
 }
@@ -52,6 +63,8 @@ pub struct NodeRow {
     pub name: String,
     pub role: NodeRole,
     pub private_ip: String,
+    /// `--live` only: the node gave no report (drawn red).
+    pub silent: bool,
 }
 
 /// The tunnels between two sites (`a` before `b` in the file's order).
@@ -61,10 +74,36 @@ pub struct Link {
     pub b: usize,
     /// The tunnel between the two active gateways (or the first mesh pair).
     pub main: (String, String),
-    /// How many tunnels join the two sites in all (standby candidates too).
-    pub tunnels: usize,
+    /// Every tunnel joining the two sites (standby candidates too), as its
+    /// ends in site order.
+    pub pairs: Vec<(String, String)>,
     pub mtu: u32,
+    /// The state of the `main` tunnel.
     pub state: LinkState,
+    /// `--live`: the other tunnels of `pairs` that are down.
+    pub down: Vec<(String, String)>,
+}
+
+/// What the nodes report now, for [`Graph::with_live`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Live {
+    /// Per site, the gateway candidate its nodes name active.
+    pub active: BTreeMap<String, String>,
+    /// What each tunnel end reports of its tunnel to a peer.
+    pub tunnels: Vec<LiveTunnel>,
+    /// Nodes that gave no report.
+    pub silent: BTreeSet<String>,
+}
+
+/// One end's view of one tunnel.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LiveTunnel {
+    pub node: String,
+    pub peer: String,
+    pub up: bool,
+    pub rtt_ms: Option<f64>,
+    /// What this end sent, per second, between two readings.
+    pub tx_bytes_per_second: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -73,6 +112,8 @@ pub struct Graph {
     pub transport: &'static str,
     pub sites: Vec<SiteBox>,
     pub links: Vec<Link>,
+    /// Whether a [`Live`] overlay was laid over the plan.
+    pub live: bool,
 }
 
 /// One tunnel between two sites: its ends (in site order) and its MTU.
@@ -152,6 +193,7 @@ impl Graph {
                             .copied()
                             .unwrap_or(NodeRole::Internal),
                         private_ip: n.private_ip.to_string(),
+                        silent: false,
                     })
                     .collect(),
             })
@@ -199,9 +241,10 @@ impl Graph {
                     a,
                     b,
                     main: (main.0.clone(), main.1.clone()),
-                    tunnels: tunnels.len(),
+                    pairs: tunnels.iter().map(|t| (t.0.clone(), t.1.clone())).collect(),
                     mtu: main.2,
                     state: LinkState::Planned,
+                    down: Vec::new(),
                 }
             })
             .collect();
@@ -210,7 +253,59 @@ impl Graph {
             transport: plan.transport.as_str(),
             sites,
             links,
+            live: false,
         }
+    }
+
+    /// The picture with what the nodes report now: the active gateways
+    /// they name, each tunnel up or down with its RTT and traffic, the
+    /// nodes that did not answer. A tunnel no end reports on is down; one
+    /// is up when every report on it says so, and, when one end did not
+    /// answer, the other end's probes still get answers.
+    #[must_use]
+    pub fn with_live(mut self, live: &Live) -> Graph {
+        self.live = true;
+        for site in &mut self.sites {
+            let named = live.active.get(&site.name);
+            let is_candidate =
+                |n: &NodeRow| matches!(n.role, NodeRole::ActiveGateway | NodeRole::StandbyGateway);
+            let known =
+                named.is_some_and(|a| site.nodes.iter().any(|n| &n.name == a && is_candidate(n)));
+            for node in &mut site.nodes {
+                node.silent = live.silent.contains(&node.name);
+                if known && is_candidate(node) {
+                    node.role = if Some(&node.name) == named {
+                        NodeRole::ActiveGateway
+                    } else {
+                        NodeRole::StandbyGateway
+                    };
+                }
+            }
+        }
+        let active: BTreeSet<&str> = self
+            .sites
+            .iter()
+            .flat_map(|s| &s.nodes)
+            .filter(|n| n.role == NodeRole::ActiveGateway)
+            .map(|n| n.name.as_str())
+            .collect();
+        for link in &mut self.links {
+            if let Some(main) = link
+                .pairs
+                .iter()
+                .find(|(x, y)| active.contains(x.as_str()) && active.contains(y.as_str()))
+            {
+                link.main = main.clone();
+            }
+            link.state = tunnel_state(live, &link.main);
+            link.down = link
+                .pairs
+                .iter()
+                .filter(|p| **p != link.main && tunnel_state(live, p) == LinkState::Down)
+                .cloned()
+                .collect();
+        }
+        self
     }
 
     /// Each site box's place, in site order, and the canvas size.
@@ -257,7 +352,12 @@ impl Graph {
             })
             .collect();
         let width = rects.iter().map(|r| r.x + r.w).fold(400.0_f64, f64::max) + MARGIN;
-        let height = rects.iter().map(|r| r.y + r.h).fold(120.0_f64, f64::max) + MARGIN + LEGEND_H;
+        let legend = if self.live {
+            LEGEND_H + LINE_H
+        } else {
+            LEGEND_H
+        };
+        let height = rects.iter().map(|r| r.y + r.h).fold(120.0_f64, f64::max) + MARGIN + legend;
         (rects, width, height)
     }
 
@@ -278,6 +378,10 @@ impl Graph {
             esc(&format!("cluster {}", self.cluster)),
             self.transport
         );
+        if self.live {
+            s.truncate(s.len() - "</text>\n".len());
+            s.push_str(", live</text>\n");
+        }
         // Links under the boxes; each label where it hides no box and no
         // other label (the first free spot along its line, middle first).
         let mut taken: Vec<Rect> = rects.clone();
@@ -288,27 +392,66 @@ impl Graph {
             let (ax, ay) = ra.centre();
             let (x1, y1) = ra.exit_towards(bx, by);
             let (x2, y2) = rb.exit_towards(ax, ay);
-            let (stroke, dash) = match link.state {
-                LinkState::Planned => ("#4a6fa5", ""),
-                LinkState::Up { .. } => ("#2e8b57", ""),
-                LinkState::Down => ("#d0021b", r#" stroke-dasharray="8 5""#),
-            };
+            let (stroke, dash) = link_style(&link.state);
             let _ = writeln!(
                 s,
-                r#"<line x1="{x1:.1}" y1="{y1:.1}" x2="{x2:.1}" y2="{y2:.1}" stroke="{stroke}" stroke-width="2"{dash}/>"#
+                r#"<line x1="{x1:.1}" y1="{y1:.1}" x2="{x2:.1}" y2="{y2:.1}" stroke="{stroke}" stroke-width="2"{dash} data-tunnel="{}"/>"#,
+                esc(&format!("{} {}", link.main.0, link.main.1))
             );
-            let mut lines = vec![format!("MTU {}", link.mtu)];
-            if link.tunnels > 1 {
-                lines[0] += &format!(" \u{b7} {} tunnels", link.tunnels);
+            // Other tunnels of the pair that are down: red dashed lines beside it.
+            let len = (x2 - x1).hypot(y2 - y1).max(1.0);
+            let (nx, ny) = (-(y2 - y1) / len, (x2 - x1) / len);
+            for (i, (p, q)) in link.down.iter().enumerate().take(3) {
+                let off = 6.0 * (i as f64 + 1.0);
+                let (red, dash) = link_style(&LinkState::Down);
+                let _ = writeln!(
+                    s,
+                    r#"<line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="{red}" stroke-width="1.5"{dash} data-tunnel="{}"/>"#,
+                    x1 + nx * off,
+                    y1 + ny * off,
+                    x2 + nx * off,
+                    y2 + ny * off,
+                    esc(&format!("{p} {q}"))
+                );
+            }
+            let mut lines = vec![(format!("MTU {}", link.mtu), stroke)];
+            if link.pairs.len() > 1 {
+                lines[0].0 += &format!(" \u{b7} {} tunnels", link.pairs.len());
             }
             match link.state {
-                LinkState::Up { rtt_ms: Some(ms) } => lines.push(format!("{ms:.1} ms")),
-                LinkState::Up { rtt_ms: None } => lines.push("up".into()),
-                LinkState::Down => lines.push("DOWN".into()),
+                LinkState::Up {
+                    rtt_ms,
+                    bits_per_second,
+                } => lines.push((
+                    [
+                        rtt_ms.map(|ms| format!("{ms:.1} ms")),
+                        bits_per_second.map(rate),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .reduce(|a, b| format!("{a} \u{b7} {b}"))
+                    .unwrap_or_else(|| "up".into()),
+                    stroke,
+                )),
+                LinkState::Down => lines.push((
+                    format!("DOWN {}\u{2013}{}", link.main.0, link.main.1),
+                    stroke,
+                )),
                 LinkState::Planned => {}
             }
-            let w =
-                lines.iter().map(|l| l.chars().count()).max().unwrap_or(0) as f64 * CHAR_W + 8.0;
+            for (p, q) in &link.down {
+                lines.push((
+                    format!("DOWN {p}\u{2013}{q}"),
+                    link_style(&LinkState::Down).0,
+                ));
+            }
+            let w = lines
+                .iter()
+                .map(|(l, _)| l.chars().count())
+                .max()
+                .unwrap_or(0) as f64
+                * CHAR_W
+                + 8.0;
             let h = LINE_H * lines.len() as f64 + 4.0;
             let at = |t: f64| {
                 let (lx, ly) = (x1 + (x2 - x1) * t, y1 + (y2 - y1) * t);
@@ -330,10 +473,10 @@ impl Graph {
                 r##"<rect x="{:.1}" y="{:.1}" width="{w:.1}" height="{h:.1}" fill="#ffffff" stroke="{stroke}" stroke-width="0.5" rx="3"/>"##,
                 spot.x, spot.y
             );
-            for (i, line) in lines.iter().enumerate() {
+            for (i, (line, colour)) in lines.iter().enumerate() {
                 let _ = writeln!(
                     labels,
-                    r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" fill="{stroke}">{}</text>"#,
+                    r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" fill="{colour}">{}</text>"#,
                     spot.x + w / 2.0,
                     spot.y + LINE_H * (i as f64 + 1.0) - 2.0,
                     esc(line)
@@ -364,6 +507,7 @@ impl Graph {
             for (i, node) in site.nodes.iter().enumerate() {
                 let y = r.y + PAD + FONT + LINE_H * (i as f64 + 2.0) + 4.0;
                 let (mark, colour) = role_mark(node.role);
+                let colour = if node.silent { DOWN_RED } else { colour };
                 let _ = writeln!(
                     s,
                     r#"<text x="{:.1}" y="{y:.1}" fill="{colour}">{}</text>"#,
@@ -372,14 +516,21 @@ impl Graph {
                 );
             }
         }
+        let legend_y = height - MARGIN / 2.0 - 8.0 - if self.live { LINE_H } else { 0.0 };
         let _ = writeln!(
             s,
-            r##"<text x="{MARGIN}" y="{:.0}" fill="#33475b">{}</text>"##,
-            height - MARGIN / 2.0 - 8.0,
+            r##"<text x="{MARGIN}" y="{legend_y:.0}" fill="#33475b">{}</text>"##,
             esc(
                 "\u{2605} active gateway   \u{2606} standby gateway   \u{25c6} mesh member   \u{00b7} internal node"
             )
         );
+        if self.live {
+            let _ = writeln!(
+                s,
+                r##"<text x="{MARGIN}" y="{:.0}" fill="#33475b">green: up (RTT, traffic both ways)   <tspan fill="{DOWN_RED}">red: down, or no answer</tspan></text>"##,
+                legend_y + LINE_H
+            );
+        }
         s.push_str("</svg>\n");
         s
     }
@@ -413,6 +564,14 @@ impl Graph {
                 LinkState::Up { .. } => "darkgreen",
                 LinkState::Planned => "steelblue",
             };
+            for (p, q) in &link.down {
+                let _ = writeln!(
+                    s,
+                    "  {} -- {} [label=\"down\", color=red, style=dashed];",
+                    quote(p),
+                    quote(q)
+                );
+            }
             let _ = writeln!(
                 s,
                 "  {} -- {} [label={}, color={colour}];",
@@ -426,6 +585,47 @@ impl Graph {
     }
 }
 
+/// One tunnel's state from its ends' reports.
+fn tunnel_state(live: &Live, (a, b): &(String, String)) -> LinkState {
+    let reports: Vec<&LiveTunnel> = live
+        .tunnels
+        .iter()
+        .filter(|t| (&t.node == a && &t.peer == b) || (&t.node == b && &t.peer == a))
+        .collect();
+    // An end that gives no report may be gone: only a probe answer (an
+    // RTT) from the other end shows the tunnel still carries traffic.
+    let end_silent = live.silent.contains(a) || live.silent.contains(b);
+    let probed = reports.iter().any(|t| t.rtt_ms.is_some());
+    if reports.is_empty() || reports.iter().any(|t| !t.up) || (end_silent && !probed) {
+        return LinkState::Down;
+    }
+    let rtt_ms = reports.iter().filter_map(|t| t.rtt_ms).reduce(f64::min);
+    let rates: Vec<f64> = reports
+        .iter()
+        .filter_map(|t| t.tx_bytes_per_second)
+        .collect();
+    LinkState::Up {
+        rtt_ms,
+        bits_per_second: (!rates.is_empty()).then(|| rates.iter().sum::<f64>() * 8.0),
+    }
+}
+
+/// A rate for reading: `12.3 kbit/s`.
+fn rate(bits_per_second: f64) -> String {
+    const UNITS: [&str; 4] = ["bit/s", "kbit/s", "Mbit/s", "Gbit/s"];
+    let mut v = bits_per_second;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < UNITS.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{v:.0} {}", UNITS[u])
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
 fn site_subtitle(site: &SiteBox) -> String {
     match &site.region {
         Some(r) => format!("{}, {r}", site.provider),
@@ -434,7 +634,19 @@ fn site_subtitle(site: &SiteBox) -> String {
 }
 
 fn node_text(node: &NodeRow) -> String {
-    format!("{} {}", node.name, node.private_ip)
+    let silent = if node.silent { " (no answer)" } else { "" };
+    format!("{} {}{silent}", node.name, node.private_ip)
+}
+
+const DOWN_RED: &str = "#d0021b";
+
+/// A link's colour and dash pattern.
+fn link_style(state: &LinkState) -> (&'static str, &'static str) {
+    match state {
+        LinkState::Planned => ("#4a6fa5", ""),
+        LinkState::Up { .. } => ("#2e8b57", ""),
+        LinkState::Down => (DOWN_RED, r#" stroke-dasharray="8 5""#),
+    }
 }
 
 fn role_mark(role: NodeRole) -> (&'static str, &'static str) {
@@ -549,7 +761,8 @@ mod tests {
         let hw_ali = g.links.iter().find(|l| (l.a, l.b) == (0, 1)).unwrap();
         assert_eq!(hw_ali.main, ("hw-master".to_owned(), "ali-gw".to_owned()));
         assert_eq!(
-            hw_ali.tunnels, 2,
+            hw_ali.pairs.len(),
+            2,
             "the standby candidate's tunnel is counted"
         );
     }
@@ -617,11 +830,143 @@ mod tests {
     fn a_link_that_is_down_is_drawn_red_and_says_so() {
         let mut g = graph_of(include_str!("../../../examples/lab.yaml"));
         g.links[0].state = LinkState::Down;
-        g.links[1].state = LinkState::Up { rtt_ms: Some(12.5) };
+        g.links[1].state = LinkState::Up {
+            rtt_ms: Some(12.5),
+            bits_per_second: None,
+        };
         let svg = g.to_svg();
         assert!(svg.contains("stroke=\"#d0021b\""));
-        assert!(svg.contains(">DOWN</text>"));
+        assert!(svg.contains(">DOWN hw-master\u{2013}ali-gw</text>"));
         assert!(svg.contains(">12.5 ms</text>"));
+    }
+
+    fn up(node: &str, peer: &str, rtt_ms: f64, tx: f64) -> LiveTunnel {
+        LiveTunnel {
+            node: node.into(),
+            peer: peer.into(),
+            up: true,
+            rtt_ms: Some(rtt_ms),
+            tx_bytes_per_second: Some(tx),
+        }
+    }
+
+    /// The `line` elements of an SVG: (data-tunnel, stroke).
+    fn lines(svg: &str) -> Vec<(String, String)> {
+        let doc = roxmltree::Document::parse(svg).unwrap();
+        doc.descendants()
+            .filter(|n| n.has_tag_name("line"))
+            .map(|n| {
+                (
+                    n.attribute("data-tunnel").unwrap().to_owned(),
+                    n.attribute("stroke").unwrap().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn live_links_carry_rtt_and_rate_and_are_green() {
+        let g = graph_of(include_str!("../../../examples/lab.yaml"));
+        let mut live = Live::default();
+        for l in &g.links {
+            for (a, b) in &l.pairs {
+                live.tunnels.push(up(a, b, 0.4, 1_000.0));
+                live.tunnels.push(up(b, a, 0.6, 500.0));
+            }
+        }
+        let g = g.with_live(&live);
+        assert!(g.links.iter().all(|l| l.down.is_empty()));
+        let svg = g.to_svg();
+        // Both ends' bytes, in bits; the smaller RTT.
+        assert!(svg.contains(">0.4 ms \u{b7} 12.0 kbit/s</text>"), "{svg}");
+        assert!(svg.contains("lab (wireguard transport), live</text>"));
+        let drawn = lines(&svg);
+        assert_eq!(drawn.len(), 3);
+        assert!(
+            drawn.iter().all(|(_, stroke)| stroke == "#2e8b57"),
+            "{drawn:?}"
+        );
+        // Red only in the legend.
+        assert_eq!(svg.matches(DOWN_RED).count(), 1, "{svg}");
+        assert!(!svg.contains("DOWN"));
+    }
+
+    #[test]
+    fn after_a_failover_the_standby_is_active_and_the_failed_gateways_tunnels_are_red() {
+        let g = graph_of(include_str!("../../../examples/lab.yaml"));
+        // hw-master stopped: it answers nothing, its peers see it down; the
+        // site's nodes name hw-worker active.
+        let mut live = Live {
+            active: [("huawei".to_owned(), "hw-worker".to_owned())].into(),
+            silent: ["hw-master".to_owned()].into(),
+            ..Live::default()
+        };
+        for l in &g.links {
+            for (a, b) in &l.pairs {
+                if a == "hw-master" || b == "hw-master" {
+                    let other = if a == "hw-master" { b } else { a };
+                    live.tunnels.push(LiveTunnel {
+                        node: other.clone(),
+                        peer: "hw-master".into(),
+                        ..LiveTunnel::default()
+                    });
+                } else {
+                    live.tunnels.push(up(a, b, 1.0, 10.0));
+                }
+            }
+        }
+        let g = g.with_live(&live);
+        let huawei = &g.sites[0];
+        assert_eq!(huawei.nodes[0].role, NodeRole::StandbyGateway);
+        assert!(huawei.nodes[0].silent);
+        assert_eq!(huawei.nodes[1].role, NodeRole::ActiveGateway);
+        let hw_ali = &g.links[0];
+        assert_eq!(hw_ali.main, ("hw-worker".to_owned(), "ali-gw".to_owned()));
+        assert!(matches!(hw_ali.state, LinkState::Up { .. }));
+        assert_eq!(hw_ali.down, [("hw-master".to_owned(), "ali-gw".to_owned())]);
+
+        let svg = g.to_svg();
+        for (tunnel, stroke) in lines(&svg) {
+            let red = tunnel.split(' ').any(|n| n == "hw-master");
+            assert_eq!(stroke == DOWN_RED, red, "{tunnel}: {stroke}");
+        }
+        assert!(svg.contains(">DOWN hw-master\u{2013}ali-gw</text>"));
+        assert!(svg.contains(">\u{2605} hw-worker 192.168.0.11</text>"));
+        assert!(svg.contains(&format!(
+            "fill=\"{DOWN_RED}\">\u{2606} hw-master 192.168.0.10 (no answer)</text>"
+        )));
+        assert!(
+            g.to_dot()
+                .contains("\"hw-master\" -- \"ali-gw\" [label=\"down\", color=red")
+        );
+    }
+
+    #[test]
+    fn a_tunnel_no_end_reports_on_is_down() {
+        let g = graph_of(include_str!("../../../examples/lab.yaml")).with_live(&Live::default());
+        assert!(g.links.iter().all(|l| l.state == LinkState::Down));
+        assert_eq!(rate(999.0), "999 bit/s");
+
+        // One end silent: the other's word (a recent handshake) is not
+        // enough, a probe answer is.
+        let g = graph_of(include_str!("../../../examples/lab.yaml"));
+        let mut live = Live {
+            silent: ["ali-gw".to_owned()].into(),
+            tunnels: vec![LiveTunnel {
+                node: "hw-master".into(),
+                peer: "ali-gw".into(),
+                up: true,
+                ..LiveTunnel::default()
+            }],
+            ..Live::default()
+        };
+        assert_eq!(g.clone().with_live(&live).links[0].state, LinkState::Down);
+        live.tunnels[0].rtt_ms = Some(2.0);
+        assert!(matches!(
+            g.with_live(&live).links[0].state,
+            LinkState::Up { .. }
+        ));
+        assert_eq!(rate(2_500_000.0), "2.5 Mbit/s");
     }
 
     #[test]

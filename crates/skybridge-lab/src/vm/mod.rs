@@ -379,9 +379,12 @@ pub fn is_running(vm: &VmNode) -> bool {
 /// # Errors
 /// Names each guest that did not come up, with the end of its console.
 pub fn wait_ready(vms: &[(String, VmNode)], limit: Duration) -> Result<(), LabError> {
+    use std::io::IsTerminal as _;
     let start = Instant::now();
+    let bar = boot_bar(vms.len(), std::io::stderr().is_terminal());
     let mut waiting: Vec<&(String, VmNode)> = vms.iter().collect();
     while !waiting.is_empty() {
+        bar.set_position((vms.len() - waiting.len()) as u64);
         waiting.retain(|(_, vm)| {
             channel::call(
                 &vm.socket,
@@ -391,6 +394,14 @@ pub fn wait_ready(vms: &[(String, VmNode)], limit: Duration) -> Result<(), LabEr
             )
             .map_or(true, |r| r.code != 0)
         });
+        bar.set_position((vms.len() - waiting.len()) as u64);
+        bar.set_message(
+            waiting
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
         if waiting.is_empty() {
             break;
         }
@@ -426,6 +437,7 @@ pub fn wait_ready(vms: &[(String, VmNode)], limit: Duration) -> Result<(), LabEr
                     )
                 })
                 .collect();
+            bar.finish_and_clear();
             return Err(LabError::Refused(format!(
                 "VMs not ready after {:.0} s: {}",
                 start.elapsed().as_secs_f64(),
@@ -434,7 +446,24 @@ pub fn wait_ready(vms: &[(String, VmNode)], limit: Duration) -> Result<(), LabEr
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+    bar.finish_and_clear();
     Ok(())
+}
+
+/// A bar over the booting VMs, on a terminal only: logs, pipes and tests
+/// get nothing (the lab prints its own summary when they are up).
+fn boot_bar(vms: usize, on_terminal: bool) -> indicatif::ProgressBar {
+    if !on_terminal || vms == 0 {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(vms as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} booting VMs {pos}/{len} {elapsed} {wide_msg}",
+        )
+        .expect("valid template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
 }
 
 /// The console's last lines, for an error message.
@@ -666,6 +695,15 @@ pub fn install(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn without_a_terminal_the_boot_wait_draws_nothing() {
+        let bar = boot_bar(3, false);
+        assert!(bar.is_hidden());
+        bar.set_position(2);
+        bar.finish_and_clear();
+        assert!(boot_bar(0, true).is_hidden(), "no VM, no bar");
+    }
 
     #[test]
     fn a_path_the_kernel_command_line_would_split_is_refused_by_name() {
