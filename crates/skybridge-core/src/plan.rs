@@ -944,25 +944,7 @@ impl Ctx<'_> {
                 });
             }
         }
-        plan.sysctls.push(Sysctl {
-            key: "net.ipv4.conf.all.rp_filter".into(),
-            value: "2".into(),
-        });
-        if !is_candidate {
-            plan.firewall.push(FirewallRule::ForwardAccept {
-                direction: Direction::In,
-            });
-            plan.firewall.push(FirewallRule::ForwardAccept {
-                direction: Direction::Out,
-            });
-        }
-        sources.sort();
-        plan.firewall.push(FirewallRule::AcceptTunnel {
-            transport: TunnelProtocol::Udp {
-                port: INTRA_SITE_PORT,
-            },
-            sources: Some(sources),
-        });
+        open_intra_site(plan, is_candidate, INTRA_SITE_PORT, sources);
     }
 
     /// `intraSite: tunnel` with `intraSiteEncryption: true`: one WireGuard
@@ -1031,25 +1013,12 @@ impl Ctx<'_> {
             mtu: self.intra_mtu(si),
             peers,
         }));
-        plan.sysctls.push(Sysctl {
-            key: "net.ipv4.conf.all.rp_filter".into(),
-            value: "2".into(),
-        });
-        if !site.is_gateway_candidate(ni) {
-            plan.firewall.push(FirewallRule::ForwardAccept {
-                direction: Direction::In,
-            });
-            plan.firewall.push(FirewallRule::ForwardAccept {
-                direction: Direction::Out,
-            });
-        }
-        sources.sort();
-        plan.firewall.push(FirewallRule::AcceptTunnel {
-            transport: TunnelProtocol::Udp {
-                port: INTRA_SITE_WG_PORT,
-            },
-            sources: Some(sources),
-        });
+        open_intra_site(
+            plan,
+            site.is_gateway_candidate(ni),
+            INTRA_SITE_WG_PORT,
+            sources,
+        );
     }
 
     /// TCP segments leaving through any tunnel must fit the narrowest of
@@ -1117,6 +1086,30 @@ impl Ctx<'_> {
 
 fn route_target(site: &Site, node: &Node) -> String {
     format!("site {} via {}", site.name, node.name)
+}
+
+/// What an end of intra-site tunnels needs whatever carries them: loose
+/// reverse-path filtering (a packet may come back through another tunnel
+/// than it left by), forwarding on a node that is not already a gateway
+/// candidate, and the tunnels' UDP `port` open to the site's own `sources`.
+fn open_intra_site(plan: &mut NodePlan, is_candidate: bool, port: u16, mut sources: Vec<Ipv4Addr>) {
+    plan.sysctls.push(Sysctl {
+        key: "net.ipv4.conf.all.rp_filter".into(),
+        value: "2".into(),
+    });
+    if !is_candidate {
+        plan.firewall.push(FirewallRule::ForwardAccept {
+            direction: Direction::In,
+        });
+        plan.firewall.push(FirewallRule::ForwardAccept {
+            direction: Direction::Out,
+        });
+    }
+    sources.sort();
+    plan.firewall.push(FirewallRule::AcceptTunnel {
+        transport: TunnelProtocol::Udp { port },
+        sources: Some(sources),
+    });
 }
 
 #[cfg(test)]
