@@ -40,6 +40,13 @@ const WINDOW: usize = 20;
 /// enough to fail a healthy gateway over; three copies make that unlikely at
 /// a few hundred bytes per second.
 const PROBE_COPIES: usize = 3;
+/// How long a candidate waits for the first answer through a tunnel it just
+/// started probing (a site added to the file, a prober just started) before
+/// the silence counts as a loss: a rolling apply reaches the nodes seconds
+/// apart, and a WireGuard handshake to a peer that does not know us yet is
+/// retried only every 5 s. Until then the site is *pending*, which keeps the
+/// candidate from being left but does not make it worth moving to.
+pub const FIRST_ANSWER_GRACE: Duration = Duration::from_secs(15);
 
 /// A node or gateway the prober sends probes to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,6 +136,10 @@ enum Message {
         /// (right after a start, nothing has answered yet).
         #[serde(default)]
         reach_known: bool,
+        /// Sites it probes but has not heard from yet, within
+        /// [`FIRST_ANSWER_GRACE`] of its first probe.
+        #[serde(default)]
+        pending: Vec<String>,
     },
 }
 
@@ -154,6 +165,9 @@ pub struct Seen {
     /// Whether that answer's `reach` was settled (see [`Observations::reach_known`]).
     #[serde(default)]
     pub reach_known: bool,
+    /// The sites it still waits to hear from for the first time.
+    #[serde(default)]
+    pub pending: Vec<String>,
 }
 
 /// Everything the prober knows, served as one JSON document.
@@ -173,6 +187,10 @@ pub struct Observations {
     /// from `reach` is one that did not answer, not one not asked yet.
     #[serde(default)]
     pub reach_known: bool,
+    /// The sites this node's tunnel probes have not heard from yet, within
+    /// [`FIRST_ANSWER_GRACE`] of their first probe.
+    #[serde(default)]
+    pub pending: Vec<String>,
     pub targets: Vec<Seen>,
 }
 
@@ -185,6 +203,7 @@ impl Observations {
                 Health::Up {
                     reach: self.reach.iter().cloned().collect(),
                     fresh: fresh(&self.reach_age_ms, 0, fresh_ms),
+                    pending: self.pending.iter().cloned().collect(),
                 }
             } else {
                 Health::Unknown
@@ -219,6 +238,7 @@ impl Observations {
             Some(ms) if seen.answered_ever && seen.reach_known => Health::Up {
                 reach: seen.reach.iter().cloned().collect(),
                 fresh: fresh(&seen.reach_age_ms, ms, fresh_ms),
+                pending: seen.pending.iter().cloned().collect(),
             },
             Some(_) => Health::Unknown,
         }
@@ -240,8 +260,8 @@ struct Tracked {
     last_sent: Option<Instant>,
     last_answer: Option<Instant>,
     rtt: Option<Duration>,
-    reach: Vec<String>,
-    reach_age_ms: BTreeMap<String, u64>,
+    /// What its last answer said it reaches.
+    reach: Reach,
     reach_known: bool,
     /// Answered or not, for the last probes; the back is the newest (`seq`).
     history: VecDeque<bool>,
@@ -256,8 +276,7 @@ impl Tracked {
             last_sent: None,
             last_answer: None,
             rtt: None,
-            reach: Vec::new(),
-            reach_age_ms: BTreeMap::new(),
+            reach: Reach::default(),
             reach_known: false,
             history: VecDeque::with_capacity(WINDOW),
         }
@@ -293,8 +312,7 @@ impl Tracked {
             self.rtt = Some(now.saturating_duration_since(sent));
         }
         self.last_answer = Some(now);
-        self.reach = reach.sites;
-        self.reach_age_ms = reach.age_ms;
+        self.reach = reach;
         self.reach_known = reach_known;
     }
 
@@ -313,9 +331,10 @@ impl Tracked {
             } else {
                 lost as f64 / settled as f64
             },
-            reach: self.reach.clone(),
-            reach_age_ms: self.reach_age_ms.clone(),
+            reach: self.reach.sites.clone(),
+            reach_age_ms: self.reach.age_ms.clone(),
             reach_known: self.reach_known,
+            pending: self.reach.pending.clone(),
         }
     }
 }
@@ -423,19 +442,20 @@ pub async fn run(
                 match msg {
                     Message::Probe { seq, .. } => {
                         let me = targets.as_ref().map(|t| t.node.clone()).unwrap_or_default();
-                        let Reach { sites: reach, age_ms: reach_age_ms } =
+                        let Reach { sites: reach, age_ms: reach_age_ms, pending } =
                             own_reach(targets.as_ref(), &tracked, &failover);
                         let reach_known = started.elapsed() > failover.down_after();
-                        let answer =
-                            Message::Answer { from: me, seq, reach, reach_age_ms, reach_known };
+                        let answer = Message::Answer {
+                            from: me, seq, reach, reach_age_ms, reach_known, pending,
+                        };
                         let bytes = serde_json::to_vec(&answer).expect("plain data serializes");
                         let _ = udp.send_to(&bytes, from).await;
                     }
-                    Message::Answer { seq, reach, reach_age_ms, reach_known, .. } => {
+                    Message::Answer { seq, reach, reach_age_ms, reach_known, pending, .. } => {
                         if let SocketAddr::V4(v4) = from
                             && let Some(tr) = tracked.get_mut(v4.ip())
                         {
-                            let reach = Reach { sites: reach, age_ms: reach_age_ms };
+                            let reach = Reach { sites: reach, age_ms: reach_age_ms, pending };
                             tr.answered(seq, reach, reach_known, Instant::now());
                         }
                     }
@@ -460,16 +480,18 @@ pub async fn run(
 }
 
 /// The sites a candidate's tunnel probes reach, with how long ago each
-/// answered last.
-#[derive(Debug, Default)]
+/// answered last, and the ones it still waits to hear from for the first time.
+#[derive(Clone, Debug, Default)]
 struct Reach {
     sites: Vec<String>,
     age_ms: BTreeMap<String, u64>,
+    pending: Vec<String>,
 }
 
 /// The other sites this node's tunnel probes reach: each site one of whose
 /// candidates answered within the failover's `down_after`, with the age of
-/// the newest such answer.
+/// the newest such answer; and the sites none of whose candidates ever
+/// answered, probed for less than [`FIRST_ANSWER_GRACE`].
 fn own_reach(
     targets: Option<&Targets>,
     tracked: &HashMap<Ipv4Addr, Tracked>,
@@ -492,9 +514,27 @@ fn own_reach(
                 .or_insert(ms);
         }
     }
+    // Per site: whether a candidate ever answered, and its first probe.
+    let mut first: BTreeMap<&str, (bool, Option<Instant>)> = BTreeMap::new();
+    for t in targets.iter().flat_map(|t| &t.targets).filter(|t| t.tunnel) {
+        let tr = tracked.get(&t.ip).filter(|tr| tr.target == *t);
+        let (answered, since) = first.entry(&t.site).or_insert((false, None));
+        *answered |= tr.is_some_and(|tr| tr.last_answer.is_some());
+        if let Some(sent) = tr.and_then(|tr| tr.first_sent) {
+            *since = Some(since.map_or(sent, |s: Instant| s.min(sent)));
+        }
+    }
+    let pending = first
+        .into_iter()
+        .filter(|(_, (answered, since))| {
+            !answered && since.is_none_or(|s| now.saturating_duration_since(s) < FIRST_ANSWER_GRACE)
+        })
+        .map(|(site, _)| site.to_owned())
+        .collect();
     Reach {
         sites: age_ms.keys().cloned().collect(),
         age_ms,
+        pending,
     }
 }
 
@@ -515,6 +555,7 @@ fn observations(
         reach: reach.sites,
         reach_age_ms: reach.age_ms,
         reach_known: false,
+        pending: reach.pending,
         targets: seen,
     }
 }
@@ -667,7 +708,7 @@ mod tests {
                     tr.seq,
                     Reach {
                         sites: vec!["b".into()],
-                        age_ms: BTreeMap::new(),
+                        ..Reach::default()
                     },
                     true,
                     t0 + Duration::from_millis(100 * i + 5),
@@ -686,6 +727,42 @@ mod tests {
     }
 
     #[test]
+    fn a_site_never_heard_from_is_pending_only_for_the_grace_after_its_first_probe() {
+        let target = |site: &str, last: u8| Target {
+            node: format!("{site}-gw"),
+            site: site.into(),
+            ip: Ipv4Addr::new(100, 96, 0, last),
+            tunnel: true,
+        };
+        let targets = Targets {
+            node: "me".into(),
+            site: "a".into(),
+            candidate: true,
+            targets: vec![target("b", 1), target("c", 2), target("d", 3)],
+        };
+        let f = Failover::default();
+        let now = Instant::now();
+        let mut tracked = HashMap::new();
+        // b answered long ago (lost, not pending); c was first probed just
+        // now; d is in the plan but not probed yet.
+        let mut b = Tracked::new(target("b", 1));
+        b.sent(now - Duration::from_secs(60));
+        b.answered(1, Reach::default(), true, now - Duration::from_secs(59));
+        tracked.insert(b.target.ip, b);
+        let mut c = Tracked::new(target("c", 2));
+        c.sent(now);
+        tracked.insert(c.target.ip, c);
+        let reach = own_reach(Some(&targets), &tracked, &f);
+        assert_eq!(reach.sites, Vec::<String>::new());
+        assert_eq!(reach.pending, ["c", "d"]);
+        // c silent since its first probe for the whole grace: lost.
+        let mut c = Tracked::new(target("c", 2));
+        c.sent(now - FIRST_ANSWER_GRACE);
+        tracked.insert(c.target.ip, c);
+        assert_eq!(own_reach(Some(&targets), &tracked, &f).pending, ["d"]);
+    }
+
+    #[test]
     fn a_target_is_down_only_after_the_failover_silence() {
         let f = Failover::default();
         let obs = |silent_ms, answered_ever| Observations {
@@ -696,6 +773,7 @@ mod tests {
             reach: vec![],
             reach_age_ms: BTreeMap::new(),
             reach_known: true,
+            pending: vec![],
             targets: vec![Seen {
                 target: Target {
                     node: "gw".into(),
@@ -710,17 +788,18 @@ mod tests {
                 reach: vec!["b".into()],
                 reach_age_ms: [("b".to_owned(), 100)].into(),
                 reach_known: true,
+                pending: vec!["c".into()],
             }],
         };
         assert_eq!(obs(None, false).health(&f, "s", "gw"), Health::Unknown);
         assert_eq!(obs(Some(100), false).health(&f, "s", "gw"), Health::Unknown);
         assert!(
-            matches!(obs(Some(100), true).health(&f, "s", "gw"), Health::Up { reach, fresh } if reach.len() == 1 && fresh.len() == 1)
+            matches!(obs(Some(100), true).health(&f, "s", "gw"), Health::Up { reach, fresh, pending } if reach.len() == 1 && fresh.len() == 1 && pending.len() == 1)
         );
         // The same answer, 600 ms later: b was heard 700 ms ago, no longer
         // fresh (625 ms with the defaults), but still reached.
         assert!(
-            matches!(obs(Some(600), true).health(&f, "s", "gw"), Health::Up { reach, fresh } if reach.len() == 1 && fresh.is_empty())
+            matches!(obs(Some(600), true).health(&f, "s", "gw"), Health::Up { reach, fresh, .. } if reach.len() == 1 && fresh.is_empty())
         );
         assert!(
             matches!(obs(Some(751), true).health(&f, "s", "gw"), Health::Down { why } if why.contains("for 751 ms"))

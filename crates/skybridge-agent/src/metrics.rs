@@ -713,6 +713,7 @@ mod tests {
             reach: vec![],
             reach_age_ms: BTreeMap::new(),
             reach_known: true,
+            pending: vec![],
         }
     }
 
@@ -736,6 +737,7 @@ mod tests {
                 reach: vec![],
                 reach_age_ms: BTreeMap::new(),
                 reach_known: true,
+                pending: vec![],
                 targets: vec![
                     seen("hw-gw2", "huawei", false, 100),
                     seen("ali-gw1", "aliyun", true, 60_000),

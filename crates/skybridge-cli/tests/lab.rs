@@ -375,8 +375,18 @@ fn a_site_added_to_a_running_lab_converges_without_breaking_existing_flows() {
     let flow = flow.wait_with_output().unwrap();
     assert!(
         flow.status.success() && text(&flow).contains("receiver"),
-        "the existing flow broke:\n{}",
-        text(&flow)
+        "the existing flow broke:\n{}\n{}",
+        text(&flow),
+        lab.logs()
+    );
+    // Nor did a gateway move: the site's masquerading gateway would change
+    // under every flow through it (a false failover, which broke this flow
+    // when the preferred gateway's tunnel to the new site answered later
+    // than its sibling's).
+    assert_eq!(
+        lab.log_lines("gateway failover"),
+        Vec::<String>::new(),
+        "adding a site moved a gateway"
     );
     assert_eq!(lab.namespaces().len(), 11);
 }

@@ -20,6 +20,14 @@
 //! would move its site's gateway away and back whenever another site went
 //! dark as a whole.
 //!
+//! A site a candidate has only just started probing (the site was added to
+//! the file, or the candidate's prober just started) and has never heard
+//! from is *pending*: it does not count against the candidate that carries
+//! the traffic now (its tunnel may simply be a handshake behind the
+//! other's), but it does not make a candidate worth moving to either. Adding
+//! a site therefore moves no gateway, and a rebooted preferred candidate
+//! takes its site back only once its tunnels answer.
+//!
 //! Time is passed in, never read, so the decisions are tested with a fake clock.
 
 use std::collections::BTreeSet;
@@ -41,6 +49,9 @@ pub enum Health {
     Up {
         reach: BTreeSet<String>,
         fresh: BTreeSet<String>,
+        /// Sites it started probing so recently that it has not heard from
+        /// them yet (see the module's documentation); never in `reach`.
+        pending: BTreeSet<String>,
     },
     /// No answer for the failover's `down_after`: why, for the log.
     Down { why: String },
@@ -169,8 +180,11 @@ impl Selector {
                     (Some(t), true) => Some(t),
                 };
             }
+            // Pending sites are given the benefit of the doubt here: they
+            // only keep a candidate from being left.
             for (since, h) in s.behind_since.iter_mut().zip(&seen) {
-                let behind = matches!(h, Health::Up { reach, .. } if Some(reach.len()) < best);
+                let behind = matches!(h, Health::Up { reach, pending, .. }
+                    if Some(reach.len() + pending.len()) < best);
                 *since = if behind { since.or(Some(now)) } else { None };
             }
             s.unreachable = best.is_none();
@@ -178,16 +192,15 @@ impl Selector {
                 continue;
             };
             let current_state = &seen[s.current];
-            let failed =
-                match current_state {
-                    Health::Down { .. } => true,
-                    Health::Up { reach, .. } => s.behind_since[s.current]
+            let failed = match current_state {
+                Health::Down { .. } => true,
+                Health::Up { .. } => {
+                    s.behind_since[s.current]
                         .is_some_and(|t| now.saturating_duration_since(t) >= self.behind_for)
-                        || seen.iter().any(
-                            |h| matches!(h, Health::Up { fresh, .. } if !fresh.is_subset(reach)),
-                        ),
-                    Health::Unknown => false,
-                };
+                        || !lost_fresh(current_state, &seen).is_empty()
+                }
+                Health::Unknown => false,
+            };
             let next = if failed {
                 // Moving away from a candidate that failed: at once.
                 Some((
@@ -256,20 +269,15 @@ fn why_not(
         )
     };
     // The fresh evidence that the lost sites are alive, when there is some.
-    let witness = seen
-        .iter()
-        .zip(candidates)
-        .find_map(|(other, c)| match other {
-            Health::Up { fresh, .. } if !fresh.is_subset(reach) => Some(format!(
+    let witness = seen.iter().zip(candidates).find_map(|(other, c)| {
+        let lost = lost_fresh(h, std::slice::from_ref(other));
+        (!lost.is_empty()).then(|| {
+            format!(
                 "{c} heard from {} just now",
-                fresh
-                    .difference(reach)
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )),
-            _ => None,
-        });
+                lost.into_iter().collect::<Vec<_>>().join(", ")
+            )
+        })
+    });
     match witness {
         Some(w) => format!("{reaches}; {w}"),
         None => format!(
@@ -277,6 +285,24 @@ fn why_not(
             best.unwrap_or(0)
         ),
     }
+}
+
+/// The sites that some candidate in `seen` has heard from just now while
+/// `h` neither reaches them nor is still waiting for their first answer:
+/// fresh evidence that `h` lost them on its own path.
+fn lost_fresh<'a>(h: &Health, seen: &'a [Health]) -> BTreeSet<&'a str> {
+    let Health::Up { reach, pending, .. } = h else {
+        return BTreeSet::new();
+    };
+    seen.iter()
+        .filter_map(|other| match other {
+            Health::Up { fresh, .. } => Some(fresh),
+            _ => None,
+        })
+        .flatten()
+        .filter(|site| !reach.contains(*site) && !pending.contains(*site))
+        .map(String::as_str)
+        .collect()
 }
 
 /// How recently a candidate must have heard from a site for that site to
@@ -340,6 +366,7 @@ spec:
         Health::Up {
             reach: sites.iter().map(|s| (*s).to_owned()).collect(),
             fresh: BTreeSet::new(),
+            pending: BTreeSet::new(),
         }
     }
 
@@ -348,6 +375,7 @@ spec:
         Health::Up {
             reach: sites.iter().map(|s| (*s).to_owned()).collect(),
             fresh: sites.iter().map(|s| (*s).to_owned()).collect(),
+            pending: BTreeSet::new(),
         }
     }
 
@@ -447,6 +475,7 @@ spec:
                 Health::Up {
                     reach: ["b", "c"].map(str::to_owned).into(),
                     fresh: ["c".to_owned()].into(),
+                    pending: BTreeSet::new(),
                 }
             }
         });
@@ -466,6 +495,7 @@ spec:
                 Health::Up {
                     reach: ["b", "c"].map(str::to_owned).into(),
                     fresh: ["c".to_owned()].into(),
+                    pending: BTreeSet::new(),
                 }
             }
         };
@@ -474,6 +504,77 @@ spec:
             assert!(s.update(t0 + step * i, |_, _| live(&["c"])).is_empty());
         }
         assert_eq!(s.actives()["a"], "a1");
+    }
+
+    /// Reaches `sites` (heard just now) and has not heard from `new` yet.
+    fn waiting(sites: &[&str], new: &[&str]) -> Health {
+        let Health::Up { reach, fresh, .. } = live(sites) else {
+            unreachable!()
+        };
+        Health::Up {
+            reach,
+            fresh,
+            pending: new.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_site_added_moves_no_gateway_while_the_active_one_waits_for_its_first_answer() {
+        let (mut s, t0) = selector();
+        let step = Duration::from_millis(250);
+        // c was just added: a2's tunnel answered first, a1's handshake is behind.
+        let mut t = t0;
+        for _ in 0..40 {
+            let sw = s.update(t, |_, n| {
+                if n == "a1" {
+                    waiting(&["b"], &["c"])
+                } else {
+                    live(&["b", "c"])
+                }
+            });
+            assert!(sw.is_empty(), "{sw:?}");
+            t += step;
+        }
+        // Once a1 stops waiting without having heard from c, c is lost on its path.
+        let sw = s.update(t, |_, n| {
+            if n == "a1" {
+                live(&["b"])
+            } else {
+                live(&["b", "c"])
+            }
+        });
+        assert_eq!(sw[0].to, "a2", "{sw:?}");
+        assert!(
+            sw[0].reason.contains("a2 heard from c just now"),
+            "{}",
+            sw[0].reason
+        );
+    }
+
+    #[test]
+    fn a_preferred_gateway_back_from_a_reboot_takes_over_only_once_its_tunnels_answer() {
+        let (mut s, t0) = selector();
+        s.update(
+            t0,
+            |_, n| if n == "a1" { down() } else { live(&["b", "c"]) },
+        );
+        assert_eq!(s.actives()["a"], "a2");
+        // a1 is up again, its prober waiting for every site's first answer:
+        // long past the hold, it is still no better than a2.
+        let later = t0 + Duration::from_secs(60);
+        let back = |_: &str, n: &str| {
+            if n == "a1" {
+                waiting(&[], &["b", "c"])
+            } else {
+                live(&["b", "c"])
+            }
+        };
+        assert!(s.update(t0 + Duration::from_secs(1), back).is_empty());
+        assert!(s.update(later, back).is_empty());
+        let answered = later + Duration::from_secs(1);
+        assert!(s.update(answered, |_, _| live(&["b", "c"])).is_empty());
+        let sw = s.update(answered + Duration::from_secs(5), |_, _| live(&["b", "c"]));
+        assert_eq!(sw[0].to, "a1", "{sw:?}");
     }
 
     #[test]

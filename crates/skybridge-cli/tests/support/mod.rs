@@ -115,9 +115,9 @@ impl Lab {
         Path::new(skybridge_lab::LAB_DIR).join(format!("{}{cluster}", self.prefix))
     }
 
-    /// The ends of the nodes' logs (agents, probes, VM consoles), for a failure message.
-    pub fn logs(&self) -> String {
-        let mut out = String::new();
+    /// The lab's log files (agents, probes, VM consoles) with their text.
+    fn log_files(&self) -> Vec<(PathBuf, String)> {
+        let mut files = Vec::new();
         for entry in std::fs::read_dir(skybridge_lab::LAB_DIR)
             .into_iter()
             .flatten()
@@ -135,16 +135,39 @@ impl Lab {
                 let p = f.path();
                 if p.extension().is_some_and(|e| e == "log") {
                     let t = std::fs::read_to_string(&p).unwrap_or_default();
-                    let tail: Vec<&str> = t.lines().rev().take(30).collect();
-                    out += &format!(
-                        "--- {}\n{}\n",
-                        p.display(),
-                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                    );
+                    files.push((p, t));
                 }
             }
         }
+        files
+    }
+
+    /// The ends of the nodes' logs (agents, probes, VM consoles), for a failure message.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for (p, t) in self.log_files() {
+            let tail: Vec<&str> = t.lines().rev().take(30).collect();
+            out += &format!(
+                "--- {}\n{}\n",
+                p.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         out
+    }
+
+    /// Every line of the nodes' logs that contains `needle`, after its file's name.
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        let mut lines = Vec::new();
+        for (p, t) in self.log_files() {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            lines.extend(
+                t.lines()
+                    .filter(|l| l.contains(needle))
+                    .map(|l| format!("{name}: {l}")),
+            );
+        }
+        lines
     }
 
     /// The pids of the lab's qemu processes, as `lab status` lists them.
