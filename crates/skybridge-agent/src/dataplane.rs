@@ -20,6 +20,8 @@ use std::io;
 use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 
+mod uapi;
+
 use gotatun::device::{self, uapi::UapiServer};
 use gotatun::tun::tun;
 use gotatun::tun::tun_async_device::TunDevice;
@@ -104,15 +106,16 @@ pub async fn run(iface: &str, state_dir: &Path) -> Result<(), DataplaneError> {
         message,
     };
     let tun = TunDevice::from_tun_device(asyncdev).map_err(|e| failed(e.to_string()))?;
-    let uapi =
-        UapiServer::default_unix_socket(iface, None, None).map_err(|e| failed(e.to_string()))?;
+    // gotatun's handler sits behind ours (see `uapi`): the socket is ours.
+    let (gotatun_uapi, uapi_server) = UapiServer::new();
+    let mut requests = uapi::listen(iface).map_err(|e| failed(format!("UAPI socket: {e}")))?;
     let mut device = device::build()
         .with_udp(BigBuffers {
             inner: UdpSocketFactory::default(),
             bytes: SOCKET_BUFFER,
         })
         .with_ip(tun)
-        .with_uapi(uapi)
+        .with_uapi(uapi_server)
         .build()
         .await
         .map_err(|e| failed(e.to_string()))?;
@@ -129,10 +132,18 @@ pub async fn run(iface: &str, state_dir: &Path) -> Result<(), DataplaneError> {
         .map_err(|e| failed(e.to_string()))?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .map_err(|e| failed(e.to_string()))?;
-    tokio::select! {
-        () = device.wait() => tracing::error!(%iface, "WireGuard device failed"),
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    loop {
+        tokio::select! {
+            () = device.wait() => {
+                tracing::error!(%iface, "WireGuard device failed");
+                break;
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            Some((request, reply)) = requests.recv() => {
+                let _ = reply.send(uapi::handle(&device, &gotatun_uapi, request).await);
+            }
+        }
     }
     device.stop().await;
     let _ = std::fs::remove_file(format!("{}/{iface}.sock", crate::wireguard::UAPI_DIR));

@@ -76,6 +76,42 @@ fn lab_example_over_userspace_wireguard_is_all_green_and_down_leaves_nothing() {
         "{}",
         text(&wg)
     );
+    // Changing a peer (what a gateway failover does to allowed IPs) keeps its
+    // session: no new handshake, counters carry on.
+    let peer = |lab: &Lab| -> Vec<String> {
+        let dump = text(&lab.exec("hw-master", &["wg", "show", marks::WG_IFACE, "dump"]));
+        let line = dump.lines().nth(1).unwrap_or_default().to_owned();
+        line.split('\t').map(str::to_owned).collect()
+    };
+    let before = peer(&lab);
+    assert!(
+        before.len() == 8 && before[4] != "0",
+        "no handshake with {before:?}"
+    );
+    let set = lab.exec(
+        "hw-master",
+        &[
+            "wg",
+            "set",
+            marks::WG_IFACE,
+            "peer",
+            &before[0],
+            "allowed-ips",
+            &before[3],
+            "persistent-keepalive",
+            "25",
+        ],
+    );
+    assert!(set.status.success(), "{}", text(&set));
+    let after = peer(&lab);
+    assert_eq!(after[0], before[0]);
+    assert_eq!(after[4], before[4], "the peer's handshake was lost");
+    let bytes = |p: &[String]| p[5].parse::<u64>().unwrap_or(0);
+    assert!(
+        bytes(&after) >= bytes(&before),
+        "the peer's counters were reset: {before:?} -> {after:?}"
+    );
+
     // Each node is its own machine for files: its own key in its own /var/lib.
     let key = |n: &str| text(&lab.exec(n, &["cat", paths::KEY_FILE]));
     assert_ne!(key("hw-master"), key("tc-gw"));
