@@ -532,3 +532,91 @@ fn lab_up_as_root_on_debian_installs_what_it_lacks_and_says_so() {
     );
     assert_eq!(lab.namespaces(), Vec::<String>::new());
 }
+
+/// The static build the README offers for nodes with an old glibc
+/// (`-C target-feature=+crt-static`), which `scripts/test.sh` makes and names
+/// in `SKYBRIDGE_STATIC_BIN`: it has no program interpreter, and every
+/// agent, data plane and prober of a lab it brings up is that binary.
+#[test]
+fn the_static_build_runs_every_agent_of_the_lab_all_green() {
+    if unmet(&TOOLS) {
+        return;
+    }
+    let Some(bin) = std::env::var_os("SKYBRIDGE_STATIC_BIN").map(std::path::PathBuf::from) else {
+        support::skip("SKYBRIDGE_STATIC_BIN is not set (scripts/test.sh builds the static binary and sets it)");
+        return;
+    };
+    assert!(bin.is_file(), "SKYBRIDGE_STATIC_BIN={}: no such file", bin.display());
+    let elf = std::fs::read(&bin).unwrap();
+    assert!(
+        elf.starts_with(b"\x7fELF") && !has_interpreter(&elf),
+        "{} is dynamically linked (it has a PT_INTERP program header)",
+        bin.display()
+    );
+    let ldd = std::process::Command::new("ldd").arg(&bin).output().unwrap();
+    let said = text(&ldd);
+    assert!(
+        said.contains("statically linked") || said.contains("not a dynamic executable"),
+        "ldd {}: {said}",
+        bin.display()
+    );
+
+    let lab = Lab::new("static");
+    let file = lab.file("lab.yaml", LAB);
+    let wg = wireguard_everywhere(LAB, "userspace", &[]);
+    let up = std::process::Command::new(&bin)
+        .args(["lab", "up", file.as_str()])
+        .args(&wg)
+        .env("SKYBRIDGE_LAB_PREFIX", &lab.prefix)
+        .output()
+        .unwrap();
+    assert!(
+        up.status.success() && text(&up).contains(ALL_GREEN),
+        "{}\n{}",
+        text(&up),
+        lab.logs()
+    );
+    // Every skybridge process of a node runs the static binary.
+    let ours = bin.canonicalize().unwrap();
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
+    for ns in lab.namespaces() {
+        let pids = std::process::Command::new("ip")
+            .args(["netns", "pids", &ns])
+            .output()
+            .unwrap();
+        for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+            let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) else {
+                continue;
+            };
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let role = ["agent", "wireguard-dataplane"]
+                .into_iter()
+                .find(|r| args.iter().any(|a| a == r));
+            if let Some(role) = role {
+                assert_eq!(exe, ours, "{ns}: {args:?} runs {}", exe.display());
+                *seen.entry(role.to_owned()).or_default() += 1;
+            }
+        }
+    }
+    // One agent and one data plane per node (7), and the gateways' probers.
+    assert!(
+        seen.get("agent").is_some_and(|n| *n >= 7) && seen.get("wireguard-dataplane") == Some(&7),
+        "{seen:?}"
+    );
+}
+
+/// Whether an ELF64 little-endian file asks for a program interpreter
+/// (the dynamic loader): a `PT_INTERP` entry in its program headers.
+fn has_interpreter(elf: &[u8]) -> bool {
+    let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
+    let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap()) as usize;
+    let (phoff, phentsize, phnum) = (u64_at(0x20), u16_at(0x36), u16_at(0x38));
+    (0..phnum).any(|i| {
+        let p = phoff + i * phentsize;
+        u32::from_le_bytes(elf[p..p + 4].try_into().unwrap()) == 3 // PT_INTERP
+    })
+}
