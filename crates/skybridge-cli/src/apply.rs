@@ -13,7 +13,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use skybridge_apply::apply::{self, Binaries, Observer, Options, Outcome};
-use skybridge_apply::ssh::Openssh;
+
+use crate::load::SshArgs;
 
 use crate::load;
 use crate::output::{self, NodeReport, NodeResult, Output, PairReport, Reports, RunReport};
@@ -36,16 +37,12 @@ pub struct ApplyArgs {
     /// on stdout with each node's result (the plan and progress go to stderr).
     #[arg(long, short, value_enum, default_value_t = Output::Table)]
     output: Output,
-    /// Nodes worked on at the same time.
-    #[arg(long, default_value_t = 10)]
-    parallel: usize,
+    #[command(flatten)]
+    ssh: SshArgs,
     /// Seconds a node waits for the controller to reach it again after the
     /// change before restoring its previous network by itself.
     #[arg(long, default_value_t = 60)]
     confirm_timeout: u64,
-    /// Record the host keys of nodes never contacted before (a changed key is refused anyway).
-    #[arg(long)]
-    accept_new_host_keys: bool,
     /// Public keys collected from the nodes [default: <file>.state.yaml beside the cluster file].
     #[arg(long)]
     state: Option<PathBuf>,
@@ -149,13 +146,12 @@ pub fn main(args: ApplyArgs) -> Result<ExitCode> {
         .map(|(_, n)| (n.name.clone(), n.private_ip.to_string()))
         .collect();
     let names: Vec<String> = targets.iter().map(|t| t.node.clone()).collect();
-    let connector =
-        Openssh::new(args.accept_new_host_keys).context("writing the ssh config for this apply")?;
+    let connector = args.ssh.connector("apply")?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let progress = Progress::new(&names);
-    let parallel = args.parallel.max(1);
+    let parallel = args.ssh.parallel.max(1);
     // Names this apply on the nodes: its staging folder, `try --id`, the markers.
     let id = format!(
         "{}-{}",

@@ -18,6 +18,8 @@ use skybridge_apply::Target;
 use skybridge_apply::apply::{agent_output, each};
 use skybridge_apply::session::{Connector as _, Session as _, quote};
 use skybridge_apply::ssh::Openssh;
+
+use crate::load::SshArgs;
 use skybridge_core::layout::{marks, paths};
 use skybridge_core::{Cluster, ClusterPlan};
 
@@ -45,12 +47,8 @@ pub struct CheckArgs {
     /// measurement, for scripts.
     #[arg(long, short, value_enum, default_value_t = Output::Table)]
     output: Output,
-    /// Nodes measuring at the same time.
-    #[arg(long, default_value_t = 10)]
-    parallel: usize,
-    /// Record the host keys of nodes never contacted before (a changed key is refused anyway).
-    #[arg(long)]
-    accept_new_host_keys: bool,
+    #[command(flatten)]
+    ssh: SshArgs,
 }
 
 /// `check -o json|yaml`.
@@ -93,14 +91,15 @@ pub fn main(args: CheckArgs) -> Result<ExitCode> {
             args.file.display()
         )
     })?;
-    let connector =
-        Openssh::new(args.accept_new_host_keys).context("writing the ssh config for this check")?;
+    let connector = args.ssh.connector("check")?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let nodes = rt.block_on(each(targets.clone(), args.parallel, async |t: Target| {
-        measure(&connector, &t).await
-    }));
+    let nodes = rt.block_on(each(
+        targets.clone(),
+        args.ssh.parallel,
+        async |t: Target| measure(&connector, &t).await,
+    ));
     let mut pairs = site_pairs(&cluster, &plan, &nodes);
     if args.throughput {
         let by_name: BTreeMap<&str, &Target> =

@@ -10,7 +10,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 use skybridge_apply::down;
-use skybridge_apply::ssh::Openssh;
+
+use crate::load::SshArgs;
 use skybridge_core::layout::paths;
 
 use crate::apply::{Progress, exit};
@@ -38,12 +39,8 @@ pub struct DownArgs {
     /// node's result (what would go and progress go to stderr).
     #[arg(long, short, value_enum, default_value_t = Output::Table)]
     output: Output,
-    /// Nodes worked on at the same time.
-    #[arg(long, default_value_t = 10)]
-    parallel: usize,
-    /// Record the host keys of nodes never contacted before (a changed key is refused anyway).
-    #[arg(long)]
-    accept_new_host_keys: bool,
+    #[command(flatten)]
+    ssh: SshArgs,
 }
 
 pub fn main(args: DownArgs) -> Result<ExitCode> {
@@ -58,12 +55,11 @@ pub fn main(args: DownArgs) -> Result<ExitCode> {
     let order: Vec<String> = all.iter().map(|t| t.node.clone()).collect();
     let (targets, skipped) = load::choose(&args.file, all, &args.node)?;
     let names: Vec<String> = targets.iter().map(|t| t.node.clone()).collect();
-    let connector =
-        Openssh::new(args.accept_new_host_keys).context("writing the ssh config for this down")?;
+    let connector = args.ssh.connector("down")?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let parallel = args.parallel.max(1);
+    let parallel = args.ssh.parallel.max(1);
 
     let progress = Progress::new(&names);
     let (found, failed) = rt.block_on(down::inspect(

@@ -7,6 +7,26 @@ use anyhow::{Context, Result};
 use skybridge_apply::Target;
 use skybridge_core::{Cluster, ClusterPlan, Diagnostic, State, Validated};
 
+/// How the commands that reach the nodes over SSH (apply, check, down,
+/// status) connect to them.
+#[derive(Debug, clap::Args)]
+pub struct SshArgs {
+    /// Nodes contacted at the same time.
+    #[arg(long, default_value_t = 10)]
+    pub parallel: usize,
+    /// Record the host keys of nodes never contacted before (a changed key is refused anyway).
+    #[arg(long)]
+    pub accept_new_host_keys: bool,
+}
+
+impl SshArgs {
+    /// The SSH settings of this run of `command`.
+    pub fn connector(&self, command: &str) -> Result<skybridge_apply::ssh::Openssh> {
+        skybridge_apply::ssh::Openssh::new(self.accept_new_host_keys)
+            .with_context(|| format!("writing the ssh config for this {command}"))
+    }
+}
+
 /// Input the command refuses: exit code [`crate::exit::INVALID_INPUT`].
 /// `reported`: its diagnostics are already on stderr, print nothing more.
 #[derive(Debug)]

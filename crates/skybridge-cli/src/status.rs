@@ -13,6 +13,8 @@ use skybridge_apply::Target;
 use skybridge_apply::apply::{agent_output, each};
 use skybridge_apply::session::{Connector as _, Session as _, quote};
 use skybridge_apply::ssh::Openssh;
+
+use crate::load::SshArgs;
 use skybridge_core::layout::paths;
 
 use crate::load;
@@ -35,12 +37,8 @@ pub struct StatusArgs {
     /// whole report, for scripts.
     #[arg(long, short, value_enum, default_value_t = Output::Table)]
     output: Output,
-    /// Nodes asked at the same time.
-    #[arg(long, default_value_t = 10)]
-    parallel: usize,
-    /// Record the host keys of nodes never contacted before (a changed key is refused anyway).
-    #[arg(long)]
-    accept_new_host_keys: bool,
+    #[command(flatten)]
+    ssh: SshArgs,
 }
 
 /// `status -o json|yaml`.
@@ -62,12 +60,11 @@ pub fn main(args: StatusArgs) -> Result<ExitCode> {
     let (targets, _) = load::choose(&args.file, targets, &args.node)?;
     let file_sha256 = skybridge_agent::rollback::file_sha256(&args.file)
         .with_context(|| format!("reading {}", args.file.display()))?;
-    let connector = Openssh::new(args.accept_new_host_keys)
-        .context("writing the ssh config for this status")?;
+    let connector = args.ssh.connector("status")?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let nodes = rt.block_on(each(targets, args.parallel, async |t: Target| {
+    let nodes = rt.block_on(each(targets, args.ssh.parallel, async |t: Target| {
         let mut s = ask(&connector, &t).await;
         compare_file(&mut s, &file_sha256, &args.file);
         s
