@@ -11,7 +11,7 @@ use skybridge_apply::session::Connector as _;
 use skybridge_apply::ssh::Openssh;
 use skybridge_apply::target::Target;
 use skybridge_core::Cluster;
-use skybridge_core::model::Join;
+use skybridge_core::model::{Join, Role};
 use skybridge_join::LocalHost;
 use skybridge_join::NodeHost;
 use skybridge_join::apply::{Options, Outcome, Report};
@@ -35,7 +35,9 @@ pub struct JoinArgs {
         conflicts_with = "all"
     )]
     node: Vec<String>,
-    /// Every node of the cluster (over SSH).
+    /// Every node of the cluster over SSH, but control-plane nodes when
+    /// joining: kubeadm made their kubelet and containerd, so they are
+    /// prepared only when named with --node (`--revert --all` reverts every node).
     #[arg(long, conflicts_with = "local")]
     all: bool,
     /// Show the file diffs and the commands; change nothing.
@@ -250,7 +252,26 @@ impl Remote {
 /// Joins the chosen nodes over SSH. Unless `--dry-run` or `--yes`, a dry
 /// run on every node first shows what each would get, and asks.
 fn remote(args: &JoinArgs, cluster: &Cluster, opts: &Options) -> Result<ExitCode> {
-    let (targets, skipped) = chosen_targets(args, cluster)?;
+    let (mut targets, mut skipped) = chosen_targets(args, cluster)?;
+    if args.all {
+        let (control_plane, workers): (Vec<Target>, Vec<Target>) =
+            targets.into_iter().partition(|t| {
+                cluster
+                    .node(&t.node)
+                    .is_some_and(|(_, n)| n.has_role(Role::ControlPlane))
+            });
+        targets = workers;
+        if !control_plane.is_empty() {
+            let names: Vec<String> = control_plane.into_iter().map(|t| t.node).collect();
+            if !load::quiet() {
+                eprintln!(
+                    "join --all leaves out the control-plane node(s) {}: kubeadm set up their kubelet and containerd; name one with --node to prepare it as a worker too",
+                    names.join(", ")
+                );
+            }
+            skipped.extend(names);
+        }
+    }
     let remote = Remote::new(args, "join")?;
     let root = args.root.as_deref();
     let run = |opts: &Options| {

@@ -102,7 +102,8 @@ pub enum NodeResult {
     /// `apply` only: the change was not confirmed and the node restored
     /// its previous network.
     RolledBack,
-    /// Left out by `--node`; it was not contacted.
+    /// Left out by `--node` (or a control-plane node by `join --all`); it
+    /// was not contacted.
     Skipped,
 }
 

@@ -580,6 +580,43 @@ fn join_over_ssh_writes_every_node_s_files_a_second_run_changes_nothing_and_reve
         );
         assert_eq!(text(&left).trim(), "", "{node} kept join's files");
     }
+
+    // With hw-gw a control-plane node, `--all` leaves it out and says so;
+    // named with --node, it is prepared.
+    let cp = std::fs::read_to_string(lab.path("small.yaml"))
+        .unwrap()
+        .replace("roles: [gateway] }", "roles: [control-plane, gateway] }");
+    lab.file("cp.yaml", &cp);
+    let exe = skybridge().display().to_string();
+    let path = lab.path("cp.yaml");
+    let cp_join = |which: &[&str]| {
+        let base = ["exec", "controller", "--", &exe, "join", &path];
+        let rest = ["--root", "/var/lib/sbt-join", "--dry-run", "-o", "json"];
+        lab.run(&[&base[..], which, &rest[..]].concat())
+    };
+    let all = cp_join(&["--all"]);
+    assert!(all.status.success(), "{}", text(&all));
+    let report: serde_json::Value = serde_json::from_slice(&all.stdout).unwrap();
+    let result = |node: &str| {
+        report["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == node)
+            .map(|n| n["result"].as_str().unwrap_or_default().to_owned())
+    };
+    assert_eq!(result("hw-gw").as_deref(), Some("skipped"), "{report}");
+    assert_ne!(result("hw-worker").as_deref(), Some("skipped"), "{report}");
+    assert!(
+        text(&all).contains("join --all leaves out the control-plane node(s) hw-gw, ali-gw, tc-gw"),
+        "{}",
+        text(&all)
+    );
+    let named = cp_join(&["--node", "hw-gw"]);
+    assert!(named.status.success(), "{}", text(&named));
+    let report: serde_json::Value = serde_json::from_slice(&named.stdout).unwrap();
+    assert_eq!(report["nodes"][0]["name"], "hw-gw", "{report}");
+    assert_ne!(report["nodes"][0]["result"], "skipped", "{report}");
 }
 
 /// Everything of `node`'s namespace that apply may change (links, routes
