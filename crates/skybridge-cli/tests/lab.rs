@@ -611,9 +611,16 @@ fn the_static_build_runs_every_agent_of_the_lab_all_green() {
             }
         }
     }
-    // One agent and one data plane per node (7), and the gateways' probers.
+    // An agent per node (and the probers), a data plane per gateway.
+    let cluster = skybridge_core::load(LAB).unwrap().cluster;
+    let gateways = cluster
+        .nodes()
+        .filter(|(_, n)| n.has_role(skybridge_core::model::Role::Gateway))
+        .count();
     assert!(
-        seen.get("agent").is_some_and(|n| *n >= 7) && seen.get("wireguard-dataplane") == Some(&7),
+        seen.get("agent")
+            .is_some_and(|n| *n >= cluster.nodes().count())
+            && seen.get("wireguard-dataplane") == Some(&gateways),
         "{seen:?}"
     );
 }
