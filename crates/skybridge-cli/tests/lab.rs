@@ -543,17 +543,26 @@ fn the_static_build_runs_every_agent_of_the_lab_all_green() {
         return;
     }
     let Some(bin) = std::env::var_os("SKYBRIDGE_STATIC_BIN").map(std::path::PathBuf::from) else {
-        support::skip("SKYBRIDGE_STATIC_BIN is not set (scripts/test.sh builds the static binary and sets it)");
+        support::skip(
+            "SKYBRIDGE_STATIC_BIN is not set (scripts/test.sh builds the static binary and sets it)",
+        );
         return;
     };
-    assert!(bin.is_file(), "SKYBRIDGE_STATIC_BIN={}: no such file", bin.display());
+    assert!(
+        bin.is_file(),
+        "SKYBRIDGE_STATIC_BIN={}: no such file",
+        bin.display()
+    );
     let elf = std::fs::read(&bin).unwrap();
     assert!(
         elf.starts_with(b"\x7fELF") && !has_interpreter(&elf),
         "{} is dynamically linked (it has a PT_INTERP program header)",
         bin.display()
     );
-    let ldd = std::process::Command::new("ldd").arg(&bin).output().unwrap();
+    let ldd = std::process::Command::new("ldd")
+        .arg(&bin)
+        .output()
+        .unwrap();
     let said = text(&ldd);
     assert!(
         said.contains("statically linked") || said.contains("not a dynamic executable"),
