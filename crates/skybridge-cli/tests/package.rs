@@ -137,13 +137,13 @@ fn the_agent_unit_passes_systemd_analyze_verify() {
     );
 }
 
-/// `packaging/build-deb.sh` (cargo-deb) packages this binary with its pages,
-/// completions, unit and copyright file, owned by root.
-#[test]
-fn build_deb_packages_the_binary_pages_completions_and_unit() {
+/// What `packaging/build-deb.sh` needs (cargo-deb, and dpkg-shlibdeps for a
+/// dynamically linked binary) and what the tests read the .deb with; false
+/// (and a recorded skip) when one is missing.
+fn deb_tools_or_skip() -> bool {
     if which("dpkg-deb").is_none() {
         skip("dpkg-deb is not installed (Debian's dpkg)");
-        return;
+        return false;
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     if !run(Command::new(&cargo).args(["deb", "--version"]))
@@ -151,10 +151,20 @@ fn build_deb_packages_the_binary_pages_completions_and_unit() {
         .success()
     {
         skip("cargo-deb is not installed (scripts/test.sh installs it)");
-        return;
+        return false;
     }
     if which("dpkg-shlibdeps").is_none() {
         skip("dpkg-shlibdeps is not installed (dpkg-dev; scripts/test.sh installs it)");
+        return false;
+    }
+    true
+}
+
+/// `packaging/build-deb.sh` (cargo-deb) packages this binary with its pages,
+/// completions, unit and copyright file, owned by root.
+#[test]
+fn build_deb_packages_the_binary_pages_completions_and_unit() {
+    if !deb_tools_or_skip() {
         return;
     }
     let out_dir = tempfile::tempdir().unwrap();
@@ -290,4 +300,45 @@ fn build_deb_packages_the_binary_pages_completions_and_unit() {
         text(&zstd)
     );
     assert_eq!(std::fs::read_dir(empty.path()).unwrap().count(), 0);
+}
+
+/// The static build (`SKYBRIDGE_STATIC_BIN`, which scripts/test.sh makes) is
+/// packaged as Cargo.toml's `static` variant: it depends on no library, and
+/// cargo-deb does not warn that dpkg-shlibdeps could not read it.
+#[test]
+fn build_deb_of_the_static_build_depends_on_no_library() {
+    if !deb_tools_or_skip() {
+        return;
+    }
+    let Some(bin) = std::env::var_os("SKYBRIDGE_STATIC_BIN").map(PathBuf::from) else {
+        skip(
+            "SKYBRIDGE_STATIC_BIN is not set (scripts/test.sh builds the static binary and sets it)",
+        );
+        return;
+    };
+    let out_dir = tempfile::tempdir().unwrap();
+    let built = run(Command::new(repo().join("packaging/build-deb.sh"))
+        .env("DEB_COMPRESSION", "none")
+        .arg(&bin)
+        .arg(out_dir.path()));
+    assert!(built.status.success(), "{}", text(&built));
+    let stderr = String::from_utf8_lossy(&built.stderr);
+    assert!(!stderr.contains("warning"), "{stderr}");
+    let deb = PathBuf::from(String::from_utf8_lossy(&built.stdout).trim());
+    let depends = ok(Command::new("dpkg-deb")
+        .arg("--field")
+        .arg(&deb)
+        .arg("Depends"));
+    assert_eq!(
+        depends.trim(),
+        "",
+        "the static build's package depends on {depends}"
+    );
+    let x = tempfile::tempdir().unwrap();
+    ok(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(x.path()));
+    assert!(
+        std::fs::read(x.path().join("usr/bin/skybridge")).unwrap() == std::fs::read(&bin).unwrap(),
+        "the packaged binary differs from {}",
+        bin.display()
+    );
 }
