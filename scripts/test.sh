@@ -13,7 +13,8 @@ cd "$(dirname "$0")/.."
 # itself with `apt-get download` into /var/cache/skybridge-lab, never installed).
 # curl scrapes the agents' metrics in the lab, and promtool (from prometheus)
 # checks what they serve. groff and man-db read the manual pages `skybridge man` writes.
-PACKAGES=(curl prometheus groff-base man-db iproute2 nftables iptables wireguard-tools wireguard-go iperf3 iputils-ping util-linux procps tcpdump containerd systemd openssh-server openssh-client kmod debootstrap e2fsprogs)
+# dpkg-dev's dpkg-shlibdeps tells cargo-deb which glibc the debug binary's .deb needs.
+PACKAGES=(curl prometheus groff-base man-db dpkg-dev iproute2 nftables iptables wireguard-tools wireguard-go iperf3 iputils-ping util-linux procps tcpdump containerd systemd openssh-server openssh-client kmod debootstrap e2fsprogs)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -31,6 +32,14 @@ fi
 # The VM lab asks apt for package versions: make sure its lists exist.
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null && ! apt-cache show --no-all-versions linux-image-amd64 >/dev/null 2>&1; then
   apt-get update -qq
+fi
+
+# packaging/build-deb.sh builds the .deb with cargo-deb (tests/package.rs and
+# the systemd VM test run it). A pinned version, built once into ~/.cargo/bin.
+CARGO_DEB_VERSION=3.8.0
+if [ "$(cargo deb --version 2>/dev/null)" != "cargo-deb $CARGO_DEB_VERSION" ]; then
+  echo "installing: cargo-deb $CARGO_DEB_VERSION"
+  cargo install --quiet --locked cargo-deb --version "$CARGO_DEB_VERSION"
 fi
 
 # A test whose prerequisite is missing records itself here (the test kit,

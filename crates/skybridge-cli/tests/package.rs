@@ -137,12 +137,34 @@ fn the_agent_unit_passes_systemd_analyze_verify() {
     );
 }
 
-/// `packaging/build-deb.sh` packages this binary with its pages,
+/// What `packaging/build-deb.sh` needs (cargo-deb, and dpkg-shlibdeps for a
+/// dynamically linked binary) and what the tests read the .deb with; false
+/// (and a recorded skip) when one is missing.
+fn deb_tools_or_skip() -> bool {
+    if which("dpkg-deb").is_none() {
+        skip("dpkg-deb is not installed (Debian's dpkg)");
+        return false;
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    if !run(Command::new(&cargo).args(["deb", "--version"]))
+        .status
+        .success()
+    {
+        skip("cargo-deb is not installed (scripts/test.sh installs it)");
+        return false;
+    }
+    if which("dpkg-shlibdeps").is_none() {
+        skip("dpkg-shlibdeps is not installed (dpkg-dev; scripts/test.sh installs it)");
+        return false;
+    }
+    true
+}
+
+/// `packaging/build-deb.sh` (cargo-deb) packages this binary with its pages,
 /// completions, unit and copyright file, owned by root.
 #[test]
 fn build_deb_packages_the_binary_pages_completions_and_unit() {
-    if which("dpkg-deb").is_none() {
-        skip("dpkg-deb is not installed (Debian's dpkg)");
+    if !deb_tools_or_skip() {
         return;
     }
     let out_dir = tempfile::tempdir().unwrap();
@@ -179,6 +201,7 @@ fn build_deb_packages_the_binary_pages_completions_and_unit() {
         assert!(info.contains(script), "{script}:\n{info}");
     }
     let contents = ok(Command::new("dpkg-deb").arg("--contents").arg(&deb));
+    // cargo-deb's tar names owners by number only: 0/0 is root/root.
     for (mode, path) in [
         ("-rwxr-xr-x", "./usr/bin/skybridge"),
         ("-rw-r--r--", "./usr/share/man/man1/skybridge.1.gz"),
@@ -199,10 +222,30 @@ fn build_deb_packages_the_binary_pages_completions_and_unit() {
         ("-rw-r--r--", "./usr/share/doc/skybridge/copyright"),
     ] {
         assert!(
-            contents
-                .lines()
-                .any(|l| l.starts_with(mode) && l.contains(" root/root ") && l.ends_with(path)),
+            contents.lines().any(|l| l.starts_with(mode)
+                && (l.contains(" root/root ") || l.contains(" 0/0 "))
+                && l.ends_with(path)),
             "{mode} root/root {path}:\n{contents}"
+        );
+    }
+    assert!(
+        contents
+            .lines()
+            .all(|l| l.contains(" root/root ") || l.contains(" 0/0 ")),
+        "an entry not owned by root:\n{contents}"
+    );
+    // The maintainer scripts are packaging/debian's, byte for byte (the
+    // prerm must never stop an agent `apply` installed).
+    let control = tempfile::tempdir().unwrap();
+    ok(Command::new("dpkg-deb")
+        .arg("--control")
+        .arg(&deb)
+        .arg(control.path()));
+    for script in ["postinst", "prerm", "postrm"] {
+        assert_eq!(
+            std::fs::read_to_string(control.path().join(script)).unwrap(),
+            std::fs::read_to_string(repo().join("packaging/debian").join(script)).unwrap(),
+            "{script}"
         );
     }
     // What is inside is what this binary says, byte for byte.
@@ -245,4 +288,57 @@ fn build_deb_packages_the_binary_pages_completions_and_unit() {
     assert!(!not.status.success());
     assert!(text(&not).contains("no such executable"), "{}", text(&not));
     assert_eq!(std::fs::read_dir(empty.path()).unwrap().count(), 0);
+    // A compression cargo-deb cannot write is refused, naming those it can.
+    let zstd = run(Command::new(repo().join("packaging/build-deb.sh"))
+        .env("DEB_COMPRESSION", "zstd")
+        .arg(skybridge())
+        .arg(empty.path()));
+    assert!(!zstd.status.success());
+    assert!(
+        text(&zstd).contains("DEB_COMPRESSION=zstd") && text(&zstd).contains("xz, gzip"),
+        "{}",
+        text(&zstd)
+    );
+    assert_eq!(std::fs::read_dir(empty.path()).unwrap().count(), 0);
+}
+
+/// The static build (`SKYBRIDGE_STATIC_BIN`, which scripts/test.sh makes) is
+/// packaged as Cargo.toml's `static` variant: it depends on no library, and
+/// cargo-deb does not warn that dpkg-shlibdeps could not read it.
+#[test]
+fn build_deb_of_the_static_build_depends_on_no_library() {
+    if !deb_tools_or_skip() {
+        return;
+    }
+    let Some(bin) = std::env::var_os("SKYBRIDGE_STATIC_BIN").map(PathBuf::from) else {
+        skip(
+            "SKYBRIDGE_STATIC_BIN is not set (scripts/test.sh builds the static binary and sets it)",
+        );
+        return;
+    };
+    let out_dir = tempfile::tempdir().unwrap();
+    let built = run(Command::new(repo().join("packaging/build-deb.sh"))
+        .env("DEB_COMPRESSION", "none")
+        .arg(&bin)
+        .arg(out_dir.path()));
+    assert!(built.status.success(), "{}", text(&built));
+    let stderr = String::from_utf8_lossy(&built.stderr);
+    assert!(!stderr.contains("warning"), "{stderr}");
+    let deb = PathBuf::from(String::from_utf8_lossy(&built.stdout).trim());
+    let depends = ok(Command::new("dpkg-deb")
+        .arg("--field")
+        .arg(&deb)
+        .arg("Depends"));
+    assert_eq!(
+        depends.trim(),
+        "",
+        "the static build's package depends on {depends}"
+    );
+    let x = tempfile::tempdir().unwrap();
+    ok(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(x.path()));
+    assert!(
+        std::fs::read(x.path().join("usr/bin/skybridge")).unwrap() == std::fs::read(&bin).unwrap(),
+        "the packaged binary differs from {}",
+        bin.display()
+    );
 }
