@@ -81,6 +81,16 @@ summary() {
 trap summary EXIT
 
 cargo fmt --all -- --check
+# The binary first: with it, what the VM tests boot (Debian's kernel and qemu,
+# the systemd image made by debootstrap: minutes, mostly waiting on the
+# mirror) is fetched in the background while clippy and the static build run.
+cargo build --locked --quiet -p skybridge-cli
+fetch_log=$(mktemp -t skybridge-lab-fetch.XXXXXX)
+fetch_pid=
+if [ "$(id -u)" -eq 0 ] && [ -z "${SKYBRIDGE_SKIP_VM_TESTS:-}" ] && command -v debootstrap >/dev/null; then
+  "${CARGO_TARGET_DIR:-target}/debug/skybridge" lab fetch --image systemd >"$fetch_log" 2>&1 &
+  fetch_pid=$!
+fi
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The static build README.md offers for nodes with an old glibc; tests/lab.rs
 # runs a lab's agents from it. `--target` keeps the flag away from build
@@ -90,5 +100,17 @@ host=$(rustc -vV | sed -n 's/^host: //p')
 RUSTFLAGS='-C target-feature=+crt-static' CARGO_PROFILE_DEV_DEBUG=0 \
   cargo build --locked --quiet -p skybridge-cli --target "$host"
 export SKYBRIDGE_STATIC_BIN="${CARGO_TARGET_DIR:-$PWD/target}/$host/debug/skybridge"
+# The tests must not share the CPU with debootstrap. A failed fetch is only
+# reported here: the VM tests then fail on the same error, with their names.
+if [ -n "$fetch_pid" ]; then
+  fetch_started=$SECONDS
+  if wait "$fetch_pid"; then
+    echo "lab fetch: done (waited $((SECONDS - fetch_started)) s for it)"
+  else
+    echo "lab fetch failed:" >&2
+    tail -20 "$fetch_log" >&2
+  fi
+fi
+rm -f "$fetch_log"
 # --no-fail-fast: one failing suite must not hide the others' results (or skips).
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"

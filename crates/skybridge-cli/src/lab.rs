@@ -57,6 +57,15 @@ pub enum LabCommand {
         #[arg(long, value_enum)]
         agent: Option<AgentArg>,
     },
+    /// Download and build what `lab up --backend vm` needs, so that a later
+    /// `up` starts at once: Debian's kernel, qemu and busybox (apt-get
+    /// download), and with `--image systemd` the Debian image (debootstrap).
+    /// Cached in /var/cache/skybridge-lab; safe to run beside a `lab up`.
+    Fetch {
+        /// What the VMs will boot (see `lab up --image`).
+        #[arg(long, value_enum, default_value = "initramfs")]
+        image: ImageArg,
+    },
     /// Reboot VMs of the systemd image (`systemctl reboot` inside) and wait until they are back.
     Reboot {
         /// The nodes to reboot.
@@ -584,6 +593,17 @@ pub fn main(cmd: LabCommand) -> Result<ExitCode> {
             }
             let m = skybridge_lab::wait_converged(&state, Duration::from_secs(timeout));
             report_matrix(&m, &[], Output::Table)
+        }
+        LabCommand::Fetch { image } => {
+            root()?;
+            let image = match image {
+                ImageArg::Initramfs => skybridge_lab::vm::Image::Initramfs,
+                ImageArg::Systemd => skybridge_lab::vm::Image::Systemd,
+            };
+            for path in skybridge_lab::vm::fetch_all(image)? {
+                println!("{}", path.display());
+            }
+            Ok(ExitCode::SUCCESS)
         }
         LabCommand::Reboot { nodes, all } => {
             root()?;

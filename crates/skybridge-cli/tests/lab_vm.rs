@@ -243,30 +243,71 @@ fn seed_topology_over_kernel_wireguard_in_vms_is_all_green() {
     aliyun_fails_over_in_vms(&lab, "uplink");
 }
 
+/// Kernel WireGuard on one gateway, Skybridge's userspace WireGuard on the
+/// other, run from a clone under /tmp — which each guest covers with its own
+/// tmpfs: the lab shares the binary's folder with the guests explicitly, so
+/// the agents and the data plane are that copy, found at its host path. (One
+/// lab for both: each VM lab costs minutes of the test command.)
 #[test]
-fn kernel_wireguard_and_userspace_wireguard_in_vms_reach_each_other() {
+fn kernel_and_userspace_wireguard_in_vms_reach_each_other_from_a_binary_under_tmp() {
     if !vm_tests_or_skip() {
         return;
     }
+    let fresh = tempfile::Builder::new()
+        .prefix("sbt-fresh-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let bin = fresh.path().join("target/debug/skybridge");
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    std::fs::copy(skybridge(), &bin).unwrap();
     let lab = Lab::new("vmix");
     let file = lab.file(
         "seed-lab-wg.yaml",
         &SEED_LAB.replace("transport: gre", "transport: wireguard"),
     );
-    up_green(
-        &lab,
+    let run = |args: &[&str]| {
+        Command::new(&bin)
+            .arg("lab")
+            .args(args)
+            .env("SKYBRIDGE_LAB_PREFIX", &lab.prefix)
+            .output()
+            .unwrap()
+    };
+    let up = run(&[
+        "up",
         &file,
-        &[
-            "--wireguard-impl",
-            &format!("{GATEWAY_HUAWEI}=kernel"),
-            "--wireguard-impl",
-            &format!("{GATEWAY_ALIYUN}=userspace"),
-        ],
+        "--backend",
+        "vm",
+        "--timeout",
+        "240",
+        "--wireguard-impl",
+        &format!("{GATEWAY_HUAWEI}=kernel"),
+        "--wireguard-impl",
+        &format!("{GATEWAY_ALIYUN}=userspace"),
+    ]);
+    assert!(
+        up.status.success() && text(&up).contains(MATRIX_ALL_GREEN),
+        "{}\n{}",
+        text(&up),
+        lab.logs()
     );
     assert_eq!(wg_kind(&lab, GATEWAY_HUAWEI), "kernel");
     assert_eq!(wg_kind(&lab, GATEWAY_ALIYUN), "userspace");
     let wg = text(&lab.exec(GATEWAY_ALIYUN, &["wg", "show", marks::WG_IFACE]));
     assert!(wg.contains("latest handshake"), "{wg}");
+
+    // The agents and the userspace data plane in the guests are the copy.
+    let bin_text = bin.display().to_string();
+    let ps = text(&run(&["exec", GATEWAY_ALIYUN, "--", "ps", "-o", "args"]));
+    for what in ["agent", "wireguard-dataplane"] {
+        assert!(
+            ps.lines()
+                .any(|l| l.starts_with(&bin_text) && l.contains(what)),
+            "no {what} run from {bin_text}:\n{ps}"
+        );
+    }
+    let version = run(&["exec", GATEWAY_ALIYUN, "--", &bin_text, "--version"]);
+    assert!(version.status.success(), "{}", text(&version));
 }
 
 /// Runs `lab check` until the matrix is all green or `limit` passes.
@@ -872,48 +913,4 @@ spec:
         after_first,
         "containerd restarted without a change"
     );
-}
-
-/// A clone under /tmp — which each guest covers with its own tmpfs — runs
-/// in the VMs as one anywhere else does: the lab shares the binary's folder
-/// with the guests explicitly.
-#[test]
-fn a_skybridge_binary_under_tmp_runs_in_the_vms_all_green() {
-    if !vm_tests_or_skip() {
-        return;
-    }
-    let fresh = tempfile::Builder::new()
-        .prefix("sbt-fresh-")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let bin = fresh.path().join("target/debug/skybridge");
-    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
-    std::fs::copy(skybridge(), &bin).unwrap();
-    let lab = Lab::new("vtmp");
-    let file = lab.file("seed-lab.yaml", SEED_LAB);
-    let run = |args: &[&str]| {
-        Command::new(&bin)
-            .arg("lab")
-            .args(args)
-            .env("SKYBRIDGE_LAB_PREFIX", &lab.prefix)
-            .output()
-            .unwrap()
-    };
-    let up = run(&["up", &file, "--backend", "vm", "--timeout", "240"]);
-    assert!(
-        up.status.success() && text(&up).contains(MATRIX_ALL_GREEN),
-        "{}\n{}",
-        text(&up),
-        lab.logs()
-    );
-    // The agents in the guests are this copy, found at its host path.
-    let bin_text = bin.display().to_string();
-    let ps = text(&run(&["exec", NODE_HUAWEI, "--", "ps", "-o", "args"]));
-    assert!(
-        ps.lines()
-            .any(|l| l.starts_with(&format!("{bin_text} agent"))),
-        "{ps}"
-    );
-    let version = run(&["exec", GATEWAY_ALIYUN, "--", &bin_text, "--version"]);
-    assert!(version.status.success(), "{}", text(&version));
 }

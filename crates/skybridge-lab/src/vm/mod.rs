@@ -81,6 +81,7 @@ pub struct Prepared {
 /// # Errors
 /// See [`fetch::ensure`]; also when the initramfs cannot be written.
 pub fn prepare(dir: &Path, image: Image, skybridge: &Path) -> Result<Prepared, LabError> {
+    let _cache = cache_lock()?;
     let artifacts = fetch::ensure()?;
     let disk = match image {
         Image::Systemd => {
@@ -112,6 +113,44 @@ pub fn prepare(dir: &Path, image: Image, skybridge: &Path) -> Result<Prepared, L
         initramfs,
         accel,
         disk,
+    })
+}
+
+/// Fetches Debian's kernel, qemu and busybox, and builds the systemd image
+/// when `image` asks for it: what [`prepare`] would otherwise do on the
+/// first `lab up` (`skybridge lab fetch`). Returns the cached paths.
+///
+/// # Errors
+/// See [`fetch::ensure`] and [`image::ensure`].
+pub fn fetch_all(image: Image) -> Result<Vec<PathBuf>, LabError> {
+    let _cache = cache_lock()?;
+    let artifacts = fetch::ensure()?;
+    let mut paths = vec![
+        artifacts.kernel_root,
+        artifacts.qemu_root,
+        artifacts.busybox,
+    ];
+    if image == Image::Systemd {
+        paths.push(image::ensure()?);
+    }
+    Ok(paths)
+}
+
+/// An exclusive lock on the cache, held while it is filled: a `lab fetch`
+/// in the background and a `lab up` (or two labs) never fetch or build the
+/// same thing twice, nor see it half made. Released when dropped.
+fn cache_lock() -> Result<nix::fcntl::Flock<std::fs::File>, LabError> {
+    std::fs::create_dir_all(fetch::CACHE_DIR)
+        .map_err(io(format!("creating {}", fetch::CACHE_DIR)))?;
+    let path = Path::new(fetch::CACHE_DIR).join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io(format!("opening {}", path.display())))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, errno)| {
+        io(format!("locking {}", path.display()))(std::io::Error::from(errno))
     })
 }
 
