@@ -15,16 +15,21 @@
 //! TUN device is persistent, so when the data plane itself is replaced, the
 //! interface with its addresses and routes stays, and the new process
 //! re-attaches to it (a few tens of milliseconds without forwarding).
+//!
+//! The TUN side is ours (`tun`), not gotatun's: it uses the kernel's TUN
+//! offloads (TSO/GRO through the virtio-net header) unless
+//! `SKYBRIDGE_DATAPLANE_OFFLOAD=0` is set.
 
 use std::io;
 use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 
+mod tun;
 mod uapi;
 
+pub use tun::OFFLOAD_ENV;
+
 use gotatun::device::{self, uapi::UapiServer};
-use gotatun::tun::tun;
-use gotatun::tun::tun_async_device::TunDevice;
 use gotatun::udp::socket::{UdpSocket, UdpSocketFactory};
 use gotatun::udp::{UdpTransportFactory, UdpTransportFactoryParams};
 
@@ -67,7 +72,7 @@ pub enum DataplaneError {
     Tun {
         iface: String,
         #[source]
-        source: tun::Error,
+        source: io::Error,
     },
     #[error("starting the WireGuard device on {iface}: {message}")]
     Device { iface: String, message: String },
@@ -92,20 +97,16 @@ pub fn pid_file(state_dir: &Path, iface: &str) -> PathBuf {
 pub async fn run(iface: &str, state_dir: &Path) -> Result<(), DataplaneError> {
     // The TUN first: a second data plane for the same interface fails here
     // (EBUSY) before it could take over the first one's UAPI socket.
-    let mut cfg = tun::Configuration::default();
-    cfg.tun_name(iface);
-    let tun_err = |source| DataplaneError::Tun {
-        iface: iface.to_owned(),
-        source,
-    };
-    let mut dev = tun::create(&cfg).map_err(tun_err)?;
-    dev.persist().map_err(tun_err)?;
-    let asyncdev = tun::AsyncDevice::new(dev).map_err(|e| tun_err(e.into()))?;
+    let offload = tun::offload_wanted(std::env::var(OFFLOAD_ENV).ok().as_deref());
+    let (tun_tx, tun_rx, offload) =
+        tun::open(iface, offload).map_err(|source| DataplaneError::Tun {
+            iface: iface.to_owned(),
+            source,
+        })?;
     let failed = |message: String| DataplaneError::Device {
         iface: iface.to_owned(),
         message,
     };
-    let tun = TunDevice::from_tun_device(asyncdev).map_err(|e| failed(e.to_string()))?;
     // gotatun's handler sits behind ours (see `uapi`): the socket is ours.
     let (gotatun_uapi, uapi_server) = UapiServer::new();
     let mut requests = uapi::listen(iface).map_err(|e| failed(format!("UAPI socket: {e}")))?;
@@ -114,7 +115,7 @@ pub async fn run(iface: &str, state_dir: &Path) -> Result<(), DataplaneError> {
             inner: UdpSocketFactory::default(),
             bytes: SOCKET_BUFFER,
         })
-        .with_ip(tun)
+        .with_ip_pair(tun_tx, tun_rx)
         .with_uapi(uapi_server)
         .build()
         .await
@@ -126,7 +127,7 @@ pub async fn run(iface: &str, state_dir: &Path) -> Result<(), DataplaneError> {
     };
     std::fs::create_dir_all(state_dir).map_err(pid_err)?;
     std::fs::write(&pid, format!("{}\n", std::process::id())).map_err(pid_err)?;
-    tracing::info!(%iface, "userspace WireGuard data plane running");
+    tracing::info!(%iface, offload, "userspace WireGuard data plane running");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| failed(e.to_string()))?;
