@@ -587,7 +587,10 @@ fn a_large_file_and_tunnel_mtu_df_pings_cross_the_offloading_data_plane_intact()
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    assert_eq!(received, sent, "the file changed on its way through the tunnel");
+    assert_eq!(
+        received, sent,
+        "the file changed on its way through the tunnel"
+    );
 
     // The tunnel MTU as the sender's kernel applies it: the route's, else the link's.
     let route = lab.sh_ok("hw-master", &format!("ip route get {ALI_GW}"));
@@ -606,7 +609,9 @@ fn a_large_file_and_tunnel_mtu_df_pings_cross_the_offloading_data_plane_intact()
         let size = payload.to_string();
         lab.exec(
             "hw-master",
-            &["ping", "-M", "do", "-c", "1", "-W", "2", "-s", &size, ALI_GW],
+            &[
+                "ping", "-M", "do", "-c", "1", "-W", "2", "-s", &size, ALI_GW,
+            ],
         )
     };
     // 20 bytes of IPv4 header and 8 of ICMP around the payload.

@@ -178,9 +178,10 @@ pub struct TunSend {
 
 impl IpSend for TunSend {
     async fn send(&mut self, packet: Packet<Ip>) -> io::Result<()> {
-        self.queue.send(packet).await.map_err(|_| {
-            io::Error::new(io::ErrorKind::BrokenPipe, "the TUN writer has stopped")
-        })
+        self.queue
+            .send(packet)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the TUN writer has stopped"))
     }
 }
 
@@ -231,7 +232,12 @@ impl IpRecv for TunRecv {
         let n = loop {
             match self
                 .dev
-                .recv_multiple(&mut self.super_packet, &mut self.segments, &mut self.sizes, 0)
+                .recv_multiple(
+                    &mut self.super_packet,
+                    &mut self.segments,
+                    &mut self.sizes,
+                    0,
+                )
                 .await
             {
                 Ok(n) => break n,
