@@ -18,7 +18,8 @@
 //!
 //! The TUN side is ours (`tun`), not gotatun's: it uses the kernel's TUN
 //! offloads (TSO/GRO through the virtio-net header) unless
-//! `SKYBRIDGE_DATAPLANE_OFFLOAD=0` is set.
+//! `SKYBRIDGE_DATAPLANE_OFFLOAD=0` is set. Its UDP batches go out with
+//! UDP GSO (`udp`) unless `SKYBRIDGE_DATAPLANE_UDP_GSO=0` is set.
 
 use std::io;
 use std::os::fd::AsFd as _;
@@ -26,8 +27,10 @@ use std::path::{Path, PathBuf};
 
 mod tun;
 mod uapi;
+mod udp;
 
 pub use tun::OFFLOAD_ENV;
+pub use udp::GSO_ENV;
 
 use gotatun::device::{self, uapi::UapiServer};
 use gotatun::udp::socket::{UdpSocket, UdpSocketFactory};
@@ -39,16 +42,21 @@ pub const SOCKET_BUFFER: usize = 4 << 20;
 
 /// gotatun's UDP sockets with SO_RCVBUFFORCE/SO_SNDBUFFORCE applied on every
 /// (re)bind; without CAP_NET_ADMIN it falls back to the capped SO_RCVBUF.
+/// Batches go out with UDP GSO unless `gso` is off (see `udp`).
 struct BigBuffers {
     inner: UdpSocketFactory,
     bytes: usize,
+    gso: bool,
 }
 
 impl UdpTransportFactory for BigBuffers {
-    type Send = UdpSocket;
+    type Send = udp::GsoSocket;
     type Recv = UdpSocket;
 
-    async fn bind(&mut self, p: &UdpTransportFactoryParams) -> io::Result<(UdpSocket, UdpSocket)> {
+    async fn bind(
+        &mut self,
+        p: &UdpTransportFactoryParams,
+    ) -> io::Result<(udp::GsoSocket, UdpSocket)> {
         use nix::sys::socket::{setsockopt, sockopt};
         let (tx, rx) = self.inner.bind(p).await?;
         let fd = tx.as_fd();
@@ -62,7 +70,7 @@ impl UdpTransportFactory for BigBuffers {
             let _ = setsockopt(&fd, sockopt::RcvBuf, &self.bytes);
             let _ = setsockopt(&fd, sockopt::SndBuf, &self.bytes);
         }
-        Ok((tx, rx))
+        Ok((udp::GsoSocket::new(tx, self.gso), rx))
     }
 }
 
@@ -103,6 +111,7 @@ pub async fn run(iface: &str, state_dir: &Path) -> Result<(), DataplaneError> {
             iface: iface.to_owned(),
             source,
         })?;
+    let gso = tun::offload_wanted(std::env::var(GSO_ENV).ok().as_deref());
     let failed = |message: String| DataplaneError::Device {
         iface: iface.to_owned(),
         message,
@@ -114,6 +123,7 @@ pub async fn run(iface: &str, state_dir: &Path) -> Result<(), DataplaneError> {
         .with_udp(BigBuffers {
             inner: UdpSocketFactory::default(),
             bytes: SOCKET_BUFFER,
+            gso,
         })
         .with_ip_pair(tun_tx, tun_rx)
         .with_uapi(uapi_server)
@@ -127,7 +137,7 @@ pub async fn run(iface: &str, state_dir: &Path) -> Result<(), DataplaneError> {
     };
     std::fs::create_dir_all(state_dir).map_err(pid_err)?;
     std::fs::write(&pid, format!("{}\n", std::process::id())).map_err(pid_err)?;
-    tracing::info!(%iface, offload, "userspace WireGuard data plane running");
+    tracing::info!(%iface, offload, gso, "userspace WireGuard data plane running");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| failed(e.to_string()))?;
