@@ -142,15 +142,18 @@ async fn watch_mtu(dev: std::sync::Weak<AsyncDevice>, mut mtu: u16, tx: watch::S
 /// queued (up to [`IDEAL_BATCH_SIZE`]) is coalesced into super-packets and
 /// written with one syscall each. The copy into buffers with room for the
 /// virtio-net header in front is what coalescing needs; it is small next to
-/// the decryption.
+/// the decryption. Each buffer has room for a whole super-packet: tun-rs
+/// coalesces into the first packet's buffer and refuses (silently: every
+/// packet is then written alone) when it would have to grow it.
 async fn write_loop(dev: Arc<AsyncDevice>, mut rx: mpsc::Receiver<Packet<Ip>>) {
     let mut gro = GROTable::new();
     let mut batch = Vec::with_capacity(IDEAL_BATCH_SIZE);
     let mut bufs: Vec<Vec<u8>> = Vec::with_capacity(IDEAL_BATCH_SIZE);
     while rx.recv_many(&mut batch, IDEAL_BATCH_SIZE).await > 0 {
+        fill(&mut rx, &mut batch).await;
         let n = batch.len();
         while bufs.len() < n {
-            bufs.push(Vec::with_capacity(VIRTIO_NET_HDR_LEN + 2048));
+            bufs.push(Vec::with_capacity(SUPER_PACKET));
         }
         for (buf, packet) in bufs.iter_mut().zip(batch.drain(..)) {
             buf.clear();
@@ -166,6 +169,32 @@ async fn write_loop(dev: Arc<AsyncDevice>, mut rx: mpsc::Receiver<Packet<Ip>>) {
                 return;
             }
             tracing::debug!("writing to the TUN: {e}");
+        }
+    }
+}
+
+/// How many scheduler turns the writer waits for more packets at most.
+const FILL_TURNS: usize = 8;
+
+/// Lets the decrypting task add to `batch` while it keeps producing: gotatun
+/// hands packets over one at a time, so without this the writer wakes for
+/// each and GRO has nothing to coalesce. Stops at the first turn that
+/// brings nothing (an idle tunnel pays one turn of latency).
+async fn fill(rx: &mut mpsc::Receiver<Packet<Ip>>, batch: &mut Vec<Packet<Ip>>) {
+    for _ in 0..FILL_TURNS {
+        if batch.len() >= IDEAL_BATCH_SIZE {
+            return;
+        }
+        tokio::task::yield_now().await;
+        let before = batch.len();
+        while batch.len() < IDEAL_BATCH_SIZE {
+            match rx.try_recv() {
+                Ok(packet) => batch.push(packet),
+                Err(_) => break,
+            }
+        }
+        if batch.len() == before {
+            return;
         }
     }
 }
