@@ -2,12 +2,17 @@
 # lab-bench.sh - TCP throughput and RTT between two gateways of different
 # sites of the lab (hw-master -> ali-gw of examples/lab.yaml), over:
 #   underlay    the lab's internet path itself (public IP, routers' NAT), no tunnel: the baseline
-#   skybridge   Skybridge's userspace WireGuard data plane (gotatun)
+#   skybridge   Skybridge's userspace WireGuard data plane (gotatun), TUN offloads and UDP GSO on
+#               (SKYBRIDGE_DATAPLANE_OFFLOAD=1 SKYBRIDGE_DATAPLANE_UDP_GSO=1; both are opt-in)
+#   skybridge-nogso  TUN offloads only
+#   skybridge-nooff  neither (the default)
+#   skybridge-base   the data plane of another skybridge binary (SB_BASE=path; e.g. an older build)
 #   vxlan       kernel VXLAN
 #   wireguard-go  wireguard-go on both gateways, configured by the agent
 #   boringtun   boringtun-cli on both gateways (when boringtun-cli is installed)
 # each printed as a ratio to the underlay measured in the same run.
-# Usage (root): bench/lab-bench.sh            Env: T=10 (seconds per iperf3 run), SB=target/release/skybridge
+# Usage (root): bench/lab-bench.sh            Env: T=10 (seconds per iperf3 run), SB=target/release/skybridge,
+#               SB_BASE= (unset: no skybridge-base row)
 # Prereqs: apt-get install iperf3 wireguard-go jq; optional: cargo install boringtun-cli
 # Only the lab's own namespaces (prefix sbt-bench-) are used; they are removed on exit.
 set -euo pipefail
@@ -22,6 +27,7 @@ trap '"$SB" lab down >/dev/null 2>&1 || true; rm -rf "$W"' EXIT
 sed '/    - name: tencent/,$d' examples/lab.yaml >"$W/wg.yaml"
 sed -e 's/transport: wireguard/transport: vxlan/' -e 's/listenPort: 51820/listenPort: 4789/' "$W/wg.yaml" >"$W/vxlan.yaml"
 lab() { "$SB" lab "$@"; }
+SB_BASE=${SB_BASE:-}
 gbps() { jq -r '.end.sum_received.bits_per_second / 1e9'; }
 ticks() {  # CPU ticks (utime+stime) of the userspace data planes on both gateways, iperf3 excluded
   local t=0 ns p
@@ -51,10 +57,22 @@ measure() {  # measure NAME DST
 }
 up() { lab up "$@" --timeout 60 >/dev/null 2>&1 || { echo "lab up $* failed" >&2; lab check | tail -3 >&2; exit 1; }; }
 
-up "$W/wg.yaml"
+SKYBRIDGE_DATAPLANE_OFFLOAD=1 SKYBRIDGE_DATAPLANE_UDP_GSO=1 up "$W/wg.yaml"
 measure underlay 198.51.100.20        # ali-gw's elastic IP: the routers' NAT and the internet, no tunnel
 measure skybridge 172.26.32.235
 lab down >/dev/null
+# The agent passes its environment on to the data plane it starts.
+SKYBRIDGE_DATAPLANE_OFFLOAD=1 up "$W/wg.yaml"
+measure skybridge-nogso 172.26.32.235
+lab down >/dev/null
+up "$W/wg.yaml"
+measure skybridge-nooff 172.26.32.235
+lab down >/dev/null
+if [ -n "$SB_BASE" ]; then
+  "$SB_BASE" lab up "$W/wg.yaml" --timeout 60 >/dev/null 2>&1 || { echo "lab up with $SB_BASE failed" >&2; exit 1; }
+  measure skybridge-base 172.26.32.235
+  "$SB_BASE" lab down >/dev/null
+fi
 up "$W/vxlan.yaml"
 measure vxlan 172.26.32.235
 lab down >/dev/null
@@ -69,4 +87,4 @@ fi
 echo
 echo "TCP hw-master -> ali-gw, $T s per run, $(nproc) CPUs, $(uname -r)"
 echo "(cpu: CPU-seconds of the userspace data plane processes, both gateways, per gigabit carried)"
-awk -F'\t' 'NR==1{base=$2} {printf "%-13s %7.2f Gbit/s  %6.1f%% of underlay   rtt %s ms   cpu %s s/Gbit\n", $1, $2, $2/base*100, $3, $4}' "$W/results.tsv"
+awk -F'\t' 'NR==1{base=$2} {printf "%-16s %7.2f Gbit/s  %6.1f%% of underlay   rtt %s ms   cpu %s s/Gbit\n", $1, $2, $2/base*100, $3, $4}' "$W/results.tsv"

@@ -15,16 +15,25 @@
 //! TUN device is persistent, so when the data plane itself is replaced, the
 //! interface with its addresses and routes stays, and the new process
 //! re-attaches to it (a few tens of milliseconds without forwarding).
+//!
+//! The TUN side is ours (`tun`), not gotatun's: it uses the kernel's TUN
+//! offloads (TSO/GRO through the virtio-net header) when
+//! `SKYBRIDGE_DATAPLANE_OFFLOAD=1` is set, and its UDP batches go out with
+//! UDP GSO (`udp`) when `SKYBRIDGE_DATAPLANE_UDP_GSO=1` is set. Both are off
+//! by default until the failover regression they show is understood.
 
 use std::io;
 use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 
+mod tun;
 mod uapi;
+mod udp;
+
+pub use tun::OFFLOAD_ENV;
+pub use udp::GSO_ENV;
 
 use gotatun::device::{self, uapi::UapiServer};
-use gotatun::tun::tun;
-use gotatun::tun::tun_async_device::TunDevice;
 use gotatun::udp::socket::{UdpSocket, UdpSocketFactory};
 use gotatun::udp::{UdpTransportFactory, UdpTransportFactoryParams};
 
@@ -34,16 +43,21 @@ pub const SOCKET_BUFFER: usize = 4 << 20;
 
 /// gotatun's UDP sockets with SO_RCVBUFFORCE/SO_SNDBUFFORCE applied on every
 /// (re)bind; without CAP_NET_ADMIN it falls back to the capped SO_RCVBUF.
+/// Batches go out with UDP GSO unless `gso` is off (see `udp`).
 struct BigBuffers {
     inner: UdpSocketFactory,
     bytes: usize,
+    gso: bool,
 }
 
 impl UdpTransportFactory for BigBuffers {
-    type Send = UdpSocket;
+    type Send = udp::GsoSocket;
     type Recv = UdpSocket;
 
-    async fn bind(&mut self, p: &UdpTransportFactoryParams) -> io::Result<(UdpSocket, UdpSocket)> {
+    async fn bind(
+        &mut self,
+        p: &UdpTransportFactoryParams,
+    ) -> io::Result<(udp::GsoSocket, UdpSocket)> {
         use nix::sys::socket::{setsockopt, sockopt};
         let (tx, rx) = self.inner.bind(p).await?;
         let fd = tx.as_fd();
@@ -57,7 +71,7 @@ impl UdpTransportFactory for BigBuffers {
             let _ = setsockopt(&fd, sockopt::RcvBuf, &self.bytes);
             let _ = setsockopt(&fd, sockopt::SndBuf, &self.bytes);
         }
-        Ok((tx, rx))
+        Ok((udp::GsoSocket::new(tx, self.gso), rx))
     }
 }
 
@@ -67,7 +81,7 @@ pub enum DataplaneError {
     Tun {
         iface: String,
         #[source]
-        source: tun::Error,
+        source: io::Error,
     },
     #[error("starting the WireGuard device on {iface}: {message}")]
     Device { iface: String, message: String },
@@ -92,20 +106,17 @@ pub fn pid_file(state_dir: &Path, iface: &str) -> PathBuf {
 pub async fn run(iface: &str, state_dir: &Path) -> Result<(), DataplaneError> {
     // The TUN first: a second data plane for the same interface fails here
     // (EBUSY) before it could take over the first one's UAPI socket.
-    let mut cfg = tun::Configuration::default();
-    cfg.tun_name(iface);
-    let tun_err = |source| DataplaneError::Tun {
-        iface: iface.to_owned(),
-        source,
-    };
-    let mut dev = tun::create(&cfg).map_err(tun_err)?;
-    dev.persist().map_err(tun_err)?;
-    let asyncdev = tun::AsyncDevice::new(dev).map_err(|e| tun_err(e.into()))?;
+    let offload = tun::offload_wanted(std::env::var(OFFLOAD_ENV).ok().as_deref());
+    let (tun_tx, tun_rx, offload) =
+        tun::open(iface, offload).map_err(|source| DataplaneError::Tun {
+            iface: iface.to_owned(),
+            source,
+        })?;
+    let gso = tun::offload_wanted(std::env::var(GSO_ENV).ok().as_deref());
     let failed = |message: String| DataplaneError::Device {
         iface: iface.to_owned(),
         message,
     };
-    let tun = TunDevice::from_tun_device(asyncdev).map_err(|e| failed(e.to_string()))?;
     // gotatun's handler sits behind ours (see `uapi`): the socket is ours.
     let (gotatun_uapi, uapi_server) = UapiServer::new();
     let mut requests = uapi::listen(iface).map_err(|e| failed(format!("UAPI socket: {e}")))?;
@@ -113,8 +124,9 @@ pub async fn run(iface: &str, state_dir: &Path) -> Result<(), DataplaneError> {
         .with_udp(BigBuffers {
             inner: UdpSocketFactory::default(),
             bytes: SOCKET_BUFFER,
+            gso,
         })
-        .with_ip(tun)
+        .with_ip_pair(tun_tx, tun_rx)
         .with_uapi(uapi_server)
         .build()
         .await
@@ -126,7 +138,7 @@ pub async fn run(iface: &str, state_dir: &Path) -> Result<(), DataplaneError> {
     };
     std::fs::create_dir_all(state_dir).map_err(pid_err)?;
     std::fs::write(&pid, format!("{}\n", std::process::id())).map_err(pid_err)?;
-    tracing::info!(%iface, "userspace WireGuard data plane running");
+    tracing::info!(%iface, offload, gso, "userspace WireGuard data plane running");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| failed(e.to_string()))?;

@@ -636,3 +636,136 @@ fn has_interpreter(elf: &[u8]) -> bool {
         u32::from_le_bytes(elf[p..p + 4].try_into().unwrap()) == 3 // PT_INTERP
     })
 }
+
+/// The first two sites of the example (Hetzner and Alibaba), one gateway
+/// each side of the tunnel is all the data plane test needs.
+fn two_sites() -> &'static str {
+    LAB.split("    - name: tencent").next().unwrap()
+}
+
+/// The private IP of ali-gw, across the tunnel from hw-master.
+const ALI_GW: &str = "172.26.32.235";
+/// Where [`HASH_WHAT_ARRIVES`] listens.
+const FILE_PORT: u16 = 5301;
+/// Accepts one TCP connection on [`FILE_PORT`] and prints the SHA-256 and
+/// the length of what arrived until the sender closed it.
+const HASH_WHAT_ARRIVES: &str = "
+import hashlib, socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('0.0.0.0', int(sys.argv[1])))
+s.listen(1)
+print('listening', flush=True)
+c, _ = s.accept()
+h, n = hashlib.sha256(), 0
+while b := c.recv(1 << 16):
+    h.update(b)
+    n += len(b)
+print(h.hexdigest(), n, flush=True)
+";
+
+/// Over the userspace data plane with its TUN offloads on (TSO super-packets
+/// split before encryption, decrypted packets coalesced before the TUN):
+/// 100 MB of random bytes arrive unchanged, and the tunnel MTU is exact — a
+/// DF ping of that size passes, one byte more is refused as too long.
+#[test]
+fn a_large_file_and_tunnel_mtu_df_pings_cross_the_offloading_data_plane_intact() {
+    if unmet(&TOOLS) || unmet(&["sha256sum", "head", "python3"]) {
+        return;
+    }
+    let lab = Lab::new("off");
+    let sites = two_sites();
+    let file = lab.file("lab.yaml", sites);
+    // The offloads are opt-in; the agents pass their environment on to the data planes.
+    let wg = wireguard_everywhere(sites, "userspace", &[]);
+    let up = support::lab_command(&lab.prefix)
+        .env("SKYBRIDGE_DATAPLANE_OFFLOAD", "1")
+        .env("SKYBRIDGE_DATAPLANE_UDP_GSO", "1")
+        .arg("up")
+        .arg(&file)
+        .args(&wg)
+        .output()
+        .unwrap();
+    assert!(up.status.success(), "{}\n{}", text(&up), lab.logs());
+    for node in ["hw-master", "ali-gw"] {
+        let link = text(&lab.exec(node, &["ip", "-d", "link", "show", marks::WG_IFACE]));
+        assert!(
+            link.contains("vnet_hdr on"),
+            "{node}: the data plane runs without TUN offloads:\n{link}"
+        );
+    }
+
+    // Each node's /var/lib is its own: the file is written on one node and
+    // hashed as it arrives on the other. (iperf3 -F truncates what it saves.)
+    let sent = lab.sh_ok(
+        "hw-master",
+        "head -c 100000000 /dev/urandom >/var/lib/sbt-big && sha256sum </var/lib/sbt-big",
+    );
+    let sent = sent.split_whitespace().next().unwrap().to_owned();
+    let port = FILE_PORT.to_string();
+    let mut receiver = lab.spawn(&[
+        "exec",
+        "ali-gw",
+        "--",
+        "python3",
+        "-c",
+        HASH_WHAT_ARRIVES,
+        &port,
+    ]);
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(receiver.stdout.as_mut().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert_eq!(first.trim(), "listening");
+    // bash's /dev/tcp: the lab nodes have no nc or socat.
+    let send = lab.exec(
+        "hw-master",
+        &[
+            "bash",
+            "-c",
+            &format!("cat /var/lib/sbt-big >/dev/tcp/{ALI_GW}/{FILE_PORT}"),
+        ],
+    );
+    assert!(send.status.success(), "{}", text(&send));
+    let arrived = receiver.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&arrived.stdout).trim(),
+        format!("{sent} 100000000"),
+        "the file changed on its way through the tunnel: {}",
+        String::from_utf8_lossy(&arrived.stderr)
+    );
+
+    // The tunnel MTU as the sender's kernel applies it: the route's, else the link's.
+    let route = lab.sh_ok("hw-master", &format!("ip route get {ALI_GW}"));
+    let mtu: usize = match route.split_whitespace().skip_while(|w| *w != "mtu").nth(1) {
+        Some(m) => m.parse().unwrap(),
+        None => lab
+            .sh_ok(
+                "hw-master",
+                &format!("cat /sys/class/net/{}/mtu", marks::WG_IFACE),
+            )
+            .trim()
+            .parse()
+            .unwrap(),
+    };
+    let df_ping = |payload: usize| {
+        let size = payload.to_string();
+        lab.exec(
+            "hw-master",
+            &[
+                "ping", "-M", "do", "-c", "1", "-W", "2", "-s", &size, ALI_GW,
+            ],
+        )
+    };
+    // 20 bytes of IPv4 header and 8 of ICMP around the payload.
+    let exact = df_ping(mtu - 28);
+    assert!(exact.status.success(), "mtu {mtu}: {}", text(&exact));
+    let over = df_ping(mtu - 27);
+    assert!(
+        !over.status.success() && text(&over).contains("message too long"),
+        "mtu {mtu}: {}",
+        text(&over)
+    );
+}

@@ -1,0 +1,323 @@
+//! The data plane's TUN side: gotatun's [`IpSend`]/[`IpRecv`] over tun-rs,
+//! with the kernel's virtio-net offloads when it grants them.
+//!
+//! Why: gotatun's own TUN side reads and writes one packet per syscall, so
+//! every 1.4 KB segment crosses the kernel's TCP stack and the TUN on its
+//! own. With `IFF_VNET_HDR` and `TUNSETOFFLOAD` (TSO4/TSO6/CSUM, and USO
+//! where the kernel has it) the kernel hands us TCP super-packets of up to
+//! 64 KB, which tun-rs splits into MTU-sized packets for gotatun to encrypt
+//! (`recv_multiple`), and the packets gotatun decrypts are coalesced back
+//! into super-packets before they are written (`send_multiple` with a
+//! `GROTable`) — wireguard-go's `tun/offload_linux.go`, which tun-rs ports.
+//!
+//! The boundary: opening and re-attaching the persistent device, the
+//! offload switch and its fallback, and batching. Nothing here knows about
+//! peers or crypto.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gotatun::packet::{Ip, Packet, PacketBufPool};
+use gotatun::tun::{IpRecv, IpSend, MtuWatcher};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+
+/// The environment variable that turns the offloads on (`1`). Off by
+/// default: with them on, the userspace failover test loses traffic for
+/// 4-7 s where it loses under 1 s without (not yet understood).
+pub const OFFLOAD_ENV: &str = "SKYBRIDGE_DATAPLANE_OFFLOAD";
+
+/// The largest packet the kernel hands over with offloads on: a 64 KB
+/// super-packet behind its virtio-net header.
+const SUPER_PACKET: usize = VIRTIO_NET_HDR_LEN + 65535;
+
+/// Decrypted packets queued for the TUN writer; a full queue pushes back on
+/// gotatun's receive task rather than dropping.
+const WRITE_QUEUE: usize = 1024;
+
+/// How often the TUN's MTU is polled, as gotatun's own TUN side does.
+const MTU_POLL: Duration = Duration::from_secs(3);
+
+/// Whether an opt-in switch such as [`OFFLOAD_ENV`] is on: only when it
+/// says `1`, `true`, `on` or `yes`.
+pub fn offload_wanted(env: Option<&str>) -> bool {
+    matches!(
+        env.map(|v| v.trim().to_ascii_lowercase()).as_deref(),
+        Some("1" | "true" | "on" | "yes")
+    )
+}
+
+/// Opens (or re-attaches to) the persistent TUN `iface`. With `offload`,
+/// asks for the virtio-net header and TSO/CSUM; when the kernel refuses
+/// them, says so once at info and opens the device without. Returns the two
+/// halves for gotatun and whether the offloads are on.
+///
+/// # Errors
+/// When the device cannot be opened at all, e.g. EBUSY because another data
+/// plane is attached to it.
+pub fn open(iface: &str, offload: bool) -> io::Result<(TunSend, TunRecv, bool)> {
+    let build = |offload: bool| {
+        DeviceBuilder::new()
+            .name(iface)
+            // The agent brings the link up and owns its addresses and MTU;
+            // a re-attaching data plane must not touch them.
+            .inherit_enable_state()
+            .offload(offload)
+            .build_async()
+    };
+    let dev = match build(offload) {
+        Ok(dev) => dev,
+        // Another data plane holds the device: not an offload problem.
+        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32) => return Err(e),
+        Err(e) if offload => {
+            tracing::info!(
+                %iface,
+                "the kernel refuses TUN offloads ({e}); running without them (slower)"
+            );
+            build(false)?
+        }
+        Err(e) => return Err(e),
+    };
+    let offload = dev.tcp_gso();
+    dev.persist()?;
+    let dev = Arc::new(dev);
+    let mtu = dev.mtu()?;
+    let (mtu_tx, mtu_rx) = watch::channel(mtu);
+    let monitor = AbortOnDrop(tokio::spawn(watch_mtu(Arc::downgrade(&dev), mtu, mtu_tx)));
+    let (queue, rx) = mpsc::channel(WRITE_QUEUE);
+    let writer = AbortOnDrop(tokio::spawn(write_loop(Arc::clone(&dev), rx)));
+    let send = TunSend {
+        queue,
+        _writer: Arc::new(writer),
+    };
+    let recv = TunRecv {
+        dev,
+        super_packet: vec![0; SUPER_PACKET],
+        segments: Vec::with_capacity(IDEAL_BATCH_SIZE),
+        sizes: vec![0; IDEAL_BATCH_SIZE],
+        mtu: mtu_rx.into(),
+        _monitor: Arc::new(monitor),
+    };
+    Ok((send, recv, offload))
+}
+
+/// Errors after which the TUN is gone (deleted, or its descriptor closed):
+/// the same set gotatun treats as fatal. Anything else (a malformed packet,
+/// a super-packet that cannot be split) costs that packet only.
+fn is_fatal(e: &io::Error) -> bool {
+    use nix::errno::Errno;
+    matches!(
+        e.raw_os_error().map(Errno::from_raw),
+        Some(Errno::EBADF | Errno::EBADFD | Errno::ENODEV)
+    )
+}
+
+/// A spawned task that ends with its owner.
+#[derive(Debug)]
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn watch_mtu(dev: std::sync::Weak<AsyncDevice>, mut mtu: u16, tx: watch::Sender<u16>) {
+    loop {
+        tokio::time::sleep(MTU_POLL).await;
+        let Some(dev) = dev.upgrade() else { return };
+        let Ok(now) = dev.mtu() else { return };
+        if now != mtu {
+            mtu = now;
+            if tx.send(mtu).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Writes decrypted packets to the TUN in batches: whatever gotatun has
+/// queued (up to [`IDEAL_BATCH_SIZE`]) is coalesced into super-packets and
+/// written with one syscall each. The copy into buffers with room for the
+/// virtio-net header in front is what coalescing needs; it is small next to
+/// the decryption. Each buffer has room for a whole super-packet: tun-rs
+/// coalesces into the first packet's buffer and refuses (silently: every
+/// packet is then written alone) when it would have to grow it.
+async fn write_loop(dev: Arc<AsyncDevice>, mut rx: mpsc::Receiver<Packet<Ip>>) {
+    let mut gro = GROTable::new();
+    let mut batch = Vec::with_capacity(IDEAL_BATCH_SIZE);
+    let mut bufs: Vec<Vec<u8>> = Vec::with_capacity(IDEAL_BATCH_SIZE);
+    while rx.recv_many(&mut batch, IDEAL_BATCH_SIZE).await > 0 {
+        fill(&mut rx, &mut batch).await;
+        let n = batch.len();
+        while bufs.len() < n {
+            bufs.push(Vec::with_capacity(SUPER_PACKET));
+        }
+        for (buf, packet) in bufs.iter_mut().zip(batch.drain(..)) {
+            buf.clear();
+            buf.resize(VIRTIO_NET_HDR_LEN, 0);
+            buf.extend_from_slice(&packet.into_bytes());
+        }
+        if let Err(e) = dev
+            .send_multiple(&mut gro, &mut bufs[..n], VIRTIO_NET_HDR_LEN)
+            .await
+        {
+            if is_fatal(&e) {
+                tracing::error!("TUN device is gone: {e}");
+                return;
+            }
+            tracing::debug!("writing to the TUN: {e}");
+        }
+    }
+}
+
+/// How many scheduler turns the writer waits for more packets at most.
+const FILL_TURNS: usize = 8;
+
+/// Lets the decrypting task add to `batch` while it keeps producing: gotatun
+/// hands packets over one at a time, so without this the writer wakes for
+/// each and GRO has nothing to coalesce. Stops at the first turn that
+/// brings nothing (an idle tunnel pays one turn of latency).
+async fn fill(rx: &mut mpsc::Receiver<Packet<Ip>>, batch: &mut Vec<Packet<Ip>>) {
+    for _ in 0..FILL_TURNS {
+        if batch.len() >= IDEAL_BATCH_SIZE {
+            return;
+        }
+        tokio::task::yield_now().await;
+        let before = batch.len();
+        while batch.len() < IDEAL_BATCH_SIZE {
+            match rx.try_recv() {
+                Ok(packet) => batch.push(packet),
+                Err(_) => break,
+            }
+        }
+        if batch.len() == before {
+            return;
+        }
+    }
+}
+
+/// The writing half: hands packets to the batching writer task.
+#[derive(Clone, Debug)]
+pub struct TunSend {
+    queue: mpsc::Sender<Packet<Ip>>,
+    _writer: Arc<AbortOnDrop>,
+}
+
+impl IpSend for TunSend {
+    async fn send(&mut self, packet: Packet<Ip>) -> io::Result<()> {
+        self.queue
+            .send(packet)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the TUN writer has stopped"))
+    }
+}
+
+/// gotatun's packet buffers as the byte slices tun-rs splits into.
+struct Segment(Packet<[u8]>);
+
+impl AsRef<[u8]> for Segment {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl AsMut<[u8]> for Segment {
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+}
+
+/// The reading half: one read returns one packet, or with offloads one
+/// super-packet split into up to [`IDEAL_BATCH_SIZE`] packets.
+pub struct TunRecv {
+    dev: Arc<AsyncDevice>,
+    super_packet: Vec<u8>,
+    segments: Vec<Segment>,
+    sizes: Vec<usize>,
+    mtu: MtuWatcher,
+    _monitor: Arc<AbortOnDrop>,
+}
+
+impl std::fmt::Debug for TunRecv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunRecv")
+            .field("offload", &self.dev.tcp_gso())
+            .finish_non_exhaustive()
+    }
+}
+
+impl IpRecv for TunRecv {
+    async fn recv<'a>(
+        &'a mut self,
+        pool: &mut PacketBufPool,
+    ) -> io::Result<impl Iterator<Item = Packet<Ip>> + Send + 'a> {
+        // Segments handed out last time are replaced; unused ones are still
+        // whole pool buffers.
+        while self.segments.len() < IDEAL_BATCH_SIZE {
+            self.segments.push(Segment(pool.get()));
+        }
+        let n = loop {
+            match self
+                .dev
+                .recv_multiple(
+                    &mut self.super_packet,
+                    &mut self.segments,
+                    &mut self.sizes,
+                    0,
+                )
+                .await
+            {
+                Ok(n) => break n,
+                // gotatun ends the device on any error it is given: only a
+                // gone TUN may end it.
+                Err(e) if is_fatal(&e) => return Err(e),
+                Err(e) => tracing::debug!("reading from the TUN: {e}"),
+            }
+        };
+        let sizes = &self.sizes[..n];
+        Ok(self
+            .segments
+            .drain(..n)
+            .zip(sizes.iter().copied())
+            .filter_map(|(Segment(mut packet), len)| {
+                packet.truncate(len);
+                packet.try_into_ip().ok()
+            }))
+    }
+
+    fn mtu(&self) -> MtuWatcher {
+        self.mtu.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offloads_are_off_unless_the_environment_says_on() {
+        for on in ["1", "yes", " ON ", "true"] {
+            assert!(offload_wanted(Some(on)), "{on:?}");
+        }
+        for off in [None, Some("0"), Some("false"), Some(""), Some("no")] {
+            assert!(!offload_wanted(off), "{off:?}");
+        }
+    }
+
+    #[test]
+    fn only_a_gone_device_is_fatal() {
+        for errno in [nix::errno::Errno::EBADF, nix::errno::Errno::ENODEV] {
+            assert!(is_fatal(&io::Error::from_raw_os_error(errno as i32)));
+        }
+        assert!(!is_fatal(&io::Error::from_raw_os_error(
+            nix::errno::Errno::EINVAL as i32
+        )));
+        assert!(!is_fatal(&io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "invalid offset"
+        )));
+    }
+}
