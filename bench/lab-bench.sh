@@ -3,9 +3,8 @@
 # sites of the lab (hw-master -> ali-gw of examples/lab.yaml), over:
 #   underlay    the lab's internet path itself (public IP, routers' NAT), no tunnel: the baseline
 #   skybridge   Skybridge's userspace WireGuard data plane (gotatun), TUN offloads and UDP GSO on
-#               (SKYBRIDGE_DATAPLANE_OFFLOAD=1 SKYBRIDGE_DATAPLANE_UDP_GSO=1; both are opt-in)
-#   skybridge-nogso  TUN offloads only
-#   skybridge-nooff  neither (the default)
+#   skybridge-nogso  the same with SKYBRIDGE_DATAPLANE_UDP_GSO=0 (TUN offloads only)
+#   skybridge-nooff  the same with both off (SKYBRIDGE_DATAPLANE_OFFLOAD=0 too)
 #   skybridge-base   the data plane of another skybridge binary (SB_BASE=path; e.g. an older build)
 #   vxlan       kernel VXLAN
 #   wireguard-go  wireguard-go on both gateways, configured by the agent
@@ -57,15 +56,15 @@ measure() {  # measure NAME DST
 }
 up() { lab up "$@" --timeout 60 >/dev/null 2>&1 || { echo "lab up $* failed" >&2; lab check | tail -3 >&2; exit 1; }; }
 
-SKYBRIDGE_DATAPLANE_OFFLOAD=1 SKYBRIDGE_DATAPLANE_UDP_GSO=1 up "$W/wg.yaml"
+up "$W/wg.yaml"
 measure underlay 198.51.100.20        # ali-gw's elastic IP: the routers' NAT and the internet, no tunnel
 measure skybridge 172.26.32.235
 lab down >/dev/null
 # The agent passes its environment on to the data plane it starts.
-SKYBRIDGE_DATAPLANE_OFFLOAD=1 up "$W/wg.yaml"
+SKYBRIDGE_DATAPLANE_UDP_GSO=0 up "$W/wg.yaml"
 measure skybridge-nogso 172.26.32.235
 lab down >/dev/null
-up "$W/wg.yaml"
+SKYBRIDGE_DATAPLANE_UDP_GSO=0 SKYBRIDGE_DATAPLANE_OFFLOAD=0 up "$W/wg.yaml"
 measure skybridge-nooff 172.26.32.235
 lab down >/dev/null
 if [ -n "$SB_BASE" ]; then

@@ -17,10 +17,9 @@
 //! re-attaches to it (a few tens of milliseconds without forwarding).
 //!
 //! The TUN side is ours (`tun`), not gotatun's: it uses the kernel's TUN
-//! offloads (TSO/GRO through the virtio-net header) when
-//! `SKYBRIDGE_DATAPLANE_OFFLOAD=1` is set, and its UDP batches go out with
-//! UDP GSO (`udp`) when `SKYBRIDGE_DATAPLANE_UDP_GSO=1` is set. Both are off
-//! by default until the failover regression they show is understood.
+//! offloads (TSO/GRO through the virtio-net header) unless
+//! `SKYBRIDGE_DATAPLANE_OFFLOAD=0` is set. Its UDP batches go out with
+//! UDP GSO (`udp`) unless `SKYBRIDGE_DATAPLANE_UDP_GSO=0` is set.
 
 use std::io;
 use std::os::fd::AsFd as _;

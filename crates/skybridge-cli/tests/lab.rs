@@ -676,16 +676,7 @@ fn a_large_file_and_tunnel_mtu_df_pings_cross_the_offloading_data_plane_intact()
     let lab = Lab::new("off");
     let sites = two_sites();
     let file = lab.file("lab.yaml", sites);
-    // The offloads are opt-in; the agents pass their environment on to the data planes.
-    let wg = wireguard_everywhere(sites, "userspace", &[]);
-    let up = support::lab_command(&lab.prefix)
-        .env("SKYBRIDGE_DATAPLANE_OFFLOAD", "1")
-        .env("SKYBRIDGE_DATAPLANE_UDP_GSO", "1")
-        .arg("up")
-        .arg(&file)
-        .args(&wg)
-        .output()
-        .unwrap();
+    let up = up_userspace(&lab, &file, sites, &[], &[]);
     assert!(up.status.success(), "{}\n{}", text(&up), lab.logs());
     for node in ["hw-master", "ali-gw"] {
         let link = text(&lab.exec(node, &["ip", "-d", "link", "show", marks::WG_IFACE]));

@@ -30,8 +30,7 @@ const MAX_SEGMENTS: usize = 64;
 /// The largest UDP payload one send may carry.
 const MAX_GSO_BYTES: usize = 65_507;
 
-/// The environment variable that turns UDP GSO on (`1`); off by default,
-/// like the TUN offloads it pairs with.
+/// The environment variable that turns UDP GSO off (`0`), for measurement.
 pub const GSO_ENV: &str = "SKYBRIDGE_DATAPLANE_UDP_GSO";
 
 /// gotatun's UDP socket whose batches go out with UDP GSO while the kernel
