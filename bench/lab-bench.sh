@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# lab-bench.sh - TCP throughput and RTT between two gateways of different
+# lab-bench.sh - TCP (1 and 4 streams) and UDP throughput, CPU and RTT between two gateways of different
 # sites of the lab (hw-master -> ali-gw of examples/lab.yaml), over:
 #   underlay    the lab's internet path itself (public IP, routers' NAT), no tunnel: the baseline
 #   skybridge   Skybridge's userspace WireGuard data plane (gotatun), TUN offloads and UDP GSO on
@@ -12,7 +12,8 @@
 # each printed as a ratio to the underlay measured in the same run.
 # Usage (root): bench/lab-bench.sh            Env: T=10 (seconds per iperf3 run), SB=target/release/skybridge,
 #               SB_BASE= (unset: no skybridge-base row)
-# Prereqs: apt-get install iperf3 wireguard-go jq; optional: cargo install boringtun-cli
+# Prereqs: apt-get install iperf3 wireguard-go jq; boringtun-cli is installed with cargo when missing
+# (BORINGTUN=0 skips its row).
 # Only the lab's own namespaces (prefix sbt-bench-) are used; they are removed on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,20 +40,38 @@ ticks() {  # CPU ticks (utime+stime) of the userspace data planes on both gatewa
   done
   echo $t
 }
-measure() {  # measure NAME DST
+# One iperf3 run: iperf NAME MODE DST. MODE tcp1 (one stream), tcp4 (four
+# streams) or udp (unlimited rate, datagrams filling the tunnel MTU of 1440:
+# 1412 bytes of payload); the Gbit/s received and the data planes' CPU-s per Gbit.
+iperf() {
+  local name=$1 mode=$2 dst=$3 g t0 t1 cpu rtt=- args=()
+  case $mode in tcp1) ;; tcp4) args=(-P 4) ;; udp) args=(-u -b 0 -l 1412) ;; esac
   lab exec ali-gw -- iperf3 -s -1 -D >/dev/null
   sleep 0.3
-  local g rtt t0 t1 cpu
+  if [ "$mode" = tcp1 ]; then  # latency under load: a ping beside the single flow
+    lab exec hw-master -- ping -q -c $((T * 25)) -i 0.04 "$dst" >"$W/ping" 2>&1 &
+  fi
   t0=$(ticks)
-  lab exec hw-master -- iperf3 -c "$2" -t "$T" -J >"$W/$1.json" || true
+  lab exec hw-master -- iperf3 -c "$dst" -t "$T" -J "${args[@]}" >"$W/$name.$mode.json" || true
   t1=$(ticks)
-  g=$(gbps <"$W/$1.json" 2>/dev/null) || { echo "$1: iperf3 failed: $(jq -r .error "$W/$1.json" 2>/dev/null)" >&2; g=0; }
-  rtt=$(lab exec hw-master -- ping -q -c 50 -i 0.02 "$2" | awk -F'/' '/^rtt/{print $5}')
+  if [ "$mode" = tcp1 ]; then wait; rtt=$(awk -F'/' '/^rtt/{print $5}' "$W/ping"); fi
+  if [ "$mode" = udp ]; then  # what arrived: the sender's rate less the datagrams lost
+    g=$(jq -r '.end.sum.bits_per_second * (1 - .end.sum.lost_percent / 100) / 1e9' <"$W/$name.$mode.json" 2>/dev/null) || g=
+  else
+    g=$(gbps <"$W/$name.$mode.json" 2>/dev/null) || g=
+  fi
+  case $g in ''|null) echo "$name $mode: iperf3 failed: $(jq -r .error "$W/$name.$mode.json" 2>/dev/null)" >&2; g=0 ;; esac
   # CPU seconds of the data plane processes per Gbit/s-second carried (kernel data planes: not attributable).
-  case $1 in underlay|vxlan) t1=$t0 ;; esac
-  cpu=$(awk -v d=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v g="$g" -v t="$T" 'BEGIN{ if (d == 0) print "-"; else printf "%.2f", d/hz/(g*t) }')
-  printf '%s\t%s\t%s\t%s\n' "$1" "$g" "$rtt" "$cpu" >>"$W/results.tsv"
-  echo "$1: $g Gbit/s, rtt avg $rtt ms" >&2
+  case $name in underlay|vxlan) t1=$t0 ;; esac
+  cpu=$(awk -v d=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v g="$g" -v t="$T" 'BEGIN{ if (d == 0 || g == 0) print "-"; else printf "%.2f", d/hz/(g*t) }')
+  printf '%s\t%s\t%s\t%s\t%s\n' "$mode" "$name" "$g" "$rtt" "$cpu" >>"$W/results.tsv"
+  echo "$name $mode: $g Gbit/s, cpu $cpu s/Gbit, rtt under load $rtt ms" >&2
+}
+measure() {  # measure NAME DST: idle RTT, then every mode
+  local idle
+  idle=$(lab exec hw-master -- ping -q -c 50 -i 0.02 "$2" | awk -F'/' '/^rtt/{print $5}')
+  printf '%s\t%s\n' "$1" "$idle" >>"$W/idle.tsv"
+  for mode in ${MODES:-tcp1 tcp4 udp}; do iperf "$1" "$mode" "$2"; done
 }
 up() { lab up "$@" --timeout 60 >/dev/null 2>&1 || { echo "lab up $* failed" >&2; lab check | tail -3 >&2; exit 1; }; }
 
@@ -77,13 +96,32 @@ measure vxlan 172.26.32.235
 lab down >/dev/null
 up "$W/wg.yaml" --wireguard-impl hw-master=wireguard-go --wireguard-impl ali-gw=wireguard-go
 measure wireguard-go 172.26.32.235
-if command -v boringtun-cli >/dev/null; then
+if [ "${BORINGTUN:-1}" != 0 ] && ! command -v boringtun-cli >/dev/null; then
+  echo "installing boringtun-cli with cargo (once; a few minutes)" >&2
+  cargo install --locked --quiet boringtun-cli >&2 || echo "cargo install boringtun-cli failed: no boringtun row" >&2
+  export PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin"
+fi
+if [ "${BORINGTUN:-1}" != 0 ] && command -v boringtun-cli >/dev/null; then
   lab down >/dev/null
   up "$W/wg.yaml" --wireguard-impl hw-master=boringtun --wireguard-impl ali-gw=boringtun
   measure boringtun 172.26.32.235
 fi
 
 echo
-echo "TCP hw-master -> ali-gw, $T s per run, $(nproc) CPUs, $(uname -r)"
-echo "(cpu: CPU-seconds of the userspace data plane processes, both gateways, per gigabit carried)"
-awk -F'\t' 'NR==1{base=$2} {printf "%-16s %7.2f Gbit/s  %6.1f%% of underlay   rtt %s ms   cpu %s s/Gbit\n", $1, $2, $2/base*100, $3, $4}' "$W/results.tsv"
+echo "hw-master -> ali-gw, $T s per run, $(nproc) CPUs, $(uname -r)"
+echo "tcp1: one TCP stream; tcp4: four; udp: unlimited, 1412-byte datagrams (the tunnel MTU), Gbit/s that arrived"
+echo "x peer: ratio to the best userspace peer of the same mode (wireguard-go, boringtun); cpu: CPU-seconds of"
+echo "the userspace data plane processes, both gateways, per gigabit carried; rtt: ping beside the single stream (idle)"
+awk -F'\t' '
+  FNR == NR { idle[$1] = $2; next }
+  { mode[NR] = $1; name[NR] = $2; g[NR] = $3; rtt[NR] = $4; cpu[NR] = $5; n = NR
+    if ($2 == "underlay") base[$1] = $3
+    if (($2 == "wireguard-go" || $2 == "boringtun") && $3 > best[$1]) best[$1] = $3 }
+  END {
+    for (i = 1; i <= n; i++) {
+      if (mode[i] != last) { printf "\n%s\n", mode[i]; last = mode[i] }
+      peer = best[mode[i]] > 0 ? sprintf("%5.2fx peer", g[i] / best[mode[i]]) : "   - x peer"
+      printf "  %-16s %7.2f Gbit/s  %6.1f%% of underlay  %s   cpu %5s s/Gbit   rtt %s (%s) ms\n",
+        name[i], g[i], base[mode[i]] > 0 ? g[i] / base[mode[i]] * 100 : 0, peer, cpu[i], rtt[i], idle[name[i]]
+    }
+  }' "$W/idle.tsv" <(sort -s -t$'\t' -k1,1 "$W/results.tsv")
