@@ -187,7 +187,7 @@ impl Drop for Lab {
     }
 }
 
-fn lab_command(prefix: &str) -> Command {
+pub fn lab_command(prefix: &str) -> Command {
     let mut c = Command::new(skybridge());
     c.arg("lab").env("SKYBRIDGE_LAB_PREFIX", prefix);
     c
