@@ -46,7 +46,8 @@ ticks() {  # CPU ticks (utime+stime) of the userspace data planes on both gatewa
 iperf() {
   local name=$1 mode=$2 dst=$3 g t0 t1 cpu rtt=- args=()
   case $mode in tcp1) ;; tcp4) args=(-P 4) ;; udp) args=(-u -b 0 -l 1412) ;; esac
-  lab exec ali-gw -- iperf3 -s -1 -D >/dev/null
+  rm -f "$W/server.json"
+  lab exec ali-gw -- iperf3 -s -1 -D -J --logfile "$W/server.json" >/dev/null
   sleep 0.3
   if [ "$mode" = tcp1 ]; then  # latency under load: a ping beside the single flow
     lab exec hw-master -- ping -q -c $((T * 25)) -i 0.04 "$dst" >"$W/ping" 2>&1 &
@@ -55,8 +56,12 @@ iperf() {
   lab exec hw-master -- iperf3 -c "$dst" -t "$T" -J "${args[@]}" >"$W/$name.$mode.json" || true
   t1=$(ticks)
   if [ "$mode" = tcp1 ]; then wait; rtt=$(awk -F'/' '/^rtt/{print $5}' "$W/ping"); fi
-  if [ "$mode" = udp ]; then  # what arrived: the sender's rate less the datagrams lost
-    g=$(jq -r '.end.sum.bits_per_second * (1 - .end.sum.lost_percent / 100) / 1e9' <"$W/$name.$mode.json" 2>/dev/null) || g=
+  if [ "$mode" = udp ]; then
+    # What arrived, as the server counted it: an overloaded tunnel may still
+    # deliver after the client stopped, and the ICMP "port unreachable" for
+    # that tail can end the client with an error instead of its report.
+    for _ in $(seq 50); do jq -e .end.sum_received <"$W/server.json" >/dev/null 2>&1 && break; sleep 0.2; done
+    g=$(jq -r '.end.sum_received.bits_per_second / 1e9' <"$W/server.json" 2>/dev/null) || g=
   else
     g=$(gbps <"$W/$name.$mode.json" 2>/dev/null) || g=
   fi
@@ -121,7 +126,7 @@ awk -F'\t' '
     for (i = 1; i <= n; i++) {
       if (mode[i] != last) { printf "\n%s\n", mode[i]; last = mode[i] }
       peer = best[mode[i]] > 0 ? sprintf("%5.2fx peer", g[i] / best[mode[i]]) : "   - x peer"
-      printf "  %-16s %7.2f Gbit/s  %6.1f%% of underlay  %s   cpu %5s s/Gbit   rtt %s (%s) ms\n",
-        name[i], g[i], base[mode[i]] > 0 ? g[i] / base[mode[i]] * 100 : 0, peer, cpu[i], rtt[i], idle[name[i]]
+      pct = base[mode[i]] > 0 ? g[i] / base[mode[i]] * 100 : 0
+      printf "  %-16s %7.2f Gbit/s  %6.1f%% of underlay  %s   cpu %5s s/Gbit   rtt %s (%s) ms\n", name[i], g[i], pct, peer, cpu[i], rtt[i], idle[name[i]]
     }
   }' "$W/idle.tsv" <(sort -s -t$'\t' -k1,1 "$W/results.tsv")
