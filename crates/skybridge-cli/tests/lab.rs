@@ -221,37 +221,6 @@ fn marker_seen_on_the_internet(lab: &Lab, from: &str, to: &str) -> bool {
     String::from_utf8_lossy(&out.stdout).contains(&marker)
 }
 
-#[test]
-fn lab_interoperates_with_wireguard_go() {
-    if unmet(&TOOLS) {
-        return;
-    }
-    if unmet(&["wireguard-go"]) {
-        return;
-    }
-    let lab = Lab::new("go");
-    let file = lab.file("lab.yaml", LAB);
-    let up = up_userspace(
-        &lab,
-        &file,
-        LAB,
-        &["tc-gw"],
-        &["--wireguard-impl", "tc-gw=wireguard-go"],
-    );
-    assert!(
-        up.status.success() && text(&up).contains(ALL_GREEN),
-        "{}\n{}",
-        text(&up),
-        lab.logs()
-    );
-    let procs = lab.exec("tc-gw", &["pgrep", "-a", "wireguard-go"]);
-    assert!(
-        text(&procs).contains(&format!("wireguard-go -f {}", marks::WG_IFACE)),
-        "{}",
-        text(&procs)
-    );
-}
-
 fn probe_log(lab: &Lab, node: &str) -> String {
     std::fs::read_to_string(lab.state_dir("lab").join(format!("{node}.probe.log")))
         .unwrap_or_default()
@@ -813,6 +782,14 @@ fn a_large_file_udp_and_tunnel_mtu_df_pings_cross_the_offloading_data_plane_inta
         "{}\n{}",
         text(&up),
         lab.logs()
+    );
+    // tc-gw's WireGuard is wireguard-go, configured by its agent over UAPI:
+    // every pair green is the interoperability of the two implementations.
+    let procs = lab.exec("tc-gw", &["pgrep", "-a", "wireguard-go"]);
+    assert!(
+        text(&procs).contains(&format!("wireguard-go -f {}", marks::WG_IFACE)),
+        "{}",
+        text(&procs)
     );
     for node in ["hw-master", "ali-gw"] {
         let link = text(&lab.exec(node, &["ip", "-d", "link", "show", marks::WG_IFACE]));
