@@ -143,12 +143,17 @@ fn cross_site_ping(lab: &Lab) -> bool {
         .success()
 }
 
+/// The seed topology over the kernel's GRE, then the same running cluster
+/// switched to WireGuard by editing its file (what an operator does to
+/// encrypt a GRE cluster): the agents take the GRE tunnels down and bring
+/// up the kernel's WireGuard, and failover works over both. (One VM lab for
+/// both transports: each costs minutes of the test command.)
 #[test]
-fn seed_topology_over_kernel_gre_in_vms_is_all_green_and_down_leaves_nothing() {
+fn seed_topology_in_vms_over_kernel_gre_then_switched_to_kernel_wireguard_is_all_green() {
     if !vm_tests_or_skip() {
         return;
     }
-    let lab = Lab::new("vgre");
+    let lab = Lab::new("vseed");
     let file = lab.file("seed-lab.yaml", &seed_lab_with_standby("gre"));
     up_green(&lab, &file, &[]);
 
@@ -159,8 +164,9 @@ fn seed_topology_over_kernel_gre_in_vms_is_all_green_and_down_leaves_nothing() {
     let module = text(&lab.exec(GATEWAY_HUAWEI, &["ls", "-d", "/sys/module/ip_gre"]));
     assert!(module.contains("/sys/module/ip_gre"), "{module}");
     // The gateways' tunnel is the kernel's GRE, made by the agent.
+    let gre_links = |gw: &str| text(&lab.exec(gw, &["ip", "-d", "link", "show", "type", "gre"]));
     for gw in [GATEWAY_HUAWEI, GATEWAY_ALIYUN] {
-        let links = text(&lab.exec(gw, &["ip", "-d", "link", "show", "type", "gre"]));
+        let links = gre_links(gw);
         assert!(
             links.contains(&format!("{}gre-", marks::IFACE_PREFIX))
                 && links.contains("gre remote "),
@@ -181,6 +187,43 @@ fn seed_topology_over_kernel_gre_in_vms_is_all_green_and_down_leaves_nothing() {
     // Gateway failover over the kernel's GRE: aliyun's active gateway still
     // answers on its VPC, but the router drops its GRE (the Kilo case).
     aliyun_fails_over_in_vms(&lab, "tunnel");
+
+    // The same cluster, its file now saying wireguard, handed out again.
+    // No --wireguard flag: the agent picks the kernel where it has the module.
+    let file = lab.file("seed-lab.yaml", &seed_lab_with_standby("wireguard"));
+    up_green(&lab, &file, &[]);
+    for gw in [GATEWAY_HUAWEI, GATEWAY_ALIYUN, "k8s-node3"] {
+        assert_eq!(wg_kind(&lab, gw), "kernel", "{gw}");
+        let links = gre_links(gw);
+        assert!(
+            !links.contains(&format!("{}gre-", marks::IFACE_PREFIX)),
+            "{gw} kept its GRE tunnel after the switch to WireGuard: {links}"
+        );
+    }
+    let wg = text(&lab.exec(GATEWAY_HUAWEI, &["wg", "show", marks::WG_IFACE]));
+    assert!(wg.contains("latest handshake"), "{wg}");
+    // A converged kernel device reads back as converged: the kernel reports
+    // the private key clamped, which once made every reconcile reconfigure it.
+    let dir = lab.state_dir("seed-lab");
+    let once = lab.sh_ok(
+        GATEWAY_HUAWEI,
+        &format!(
+            "{} agent --once --cluster {}/cluster.yaml --node {GATEWAY_HUAWEI}",
+            skybridge().display(),
+            dir.display()
+        ),
+    );
+    assert!(once.contains("converged, no changes"), "{once}");
+    // Only WireGuard joins the sites now: its port dropped cuts them apart.
+    with_router_dropping(&lab, "aliyun", "udp dport 51820", || {
+        assert!(
+            !cross_site_ping(&lab),
+            "a cross-site ping went through with WireGuard dropped"
+        );
+    });
+    // Gateway failover over kernel WireGuard: aliyun's active gateway's
+    // cable is cut at the VPC's switch.
+    aliyun_fails_over_in_vms(&lab, "uplink");
 
     let check = lab.run(&["check"]);
     assert!(
@@ -204,43 +247,6 @@ fn seed_topology_over_kernel_gre_in_vms_is_all_green_and_down_leaves_nothing() {
         !pids.iter().any(|&p| qemu_alive(p))
     });
     assert!(gone.is_some(), "qemu survived lab down: {pids:?}");
-}
-
-#[test]
-fn seed_topology_over_kernel_wireguard_in_vms_is_all_green() {
-    if !vm_tests_or_skip() {
-        return;
-    }
-    let lab = Lab::new("vwg");
-    let file = lab.file("seed-lab-wg.yaml", &seed_lab_with_standby("wireguard"));
-    // No --wireguard flag: the agent picks the kernel where it has the module.
-    up_green(&lab, &file, &[]);
-    assert_eq!(wg_kind(&lab, GATEWAY_HUAWEI), "kernel");
-    assert_eq!(wg_kind(&lab, GATEWAY_ALIYUN), "kernel");
-    let wg = text(&lab.exec(GATEWAY_HUAWEI, &["wg", "show", marks::WG_IFACE]));
-    assert!(wg.contains("latest handshake"), "{wg}");
-    // A converged kernel device reads back as converged: the kernel reports
-    // the private key clamped, which once made every reconcile reconfigure it.
-    let dir = lab.state_dir("seed-lab");
-    let once = lab.sh_ok(
-        GATEWAY_HUAWEI,
-        &format!(
-            "{} agent --once --cluster {}/cluster.yaml --node {GATEWAY_HUAWEI}",
-            skybridge().display(),
-            dir.display()
-        ),
-    );
-    assert!(once.contains("converged, no changes"), "{once}");
-    with_router_dropping(&lab, "aliyun", "udp dport 51820", || {
-        assert!(
-            !cross_site_ping(&lab),
-            "a cross-site ping went through with WireGuard dropped"
-        );
-    });
-    // Gateway failover over kernel WireGuard: aliyun's active gateway's
-    // cable is cut at the VPC's switch.
-    assert_eq!(wg_kind(&lab, "k8s-node3"), "kernel");
-    aliyun_fails_over_in_vms(&lab, "uplink");
 }
 
 /// Kernel WireGuard on one gateway, Skybridge's userspace WireGuard on the
