@@ -1,7 +1,8 @@
-//! Which backends a node runs, chosen once at start-up: the firewall
-//! (nftables or iptables) and who carries WireGuard traffic (the kernel,
-//! Skybridge's userspace data plane, or an implementation started by
-//! someone else). The daemon, `agent try` and the rollback watchdog all
+//! Which backends a node runs: the firewall (nftables or iptables), chosen
+//! at start-up, and who carries WireGuard traffic (the kernel, Skybridge's
+//! userspace data plane, or an implementation started by someone else),
+//! chosen at start-up or, on a node whose plan has no WireGuard tunnel yet,
+//! when a plan first has one (a cluster file switched to wireguard). The daemon, `agent try` and the rollback watchdog all
 //! build their [`LinuxHost`] here, so that a rollback drives the same
 //! backends the daemon it replaces did.
 
@@ -183,32 +184,54 @@ async fn open(
         .iter()
         .any(|t| matches!(t, skybridge_core::plan::Tunnel::WireGuard(_)))
     {
-        let private_key = if read_only {
-            keys::existing_private_key(state_dir, Path::new(paths::LEGACY_KEY_FILE))?
-                .unwrap_or_else(keys::ephemeral_private_key)
-        } else {
-            keys::private_key(state_dir)?
-        };
-        let kernel = match choice.wireguard {
-            DataPlane::Auto => match KernelWireGuard::probe().await {
-                Ok(k) => Some(k),
-                Err(e) => {
-                    tracing::info!("no kernel WireGuard ({e}); using the userspace data plane");
-                    None
-                }
-            },
-            DataPlane::Kernel => Some(
-                KernelWireGuard::probe()
-                    .await
-                    .map_err(BackendError::NoKernelWireGuard)?,
-            ),
-            DataPlane::Userspace | DataPlane::External => None,
-        };
-        wireguard(choice.wireguard, kernel, private_key, state_dir, read_only)?
+        choose_wireguard(choice.wireguard, state_dir, read_only).await?
     } else {
         WireGuard::Unavailable
     };
-    Ok(LinuxHost::new(netlink, fw, wg, PathBuf::from(state_dir)))
+    let host = LinuxHost::new(netlink, fw, wg, PathBuf::from(state_dir));
+    // A node without WireGuard tunnels (a GRE or VXLAN cluster) makes no
+    // key and loads no module; a later plan with them (the cluster file
+    // switched to wireguard) chooses then, without a restart.
+    Ok(if host.has_wireguard() {
+        host
+    } else {
+        host.choosing_wireguard_when_needed(choice.wireguard, read_only)
+    })
+}
+
+/// The node's key and who serves WireGuard for `asked`: the kernel when it
+/// has the module (auto, kernel), else Skybridge's own data plane.
+///
+/// # Errors
+/// When the node's key cannot be read or made, `--wireguard kernel` finds no
+/// kernel WireGuard, or the binary for the data plane cannot be located.
+pub async fn choose_wireguard(
+    asked: DataPlane,
+    state_dir: &Path,
+    read_only: bool,
+) -> Result<WireGuard, BackendError> {
+    let private_key = if read_only {
+        keys::existing_private_key(state_dir, Path::new(paths::LEGACY_KEY_FILE))?
+            .unwrap_or_else(keys::ephemeral_private_key)
+    } else {
+        keys::private_key(state_dir)?
+    };
+    let kernel = match asked {
+        DataPlane::Auto => match KernelWireGuard::probe().await {
+            Ok(k) => Some(k),
+            Err(e) => {
+                tracing::info!("no kernel WireGuard ({e}); using the userspace data plane");
+                None
+            }
+        },
+        DataPlane::Kernel => Some(
+            KernelWireGuard::probe()
+                .await
+                .map_err(BackendError::NoKernelWireGuard)?,
+        ),
+        DataPlane::Userspace | DataPlane::External => None,
+    };
+    wireguard(asked, kernel, private_key, state_dir, read_only)
 }
 
 /// Who serves WireGuard, given what was asked and whether the kernel has it.

@@ -11,6 +11,7 @@ use skybridge_core::diff::{Change, Live, Op, desired_wireguard};
 use skybridge_core::layout::paths::APPLIED_FILE_NAME;
 use skybridge_core::model::Transport;
 
+use crate::backend::DataPlane;
 use crate::firewall::{Firewall, FirewallError};
 use crate::netlink::{Links, Netlink, NetlinkError};
 use crate::sysctl::{self, SysctlError};
@@ -29,6 +30,9 @@ pub enum HostError {
     WireGuard(#[from] WireGuardError),
     #[error(transparent)]
     Tunnel(#[from] TunnelError),
+    /// The WireGuard backend a new plan needs could not be set up.
+    #[error("wireguard: {0}")]
+    Backend(Box<crate::backend::BackendError>),
     /// A change held back because it would cut the node off from its operator.
     #[error("{0}")]
     Refused(String),
@@ -96,6 +100,9 @@ pub struct LinuxHost {
     uplink: Option<String>,
     /// SSH ports besides 22 whose sessions the reconciler must not cut.
     ssh_ports: Vec<u16>,
+    /// No WireGuard backend yet: the one asked for (and whether this host
+    /// may change the node) is chosen when a plan first has a WireGuard tunnel.
+    wireguard_later: Option<(DataPlane, bool)>,
 }
 
 impl LinuxHost {
@@ -123,7 +130,44 @@ impl LinuxHost {
             state_dir,
             uplink: None,
             ssh_ports: Vec::new(),
+            wireguard_later: None,
         }
+    }
+
+    /// Whether a WireGuard backend serves this host.
+    pub fn has_wireguard(&self) -> bool {
+        self.tunnels.name_of(Transport::WireGuard).is_some()
+    }
+
+    /// Chooses the WireGuard backend `asked` (read-only for a dry run) when
+    /// a plan first has a WireGuard tunnel, instead of at start-up.
+    #[must_use]
+    pub fn choosing_wireguard_when_needed(mut self, asked: DataPlane, read_only: bool) -> Self {
+        self.wireguard_later = Some((asked, read_only));
+        self
+    }
+
+    /// Chooses the WireGuard backend if `plan` needs one and none was chosen
+    /// yet; until it succeeds, every read tries again.
+    async fn wireguard_if_needed(&mut self, plan: &NodePlan) -> Result<(), HostError> {
+        let Some((asked, read_only)) = self.wireguard_later else {
+            return Ok(());
+        };
+        if desired_wireguard(plan).is_empty() {
+            return Ok(());
+        }
+        let wg = crate::backend::choose_wireguard(asked, &self.state_dir, read_only)
+            .await
+            .map_err(|e| HostError::Backend(Box::new(e)))?;
+        if let Some(backend) = wg.into_backend() {
+            tracing::info!(
+                "the plan now has WireGuard tunnels: {} serves them",
+                backend.name()
+            );
+            self.tunnels.add(backend);
+        }
+        self.wireguard_later = None;
+        Ok(())
     }
 
     /// Also guards sessions to `port` (the node's `ssh.port`).
@@ -153,9 +197,14 @@ impl LinuxHost {
         format!(
             "netlink, {}, wireguard {}",
             self.firewall.name(),
-            self.tunnels
-                .name_of(Transport::WireGuard)
-                .unwrap_or("unavailable")
+            match (
+                self.tunnels.name_of(Transport::WireGuard),
+                self.wireguard_later
+            ) {
+                (Some(name), _) => name,
+                (None, Some(_)) => "chosen when the plan has a WireGuard tunnel",
+                (None, None) => "unavailable",
+            }
         )
     }
 
@@ -212,6 +261,7 @@ impl LinuxHost {
 
 impl Host for LinuxHost {
     async fn read(&mut self, plan: &NodePlan) -> Result<Live, HostError> {
+        self.wireguard_if_needed(plan).await?;
         self.refresh_links().await?;
         let routes = self.netlink.routes(&self.links).await?;
         self.uplink = self.links.holder_of(plan.private_ip).map(str::to_owned);

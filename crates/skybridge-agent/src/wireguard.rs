@@ -48,8 +48,8 @@ pub enum WireGuardError {
     Unavailable(String),
 }
 
-/// Which WireGuard implementation serves this node, chosen once at start-up
-/// and turned into its [`TunnelBackend`] by [`crate::tunnel::Tunnels::new`].
+/// Which WireGuard implementation serves this node, chosen by
+/// [`crate::backend::choose_wireguard`] and turned into its [`TunnelBackend`].
 #[derive(Debug)]
 pub enum WireGuard {
     /// No data plane here: planning a WireGuard tunnel is an error that says why.

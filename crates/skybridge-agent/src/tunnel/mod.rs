@@ -131,6 +131,11 @@ impl Tunnels {
         Tunnels { backends }
     }
 
+    /// Adds a backend (WireGuard's, chosen when a plan first needs it).
+    pub fn add(&mut self, backend: Box<dyn TunnelBackend>) {
+        self.backends.push(backend);
+    }
+
     /// Exactly these backends (tests, and nodes that bring their own).
     pub fn from_backends(backends: Vec<Box<dyn TunnelBackend>>) -> Self {
         Tunnels { backends }
