@@ -41,6 +41,15 @@ if [ "$(cargo deb --version 2>/dev/null)" != "cargo-deb $CARGO_DEB_VERSION" ]; t
   echo "installing: cargo-deb $CARGO_DEB_VERSION"
   cargo install --quiet --locked cargo-deb --version "$CARGO_DEB_VERSION"
 fi
+# boringtun-cli: the third WireGuard implementation the userspace data plane
+# must interoperate with (tests/lab.rs; wireguard-go comes from Debian,
+# boringtun only from crates.io). Pinned, built once into ~/.cargo/bin.
+BORINGTUN_CLI_VERSION=0.7.1
+export PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin"
+if [ "$(boringtun-cli --version 2>/dev/null)" != "boringtun $BORINGTUN_CLI_VERSION" ]; then
+  echo "installing: boringtun-cli $BORINGTUN_CLI_VERSION"
+  cargo install --quiet --locked boringtun-cli --version "$BORINGTUN_CLI_VERSION"
+fi
 
 # A test whose prerequisite is missing records itself here (the test kit,
 # crates/skybridge-cli/tests/support/kit.rs); under CI (`CI` set) it fails

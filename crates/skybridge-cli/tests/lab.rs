@@ -171,22 +171,47 @@ fn lab_example_over_userspace_wireguard_is_all_green_and_down_leaves_nothing() {
     assert_eq!(lab.namespaces(), Vec::<String>::new());
 }
 
+/// The example over VXLAN, then the running cluster switched to WireGuard by
+/// editing its file (what an operator does to encrypt it): the agents, which
+/// started with no WireGuard tunnel to serve, set up the data plane they were
+/// told to use (Skybridge's userspace one) without a restart, and drop VXLAN.
 #[test]
-fn lab_over_vxlan_is_all_green() {
+fn lab_over_vxlan_is_all_green_then_switched_to_userspace_wireguard() {
     if unmet(&TOOLS) {
         return;
     }
     let lab = Lab::new("vx");
-    let file = lab.file(
-        "vxlan.yaml",
-        &LAB.replace("transport: wireguard", "transport: vxlan")
-            .replace("listenPort: 51820", "listenPort: 4789"),
+    let vxlan = LAB
+        .replace("transport: wireguard", "transport: vxlan")
+        .replace("listenPort: 51820", "listenPort: 4789");
+    let file = lab.file("vxlan.yaml", &vxlan);
+    let up = up_userspace(&lab, &file, &vxlan, &[], &[]);
+    assert!(
+        up.status.success() && text(&up).contains(ALL_GREEN),
+        "{}\n{}",
+        text(&up),
+        lab.logs()
     );
-    lab.up_green(&[&file], ALL_GREEN);
     // VXLAN is cleartext: the capture on the internet shows the marker (the warning is deserved).
     assert!(
         marker_seen_on_the_internet(&lab, "tc-worker", "172.26.32.236"),
         "the marker was not seen in the clear with VXLAN"
+    );
+
+    // The same file with its transport back to wireguard, handed out again.
+    let file = lab.file("vxlan.yaml", LAB);
+    lab.up_green(&[&file], ALL_GREEN);
+    for gw in ["hw-master", "ali-gw", "tc-gw"] {
+        assert_eq!(wg_kind(&lab, gw), "userspace", "{gw}");
+        let vx = text(&lab.exec(gw, &["ip", "-d", "link", "show", "type", "vxlan"]));
+        assert!(
+            !vx.contains(marks::IFACE_PREFIX),
+            "{gw} kept its VXLAN link after the switch to WireGuard: {vx}"
+        );
+    }
+    assert!(
+        !marker_seen_on_the_internet(&lab, "tc-worker", "172.26.32.236"),
+        "the marker crossed the internet in the clear after the switch to WireGuard"
     );
 }
 
@@ -668,6 +693,15 @@ for size in map(int, sys.argv[4:]):
 
 /// tc-gw's private IP: its site's gateway runs wireguard-go in this test.
 const TC_GW: &str = "10.20.1.5";
+/// A fourth site for a third WireGuard implementation, appended to the example.
+const AWS_SITE: &str = "    - name: aws
+      provider: aws
+      region: us-east-1
+      cidrs: [10.30.0.0/24]
+      nodes:
+        - { name: aws-gw, privateIP: 10.30.0.5, publicIP: 203.0.113.40, roles: [worker, gateway] }
+";
+const AWS_GW: &str = "10.30.0.5";
 
 /// Reads the first line of a spawned `lab exec` and expects `listening`.
 fn listening(child: &mut std::process::Child) {
@@ -759,38 +793,56 @@ fn with_offloads_off_the_data_plane_takes_the_plain_path_and_carries_a_file_inta
 /// Over the userspace data plane with its offloads on, as by default (TSO
 /// super-packets split before encryption, decrypted packets coalesced before
 /// the TUN, UDP GSO between the gateways): 200 MB of random bytes arrive
-/// unchanged at a gateway running the same data plane and at one running
-/// wireguard-go; UDP datagrams of several sizes up to the tunnel MTU arrive
+/// unchanged at a gateway running the same data plane, at one running
+/// wireguard-go and at one running boringtun-cli (a fourth site added to the
+/// example for it); UDP datagrams of several sizes up to the tunnel MTU arrive
 /// whole; ICMP of several sizes answers; and the tunnel MTU is exact — a DF
 /// ping of that size passes, one byte more gets "message too long" back.
 #[test]
 fn a_large_file_udp_and_tunnel_mtu_df_pings_cross_the_offloading_data_plane_intact() {
-    if unmet(&TOOLS) || unmet(&["sha256sum", "head", "python3", "wireguard-go"]) {
+    if unmet(&TOOLS)
+        || unmet(&[
+            "sha256sum",
+            "head",
+            "python3",
+            "wireguard-go",
+            "boringtun-cli",
+        ])
+    {
         return;
     }
     let lab = Lab::new("off");
-    let file = lab.file("lab.yaml", LAB);
+    let cluster = format!("{LAB}{AWS_SITE}");
+    let file = lab.file("lab.yaml", &cluster);
     let up = up_userspace(
         &lab,
         &file,
-        LAB,
-        &["tc-gw"],
-        &["--wireguard-impl", "tc-gw=wireguard-go"],
+        &cluster,
+        &["tc-gw", "aws-gw"],
+        &[
+            "--wireguard-impl",
+            "tc-gw=wireguard-go",
+            "--wireguard-impl",
+            "aws-gw=boringtun",
+        ],
     );
     assert!(
-        up.status.success() && text(&up).contains(ALL_GREEN),
+        up.status.success() && text(&up).contains("56 pairs, 46 cross-site, 0 failed"),
         "{}\n{}",
         text(&up),
         lab.logs()
     );
-    // tc-gw's WireGuard is wireguard-go, configured by its agent over UAPI:
-    // every pair green is the interoperability of the two implementations.
-    let procs = lab.exec("tc-gw", &["pgrep", "-a", "wireguard-go"]);
-    assert!(
-        text(&procs).contains(&format!("wireguard-go -f {}", marks::WG_IFACE)),
-        "{}",
-        text(&procs)
-    );
+    // tc-gw's WireGuard is wireguard-go and aws-gw's boringtun-cli, each
+    // configured by its agent over UAPI: every pair green is the
+    // interoperability of the three implementations.
+    for (node, program) in [("tc-gw", "wireguard-go"), ("aws-gw", "boringtun-cli")] {
+        let procs = lab.exec(node, &["pgrep", "-a", program]);
+        assert!(
+            text(&procs).contains(program) && text(&procs).contains(marks::WG_IFACE),
+            "{node}: {}",
+            text(&procs)
+        );
+    }
     for node in ["hw-master", "ali-gw"] {
         let link = text(&lab.exec(node, &["ip", "-d", "link", "show", marks::WG_IFACE]));
         assert!(
@@ -800,7 +852,7 @@ fn a_large_file_udp_and_tunnel_mtu_df_pings_cross_the_offloading_data_plane_inta
     }
 
     const SIZE: usize = 200_000_000;
-    for (node, ip) in [("ali-gw", ALI_GW), ("tc-gw", TC_GW)] {
+    for (node, ip) in [("ali-gw", ALI_GW), ("tc-gw", TC_GW), ("aws-gw", AWS_GW)] {
         send_file_hashed(&lab, SIZE, node, ip);
     }
 
