@@ -11,7 +11,7 @@
 #   boringtun   boringtun-cli on both gateways (when boringtun-cli is installed)
 # each printed as a ratio to the underlay measured in the same run.
 # Usage (root): bench/lab-bench.sh            Env: T=10 (seconds per iperf3 run), SB=target/release/skybridge,
-#               SB_BASE= (unset: no skybridge-base row)
+#               SB_BASE= (unset: no skybridge-base row), MODES="tcp1 tcp4 udp", ROWS= (unset: every row)
 # Prereqs: apt-get install iperf3 wireguard-go jq; boringtun-cli is installed with cargo when missing
 # (BORINGTUN=0 skips its row).
 # Only the lab's own namespaces (prefix sbt-bench-) are used; they are removed on exit.
@@ -80,36 +80,51 @@ measure() {  # measure NAME DST: idle RTT, then every mode
 }
 up() { lab up "$@" --timeout 60 >/dev/null 2>&1 || { echo "lab up $* failed" >&2; lab check | tail -3 >&2; exit 1; }; }
 
-up "$W/wg.yaml"
-measure underlay 198.51.100.20        # ali-gw's elastic IP: the routers' NAT and the internet, no tunnel
-measure skybridge 172.26.32.235
-lab down >/dev/null
+# ROWS="skybridge boringtun" measures only those rows (for a quick comparison).
+want() { [ -z "${ROWS:-}" ] || [[ " $ROWS " == *" $1 "* ]]; }
+if want underlay || want skybridge; then
+  up "$W/wg.yaml"
+  want underlay && measure underlay 198.51.100.20   # ali-gw's elastic IP: the routers' NAT and the internet, no tunnel
+  want skybridge && measure skybridge 172.26.32.235
+  lab down >/dev/null
+fi
 # The agent passes its environment on to the data plane it starts.
-SKYBRIDGE_DATAPLANE_UDP_GSO=0 up "$W/wg.yaml"
-measure skybridge-nogso 172.26.32.235
-lab down >/dev/null
-SKYBRIDGE_DATAPLANE_UDP_GSO=0 SKYBRIDGE_DATAPLANE_OFFLOAD=0 up "$W/wg.yaml"
-measure skybridge-nooff 172.26.32.235
-lab down >/dev/null
-if [ -n "$SB_BASE" ]; then
+if want skybridge-nogso; then
+  SKYBRIDGE_DATAPLANE_UDP_GSO=0 up "$W/wg.yaml"
+  measure skybridge-nogso 172.26.32.235
+  lab down >/dev/null
+fi
+if want skybridge-nooff; then
+  SKYBRIDGE_DATAPLANE_UDP_GSO=0 SKYBRIDGE_DATAPLANE_OFFLOAD=0 up "$W/wg.yaml"
+  measure skybridge-nooff 172.26.32.235
+  lab down >/dev/null
+fi
+if [ -n "$SB_BASE" ] && want skybridge-base; then
   "$SB_BASE" lab up "$W/wg.yaml" --timeout 60 >/dev/null 2>&1 || { echo "lab up with $SB_BASE failed" >&2; exit 1; }
   measure skybridge-base 172.26.32.235
   "$SB_BASE" lab down >/dev/null
 fi
-up "$W/vxlan.yaml"
-measure vxlan 172.26.32.235
-lab down >/dev/null
-up "$W/wg.yaml" --wireguard-impl hw-master=wireguard-go --wireguard-impl ali-gw=wireguard-go
-measure wireguard-go 172.26.32.235
-if [ "${BORINGTUN:-1}" != 0 ] && ! command -v boringtun-cli >/dev/null; then
-  echo "installing boringtun-cli with cargo (once; a few minutes)" >&2
-  cargo install --locked --quiet boringtun-cli >&2 || echo "cargo install boringtun-cli failed: no boringtun row" >&2
-  export PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin"
-fi
-if [ "${BORINGTUN:-1}" != 0 ] && command -v boringtun-cli >/dev/null; then
+if want vxlan; then
+  up "$W/vxlan.yaml"
+  measure vxlan 172.26.32.235
   lab down >/dev/null
-  up "$W/wg.yaml" --wireguard-impl hw-master=boringtun --wireguard-impl ali-gw=boringtun
-  measure boringtun 172.26.32.235
+fi
+if want wireguard-go; then
+  up "$W/wg.yaml" --wireguard-impl hw-master=wireguard-go --wireguard-impl ali-gw=wireguard-go
+  measure wireguard-go 172.26.32.235
+  lab down >/dev/null
+fi
+if [ "${BORINGTUN:-1}" != 0 ] && want boringtun; then
+  export PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin"
+  if ! command -v boringtun-cli >/dev/null; then
+    echo "installing boringtun-cli with cargo (once; a few minutes)" >&2
+    cargo install --locked --quiet boringtun-cli --version 0.7.1 >&2 || echo "cargo install boringtun-cli failed: no boringtun row" >&2
+  fi
+  if command -v boringtun-cli >/dev/null; then
+    up "$W/wg.yaml" --wireguard-impl hw-master=boringtun --wireguard-impl ali-gw=boringtun
+    measure boringtun 172.26.32.235
+    lab down >/dev/null
+  fi
 fi
 
 echo
