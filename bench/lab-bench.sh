@@ -134,7 +134,7 @@ echo "x peer: ratio to the best userspace peer of the same mode (wireguard-go, b
 echo "the userspace data plane processes, both gateways, per gigabit carried; rtt: ping beside the single stream (idle)"
 awk -F'\t' '
   FNR == NR { idle[$1] = $2; next }
-  { mode[NR] = $1; name[NR] = $2; g[NR] = $3; rtt[NR] = $4; cpu[NR] = $5; n = NR
+  { n++; mode[n] = $1; name[n] = $2; g[n] = $3; rtt[n] = $4; cpu[n] = $5
     if ($2 == "underlay") base[$1] = $3
     if (($2 == "wireguard-go" || $2 == "boringtun") && $3 > best[$1]) best[$1] = $3 }
   END {
