@@ -702,6 +702,9 @@ const AWS_SITE: &str = "    - name: aws
         - { name: aws-gw, privateIP: 10.30.0.5, publicIP: 203.0.113.40, roles: [worker, gateway] }
 ";
 const AWS_GW: &str = "10.30.0.5";
+/// ali-worker1's pod CIDR in the offload test, and one pod's address in it.
+const POD_CIDR: &str = "10.244.2.0/24";
+const POD_IP: &str = "10.244.2.10";
 
 /// Reads the first line of a spawned `lab exec` and expects `listening`.
 fn listening(child: &mut std::process::Child) {
@@ -795,9 +798,10 @@ fn with_offloads_off_the_data_plane_takes_the_plain_path_and_carries_a_file_inta
 /// the TUN, UDP GSO between the gateways): 200 MB of random bytes arrive
 /// unchanged at a gateway running the same data plane, at one running
 /// wireguard-go and at one running boringtun-cli (a fourth site added to the
-/// example for it); UDP datagrams of several sizes up to the tunnel MTU arrive
-/// whole; ICMP of several sizes answers; and the tunnel MTU is exact — a DF
-/// ping of that size passes, one byte more gets "message too long" back.
+/// example for it), and 20 MB at a pod behind a gateway; UDP datagrams of
+/// several sizes up to the tunnel MTU arrive whole; ICMP of several sizes
+/// answers; and the tunnel MTU is exact — a DF ping of that size passes, one
+/// byte more gets "message too long" back.
 #[test]
 fn a_large_file_udp_and_tunnel_mtu_df_pings_cross_the_offloading_data_plane_intact() {
     if unmet(&TOOLS)
@@ -812,7 +816,13 @@ fn a_large_file_udp_and_tunnel_mtu_df_pings_cross_the_offloading_data_plane_inta
         return;
     }
     let lab = Lab::new("off");
-    let cluster = format!("{LAB}{AWS_SITE}");
+    // ali-worker1 runs pods: its pod CIDR is routed through the gateways too.
+    let with_pods = LAB.replace(
+        "{ name: ali-worker1, privateIP: 172.26.32.236, roles",
+        &format!("{{ name: ali-worker1, privateIP: 172.26.32.236, podCIDR: {POD_CIDR}, roles"),
+    );
+    assert_ne!(with_pods, LAB, "examples/lab.yaml changed");
+    let cluster = format!("{with_pods}{AWS_SITE}");
     let file = lab.file("lab.yaml", &cluster);
     let up = up_userspace(
         &lab,
@@ -855,6 +865,16 @@ fn a_large_file_udp_and_tunnel_mtu_df_pings_cross_the_offloading_data_plane_inta
     for (node, ip) in [("ali-gw", ALI_GW), ("tc-gw", TC_GW), ("aws-gw", AWS_GW)] {
         send_file_hashed(&lab, SIZE, node, ip);
     }
+    // A pod behind aliyun's gateway (an address of ali-worker1's pod CIDR,
+    // as a CNI would give it): reached from huawei through both data planes.
+    // Inside the site the CNI routes pod CIDRs (as flannel's host-gw does);
+    // Skybridge carries them between sites.
+    lab.sh_ok("ali-worker1", &format!("ip addr add {POD_IP}/32 dev lo"));
+    lab.sh_ok(
+        "ali-gw",
+        &format!("ip route add {POD_CIDR} via 172.26.32.236"),
+    );
+    send_file_hashed(&lab, 20_000_000, "ali-worker1", POD_IP);
 
     // The tunnel MTU as the sender's kernel applies it: the route's, else the link's.
     let route = lab.sh_ok("hw-master", &format!("ip route get {ALI_GW}"));
