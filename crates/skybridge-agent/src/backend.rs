@@ -2,9 +2,10 @@
 //! at start-up, and who carries WireGuard traffic (the kernel, Skybridge's
 //! userspace data plane, or an implementation started by someone else),
 //! chosen at start-up or, on a node whose plan has no WireGuard tunnel yet,
-//! when a plan first has one (a cluster file switched to wireguard). The daemon, `agent try` and the rollback watchdog all
-//! build their [`LinuxHost`] here, so that a rollback drives the same
-//! backends the daemon it replaces did.
+//! when a plan first has one (a cluster file switched to wireguard). The
+//! daemon, `agent try` and the rollback watchdog all build their
+//! [`LinuxHost`] here, so that a rollback drives the same backends the
+//! daemon it replaces did.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -179,24 +180,28 @@ async fn open(
         FirewallChoice::Nftables => Box::new(firewall::Nftables::default()),
         FirewallChoice::Iptables => Box::new(firewall::Iptables),
     };
-    let wg = if plan
-        .tunnels
-        .iter()
-        .any(|t| matches!(t, skybridge_core::plan::Tunnel::WireGuard(_)))
-    {
-        choose_wireguard(choice.wireguard, state_dir, read_only).await?
-    } else {
-        WireGuard::Unavailable
-    };
-    let host = LinuxHost::new(netlink, fw, wg, PathBuf::from(state_dir));
     // A node without WireGuard tunnels (a GRE or VXLAN cluster) makes no
     // key and loads no module; a later plan with them (the cluster file
     // switched to wireguard) chooses then, without a restart.
-    Ok(if host.has_wireguard() {
-        host
+    Ok(if has_wireguard(plan) {
+        let wg = choose_wireguard(choice.wireguard, state_dir, read_only).await?;
+        LinuxHost::new(netlink, fw, wg, PathBuf::from(state_dir))
     } else {
-        host.choosing_wireguard_when_needed(choice.wireguard, read_only)
+        LinuxHost::new(
+            netlink,
+            fw,
+            WireGuard::Unavailable,
+            PathBuf::from(state_dir),
+        )
+        .choosing_wireguard_when_needed(choice.wireguard, read_only)
     })
+}
+
+/// Whether `plan` has a WireGuard tunnel on this node.
+pub(crate) fn has_wireguard(plan: &NodePlan) -> bool {
+    plan.tunnels
+        .iter()
+        .any(|t| matches!(t, skybridge_core::plan::Tunnel::WireGuard(_)))
 }
 
 /// The node's key and who serves WireGuard for `asked`: the kernel when it

@@ -134,11 +134,6 @@ impl LinuxHost {
         }
     }
 
-    /// Whether a WireGuard backend serves this host.
-    pub fn has_wireguard(&self) -> bool {
-        self.tunnels.name_of(Transport::WireGuard).is_some()
-    }
-
     /// Chooses the WireGuard backend `asked` (read-only for a dry run) when
     /// a plan first has a WireGuard tunnel, instead of at start-up.
     #[must_use]
@@ -153,7 +148,7 @@ impl LinuxHost {
         let Some((asked, read_only)) = self.wireguard_later else {
             return Ok(());
         };
-        if desired_wireguard(plan).is_empty() {
+        if !crate::backend::has_wireguard(plan) {
             return Ok(());
         }
         let wg = crate::backend::choose_wireguard(asked, &self.state_dir, read_only)
