@@ -48,21 +48,32 @@ fn plan_mss(cluster: &str) -> u32 {
 
 /// 10 MB of TCP from aws-c1 to aliyun's worker, in segments of `mss`.
 #[track_caller]
-fn iperf_at_mss(lab: &Lab, mss: u32) {
+/// Sends 10 MiB of TCP from aws-c1 to aliyun's worker with iperf3, checks
+/// the MSS the kernel used against the plan's, and returns the bytes the
+/// receiver got. That can be less than what the sender wrote: iperf3's
+/// server ends the test when the client says it is done on the control
+/// connection, and drops what is still in flight on the data connection.
+fn iperf_at_mss(lab: &Lab, mss: u32) -> u64 {
     lab.sh_ok("ali-worker1", "iperf3 -s -1 -D");
     std::thread::sleep(std::time::Duration::from_millis(300));
     let report = lab.sh_ok(NODE_C, "iperf3 -c 172.26.32.236 -n 10M -J");
-    let used = report
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("\"tcp_mss_default\":"))
-        .and_then(|v| v.trim().trim_end_matches(',').parse::<u32>().ok())
-        .unwrap_or_else(|| panic!("no tcp_mss_default in {report}"));
+    let json: serde_json::Value =
+        serde_json::from_str(&report).unwrap_or_else(|e| panic!("{e}: {report}"));
+    let number = |pointer: &str| {
+        json.pointer(pointer)
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or_else(|| panic!("no {pointer} in {report}"))
+    };
+    let used = number("/start/tcp_mss_default");
     // The kernel takes TCP options (timestamps, 12 bytes) off the route's MSS.
     assert!(
-        used <= mss && used + 12 >= mss,
+        u64::from(mss) >= used && used + 12 >= u64::from(mss),
         "MSS {used}, plan {mss}: {report}"
     );
-    assert!(report.contains("10485760"), "{report}");
+    assert_eq!(number("/end/sum_sent/bytes"), 10 << 20, "{report}");
+    let received = number("/end/sum_received/bytes");
+    assert!(received > 5 << 20, "{report}");
+    received
 }
 
 /// aws-c1's longest loss of aliyun while aws-gw-a dies, in seconds.
@@ -200,16 +211,17 @@ fn a_site_over_three_subnets_with_intra_site_encryption_sends_only_wireguard_acr
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("{out}"))
     };
-    iperf_at_mss(&lab, mss);
+    let received = iperf_at_mss(&lab, mss);
     lab.sh_ok(NODE_C, "ping -c 3 -i 0.2 -W 1 10.10.0.10");
     lab.sh_ok("ali-worker1", "ping -c 3 -i 0.2 -W 1 10.10.32.20");
     let check = lab.run(&["check"]);
     assert!(text(&check).contains(ALL_GREEN), "{}", text(&check));
-    // iperf3 sent 10 MiB across: at least that much went as WireGuard.
+    // What aliyun's worker received crossed the VPC as WireGuard, and
+    // nothing else crossed it.
     let (wg, leak) = (counted("wg", "bytes"), counted("leak", "packets"));
     assert!(
-        wg > 10 << 20 && leak == 0,
-        "between aws-c1 and its gateways the VPC carried {wg} bytes of WireGuard and {leak} other packets"
+        wg > received && leak == 0,
+        "between aws-c1 and its gateways the VPC carried {wg} bytes of WireGuard and {leak} other packets; iperf3 received {received} bytes"
     );
 
     fail_active_gateway(&lab);
