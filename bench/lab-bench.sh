@@ -40,43 +40,76 @@ ticks() {  # CPU ticks (utime+stime) of the userspace data planes on both gatewa
   done
   echo $t
 }
-# One iperf3 run: iperf NAME MODE DST. MODE tcp1 (one stream), tcp4 (four
-# streams) or udp (unlimited rate, datagrams filling the tunnel MTU of 1440:
-# 1412 bytes of payload); the Gbit/s received and the data planes' CPU-s per Gbit.
-iperf() {
-  local name=$1 mode=$2 dst=$3 g t0 t1 cpu rtt=- args=()
-  case $mode in tcp1) ;; tcp4) args=(-P 4) ;; udp) args=(-u -b 0 -l 1412) ;; esac
+# RTT statistics of a ping's output: "mean/p50/p90" in ms.
+rtt_stats() {
+  grep -o 'time=[0-9.]*' "$1" | cut -d= -f2 | sort -n |
+    awk '{ a[NR] = $1; s += $1 } END { if (NR) printf "%.2f/%.2f/%.2f", s / NR, a[int(NR * 0.5) + 1], a[int(NR * 0.9) + 1]; else print "-" }'
+}
+# CPU seconds of the data plane processes per Gbit/s-second carried (kernel data planes: not attributable).
+cpu_per_gbit() {  # cpu_per_gbit NAME TICKS GBPS SECONDS
+  case $1 in underlay|vxlan) echo - ; return ;; esac
+  awk -v d="$2" -v hz="$(getconf CLK_TCK)" -v g="$3" -v t="$4" 'BEGIN{ if (d == 0 || g == 0) print "-"; else printf "%.2f", d/hz/(g*t) }'
+}
+record() {  # record MODE NAME GBPS RTT CPU
+  printf '%s\t%s\t%s\t%s\t%s\n' "$@" >>"$W/results.tsv"
+  echo "$2 $1: $3 Gbit/s, cpu $5 s/Gbit, $4" >&2
+}
+server() {  # a one-shot iperf3 server on ali-gw writing its report to $W/server.json
   rm -f "$W/server.json"
   lab exec ali-gw -- iperf3 -s -1 -D -J --logfile "$W/server.json" >/dev/null
   sleep 0.3
-  if [ "$mode" = tcp1 ]; then  # latency under load: a ping beside the single flow
-    lab exec hw-master -- ping -q -c $((T * 25)) -i 0.04 "$dst" >"$W/ping" 2>&1 &
+}
+# TCP: tcp NAME MODE DST, MODE tcp1 (one stream, with a ping beside it: the
+# latency under load) or tcp4 (four streams); the Gbit/s received and the data
+# planes' CPU-s per Gbit.
+tcp() {
+  local name=$1 mode=$2 dst=$3 g t0 t1 rtt=- args=()
+  [ "$mode" = tcp4 ] && args=(-P 4)
+  server
+  if [ "$mode" = tcp1 ]; then
+    lab exec hw-master -- ping -c $((T * 25)) -i 0.04 "$dst" >"$W/ping" 2>&1 &
   fi
   t0=$(ticks)
   lab exec hw-master -- iperf3 -c "$dst" -t "$T" -J "${args[@]}" >"$W/$name.$mode.json" || true
   t1=$(ticks)
-  if [ "$mode" = tcp1 ]; then wait; rtt=$(awk -F'/' '/^rtt/{print $5}' "$W/ping"); fi
-  if [ "$mode" = udp ]; then
-    # What arrived, as the server counted it: an overloaded tunnel may still
-    # deliver after the client stopped, and the ICMP "port unreachable" for
-    # that tail can end the client with an error instead of its report.
-    for _ in $(seq 50); do jq -e .end.sum_received <"$W/server.json" >/dev/null 2>&1 && break; sleep 0.2; done
-    g=$(jq -r '.end.sum_received.bits_per_second / 1e9' <"$W/server.json" 2>/dev/null) || g=
-  else
-    g=$(gbps <"$W/$name.$mode.json" 2>/dev/null) || g=
-  fi
+  if [ "$mode" = tcp1 ]; then wait; rtt=$(rtt_stats "$W/ping"); fi
+  g=$(gbps <"$W/$name.$mode.json" 2>/dev/null) || g=
   case $g in ''|null) echo "$name $mode: iperf3 failed: $(jq -r .error "$W/$name.$mode.json" 2>/dev/null)" >&2; g=0 ;; esac
-  # CPU seconds of the data plane processes per Gbit/s-second carried (kernel data planes: not attributable).
-  case $name in underlay|vxlan) t1=$t0 ;; esac
-  cpu=$(awk -v d=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" -v g="$g" -v t="$T" 'BEGIN{ if (d == 0 || g == 0) print "-"; else printf "%.2f", d/hz/(g*t) }')
-  printf '%s\t%s\t%s\t%s\t%s\n' "$mode" "$name" "$g" "$rtt" "$cpu" >>"$W/results.tsv"
-  echo "$name $mode: $g Gbit/s, cpu $cpu s/Gbit, rtt under load $rtt ms" >&2
+  record "$mode" "$name" "$g" "$rtt" "$(cpu_per_gbit "$name" $((t1 - t0)) "$g" "$T")"
+}
+# UDP: udp NAME DST. Datagrams filling the tunnel MTU of 1440 (1412 bytes of
+# payload), offered at rates rising by a factor 1.41 from 0.1 Gbit/s, T/2 s
+# each, until one loses more than 10% (past what the tunnel carries) or its
+# run fails (an overloaded tunnel also carries iperf3's control connection);
+# the result is the most that arrived in one step, as the server counted it,
+# with that step's loss. An unlimited rate measures mostly how a tunnel
+# fails: its control connection breaks, and the receiver's drops decide the
+# number.
+udp() {
+  local name=$1 dst=$2 s=$((T > 3 ? T / 2 : 2)) rate best=0 lost=- cpu=- t0 t1 g loss
+  for rate in 0.1 0.14 0.2 0.28 0.4 0.56 0.8 1.1 1.6 2.2 3.2 4.5 6.4 9; do
+    server
+    t0=$(ticks)
+    lab exec hw-master -- iperf3 -c "$dst" -u -b "${rate}G" -l 1412 -w 4M -t "$s" -J >"$W/$name.udp.json" 2>/dev/null || true
+    t1=$(ticks)
+    for _ in $(seq 25); do jq -e .end.sum_received <"$W/server.json" >/dev/null 2>&1 && break; sleep 0.2; done
+    read -r g loss < <(jq -r '.end.sum_received | "\(.bits_per_second / 1e9) \(.lost_percent)"' <"$W/server.json" 2>/dev/null) || g=
+    case $g in ''|null) echo "$name udp at ${rate}G: iperf3 failed" >&2; break ;; esac
+    echo "$name udp at ${rate}G: $g Gbit/s arrived, $loss% lost" >&2
+    if awk -v g="$g" -v b="$best" 'BEGIN{ exit !(g > b) }'; then
+      best=$g lost=$(printf '%.1f%%' "$loss") cpu=$(cpu_per_gbit "$name" $((t1 - t0)) "$g" "$s")
+    fi
+    awk -v l="$loss" 'BEGIN{ exit !(l > 10) }' && break
+  done
+  record udp "$name" "$best" "lost $lost" "$cpu"
 }
 measure() {  # measure NAME DST: idle RTT, then every mode
   local idle
   idle=$(lab exec hw-master -- ping -q -c 50 -i 0.02 "$2" | awk -F'/' '/^rtt/{print $5}')
   printf '%s\t%s\n' "$1" "$idle" >>"$W/idle.tsv"
-  for mode in ${MODES:-tcp1 tcp4 udp}; do iperf "$1" "$mode" "$2"; done
+  for mode in ${MODES:-tcp1 tcp4 udp}; do
+    case $mode in udp) udp "$1" "$2" ;; *) tcp "$1" "$mode" "$2" ;; esac
+  done
 }
 up() { lab up "$@" --timeout 60 >/dev/null 2>&1 || { echo "lab up $* failed" >&2; lab check | tail -3 >&2; exit 1; }; }
 
@@ -129,9 +162,11 @@ fi
 
 echo
 echo "hw-master -> ali-gw, $T s per run, $(nproc) CPUs, $(uname -r)"
-echo "tcp1: one TCP stream; tcp4: four; udp: unlimited, 1412-byte datagrams (the tunnel MTU), Gbit/s that arrived"
+echo "tcp1: one TCP stream; tcp4: four; udp: 1412-byte datagrams (the tunnel MTU) offered at rising rates, the most"
+echo "that arrived (and that step's loss)"
 echo "x peer: ratio to the best userspace peer of the same mode (wireguard-go, boringtun); cpu: CPU-seconds of"
-echo "the userspace data plane processes, both gateways, per gigabit carried; rtt: ping beside the single stream (idle)"
+echo "the userspace data plane processes, both gateways, per gigabit carried; rtt: ping every 40 ms beside the single"
+echo "stream, mean/median/90th percentile (idle mean)"
 awk -F'\t' '
   FNR == NR { idle[$1] = $2; next }
   { n++; mode[n] = $1; name[n] = $2; g[n] = $3; rtt[n] = $4; cpu[n] = $5
@@ -142,6 +177,7 @@ awk -F'\t' '
       if (mode[i] != last) { printf "\n%s\n", mode[i]; last = mode[i] }
       peer = best[mode[i]] > 0 ? sprintf("%5.2fx peer", g[i] / best[mode[i]]) : "   - x peer"
       pct = base[mode[i]] > 0 ? g[i] / base[mode[i]] * 100 : 0
-      printf "  %-16s %7.2f Gbit/s  %6.1f%% of underlay  %s   cpu %5s s/Gbit   rtt %s (%s) ms\n", name[i], g[i], pct, peer, cpu[i], rtt[i], idle[name[i]]
+      lat = mode[i] == "udp" ? rtt[i] : sprintf("rtt %s (%s) ms", rtt[i], idle[name[i]])
+      printf "  %-16s %7.2f Gbit/s  %6.1f%% of underlay  %s   cpu %5s s/Gbit   %s\n", name[i], g[i], pct, peer, cpu[i], lat
     }
   }' "$W/idle.tsv" <(sort -s -t$'\t' -k1,1 "$W/results.tsv")
