@@ -397,6 +397,26 @@ fn stdout_ok(lab: &Lab, node: &str, cmd: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Stdout of a `systemctl` query on a node, which must succeed. Under TCG a
+/// busy guest's systemd can miss D-Bus's 25 s timeout ("Connection timed
+/// out"): that is asked again, up to three times; any other error fails.
+#[track_caller]
+fn systemctl_ok(lab: &Lab, node: &str, args: &[&str]) -> String {
+    let mut cmd = vec!["systemctl"];
+    cmd.extend_from_slice(args);
+    for _ in 0..2 {
+        let out = lab.exec(node, &cmd);
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        if !text(&out).contains("Connection timed out") {
+            break;
+        }
+        eprintln!("{node}: {cmd:?} timed out on D-Bus; asking again");
+    }
+    stdout_ok(lab, node, &cmd)
+}
+
 /// Which of `paths` exist on a node (files, directories or links).
 fn existing(lab: &Lab, node: &str, paths: &[String]) -> Vec<String> {
     let script = r#"for p in "$@"; do if [ -e "$p" ] || [ -L "$p" ]; then echo "$p"; fi; done"#;
@@ -435,17 +455,12 @@ fn the_deb_installs_and_purges_cleanly_beside_a_running_agent(lab: &Lab) {
         .to_string();
 
     let unit = format!("{}.service", paths::AGENT_UNIT);
-    let main_pid = || stdout_ok(lab, node, &["systemctl", "show", "-P", "MainPID", &unit]);
+    let main_pid = || systemctl_ok(lab, node, &["show", "-P", "MainPID", &unit]);
     let enabled = || {
-        stdout_ok(
+        systemctl_ok(
             lab,
             node,
-            &[
-                "systemctl",
-                "list-unit-files",
-                "--state=enabled",
-                "--no-legend",
-            ],
+            &["list-unit-files", "--state=enabled", "--no-legend"],
         )
     };
     let agent_before = main_pid();
