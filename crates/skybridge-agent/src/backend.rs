@@ -183,7 +183,7 @@ async fn open(
     // A node without WireGuard tunnels (a GRE or VXLAN cluster) makes no
     // key and loads no module; a later plan with them (the cluster file
     // switched to wireguard) chooses then, without a restart.
-    Ok(if has_wireguard(plan) {
+    Ok(if plan.has_wireguard() {
         let wg = choose_wireguard(choice.wireguard, state_dir, read_only).await?;
         LinuxHost::new(netlink, fw, wg, PathBuf::from(state_dir))
     } else {
@@ -195,13 +195,6 @@ async fn open(
         )
         .choosing_wireguard_when_needed(choice.wireguard, read_only)
     })
-}
-
-/// Whether `plan` has a WireGuard tunnel on this node.
-pub(crate) fn has_wireguard(plan: &NodePlan) -> bool {
-    plan.tunnels
-        .iter()
-        .any(|t| matches!(t, skybridge_core::plan::Tunnel::WireGuard(_)))
 }
 
 /// The node's key and who serves WireGuard for `asked`: the kernel when it

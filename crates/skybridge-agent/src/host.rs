@@ -148,7 +148,7 @@ impl LinuxHost {
         let Some((asked, read_only)) = self.wireguard_later else {
             return Ok(());
         };
-        if !crate::backend::has_wireguard(plan) {
+        if !plan.has_wireguard() {
             return Ok(());
         }
         let wg = crate::backend::choose_wireguard(asked, &self.state_dir, read_only)

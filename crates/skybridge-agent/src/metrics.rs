@@ -223,7 +223,7 @@ impl Metrics {
         };
         if let Some(v) = &view {
             sample.probes = health::query(&v.state_dir).await;
-            if has_wireguard(&v.plan) {
+            if v.plan.has_wireguard() {
                 // The UAPI socket is blocking I/O: keep it off the runtime
                 // thread that the reconcile loop shares.
                 let uapi = tokio::task::spawn_blocking(|| Uapi::new(WG_IFACE).peer_stats().ok())
@@ -445,12 +445,6 @@ impl prometheus_client::encoding::EncodeMetric for ConstFamily {
 impl prometheus_client::metrics::TypedMetric for ConstFamily {
     const TYPE: prometheus_client::metrics::MetricType =
         prometheus_client::metrics::MetricType::Counter;
-}
-
-fn has_wireguard(plan: &NodePlan) -> bool {
-    plan.tunnels
-        .iter()
-        .any(|t| matches!(t, Tunnel::WireGuard(_)))
 }
 
 /// Per-peer counters of a kernel WireGuard device; `None` when the kernel

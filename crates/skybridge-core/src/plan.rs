@@ -148,6 +148,16 @@ pub struct NodePlan {
     pub firewall: Vec<FirewallRule>,
 }
 
+impl NodePlan {
+    /// Whether this node ends a WireGuard tunnel (and so needs a key and a
+    /// WireGuard backend).
+    pub fn has_wireguard(&self) -> bool {
+        self.tunnels
+            .iter()
+            .any(|t| matches!(t, Tunnel::WireGuard(_)))
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Tunnel {

@@ -47,11 +47,7 @@ fn script(plan: &ClusterPlan, node: &NodePlan, keyed: bool) -> String {
     ));
     t.comment("To install a newer render: `systemctl stop skybridge-net` (the old script's down),");
     t.comment("copy the new files, `systemctl daemon-reload && systemctl start skybridge-net`.");
-    if node
-        .tunnels
-        .iter()
-        .any(|t| matches!(t, Tunnel::WireGuard(_)))
-    {
+    if node.has_wireguard() {
         t.comment("");
         for line in key_instructions(keyed) {
             t.comment(line);
