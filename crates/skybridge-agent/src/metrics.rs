@@ -28,7 +28,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use skybridge_core::layout::marks::{IFACE_PREFIX, WG_IFACE};
+use skybridge_core::layout::marks::IFACE_PREFIX;
 use skybridge_core::model::Failover as Settings;
 use skybridge_core::plan::Tunnel;
 use skybridge_core::{Actives, ClusterPlan, NodePlan};
@@ -143,7 +143,10 @@ pub struct PeerStats {
 #[derive(Debug, Default)]
 pub struct Sample {
     pub probes: Option<Observations>,
-    pub wireguard: BTreeMap<String, PeerStats>,
+    /// Per WireGuard interface of the plan (`sb-wg0`, and `sb-wgi0` with
+    /// intra-site encryption), its peers' counters by public key; an
+    /// interface without per-peer counters is absent.
+    pub wireguard: BTreeMap<String, BTreeMap<String, PeerStats>>,
     /// `(rx, tx)` bytes per `sb-*` link.
     pub links: BTreeMap<String, (u64, u64)>,
     pub now: Option<SystemTime>,
@@ -223,18 +226,22 @@ impl Metrics {
         };
         if let Some(v) = &view {
             sample.probes = health::query(&v.state_dir).await;
-            if v.plan.has_wireguard() {
+            for t in &v.plan.tunnels {
+                let Tunnel::WireGuard(wg) = t else { continue };
+                let iface = wg.name.clone();
                 // The UAPI socket is blocking I/O: keep it off the runtime
                 // thread that the reconcile loop shares.
-                let uapi = tokio::task::spawn_blocking(|| Uapi::new(WG_IFACE).peer_stats().ok())
+                let uapi = tokio::task::spawn_blocking(move || Uapi::new(&iface).peer_stats().ok())
                     .await
                     .ok()
                     .flatten();
                 let stats = match uapi {
                     Some(peers) => Some(peers),
-                    None => kernel_peer_stats(WG_IFACE).await,
+                    None => kernel_peer_stats(&wg.name).await,
                 };
-                sample.wireguard = stats.map(by_key).unwrap_or_default();
+                if let Some(peers) = stats {
+                    sample.wireguard.insert(wg.name.clone(), by_key(peers));
+                }
             }
             match link_stats().await {
                 Ok(l) => sample.links = l,
@@ -323,9 +330,9 @@ impl Metrics {
             }
             for t in &v.plan.tunnels {
                 match t {
-                    // Kernel WireGuard has no UAPI socket: its link's
-                    // counters, for all peers together, are what there is.
-                    Tunnel::WireGuard(wg) if sample.wireguard.is_empty() => {
+                    // No per-peer counters could be read (no UAPI socket, no
+                    // kernel device): the link's, for all peers together.
+                    Tunnel::WireGuard(wg) if !sample.wireguard.contains_key(&wg.name) => {
                         if let Some(&(r, t)) = sample.links.get(&wg.name) {
                             let l = vec![
                                 ("tunnel".to_owned(), wg.name.clone()),
@@ -337,10 +344,9 @@ impl Metrics {
                         }
                     }
                     Tunnel::WireGuard(wg) => {
+                        let peers = &sample.wireguard[&wg.name];
                         for p in &wg.peers {
-                            let Some(s) =
-                                p.public_key.as_ref().and_then(|k| sample.wireguard.get(k))
-                            else {
+                            let Some(s) = p.public_key.as_ref().and_then(|k| peers.get(k)) else {
                                 continue;
                             };
                             let l = vec![
@@ -661,6 +667,7 @@ mod tests {
     use super::*;
     use crate::health::{Seen, Target};
     use skybridge_core::State;
+    use skybridge_core::layout::marks::{WG_IFACE, WG_INTRA_IFACE};
 
     const HW_GW1_KEY: &str = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=";
     const ALI_GW1_KEY: &str = "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=";
@@ -713,8 +720,8 @@ mod tests {
 
     fn sample() -> Sample {
         let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let mut wireguard = BTreeMap::new();
-        wireguard.insert(
+        let mut peers = BTreeMap::new();
+        peers.insert(
             ALI_GW1_KEY.to_owned(),
             PeerStats {
                 rx_bytes: 1234,
@@ -722,6 +729,7 @@ mod tests {
                 last_handshake: Some(now - Duration::from_secs(42)),
             },
         );
+        let wireguard = BTreeMap::from([(WG_IFACE.to_owned(), peers)]);
         Sample {
             probes: Some(Observations {
                 node: "hw-gw1".into(),
@@ -925,6 +933,80 @@ mod tests {
         assert_eq!(
             value(&p, "skybridge_tunnel_transmit_bytes_total", &link),
             222.0
+        );
+    }
+
+    #[test]
+    fn each_wireguard_interface_reports_its_own_peers() {
+        // aws-gw-a of the zones example with intra-site encryption: its
+        // cross-site peers on sb-wg0, the nodes of its own site on sb-wgi0.
+        let src = include_str!("../../../examples/zones.yaml").replace(
+            "intraSite: tunnel",
+            "intraSite: tunnel\n      intraSiteEncryption: true",
+        );
+        let v = skybridge_core::load(&src).unwrap();
+        let whole = skybridge_core::plan(&v.cluster, &State::default());
+        let mut plan = whole.node("aws-gw-a").unwrap().clone();
+        let key = |node: &str| format!("{node}-key");
+        for t in &mut plan.tunnels {
+            if let Tunnel::WireGuard(wg) = t {
+                for p in &mut wg.peers {
+                    p.public_key = Some(key(&p.node));
+                }
+            }
+        }
+        let names: Vec<&str> = plan
+            .tunnels
+            .iter()
+            .filter_map(|t| match t {
+                Tunnel::WireGuard(wg) => Some(wg.name.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(names, [WG_IFACE, WG_INTRA_IFACE]);
+        let view = View::new(
+            &whole,
+            plan,
+            Actives::new(),
+            v.cluster.network.failover,
+            Path::new("/nonexistent"),
+        );
+        let stats = |rx| PeerStats {
+            rx_bytes: rx,
+            tx_bytes: 1,
+            last_handshake: None,
+        };
+        let mut s = Sample::default();
+        s.wireguard.insert(
+            WG_IFACE.to_owned(),
+            BTreeMap::from([(key("ali-gw"), stats(10))]),
+        );
+        s.wireguard.insert(
+            WG_INTRA_IFACE.to_owned(),
+            BTreeMap::from([(key("aws-b1"), stats(20))]),
+        );
+        let p = parse(&Metrics::new("").render(Some(&view), &s));
+        let rx = |tunnel, peer| {
+            value(
+                &p,
+                "skybridge_tunnel_receive_bytes_total",
+                &[("tunnel", tunnel), ("peer", peer)],
+            )
+        };
+        assert_eq!(rx(WG_IFACE, "ali-gw"), 10.0);
+        assert_eq!(rx(WG_INTRA_IFACE, "aws-b1"), 20.0);
+        assert_eq!(
+            value(
+                &p,
+                "skybridge_tunnel_receive_bytes_total",
+                &[
+                    ("tunnel", WG_INTRA_IFACE),
+                    ("peer", "aws-b1"),
+                    ("site", "aws")
+                ]
+            ),
+            20.0,
+            "the intra-site peer is labelled with its site"
         );
     }
 

@@ -9,7 +9,9 @@ mod support;
 use support::{Lab, Pinger, text, unmet, wireguard_everywhere};
 
 const ZONES: &str = include_str!("../../../examples/zones.yaml");
-const TOOLS: [&str; 6] = ["nft", "nsenter", "unshare", "ping", "bash", "iperf3"];
+const TOOLS: [&str; 7] = [
+    "nft", "nsenter", "unshare", "ping", "bash", "iperf3", "curl",
+];
 /// Nine nodes; aws's five times the other four, both ways, cross sites.
 const ALL_GREEN: &str = "72 pairs, 48 cross-site, 0 failed";
 /// In the subnet without a gateway candidate.
@@ -73,6 +75,32 @@ fn iperf_at_mss(lab: &Lab, mss: u32) -> u64 {
     let received = number("/end/sum_received/bytes");
     assert!(received > 5 << 20, "{report}");
     received
+}
+
+/// The bytes `node`'s agent reports sent over sb-wgi0 to its site's gateway
+/// candidates, per peer as the data plane or the kernel counts them.
+fn intra_site_bytes_sent(lab: &Lab, node: &str) -> f64 {
+    let url = format!(
+        "http://127.0.0.1:{}/metrics",
+        skybridge_core::layout::marks::LAB_METRICS_PORT
+    );
+    let body = lab.sh_ok(node, &format!("curl -sS --fail --max-time 5 {url}"));
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .unwrap_or_else(|e| panic!("{node}'s metrics do not parse ({e}):\n{body}"));
+    scrape
+        .samples
+        .iter()
+        .filter(|s| {
+            s.metric == "skybridge_tunnel_transmit_bytes_total"
+                && s.labels.get("tunnel") == Some("sb-wgi0")
+                && s.labels.get("site") == Some("aws")
+                && matches!(s.labels.get("peer"), Some("aws-gw-a" | "aws-gw-b"))
+        })
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => panic!("not a counter: {s:?}"),
+        })
+        .sum()
 }
 
 /// aws-c1's longest loss of aliyun while aws-gw-a dies, in seconds.
@@ -221,6 +249,14 @@ fn a_site_over_three_subnets_with_intra_site_encryption_sends_only_wireguard_acr
     assert!(
         wg > received && leak == 0,
         "between aws-c1 and its gateways the VPC carried {wg} bytes of WireGuard and {leak} other packets; iperf3 received {received} bytes"
+    );
+
+    // The agent's metrics count the intra-site interface per peer: what
+    // aws-c1 sent went to its site's gateways over sb-wgi0.
+    let sent = intra_site_bytes_sent(&lab, NODE_C);
+    assert!(
+        sent > received as f64,
+        "aws-c1's sb-wgi0 peers: {sent} bytes sent, iperf3 received {received}"
     );
 
     fail_active_gateway(&lab);
