@@ -159,11 +159,11 @@ for r in underlay skybridge skybridge-nogso skybridge-nooff skybridge-base vxlan
   fi
   rows+=("$r")
 done
-# The host's speed drifts during a run (by a third within minutes on a shared
-# machine), and rows measured late would pay for it: ROUNDS passes (default 2)
-# go through the rows forward, then backward, and the table has the mean, so a
-# steady drift weighs on every row alike; spread is how far the rounds were
-# apart.
+# The host's speed changes during a run (up to threefold within minutes on a
+# shared machine), and rows measured late would pay for it: ROUNDS passes
+# (default 2) go through the rows forward, then backward, and the table has
+# the mean, so a steady drift weighs on every row alike; spread is how far the
+# rounds were apart, a sign that the host changed phase under that row.
 ROUNDS=${ROUNDS:-2}
 for round in $(seq "$ROUNDS"); do
   order=("${rows[@]}")
