@@ -132,6 +132,7 @@ pub async fn run(iface: &str, state_dir: &Path) -> Result<(), DataplaneError> {
             gso,
         })
         .with_ip_pair(tun_tx, tun_rx)
+        .with_inline_io(true)
         .with_uapi(uapi_server)
         .build()
         .await

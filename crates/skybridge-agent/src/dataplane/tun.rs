@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use gotatun::packet::{Ip, Packet, PacketBufPool};
 use gotatun::tun::{IpRecv, IpSend, MtuWatcher};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
@@ -31,10 +31,6 @@ pub const OFFLOAD_ENV: &str = "SKYBRIDGE_DATAPLANE_OFFLOAD";
 /// The largest packet the kernel hands over with offloads on: a 64 KB
 /// super-packet behind its virtio-net header.
 const SUPER_PACKET: usize = VIRTIO_NET_HDR_LEN + 65535;
-
-/// Decrypted packets queued for the TUN writer; a full queue pushes back on
-/// gotatun's receive task rather than dropping.
-const WRITE_QUEUE: usize = 1024;
 
 /// How often the TUN's MTU is polled, as gotatun's own TUN side does.
 const MTU_POLL: Duration = Duration::from_secs(3);
@@ -85,11 +81,11 @@ pub fn open(iface: &str, offload: bool) -> io::Result<(TunSend, TunRecv, bool)> 
     let mtu = dev.mtu()?;
     let (mtu_tx, mtu_rx) = watch::channel(mtu);
     let monitor = AbortOnDrop(tokio::spawn(watch_mtu(Arc::downgrade(&dev), mtu, mtu_tx)));
-    let (queue, rx) = mpsc::channel(WRITE_QUEUE);
-    let writer = AbortOnDrop(tokio::spawn(write_loop(Arc::clone(&dev), rx)));
     let send = TunSend {
-        queue,
-        _writer: Arc::new(writer),
+        dev: Arc::clone(&dev),
+        gro: GROTable::new(),
+        bufs: Vec::new(),
+        one: Vec::with_capacity(1),
     };
     let recv = TunRecv {
         dev,
@@ -137,80 +133,79 @@ async fn watch_mtu(dev: std::sync::Weak<AsyncDevice>, mut mtu: u16, tx: watch::S
     }
 }
 
-/// Writes decrypted packets to the TUN in batches: whatever gotatun has
-/// queued (up to [`IDEAL_BATCH_SIZE`]) is coalesced into super-packets and
-/// written with one syscall each. The copy into buffers with room for the
-/// virtio-net header in front is what coalescing needs; it is small next to
-/// the decryption. Each buffer has room for a whole super-packet: tun-rs
-/// coalesces into the first packet's buffer and refuses (silently: every
-/// packet is then written alone) when it would have to grow it.
-async fn write_loop(dev: Arc<AsyncDevice>, mut rx: mpsc::Receiver<Packet<Ip>>) {
-    let mut gro = GROTable::new();
-    let mut batch = Vec::with_capacity(IDEAL_BATCH_SIZE);
-    let mut bufs: Vec<Vec<u8>> = Vec::with_capacity(IDEAL_BATCH_SIZE);
-    while rx.recv_many(&mut batch, IDEAL_BATCH_SIZE).await > 0 {
-        fill(&mut rx, &mut batch).await;
-        let n = batch.len();
-        while bufs.len() < n {
-            bufs.push(Vec::with_capacity(SUPER_PACKET));
+/// The writing half. gotatun (with inline I/O) hands it what one UDP
+/// receive batch decrypted; it coalesces them into super-packets (GRO) and
+/// writes each with one syscall, on the decrypting task itself. The copy into
+/// buffers with room for the virtio-net header in front is what coalescing
+/// needs; it is small next to the decryption. Each buffer has room for a
+/// whole super-packet: tun-rs coalesces into the first packet's buffer and
+/// refuses (silently: every packet is then written alone) when it would have
+/// to grow it.
+pub struct TunSend {
+    dev: Arc<AsyncDevice>,
+    gro: GROTable,
+    bufs: Vec<Vec<u8>>,
+    one: Vec<Packet<Ip>>,
+}
+
+impl std::fmt::Debug for TunSend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunSend")
+            .field("offload", &self.dev.tcp_gso())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TunSend {
+    /// Writes up to [`IDEAL_BATCH_SIZE`] packets from the front of `packets`.
+    /// Only a gone TUN is an error; anything else costs the packets of this
+    /// write.
+    async fn write(&mut self, packets: &mut Vec<Packet<Ip>>) -> io::Result<()> {
+        let n = packets.len().min(IDEAL_BATCH_SIZE);
+        while self.bufs.len() < n {
+            self.bufs.push(Vec::with_capacity(SUPER_PACKET));
         }
-        for (buf, packet) in bufs.iter_mut().zip(batch.drain(..)) {
+        for (buf, packet) in self.bufs.iter_mut().zip(packets.drain(..n)) {
             buf.clear();
             buf.resize(VIRTIO_NET_HDR_LEN, 0);
             buf.extend_from_slice(&packet.into_bytes());
         }
-        if let Err(e) = dev
-            .send_multiple(&mut gro, &mut bufs[..n], VIRTIO_NET_HDR_LEN)
+        match self
+            .dev
+            .send_multiple(&mut self.gro, &mut self.bufs[..n], VIRTIO_NET_HDR_LEN)
             .await
         {
-            if is_fatal(&e) {
+            Err(e) if is_fatal(&e) => {
                 tracing::error!("TUN device is gone: {e}");
-                return;
+                Err(e)
             }
-            tracing::debug!("writing to the TUN: {e}");
+            Err(e) => {
+                tracing::debug!("writing to the TUN: {e}");
+                Ok(())
+            }
+            Ok(_) => Ok(()),
         }
     }
-}
-
-/// How many scheduler turns the writer waits for more packets at most.
-const FILL_TURNS: usize = 8;
-
-/// Lets the decrypting task add to `batch` while it keeps producing: gotatun
-/// hands packets over one at a time, so without this the writer wakes for
-/// each and GRO has nothing to coalesce. Stops at the first turn that
-/// brings nothing (an idle tunnel pays one turn of latency).
-async fn fill(rx: &mut mpsc::Receiver<Packet<Ip>>, batch: &mut Vec<Packet<Ip>>) {
-    for _ in 0..FILL_TURNS {
-        if batch.len() >= IDEAL_BATCH_SIZE {
-            return;
-        }
-        tokio::task::yield_now().await;
-        let before = batch.len();
-        while batch.len() < IDEAL_BATCH_SIZE {
-            match rx.try_recv() {
-                Ok(packet) => batch.push(packet),
-                Err(_) => break,
-            }
-        }
-        if batch.len() == before {
-            return;
-        }
-    }
-}
-
-/// The writing half: hands packets to the batching writer task.
-#[derive(Clone, Debug)]
-pub struct TunSend {
-    queue: mpsc::Sender<Packet<Ip>>,
-    _writer: Arc<AbortOnDrop>,
 }
 
 impl IpSend for TunSend {
     async fn send(&mut self, packet: Packet<Ip>) -> io::Result<()> {
-        self.queue
-            .send(packet)
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the TUN writer has stopped"))
+        let mut one = std::mem::take(&mut self.one);
+        one.push(packet);
+        let result = self.write(&mut one).await;
+        one.clear();
+        self.one = one;
+        result
+    }
+
+    async fn send_many(&mut self, packets: &mut Vec<Packet<Ip>>) -> io::Result<()> {
+        while !packets.is_empty() {
+            if let Err(e) = self.write(packets).await {
+                packets.clear();
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 }
 

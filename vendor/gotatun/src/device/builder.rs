@@ -47,6 +47,7 @@ pub struct DeviceBuilder<Udp, TunTx, TunRx> {
     peers: Vec<Peer>,
     index_table: Option<IndexTable>,
     suspended: bool,
+    inline_io: bool,
 
     #[cfg(target_os = "linux")]
     fwmark: Option<u32>,
@@ -82,6 +83,7 @@ impl DeviceBuilder<Nul, Nul, Nul> {
             peers: Vec::new(),
             index_table: None,
             suspended: false,
+            inline_io: false,
             #[cfg(target_os = "linux")]
             fwmark: None,
         }
@@ -109,6 +111,7 @@ impl<X, Y> DeviceBuilder<Nul, X, Y> {
             peers: self.peers,
             index_table: self.index_table,
             suspended: self.suspended,
+            inline_io: self.inline_io,
             #[cfg(target_os = "linux")]
             fwmark: self.fwmark,
         }
@@ -185,6 +188,7 @@ impl<X> DeviceBuilder<X, Nul, Nul> {
             peers: self.peers,
             index_table: self.index_table,
             suspended: self.suspended,
+            inline_io: self.inline_io,
             #[cfg(target_os = "linux")]
             fwmark: self.fwmark,
         }
@@ -246,6 +250,21 @@ impl<X, Y, Z> DeviceBuilder<X, Y, Z> {
         self
     }
 
+    /// Run the device's I/O inline: the task that decrypts reads the UDP socket itself (a whole
+    /// `recvmmsg`/GRO batch at a time) and hands what it decrypted to [`IpSend::send_many`]; the
+    /// task that encrypts reads the IP side itself and hands each encrypted batch to
+    /// [`UdpSend::send_many_to`](crate::udp::UdpSend::send_many_to).
+    ///
+    /// By default both sides are buffered instead: a task of its own behind each of them, with
+    /// a channel of up to 4000 packets in between. That suits IP and UDP sides which move one
+    /// packet per call. For sides that batch themselves (TUN offloads, UDP GSO/GRO), the
+    /// buffering tasks only add a hand-over between threads per packet, and its latency.
+    // Skybridge patch (see PATCHES.md).
+    pub const fn with_inline_io(mut self, inline_io: bool) -> Self {
+        self.inline_io = inline_io;
+        self
+    }
+
     /// Specify the `SO_MARK` argument to the [`UdpTransportFactory`].
     ///
     /// You probably only want this when using [`with_default_udp`](Self::with_default_udp).
@@ -291,6 +310,7 @@ impl<Udp: UdpTransportFactory, TunTx: IpSend, TunRx: IpRecv> DeviceBuilder<Udp, 
             port: self.port,
             connection: None,
             suspended: self.suspended,
+            inline_io: self.inline_io,
             fatal_error: watch::Sender::new(None),
         };
 

@@ -30,7 +30,7 @@ use builder::Nul;
 use futures::TryFutureExt;
 use std::collections::HashMap;
 use std::io::{self};
-use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::ops::BitOrAssign;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -43,7 +43,7 @@ use crate::noise::errors::WireGuardError;
 use crate::noise::handshake::parse_handshake_anon;
 use crate::noise::rate_limiter::RateLimiter;
 use crate::noise::{Tunn, TunnResult};
-use crate::packet::{PacketBufPool, WgKind};
+use crate::packet::{Ip, Packet, PacketBufPool, WgKind};
 use crate::task::Task;
 use crate::tun::{IpRecv, IpSend, MtuWatcher};
 use crate::udp::buffer::{BufferedUdpReceive, BufferedUdpSend};
@@ -63,6 +63,11 @@ const HANDSHAKE_RATE_LIMIT: u64 = 100;
 
 /// Maximum number of packet buffers that each channel may contain
 const MAX_PACKET_BUFS: usize = 4000;
+
+/// With inline I/O, the most decrypted packets held back before they are handed to
+/// [`IpSend::send_many`]: a UDP GRO batch can be thousands of packets, and the first of them
+/// should not wait for the last to be decrypted.
+const MAX_IP_SEND_BATCH: usize = 128;
 
 /// Error of [`Device`]-related operations.
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +156,10 @@ pub(crate) struct DeviceState<T: DeviceTransports> {
     /// traffic flows, but peers, keys, and config are retained for [`Device::resume`].
     suspended: bool,
 
+    /// Whether the connection's tasks do their I/O themselves ([`DeviceBuilder::with_inline_io`])
+    /// instead of through buffering tasks.
+    inline_io: bool,
+
     /// The task that responds to API requests.
     api: Option<Task>,
 
@@ -200,17 +209,7 @@ impl<T: DeviceTransports> Connection<T> {
             device.port = addr.port();
         }
 
-        let (buffered_ip_tx, buffered_ip_rx) = crate::tun::buffer::channel(
-            MAX_PACKET_BUFS,
-            pool.clone(),
-            Arc::clone(&device.tun_tx),
-            Arc::clone(&device.tun_rx),
-        )
-        .await;
-
         let buffered_udp_tx = BufferedUdpSend::new(MAX_PACKET_BUFS, udp_tx.clone());
-
-        let buffered_udp_rx = BufferedUdpReceive::new(MAX_PACKET_BUFS, udp_rx, pool.clone());
 
         // Start DAITA/hooks tasks
         #[cfg(feature = "daita")]
@@ -236,31 +235,69 @@ impl<T: DeviceTransports> Connection<T> {
         };
 
         // Start device tasks
-        let outgoing = Task::spawn(
-            "handle_outgoing",
-            DeviceState::handle_outgoing(
-                Arc::downgrade(&device_arc),
-                buffered_ip_rx,
-                buffered_udp_tx.clone(),
-                pool.clone(),
-            )
-            .map_err(register_fatal_error.clone()),
-        );
         let timers = Task::spawn(
             "handle_timers",
             DeviceState::handle_timers(Arc::downgrade(&device_arc), buffered_udp_tx.clone()),
         );
-        let incoming = Task::spawn(
-            "handle_incoming",
-            DeviceState::handle_incoming(
-                Arc::downgrade(&device_arc),
-                buffered_ip_tx.clone(),
-                buffered_udp_tx,
-                buffered_udp_rx,
+        let (outgoing, incoming) = if device.inline_io {
+            // Skybridge patch (see PATCHES.md): no buffering tasks; the IP sides are held by
+            // the tasks that use them for as long as they run, as the buffering tasks did.
+            let ip_tx = Locked::new(Arc::clone(&device.tun_tx)).await;
+            let ip_rx = Locked::new(Arc::clone(&device.tun_rx)).await;
+            let outgoing = Task::spawn(
+                "handle_outgoing",
+                DeviceState::handle_outgoing(
+                    Arc::downgrade(&device_arc),
+                    ip_rx,
+                    udp_tx.clone(),
+                    pool.clone(),
+                )
+                .map_err(register_fatal_error.clone()),
+            );
+            let incoming = Task::spawn(
+                "handle_incoming",
+                DeviceState::handle_incoming(
+                    Arc::downgrade(&device_arc),
+                    ip_tx,
+                    udp_tx.clone(),
+                    udp_rx,
+                    pool.clone(),
+                )
+                .map_err(register_fatal_error.clone()),
+            );
+            (outgoing, incoming)
+        } else {
+            let (buffered_ip_tx, buffered_ip_rx) = crate::tun::buffer::channel(
+                MAX_PACKET_BUFS,
                 pool.clone(),
+                Arc::clone(&device.tun_tx),
+                Arc::clone(&device.tun_rx),
             )
-            .map_err(register_fatal_error.clone()),
-        );
+            .await;
+            let buffered_udp_rx = BufferedUdpReceive::new(MAX_PACKET_BUFS, udp_rx, pool.clone());
+            let outgoing = Task::spawn(
+                "handle_outgoing",
+                DeviceState::handle_outgoing(
+                    Arc::downgrade(&device_arc),
+                    buffered_ip_rx,
+                    buffered_udp_tx.clone(),
+                    pool.clone(),
+                )
+                .map_err(register_fatal_error.clone()),
+            );
+            let incoming = Task::spawn(
+                "handle_incoming",
+                DeviceState::handle_incoming(
+                    Arc::downgrade(&device_arc),
+                    buffered_ip_tx.clone(),
+                    buffered_udp_tx,
+                    buffered_udp_rx,
+                    pool.clone(),
+                )
+                .map_err(register_fatal_error.clone()),
+            );
+            (outgoing, incoming)
+        };
 
         debug_assert!(device.connection.is_none());
         device.connection = Some(Connection {
@@ -684,11 +721,27 @@ impl<T: DeviceTransports> DeviceState<T> {
             (private_key, public_key, rate_limiter, tun_mtu)
         };
 
+        // Skybridge patch (see PATCHES.md): a whole receive batch at a time, and what it
+        // decrypted handed to the IP side in batches, after the locks are released.
+        let mut recv_many_buf = Default::default();
+        let mut received = Vec::new();
+        let mut decrypted = Vec::new();
         loop {
-            let (src_buf, addr) = udp_rx
-                .recv_from(&mut packet_pool)
-                .await
-                .map_err(Error::IoError)?;
+            if received.is_empty() || decrypted.len() >= MAX_IP_SEND_BATCH {
+                if let Err(e) = Self::flush_ip(&mut tun_tx, &mut decrypted).await {
+                    tracing::trace!("buffered_tun_send.send failed");
+                    return Err(Error::IoError(e));
+                }
+            }
+            let Some((src_buf, addr)) = received.pop() else {
+                udp_rx
+                    .recv_many_from(&mut recv_many_buf, &mut packet_pool, &mut received)
+                    .await
+                    .map_err(Error::IoError)?;
+                // Popped from the end: in order.
+                received.reverse();
+                continue;
+            };
             let parsed_packet = match rate_limiter.verify_packet(addr, src_buf) {
                 Ok(packet) => packet,
                 Err(TunnResult::WriteToNetwork(WgKind::CookieReply(cookie))) => {
@@ -804,12 +857,18 @@ impl<T: DeviceTransports> DeviceState<T> {
                         continue;
                     }
 
-                    if let Err(e) = tun_tx.send(packet).await {
-                        tracing::trace!("buffered_tun_send.send failed");
-                        return Err(Error::IoError(e));
-                    }
+                    decrypted.push(packet);
                 }
             }
+        }
+    }
+
+    /// Hands `packets` to the IP side, if there are any.
+    async fn flush_ip(tun_tx: &mut impl IpSend, packets: &mut Vec<Packet<Ip>>) -> io::Result<()> {
+        match packets.len() {
+            0 => Ok(()),
+            1 => tun_tx.send(packets.pop().expect("one packet")).await,
+            _ => tun_tx.send_many(packets).await,
         }
     }
 
@@ -829,7 +888,13 @@ impl<T: DeviceTransports> DeviceState<T> {
             device.tun_rx_mtu.clone()
         };
 
+        // Skybridge patch (see PATCHES.md): what one read from the IP side encrypted goes to
+        // the UDP side in batches, after the locks are released.
+        let mut send_many_buf = Default::default();
+        let mut encrypted: Vec<(Packet, SocketAddr)> = Vec::new();
+        let max_batch = udp.max_number_of_packets_to_send().max(1);
         loop {
+            Self::flush_udp(&udp, &mut send_many_buf, &mut encrypted).await;
             let packets = match tun_rx.recv(&mut packet_pool).await {
                 Ok(packets) => packets,
                 Err(e) => {
@@ -904,11 +969,38 @@ impl<T: DeviceTransports> DeviceState<T> {
                 drop(peer); // release lock
                 drop(device_guard);
 
-                if udp.send_to(packet, peer_addr).await.is_err() {
-                    break;
+                // `send_many_to` may not mix IPv4 and IPv6 destinations.
+                if encrypted.len() >= max_batch
+                    || encrypted
+                        .last()
+                        .is_some_and(|(_, last)| last.is_ipv4() != peer_addr.is_ipv4())
+                {
+                    Self::flush_udp(&udp, &mut send_many_buf, &mut encrypted).await;
                 }
+                encrypted.push((packet, peer_addr));
             }
         }
+    }
+
+    /// Sends `packets` on the UDP side, if there are any; on an error, the rest of them are
+    /// dropped, as WireGuard drops what it cannot send.
+    async fn flush_udp<U: UdpSend>(
+        udp: &U,
+        send_many_buf: &mut U::SendManyBuf,
+        packets: &mut Vec<(Packet, SocketAddr)>,
+    ) {
+        let result = match packets.len() {
+            0 => return,
+            1 => {
+                let (packet, addr) = packets.pop().expect("one packet");
+                udp.send_to(packet, addr).await
+            }
+            _ => udp.send_many_to(send_many_buf, packets).await,
+        };
+        if let Err(e) = result {
+            tracing::trace!("udp.send_many_to failed: {e}");
+        }
+        packets.clear();
     }
 }
 
@@ -923,5 +1015,46 @@ impl<T: DeviceTransports> Connection<T> {
         drop(udp);
 
         join!(incoming.stop(), timers.stop(), outgoing.stop(),);
+    }
+}
+
+/// An IP side held by a connection's task for as long as it runs, with inline I/O
+/// ([`DeviceBuilder::with_inline_io`]). Skybridge patch (see PATCHES.md).
+struct Locked<T>(tokio::sync::OwnedMutexGuard<T>);
+
+impl<T> Locked<T> {
+    /// Takes the lock. A timeout instead of a `try_lock`, as in the buffering tasks: the previous
+    /// connection's task may still be in the process of being dropped.
+    ///
+    /// # Panics
+    /// When the lock is not released within 5 seconds.
+    async fn new(inner: Arc<Mutex<T>>) -> Self {
+        let guard = tokio::time::timeout(Duration::from_secs(5), inner.lock_owned())
+            .await
+            .expect("Deadlock on the IP side. There must be no more than one connection active at any given time.");
+        Self(guard)
+    }
+}
+
+impl<T: IpSend> IpSend for Locked<T> {
+    async fn send(&mut self, packet: Packet<Ip>) -> io::Result<()> {
+        self.0.send(packet).await
+    }
+
+    async fn send_many(&mut self, packets: &mut Vec<Packet<Ip>>) -> io::Result<()> {
+        self.0.send_many(packets).await
+    }
+}
+
+impl<T: IpRecv> IpRecv for Locked<T> {
+    async fn recv<'a>(
+        &'a mut self,
+        pool: &mut PacketBufPool,
+    ) -> io::Result<impl Iterator<Item = Packet<Ip>> + Send + 'a> {
+        self.0.recv(pool).await
+    }
+
+    fn mtu(&self) -> MtuWatcher {
+        self.0.mtu()
     }
 }

@@ -41,6 +41,27 @@ pub trait IpSend: Send + Sync + 'static {
     /// Send a complete IP packet.
     // TODO: consider refactoring trait with methods that take `Packet<Ipv4>` and `Packet<Ipv6>`
     fn send(&mut self, packet: Packet<Ip>) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// Send a batch of complete IP packets, in order. `packets` is empty afterwards, also on
+    /// error (the packets not sent are dropped).
+    ///
+    /// The default sends them one at a time with [`IpSend::send`]. Override it where the device
+    /// takes many packets at once, e.g. coalesced into one write with GRO.
+    // Skybridge patch (see PATCHES.md): lets the device hand over what one UDP batch decrypted.
+    fn send_many(
+        &mut self,
+        packets: &mut Vec<Packet<Ip>>,
+    ) -> impl Future<Output = io::Result<()>> + Send {
+        async move {
+            let mut result = Ok(());
+            for packet in packets.drain(..) {
+                if result.is_ok() {
+                    result = self.send(packet).await;
+                }
+            }
+            result
+        }
+    }
 }
 
 /// A type that let's you receive an IP packet.
