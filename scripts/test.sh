@@ -101,6 +101,18 @@ if [ "$(id -u)" -eq 0 ] && [ -z "${SKYBRIDGE_SKIP_VM_TESTS:-}" ] && command -v d
   fetch_pid=$!
 fi
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# gotatun's device tests, in both modes of our patch to it (inline I/O,
+# vendor/gotatun/PATCHES.md). It is not a workspace member: it builds with
+# its own lock file, into a target directory of its own.
+gotatun_tests() {
+  local dir="${CARGO_TARGET_DIR:-$PWD/target}/gotatun"
+  (cd vendor/gotatun && cargo test --locked --quiet --target-dir "$dir" \
+    --no-default-features --features device,ring,tun --lib device::tests::)
+}
+echo "gotatun device tests, buffered I/O (as released):"
+(unset GOTATUN_TEST_INLINE_IO; gotatun_tests)
+echo "gotatun device tests, inline I/O (Skybridge's data plane):"
+GOTATUN_TEST_INLINE_IO=1 gotatun_tests
 # The static build README.md offers for nodes with an old glibc; tests/lab.rs
 # runs a lab's agents from it. `--target` keeps the flag away from build
 # scripts and proc macros (they stay shared with the normal build), and no

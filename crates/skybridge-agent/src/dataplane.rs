@@ -20,6 +20,12 @@
 //! offloads (TSO/GRO through the virtio-net header) unless
 //! `SKYBRIDGE_DATAPLANE_OFFLOAD=0` is set. Its UDP batches go out with
 //! UDP GSO (`udp`) unless `SKYBRIDGE_DATAPLANE_UDP_GSO=0` is set.
+//!
+//! gotatun runs with inline I/O (our patch, `vendor/gotatun/PATCHES.md`):
+//! the task that decrypts reads the socket and writes the TUN itself, the
+//! one that encrypts reads the TUN and writes the socket, with no buffering
+//! task in between. Each hand-over between threads cost latency on a
+//! gateway's two cores (docs/architecture.md).
 
 use std::io;
 use std::os::fd::AsFd as _;

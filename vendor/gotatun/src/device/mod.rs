@@ -727,11 +727,11 @@ impl<T: DeviceTransports> DeviceState<T> {
         let mut received = Vec::new();
         let mut decrypted = Vec::new();
         loop {
-            if received.is_empty() || decrypted.len() >= MAX_IP_SEND_BATCH {
-                if let Err(e) = Self::flush_ip(&mut tun_tx, &mut decrypted).await {
-                    tracing::trace!("buffered_tun_send.send failed");
-                    return Err(Error::IoError(e));
-                }
+            if (received.is_empty() || decrypted.len() >= MAX_IP_SEND_BATCH)
+                && let Err(e) = Self::flush_ip(&mut tun_tx, &mut decrypted).await
+            {
+                tracing::trace!("tun_tx.send_many failed");
+                return Err(Error::IoError(e));
             }
             let Some((src_buf, addr)) = received.pop() else {
                 udp_rx

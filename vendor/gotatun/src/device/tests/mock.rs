@@ -143,6 +143,8 @@ pub async fn device_pair() -> (MockDevice, MockDevice, MockEavesdropper) {
         .with_ip(mock_tun_a.clone())
         .with_udp(udp_alice)
         .with_listen_port(port) // TODO: is this necessary?
+        // Skybridge patch (see PATCHES.md): the whole suite runs in either mode.
+        .with_inline_io(std::env::var_os("GOTATUN_TEST_INLINE_IO").is_some())
         .with_peer(peer_b)
         .with_index_table(IndexTable::from_rng(StdRng::seed_from_u64(
             ALICE_INDEX_SEED,
@@ -156,6 +158,8 @@ pub async fn device_pair() -> (MockDevice, MockDevice, MockEavesdropper) {
         .with_ip(mock_tun_b.clone())
         .with_udp(udp_bob)
         .with_listen_port(port) // TODO: is this necessary?
+        // Skybridge patch (see PATCHES.md): the whole suite runs in either mode.
+        .with_inline_io(std::env::var_os("GOTATUN_TEST_INLINE_IO").is_some())
         .with_peer(peer_a)
         .with_index_table(IndexTable::from_rng(StdRng::seed_from_u64(BOB_INDEX_SEED)))
         .build()
