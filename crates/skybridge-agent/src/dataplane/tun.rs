@@ -32,6 +32,9 @@ pub const OFFLOAD_ENV: &str = "SKYBRIDGE_DATAPLANE_OFFLOAD";
 /// super-packet behind its virtio-net header.
 const SUPER_PACKET: usize = VIRTIO_NET_HDR_LEN + 65535;
 
+/// The most packets one read of the plain TUN (offloads off) gathers.
+const PLAIN_BATCH: usize = 64;
+
 /// How often the TUN's MTU is polled, as gotatun's own TUN side does.
 const MTU_POLL: Duration = Duration::from_secs(3);
 
@@ -89,6 +92,7 @@ pub fn open(iface: &str, offload: bool) -> io::Result<(TunSend, TunRecv, bool)> 
     };
     let recv = TunRecv {
         dev,
+        offload,
         super_packet: vec![0; SUPER_PACKET],
         segments: Vec::with_capacity(IDEAL_BATCH_SIZE),
         sizes: vec![0; IDEAL_BATCH_SIZE],
@@ -228,6 +232,7 @@ impl AsMut<[u8]> for Segment {
 /// super-packet split into up to [`IDEAL_BATCH_SIZE`] packets.
 pub struct TunRecv {
     dev: Arc<AsyncDevice>,
+    offload: bool,
     super_packet: Vec<u8>,
     segments: Vec<Segment>,
     sizes: Vec<usize>,
@@ -253,7 +258,7 @@ impl IpRecv for TunRecv {
         while self.segments.len() < IDEAL_BATCH_SIZE {
             self.segments.push(Segment(pool.get()));
         }
-        let n = loop {
+        let mut n = loop {
             match self
                 .dev
                 .recv_multiple(
@@ -271,6 +276,23 @@ impl IpRecv for TunRecv {
                 Err(e) => tracing::debug!("reading from the TUN: {e}"),
             }
         };
+        // Without offloads a read is one packet: take what else is already
+        // queued, so the batch gotatun encrypts can leave as one GSO send.
+        // (With offloads a read may need every buffer; one read it is.)
+        if !self.offload {
+            while n < PLAIN_BATCH {
+                match self.dev.try_recv_multiple(
+                    &mut self.super_packet,
+                    &mut self.segments[n..=n],
+                    &mut self.sizes[n..=n],
+                    0,
+                ) {
+                    Ok(k) => n += k,
+                    // Nothing queued, or an error the next read reports.
+                    Err(_) => break,
+                }
+            }
+        }
         let sizes = &self.sizes[..n];
         Ok(self
             .segments
