@@ -45,11 +45,14 @@ use gotatun::udp::{UdpTransportFactory, UdpTransportFactoryParams};
 /// UDP buffer size forced on the data plane's socket (the kernel doubles it
 /// for its bookkeeping). Big enough for the batches UDP GRO and GSO move at
 /// once; small enough that an overloaded data plane drops instead of
-/// queueing. Measured in the lab against 4 MiB (docs/benchmarks.md, runs of
-/// 2026-12-03): a single TCP flow's RTT under load 4.6 ms instead of 5.7 at
-/// the same rate, and UDP at an unlimited rate 0.69 Gbit/s at 1.1 CPU-s per
-/// Gbit instead of 0.18 at 2.6.
-pub const SOCKET_BUFFER: usize = 256 << 10;
+/// queueing: with inline I/O the receive buffer is the one queue in front of
+/// decryption, so its size is the latency a full tunnel adds. Measured in
+/// the lab (docs/benchmarks.md, runs of 2026-12-03): against 4 MiB, 256 KiB
+/// gave a single flow's RTT under load 4.6 ms instead of 5.7 at the same
+/// rate; with inline I/O, 128 KiB gave 1.34/1.07/2.72 ms (mean/median/p90)
+/// against 256 KiB's 2.53/2.34/4.44 at the same 1.6 Gbit/s, while 64 KiB
+/// lost a fifth of the rate to drops.
+pub const SOCKET_BUFFER: usize = 128 << 10;
 
 /// gotatun's UDP sockets with SO_RCVBUFFORCE/SO_SNDBUFFORCE applied on every
 /// (re)bind (past the kernel's rmem_max/wmem_max); without CAP_NET_ADMIN it
