@@ -456,11 +456,20 @@ fn the_deb_installs_and_purges_cleanly_beside_a_running_agent(lab: &Lab) {
 
     let unit = format!("{}.service", paths::AGENT_UNIT);
     let main_pid = || systemctl_ok(lab, node, &["show", "-P", "MainPID", &unit]);
+    // What is enabled, read where `systemctl enable` (and the package's
+    // deb-systemd-helper) records it: the symlinks under /etc/systemd/system.
+    // `systemctl list-unit-files` asked systemd over D-Bus, and under TCG a
+    // guest just back from the reboot above missed D-Bus's 25 s timeout three
+    // times in a row (CI of 2026-12-03, twice in a week of runs).
     let enabled = || {
-        systemctl_ok(
+        stdout_ok(
             lab,
             node,
-            &["list-unit-files", "--state=enabled", "--no-legend"],
+            &[
+                "sh",
+                "-c",
+                "find /etc/systemd/system -type l -printf '%p -> %l\\n' | sort",
+            ],
         )
     };
     let agent_before = main_pid();
