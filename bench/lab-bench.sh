@@ -62,8 +62,16 @@ record() {  # record MODE NAME GBPS CPU "MEAN P50 P90" LOST (RTTs in ms, "-" whe
   echo "$2 $1: $3 Gbit/s, cpu $4 s/Gbit, rtt $5 ms, lost $6%" >&2
 }
 server() {  # a one-shot iperf3 server on ali-gw writing its report to $W/server.json
-  rm -f "$W/server.json"
-  lab exec ali-gw -- iperf3 -s -1 -D -J --logfile "$W/server.json" >/dev/null
+  # A UDP step whose client gave up leaves its one-shot server waiting: the
+  # next client would get "the server is busy". Stop it by its pid file.
+  local pid
+  pid=$(cat "$W/server.pid" 2>/dev/null) || pid=
+  if [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = iperf3 ]; then
+    kill "$pid" 2>/dev/null || true
+    sleep 0.2
+  fi
+  rm -f "$W/server.json" "$W/server.pid"
+  lab exec ali-gw -- iperf3 -s -1 -D -J --logfile "$W/server.json" --pidfile "$W/server.pid" >/dev/null
   sleep 0.3
 }
 # TCP: tcp NAME MODE DST, MODE tcp1 (one stream, with a ping beside it: the
