@@ -169,7 +169,7 @@ fn build_deb_packages_the_binary_pages_completions_and_unit() {
     }
     let out_dir = tempfile::tempdir().unwrap();
     let built = ok(Command::new(repo().join("packaging/build-deb.sh"))
-        .env("DEB_COMPRESSION", "none") // the debug binary is 200 MB
+        .env("DEB_COMPRESSION", "none") // the debug binary is about 90 MB
         .arg(skybridge())
         .arg(out_dir.path()));
     let deb = PathBuf::from(built.trim());
