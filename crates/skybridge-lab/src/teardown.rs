@@ -44,11 +44,7 @@ fn down_state(state: &LabState, prefix: &str, lab_dir: &Path) -> Vec<String> {
             );
             continue;
         }
-        if let Ok(pids) = run(&["ip", "netns", "pids", ns]) {
-            for pid in pids.split_whitespace() {
-                let _ = run(&["kill", "-9", pid]);
-            }
-        }
+        kill_all_in(ns);
         if run(&["ip", "netns", "del", ns]).is_ok() {
             removed.push(ns.clone());
         }
@@ -72,6 +68,29 @@ fn down_state(state: &LabState, prefix: &str, lab_dir: &Path) -> Vec<String> {
     }
     removed
 }
+
+/// Kills every process in namespace `ns`, until none is left. One pass is
+/// not enough: an agent killed a moment after its data plane can start a
+/// new one in between, which then outlives the lab in a namespace without
+/// a name (seen once in a day of bench labs, 2026-12-03).
+fn kill_all_in(ns: &str) {
+    for _ in 0..KILL_PASSES {
+        let Ok(pids) = run(&["ip", "netns", "pids", ns]) else {
+            return;
+        };
+        if pids.split_whitespace().next().is_none() {
+            return;
+        }
+        for pid in pids.split_whitespace() {
+            let _ = run(&["kill", "-9", pid]);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    eprintln!("lab down: processes still in {ns} after {KILL_PASSES} rounds of kill -9");
+}
+
+/// How many times [`kill_all_in`] lists and kills a namespace's processes.
+const KILL_PASSES: usize = 20;
 
 /// A name the lab gives its namespaces: its prefix, then letters, digits,
 /// `-`, `_` and `.` (no path, nothing of anyone else's).
