@@ -17,6 +17,7 @@
 # Prereqs: apt-get install iperf3 wireguard-go jq; boringtun-cli is installed with cargo when missing
 # (BORINGTUN=0 skips its row).
 # Only the lab's own namespaces (prefix sbt-bench-) are used; they are removed on exit.
+# The output ends with a warning when a data plane or iperf3 from outside the row's lab was running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=${T:-10}
@@ -92,6 +93,9 @@ tcp() {
   if [ "$mode" != tcp4 ]; then wait; rtt=$(rtt_stats "$W/ping"); fi
   g=$(gbps <"$W/$name.$mode.json" 2>/dev/null) || g=
   case $g in ''|null) echo "$name $mode: iperf3 failed: $(jq -r .error "$W/$name.$mode.json" 2>/dev/null)" >&2; g=0 ;; esac
+  # Segments the sender retransmitted: a tunnel that drops (a full receive
+  # buffer in front of decryption) shows here before it shows in Gbit/s.
+  echo "$name $mode: $(jq -r '.end.sum_sent.retransmits // "-"' "$W/$name.$mode.json" 2>/dev/null) TCP retransmits" >&2
   record "$mode" "$name" "$g" "$(cpu_per_gbit "$name" $((t1 - t0)) "$g" "$T")" "$rtt" -
 }
 # UDP: udp NAME DST. Datagrams filling the tunnel MTU of 1440 (1412 bytes of
@@ -130,8 +134,21 @@ measure() {  # measure NAME DST: idle RTT, then every mode
 }
 up() { lab up "$@" --timeout 60 >/dev/null 2>&1 || { echo "lab up $* failed" >&2; lab check | tail -3 >&2; exit 1; }; }
 
+# A data plane or iperf3 left over from an earlier lab (or another user's)
+# takes CPU from every row measured while it runs: each row starts by looking
+# for one, and the table ends with what it found.
+# (An exited one-shot iperf3 server can linger as a zombie until it is reaped:
+# it takes nothing and is not counted.)
+strays() {
+  local p
+  for p in $(pgrep -f 'wireguard-dataplane|wireguard-go|boringtun|iperf3'); do
+    case $(ps -o stat= -p "$p") in Z* | '') continue ;; esac
+    printf 'before %s: %s\n' "$1" "$(ps -o pid=,args= -p "$p")" | tee -a "$W/strays" >&2
+  done
+}
 # One row: its lab up, every mode measured, its lab down.
 row() {
+  strays "$1"
   case $1 in
     underlay) up "$W/wg.yaml"; measure underlay 198.51.100.20 ;;  # ali-gw's elastic IP: the routers' NAT and the internet, no tunnel
     skybridge) up "$W/wg.yaml"; measure skybridge 172.26.32.235 ;;
@@ -223,3 +240,8 @@ awk -F'\t' '
       printf "  %-16s %7.2f Gbit/s  spread %s  %6.1f%% of underlay  %s   cpu %s s/Gbit   %s\n", name[i], g[i], spread, pct, peer, cpu, lat
     }
   }' "$W/idle.tsv" <(sort -s -t$'\t' -k1,1 "$W/results.tsv")
+if [ -s "$W/strays" ]; then
+  echo
+  echo "WARNING: processes outside the row's lab ran during the run; the figures measured beside them are low:"
+  cat "$W/strays"
+fi
