@@ -201,11 +201,24 @@ pub fn sweep() {
     });
 }
 
+/// Kills every process in namespace `name`, until none is left (at most 20
+/// passes, 50 ms apart): an agent killed a moment after its data plane can
+/// start a new one in between, which would outlive the test in a namespace
+/// without a name. `lab down` does the same (skybridge-lab's teardown); this
+/// file stays standard library only.
 fn kill_all_in(name: &str) {
-    let pids = sh(&["ip", "netns", "pids", name]);
-    for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
-        let _ = sh(&["kill", "-9", pid]);
+    for _ in 0..20 {
+        let pids = sh(&["ip", "netns", "pids", name]);
+        let pids = String::from_utf8_lossy(&pids.stdout);
+        if pids.split_whitespace().next().is_none() {
+            return;
+        }
+        for pid in pids.split_whitespace() {
+            let _ = sh(&["kill", "-9", pid]);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    eprintln!("processes still in namespace {name} after 20 rounds of kill -9");
 }
 
 /// Devices a kernel module creates by itself in every namespace when it
