@@ -65,11 +65,18 @@ record() {  # record MODE NAME GBPS CPU "MEAN P50 P90" LOST (RTTs in ms, "-" whe
 server() {  # a one-shot iperf3 server on ali-gw writing its report to $W/server.json
   # A UDP step whose client gave up leaves its one-shot server waiting: the
   # next client would get "the server is busy". Stop it by its pid file.
-  local pid
+  # Wait until it is gone: a new server cannot bind the port while the old
+  # one holds it (it fails silently, being a daemon), and the next client
+  # would reach the dying old one and be reset (seen once, 2026-12-04).
+  local pid i
   pid=$(cat "$W/server.pid" 2>/dev/null) || pid=
   if [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = iperf3 ]; then
     kill "$pid" 2>/dev/null || true
-    sleep 0.2
+    for i in $(seq 50); do
+      case $(ps -o stat= -p "$pid") in Z* | '') break ;; esac  # exited (a zombie holds no port)
+      [ "$i" = 30 ] && kill -9 "$pid" 2>/dev/null
+      sleep 0.1
+    done
   fi
   rm -f "$W/server.json" "$W/server.pid"
   lab exec ali-gw -- iperf3 -s -1 -D -J --logfile "$W/server.json" --pidfile "$W/server.pid" >/dev/null
